@@ -1,0 +1,282 @@
+//! What an agent execution is: which spans count, which fields they carry, how the status is
+//! decided, and the record each closed execution becomes.
+
+use std::fmt;
+use std::time::{Duration, Instant, SystemTime};
+
+use tracing_core::field::{Field, Visit};
+
+/// The `agent_name` recorded when a span carries none: the execution is still counted.
+pub(crate) const UNKNOWN_AGENT: &str = "unknown";
+
+/// The outcome of one agent execution.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Status {
+    /// The agent finished its task.
+    Success,
+    /// The agent failed: an explicit status, an `ERROR` event, or a panic.
+    Failure,
+}
+
+impl Status {
+    /// The label value: `success` or `failure`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Success => "success",
+            Status::Failure => "failure",
+        }
+    }
+
+    /// Normalises a user's status text: the usual words for success, anything else failure.
+    pub(crate) fn from_text(text: &str) -> Status {
+        const SUCCESS: [&str; 7] = ["success", "succeeded", "successful", "ok", "completed", "done", "true"];
+        if SUCCESS.iter().any(|s| text.trim().eq_ignore_ascii_case(s)) {
+            Status::Success
+        } else {
+            Status::Failure
+        }
+    }
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why an execution failed, in the order DESIGN.md ranks the sources.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Failure {
+    /// An explicit `status` field with a non-success value (kept as written).
+    Explicit(String),
+    /// An `ERROR` event inside the span, with its `error` or `message` text.
+    ErrorEvent(String),
+    /// The thread panicked while the span was exited or closed.
+    Panic,
+}
+
+impl Failure {
+    /// The `error.type` attribute: low-cardinality, as the semantic conventions ask.
+    pub(crate) fn error_type(&self) -> &str {
+        match self {
+            Failure::Explicit(status) => status,
+            Failure::ErrorEvent(_) => "error",
+            Failure::Panic => "panic",
+        }
+    }
+
+    /// The span status description.
+    pub(crate) fn description(&self) -> &str {
+        match self {
+            Failure::Explicit(status) => status,
+            Failure::ErrorEvent(message) => message,
+            Failure::Panic => "the agent panicked",
+        }
+    }
+}
+
+/// The set of span names that are agent executions.
+#[derive(Debug, Clone)]
+pub(crate) struct AgentSpanNames(Box<[Box<str>]>);
+
+impl AgentSpanNames {
+    pub(crate) fn new(names: &[String]) -> Self {
+        AgentSpanNames(names.iter().map(|n| n.as_str().into()).collect())
+    }
+
+    #[inline]
+    pub(crate) fn matches(&self, name: &str) -> bool {
+        self.0.iter().any(|n| **n == *name)
+    }
+}
+
+/// The fields of an agent span that the signals use, as recorded so far.
+#[derive(Debug, Default)]
+pub(crate) struct ExecutionFields {
+    pub agent_name: Option<String>,
+    pub task: Option<String>,
+    pub status: Option<String>,
+}
+
+impl ExecutionFields {
+    fn slot(&mut self, field: &Field) -> Option<&mut Option<String>> {
+        match field.name() {
+            "agent_name" | "agent.name" => Some(&mut self.agent_name),
+            "task" => Some(&mut self.task),
+            "status" | "result.status" => Some(&mut self.status),
+            _ => None,
+        }
+    }
+}
+
+impl Visit for ExecutionFields {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if let Some(slot) = self.slot(field) {
+            *slot = Some(value.to_owned());
+        }
+    }
+
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        if let Some(slot) = self.slot(field) {
+            *slot = Some(if value { "success" } else { "failure" }.to_owned());
+        }
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        if let Some(slot) = self.slot(field) {
+            *slot = Some(unquote_debug(format!("{value:?}")));
+        }
+    }
+}
+
+/// `?name` records `"backend"` with quotes and escapes; the signals want the text itself.
+fn unquote_debug(text: String) -> String {
+    let Some(inner) = text.strip_prefix('"').and_then(|t| t.strip_suffix('"')) else {
+        return text;
+    };
+    let mut out = String::with_capacity(inner.len());
+    let mut chars = inner.chars();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('n') => out.push('\n'),
+            Some('t') => out.push('\t'),
+            Some('r') => out.push('\r'),
+            Some('0') => out.push('\0'),
+            Some('u') => {
+                // `\u{1f600}`: hex digits between braces.
+                let hex: String = chars.by_ref().skip(1).take_while(|&c| c != '}').collect();
+                out.extend(u32::from_str_radix(&hex, 16).ok().and_then(char::from_u32));
+            }
+            Some(other) => out.push(other),
+            None => out.push('\\'),
+        }
+    }
+    out
+}
+
+/// The text of an `ERROR` event: its `error` field (what `#[instrument(err)]` writes), else
+/// its message.
+#[derive(Default)]
+pub(crate) struct ErrorText {
+    error: Option<String>,
+    message: Option<String>,
+}
+
+impl ErrorText {
+    pub(crate) fn into_text(self) -> String {
+        self.error.or(self.message).unwrap_or_else(|| "error event".to_owned())
+    }
+}
+
+impl Visit for ErrorText {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.record_debug(field, &format_args!("{value}"));
+    }
+
+    fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
+        self.record_debug(field, &format_args!("{value}"));
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        match field.name() {
+            "error" | "exception.message" => self.error = Some(format!("{value:?}")),
+            "message" => self.message = Some(format!("{value:?}")),
+            _ => {}
+        }
+    }
+}
+
+/// Per-span state, kept in the span's extensions from creation to close.
+#[derive(Debug)]
+pub(crate) struct ExecutionState {
+    pub started: Instant,
+    pub fields: ExecutionFields,
+    pub error_event: Option<String>,
+    pub panicked: bool,
+}
+
+impl ExecutionState {
+    pub(crate) fn new() -> Self {
+        ExecutionState {
+            started: Instant::now(),
+            fields: ExecutionFields::default(),
+            error_event: None,
+            panicked: false,
+        }
+    }
+
+    /// First match wins: explicit field, `ERROR` event, panic, else success.
+    pub(crate) fn outcome(&self) -> (Status, Option<Failure>) {
+        if let Some(text) = &self.fields.status {
+            return match Status::from_text(text) {
+                Status::Success => (Status::Success, None),
+                Status::Failure => (Status::Failure, Some(Failure::Explicit(text.trim().to_owned()))),
+            };
+        }
+        if let Some(message) = &self.error_event {
+            return (Status::Failure, Some(Failure::ErrorEvent(message.clone())));
+        }
+        if self.panicked {
+            return (Status::Failure, Some(Failure::Panic));
+        }
+        (Status::Success, None)
+    }
+}
+
+/// The ids that correlate a log line with its exported span.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct TraceIds {
+    pub trace_id: opentelemetry::TraceId,
+    pub span_id: opentelemetry::SpanId,
+}
+
+/// One closed agent execution, as every signal receives it.
+#[derive(Debug)]
+pub(crate) struct Execution<'a> {
+    pub agent_name: &'a str,
+    pub task: &'a str,
+    pub duration: Duration,
+    pub status: Status,
+    pub failure: Option<&'a Failure>,
+    pub finished_at: SystemTime,
+    pub trace: Option<TraceIds>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_words() {
+        for s in ["success", "OK", " Completed ", "true"] {
+            assert_eq!(Status::from_text(s), Status::Success, "{s}");
+        }
+        for s in ["failure", "error", "timeout", ""] {
+            assert_eq!(Status::from_text(s), Status::Failure, "{s}");
+        }
+    }
+
+    #[test]
+    fn debug_strings_are_unquoted() {
+        assert_eq!(unquote_debug(format!("{:?}", "qa-engineer")), "qa-engineer");
+        let tricky = "a \"quoted\"\\ line\nwith\ttabs and \u{7} bell and ü";
+        assert_eq!(unquote_debug(format!("{tricky:?}")), tricky);
+        assert_eq!(unquote_debug("plain".to_owned()), "plain");
+    }
+
+    #[test]
+    fn first_matching_status_source_wins() {
+        let mut state = ExecutionState::new();
+        assert_eq!(state.outcome(), (Status::Success, None));
+        state.panicked = true;
+        assert_eq!(state.outcome(), (Status::Failure, Some(Failure::Panic)));
+        state.error_event = Some("boom".into());
+        assert_eq!(state.outcome().1, Some(Failure::ErrorEvent("boom".into())));
+        state.fields.status = Some("success".into());
+        assert_eq!(state.outcome(), (Status::Success, None));
+    }
+}

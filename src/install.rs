@@ -1,0 +1,467 @@
+//! The builder that wires the layer to the three signals, and the guard that shuts them down.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry::KeyValue;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use opentelemetry_sdk::Resource;
+use tracing_core::Subscriber;
+use tracing_subscriber::filter::{filter_fn, EnvFilter, FilterExt};
+use tracing_subscriber::layer::{Layer, SubscriberExt};
+use tracing_subscriber::registry::LookupSpan;
+use tracing_subscriber::util::SubscriberInitExt;
+
+use crate::config::{Config, OtlpProtocol, TracesExporter};
+use crate::error::{Error, Result};
+use crate::execution::AgentSpanNames;
+use crate::layer::{AgentFilter, ExecutionLayer, Signals};
+use crate::logs::LogWriter;
+use crate::metrics::server::MetricsServer;
+use crate::metrics::{Metrics, MetricsHandle};
+use crate::stats::TelemetryStats;
+use crate::traces::BoxedSpanExporter;
+
+/// The layer [`AgentTelemetry::build`] returns, ready for `tracing_subscriber::registry().with(..)`.
+pub type TelemetryLayer<S> = Box<dyn Layer<S> + Send + Sync + 'static>;
+
+/// Targets whose spans and events must never reach the trace exporter: the exporter's own
+/// HTTP/gRPC stack and this crate. Tracing them would export the export, forever.
+const EXPORT_PATH_TARGETS: [&str; 8] =
+    ["opentelemetry", "reqwest", "hyper", "h2", "tonic", "tower", "agent_telemetry", "tiny_http"];
+
+/// Configures and installs agent telemetry: one `tracing` layer, three signals.
+///
+/// Builder values come first; the environment (see the README's table) is applied over them
+/// unless [`ignore_environment`](Self::ignore_environment) is called.
+///
+/// # Examples
+///
+/// ```
+/// use agent_telemetry::{AgentTelemetry, TracesExporter};
+///
+/// # fn main() -> Result<(), agent_telemetry::Error> {
+/// let telemetry = AgentTelemetry::builder()
+///     .with_service_name("my-name-is-claude")
+///     .with_metrics_addr("127.0.0.1:0".parse().unwrap())
+///     .with_traces_exporter(TracesExporter::None)
+///     .ignore_environment()
+///     .try_init()?;
+///
+/// #[tracing::instrument(name = "agent_execution")]
+/// fn execute_agent(agent_name: &str, task: &str) -> &'static str {
+///     "done"
+/// }
+/// execute_agent("backend-engineer", "Implement API");
+///
+/// let text = telemetry.metrics().render()?;
+/// assert!(text.contains(r#"agent_executions_total{agent_name="backend-engineer",status="success"} 1"#));
+/// telemetry.shutdown()?;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug)]
+pub struct AgentTelemetry {
+    config: Config,
+    read_environment: bool,
+    span_exporter: Option<BoxedSpanExporter>,
+}
+
+impl Default for AgentTelemetry {
+    fn default() -> Self {
+        Self::builder()
+    }
+}
+
+impl AgentTelemetry {
+    /// Starts from the defaults of the guide: metrics on `0.0.0.0:8000`, OTLP/HTTP traces to
+    /// `localhost:4318`, log lines on stdout.
+    pub fn builder() -> Self {
+        AgentTelemetry { config: Config::default(), read_environment: true, span_exporter: None }
+    }
+
+    /// `service.name` of traces and log lines (`OTEL_SERVICE_NAME` overrides it).
+    pub fn with_service_name(mut self, name: impl Into<String>) -> Self {
+        self.config.service_name = name.into();
+        self
+    }
+
+    /// `service.version`, also the `version` label of `framework_info`.
+    pub fn with_service_version(mut self, version: impl Into<String>) -> Self {
+        self.config.service_version = version.into();
+        self
+    }
+
+    /// The `environment` label of `framework_info` and `deployment.environment.name`.
+    pub fn with_environment(mut self, environment: impl Into<String>) -> Self {
+        self.config.environment = environment.into();
+        self
+    }
+
+    /// The `scale` label of `framework_info`.
+    pub fn with_scale(mut self, scale: impl Into<String>) -> Self {
+        self.config.scale = scale.into();
+        self
+    }
+
+    /// Where `GET /metrics` is served; port 0 picks a free port
+    /// (see [`TelemetryGuard::metrics_addr`]).
+    pub fn with_metrics_addr(mut self, addr: SocketAddr) -> Self {
+        self.config.metrics_addr = Some(addr);
+        self
+    }
+
+    /// Serves no `/metrics`; the text is still available from [`TelemetryGuard::metrics`].
+    pub fn without_metrics_server(mut self) -> Self {
+        self.config.metrics_addr = None;
+        self
+    }
+
+    /// Writes log lines to daily files `<prefix>.YYYY-MM-DD.log` in `dir` instead of stdout.
+    pub fn with_log_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.config.log_dir = Some(dir.into());
+        self
+    }
+
+    /// The file name prefix of the daily log files (default `agents`).
+    pub fn with_log_file_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.config.log_file_prefix = prefix.into();
+        self
+    }
+
+    /// How many lines may wait for the writer thread before new ones are dropped (and counted).
+    pub fn with_log_queue_lines(mut self, lines: usize) -> Self {
+        self.config.log_queue_lines = lines;
+        self
+    }
+
+    /// The longest `task` text kept in a log line, in characters (default 1024).
+    pub fn with_max_task_chars(mut self, chars: usize) -> Self {
+        self.config.max_task_chars = chars;
+        self
+    }
+
+    /// Where spans go (`OTEL_TRACES_EXPORTER` overrides it).
+    pub fn with_traces_exporter(mut self, exporter: TracesExporter) -> Self {
+        self.config.traces_exporter = exporter;
+        self
+    }
+
+    /// Sends spans to `exporter` (through the same counting batch processor) instead of the
+    /// configured one: an in-memory exporter in tests, or a backend this crate does not know.
+    pub fn with_span_exporter<E>(mut self, exporter: E) -> Self
+    where
+        E: opentelemetry_sdk::trace::SpanExporter + 'static,
+    {
+        self.span_exporter = Some(Box::new(exporter));
+        self
+    }
+
+    /// The OTLP transport.
+    pub fn with_otlp_protocol(mut self, protocol: OtlpProtocol) -> Self {
+        self.config.otlp.protocol = protocol;
+        self
+    }
+
+    /// The OTLP endpoint: the full URL for HTTP (`http://host:4318/v1/traces`), the base URL
+    /// for gRPC (`http://host:4317`).
+    pub fn with_otlp_endpoint(mut self, url: impl Into<String>) -> Self {
+        self.config.otlp.endpoint = Some(url.into());
+        self
+    }
+
+    /// The span names that are agent executions (default `agent_execution`).
+    pub fn with_agent_span_names<I, N>(mut self, names: I) -> Self
+    where
+        I: IntoIterator<Item = N>,
+        N: Into<String>,
+    {
+        self.config.agent_span_names = names.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Histogram bucket bounds in seconds (default the guide's 0.1 … 60).
+    pub fn with_duration_buckets(mut self, bounds: impl Into<Vec<f64>>) -> Self {
+        self.config.duration_buckets = bounds.into();
+        self
+    }
+
+    /// How many distinct `agent_name` label values the metrics keep; the rest are folded into
+    /// `__overflow__` (default 256).
+    pub fn with_max_agent_names(mut self, max: usize) -> Self {
+        self.config.max_agent_names = max;
+        self
+    }
+
+    /// Which other spans and events are traced and printed, in `RUST_LOG` syntax (default `info`).
+    pub fn with_env_filter(mut self, directives: impl Into<String>) -> Self {
+        self.config.env_filter = directives.into();
+        self
+    }
+
+    /// The bound on each part of shutdown: trace flush, log flush (default 5 s).
+    pub fn with_shutdown_timeout(mut self, timeout: Duration) -> Self {
+        self.config.shutdown_timeout = timeout;
+        self
+    }
+
+    /// Uses the builder's values only; no environment variable is read.
+    pub fn ignore_environment(mut self) -> Self {
+        self.read_environment = false;
+        self
+    }
+
+    /// Starts the signals and returns the layer, for applications that compose their own
+    /// subscriber, with the guard that shuts the signals down.
+    ///
+    /// # Errors
+    ///
+    /// A bad setting, a `/metrics` port in use, an unusable log directory or an exporter that
+    /// cannot be built: each error names the setting.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use agent_telemetry::{AgentTelemetry, TracesExporter};
+    /// use tracing_subscriber::layer::SubscriberExt;
+    ///
+    /// # fn main() -> Result<(), agent_telemetry::Error> {
+    /// let (layer, guard) = AgentTelemetry::builder()
+    ///     .without_metrics_server()
+    ///     .with_traces_exporter(TracesExporter::None)
+    ///     .ignore_environment()
+    ///     .build()?;
+    /// let subscriber = tracing_subscriber::registry().with(layer);
+    /// tracing::subscriber::with_default(subscriber, || {
+    ///     tracing::info_span!("agent_execution", agent_name = "qa-engineer", task = "Test").in_scope(|| {});
+    /// });
+    /// assert!(guard.metrics().render()?.contains(r#"agent_name="qa-engineer""#));
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn build<S>(self) -> Result<(TelemetryLayer<S>, TelemetryGuard)>
+    where
+        S: Subscriber + for<'a> LookupSpan<'a> + Send + Sync,
+    {
+        let mut config = self.config;
+        if self.read_environment {
+            config.apply_env(&|name| std::env::var(name).ok())?;
+        } else {
+            config.validate()?;
+        }
+        let names = Arc::new(AgentSpanNames::new(&config.agent_span_names));
+        let stats = Arc::new(TelemetryStats::default());
+        let resource = resource(&config);
+        let env_filter = parse_env_filter(&config.env_filter)?;
+
+        let metrics = Arc::new(Metrics::new(&config, resource.clone(), Arc::clone(&stats))?);
+        let logs = Arc::new(LogWriter::new(&config, Arc::clone(&stats))?);
+        let tracer_provider = crate::traces::provider(&config, self.span_exporter, resource, Arc::clone(&names), Arc::clone(&stats))?;
+        let server = config
+            .metrics_addr
+            .map(|addr| MetricsServer::start(addr, metrics.handle()))
+            .transpose()?;
+
+        let signals = Signals {
+            metrics: Some(Arc::clone(&metrics)),
+            logs: Some(Arc::clone(&logs)),
+            traces: tracer_provider.is_some(),
+        };
+        let executions = ExecutionLayer::new(signals).with_filter(AgentFilter::executions(Arc::clone(&names)));
+        let layer: TelemetryLayer<S> = match &tracer_provider {
+            Some(provider) => {
+                let not_export_path =
+                    filter_fn(|metadata| !EXPORT_PATH_TARGETS.iter().any(|t| metadata.target().starts_with(t)));
+                let traced = AgentFilter::spans(names).or(env_filter.and(not_export_path));
+                let otel = tracing_opentelemetry::layer()
+                    .with_tracer(provider.tracer("agent_telemetry"))
+                    .with_threads(false)
+                    .with_tracked_inactivity(false)
+                    .with_filter(traced);
+                // The execution layer is inner, so its `on_close` runs first and reads the
+                // span's ids before the OpenTelemetry layer ends and exports the span.
+                Box::new(executions.and_then(otel))
+            }
+            None => Box::new(executions),
+        };
+
+        let guard = TelemetryGuard {
+            metrics,
+            logs,
+            tracer_provider,
+            server,
+            config: Arc::new(config),
+            done: false,
+        };
+        Ok((layer, guard))
+    }
+
+    /// Builds the layer and installs it as the global default subscriber, with a formatter
+    /// that prints the other events `RUST_LOG` selects to stderr.
+    ///
+    /// # Errors
+    ///
+    /// Everything [`build`](Self::build) reports, and [`Error::GlobalSubscriber`] when a
+    /// global subscriber is already installed.
+    pub fn try_init(self) -> Result<TelemetryGuard> {
+        let directives = if self.read_environment {
+            std::env::var("RUST_LOG").ok().filter(|v| !v.trim().is_empty())
+        } else {
+            None
+        };
+        let print_filter = parse_env_filter(directives.as_deref().unwrap_or(&self.config.env_filter))?;
+        let (layer, guard) = self.build()?;
+        let printer = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_filter(print_filter);
+        tracing_subscriber::registry()
+            .with(layer)
+            .with(printer)
+            .try_init()
+            .map_err(|e| Error::GlobalSubscriber { source: Box::new(e) })?;
+        Ok(guard)
+    }
+
+    /// Like [`try_init`](Self::try_init), for `main`: panics with the error's message.
+    ///
+    /// # Panics
+    ///
+    /// When [`try_init`](Self::try_init) returns an error.
+    pub fn init(self) -> TelemetryGuard {
+        match self.try_init() {
+            Ok(guard) => guard,
+            Err(error) => panic!("agent-telemetry could not be installed: {error}"),
+        }
+    }
+}
+
+fn parse_env_filter(directives: &str) -> Result<EnvFilter> {
+    EnvFilter::builder()
+        .parse(directives)
+        .map_err(|e| Error::invalid("RUST_LOG", directives, e.to_string()))
+}
+
+fn resource(config: &Config) -> Resource {
+    let extra = config.resource_attributes.iter().map(|(k, v)| KeyValue::new(k.clone(), v.clone()));
+    Resource::builder_empty()
+        .with_attributes(extra)
+        .with_service_name(config.service_name.clone())
+        .with_attribute(KeyValue::new("service.version", config.service_version.clone()))
+        .with_attribute(KeyValue::new("deployment.environment.name", config.environment.clone()))
+        .build()
+}
+
+/// Keeps the signals running; dropping it (or [`shutdown`](Self::shutdown)) flushes the
+/// queued spans and log lines and stops the `/metrics` server, each within the shutdown
+/// timeout.
+#[must_use = "dropping the guard shuts the telemetry down at once"]
+pub struct TelemetryGuard {
+    metrics: Arc<Metrics>,
+    logs: Arc<LogWriter>,
+    tracer_provider: Option<SdkTracerProvider>,
+    server: Option<MetricsServer>,
+    config: Arc<Config>,
+    done: bool,
+}
+
+impl std::fmt::Debug for TelemetryGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TelemetryGuard")
+            .field("metrics_addr", &self.metrics_addr())
+            .field("traces", &self.config.traces_exporter)
+            .field("log_dir", &self.config.log_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TelemetryGuard {
+    /// The address `/metrics` is served on (with the real port when port 0 was asked for).
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.server.as_ref().map(MetricsServer::local_addr)
+    }
+
+    /// The metrics, to render the exposition text in an application's own HTTP server.
+    pub fn metrics(&self) -> MetricsHandle {
+        self.metrics.handle()
+    }
+
+    /// Exports the spans and writes the log lines queued so far, without stopping anything.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Shutdown`] naming the signal that could not be flushed within the timeout.
+    pub fn flush(&self) -> Result<()> {
+        let timeout = self.config.shutdown_timeout;
+        let traces = match &self.tracer_provider {
+            Some(provider) => {
+                provider.force_flush().map_err(|e| Error::Shutdown { signal: "traces", reason: e.to_string() })
+            }
+            None => Ok(()),
+        };
+        traces.and(self.logs.flush(timeout))
+    }
+
+    /// One line per signal saying where it goes, for a program to print at start.
+    pub fn describe(&self) -> String {
+        let config = &self.config;
+        let metrics = match self.metrics_addr() {
+            Some(addr) => format!("metrics: http://{addr}/metrics"),
+            None => "metrics: not served (TelemetryGuard::metrics renders them)".to_owned(),
+        };
+        let logs = match &config.log_dir {
+            Some(dir) => format!("logs:    {}/{}.YYYY-MM-DD.log", dir.display(), config.log_file_prefix),
+            None => "logs:    stdout".to_owned(),
+        };
+        let traces = match config.traces_exporter {
+            TracesExporter::Otlp => format!(
+                "traces:  OTLP/{} to {}",
+                match config.otlp.protocol {
+                    OtlpProtocol::HttpProtobuf => "HTTP",
+                    OtlpProtocol::Grpc => "gRPC",
+                },
+                config.otlp.resolved_endpoint()
+            ),
+            TracesExporter::Console => "traces:  console (stdout)".to_owned(),
+            TracesExporter::None => "traces:  off".to_owned(),
+        };
+        format!("{metrics}\n{logs}\n{traces}")
+    }
+
+    /// Flushes spans and log lines and stops the server, each within the shutdown timeout.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Shutdown`] naming the signal that could not finish in time; the others are
+    /// still shut down.
+    pub fn shutdown(mut self) -> Result<()> {
+        self.shutdown_all()
+    }
+
+    fn shutdown_all(&mut self) -> Result<()> {
+        if std::mem::replace(&mut self.done, true) {
+            return Ok(());
+        }
+        let timeout = self.config.shutdown_timeout;
+        let traces = match self.tracer_provider.take() {
+            Some(provider) => provider
+                .shutdown_with_timeout(timeout)
+                .map_err(|e| Error::Shutdown { signal: "traces", reason: e.to_string() }),
+            None => Ok(()),
+        };
+        let logs = self.logs.shutdown(timeout);
+        if let Some(mut server) = self.server.take() {
+            server.stop();
+        }
+        let metrics = self.metrics.shutdown();
+        traces.and(logs).and(metrics)
+    }
+}
+
+impl Drop for TelemetryGuard {
+    fn drop(&mut self) {
+        if let Err(error) = self.shutdown_all() {
+            eprintln!("agent-telemetry: {error}");
+        }
+    }
+}

@@ -1,0 +1,58 @@
+//! # agent-telemetry
+//!
+//! Production monitoring for AI agents from one line of instrumentation. Register one
+//! `tracing` layer at startup, annotate agent functions with
+//! `#[tracing::instrument(name = "agent_execution")]`, and every such span becomes:
+//!
+//! - an OTLP trace span (via `tracing-opentelemetry`), with the guide's `agent.name`, `task`
+//!   and `result.status` attributes plus the GenAI and OpenInference ones;
+//! - Prometheus metrics `agent_executions_total`, `agent_execution_duration_seconds`,
+//!   `framework_memory_usage_bytes` and `framework_info`, served on `/metrics`;
+//! - one Filebeat-ready JSON log line carrying the span's `trace.id`.
+//!
+//! ```
+//! use agent_telemetry::{AgentTelemetry, TracesExporter};
+//!
+//! #[tracing::instrument(name = "agent_execution", err)]
+//! fn execute_agent(agent_name: &str, task: &str) -> Result<String, std::io::Error> {
+//!     Ok(format!("{agent_name} did {task}"))
+//! }
+//!
+//! # fn main() -> Result<(), agent_telemetry::Error> {
+//! let telemetry = AgentTelemetry::builder()
+//!     .with_service_name("my-name-is-claude")
+//!     .with_metrics_addr("127.0.0.1:0".parse().unwrap()) // the guide's default is 0.0.0.0:8000
+//!     .with_traces_exporter(TracesExporter::None)       // default: OTLP to localhost:4318
+//!     .ignore_environment()
+//!     .try_init()?;
+//!
+//! execute_agent("backend-engineer", "Implement API").unwrap();
+//!
+//! let metrics = telemetry.metrics().render()?;
+//! assert!(metrics.contains("agent_execution_duration_seconds_bucket"));
+//! telemetry.shutdown()?; // flushes spans and log lines
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! See the README for configuration through the environment and what each signal looks like.
+
+#![deny(missing_docs)]
+#![warn(clippy::pedantic)]
+#![allow(clippy::module_name_repetitions, clippy::must_use_candidate)]
+
+mod config;
+mod error;
+mod execution;
+mod install;
+mod layer;
+mod logs;
+mod metrics;
+mod stats;
+mod traces;
+
+pub use config::{LogFormat, OtlpProtocol, TracesExporter, DEFAULT_DURATION_BUCKETS};
+pub use error::{Error, Result};
+pub use execution::Status;
+pub use install::{AgentTelemetry, TelemetryGuard, TelemetryLayer};
+pub use metrics::{MetricsHandle, OVERFLOW_AGENT_NAME};

@@ -1,0 +1,181 @@
+//! The JSON line: fixed key order, no duplicate keys, stable types, bounded size.
+
+use std::time::SystemTime;
+
+use crate::config::{Config, LogFormat};
+use crate::execution::{Execution, Status};
+
+/// Longest `agent_name` kept in a line, in characters.
+const MAX_AGENT_NAME_CHARS: usize = 256;
+
+/// Everything about the line that is fixed at start-up.
+pub(crate) struct LineFormat {
+    max_task_chars: usize,
+    /// `,"service.name":"..."}` with the name already escaped.
+    tail: Vec<u8>,
+    _format: LogFormat,
+}
+
+impl LineFormat {
+    pub(crate) fn new(config: &Config) -> Self {
+        let mut tail = br#","service.name":"#.to_vec();
+        write_str(&mut tail, &config.service_name);
+        tail.extend_from_slice(b"}\n");
+        LineFormat { max_task_chars: config.max_task_chars, tail, _format: config.log_format }
+    }
+
+    /// Appends one complete line, `\n` included, to `out`.
+    pub(crate) fn write(&self, e: &Execution<'_>, out: &mut Vec<u8>) {
+        let (date, time, micros) = utc_parts(e.finished_at);
+        out.extend_from_slice(br#"{"@timestamp":""#);
+        out.extend_from_slice(&date);
+        out.push(b'T');
+        out.extend_from_slice(&time);
+        push_fraction(out, micros / 1000, 3);
+        out.extend_from_slice(br#"Z","timestamp":""#);
+        out.extend_from_slice(&date);
+        out.push(b'T');
+        out.extend_from_slice(&time);
+        push_fraction(out, micros, 6);
+        out.extend_from_slice(br#"Z","log.level":"#);
+        out.extend_from_slice(match e.status {
+            Status::Success => br#""INFO""#.as_slice(),
+            Status::Failure => br#""ERROR""#.as_slice(),
+        });
+        out.extend_from_slice(br#","event":"agent_execution","agent_name":"#);
+        write_str(out, truncate(e.agent_name, MAX_AGENT_NAME_CHARS));
+        out.extend_from_slice(br#","task":"#);
+        write_str(out, truncate(e.task, self.max_task_chars));
+        out.extend_from_slice(br#","duration_seconds":"#);
+        write_seconds(out, e.duration.as_secs_f64());
+        out.extend_from_slice(br#","status":""#);
+        out.extend_from_slice(e.status.as_str().as_bytes());
+        out.push(b'"');
+        if let Some(failure) = e.failure {
+            out.extend_from_slice(br#","error.type":"#);
+            write_str(out, truncate(failure.error_type(), MAX_AGENT_NAME_CHARS));
+            out.extend_from_slice(br#","error.message":"#);
+            write_str(out, truncate(failure.description(), self.max_task_chars));
+        }
+        if let Some(ids) = e.trace {
+            out.extend_from_slice(br#","trace.id":""#);
+            push_hex(out, &ids.trace_id.to_bytes());
+            out.extend_from_slice(br#"","span.id":""#);
+            push_hex(out, &ids.span_id.to_bytes());
+            out.push(b'"');
+        }
+        out.extend_from_slice(&self.tail);
+    }
+}
+
+/// At most `max` characters, cut at a character boundary, with `…` where text was cut.
+fn truncate(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    match text.char_indices().nth(max) {
+        None => text.into(),
+        Some((cut, _)) => format!("{}…", &text[..cut]).into(),
+    }
+}
+
+/// A JSON string: quotes, backslashes and control characters escaped (serde_json's rules).
+fn write_str(out: &mut Vec<u8>, text: impl AsRef<str>) {
+    // Writing a `str` into a `Vec` cannot fail.
+    let _ = serde_json::to_writer(&mut *out, text.as_ref());
+}
+
+/// Always a float (`45.0`, never `45`), so Elasticsearch maps the field as a float.
+fn write_seconds(out: &mut Vec<u8>, seconds: f64) {
+    let seconds = if seconds.is_finite() { seconds } else { 0.0 };
+    // ryu writes the shortest round-trip digits and always a `.` or an exponent.
+    out.extend_from_slice(ryu::Buffer::new().format_finite(seconds).as_bytes());
+}
+
+fn push_fraction(out: &mut Vec<u8>, value: u32, digits: u32) {
+    out.push(b'.');
+    for power in (0..digits).rev() {
+        out.push(b'0' + ((value / 10u32.pow(power)) % 10) as u8);
+    }
+}
+
+fn push_hex(out: &mut Vec<u8>, bytes: &[u8]) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for byte in bytes {
+        out.push(HEX[usize::from(byte >> 4)]);
+        out.push(HEX[usize::from(byte & 0xf)]);
+    }
+}
+
+/// `YYYY-MM-DD`, `HH:MM:SS` and the microseconds of a UTC time.
+fn utc_parts(at: SystemTime) -> ([u8; 10], [u8; 8], u32) {
+    let at = time::OffsetDateTime::from(at);
+    let mut date = *b"0000-00-00";
+    let mut clock = *b"00:00:00";
+    put_digits(&mut date[0..4], at.year().clamp(0, 9999) as u32);
+    put_digits(&mut date[5..7], u32::from(u8::from(at.month())));
+    put_digits(&mut date[8..10], u32::from(at.day()));
+    put_digits(&mut clock[0..2], u32::from(at.hour()));
+    put_digits(&mut clock[3..5], u32::from(at.minute()));
+    put_digits(&mut clock[6..8], u32::from(at.second()));
+    (date, clock, at.microsecond())
+}
+
+fn put_digits(slot: &mut [u8], mut value: u32) {
+    for digit in slot.iter_mut().rev() {
+        *digit = b'0' + (value % 10) as u8;
+        value /= 10;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::execution::{Failure, TraceIds};
+    use std::time::{Duration, UNIX_EPOCH};
+
+    fn line(task: &str, duration: Duration, failure: Option<&Failure>) -> String {
+        let mut config = Config::default();
+        config.service_name = "svc \"x\"".into();
+        config.max_task_chars = 10;
+        let execution = Execution {
+            agent_name: "backend-engineer",
+            task,
+            duration,
+            status: if failure.is_some() { Status::Failure } else { Status::Success },
+            failure,
+            finished_at: UNIX_EPOCH + Duration::from_micros(1_795_000_530_123_456),
+            trace: Some(TraceIds {
+                trace_id: opentelemetry::TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").unwrap(),
+                span_id: opentelemetry::SpanId::from_hex("00f067aa0ba902b7").unwrap(),
+            }),
+        };
+        let mut out = Vec::new();
+        LineFormat::new(&config).write(&execution, &mut out);
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn the_contract_line() {
+        let text = line("Implement API", Duration::from_millis(45_200), None);
+        assert_eq!(
+            text,
+            concat!(
+                r#"{"@timestamp":"2026-11-18T11:15:30.123Z","timestamp":"2026-11-18T11:15:30.123456Z","#,
+                r#""log.level":"INFO","event":"agent_execution","agent_name":"backend-engineer","#,
+                r#""task":"Implement …","duration_seconds":45.2,"status":"success","#,
+                r#""trace.id":"4bf92f3577b34da6a3ce929d0e0e4736","span.id":"00f067aa0ba902b7","#,
+                r#""service.name":"svc \"x\""}"#,
+                "\n"
+            )
+        );
+    }
+
+    #[test]
+    fn whole_seconds_stay_floats_and_failures_say_why() {
+        let failure = Failure::ErrorEvent("bad\nthing".into());
+        let text = line("t", Duration::from_secs(45), Some(&failure));
+        let value: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert!(text.contains(r#""duration_seconds":45.0,"#), "{text}");
+        assert_eq!(value["status"], "failure");
+        assert_eq!(value["log.level"], "ERROR");
+        assert_eq!(value["error.message"], "bad\nthing");
+    }
+}

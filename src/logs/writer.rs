@@ -1,0 +1,139 @@
+//! The writer thread: a bounded queue of complete lines, written in batches, every loss counted.
+
+use std::io::Write;
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, Result};
+use crate::stats::TelemetryStats;
+
+/// Lines are written in batches of about this many bytes.
+const BATCH_BYTES: usize = 64 * 1024;
+
+enum Message {
+    Line(Vec<u8>),
+    /// Write out everything queued before this message, then acknowledge (and stop).
+    Flush { ack: SyncSender<()>, stop: bool },
+}
+
+/// The sending side; the agent's thread only formats and enqueues.
+pub(crate) struct LineWriter {
+    sender: SyncSender<Message>,
+    stats: Arc<TelemetryStats>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl LineWriter {
+    pub(crate) fn start(
+        destination: Box<dyn Write + Send>,
+        capacity: usize,
+        stats: Arc<TelemetryStats>,
+    ) -> Result<Self> {
+        let (sender, receiver) = sync_channel(capacity);
+        let thread = std::thread::Builder::new()
+            .name("agent-telemetry-logs".into())
+            .spawn({
+                let stats = Arc::clone(&stats);
+                move || write_lines(&receiver, destination, &stats)
+            })
+            .map_err(|source| Error::Thread { name: "agent-telemetry-logs", source })?;
+        Ok(LineWriter { sender, stats, thread: Mutex::new(Some(thread)) })
+    }
+
+    /// Queues one complete line; never blocks. A full queue drops the line and counts it.
+    pub(crate) fn send(&self, line: &[u8]) {
+        if self.sender.try_send(Message::Line(line.to_vec())).is_err() {
+            TelemetryStats::add(&self.stats.log_lines_dropped, 1);
+        }
+    }
+
+    /// Waits until every line queued so far is written, or `timeout` passes; with `stop`,
+    /// the writer thread then ends.
+    pub(crate) fn flush(&self, timeout: Duration, stop: bool) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        let (ack, acknowledged) = sync_channel(1);
+        let mut message = Message::Flush { ack, stop };
+        loop {
+            match self.sender.try_send(message) {
+                Ok(()) => break,
+                Err(TrySendError::Disconnected(_)) => return Ok(()), // already shut down
+                Err(TrySendError::Full(back)) if Instant::now() < deadline => {
+                    message = back;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err(TrySendError::Full(_)) => return Err(timed_out(timeout)),
+            }
+        }
+        match acknowledged.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(()) if !stop => Ok(()),
+            Ok(()) | Err(RecvTimeoutError::Disconnected) => {
+                let thread = self.thread.lock().unwrap_or_else(PoisonError::into_inner).take();
+                if let Some(thread) = thread {
+                    // The writer has acknowledged; joining only reaps the finished thread.
+                    let _ = thread.join();
+                }
+                Ok(())
+            }
+            Err(RecvTimeoutError::Timeout) => Err(timed_out(timeout)),
+        }
+    }
+}
+
+fn timed_out(timeout: Duration) -> Error {
+    Error::Shutdown { signal: "logs", reason: format!("lines were still being written after {timeout:?}") }
+}
+
+fn write_lines(receiver: &Receiver<Message>, mut destination: Box<dyn Write + Send>, stats: &TelemetryStats) {
+    let mut batch = Vec::with_capacity(BATCH_BYTES);
+    let mut lines = 0u64;
+    let mut flush_ack = None;
+    while let Ok(first) = receiver.recv() {
+        let mut next = Some(first);
+        // Take what is queued now, up to a batch, without waiting.
+        while let Some(message) = next.take() {
+            match message {
+                Message::Line(line) => {
+                    batch.extend_from_slice(&line);
+                    lines += 1;
+                }
+                Message::Flush { ack, stop } => {
+                    flush_ack = Some((ack, stop));
+                    break;
+                }
+            }
+            if batch.len() < BATCH_BYTES {
+                next = match receiver.try_recv() {
+                    Ok(message) => Some(message),
+                    Err(TryRecvError::Empty | TryRecvError::Disconnected) => None,
+                };
+            }
+        }
+        flush(&mut destination, &mut batch, &mut lines, stats);
+        if let Some((ack, stop)) = flush_ack.take() {
+            let _ = ack.send(());
+            if stop {
+                return;
+            }
+        }
+    }
+}
+
+fn flush(destination: &mut Box<dyn Write + Send>, batch: &mut Vec<u8>, lines: &mut u64, stats: &TelemetryStats) {
+    if batch.is_empty() {
+        return;
+    }
+    match destination.write_all(batch).and_then(|()| destination.flush()) {
+        Ok(()) => TelemetryStats::add(&stats.log_lines_written, *lines),
+        Err(error) => {
+            if TelemetryStats::get(&stats.log_write_errors) == 0 {
+                tracing::warn!(target: "agent_telemetry::logs", %error, "cannot write agent execution log lines; counting them in agent_telemetry_log_lines_dropped_total");
+            }
+            TelemetryStats::add(&stats.log_write_errors, 1);
+            TelemetryStats::add(&stats.log_lines_dropped, *lines);
+        }
+    }
+    batch.clear();
+    *lines = 0;
+}

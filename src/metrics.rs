@@ -1,0 +1,217 @@
+//! Prometheus metrics with the guide's names, through the OpenTelemetry SDK and
+//! `opentelemetry-prometheus` on a [`prometheus::Registry`].
+
+pub(crate) mod server;
+
+use std::collections::HashMap;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, PoisonError, RwLock};
+
+use opentelemetry::metrics::{Counter, Gauge, Histogram, Meter, MeterProvider as _};
+use opentelemetry::KeyValue;
+use opentelemetry_sdk::metrics::SdkMeterProvider;
+use opentelemetry_sdk::Resource;
+use prometheus::{Encoder, TextEncoder};
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::execution::{Execution, Status};
+use crate::stats::TelemetryStats;
+
+/// The `agent_name` label value that executions beyond the cardinality cap are folded into.
+pub const OVERFLOW_AGENT_NAME: &str = "__overflow__";
+
+/// A cheap, cloneable handle that renders the Prometheus text exposition of the telemetry's
+/// registry: what `GET /metrics` serves, for applications that mount it in their own server.
+#[derive(Clone, Debug)]
+pub struct MetricsHandle {
+    registry: prometheus::Registry,
+}
+
+impl MetricsHandle {
+    /// Renders the current metrics in the Prometheus text format (version 0.0.4).
+    ///
+    /// The memory gauge is read now, at render time.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Metrics`] if the registry holds a metric that cannot be encoded.
+    pub fn render(&self) -> Result<String> {
+        let mut text = Vec::with_capacity(4096);
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut text)
+            .map_err(|e| Error::Metrics { source: Box::new(e) })?;
+        String::from_utf8(text).map_err(|e| Error::Metrics { source: Box::new(e) })
+    }
+
+    /// The `Content-Type` of [`render`](Self::render)'s output.
+    pub fn content_type(&self) -> &'static str {
+        prometheus::TEXT_FORMAT
+    }
+
+    /// The underlying registry, to register an application's own collectors beside ours.
+    pub fn registry(&self) -> &prometheus::Registry {
+        &self.registry
+    }
+}
+
+/// Label sets of one `agent_name`, built once and reused for every execution.
+struct AgentLabels {
+    success: [KeyValue; 2],
+    failure: [KeyValue; 2],
+    name: [KeyValue; 1],
+}
+
+impl AgentLabels {
+    fn new(agent_name: &str) -> Self {
+        let name = KeyValue::new("agent_name", agent_name.to_owned());
+        AgentLabels {
+            success: [name.clone(), KeyValue::new("status", Status::Success.as_str())],
+            failure: [name.clone(), KeyValue::new("status", Status::Failure.as_str())],
+            name: [name],
+        }
+    }
+}
+
+/// The instruments the layer records into.
+pub(crate) struct Metrics {
+    provider: SdkMeterProvider,
+    handle: MetricsHandle,
+    executions: Counter<u64>,
+    duration: Histogram<f64>,
+    labels: RwLock<HashMap<Box<str>, Arc<AgentLabels>>>,
+    overflow: Arc<AgentLabels>,
+    max_agent_names: usize,
+    stats: Arc<TelemetryStats>,
+    // Kept so the info series lives as long as the provider.
+    _info: Gauge<u64>,
+}
+
+impl Metrics {
+    pub(crate) fn new(config: &Config, resource: Resource, stats: Arc<TelemetryStats>) -> Result<Self> {
+        let registry = prometheus::Registry::new();
+        let exporter = opentelemetry_prometheus::exporter()
+            .with_registry(registry.clone())
+            .scope_info_enabled(false)
+            .without_target_info()
+            .build()
+            .map_err(|e| Error::Metrics { source: Box::new(e) })?;
+        let provider = SdkMeterProvider::builder().with_reader(exporter).with_resource(resource).build();
+        let meter = provider.meter("agent_telemetry");
+
+        let executions = meter
+            .u64_counter("agent_executions")
+            .with_description("Total agent executions")
+            .build();
+        let duration = meter
+            .f64_histogram("agent_execution_duration")
+            .with_description("Agent execution duration")
+            .with_unit("s")
+            .with_boundaries(config.duration_buckets.clone())
+            .build();
+        meter
+            .u64_observable_gauge("framework_memory_usage")
+            .with_description("Framework memory usage in bytes")
+            .with_unit("By")
+            .with_callback(|observer| {
+                // No reading (an unsupported platform) means no sample, never a false zero.
+                if let Some(usage) = memory_stats::memory_stats() {
+                    observer.observe(usage.physical_mem as u64, &[]);
+                }
+            })
+            .build();
+        let info = meter
+            .u64_gauge("framework_info")
+            .with_description("Framework version and configuration")
+            .build();
+        info.record(
+            1,
+            &[
+                KeyValue::new("version", config.service_version.clone()),
+                KeyValue::new("environment", config.environment.clone()),
+                KeyValue::new("scale", config.scale.clone()),
+            ],
+        );
+        register_self_metrics(&meter, &stats);
+
+        Ok(Metrics {
+            provider,
+            handle: MetricsHandle { registry },
+            executions,
+            duration,
+            labels: RwLock::new(HashMap::new()),
+            overflow: Arc::new(AgentLabels::new(OVERFLOW_AGENT_NAME)),
+            max_agent_names: config.max_agent_names,
+            stats,
+            _info: info,
+        })
+    }
+
+    pub(crate) fn handle(&self) -> MetricsHandle {
+        self.handle.clone()
+    }
+
+    pub(crate) fn record(&self, execution: &Execution<'_>) {
+        let labels = self.labels_for(execution.agent_name);
+        let counter_labels = match execution.status {
+            Status::Success => &labels.success,
+            Status::Failure => &labels.failure,
+        };
+        self.executions.add(1, counter_labels);
+        self.duration.record(execution.duration.as_secs_f64(), &labels.name);
+    }
+
+    /// The cached label set of `agent_name`, or the overflow set once the cap is reached.
+    fn labels_for(&self, agent_name: &str) -> Arc<AgentLabels> {
+        // A poisoned lock only means another thread panicked mid-insert; the map is intact.
+        if let Some(labels) = self.labels.read().unwrap_or_else(PoisonError::into_inner).get(agent_name) {
+            return Arc::clone(labels);
+        }
+        let mut labels = self.labels.write().unwrap_or_else(PoisonError::into_inner);
+        if let Some(existing) = labels.get(agent_name) {
+            return Arc::clone(existing);
+        }
+        if labels.len() >= self.max_agent_names {
+            TelemetryStats::add(&self.stats.agent_names_overflowed, 1);
+            return Arc::clone(&self.overflow);
+        }
+        let new = Arc::new(AgentLabels::new(agent_name));
+        labels.insert(agent_name.into(), Arc::clone(&new));
+        new
+    }
+
+    pub(crate) fn shutdown(&self) -> Result<()> {
+        self.provider.shutdown().map_err(|e| Error::Shutdown { signal: "metrics", reason: e.to_string() })
+    }
+}
+
+fn register_self_metrics(meter: &Meter, stats: &Arc<TelemetryStats>) {
+    type Read = fn(&TelemetryStats) -> &AtomicU64;
+    let counters: [(&'static str, &'static str, Read); 7] = [
+        ("agent_telemetry_log_lines_written", "JSON log lines written to their destination", |s| {
+            &s.log_lines_written
+        }),
+        ("agent_telemetry_log_lines_dropped", "JSON log lines lost: queue full or write failed", |s| {
+            &s.log_lines_dropped
+        }),
+        ("agent_telemetry_log_write_errors", "Failed writes to the log destination", |s| &s.log_write_errors),
+        ("agent_telemetry_spans_dropped", "Spans dropped because the export queue was full", |s| {
+            &s.spans_dropped
+        }),
+        ("agent_telemetry_spans_exported", "Spans the exporter delivered", |s| &s.spans_exported),
+        ("agent_telemetry_spans_export_failed", "Spans lost in failed exports", |s| &s.spans_export_failed),
+        (
+            "agent_telemetry_agent_names_overflowed",
+            "Executions whose agent_name was folded into __overflow__ by the cardinality cap",
+            |s| &s.agent_names_overflowed,
+        ),
+    ];
+    for (name, description, read) in counters {
+        let stats = Arc::clone(stats);
+        meter
+            .u64_observable_counter(name)
+            .with_description(description)
+            .with_callback(move |observer| observer.observe(TelemetryStats::get(read(&stats)), &[]))
+            .build();
+    }
+}

@@ -1,0 +1,26 @@
+//! Counters of what the telemetry itself did and lost, shown as `agent_telemetry_*` metrics.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Shared by the signals (which count) and the metrics (which expose the counts).
+#[derive(Debug, Default)]
+pub(crate) struct TelemetryStats {
+    pub log_lines_written: AtomicU64,
+    pub log_lines_dropped: AtomicU64,
+    pub log_write_errors: AtomicU64,
+    pub spans_queued: AtomicU64,
+    pub spans_dropped: AtomicU64,
+    pub spans_exported: AtomicU64,
+    pub spans_export_failed: AtomicU64,
+    pub agent_names_overflowed: AtomicU64,
+}
+
+impl TelemetryStats {
+    pub(crate) fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub(crate) fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+}

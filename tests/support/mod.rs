@@ -1,0 +1,252 @@
+//! Shared test helpers: a telemetry instance scoped to one test, and readers for what each
+//! signal really produced (the scraped text, the log file's bytes, the exported spans).
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use agent_telemetry::{AgentTelemetry, TelemetryGuard};
+use opentelemetry_sdk::error::OTelSdkResult;
+use opentelemetry_sdk::trace::{InMemorySpanExporter, SpanData, SpanExporter};
+use tracing::Dispatch;
+use tracing_subscriber::layer::SubscriberExt;
+
+/// One telemetry instance with an in-memory span exporter and a temporary log directory,
+/// installed as the default subscriber only where a test runs code through it.
+pub struct Harness {
+    pub guard: Option<TelemetryGuard>,
+    pub exporter: InMemorySpanExporter,
+    pub dispatch: Dispatch,
+    pub dir: tempfile::TempDir,
+}
+
+impl Harness {
+    pub fn new() -> Self {
+        Self::with(|builder| builder)
+    }
+
+    pub fn with(configure: impl FnOnce(AgentTelemetry) -> AgentTelemetry) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let exporter = InMemorySpanExporter::default();
+        let builder = AgentTelemetry::builder()
+            .ignore_environment()
+            .with_service_name("test-service")
+            .with_metrics_addr("127.0.0.1:0".parse().unwrap())
+            .with_log_dir(dir.path())
+            .with_log_file_prefix("agents")
+            .with_span_exporter(KeepOnShutdown(exporter.clone()));
+        let (layer, guard) = configure(builder).build().expect("telemetry builds");
+        let dispatch = Dispatch::new(tracing_subscriber::registry().with(layer));
+        Harness { guard: Some(guard), exporter, dispatch, dir }
+    }
+
+    pub fn run<T>(&self, f: impl FnOnce() -> T) -> T {
+        tracing::dispatcher::with_default(&self.dispatch, f)
+    }
+
+    pub fn guard(&self) -> &TelemetryGuard {
+        self.guard.as_ref().expect("not shut down yet")
+    }
+
+    pub fn scrape(&self) -> Scrape {
+        let addr = self.guard().metrics_addr().expect("metrics are served");
+        let (status, body) = http(addr, "GET", "/metrics");
+        assert_eq!(status, 200, "{body}");
+        Scrape::parse(&body)
+    }
+
+    /// Flushes, then returns the spans the exporter received.
+    pub fn spans(&self) -> Vec<SpanData> {
+        self.guard().flush().expect("flush");
+        self.exporter.get_finished_spans().expect("in-memory spans")
+    }
+
+    /// Flushes, then returns the log file's lines.
+    pub fn log_lines(&self) -> Vec<String> {
+        if let Some(guard) = &self.guard {
+            guard.flush().expect("flush");
+        }
+        read_log_lines(self.dir.path())
+    }
+
+    /// Shuts down (flushing everything) and returns the spans and the log file's bytes.
+    pub fn shutdown(&mut self) -> (Vec<SpanData>, String) {
+        self.guard.take().expect("shut down once").shutdown().expect("clean shutdown");
+        let spans = self.exporter.get_finished_spans().expect("in-memory spans");
+        (spans, read_log_text(self.dir.path()))
+    }
+}
+
+/// The in-memory exporter forgets its spans on shutdown; tests count what shutdown flushed.
+#[derive(Debug)]
+pub struct KeepOnShutdown(pub InMemorySpanExporter);
+
+impl SpanExporter for KeepOnShutdown {
+    async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
+        self.0.export(batch).await
+    }
+}
+
+/// The single daily log file `agents.YYYY-MM-DD.log` in `dir`.
+pub fn log_file(dir: &Path) -> PathBuf {
+    let files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .expect("log dir")
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "log"))
+        .collect();
+    assert_eq!(files.len(), 1, "one daily file expected: {files:?}");
+    files.into_iter().next().unwrap()
+}
+
+pub fn read_log_text(dir: &Path) -> String {
+    std::fs::read_to_string(log_file(dir)).expect("log file is UTF-8")
+}
+
+pub fn read_log_lines(dir: &Path) -> Vec<String> {
+    read_log_text(dir).lines().map(str::to_owned).collect()
+}
+
+/// The top-level keys and values of a JSON object line, in order, duplicates kept.
+pub fn json_pairs(line: &str) -> Vec<(String, serde_json::Value)> {
+    use serde::de::{Deserializer, MapAccess, Visitor};
+    struct Pairs;
+    impl<'de> Visitor<'de> for Pairs {
+        type Value = Vec<(String, serde_json::Value)>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut pairs = Vec::new();
+            while let Some(pair) = map.next_entry()? {
+                pairs.push(pair);
+            }
+            Ok(pairs)
+        }
+    }
+    let mut de = serde_json::Deserializer::from_str(line);
+    let pairs = de.deserialize_map(Pairs).unwrap_or_else(|e| panic!("not a JSON object ({e}): {line}"));
+    de.end().unwrap_or_else(|e| panic!("trailing data ({e}): {line}"));
+    pairs
+}
+
+/// A minimal HTTP/1.1 client: method, path, and the status and body of the answer.
+pub fn http(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).expect("connect to /metrics");
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(stream, "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("read response");
+    let status = response.split(' ').nth(1).and_then(|s| s.parse().ok()).expect("status line");
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    (status, body)
+}
+
+/// One sample of the Prometheus text format.
+#[derive(Debug, Clone)]
+pub struct Sample {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub value: f64,
+}
+
+/// A parsed scrape.
+#[derive(Debug)]
+pub struct Scrape {
+    pub text: String,
+    pub samples: Vec<Sample>,
+    pub help: BTreeMap<String, String>,
+    pub types: BTreeMap<String, String>,
+}
+
+impl Scrape {
+    pub fn parse(text: &str) -> Self {
+        let mut scrape =
+            Scrape { text: text.to_owned(), samples: vec![], help: BTreeMap::new(), types: BTreeMap::new() };
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            if let Some(rest) = line.strip_prefix("# HELP ") {
+                let (name, help) = rest.split_once(' ').unwrap_or((rest, ""));
+                scrape.help.insert(name.into(), help.into());
+            } else if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let (name, kind) = rest.split_once(' ').expect("TYPE line");
+                scrape.types.insert(name.into(), kind.into());
+            } else {
+                scrape.samples.push(parse_sample(line));
+            }
+        }
+        scrape
+    }
+
+    /// The value of the one sample with this name and exactly these labels.
+    pub fn value(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        let wanted: BTreeMap<String, String> = labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        self.samples.iter().find(|s| s.name == name && s.labels == wanted).map(|s| s.value)
+    }
+
+    pub fn with_name<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a Sample> + 'a {
+        self.samples.iter().filter(move |s| s.name == name)
+    }
+
+    /// Sum over every sample of a name.
+    pub fn sum(&self, name: &str) -> f64 {
+        self.with_name(name).map(|s| s.value).sum()
+    }
+}
+
+fn parse_sample(line: &str) -> Sample {
+    let (series, value) = line.rsplit_once(' ').expect("sample line");
+    let value = match value {
+        "+Inf" => f64::INFINITY,
+        v => v.parse().unwrap_or_else(|_| panic!("bad value in {line}")),
+    };
+    let Some((name, labels)) = series.split_once('{') else {
+        return Sample { name: series.into(), labels: BTreeMap::new(), value };
+    };
+    let mut map = BTreeMap::new();
+    let mut rest = labels.strip_suffix('}').expect("closing brace");
+    while !rest.is_empty() {
+        let (key, after) = rest.split_once("=\"").expect("label=\"");
+        let mut value = String::new();
+        let mut chars = after.char_indices();
+        let mut end = after.len();
+        while let Some((i, c)) = chars.next() {
+            match c {
+                '\\' => match chars.next() {
+                    Some((_, 'n')) => value.push('\n'),
+                    Some((_, other)) => value.push(other),
+                    None => {}
+                },
+                '"' => {
+                    end = i + 1;
+                    break;
+                }
+                c => value.push(c),
+            }
+        }
+        map.insert(key.trim_start_matches(',').to_owned(), value);
+        rest = after[end..].trim_start_matches(',');
+    }
+    Sample { name: name.into(), labels: map, value }
+}
+
+/// A tool the test needs from the machine. Under `CI=true` a missing tool fails the test;
+/// elsewhere the test says loudly that it did not run.
+pub fn require_tool(name: &str) -> Option<PathBuf> {
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths).map(|dir| dir.join(name)).find(|p| p.is_file())
+    });
+    if found.is_none() {
+        if std::env::var_os("CI").is_some() {
+            panic!("{name} is required under CI=true but is not on PATH (.ci/run installs it)");
+        }
+        eprintln!("SKIPPED: {name} is not installed; this check did not run (CI=true makes it fail)");
+    }
+    found
+}
+
+/// A free port on 127.0.0.1 (bound, read, released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}

@@ -1,0 +1,112 @@
+//! Spans on an in-memory exporter: name, attributes, status, parent/child.
+
+mod support;
+
+use opentelemetry::trace::Status;
+use opentelemetry::Value;
+use opentelemetry_sdk::trace::SpanData;
+use support::Harness;
+
+#[tracing::instrument(name = "agent_execution", err)]
+fn execute_agent(agent_name: &str, task: &str, fail: bool) -> Result<(), String> {
+    if fail {
+        Err("the API is down".into())
+    } else {
+        Ok(())
+    }
+}
+
+#[tracing::instrument(name = "agent_execution")]
+fn delegate(agent_name: &str, task: &str) {
+    execute_agent("backend-engineer", "Implement API", false).unwrap();
+    execute_agent("qa-engineer", "Test API", false).unwrap();
+}
+
+fn attr(span: &SpanData, key: &str) -> Option<Value> {
+    span.attributes.iter().find(|kv| kv.key.as_str() == key).map(|kv| kv.value.clone())
+}
+
+fn string(span: &SpanData, key: &str) -> Option<String> {
+    attr(span, key).map(|v| v.as_str().into_owned())
+}
+
+#[test]
+fn agent_span_carries_the_guides_genai_and_openinference_attributes() {
+    let harness = Harness::new();
+    harness.run(|| execute_agent("backend-engineer", "Implement API", false).unwrap());
+    let spans = harness.spans();
+    assert_eq!(spans.len(), 1);
+    let span = &spans[0];
+    assert_eq!(span.name, "agent_execution");
+    for (key, value) in [
+        ("agent.name", "backend-engineer"),
+        ("task", "Implement API"),
+        ("result.status", "success"),
+        ("gen_ai.operation.name", "invoke_agent"),
+        ("gen_ai.agent.name", "backend-engineer"),
+        ("openinference.span.kind", "AGENT"),
+    ] {
+        assert_eq!(string(span, key).as_deref(), Some(value), "{key}");
+    }
+    assert_eq!(span.status, Status::Unset);
+    assert_eq!(string(span, "error.type"), None);
+    let keys: Vec<&str> = span.attributes.iter().map(|kv| kv.key.as_str()).collect();
+    let mut unique = keys.clone();
+    unique.sort_unstable();
+    unique.dedup();
+    assert_eq!(keys.len(), unique.len(), "no attribute twice: {keys:?}");
+}
+
+#[test]
+fn failure_sets_error_status_and_error_type() {
+    let harness = Harness::new();
+    harness.run(|| execute_agent("backend-engineer", "Deploy", true).unwrap_err());
+    let spans = harness.spans();
+    let span = &spans[0];
+    assert_eq!(span.status, Status::error("the API is down"));
+    assert_eq!(string(span, "error.type").as_deref(), Some("error"));
+    assert_eq!(string(span, "result.status").as_deref(), Some("failure"));
+}
+
+#[test]
+fn nested_agents_keep_parent_and_child() {
+    let harness = Harness::new();
+    harness.run(|| delegate("tech-lead", "Ship feature"));
+    let spans = harness.spans();
+    assert_eq!(spans.len(), 3);
+    let parent = spans.iter().find(|s| string(s, "agent.name").as_deref() == Some("tech-lead")).unwrap();
+    for child_name in ["backend-engineer", "qa-engineer"] {
+        let child = spans.iter().find(|s| string(s, "agent.name").as_deref() == Some(child_name)).unwrap();
+        assert_eq!(child.parent_span_id, parent.span_context.span_id(), "{child_name}");
+        assert_eq!(child.span_context.trace_id(), parent.span_context.trace_id());
+    }
+}
+
+#[test]
+fn shutdown_exports_every_queued_span() {
+    let mut harness = Harness::new();
+    harness.run(|| (0..100).for_each(|_| execute_agent("a", "t", false).unwrap()));
+    let (spans, _) = harness.shutdown();
+    assert_eq!(spans.len(), 100, "shutdown exports the queued spans");
+    assert_eq!(spans[0].instrumentation_scope.name(), "agent_telemetry");
+}
+
+#[test]
+fn other_spans_follow_the_env_filter_and_never_the_export_path() {
+    let harness = Harness::with(|b| b.with_env_filter("warn"));
+    harness.run(|| {
+        tracing::info_span!("not_traced_at_warn").in_scope(|| {});
+        tracing::warn_span!("traced_at_warn").in_scope(|| {});
+        tracing::warn_span!(target: "opentelemetry_sdk", "export_path").in_scope(|| {});
+        tracing::warn_span!(target: "reqwest::connect", "export_path").in_scope(|| {});
+    });
+    let names: Vec<String> = harness.spans().iter().map(|s| s.name.to_string()).collect();
+    assert_eq!(names, ["traced_at_warn"]);
+}
+
+#[test]
+fn agent_spans_are_traced_whatever_the_env_filter_says() {
+    let harness = Harness::with(|b| b.with_env_filter("off"));
+    harness.run(|| execute_agent("a", "t", false).unwrap());
+    assert_eq!(harness.spans().len(), 1);
+}
