@@ -1,0 +1,149 @@
+//! Every way an execution ends, checked in all three signals at once.
+
+mod support;
+
+use std::time::Duration;
+
+use opentelemetry::trace::Status as SpanStatus;
+use support::{json_pairs, Harness};
+
+/// Asserts `agent` ended with `status` in the counter, its log line and its span.
+fn assert_outcome(harness: &Harness, agent: &str, status: &str, error_type: Option<&str>) {
+    let scrape = harness.scrape();
+    let series = [("agent_name", agent), ("status", status)];
+    assert_eq!(scrape.value("agent_executions_total", &series), Some(1.0), "{agent}: counter\n{}", scrape.text);
+    let other = if status == "success" { "failure" } else { "success" };
+    assert_eq!(scrape.value("agent_executions_total", &[("agent_name", agent), ("status", other)]), None);
+
+    let lines = harness.log_lines();
+    let line = lines
+        .iter()
+        .map(|l| json_pairs(l))
+        .find(|pairs| pairs[4].1 == agent)
+        .unwrap_or_else(|| panic!("{agent}: no log line in {lines:?}"));
+    assert_eq!(line[7], ("status".to_owned(), status.into()), "{agent}: log line");
+    let logged_error_type = line.iter().find(|(k, _)| k == "error.type").map(|(_, v)| v.as_str().unwrap().to_owned());
+    assert_eq!(logged_error_type.as_deref(), error_type, "{agent}: error.type in the log");
+
+    let spans = harness.spans();
+    let span = spans
+        .iter()
+        .find(|s| s.attributes.iter().any(|kv| kv.key.as_str() == "agent.name" && kv.value.as_str() == agent))
+        .unwrap_or_else(|| panic!("{agent}: no span"));
+    let attr = |key: &str| span.attributes.iter().find(|kv| kv.key.as_str() == key).map(|kv| kv.value.as_str().into_owned());
+    assert_eq!(attr("result.status").as_deref(), Some(status), "{agent}: span attribute");
+    assert_eq!(attr("error.type").as_deref(), error_type, "{agent}: span error.type");
+    assert_eq!(matches!(span.status, SpanStatus::Error { .. }), status == "failure", "{agent}: {:?}", span.status);
+}
+
+#[tracing::instrument(name = "agent_execution", err)]
+fn fallible(agent_name: &str, fail: bool) -> Result<(), String> {
+    if fail { Err("no luck".into()) } else { Ok(()) }
+}
+
+#[test]
+fn explicit_status_field_wins() {
+    let harness = Harness::new();
+    harness.run(|| {
+        tracing::info_span!("agent_execution", agent_name = "timeout-agent", status = "timeout").in_scope(|| {});
+        let span = tracing::info_span!("agent_execution", agent_name = "recorded-later", status = tracing::field::Empty);
+        span.in_scope(|| {
+            tracing::Span::current().record("status", "failure");
+        });
+        drop(span);
+        // `result.status` is accepted too, and an explicit success beats an ERROR event.
+        tracing::info_span!("agent_execution", agent_name = "recovered", result.status = "success").in_scope(|| {
+            tracing::error!("retried and recovered");
+        });
+        tracing::info_span!("agent_execution", agent.name = "dotted", status = ?"ok").in_scope(|| {});
+    });
+    assert_outcome(&harness, "timeout-agent", "failure", Some("timeout"));
+    assert_outcome(&harness, "recorded-later", "failure", Some("failure"));
+    assert_outcome(&harness, "recovered", "success", None);
+    assert_outcome(&harness, "dotted", "success", None);
+}
+
+#[test]
+fn instrument_err_is_a_failure() {
+    let harness = Harness::new();
+    harness.run(|| {
+        fallible("failing-agent", true).unwrap_err();
+        fallible("fine-agent", false).unwrap();
+    });
+    assert_outcome(&harness, "failing-agent", "failure", Some("error"));
+    assert_outcome(&harness, "fine-agent", "success", None);
+}
+
+#[tracing::instrument(name = "agent_execution")]
+fn panicking(agent_name: &str) {
+    panic!("agent bug");
+}
+
+#[test]
+fn a_panic_is_a_failure() {
+    let harness = Harness::new();
+    harness.run(|| {
+        let result = std::panic::catch_unwind(|| panicking("panicking-agent"));
+        assert!(result.is_err());
+    });
+    assert_outcome(&harness, "panicking-agent", "failure", Some("panic"));
+}
+
+#[tracing::instrument(name = "agent_execution", err)]
+async fn async_agent(agent_name: &str, wait_ms: u64, fail: bool) -> Result<(), String> {
+    tokio::time::sleep(Duration::from_millis(wait_ms)).await;
+    if fail { Err("async failure".into()) } else { Ok(()) }
+}
+
+#[test]
+fn async_agents_are_timed_by_the_wall_clock() {
+    let harness = Harness::new();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+    harness.run(|| {
+        runtime.block_on(async {
+            let (a, b) = tokio::join!(async_agent("async-ok", 300, false), async_agent("async-failing", 10, true));
+            a.unwrap();
+            b.unwrap_err();
+        });
+    });
+    assert_outcome(&harness, "async-ok", "success", None);
+    assert_outcome(&harness, "async-failing", "failure", Some("error"));
+    // 300 ms awaited, almost no busy time: the histogram sees the 300 ms.
+    let scrape = harness.scrape();
+    let sum = scrape.value("agent_execution_duration_seconds_sum", &[("agent_name", "async-ok")]).unwrap();
+    assert!(sum >= 0.3, "wall-clock duration, not busy time: {sum}");
+}
+
+#[tracing::instrument(name = "agent_execution")]
+fn lead(agent_name: &str) {
+    fallible("nested-failing", true).unwrap_err();
+    fallible("nested-fine", false).unwrap();
+    tracing::info_span!("tool_call").in_scope(|| {});
+}
+
+#[tracing::instrument(name = "agent_execution")]
+fn lead_with_failing_tool(agent_name: &str) {
+    tracing::info_span!("tool_call").in_scope(|| tracing::error!(error = "tool crashed", "tool call failed"));
+}
+
+#[test]
+fn nested_agents_each_have_their_own_outcome() {
+    let harness = Harness::new();
+    harness.run(|| {
+        lead("lead-agent");
+        lead_with_failing_tool("lead-with-broken-tool");
+    });
+    // A failing sub-agent does not fail the agent that handled its error...
+    assert_outcome(&harness, "nested-failing", "failure", Some("error"));
+    assert_outcome(&harness, "nested-fine", "success", None);
+    assert_outcome(&harness, "lead-agent", "success", None);
+    // ...but an ERROR event in a non-agent span belongs to the nearest enclosing agent.
+    assert_outcome(&harness, "lead-with-broken-tool", "failure", Some("error"));
+}
+
+#[test]
+fn a_missing_agent_name_is_counted_as_unknown() {
+    let harness = Harness::new();
+    harness.run(|| tracing::info_span!("agent_execution", task = "orphan").in_scope(|| {}));
+    assert_outcome(&harness, "unknown", "success", None);
+}
