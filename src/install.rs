@@ -314,7 +314,10 @@ impl AgentTelemetry {
         };
         let print_filter = parse_env_filter(directives.as_deref().unwrap_or(&self.config.env_filter))?;
         let (layer, guard) = self.build()?;
-        let printer = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_filter(print_filter);
+        let printer = tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .with_filter(print_filter);
         tracing_subscriber::registry()
             .with(layer)
             .with(printer)

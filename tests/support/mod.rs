@@ -14,6 +14,8 @@ use opentelemetry_sdk::trace::{InMemorySpanExporter, SpanData, SpanExporter};
 use tracing::Dispatch;
 use tracing_subscriber::layer::SubscriberExt;
 
+pub mod phoenix;
+
 /// One telemetry instance with an in-memory span exporter and a temporary log directory,
 /// installed as the default subscriber only where a test runs code through it.
 pub struct Harness {

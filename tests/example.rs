@@ -1,0 +1,136 @@
+//! Runs the main job, `examples/agents.rs`, for a few seconds against a real Phoenix and
+//! checks its three outputs: the scraped `/metrics`, its log files, and the received spans.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use support::phoenix::Phoenix;
+use support::{http, json_pairs, require_tool, Scrape};
+
+fn example_binary() -> PathBuf {
+    // tests run from target/<profile>/deps; cargo builds examples into target/<profile>/examples.
+    let exe = std::env::current_exe().unwrap();
+    let profile_dir = exe.parent().and_then(|deps| deps.parent()).unwrap();
+    let binary = profile_dir.join("examples").join("agents");
+    assert!(binary.is_file(), "{} missing: build it with `cargo test` or `cargo build --examples`", binary.display());
+    binary
+}
+
+#[test]
+fn the_main_job_produces_all_three_signals() {
+    let phoenix = Phoenix::start();
+    let work = tempfile::tempdir().unwrap();
+    let mut command = Command::new(example_binary());
+    command
+        .args(["--duration", "120", "--rate", "25"])
+        .current_dir(work.path())
+        .env("AGENT_TELEMETRY_METRICS_ADDR", "127.0.0.1:0")
+        .env("OTEL_BSP_SCHEDULE_DELAY", "200")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    match &phoenix {
+        Some(phoenix) => command.env("OTEL_EXPORTER_OTLP_ENDPOINT", phoenix.otlp_http_endpoint()),
+        None => command.env("OTEL_TRACES_EXPORTER", "none"),
+    };
+    let mut child = command.spawn().expect("start the example");
+
+    // It says where each signal goes.
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut banner = String::new();
+    while !banner.contains("traces:") {
+        assert_ne!(stdout.read_line(&mut banner).unwrap(), 0, "example exited early: {banner}");
+    }
+    assert!(banner.contains("logs:    logs/my-name-is-claude.YYYY-MM-DD.log"), "{banner}");
+    let addr: SocketAddr = banner
+        .lines()
+        .find_map(|l| l.strip_prefix("metrics: http://")?.strip_suffix("/metrics"))
+        .expect("metrics line")
+        .parse()
+        .unwrap();
+
+    // Several seconds of work, then a scrape of the real endpoint.
+    std::thread::sleep(Duration::from_secs(5));
+    let (status, body) = http(addr, "GET", "/metrics");
+    assert_eq!(status, 200);
+    let scrape = Scrape::parse(&body);
+    for family in ["agent_executions_total", "agent_execution_duration_seconds", "framework_memory_usage_bytes", "framework_info"] {
+        assert!(scrape.types.contains_key(family), "{family} missing:\n{body}");
+    }
+    assert!(scrape.sum("agent_executions_total") >= 20.0, "25/s for 5 s:\n{body}");
+    let info = [("environment", "production"), ("scale", "enterprise"), ("version", "3.3.0")];
+    assert_eq!(scrape.value("framework_info", &info), Some(1.0));
+    if let Some(promtool) = require_tool("promtool") {
+        let mut check = Command::new(promtool)
+            .args(["check", "metrics"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::io::Write::write_all(check.stdin.as_mut().unwrap(), body.as_bytes()).unwrap();
+        let output = check.wait_with_output().unwrap();
+        assert!(output.status.success() && output.stdout.is_empty() && output.stderr.is_empty(), "{output:?}");
+    }
+
+    // SIGTERM: running agents are cancelled, everything is flushed, exit code 0.
+    let terminated = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(terminated.success());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let exit = loop {
+        if let Some(exit) = child.try_wait().unwrap() {
+            break exit;
+        }
+        assert!(Instant::now() < deadline, "the example did not stop within 30 s of SIGTERM");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(exit.success(), "exit status {exit}");
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();
+    assert!(rest.contains("flushed"), "{rest}");
+
+    // One valid contract line per execution.
+    let lines = support::read_log_lines(&work.path().join("logs"));
+    assert!(lines.len() as f64 >= scrape.sum("agent_executions_total"), "lines only grow after the scrape");
+    let mut logged = BTreeSet::new();
+    for line in &lines {
+        let pairs = json_pairs(line);
+        let keys: Vec<&str> = pairs.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(&keys[..8], ["@timestamp", "timestamp", "log.level", "event", "agent_name", "task", "duration_seconds", "status"]);
+        assert!(pairs[6].1.is_f64() && pairs[7].1.is_string(), "{line}");
+        if phoenix.is_some() {
+            let id = |key: &str| pairs.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str().unwrap().to_owned());
+            logged.insert((id("trace.id").expect("trace.id"), id("span.id").expect("span.id")));
+        }
+    }
+
+    // Every execution reached the receiver, as an AGENT span with the guide's attributes,
+    // under the ids its log line carries.
+    let Some(phoenix) = phoenix else { return };
+    let spans = phoenix.wait_for_spans(lines.len(), Duration::from_secs(60));
+    assert_eq!(spans.len(), lines.len(), "every span arrives, none twice");
+    let received: BTreeSet<(String, String)> = spans
+        .iter()
+        .map(|s| (s["context"]["trace_id"].as_str().unwrap().to_owned(), s["context"]["span_id"].as_str().unwrap().to_owned()))
+        .collect();
+    assert_eq!(received, logged, "trace.id and span.id of each log line name a received span");
+    for span in &spans {
+        assert_eq!(span["name"], "agent_execution");
+        assert_eq!(span["span_kind"], "AGENT", "{span}");
+        let attributes = &span["attributes"];
+        for key in ["agent.name", "task", "result.status", "gen_ai.agent.name"] {
+            assert!(attributes[key].is_string(), "{key} in {span}");
+        }
+        assert_eq!(attributes["gen_ai.operation.name"], "invoke_agent");
+        let failed = attributes["result.status"] == "failure";
+        assert_eq!(span["status_code"] == "ERROR", failed, "{span}");
+        assert_eq!(attributes["error.type"].is_string(), failed, "{span}");
+    }
+    assert!(spans.iter().any(|s| !s["parent_id"].is_null()), "leads delegate: some spans have parents");
+}
