@@ -17,18 +17,49 @@ use agent_telemetry::{AgentTelemetry, TracesExporter};
 
 /// The framework's team, with the tasks each one takes.
 const TEAM: [(&str, &[&str]); 8] = [
-    ("backend-engineer", &["Implement API", "Design schema", "Fix N+1 query", "Add pagination"]),
-    ("frontend-engineer", &["Build dashboard", "Fix layout bug", "Add dark mode"]),
-    ("qa-engineer", &["Write integration tests", "Run regression suite", "Verify bug fix"]),
-    ("devops-engineer", &["Deploy to staging", "Rotate certificates", "Tune autoscaling"]),
-    ("security-engineer", &["Audit dependencies", "Review auth flow"]),
+    (
+        "backend-engineer",
+        &[
+            "Implement API",
+            "Design schema",
+            "Fix N+1 query",
+            "Add pagination",
+        ],
+    ),
+    (
+        "frontend-engineer",
+        &["Build dashboard", "Fix layout bug", "Add dark mode"],
+    ),
+    (
+        "qa-engineer",
+        &[
+            "Write integration tests",
+            "Run regression suite",
+            "Verify bug fix",
+        ],
+    ),
+    (
+        "devops-engineer",
+        &[
+            "Deploy to staging",
+            "Rotate certificates",
+            "Tune autoscaling",
+        ],
+    ),
+    (
+        "security-engineer",
+        &["Audit dependencies", "Review auth flow"],
+    ),
     ("data-engineer", &["Backfill events", "Build ETL job"]),
     ("technical-writer", &["Document API", "Write release notes"]),
     ("code-reviewer", &["Review pull request", "Check style"]),
 ];
 
 /// Agents that plan and hand parts of their task to the team.
-const LEADS: [(&str, &str); 2] = [("tech-lead", "Ship feature"), ("product-manager", "Plan sprint")];
+const LEADS: [(&str, &str); 2] = [
+    ("tech-lead", "Ship feature"),
+    ("product-manager", "Plan sprint"),
+];
 
 /// Share of executions per histogram bucket, so every bucket of the guide sees traffic.
 const DURATIONS: [(f64, f64, f64); 8] = [
@@ -64,13 +95,19 @@ struct Stop {
 
 impl Stop {
     fn trigger(&self) {
-        *self.stopped.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = true;
+        *self
+            .stopped
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = true;
         self.changed.notify_all();
     }
 
     /// Waits `duration`; `false` if stopped first.
     fn wait(&self, duration: Duration) -> bool {
-        let stopped = self.stopped.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let stopped = self
+            .stopped
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let (stopped, _) = self
             .changed
             .wait_timeout_while(stopped, duration, |stopped| !*stopped)
@@ -103,7 +140,9 @@ fn execute_agent(agent_name: &str, task: &str, stop: &Stop) -> Result<(), AgentE
         return Ok(());
     }
     if fastrand::f64() < FAILURE_RATE {
-        return Err(AgentError(format!("{agent_name} could not finish {task:?}: upstream returned 503")));
+        return Err(AgentError(format!(
+            "{agent_name} could not finish {task:?}: upstream returned 503"
+        )));
     }
     Ok(())
 }
@@ -128,24 +167,33 @@ struct Options {
 }
 
 fn parse_options() -> Result<Options, String> {
-    let mut options = Options { duration: None, rate: 2.0 };
+    let mut options = Options {
+        duration: None,
+        rate: 2.0,
+    };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let mut value = |name: &str| args.next().ok_or_else(|| format!("{name} needs a value"));
         match arg.as_str() {
             "--duration" => {
-                let secs: f64 = value("--duration")?.parse().map_err(|_| "--duration takes seconds".to_owned())?;
+                let secs: f64 = value("--duration")?
+                    .parse()
+                    .map_err(|_| "--duration takes seconds".to_owned())?;
                 options.duration = Some(Duration::from_secs_f64(secs.max(0.0)));
             }
             "--rate" => {
-                let rate: f64 = value("--rate")?.parse().map_err(|_| "--rate takes executions per second".to_owned())?;
+                let rate: f64 = value("--rate")?
+                    .parse()
+                    .map_err(|_| "--rate takes executions per second".to_owned())?;
                 if !(rate > 0.0 && rate.is_finite()) {
                     return Err("--rate must be greater than 0".into());
                 }
                 options.rate = rate;
             }
             "--help" | "-h" => {
-                return Err("usage: agents [--duration SECS] [--rate EXECUTIONS_PER_SECOND]".into());
+                return Err(
+                    "usage: agents [--duration SECS] [--rate EXECUTIONS_PER_SECOND]".into(),
+                );
             }
             other => return Err(format!("unknown argument {other:?}; try --help")),
         }
@@ -161,15 +209,22 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let has_collector = ["OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"]
-        .iter()
-        .any(|name| std::env::var_os(name).is_some_and(|v| !v.is_empty()));
+    let has_collector = [
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    ]
+    .iter()
+    .any(|name| std::env::var_os(name).is_some_and(|v| !v.is_empty()));
     let telemetry = AgentTelemetry::builder()
         .with_service_name("my-name-is-claude")
         .with_service_version("3.3.0")
         .with_log_dir("logs")
         .with_log_file_prefix("my-name-is-claude")
-        .with_traces_exporter(if has_collector { TracesExporter::Otlp } else { TracesExporter::Console })
+        .with_traces_exporter(if has_collector {
+            TracesExporter::Otlp
+        } else {
+            TracesExporter::Console
+        })
         .try_init();
     let telemetry = match telemetry {
         Ok(telemetry) => telemetry,
@@ -178,10 +233,14 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    println!("agents: {} executions/s, {}", options.rate, match options.duration {
-        Some(d) => format!("for {}s", d.as_secs_f64()),
-        None => "until Ctrl-C".to_owned(),
-    });
+    println!(
+        "agents: {} executions/s, {}",
+        options.rate,
+        match options.duration {
+            Some(d) => format!("for {}s", d.as_secs_f64()),
+            None => "until Ctrl-C".to_owned(),
+        }
+    );
     println!("{}", telemetry.describe());
 
     let stop = Arc::new(Stop::default());

@@ -123,7 +123,7 @@ impl Default for Config {
             batch: BatchSettings {
                 max_queue_size: 2048,
                 max_export_batch_size: 512,
-                scheduled_delay: Duration::from_millis(5000),
+                scheduled_delay: Duration::from_secs(5),
             },
             env_filter: "info".to_owned(),
             shutdown_timeout: Duration::from_secs(5),
@@ -169,7 +169,9 @@ impl Config {
         }
         let protocol = var("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
             .map(|v| ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", v))
-            .or_else(|| var("OTEL_EXPORTER_OTLP_PROTOCOL").map(|v| ("OTEL_EXPORTER_OTLP_PROTOCOL", v)));
+            .or_else(|| {
+                var("OTEL_EXPORTER_OTLP_PROTOCOL").map(|v| ("OTEL_EXPORTER_OTLP_PROTOCOL", v))
+            });
         if let Some((name, v)) = protocol {
             self.otlp.protocol = parse_protocol(name, &v)?;
         }
@@ -184,7 +186,10 @@ impl Config {
                 OtlpProtocol::Grpc => v,
             });
         }
-        for name in ["OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "OTEL_EXPORTER_OTLP_TIMEOUT"] {
+        for name in [
+            "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT",
+            "OTEL_EXPORTER_OTLP_TIMEOUT",
+        ] {
             if let Some(v) = var(name) {
                 self.otlp.timeout = parse_millis(name, &v)?;
                 break;
@@ -234,7 +239,11 @@ impl Config {
             ));
         }
         if self.log_queue_lines == 0 {
-            return Err(Error::invalid("with_log_queue_lines", "0", "the queue needs room for a line"));
+            return Err(Error::invalid(
+                "with_log_queue_lines",
+                "0",
+                "the queue needs room for a line",
+            ));
         }
         if self.log_file_prefix.is_empty() || self.log_file_prefix.contains(['/', '\\']) {
             return Err(Error::invalid(
@@ -250,7 +259,8 @@ impl Config {
                 "must not exceed OTEL_BSP_MAX_QUEUE_SIZE",
             ));
         }
-        let wants_grpc = self.traces_exporter == TracesExporter::Otlp && self.otlp.protocol == OtlpProtocol::Grpc;
+        let wants_grpc = self.traces_exporter == TracesExporter::Otlp
+            && self.otlp.protocol == OtlpProtocol::Grpc;
         if wants_grpc && !cfg!(feature = "grpc") {
             return Err(Error::invalid(
                 "OTEL_EXPORTER_OTLP_PROTOCOL",
@@ -268,15 +278,24 @@ impl Config {
 /// Parses a `/metrics` address: `host:port`, `:port`, a bare port, or `off`.
 pub(crate) fn parse_metrics_addr(setting: &str, value: &str) -> Result<Option<SocketAddr>> {
     let value = value.trim();
-    if ["off", "none", "false", "disabled"].iter().any(|off| value.eq_ignore_ascii_case(off)) {
+    if ["off", "none", "false", "disabled"]
+        .iter()
+        .any(|off| value.eq_ignore_ascii_case(off))
+    {
         return Ok(None);
     }
-    let reason = "expected host:port (such as 0.0.0.0:8000 or 127.0.0.1:0), :port, a port, or `off`";
+    let reason =
+        "expected host:port (such as 0.0.0.0:8000 or 127.0.0.1:0), :port, a port, or `off`";
     if let Ok(port) = value.trim_start_matches(':').parse::<u16>() {
         return Ok(Some(SocketAddr::from(([0, 0, 0, 0], port))));
     }
-    let value = value.strip_prefix("localhost:").map_or_else(|| value.to_owned(), |port| format!("127.0.0.1:{port}"));
-    value.parse().map(Some).map_err(|_| Error::invalid(setting, value, reason))
+    let value = value
+        .strip_prefix("localhost:")
+        .map_or_else(|| value.to_owned(), |port| format!("127.0.0.1:{port}"));
+    value
+        .parse()
+        .map(Some)
+        .map_err(|_| Error::invalid(setting, value, reason))
 }
 
 fn parse_traces_exporter(value: &str) -> Result<TracesExporter> {
@@ -285,7 +304,11 @@ fn parse_traces_exporter(value: &str) -> Result<TracesExporter> {
         "otlp" => Ok(TracesExporter::Otlp),
         "console" | "stdout" | "logging" => Ok(TracesExporter::Console),
         "none" => Ok(TracesExporter::None),
-        _ => Err(Error::invalid("OTEL_TRACES_EXPORTER", value, "expected otlp, console or none")),
+        _ => Err(Error::invalid(
+            "OTEL_TRACES_EXPORTER",
+            value,
+            "expected otlp, console or none",
+        )),
     }
 }
 
@@ -293,7 +316,11 @@ fn parse_protocol(setting: &str, value: &str) -> Result<OtlpProtocol> {
     match value.trim() {
         "http/protobuf" => Ok(OtlpProtocol::HttpProtobuf),
         "grpc" => Ok(OtlpProtocol::Grpc),
-        _ => Err(Error::invalid(setting, value, "expected http/protobuf or grpc")),
+        _ => Err(Error::invalid(
+            setting,
+            value,
+            "expected http/protobuf or grpc",
+        )),
     }
 }
 
@@ -304,15 +331,29 @@ pub(crate) fn check_url(setting: &str, value: &str) -> Result<()> {
         .or_else(|| value.strip_prefix("https://"))
         .ok_or_else(|| Error::invalid(setting, value, "expected an http:// or https:// URL"))?;
     let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
-    let host = authority.rsplit_once(':').map_or(authority, |(host, port)| {
-        if port.parse::<u16>().is_ok() { host } else { authority }
-    });
+    let host = authority
+        .rsplit_once(':')
+        .map_or(authority, |(host, port)| {
+            if port.parse::<u16>().is_ok() {
+                host
+            } else {
+                authority
+            }
+        });
     if host.is_empty() || authority.contains(char::is_whitespace) || authority.ends_with(':') {
-        return Err(Error::invalid(setting, value, "the URL has no valid host[:port]"));
+        return Err(Error::invalid(
+            setting,
+            value,
+            "the URL has no valid host[:port]",
+        ));
     }
     if let Some((_, port)) = authority.rsplit_once(':') {
         if !authority.ends_with(']') && port.parse::<u16>().is_err() {
-            return Err(Error::invalid(setting, value, "the port is not a number from 0 to 65535"));
+            return Err(Error::invalid(
+                setting,
+                value,
+                "the port is not a number from 0 to 65535",
+            ));
         }
     }
     Ok(())
@@ -329,7 +370,11 @@ fn parse_millis(setting: &str, value: &str) -> Result<Duration> {
 fn parse_count(setting: &str, value: &str) -> Result<usize> {
     match value.trim().parse::<usize>() {
         Ok(n) if n > 0 => Ok(n),
-        _ => Err(Error::invalid(setting, value, "expected a whole number greater than 0")),
+        _ => Err(Error::invalid(
+            setting,
+            value,
+            "expected a whole number greater than 0",
+        )),
     }
 }
 
@@ -343,12 +388,22 @@ fn check_sampler(value: &str, arg: Option<&str>) -> Result<()> {
         "parentbased_traceidratio",
     ];
     if !SAMPLERS.contains(&value.trim()) {
-        return Err(Error::invalid("OTEL_TRACES_SAMPLER", value, format!("expected one of {}", SAMPLERS.join(", "))));
+        return Err(Error::invalid(
+            "OTEL_TRACES_SAMPLER",
+            value,
+            format!("expected one of {}", SAMPLERS.join(", ")),
+        ));
     }
     if let Some(arg) = arg {
         match arg.trim().parse::<f64>() {
             Ok(ratio) if (0.0..=1.0).contains(&ratio) => {}
-            _ => return Err(Error::invalid("OTEL_TRACES_SAMPLER_ARG", arg, "expected a ratio from 0 to 1")),
+            _ => {
+                return Err(Error::invalid(
+                    "OTEL_TRACES_SAMPLER_ARG",
+                    arg,
+                    "expected a ratio from 0 to 1",
+                ))
+            }
         }
     }
     Ok(())
@@ -358,11 +413,20 @@ fn check_sampler(value: &str, arg: Option<&str>) -> Result<()> {
 fn parse_resource_attributes(value: &str) -> Result<BTreeMap<String, String>> {
     let mut attributes = BTreeMap::new();
     for pair in value.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let (key, val) = pair
-            .split_once('=')
-            .ok_or_else(|| Error::invalid("OTEL_RESOURCE_ATTRIBUTES", value, format!("`{pair}` is not key=value")))?;
-        let decoded = percent_decode(val.trim())
-            .ok_or_else(|| Error::invalid("OTEL_RESOURCE_ATTRIBUTES", value, format!("`{val}` has a bad %-escape")))?;
+        let (key, val) = pair.split_once('=').ok_or_else(|| {
+            Error::invalid(
+                "OTEL_RESOURCE_ATTRIBUTES",
+                value,
+                format!("`{pair}` is not key=value"),
+            )
+        })?;
+        let decoded = percent_decode(val.trim()).ok_or_else(|| {
+            Error::invalid(
+                "OTEL_RESOURCE_ATTRIBUTES",
+                value,
+                format!("`{val}` has a bad %-escape"),
+            )
+        })?;
         attributes.insert(key.trim().to_owned(), decoded);
     }
     Ok(attributes)
@@ -390,7 +454,10 @@ mod tests {
     use super::*;
 
     fn apply(vars: &[(&str, &str)]) -> Result<Config> {
-        let vars: BTreeMap<String, String> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let vars: BTreeMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
         let mut config = Config::default();
         config.apply_env(&|name| vars.get(name).cloned())?;
         Ok(config)
@@ -401,8 +468,14 @@ mod tests {
         let config = apply(&[]).unwrap();
         assert_eq!(config.metrics_addr, Some("0.0.0.0:8000".parse().unwrap()));
         assert_eq!(config.duration_buckets, DEFAULT_DURATION_BUCKETS);
-        assert_eq!((config.environment.as_str(), config.scale.as_str()), ("production", "enterprise"));
-        assert_eq!(config.otlp.resolved_endpoint(), "http://localhost:4318/v1/traces");
+        assert_eq!(
+            (config.environment.as_str(), config.scale.as_str()),
+            ("production", "enterprise")
+        );
+        assert_eq!(
+            config.otlp.resolved_endpoint(),
+            "http://localhost:4318/v1/traces"
+        );
     }
 
     #[test]
@@ -413,13 +486,19 @@ mod tests {
         assert_eq!(parse("127.0.0.1:0"), Some("127.0.0.1:0".parse().unwrap()));
         assert_eq!(parse("localhost:9"), Some("127.0.0.1:9".parse().unwrap()));
         let err = parse_metrics_addr("AGENT_TELEMETRY_METRICS_ADDR", "nope:x").unwrap_err();
-        assert!(err.to_string().contains("AGENT_TELEMETRY_METRICS_ADDR"), "{err}");
+        assert!(
+            err.to_string().contains("AGENT_TELEMETRY_METRICS_ADDR"),
+            "{err}"
+        );
     }
 
     #[test]
     fn endpoint_rules_follow_the_spec() {
         let c = apply(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318/")]).unwrap();
-        assert_eq!(c.otlp.resolved_endpoint(), "http://collector:4318/v1/traces");
+        assert_eq!(
+            c.otlp.resolved_endpoint(),
+            "http://collector:4318/v1/traces"
+        );
         let c = apply(&[
             ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318"),
             ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://other:1/x"),
@@ -428,7 +507,10 @@ mod tests {
         assert_eq!(c.otlp.resolved_endpoint(), "http://other:1/x");
         for bad in ["collector:4318", "http://", "http://host:port", "ftp://x"] {
             let err = apply(&[("OTEL_EXPORTER_OTLP_ENDPOINT", bad)]).unwrap_err();
-            assert!(err.to_string().contains("OTEL_EXPORTER_OTLP_ENDPOINT"), "{bad}: {err}");
+            assert!(
+                err.to_string().contains("OTEL_EXPORTER_OTLP_ENDPOINT"),
+                "{bad}: {err}"
+            );
         }
     }
 
@@ -453,7 +535,11 @@ mod tests {
         let c = apply(&[("OTEL_RESOURCE_ATTRIBUTES", "service.name=a,team=x%2Cy")]).unwrap();
         assert_eq!(c.service_name, "a");
         assert_eq!(c.resource_attributes["team"], "x,y");
-        let c = apply(&[("OTEL_RESOURCE_ATTRIBUTES", "service.name=a"), ("OTEL_SERVICE_NAME", "b")]).unwrap();
+        let c = apply(&[
+            ("OTEL_RESOURCE_ATTRIBUTES", "service.name=a"),
+            ("OTEL_SERVICE_NAME", "b"),
+        ])
+        .unwrap();
         assert_eq!(c.service_name, "b");
     }
 }

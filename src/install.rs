@@ -30,8 +30,16 @@ pub type TelemetryLayer<S> = Box<dyn Layer<S> + Send + Sync + 'static>;
 
 /// Targets whose spans and events must never reach the trace exporter: the exporter's own
 /// HTTP/gRPC stack and this crate. Tracing them would export the export, forever.
-const EXPORT_PATH_TARGETS: [&str; 8] =
-    ["opentelemetry", "reqwest", "hyper", "h2", "tonic", "tower", "agent_telemetry", "tiny_http"];
+const EXPORT_PATH_TARGETS: [&str; 8] = [
+    "opentelemetry",
+    "reqwest",
+    "hyper",
+    "h2",
+    "tonic",
+    "tower",
+    "agent_telemetry",
+    "tiny_http",
+];
 
 /// Configures and installs agent telemetry: one `tracing` layer, three signals.
 ///
@@ -79,29 +87,38 @@ impl Default for AgentTelemetry {
 impl AgentTelemetry {
     /// Starts from the defaults of the guide: metrics on `0.0.0.0:8000`, OTLP/HTTP traces to
     /// `localhost:4318`, log lines on stdout.
+    #[must_use]
     pub fn builder() -> Self {
-        AgentTelemetry { config: Config::default(), read_environment: true, span_exporter: None }
+        AgentTelemetry {
+            config: Config::default(),
+            read_environment: true,
+            span_exporter: None,
+        }
     }
 
     /// `service.name` of traces and log lines (`OTEL_SERVICE_NAME` overrides it).
+    #[must_use]
     pub fn with_service_name(mut self, name: impl Into<String>) -> Self {
         self.config.service_name = name.into();
         self
     }
 
     /// `service.version`, also the `version` label of `framework_info`.
+    #[must_use]
     pub fn with_service_version(mut self, version: impl Into<String>) -> Self {
         self.config.service_version = version.into();
         self
     }
 
     /// The `environment` label of `framework_info` and `deployment.environment.name`.
+    #[must_use]
     pub fn with_environment(mut self, environment: impl Into<String>) -> Self {
         self.config.environment = environment.into();
         self
     }
 
     /// The `scale` label of `framework_info`.
+    #[must_use]
     pub fn with_scale(mut self, scale: impl Into<String>) -> Self {
         self.config.scale = scale.into();
         self
@@ -109,42 +126,49 @@ impl AgentTelemetry {
 
     /// Where `GET /metrics` is served; port 0 picks a free port
     /// (see [`TelemetryGuard::metrics_addr`]).
+    #[must_use]
     pub fn with_metrics_addr(mut self, addr: SocketAddr) -> Self {
         self.config.metrics_addr = Some(addr);
         self
     }
 
     /// Serves no `/metrics`; the text is still available from [`TelemetryGuard::metrics`].
+    #[must_use]
     pub fn without_metrics_server(mut self) -> Self {
         self.config.metrics_addr = None;
         self
     }
 
     /// Writes log lines to daily files `<prefix>.YYYY-MM-DD.log` in `dir` instead of stdout.
+    #[must_use]
     pub fn with_log_dir(mut self, dir: impl Into<PathBuf>) -> Self {
         self.config.log_dir = Some(dir.into());
         self
     }
 
     /// The file name prefix of the daily log files (default `agents`).
+    #[must_use]
     pub fn with_log_file_prefix(mut self, prefix: impl Into<String>) -> Self {
         self.config.log_file_prefix = prefix.into();
         self
     }
 
     /// How many lines may wait for the writer thread before new ones are dropped (and counted).
+    #[must_use]
     pub fn with_log_queue_lines(mut self, lines: usize) -> Self {
         self.config.log_queue_lines = lines;
         self
     }
 
     /// The longest `task` text kept in a log line, in characters (default 1024).
+    #[must_use]
     pub fn with_max_task_chars(mut self, chars: usize) -> Self {
         self.config.max_task_chars = chars;
         self
     }
 
     /// Where spans go (`OTEL_TRACES_EXPORTER` overrides it).
+    #[must_use]
     pub fn with_traces_exporter(mut self, exporter: TracesExporter) -> Self {
         self.config.traces_exporter = exporter;
         self
@@ -152,6 +176,7 @@ impl AgentTelemetry {
 
     /// Sends spans to `exporter` (through the same counting batch processor) instead of the
     /// configured one: an in-memory exporter in tests, or a backend this crate does not know.
+    #[must_use]
     pub fn with_span_exporter<E>(mut self, exporter: E) -> Self
     where
         E: opentelemetry_sdk::trace::SpanExporter + 'static,
@@ -161,6 +186,7 @@ impl AgentTelemetry {
     }
 
     /// The OTLP transport.
+    #[must_use]
     pub fn with_otlp_protocol(mut self, protocol: OtlpProtocol) -> Self {
         self.config.otlp.protocol = protocol;
         self
@@ -168,12 +194,14 @@ impl AgentTelemetry {
 
     /// The OTLP endpoint: the full URL for HTTP (`http://host:4318/v1/traces`), the base URL
     /// for gRPC (`http://host:4317`).
+    #[must_use]
     pub fn with_otlp_endpoint(mut self, url: impl Into<String>) -> Self {
         self.config.otlp.endpoint = Some(url.into());
         self
     }
 
     /// The span names that are agent executions (default `agent_execution`).
+    #[must_use]
     pub fn with_agent_span_names<I, N>(mut self, names: I) -> Self
     where
         I: IntoIterator<Item = N>,
@@ -184,6 +212,7 @@ impl AgentTelemetry {
     }
 
     /// Histogram bucket bounds in seconds (default the guide's 0.1 … 60).
+    #[must_use]
     pub fn with_duration_buckets(mut self, bounds: impl Into<Vec<f64>>) -> Self {
         self.config.duration_buckets = bounds.into();
         self
@@ -191,24 +220,28 @@ impl AgentTelemetry {
 
     /// How many distinct `agent_name` label values the metrics keep; the rest are folded into
     /// `__overflow__` (default 256).
+    #[must_use]
     pub fn with_max_agent_names(mut self, max: usize) -> Self {
         self.config.max_agent_names = max;
         self
     }
 
     /// Which other spans and events are traced and printed, in `RUST_LOG` syntax (default `info`).
+    #[must_use]
     pub fn with_env_filter(mut self, directives: impl Into<String>) -> Self {
         self.config.env_filter = directives.into();
         self
     }
 
     /// The bound on each part of shutdown: trace flush, log flush (default 5 s).
+    #[must_use]
     pub fn with_shutdown_timeout(mut self, timeout: Duration) -> Self {
         self.config.shutdown_timeout = timeout;
         self
     }
 
     /// Uses the builder's values only; no environment variable is read.
+    #[must_use]
     pub fn ignore_environment(mut self) -> Self {
         self.read_environment = false;
         self
@@ -259,7 +292,13 @@ impl AgentTelemetry {
 
         let metrics = Arc::new(Metrics::new(&config, resource.clone(), Arc::clone(&stats))?);
         let logs = Arc::new(LogWriter::new(&config, Arc::clone(&stats))?);
-        let tracer_provider = crate::traces::provider(&config, self.span_exporter, resource, Arc::clone(&names), Arc::clone(&stats))?;
+        let tracer_provider = crate::traces::provider(
+            &config,
+            self.span_exporter,
+            resource,
+            Arc::clone(&names),
+            Arc::clone(&stats),
+        )?;
         let server = config
             .metrics_addr
             .map(|addr| MetricsServer::start(addr, metrics.handle()))
@@ -270,11 +309,15 @@ impl AgentTelemetry {
             logs: Some(Arc::clone(&logs)),
             traces: tracer_provider.is_some(),
         };
-        let executions = ExecutionLayer::new(signals).with_filter(AgentFilter::executions(Arc::clone(&names)));
+        let executions =
+            ExecutionLayer::new(signals).with_filter(AgentFilter::executions(Arc::clone(&names)));
         let layer: TelemetryLayer<S> = match &tracer_provider {
             Some(provider) => {
-                let not_export_path =
-                    filter_fn(|metadata| !EXPORT_PATH_TARGETS.iter().any(|t| metadata.target().starts_with(t)));
+                let not_export_path = filter_fn(|metadata| {
+                    !EXPORT_PATH_TARGETS
+                        .iter()
+                        .any(|t| metadata.target().starts_with(t))
+                });
                 let traced = AgentFilter::spans(names).or(env_filter.and(not_export_path));
                 let otel = tracing_opentelemetry::layer()
                     .with_tracer(provider.tracer("agent_telemetry"))
@@ -308,11 +351,14 @@ impl AgentTelemetry {
     /// global subscriber is already installed.
     pub fn try_init(self) -> Result<TelemetryGuard> {
         let directives = if self.read_environment {
-            std::env::var("RUST_LOG").ok().filter(|v| !v.trim().is_empty())
+            std::env::var("RUST_LOG")
+                .ok()
+                .filter(|v| !v.trim().is_empty())
         } else {
             None
         };
-        let print_filter = parse_env_filter(directives.as_deref().unwrap_or(&self.config.env_filter))?;
+        let print_filter =
+            parse_env_filter(directives.as_deref().unwrap_or(&self.config.env_filter))?;
         let (layer, guard) = self.build()?;
         let printer = tracing_subscriber::fmt::layer()
             .with_writer(std::io::stderr)
@@ -322,7 +368,9 @@ impl AgentTelemetry {
             .with(layer)
             .with(printer)
             .try_init()
-            .map_err(|e| Error::GlobalSubscriber { source: Box::new(e) })?;
+            .map_err(|e| Error::GlobalSubscriber {
+                source: Box::new(e),
+            })?;
         Ok(guard)
     }
 
@@ -346,12 +394,21 @@ fn parse_env_filter(directives: &str) -> Result<EnvFilter> {
 }
 
 fn resource(config: &Config) -> Resource {
-    let extra = config.resource_attributes.iter().map(|(k, v)| KeyValue::new(k.clone(), v.clone()));
+    let extra = config
+        .resource_attributes
+        .iter()
+        .map(|(k, v)| KeyValue::new(k.clone(), v.clone()));
     Resource::builder_empty()
         .with_attributes(extra)
         .with_service_name(config.service_name.clone())
-        .with_attribute(KeyValue::new("service.version", config.service_version.clone()))
-        .with_attribute(KeyValue::new("deployment.environment.name", config.environment.clone()))
+        .with_attribute(KeyValue::new(
+            "service.version",
+            config.service_version.clone(),
+        ))
+        .with_attribute(KeyValue::new(
+            "deployment.environment.name",
+            config.environment.clone(),
+        ))
         .build()
 }
 
@@ -397,9 +454,10 @@ impl TelemetryGuard {
     pub fn flush(&self) -> Result<()> {
         let timeout = self.config.shutdown_timeout;
         let traces = match &self.tracer_provider {
-            Some(provider) => {
-                provider.force_flush().map_err(|e| Error::Shutdown { signal: "traces", reason: e.to_string() })
-            }
+            Some(provider) => provider.force_flush().map_err(|e| Error::Shutdown {
+                signal: "traces",
+                reason: e.to_string(),
+            }),
             None => Ok(()),
         };
         traces.and(self.logs.flush(timeout))
@@ -413,7 +471,11 @@ impl TelemetryGuard {
             None => "metrics: not served (TelemetryGuard::metrics renders them)".to_owned(),
         };
         let logs = match &config.log_dir {
-            Some(dir) => format!("logs:    {}/{}.YYYY-MM-DD.log", dir.display(), config.log_file_prefix),
+            Some(dir) => format!(
+                "logs:    {}/{}.YYYY-MM-DD.log",
+                dir.display(),
+                config.log_file_prefix
+            ),
             None => "logs:    stdout".to_owned(),
         };
         let traces = match config.traces_exporter {
@@ -447,9 +509,14 @@ impl TelemetryGuard {
         }
         let timeout = self.config.shutdown_timeout;
         let traces = match self.tracer_provider.take() {
-            Some(provider) => provider
-                .shutdown_with_timeout(timeout)
-                .map_err(|e| Error::Shutdown { signal: "traces", reason: e.to_string() }),
+            Some(provider) => {
+                provider
+                    .shutdown_with_timeout(timeout)
+                    .map_err(|e| Error::Shutdown {
+                        signal: "traces",
+                        reason: e.to_string(),
+                    })
+            }
             None => Ok(()),
         };
         let logs = self.logs.shutdown(timeout);

@@ -12,7 +12,9 @@ use tracing_core::{Dispatch, Event, Level, Metadata, Subscriber};
 use tracing_subscriber::layer::{Context, Filter, Layer};
 use tracing_subscriber::registry::LookupSpan;
 
-use crate::execution::{AgentSpanNames, ErrorText, Execution, ExecutionState, TraceIds, UNKNOWN_AGENT};
+use crate::execution::{
+    AgentSpanNames, ErrorText, Execution, ExecutionState, TraceIds, UNKNOWN_AGENT,
+};
 use crate::logs::LogWriter;
 use crate::metrics::Metrics;
 use crate::traces;
@@ -33,7 +35,10 @@ pub(crate) struct ExecutionLayer {
 
 impl ExecutionLayer {
     pub(crate) fn new(signals: Signals) -> Self {
-        ExecutionLayer { signals, dispatch: OnceLock::new() }
+        ExecutionLayer {
+            signals,
+            dispatch: OnceLock::new(),
+        }
     }
 
     /// The exported span's ids, read from the OpenTelemetry layer before it ends the span.
@@ -77,7 +82,9 @@ where
 
     fn on_event(&self, event: &Event<'_>, ctx: Context<'_, S>) {
         // The filter lets only ERROR events through; the nearest agent span owns the error.
-        let Some(scope) = ctx.event_scope(event) else { return };
+        let Some(scope) = ctx.event_scope(event) else {
+            return;
+        };
         for span in scope {
             let mut extensions = span.extensions_mut();
             if let Some(state) = extensions.get_mut::<ExecutionState>() {
@@ -106,7 +113,9 @@ where
         let Some(span) = ctx.span(&id) else { return };
         // Taken out, not borrowed: the extensions must not be locked while the
         // OpenTelemetry layer is asked for the span's ids below.
-        let Some(mut state) = span.extensions_mut().remove::<ExecutionState>() else { return };
+        let Some(mut state) = span.extensions_mut().remove::<ExecutionState>() else {
+            return;
+        };
         drop(span);
         let duration = state.started.elapsed();
         state.panicked |= std::thread::panicking();
@@ -143,12 +152,18 @@ pub(crate) struct AgentFilter {
 impl AgentFilter {
     /// The filter of the execution layer: agent spans and `ERROR` events.
     pub(crate) fn executions(names: Arc<AgentSpanNames>) -> Self {
-        AgentFilter { names, with_error_events: true }
+        AgentFilter {
+            names,
+            with_error_events: true,
+        }
     }
 
     /// Agent spans only: what the trace layer must always see, whatever `RUST_LOG` says.
     pub(crate) fn spans(names: Arc<AgentSpanNames>) -> Self {
-        AgentFilter { names, with_error_events: false }
+        AgentFilter {
+            names,
+            with_error_events: false,
+        }
     }
 
     #[inline]

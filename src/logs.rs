@@ -43,18 +43,15 @@ impl LogWriter {
     }
 
     pub(crate) fn write(&self, execution: &Execution<'_>) {
+        let format_and_send = |line: &mut Vec<u8>| {
+            line.clear();
+            self.format.write(execution, line);
+            self.writer.send(line);
+        };
         LINE.with(|line| match line.try_borrow_mut() {
-            Ok(mut line) => {
-                line.clear();
-                self.format.write(execution, &mut line);
-                self.writer.send(&line);
-            }
-            // Re-entered from inside formatting (a `Debug` impl that logs): use a fresh buffer.
-            Err(_) => {
-                let mut line = Vec::with_capacity(512);
-                self.format.write(execution, &mut line);
-                self.writer.send(&line);
-            }
+            Ok(mut line) => format_and_send(&mut line),
+            // Re-entered from inside formatting (a `Debug` impl that logs): a fresh buffer.
+            Err(_) => format_and_send(&mut Vec::new()),
         });
     }
 
@@ -70,7 +67,10 @@ impl LogWriter {
 }
 
 fn daily_files(dir: &std::path::Path, prefix: &str) -> Result<RollingFileAppender> {
-    let failed = |source| Error::LogDir { path: dir.to_owned(), source };
+    let failed = |source| Error::LogDir {
+        path: dir.to_owned(),
+        source,
+    };
     std::fs::create_dir_all(dir).map_err(failed)?;
     RollingFileAppender::builder()
         .rotation(Rotation::DAILY)

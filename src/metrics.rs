@@ -40,8 +40,12 @@ impl MetricsHandle {
         let mut text = Vec::with_capacity(4096);
         TextEncoder::new()
             .encode(&self.registry.gather(), &mut text)
-            .map_err(|e| Error::Metrics { source: Box::new(e) })?;
-        String::from_utf8(text).map_err(|e| Error::Metrics { source: Box::new(e) })
+            .map_err(|e| Error::Metrics {
+                source: Box::new(e),
+            })?;
+        String::from_utf8(text).map_err(|e| Error::Metrics {
+            source: Box::new(e),
+        })
     }
 
     /// The `Content-Type` of [`render`](Self::render)'s output.
@@ -66,8 +70,14 @@ impl AgentLabels {
     fn new(agent_name: &str) -> Self {
         let name = KeyValue::new("agent_name", agent_name.to_owned());
         AgentLabels {
-            success: [name.clone(), KeyValue::new("status", Status::Success.as_str())],
-            failure: [name.clone(), KeyValue::new("status", Status::Failure.as_str())],
+            success: [
+                name.clone(),
+                KeyValue::new("status", Status::Success.as_str()),
+            ],
+            failure: [
+                name.clone(),
+                KeyValue::new("status", Status::Failure.as_str()),
+            ],
             name: [name],
         }
     }
@@ -88,15 +98,24 @@ pub(crate) struct Metrics {
 }
 
 impl Metrics {
-    pub(crate) fn new(config: &Config, resource: Resource, stats: Arc<TelemetryStats>) -> Result<Self> {
+    pub(crate) fn new(
+        config: &Config,
+        resource: Resource,
+        stats: Arc<TelemetryStats>,
+    ) -> Result<Self> {
         let registry = prometheus::Registry::new();
         let exporter = opentelemetry_prometheus::exporter()
             .with_registry(registry.clone())
             .scope_info_enabled(false)
             .without_target_info()
             .build()
-            .map_err(|e| Error::Metrics { source: Box::new(e) })?;
-        let provider = SdkMeterProvider::builder().with_reader(exporter).with_resource(resource).build();
+            .map_err(|e| Error::Metrics {
+                source: Box::new(e),
+            })?;
+        let provider = SdkMeterProvider::builder()
+            .with_reader(exporter)
+            .with_resource(resource)
+            .build();
         let meter = provider.meter("agent_telemetry");
 
         let executions = meter
@@ -158,13 +177,19 @@ impl Metrics {
             Status::Failure => &labels.failure,
         };
         self.executions.add(1, counter_labels);
-        self.duration.record(execution.duration.as_secs_f64(), &labels.name);
+        self.duration
+            .record(execution.duration.as_secs_f64(), &labels.name);
     }
 
     /// The cached label set of `agent_name`, or the overflow set once the cap is reached.
     fn labels_for(&self, agent_name: &str) -> Arc<AgentLabels> {
         // A poisoned lock only means another thread panicked mid-insert; the map is intact.
-        if let Some(labels) = self.labels.read().unwrap_or_else(PoisonError::into_inner).get(agent_name) {
+        if let Some(labels) = self
+            .labels
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(agent_name)
+        {
             return Arc::clone(labels);
         }
         let mut labels = self.labels.write().unwrap_or_else(PoisonError::into_inner);
@@ -181,25 +206,46 @@ impl Metrics {
     }
 
     pub(crate) fn shutdown(&self) -> Result<()> {
-        self.provider.shutdown().map_err(|e| Error::Shutdown { signal: "metrics", reason: e.to_string() })
+        self.provider.shutdown().map_err(|e| Error::Shutdown {
+            signal: "metrics",
+            reason: e.to_string(),
+        })
     }
 }
 
 fn register_self_metrics(meter: &Meter, stats: &Arc<TelemetryStats>) {
     type Read = fn(&TelemetryStats) -> &AtomicU64;
     let counters: [(&'static str, &'static str, Read); 7] = [
-        ("agent_telemetry_log_lines_written", "JSON log lines written to their destination", |s| {
-            &s.log_lines_written
-        }),
-        ("agent_telemetry_log_lines_dropped", "JSON log lines lost: queue full or write failed", |s| {
-            &s.log_lines_dropped
-        }),
-        ("agent_telemetry_log_write_errors", "Failed writes to the log destination", |s| &s.log_write_errors),
-        ("agent_telemetry_spans_dropped", "Spans dropped because the export queue was full", |s| {
-            &s.spans_dropped
-        }),
-        ("agent_telemetry_spans_exported", "Spans the exporter delivered", |s| &s.spans_exported),
-        ("agent_telemetry_spans_export_failed", "Spans lost in failed exports", |s| &s.spans_export_failed),
+        (
+            "agent_telemetry_log_lines_written",
+            "JSON log lines written to their destination",
+            |s| &s.log_lines_written,
+        ),
+        (
+            "agent_telemetry_log_lines_dropped",
+            "JSON log lines lost: queue full or write failed",
+            |s| &s.log_lines_dropped,
+        ),
+        (
+            "agent_telemetry_log_write_errors",
+            "Failed writes to the log destination",
+            |s| &s.log_write_errors,
+        ),
+        (
+            "agent_telemetry_spans_dropped",
+            "Spans dropped because the export queue was full",
+            |s| &s.spans_dropped,
+        ),
+        (
+            "agent_telemetry_spans_exported",
+            "Spans the exporter delivered",
+            |s| &s.spans_exported,
+        ),
+        (
+            "agent_telemetry_spans_export_failed",
+            "Spans lost in failed exports",
+            |s| &s.spans_export_failed,
+        ),
         (
             "agent_telemetry_agent_names_overflowed",
             "Executions whose agent_name was folded into __overflow__ by the cardinality cap",

@@ -11,7 +11,8 @@ use opentelemetry::trace::{SpanId, Status as SpanStatus};
 use opentelemetry::{Context, KeyValue, StringValue, Value};
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::trace::{
-    BatchConfigBuilder, BatchSpanProcessor, SdkTracerProvider, Span, SpanData, SpanExporter, SpanProcessor,
+    BatchConfigBuilder, BatchSpanProcessor, SdkTracerProvider, Span, SpanData, SpanExporter,
+    SpanProcessor,
 };
 use opentelemetry_sdk::Resource;
 
@@ -33,9 +34,12 @@ pub(crate) fn provider(
     let batch = match (custom, config.traces_exporter) {
         (Some(custom), _) => batch(counting(Exporter::Boxed(custom)), config),
         (None, TracesExporter::None) => return Ok(None),
-        (None, TracesExporter::Console) => {
-            batch(counting(Exporter::Boxed(Box::new(opentelemetry_stdout::SpanExporter::default()))), config)
-        }
+        (None, TracesExporter::Console) => batch(
+            counting(Exporter::Boxed(Box::new(
+                opentelemetry_stdout::SpanExporter::default(),
+            ))),
+            config,
+        ),
         (None, TracesExporter::Otlp) => batch(counting(otlp_exporter(config)?), config),
     };
     let processor = AgentSpanProcessor {
@@ -46,7 +50,12 @@ pub(crate) fn provider(
         max_queue_size: config.batch.max_queue_size as u64,
         shut_down: AtomicBool::new(false),
     };
-    Ok(Some(SdkTracerProvider::builder().with_span_processor(processor).with_resource(resource).build()))
+    Ok(Some(
+        SdkTracerProvider::builder()
+            .with_span_processor(processor)
+            .with_resource(resource)
+            .build(),
+    ))
 }
 
 fn batch(exporter: CountingExporter, config: &Config) -> BatchSpanProcessor {
@@ -56,13 +65,18 @@ fn batch(exporter: CountingExporter, config: &Config) -> BatchSpanProcessor {
         .with_max_export_batch_size(settings.max_export_batch_size)
         .with_scheduled_delay(settings.scheduled_delay)
         .build();
-    BatchSpanProcessor::builder(exporter).with_batch_config(batch_config).build()
+    BatchSpanProcessor::builder(exporter)
+        .with_batch_config(batch_config)
+        .build()
 }
 
 fn otlp_exporter(config: &Config) -> Result<Exporter> {
     use opentelemetry_otlp::WithExportConfig;
     let endpoint = config.otlp.resolved_endpoint();
-    let failed = |e: opentelemetry_otlp::ExporterBuildError| Error::TraceExporter { exporter: "otlp", source: Box::new(e) };
+    let failed = |e: opentelemetry_otlp::ExporterBuildError| Error::TraceExporter {
+        exporter: "otlp",
+        source: Box::new(e),
+    };
     match config.otlp.protocol {
         OtlpProtocol::HttpProtobuf => opentelemetry_otlp::SpanExporter::builder()
             .with_http()
@@ -74,10 +88,11 @@ fn otlp_exporter(config: &Config) -> Result<Exporter> {
             .map_err(failed),
         #[cfg(feature = "grpc")]
         OtlpProtocol::Grpc => {
-            let runtime = tokio::runtime::Handle::try_current().map_err(|e| Error::TraceExporter {
-                exporter: "otlp (grpc)",
-                source: format!("OTLP/gRPC must be set up inside a tokio runtime: {e}").into(),
-            })?;
+            let runtime =
+                tokio::runtime::Handle::try_current().map_err(|e| Error::TraceExporter {
+                    exporter: "otlp (grpc)",
+                    source: format!("OTLP/gRPC must be set up inside a tokio runtime: {e}").into(),
+                })?;
             let _entered = runtime.enter();
             opentelemetry_otlp::SpanExporter::builder()
                 .with_tonic()
@@ -100,7 +115,8 @@ fn otlp_exporter(config: &Config) -> Result<Exporter> {
 /// boxed as it is.
 pub(crate) type BoxedSpanExporter = Box<dyn DynSpanExporter>;
 
-type ExportFuture<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = OTelSdkResult> + Send + 'a>>;
+type ExportFuture<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = OTelSdkResult> + Send + 'a>>;
 
 pub(crate) trait DynSpanExporter: Send + Sync + std::fmt::Debug {
     fn export_boxed(&self, batch: Vec<SpanData>) -> ExportFuture<'_>;
@@ -124,6 +140,8 @@ impl<E: SpanExporter + 'static> DynSpanExporter for E {
 
 /// The exporters this crate can run, as one type for the batch processor.
 #[derive(Debug)]
+// Built once per provider: the size of the gRPC variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 enum Exporter {
     Boxed(BoxedSpanExporter),
     /// tonic needs a tokio reactor; the batch processor's thread has none, so each export
@@ -169,7 +187,12 @@ struct CountingExporter {
 
 impl CountingExporter {
     fn new(inner: Exporter, stats: Arc<TelemetryStats>, in_flight: Arc<AtomicU64>) -> Self {
-        CountingExporter { inner, stats, in_flight, failing: AtomicBool::new(false) }
+        CountingExporter {
+            inner,
+            stats,
+            in_flight,
+            failing: AtomicBool::new(false),
+        }
     }
 }
 
@@ -284,7 +307,10 @@ pub(crate) fn hand_over_outcome(span_id: SpanId, execution: &Execution<'_>) {
 fn take_outcome(span_id: SpanId) -> Option<SpanOutcome> {
     OUTCOME.with(|slot| {
         let mut slot = slot.try_borrow_mut().ok()?;
-        slot.as_ref().is_some_and(|o| o.span_id == span_id).then(|| slot.take()).flatten()
+        slot.as_ref()
+            .is_some_and(|o| o.span_id == span_id)
+            .then(|| slot.take())
+            .flatten()
     })
 }
 
@@ -314,7 +340,10 @@ fn recorded_agent_name(attributes: &[KeyValue]) -> StringValue {
     attributes
         .iter()
         .find(|kv| kv.key.as_str() == "agent_name" || kv.key.as_str() == "agent.name")
-        .map_or_else(|| crate::execution::UNKNOWN_AGENT.into(), |kv| kv.value.as_str().into_owned().into())
+        .map_or_else(
+            || crate::execution::UNKNOWN_AGENT.into(),
+            |kv| kv.value.as_str().into_owned().into(),
+        )
 }
 
 /// Sets `key`, replacing a value recorded under the same key so no key appears twice.

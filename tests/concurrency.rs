@@ -8,7 +8,11 @@ use support::{json_pairs, Harness};
 
 #[tracing::instrument(name = "agent_execution", err)]
 fn execute_agent(agent_name: &str, task: &str, fail: bool) -> Result<(), String> {
-    if fail { Err("failed".into()) } else { Ok(()) }
+    if fail {
+        Err("failed".into())
+    } else {
+        Ok(())
+    }
 }
 
 const THREADS: usize = 8;
@@ -34,10 +38,18 @@ fn eight_threads_are_counted_exactly_everywhere() {
     let scrape = harness.scrape();
     for thread in 0..THREADS {
         let agent = format!("agent-{thread}");
-        let count = |status| scrape.value("agent_executions_total", &[("agent_name", &agent), ("status", status)]);
+        let count = |status| {
+            scrape.value(
+                "agent_executions_total",
+                &[("agent_name", &agent), ("status", status)],
+            )
+        };
         assert_eq!(count("success"), Some(225.0), "{agent}");
         assert_eq!(count("failure"), Some(25.0), "{agent}");
-        let histogram_count = scrape.value("agent_execution_duration_seconds_count", &[("agent_name", &agent)]);
+        let histogram_count = scrape.value(
+            "agent_execution_duration_seconds_count",
+            &[("agent_name", &agent)],
+        );
         assert_eq!(histogram_count, Some(PER_THREAD as f64));
     }
 
@@ -46,13 +58,31 @@ fn eight_threads_are_counted_exactly_everywhere() {
     assert_eq!(spans.len(), total, "every span exported");
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines.len(), total, "every line written");
-    let tasks: BTreeSet<String> = lines.iter().map(|l| json_pairs(l)[5].1.as_str().unwrap().to_owned()).collect();
+    let tasks: BTreeSet<String> = lines
+        .iter()
+        .map(|l| json_pairs(l)[5].1.as_str().unwrap().to_owned())
+        .collect();
     assert_eq!(tasks.len(), total, "each execution exactly once");
-    let span_ids: BTreeSet<String> = spans.iter().map(|s| s.span_context.span_id().to_string()).collect();
+    let span_ids: BTreeSet<String> = spans
+        .iter()
+        .map(|s| s.span_context.span_id().to_string())
+        .collect();
     let logged_ids: BTreeSet<String> = lines
         .iter()
-        .map(|l| json_pairs(l).into_iter().find(|(k, _)| k == "span.id").unwrap().1.as_str().unwrap().to_owned())
+        .map(|l| {
+            json_pairs(l)
+                .into_iter()
+                .find(|(k, _)| k == "span.id")
+                .unwrap()
+                .1
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
         .collect();
     let unmatched: Vec<_> = span_ids.symmetric_difference(&logged_ids).take(5).collect();
-    assert!(unmatched.is_empty(), "every line names an exported span; unmatched: {unmatched:?}");
+    assert!(
+        unmatched.is_empty(),
+        "every line names an exported span; unmatched: {unmatched:?}"
+    );
 }

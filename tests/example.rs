@@ -18,7 +18,11 @@ fn example_binary() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let profile_dir = exe.parent().and_then(|deps| deps.parent()).unwrap();
     let binary = profile_dir.join("examples").join("agents");
-    assert!(binary.is_file(), "{} missing: build it with `cargo test` or `cargo build --examples`", binary.display());
+    assert!(
+        binary.is_file(),
+        "{} missing: build it with `cargo test` or `cargo build --examples`",
+        binary.display()
+    );
     binary
 }
 
@@ -45,9 +49,16 @@ fn the_main_job_produces_all_three_signals() {
     let mut stdout = BufReader::new(child.stdout.take().unwrap());
     let mut banner = String::new();
     while !banner.contains("traces:") {
-        assert_ne!(stdout.read_line(&mut banner).unwrap(), 0, "example exited early: {banner}");
+        assert_ne!(
+            stdout.read_line(&mut banner).unwrap(),
+            0,
+            "example exited early: {banner}"
+        );
     }
-    assert!(banner.contains("logs:    logs/my-name-is-claude.YYYY-MM-DD.log"), "{banner}");
+    assert!(
+        banner.contains("logs:    logs/my-name-is-claude.YYYY-MM-DD.log"),
+        "{banner}"
+    );
     let addr: SocketAddr = banner
         .lines()
         .find_map(|l| l.strip_prefix("metrics: http://")?.strip_suffix("/metrics"))
@@ -60,11 +71,26 @@ fn the_main_job_produces_all_three_signals() {
     let (status, body) = http(addr, "GET", "/metrics");
     assert_eq!(status, 200);
     let scrape = Scrape::parse(&body);
-    for family in ["agent_executions_total", "agent_execution_duration_seconds", "framework_memory_usage_bytes", "framework_info"] {
-        assert!(scrape.types.contains_key(family), "{family} missing:\n{body}");
+    for family in [
+        "agent_executions_total",
+        "agent_execution_duration_seconds",
+        "framework_memory_usage_bytes",
+        "framework_info",
+    ] {
+        assert!(
+            scrape.types.contains_key(family),
+            "{family} missing:\n{body}"
+        );
     }
-    assert!(scrape.sum("agent_executions_total") >= 20.0, "25/s for 5 s:\n{body}");
-    let info = [("environment", "production"), ("scale", "enterprise"), ("version", "3.3.0")];
+    assert!(
+        scrape.sum("agent_executions_total") >= 20.0,
+        "25/s for 5 s:\n{body}"
+    );
+    let info = [
+        ("environment", "production"),
+        ("scale", "enterprise"),
+        ("version", "3.3.0"),
+    ];
     assert_eq!(scrape.value("framework_info", &info), Some(1.0));
     if let Some(promtool) = require_tool("promtool") {
         let mut check = Command::new(promtool)
@@ -76,18 +102,27 @@ fn the_main_job_produces_all_three_signals() {
             .unwrap();
         std::io::Write::write_all(check.stdin.as_mut().unwrap(), body.as_bytes()).unwrap();
         let output = check.wait_with_output().unwrap();
-        assert!(output.status.success() && output.stdout.is_empty() && output.stderr.is_empty(), "{output:?}");
+        assert!(
+            output.status.success() && output.stdout.is_empty() && output.stderr.is_empty(),
+            "{output:?}"
+        );
     }
 
     // SIGTERM: running agents are cancelled, everything is flushed, exit code 0.
-    let terminated = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    let terminated = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
     assert!(terminated.success());
     let deadline = Instant::now() + Duration::from_secs(30);
     let exit = loop {
         if let Some(exit) = child.try_wait().unwrap() {
             break exit;
         }
-        assert!(Instant::now() < deadline, "the example did not stop within 30 s of SIGTERM");
+        assert!(
+            Instant::now() < deadline,
+            "the example did not stop within 30 s of SIGTERM"
+        );
         std::thread::sleep(Duration::from_millis(100));
     };
     assert!(exit.success(), "exit status {exit}");
@@ -97,16 +132,39 @@ fn the_main_job_produces_all_three_signals() {
 
     // One valid contract line per execution.
     let lines = support::read_log_lines(&work.path().join("logs"));
-    assert!(lines.len() as f64 >= scrape.sum("agent_executions_total"), "lines only grow after the scrape");
+    assert!(
+        lines.len() as f64 >= scrape.sum("agent_executions_total"),
+        "lines only grow after the scrape"
+    );
     let mut logged = BTreeSet::new();
     for line in &lines {
         let pairs = json_pairs(line);
         let keys: Vec<&str> = pairs.iter().map(|(k, _)| k.as_str()).collect();
-        assert_eq!(&keys[..8], ["@timestamp", "timestamp", "log.level", "event", "agent_name", "task", "duration_seconds", "status"]);
+        assert_eq!(
+            &keys[..8],
+            [
+                "@timestamp",
+                "timestamp",
+                "log.level",
+                "event",
+                "agent_name",
+                "task",
+                "duration_seconds",
+                "status"
+            ]
+        );
         assert!(pairs[6].1.is_f64() && pairs[7].1.is_string(), "{line}");
         if phoenix.is_some() {
-            let id = |key: &str| pairs.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str().unwrap().to_owned());
-            logged.insert((id("trace.id").expect("trace.id"), id("span.id").expect("span.id")));
+            let id = |key: &str| {
+                pairs
+                    .iter()
+                    .find(|(k, _)| k == key)
+                    .map(|(_, v)| v.as_str().unwrap().to_owned())
+            };
+            logged.insert((
+                id("trace.id").expect("trace.id"),
+                id("span.id").expect("span.id"),
+            ));
         }
     }
 
@@ -117,9 +175,17 @@ fn the_main_job_produces_all_three_signals() {
     assert_eq!(spans.len(), lines.len(), "every span arrives, none twice");
     let received: BTreeSet<(String, String)> = spans
         .iter()
-        .map(|s| (s["context"]["trace_id"].as_str().unwrap().to_owned(), s["context"]["span_id"].as_str().unwrap().to_owned()))
+        .map(|s| {
+            (
+                s["context"]["trace_id"].as_str().unwrap().to_owned(),
+                s["context"]["span_id"].as_str().unwrap().to_owned(),
+            )
+        })
         .collect();
-    assert_eq!(received, logged, "trace.id and span.id of each log line name a received span");
+    assert_eq!(
+        received, logged,
+        "trace.id and span.id of each log line name a received span"
+    );
     for span in &spans {
         assert_eq!(span["name"], "agent_execution");
         assert_eq!(span["span_kind"], "AGENT", "{span}");
@@ -132,5 +198,8 @@ fn the_main_job_produces_all_three_signals() {
         assert_eq!(span["status_code"] == "ERROR", failed, "{span}");
         assert_eq!(attributes["error.type"].is_string(), failed, "{span}");
     }
-    assert!(spans.iter().any(|s| !s["parent_id"].is_null()), "leads delegate: some spans have parents");
+    assert!(
+        spans.iter().any(|s| !s["parent_id"].is_null()),
+        "leads delegate: some spans have parents"
+    );
 }

@@ -11,9 +11,24 @@ use support::{json_pairs, Harness};
 fn assert_outcome(harness: &Harness, agent: &str, status: &str, error_type: Option<&str>) {
     let scrape = harness.scrape();
     let series = [("agent_name", agent), ("status", status)];
-    assert_eq!(scrape.value("agent_executions_total", &series), Some(1.0), "{agent}: counter\n{}", scrape.text);
-    let other = if status == "success" { "failure" } else { "success" };
-    assert_eq!(scrape.value("agent_executions_total", &[("agent_name", agent), ("status", other)]), None);
+    assert_eq!(
+        scrape.value("agent_executions_total", &series),
+        Some(1.0),
+        "{agent}: counter\n{}",
+        scrape.text
+    );
+    let other = if status == "success" {
+        "failure"
+    } else {
+        "success"
+    };
+    assert_eq!(
+        scrape.value(
+            "agent_executions_total",
+            &[("agent_name", agent), ("status", other)]
+        ),
+        None
+    );
 
     let lines = harness.log_lines();
     let line = lines
@@ -21,41 +36,93 @@ fn assert_outcome(harness: &Harness, agent: &str, status: &str, error_type: Opti
         .map(|l| json_pairs(l))
         .find(|pairs| pairs[4].1 == agent)
         .unwrap_or_else(|| panic!("{agent}: no log line in {lines:?}"));
-    assert_eq!(line[7], ("status".to_owned(), status.into()), "{agent}: log line");
-    let logged_error_type = line.iter().find(|(k, _)| k == "error.type").map(|(_, v)| v.as_str().unwrap().to_owned());
-    assert_eq!(logged_error_type.as_deref(), error_type, "{agent}: error.type in the log");
+    assert_eq!(
+        line[7],
+        ("status".to_owned(), status.into()),
+        "{agent}: log line"
+    );
+    let logged_error_type = line
+        .iter()
+        .find(|(k, _)| k == "error.type")
+        .map(|(_, v)| v.as_str().unwrap().to_owned());
+    assert_eq!(
+        logged_error_type.as_deref(),
+        error_type,
+        "{agent}: error.type in the log"
+    );
 
     let spans = harness.spans();
     let span = spans
         .iter()
-        .find(|s| s.attributes.iter().any(|kv| kv.key.as_str() == "agent.name" && kv.value.as_str() == agent))
+        .find(|s| {
+            s.attributes
+                .iter()
+                .any(|kv| kv.key.as_str() == "agent.name" && kv.value.as_str() == agent)
+        })
         .unwrap_or_else(|| panic!("{agent}: no span"));
-    let attr = |key: &str| span.attributes.iter().find(|kv| kv.key.as_str() == key).map(|kv| kv.value.as_str().into_owned());
-    assert_eq!(attr("result.status").as_deref(), Some(status), "{agent}: span attribute");
-    assert_eq!(attr("error.type").as_deref(), error_type, "{agent}: span error.type");
-    assert_eq!(matches!(span.status, SpanStatus::Error { .. }), status == "failure", "{agent}: {:?}", span.status);
+    let attr = |key: &str| {
+        span.attributes
+            .iter()
+            .find(|kv| kv.key.as_str() == key)
+            .map(|kv| kv.value.as_str().into_owned())
+    };
+    assert_eq!(
+        attr("result.status").as_deref(),
+        Some(status),
+        "{agent}: span attribute"
+    );
+    assert_eq!(
+        attr("error.type").as_deref(),
+        error_type,
+        "{agent}: span error.type"
+    );
+    assert_eq!(
+        matches!(span.status, SpanStatus::Error { .. }),
+        status == "failure",
+        "{agent}: {:?}",
+        span.status
+    );
 }
 
 #[tracing::instrument(name = "agent_execution", err)]
 fn fallible(agent_name: &str, fail: bool) -> Result<(), String> {
-    if fail { Err("no luck".into()) } else { Ok(()) }
+    if fail {
+        Err("no luck".into())
+    } else {
+        Ok(())
+    }
 }
 
 #[test]
 fn explicit_status_field_wins() {
     let harness = Harness::new();
     harness.run(|| {
-        tracing::info_span!("agent_execution", agent_name = "timeout-agent", status = "timeout").in_scope(|| {});
-        let span = tracing::info_span!("agent_execution", agent_name = "recorded-later", status = tracing::field::Empty);
+        tracing::info_span!(
+            "agent_execution",
+            agent_name = "timeout-agent",
+            status = "timeout"
+        )
+        .in_scope(|| {});
+        let span = tracing::info_span!(
+            "agent_execution",
+            agent_name = "recorded-later",
+            status = tracing::field::Empty
+        );
         span.in_scope(|| {
             tracing::Span::current().record("status", "failure");
         });
         drop(span);
         // `result.status` is accepted too, and an explicit success beats an ERROR event.
-        tracing::info_span!("agent_execution", agent_name = "recovered", result.status = "success").in_scope(|| {
+        tracing::info_span!(
+            "agent_execution",
+            agent_name = "recovered",
+            result.status = "success"
+        )
+        .in_scope(|| {
             tracing::error!("retried and recovered");
         });
-        tracing::info_span!("agent_execution", agent.name = "dotted", status = ?"ok").in_scope(|| {});
+        tracing::info_span!("agent_execution", agent.name = "dotted", status = ?"ok")
+            .in_scope(|| {});
     });
     assert_outcome(&harness, "timeout-agent", "failure", Some("timeout"));
     assert_outcome(&harness, "recorded-later", "failure", Some("failure"));
@@ -92,16 +159,26 @@ fn a_panic_is_a_failure() {
 #[tracing::instrument(name = "agent_execution", err)]
 async fn async_agent(agent_name: &str, wait_ms: u64, fail: bool) -> Result<(), String> {
     tokio::time::sleep(Duration::from_millis(wait_ms)).await;
-    if fail { Err("async failure".into()) } else { Ok(()) }
+    if fail {
+        Err("async failure".into())
+    } else {
+        Ok(())
+    }
 }
 
 #[test]
 fn async_agents_are_timed_by_the_wall_clock() {
     let harness = Harness::new();
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
     harness.run(|| {
         runtime.block_on(async {
-            let (a, b) = tokio::join!(async_agent("async-ok", 300, false), async_agent("async-failing", 10, true));
+            let (a, b) = tokio::join!(
+                async_agent("async-ok", 300, false),
+                async_agent("async-failing", 10, true)
+            );
             a.unwrap();
             b.unwrap_err();
         });
@@ -110,7 +187,12 @@ fn async_agents_are_timed_by_the_wall_clock() {
     assert_outcome(&harness, "async-failing", "failure", Some("error"));
     // 300 ms awaited, almost no busy time: the histogram sees the 300 ms.
     let scrape = harness.scrape();
-    let sum = scrape.value("agent_execution_duration_seconds_sum", &[("agent_name", "async-ok")]).unwrap();
+    let sum = scrape
+        .value(
+            "agent_execution_duration_seconds_sum",
+            &[("agent_name", "async-ok")],
+        )
+        .unwrap();
     assert!(sum >= 0.3, "wall-clock duration, not busy time: {sum}");
 }
 
@@ -123,7 +205,8 @@ fn lead(agent_name: &str) {
 
 #[tracing::instrument(name = "agent_execution")]
 fn lead_with_failing_tool(agent_name: &str) {
-    tracing::info_span!("tool_call").in_scope(|| tracing::error!(error = "tool crashed", "tool call failed"));
+    tracing::info_span!("tool_call")
+        .in_scope(|| tracing::error!(error = "tool crashed", "tool call failed"));
 }
 
 #[test]

@@ -23,7 +23,10 @@ fn delegate(agent_name: &str, task: &str) {
 }
 
 fn attr(span: &SpanData, key: &str) -> Option<Value> {
-    span.attributes.iter().find(|kv| kv.key.as_str() == key).map(|kv| kv.value.clone())
+    span.attributes
+        .iter()
+        .find(|kv| kv.key.as_str() == key)
+        .map(|kv| kv.value.clone())
 }
 
 fn string(span: &SpanData, key: &str) -> Option<String> {
@@ -74,11 +77,24 @@ fn nested_agents_keep_parent_and_child() {
     harness.run(|| delegate("tech-lead", "Ship feature"));
     let spans = harness.spans();
     assert_eq!(spans.len(), 3);
-    let parent = spans.iter().find(|s| string(s, "agent.name").as_deref() == Some("tech-lead")).unwrap();
+    let parent = spans
+        .iter()
+        .find(|s| string(s, "agent.name").as_deref() == Some("tech-lead"))
+        .unwrap();
     for child_name in ["backend-engineer", "qa-engineer"] {
-        let child = spans.iter().find(|s| string(s, "agent.name").as_deref() == Some(child_name)).unwrap();
-        assert_eq!(child.parent_span_id, parent.span_context.span_id(), "{child_name}");
-        assert_eq!(child.span_context.trace_id(), parent.span_context.trace_id());
+        let child = spans
+            .iter()
+            .find(|s| string(s, "agent.name").as_deref() == Some(child_name))
+            .unwrap();
+        assert_eq!(
+            child.parent_span_id,
+            parent.span_context.span_id(),
+            "{child_name}"
+        );
+        assert_eq!(
+            child.span_context.trace_id(),
+            parent.span_context.trace_id()
+        );
     }
 }
 

@@ -21,7 +21,11 @@ impl LineFormat {
         let mut tail = br#","service.name":"#.to_vec();
         write_str(&mut tail, &config.service_name);
         tail.extend_from_slice(b"}\n");
-        LineFormat { max_task_chars: config.max_task_chars, tail, _format: config.log_format }
+        LineFormat {
+            max_task_chars: config.max_task_chars,
+            tail,
+            _format: config.log_format,
+        }
     }
 
     /// Appends one complete line, `\n` included, to `out`.
@@ -76,7 +80,7 @@ fn truncate(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
     }
 }
 
-/// A JSON string: quotes, backslashes and control characters escaped (serde_json's rules).
+/// A JSON string: quotes, backslashes and control characters escaped (`serde_json`'s rules).
 fn write_str(out: &mut Vec<u8>, text: impl AsRef<str>) {
     // Writing a `str` into a `Vec` cannot fail.
     let _ = serde_json::to_writer(&mut *out, text.as_ref());
@@ -109,7 +113,10 @@ fn utc_parts(at: SystemTime) -> ([u8; 10], [u8; 8], u32) {
     let at = time::OffsetDateTime::from(at);
     let mut date = *b"0000-00-00";
     let mut clock = *b"00:00:00";
-    put_digits(&mut date[0..4], at.year().clamp(0, 9999) as u32);
+    put_digits(
+        &mut date[0..4],
+        u32::try_from(at.year().clamp(0, 9999)).unwrap_or_default(),
+    );
     put_digits(&mut date[5..7], u32::from(u8::from(at.month())));
     put_digits(&mut date[8..10], u32::from(at.day()));
     put_digits(&mut clock[0..2], u32::from(at.hour()));
@@ -132,18 +139,25 @@ mod tests {
     use std::time::{Duration, UNIX_EPOCH};
 
     fn line(task: &str, duration: Duration, failure: Option<&Failure>) -> String {
-        let mut config = Config::default();
-        config.service_name = "svc \"x\"".into();
-        config.max_task_chars = 10;
+        let config = Config {
+            service_name: "svc \"x\"".into(),
+            max_task_chars: 10,
+            ..Config::default()
+        };
         let execution = Execution {
             agent_name: "backend-engineer",
             task,
             duration,
-            status: if failure.is_some() { Status::Failure } else { Status::Success },
+            status: if failure.is_some() {
+                Status::Failure
+            } else {
+                Status::Success
+            },
             failure,
             finished_at: UNIX_EPOCH + Duration::from_micros(1_795_000_530_123_456),
             trace: Some(TraceIds {
-                trace_id: opentelemetry::TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").unwrap(),
+                trace_id: opentelemetry::TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736")
+                    .unwrap(),
                 span_id: opentelemetry::SpanId::from_hex("00f067aa0ba902b7").unwrap(),
             }),
         };

@@ -1,7 +1,7 @@
 //! The writer thread: a bounded queue of complete lines, written in batches, every loss counted.
 
 use std::io::Write;
-use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError};
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -15,7 +15,10 @@ const BATCH_BYTES: usize = 64 * 1024;
 enum Message {
     Line(Vec<u8>),
     /// Write out everything queued before this message, then acknowledge (and stop).
-    Flush { ack: SyncSender<()>, stop: bool },
+    Flush {
+        ack: SyncSender<()>,
+        stop: bool,
+    },
 }
 
 /// The sending side; the agent's thread only formats and enqueues.
@@ -38,8 +41,15 @@ impl LineWriter {
                 let stats = Arc::clone(&stats);
                 move || write_lines(&receiver, destination, &stats)
             })
-            .map_err(|source| Error::Thread { name: "agent-telemetry-logs", source })?;
-        Ok(LineWriter { sender, stats, thread: Mutex::new(Some(thread)) })
+            .map_err(|source| Error::Thread {
+                name: "agent-telemetry-logs",
+                source,
+            })?;
+        Ok(LineWriter {
+            sender,
+            stats,
+            thread: Mutex::new(Some(thread)),
+        })
     }
 
     /// Queues one complete line; never blocks. A full queue drops the line and counts it.
@@ -69,7 +79,11 @@ impl LineWriter {
         match acknowledged.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
             Ok(()) if !stop => Ok(()),
             Ok(()) | Err(RecvTimeoutError::Disconnected) => {
-                let thread = self.thread.lock().unwrap_or_else(PoisonError::into_inner).take();
+                let thread = self
+                    .thread
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .take();
                 if let Some(thread) = thread {
                     // The writer has acknowledged; joining only reaps the finished thread.
                     let _ = thread.join();
@@ -82,10 +96,17 @@ impl LineWriter {
 }
 
 fn timed_out(timeout: Duration) -> Error {
-    Error::Shutdown { signal: "logs", reason: format!("lines were still being written after {timeout:?}") }
+    Error::Shutdown {
+        signal: "logs",
+        reason: format!("lines were still being written after {timeout:?}"),
+    }
 }
 
-fn write_lines(receiver: &Receiver<Message>, mut destination: Box<dyn Write + Send>, stats: &TelemetryStats) {
+fn write_lines(
+    receiver: &Receiver<Message>,
+    mut destination: Box<dyn Write + Send>,
+    stats: &TelemetryStats,
+) {
     let mut batch = Vec::with_capacity(BATCH_BYTES);
     let mut lines = 0u64;
     let mut flush_ack = None;
@@ -104,10 +125,7 @@ fn write_lines(receiver: &Receiver<Message>, mut destination: Box<dyn Write + Se
                 }
             }
             if batch.len() < BATCH_BYTES {
-                next = match receiver.try_recv() {
-                    Ok(message) => Some(message),
-                    Err(TryRecvError::Empty | TryRecvError::Disconnected) => None,
-                };
+                next = receiver.try_recv().ok();
             }
         }
         flush(&mut destination, &mut batch, &mut lines, stats);
@@ -120,11 +138,19 @@ fn write_lines(receiver: &Receiver<Message>, mut destination: Box<dyn Write + Se
     }
 }
 
-fn flush(destination: &mut Box<dyn Write + Send>, batch: &mut Vec<u8>, lines: &mut u64, stats: &TelemetryStats) {
+fn flush(
+    destination: &mut Box<dyn Write + Send>,
+    batch: &mut Vec<u8>,
+    lines: &mut u64,
+    stats: &TelemetryStats,
+) {
     if batch.is_empty() {
         return;
     }
-    match destination.write_all(batch).and_then(|()| destination.flush()) {
+    match destination
+        .write_all(batch)
+        .and_then(|()| destination.flush())
+    {
         Ok(()) => TelemetryStats::add(&stats.log_lines_written, *lines),
         Err(error) => {
             if TelemetryStats::get(&stats.log_write_errors) == 0 {

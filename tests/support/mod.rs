@@ -42,7 +42,12 @@ impl Harness {
             .with_span_exporter(KeepOnShutdown(exporter.clone()));
         let (layer, guard) = configure(builder).build().expect("telemetry builds");
         let dispatch = Dispatch::new(tracing_subscriber::registry().with(layer));
-        Harness { guard: Some(guard), exporter, dispatch, dir }
+        Harness {
+            guard: Some(guard),
+            exporter,
+            dispatch,
+            dir,
+        }
     }
 
     pub fn run<T>(&self, f: impl FnOnce() -> T) -> T {
@@ -76,7 +81,11 @@ impl Harness {
 
     /// Shuts down (flushing everything) and returns the spans and the log file's bytes.
     pub fn shutdown(&mut self) -> (Vec<SpanData>, String) {
-        self.guard.take().expect("shut down once").shutdown().expect("clean shutdown");
+        self.guard
+            .take()
+            .expect("shut down once")
+            .shutdown()
+            .expect("clean shutdown");
         let spans = self.exporter.get_finished_spans().expect("in-memory spans");
         (spans, read_log_text(self.dir.path()))
     }
@@ -129,20 +138,36 @@ pub fn json_pairs(line: &str) -> Vec<(String, serde_json::Value)> {
         }
     }
     let mut de = serde_json::Deserializer::from_str(line);
-    let pairs = de.deserialize_map(Pairs).unwrap_or_else(|e| panic!("not a JSON object ({e}): {line}"));
-    de.end().unwrap_or_else(|e| panic!("trailing data ({e}): {line}"));
+    let pairs = de
+        .deserialize_map(Pairs)
+        .unwrap_or_else(|e| panic!("not a JSON object ({e}): {line}"));
+    de.end()
+        .unwrap_or_else(|e| panic!("trailing data ({e}): {line}"));
     pairs
 }
 
 /// A minimal HTTP/1.1 client: method, path, and the status and body of the answer.
 pub fn http(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
     let mut stream = TcpStream::connect(addr).expect("connect to /metrics");
-    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(stream, "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
     let mut response = String::new();
     stream.read_to_string(&mut response).expect("read response");
-    let status = response.split(' ').nth(1).and_then(|s| s.parse().ok()).expect("status line");
-    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    let status = response
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("status line");
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
     (status, body)
 }
 
@@ -165,8 +190,12 @@ pub struct Scrape {
 
 impl Scrape {
     pub fn parse(text: &str) -> Self {
-        let mut scrape =
-            Scrape { text: text.to_owned(), samples: vec![], help: BTreeMap::new(), types: BTreeMap::new() };
+        let mut scrape = Scrape {
+            text: text.to_owned(),
+            samples: vec![],
+            help: BTreeMap::new(),
+            types: BTreeMap::new(),
+        };
         for line in text.lines().filter(|l| !l.trim().is_empty()) {
             if let Some(rest) = line.strip_prefix("# HELP ") {
                 let (name, help) = rest.split_once(' ').unwrap_or((rest, ""));
@@ -183,8 +212,14 @@ impl Scrape {
 
     /// The value of the one sample with this name and exactly these labels.
     pub fn value(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-        let wanted: BTreeMap<String, String> = labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        self.samples.iter().find(|s| s.name == name && s.labels == wanted).map(|s| s.value)
+        let wanted: BTreeMap<String, String> = labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        self.samples
+            .iter()
+            .find(|s| s.name == name && s.labels == wanted)
+            .map(|s| s.value)
     }
 
     pub fn with_name<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a Sample> + 'a {
@@ -204,7 +239,11 @@ fn parse_sample(line: &str) -> Sample {
         v => v.parse().unwrap_or_else(|_| panic!("bad value in {line}")),
     };
     let Some((name, labels)) = series.split_once('{') else {
-        return Sample { name: series.into(), labels: BTreeMap::new(), value };
+        return Sample {
+            name: series.into(),
+            labels: BTreeMap::new(),
+            value,
+        };
     };
     let mut map = BTreeMap::new();
     let mut rest = labels.strip_suffix('}').expect("closing brace");
@@ -230,25 +269,37 @@ fn parse_sample(line: &str) -> Sample {
         map.insert(key.trim_start_matches(',').to_owned(), value);
         rest = after[end..].trim_start_matches(',');
     }
-    Sample { name: name.into(), labels: map, value }
+    Sample {
+        name: name.into(),
+        labels: map,
+        value,
+    }
 }
 
 /// A tool the test needs from the machine. Under `CI=true` a missing tool fails the test;
 /// elsewhere the test says loudly that it did not run.
 pub fn require_tool(name: &str) -> Option<PathBuf> {
     let found = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths).map(|dir| dir.join(name)).find(|p| p.is_file())
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join(name))
+            .find(|p| p.is_file())
     });
     if found.is_none() {
         if std::env::var_os("CI").is_some() {
             panic!("{name} is required under CI=true but is not on PATH (.ci/run installs it)");
         }
-        eprintln!("SKIPPED: {name} is not installed; this check did not run (CI=true makes it fail)");
+        eprintln!(
+            "SKIPPED: {name} is not installed; this check did not run (CI=true makes it fail)"
+        );
     }
     found
 }
 
 /// A free port on 127.0.0.1 (bound, read, released).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }

@@ -35,7 +35,12 @@ impl Phoenix {
             .stderr(Stdio::from(log))
             .spawn()
             .expect("start phoenix");
-        let mut phoenix = Phoenix { child, http_port, grpc_port, _dir: dir };
+        let mut phoenix = Phoenix {
+            child,
+            http_port,
+            grpc_port,
+            _dir: dir,
+        };
         let deadline = Instant::now() + Duration::from_secs(180);
         loop {
             if ureq::get(&phoenix.url("/healthz")).call().is_ok() {
@@ -44,7 +49,11 @@ impl Phoenix {
             if let Ok(Some(status)) = phoenix.child.try_wait() {
                 panic!("phoenix exited with {status}: {}", phoenix.log());
             }
-            assert!(Instant::now() < deadline, "phoenix did not come up: {}", phoenix.log());
+            assert!(
+                Instant::now() < deadline,
+                "phoenix did not come up: {}",
+                phoenix.log()
+            );
             std::thread::sleep(Duration::from_millis(500));
         }
     }
@@ -67,7 +76,8 @@ impl Phoenix {
         let mut spans = Vec::new();
         let mut cursor: Option<String> = None;
         loop {
-            let mut request = ureq::get(&self.url("/v1/projects/default/spans")).query("limit", "1000");
+            let mut request =
+                ureq::get(&self.url("/v1/projects/default/spans")).query("limit", "1000");
             if let Some(cursor) = &cursor {
                 request = request.query("cursor", cursor);
             }
