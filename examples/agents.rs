@@ -1,8 +1,11 @@
 //! The main job: a team of agents executing tasks, monitored by agent-telemetry.
 //!
 //! ```text
-//! cargo run --example agents -- [--duration SECS] [--rate N]
+//! cargo run --example agents -- [--duration SECS] [--rate N] [--failure-burst START:SECS]
 //! ```
+//!
+//! `--failure-burst 60:120` makes 80% of executions fail from the 60th to the 180th second,
+//! to see the failure alerts fire.
 //!
 //! Serves `/metrics` on :8000, writes log files to `./logs/`, sends traces to
 //! `OTEL_EXPORTER_OTLP_ENDPOINT` when set and prints them on stdout otherwise. Ctrl-C or
@@ -74,6 +77,25 @@ const DURATIONS: [(f64, f64, f64); 8] = [
 ];
 
 const FAILURE_RATE: f64 = 0.04;
+const BURST_FAILURE_RATE: f64 = 0.8;
+
+/// The share of executions that fail: the usual few percent, more during a burst.
+struct FailureRate {
+    started: Instant,
+    burst: Option<(Duration, Duration)>,
+}
+
+impl FailureRate {
+    fn now(&self) -> f64 {
+        let elapsed = self.started.elapsed();
+        match self.burst {
+            Some((start, length)) if elapsed >= start && elapsed < start + length => {
+                BURST_FAILURE_RATE
+            }
+            _ => FAILURE_RATE,
+        }
+    }
+}
 
 #[derive(Debug)]
 struct AgentError(String);
@@ -132,14 +154,19 @@ fn work_duration() -> Duration {
 }
 
 /// One agent doing one task: waits for its work, fails now and then, stops when asked.
-#[tracing::instrument(name = "agent_execution", skip(stop), fields(status = tracing::field::Empty), err)]
-fn execute_agent(agent_name: &str, task: &str, stop: &Stop) -> Result<(), AgentError> {
+#[tracing::instrument(name = "agent_execution", skip(stop, failure_rate), fields(status = tracing::field::Empty), err)]
+fn execute_agent(
+    agent_name: &str,
+    task: &str,
+    stop: &Stop,
+    failure_rate: f64,
+) -> Result<(), AgentError> {
     if !stop.wait(work_duration()) {
         // Shut down mid-task: an explicit status, so it is not mistaken for a crash.
         tracing::Span::current().record("status", "cancelled");
         return Ok(());
     }
-    if fastrand::f64() < FAILURE_RATE {
+    if fastrand::f64() < failure_rate {
         return Err(AgentError(format!(
             "{agent_name} could not finish {task:?}: upstream returned 503"
         )));
@@ -148,12 +175,17 @@ fn execute_agent(agent_name: &str, task: &str, stop: &Stop) -> Result<(), AgentE
 }
 
 /// A lead splits its task and delegates the parts: nested agent spans in one trace.
-#[tracing::instrument(name = "agent_execution", skip(stop), err)]
-fn lead_agent(agent_name: &str, task: &str, stop: &Stop) -> Result<(), AgentError> {
+#[tracing::instrument(name = "agent_execution", skip(stop, failure_rate), err)]
+fn lead_agent(
+    agent_name: &str,
+    task: &str,
+    stop: &Stop,
+    failure_rate: f64,
+) -> Result<(), AgentError> {
     let mut failed = 0;
     for _ in 0..fastrand::usize(2..=3) {
         let (member, tasks) = pick(&TEAM);
-        failed += usize::from(execute_agent(member, pick(tasks), stop).is_err());
+        failed += usize::from(execute_agent(member, pick(tasks), stop, failure_rate).is_err());
     }
     if failed > 1 {
         return Err(AgentError(format!("{failed} sub-tasks of {task:?} failed")));
@@ -164,12 +196,14 @@ fn lead_agent(agent_name: &str, task: &str, stop: &Stop) -> Result<(), AgentErro
 struct Options {
     duration: Option<Duration>,
     rate: f64,
+    burst: Option<(Duration, Duration)>,
 }
 
 fn parse_options() -> Result<Options, String> {
     let mut options = Options {
         duration: None,
         rate: 2.0,
+        burst: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -269,6 +303,10 @@ fn main() -> ExitCode {
 /// then stops the running ones and waits for them.
 fn run(options: &Options, stop: &Arc<Stop>, signal: &Receiver<()>) {
     let started = Instant::now();
+    let failures = FailureRate {
+        started,
+        burst: options.burst,
+    };
     let mut running = Vec::new();
     let mut next = started;
     loop {
@@ -282,14 +320,15 @@ fn run(options: &Options, stop: &Arc<Stop>, signal: &Receiver<()>) {
         // Poisson arrivals at the requested rate.
         next += Duration::from_secs_f64(-fastrand::f64().max(1e-9).ln() / options.rate);
         let stop = Arc::clone(stop);
+        let failure_rate = failures.now();
         running.retain(|handle: &std::thread::JoinHandle<()>| !handle.is_finished());
         running.push(std::thread::spawn(move || {
             if fastrand::f64() < 0.1 {
                 let (lead, task) = pick(&LEADS);
-                let _ = lead_agent(lead, task, &stop);
+                let _ = lead_agent(lead, task, &stop, failure_rate);
             } else {
                 let (agent, tasks) = pick(&TEAM);
-                let _ = execute_agent(agent, pick(tasks), &stop);
+                let _ = execute_agent(agent, pick(tasks), &stop, failure_rate);
             }
         }));
     }

@@ -44,6 +44,8 @@ pub enum LogFormat {
     /// The guide's fields plus trace correlation (see the README).
     #[default]
     Guide,
+    /// Elastic Common Schema 8 names (`event.outcome`, `event.duration` in nanoseconds, ...).
+    Ecs,
 }
 
 /// Every setting, resolved.
@@ -141,6 +143,19 @@ impl Config {
         }
         if let Some(v) = var("AGENT_TELEMETRY_LOG_DIR") {
             self.log_dir = Some(PathBuf::from(v));
+        }
+        if let Some(v) = var("AGENT_TELEMETRY_LOG_FORMAT") {
+            self.log_format = match v.trim().to_ascii_lowercase().as_str() {
+                "guide" | "json" => LogFormat::Guide,
+                "ecs" => LogFormat::Ecs,
+                _ => {
+                    return Err(Error::invalid(
+                        "AGENT_TELEMETRY_LOG_FORMAT",
+                        v,
+                        "expected guide or ecs",
+                    ))
+                }
+            };
         }
         if let Some(v) = var("AGENT_TELEMETRY_ENVIRONMENT") {
             self.environment = v;
@@ -524,6 +539,7 @@ mod tests {
             ("OTEL_TRACES_SAMPLER", "sometimes"),
             ("OTEL_RESOURCE_ATTRIBUTES", "novalue"),
             ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json"),
+            ("AGENT_TELEMETRY_LOG_FORMAT", "xml"),
         ] {
             let err = apply(&[(name, value)]).unwrap_err();
             assert!(err.to_string().contains(name), "{name}={value}: {err}");

@@ -77,6 +77,14 @@ pub enum Error {
         source: Box<dyn std::error::Error + Send + Sync + 'static>,
     },
 
+    /// A span could not join the trace of an incoming request.
+    #[error("cannot continue the incoming trace: {source}")]
+    Propagation {
+        /// Why `tracing-opentelemetry` refused the parent.
+        #[source]
+        source: tracing_opentelemetry::SetParentError,
+    },
+
     /// Shutting a signal down did not complete cleanly or in time.
     #[error("shutdown of {signal} did not complete: {reason}")]
     Shutdown {

@@ -15,7 +15,7 @@ use tracing_subscriber::layer::{Layer, SubscriberExt};
 use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::util::SubscriberInitExt;
 
-use crate::config::{Config, OtlpProtocol, TracesExporter};
+use crate::config::{Config, LogFormat, OtlpProtocol, TracesExporter};
 use crate::error::{Error, Result};
 use crate::execution::AgentSpanNames;
 use crate::layer::{AgentFilter, ExecutionLayer, Signals};
@@ -157,6 +157,13 @@ impl AgentTelemetry {
     #[must_use]
     pub fn with_log_queue_lines(mut self, lines: usize) -> Self {
         self.config.log_queue_lines = lines;
+        self
+    }
+
+    /// The shape of the log line: the guide's (default) or ECS 8 names.
+    #[must_use]
+    pub fn with_log_format(mut self, format: LogFormat) -> Self {
+        self.config.log_format = format;
         self
     }
 

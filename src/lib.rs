@@ -48,6 +48,7 @@ mod install;
 mod layer;
 mod logs;
 mod metrics;
+pub mod propagation;
 mod stats;
 mod traces;
 

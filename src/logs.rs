@@ -5,6 +5,7 @@ mod writer;
 
 use std::cell::RefCell;
 use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -66,16 +67,56 @@ impl LogWriter {
     }
 }
 
-fn daily_files(dir: &std::path::Path, prefix: &str) -> Result<RollingFileAppender> {
-    let failed = |source| Error::LogDir {
+fn daily_files(dir: &Path, prefix: &str) -> Result<DailyFiles> {
+    let appender = open_appender(dir, prefix).map_err(|source| Error::LogDir {
         path: dir.to_owned(),
         source,
-    };
-    std::fs::create_dir_all(dir).map_err(failed)?;
+    })?;
+    Ok(DailyFiles {
+        dir: dir.to_owned(),
+        prefix: prefix.to_owned(),
+        appender,
+    })
+}
+
+fn open_appender(dir: &Path, prefix: &str) -> std::io::Result<RollingFileAppender> {
+    std::fs::create_dir_all(dir)?;
     RollingFileAppender::builder()
         .rotation(Rotation::DAILY)
         .filename_prefix(prefix)
         .filename_suffix("log")
         .build(dir)
-        .map_err(|e| failed(std::io::Error::other(e)))
+        .map_err(std::io::Error::other)
+}
+
+/// Daily files that survive their directory or today's file being removed: the appender
+/// keeps writing into an unlinked file otherwise, and every line would vanish unnoticed.
+struct DailyFiles {
+    dir: PathBuf,
+    prefix: String,
+    appender: RollingFileAppender,
+}
+
+impl DailyFiles {
+    /// Today's file, named as the appender names it (UTC dates).
+    fn todays_file(&self) -> PathBuf {
+        let today = time::OffsetDateTime::now_utc().date();
+        let (year, month, day) = (today.year(), u8::from(today.month()), today.day());
+        self.dir
+            .join(format!("{}.{year:04}-{month:02}-{day:02}.log", self.prefix))
+    }
+}
+
+impl Write for DailyFiles {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        // One stat per batch of lines, on the writer thread, so a removal loses nothing.
+        if !self.todays_file().exists() {
+            self.appender = open_appender(&self.dir, &self.prefix)?;
+        }
+        self.appender.write(bytes)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.appender.flush()
+    }
 }

@@ -10,38 +10,52 @@ const MAX_AGENT_NAME_CHARS: usize = 256;
 
 /// Everything about the line that is fixed at start-up.
 pub(crate) struct LineFormat {
+    format: LogFormat,
     max_task_chars: usize,
-    /// `,"service.name":"..."}` with the name already escaped.
+    /// The closing fields (`,"service.name":"..."}` and the like), escaped once.
     tail: Vec<u8>,
-    _format: LogFormat,
 }
 
 impl LineFormat {
     pub(crate) fn new(config: &Config) -> Self {
         let mut tail = br#","service.name":"#.to_vec();
         write_str(&mut tail, &config.service_name);
+        if config.log_format == LogFormat::Ecs {
+            tail.extend_from_slice(br#","service.environment":"#);
+            write_str(&mut tail, &config.environment);
+        }
         tail.extend_from_slice(b"}\n");
         LineFormat {
+            format: config.log_format,
             max_task_chars: config.max_task_chars,
             tail,
-            _format: config.log_format,
         }
     }
 
     /// Appends one complete line, `\n` included, to `out`.
     pub(crate) fn write(&self, e: &Execution<'_>, out: &mut Vec<u8>) {
+        match self.format {
+            LogFormat::Guide => self.write_guide(e, out),
+            LogFormat::Ecs => self.write_ecs(e, out),
+        }
+        if let Some(ids) = e.trace {
+            out.extend_from_slice(br#","trace.id":""#);
+            push_hex(out, &ids.trace_id.to_bytes());
+            out.extend_from_slice(br#"","span.id":""#);
+            push_hex(out, &ids.span_id.to_bytes());
+            out.push(b'"');
+        }
+        out.extend_from_slice(&self.tail);
+    }
+
+    /// The guide's six fields, with `@timestamp` and `log.level` for Filebeat.
+    fn write_guide(&self, e: &Execution<'_>, out: &mut Vec<u8>) {
         let (date, time, micros) = utc_parts(e.finished_at);
         out.extend_from_slice(br#"{"@timestamp":""#);
-        out.extend_from_slice(&date);
-        out.push(b'T');
-        out.extend_from_slice(&time);
-        push_fraction(out, micros / 1000, 3);
-        out.extend_from_slice(br#"Z","timestamp":""#);
-        out.extend_from_slice(&date);
-        out.push(b'T');
-        out.extend_from_slice(&time);
-        push_fraction(out, micros, 6);
-        out.extend_from_slice(br#"Z","log.level":"#);
+        push_timestamp(out, &date, &time, micros / 1000, 3);
+        out.extend_from_slice(br#"","timestamp":""#);
+        push_timestamp(out, &date, &time, micros, 6);
+        out.extend_from_slice(br#"","log.level":"#);
         out.extend_from_slice(match e.status {
             Status::Success => br#""INFO""#.as_slice(),
             Status::Failure => br#""ERROR""#.as_slice(),
@@ -55,21 +69,55 @@ impl LineFormat {
         out.extend_from_slice(br#","status":""#);
         out.extend_from_slice(e.status.as_str().as_bytes());
         out.push(b'"');
+        self.write_failure(e, out);
+    }
+
+    /// ECS 8 names: `event.*` for the outcome and duration (nanoseconds), `gen_ai.*` for the
+    /// agent, and nothing Filebeat owns (`agent.*`, `ecs.*`, `host.*`, `input.*`, `log.file`).
+    fn write_ecs(&self, e: &Execution<'_>, out: &mut Vec<u8>) {
+        let (date, time, micros) = utc_parts(e.finished_at);
+        let agent_name = truncate(e.agent_name, MAX_AGENT_NAME_CHARS);
+        out.extend_from_slice(br#"{"@timestamp":""#);
+        push_timestamp(out, &date, &time, micros / 1000, 3);
+        out.extend_from_slice(br#"","log.level":"#);
+        out.extend_from_slice(match e.status {
+            Status::Success => br#""info""#.as_slice(),
+            Status::Failure => br#""error""#.as_slice(),
+        });
+        out.extend_from_slice(br#","message":"#);
+        write_str(out, format!("agent_execution {agent_name} {}", e.status));
+        out.extend_from_slice(
+            br#","event.kind":"event","event.action":"agent_execution","event.outcome":""#,
+        );
+        out.extend_from_slice(e.status.as_str().as_bytes());
+        out.extend_from_slice(br#"","event.duration":"#);
+        let nanos = u64::try_from(e.duration.as_nanos()).unwrap_or(u64::MAX);
+        out.extend_from_slice(itoa::Buffer::new().format(nanos).as_bytes());
+        out.extend_from_slice(br#","gen_ai.agent.name":"#);
+        write_str(out, &agent_name);
+        out.extend_from_slice(
+            br#","gen_ai.operation.name":"invoke_agent","agent_execution.task":"#,
+        );
+        write_str(out, truncate(e.task, self.max_task_chars));
+        self.write_failure(e, out);
+    }
+
+    fn write_failure(&self, e: &Execution<'_>, out: &mut Vec<u8>) {
         if let Some(failure) = e.failure {
             out.extend_from_slice(br#","error.type":"#);
             write_str(out, truncate(failure.error_type(), MAX_AGENT_NAME_CHARS));
             out.extend_from_slice(br#","error.message":"#);
             write_str(out, truncate(failure.description(), self.max_task_chars));
         }
-        if let Some(ids) = e.trace {
-            out.extend_from_slice(br#","trace.id":""#);
-            push_hex(out, &ids.trace_id.to_bytes());
-            out.extend_from_slice(br#"","span.id":""#);
-            push_hex(out, &ids.span_id.to_bytes());
-            out.push(b'"');
-        }
-        out.extend_from_slice(&self.tail);
     }
+}
+
+fn push_timestamp(out: &mut Vec<u8>, date: &[u8], time: &[u8], fraction: u32, digits: u32) {
+    out.extend_from_slice(date);
+    out.push(b'T');
+    out.extend_from_slice(time);
+    push_fraction(out, fraction, digits);
+    out.push(b'Z');
 }
 
 /// At most `max` characters, cut at a character boundary, with `…` where text was cut.
@@ -177,6 +225,38 @@ mod tests {
                 r#""task":"Implement …","duration_seconds":45.2,"status":"success","#,
                 r#""trace.id":"4bf92f3577b34da6a3ce929d0e0e4736","span.id":"00f067aa0ba902b7","#,
                 r#""service.name":"svc \"x\""}"#,
+                "\n"
+            )
+        );
+    }
+
+    #[test]
+    fn the_ecs_profile() {
+        let config = Config {
+            log_format: LogFormat::Ecs,
+            ..Config::default()
+        };
+        let failure = Failure::Panic;
+        let execution = Execution {
+            agent_name: "qa-engineer",
+            task: "Test API",
+            duration: Duration::from_millis(1500),
+            status: Status::Failure,
+            failure: Some(&failure),
+            finished_at: UNIX_EPOCH + Duration::from_micros(1_795_000_530_123_456),
+            trace: None,
+        };
+        let mut out = Vec::new();
+        LineFormat::new(&config).write(&execution, &mut out);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            concat!(
+                r#"{"@timestamp":"2026-11-18T11:15:30.123Z","log.level":"error","#,
+                r#""message":"agent_execution qa-engineer failure","event.kind":"event","#,
+                r#""event.action":"agent_execution","event.outcome":"failure","event.duration":1500000000,"#,
+                r#""gen_ai.agent.name":"qa-engineer","gen_ai.operation.name":"invoke_agent","#,
+                r#""agent_execution.task":"Test API","error.type":"panic","error.message":"the agent panicked","#,
+                r#""service.name":"agents","service.environment":"production"}"#,
                 "\n"
             )
         );

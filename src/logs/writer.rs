@@ -163,3 +163,59 @@ fn flush(
     batch.clear();
     *lines = 0;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A disk that fails every write.
+    struct FullDisk;
+
+    impl Write for FullDisk {
+        fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+            Err(std::io::Error::other("No space left on device"))
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn failed_writes_are_counted_as_dropped_lines() {
+        let stats = Arc::new(TelemetryStats::default());
+        let writer = LineWriter::start(Box::new(FullDisk), 16, Arc::clone(&stats)).unwrap();
+        for _ in 0..10 {
+            writer.send(b"{}\n");
+        }
+        writer.flush(Duration::from_secs(5), true).unwrap();
+        assert_eq!(TelemetryStats::get(&stats.log_lines_dropped), 10);
+        assert_eq!(TelemetryStats::get(&stats.log_lines_written), 0);
+        assert!(TelemetryStats::get(&stats.log_write_errors) >= 1);
+    }
+
+    #[test]
+    fn a_full_queue_drops_and_counts_instead_of_blocking() {
+        /// A disk that takes its time, so the queue fills.
+        struct SlowDisk;
+        impl Write for SlowDisk {
+            fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+                std::thread::sleep(Duration::from_millis(20));
+                Ok(bytes.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let stats = Arc::new(TelemetryStats::default());
+        let writer = LineWriter::start(Box::new(SlowDisk), 4, Arc::clone(&stats)).unwrap();
+        for _ in 0..1000 {
+            writer.send(b"{}\n");
+        }
+        writer.flush(Duration::from_secs(30), true).unwrap();
+        let written = TelemetryStats::get(&stats.log_lines_written);
+        let dropped = TelemetryStats::get(&stats.log_lines_dropped);
+        assert_eq!(written + dropped, 1000, "every line is written or counted");
+        assert!(dropped > 0, "a 4-line queue cannot hold 1000 lines");
+    }
+}

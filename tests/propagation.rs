@@ -1,0 +1,81 @@
+//! W3C Trace Context: joining an incoming trace and passing ours on.
+
+mod support;
+
+use std::collections::HashMap;
+
+use agent_telemetry::propagation::{continue_trace, trace_headers};
+use agent_telemetry::Error;
+use support::{json_pairs, Harness};
+
+const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+const PARENT_ID: &str = "00f067aa0ba902b7";
+
+fn incoming() -> HashMap<String, String> {
+    HashMap::from([(
+        "traceparent".to_owned(),
+        format!("00-{TRACE_ID}-{PARENT_ID}-01"),
+    )])
+}
+
+#[test]
+fn an_execution_joins_the_callers_trace_in_spans_and_logs() {
+    let harness = Harness::new();
+    let outgoing = harness.run(|| {
+        let span = tracing::info_span!(
+            "agent_execution",
+            agent_name = "backend-engineer",
+            task = "Implement API"
+        );
+        assert!(continue_trace(&span, &incoming()).unwrap());
+        span.in_scope(|| trace_headers(&tracing::Span::current()))
+    });
+    let spans = harness.spans();
+    assert_eq!(spans.len(), 1);
+    let span = &spans[0];
+    assert_eq!(span.span_context.trace_id().to_string(), TRACE_ID);
+    assert_eq!(span.parent_span_id.to_string(), PARENT_ID);
+    assert!(span.parent_span_is_remote);
+
+    let line = json_pairs(&harness.log_lines()[0]);
+    let trace_id = line.iter().find(|(k, _)| k == "trace.id").unwrap();
+    assert_eq!(
+        trace_id.1, TRACE_ID,
+        "the log line carries the joined trace"
+    );
+
+    // Calling out: the next service continues from this execution's span.
+    let expected = format!("00-{TRACE_ID}-{}-01", span.span_context.span_id());
+    assert_eq!(outgoing.get("traceparent"), Some(&expected));
+}
+
+#[test]
+fn without_a_traceparent_a_new_trace_starts() {
+    let harness = Harness::new();
+    harness.run(|| {
+        let span = tracing::info_span!("agent_execution", agent_name = "a");
+        let garbage = HashMap::from([("traceparent".to_owned(), "not-a-trace".to_owned())]);
+        assert!(!continue_trace(&span, &garbage).unwrap());
+        assert!(!continue_trace(&span, &HashMap::new()).unwrap());
+        span.in_scope(|| {});
+    });
+    let spans = harness.spans();
+    assert_ne!(spans[0].span_context.trace_id().to_string(), TRACE_ID);
+    assert_eq!(
+        spans[0].parent_span_id,
+        opentelemetry::trace::SpanId::INVALID
+    );
+}
+
+#[test]
+fn joining_after_the_span_started_is_an_error() {
+    let harness = Harness::new();
+    harness.run(|| {
+        let span = tracing::info_span!("agent_execution", agent_name = "a");
+        span.in_scope(|| {
+            let error = continue_trace(&tracing::Span::current(), &incoming()).unwrap_err();
+            assert!(matches!(error, Error::Propagation { .. }), "{error:?}");
+            assert!(error.to_string().contains("incoming trace"), "{error}");
+        });
+    });
+}
