@@ -22,12 +22,7 @@ use agent_telemetry::{AgentTelemetry, TracesExporter};
 const TEAM: [(&str, &[&str]); 8] = [
     (
         "backend-engineer",
-        &[
-            "Implement API",
-            "Design schema",
-            "Fix N+1 query",
-            "Add pagination",
-        ],
+        &["Implement API", "Design schema", "Fix N+1 query", "Add pagination"],
     ),
     (
         "frontend-engineer",
@@ -35,34 +30,20 @@ const TEAM: [(&str, &[&str]); 8] = [
     ),
     (
         "qa-engineer",
-        &[
-            "Write integration tests",
-            "Run regression suite",
-            "Verify bug fix",
-        ],
+        &["Write integration tests", "Run regression suite", "Verify bug fix"],
     ),
     (
         "devops-engineer",
-        &[
-            "Deploy to staging",
-            "Rotate certificates",
-            "Tune autoscaling",
-        ],
+        &["Deploy to staging", "Rotate certificates", "Tune autoscaling"],
     ),
-    (
-        "security-engineer",
-        &["Audit dependencies", "Review auth flow"],
-    ),
+    ("security-engineer", &["Audit dependencies", "Review auth flow"]),
     ("data-engineer", &["Backfill events", "Build ETL job"]),
     ("technical-writer", &["Document API", "Write release notes"]),
     ("code-reviewer", &["Review pull request", "Check style"]),
 ];
 
 /// Agents that plan and hand parts of their task to the team.
-const LEADS: [(&str, &str); 2] = [
-    ("tech-lead", "Ship feature"),
-    ("product-manager", "Plan sprint"),
-];
+const LEADS: [(&str, &str); 2] = [("tech-lead", "Ship feature"), ("product-manager", "Plan sprint")];
 
 /// Share of executions per histogram bucket, so every bucket of the guide sees traffic.
 const DURATIONS: [(f64, f64, f64); 8] = [
@@ -89,9 +70,7 @@ impl FailureRate {
     fn now(&self) -> f64 {
         let elapsed = self.started.elapsed();
         match self.burst {
-            Some((start, length)) if elapsed >= start && elapsed < start + length => {
-                BURST_FAILURE_RATE
-            }
+            Some((start, length)) if elapsed >= start && elapsed < start + length => BURST_FAILURE_RATE,
             _ => FAILURE_RATE,
         }
     }
@@ -117,19 +96,13 @@ struct Stop {
 
 impl Stop {
     fn trigger(&self) {
-        *self
-            .stopped
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = true;
+        *self.stopped.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = true;
         self.changed.notify_all();
     }
 
     /// Waits `duration`; `false` if stopped first.
     fn wait(&self, duration: Duration) -> bool {
-        let stopped = self
-            .stopped
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let stopped = self.stopped.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let (stopped, _) = self
             .changed
             .wait_timeout_while(stopped, duration, |stopped| !*stopped)
@@ -155,12 +128,7 @@ fn work_duration() -> Duration {
 
 /// One agent doing one task: waits for its work, fails now and then, stops when asked.
 #[tracing::instrument(name = "agent_execution", skip(stop, failure_rate), fields(status = tracing::field::Empty), err)]
-fn execute_agent(
-    agent_name: &str,
-    task: &str,
-    stop: &Stop,
-    failure_rate: f64,
-) -> Result<(), AgentError> {
+fn execute_agent(agent_name: &str, task: &str, stop: &Stop, failure_rate: f64) -> Result<(), AgentError> {
     if !stop.wait(work_duration()) {
         // Shut down mid-task: an explicit status, so it is not mistaken for a crash.
         tracing::Span::current().record("status", "cancelled");
@@ -176,12 +144,7 @@ fn execute_agent(
 
 /// A lead splits its task and delegates the parts: nested agent spans in one trace.
 #[tracing::instrument(name = "agent_execution", skip(stop, failure_rate), err)]
-fn lead_agent(
-    agent_name: &str,
-    task: &str,
-    stop: &Stop,
-    failure_rate: f64,
-) -> Result<(), AgentError> {
+fn lead_agent(agent_name: &str, task: &str, stop: &Stop, failure_rate: f64) -> Result<(), AgentError> {
     let mut failed = 0;
     for _ in 0..fastrand::usize(2..=3) {
         let (member, tasks) = pick(&TEAM);
@@ -225,9 +188,7 @@ fn parse_options() -> Result<Options, String> {
                 options.rate = rate;
             }
             "--help" | "-h" => {
-                return Err(
-                    "usage: agents [--duration SECS] [--rate EXECUTIONS_PER_SECOND]".into(),
-                );
+                return Err("usage: agents [--duration SECS] [--rate EXECUTIONS_PER_SECOND]".into());
             }
             other => return Err(format!("unknown argument {other:?}; try --help")),
         }
@@ -243,12 +204,9 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let has_collector = [
-        "OTEL_EXPORTER_OTLP_ENDPOINT",
-        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
-    ]
-    .iter()
-    .any(|name| std::env::var_os(name).is_some_and(|v| !v.is_empty()));
+    let has_collector = ["OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"]
+        .iter()
+        .any(|name| std::env::var_os(name).is_some_and(|v| !v.is_empty()));
     let telemetry = AgentTelemetry::builder()
         .with_service_name("my-name-is-claude")
         .with_service_version("3.3.0")

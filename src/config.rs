@@ -148,13 +148,7 @@ impl Config {
             self.log_format = match v.trim().to_ascii_lowercase().as_str() {
                 "guide" | "json" => LogFormat::Guide,
                 "ecs" => LogFormat::Ecs,
-                _ => {
-                    return Err(Error::invalid(
-                        "AGENT_TELEMETRY_LOG_FORMAT",
-                        v,
-                        "expected guide or ecs",
-                    ))
-                }
+                _ => return Err(Error::invalid("AGENT_TELEMETRY_LOG_FORMAT", v, "expected guide or ecs")),
             };
         }
         if let Some(v) = var("AGENT_TELEMETRY_ENVIRONMENT") {
@@ -184,9 +178,7 @@ impl Config {
         }
         let protocol = var("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
             .map(|v| ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", v))
-            .or_else(|| {
-                var("OTEL_EXPORTER_OTLP_PROTOCOL").map(|v| ("OTEL_EXPORTER_OTLP_PROTOCOL", v))
-            });
+            .or_else(|| var("OTEL_EXPORTER_OTLP_PROTOCOL").map(|v| ("OTEL_EXPORTER_OTLP_PROTOCOL", v)));
         if let Some((name, v)) = protocol {
             self.otlp.protocol = parse_protocol(name, &v)?;
         }
@@ -201,10 +193,7 @@ impl Config {
                 OtlpProtocol::Grpc => v,
             });
         }
-        for name in [
-            "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT",
-            "OTEL_EXPORTER_OTLP_TIMEOUT",
-        ] {
+        for name in ["OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "OTEL_EXPORTER_OTLP_TIMEOUT"] {
             if let Some(v) = var(name) {
                 self.otlp.timeout = parse_millis(name, &v)?;
                 break;
@@ -253,6 +242,13 @@ impl Config {
                 "at least one agent_name label value must be allowed",
             ));
         }
+        if self.batch.max_queue_size == 0 || self.batch.max_export_batch_size == 0 {
+            return Err(Error::invalid(
+                "with_span_queue_size",
+                "0",
+                "the span queue and export batches need room for a span",
+            ));
+        }
         if self.log_queue_lines == 0 {
             return Err(Error::invalid(
                 "with_log_queue_lines",
@@ -274,8 +270,7 @@ impl Config {
                 "must not exceed OTEL_BSP_MAX_QUEUE_SIZE",
             ));
         }
-        let wants_grpc = self.traces_exporter == TracesExporter::Otlp
-            && self.otlp.protocol == OtlpProtocol::Grpc;
+        let wants_grpc = self.traces_exporter == TracesExporter::Otlp && self.otlp.protocol == OtlpProtocol::Grpc;
         if wants_grpc && !cfg!(feature = "grpc") {
             return Err(Error::invalid(
                 "OTEL_EXPORTER_OTLP_PROTOCOL",
@@ -299,8 +294,7 @@ pub(crate) fn parse_metrics_addr(setting: &str, value: &str) -> Result<Option<So
     {
         return Ok(None);
     }
-    let reason =
-        "expected host:port (such as 0.0.0.0:8000 or 127.0.0.1:0), :port, a port, or `off`";
+    let reason = "expected host:port (such as 0.0.0.0:8000 or 127.0.0.1:0), :port, a port, or `off`";
     if let Ok(port) = value.trim_start_matches(':').parse::<u16>() {
         return Ok(Some(SocketAddr::from(([0, 0, 0, 0], port))));
     }
@@ -331,11 +325,7 @@ fn parse_protocol(setting: &str, value: &str) -> Result<OtlpProtocol> {
     match value.trim() {
         "http/protobuf" => Ok(OtlpProtocol::HttpProtobuf),
         "grpc" => Ok(OtlpProtocol::Grpc),
-        _ => Err(Error::invalid(
-            setting,
-            value,
-            "expected http/protobuf or grpc",
-        )),
+        _ => Err(Error::invalid(setting, value, "expected http/protobuf or grpc")),
     }
 }
 
@@ -346,21 +336,18 @@ pub(crate) fn check_url(setting: &str, value: &str) -> Result<()> {
         .or_else(|| value.strip_prefix("https://"))
         .ok_or_else(|| Error::invalid(setting, value, "expected an http:// or https:// URL"))?;
     let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
-    let host = authority
-        .rsplit_once(':')
-        .map_or(authority, |(host, port)| {
+    let host = authority.rsplit_once(':').map_or(
+        authority,
+        |(host, port)| {
             if port.parse::<u16>().is_ok() {
                 host
             } else {
                 authority
             }
-        });
+        },
+    );
     if host.is_empty() || authority.contains(char::is_whitespace) || authority.ends_with(':') {
-        return Err(Error::invalid(
-            setting,
-            value,
-            "the URL has no valid host[:port]",
-        ));
+        return Err(Error::invalid(setting, value, "the URL has no valid host[:port]"));
     }
     if let Some((_, port)) = authority.rsplit_once(':') {
         if !authority.ends_with(']') && port.parse::<u16>().is_err() {
@@ -385,11 +372,7 @@ fn parse_millis(setting: &str, value: &str) -> Result<Duration> {
 fn parse_count(setting: &str, value: &str) -> Result<usize> {
     match value.trim().parse::<usize>() {
         Ok(n) if n > 0 => Ok(n),
-        _ => Err(Error::invalid(
-            setting,
-            value,
-            "expected a whole number greater than 0",
-        )),
+        _ => Err(Error::invalid(setting, value, "expected a whole number greater than 0")),
     }
 }
 
@@ -428,20 +411,11 @@ fn check_sampler(value: &str, arg: Option<&str>) -> Result<()> {
 fn parse_resource_attributes(value: &str) -> Result<BTreeMap<String, String>> {
     let mut attributes = BTreeMap::new();
     for pair in value.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let (key, val) = pair.split_once('=').ok_or_else(|| {
-            Error::invalid(
-                "OTEL_RESOURCE_ATTRIBUTES",
-                value,
-                format!("`{pair}` is not key=value"),
-            )
-        })?;
-        let decoded = percent_decode(val.trim()).ok_or_else(|| {
-            Error::invalid(
-                "OTEL_RESOURCE_ATTRIBUTES",
-                value,
-                format!("`{val}` has a bad %-escape"),
-            )
-        })?;
+        let (key, val) = pair
+            .split_once('=')
+            .ok_or_else(|| Error::invalid("OTEL_RESOURCE_ATTRIBUTES", value, format!("`{pair}` is not key=value")))?;
+        let decoded = percent_decode(val.trim())
+            .ok_or_else(|| Error::invalid("OTEL_RESOURCE_ATTRIBUTES", value, format!("`{val}` has a bad %-escape")))?;
         attributes.insert(key.trim().to_owned(), decoded);
     }
     Ok(attributes)
@@ -469,10 +443,7 @@ mod tests {
     use super::*;
 
     fn apply(vars: &[(&str, &str)]) -> Result<Config> {
-        let vars: BTreeMap<String, String> = vars
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect();
+        let vars: BTreeMap<String, String> = vars.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
         let mut config = Config::default();
         config.apply_env(&|name| vars.get(name).cloned())?;
         Ok(config)
@@ -487,10 +458,7 @@ mod tests {
             (config.environment.as_str(), config.scale.as_str()),
             ("production", "enterprise")
         );
-        assert_eq!(
-            config.otlp.resolved_endpoint(),
-            "http://localhost:4318/v1/traces"
-        );
+        assert_eq!(config.otlp.resolved_endpoint(), "http://localhost:4318/v1/traces");
     }
 
     #[test]
@@ -501,19 +469,13 @@ mod tests {
         assert_eq!(parse("127.0.0.1:0"), Some("127.0.0.1:0".parse().unwrap()));
         assert_eq!(parse("localhost:9"), Some("127.0.0.1:9".parse().unwrap()));
         let err = parse_metrics_addr("AGENT_TELEMETRY_METRICS_ADDR", "nope:x").unwrap_err();
-        assert!(
-            err.to_string().contains("AGENT_TELEMETRY_METRICS_ADDR"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("AGENT_TELEMETRY_METRICS_ADDR"), "{err}");
     }
 
     #[test]
     fn endpoint_rules_follow_the_spec() {
         let c = apply(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318/")]).unwrap();
-        assert_eq!(
-            c.otlp.resolved_endpoint(),
-            "http://collector:4318/v1/traces"
-        );
+        assert_eq!(c.otlp.resolved_endpoint(), "http://collector:4318/v1/traces");
         let c = apply(&[
             ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318"),
             ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://other:1/x"),
@@ -522,10 +484,7 @@ mod tests {
         assert_eq!(c.otlp.resolved_endpoint(), "http://other:1/x");
         for bad in ["collector:4318", "http://", "http://host:port", "ftp://x"] {
             let err = apply(&[("OTEL_EXPORTER_OTLP_ENDPOINT", bad)]).unwrap_err();
-            assert!(
-                err.to_string().contains("OTEL_EXPORTER_OTLP_ENDPOINT"),
-                "{bad}: {err}"
-            );
+            assert!(err.to_string().contains("OTEL_EXPORTER_OTLP_ENDPOINT"), "{bad}: {err}");
         }
     }
 

@@ -96,11 +96,7 @@ pub enum Error {
 }
 
 impl Error {
-    pub(crate) fn invalid(
-        setting: impl Into<String>,
-        value: impl Into<String>,
-        reason: impl Into<String>,
-    ) -> Self {
+    pub(crate) fn invalid(setting: impl Into<String>, value: impl Into<String>, reason: impl Into<String>) -> Self {
         Error::InvalidSetting {
             setting: setting.into(),
             value: value.into(),

@@ -29,15 +29,7 @@ impl Status {
 
     /// Normalises a user's status text: the usual words for success, anything else failure.
     pub(crate) fn from_text(text: &str) -> Status {
-        const SUCCESS: [&str; 7] = [
-            "success",
-            "succeeded",
-            "successful",
-            "ok",
-            "completed",
-            "done",
-            "true",
-        ];
+        const SUCCESS: [&str; 7] = ["success", "succeeded", "successful", "ok", "completed", "done", "true"];
         if SUCCESS.iter().any(|s| text.trim().eq_ignore_ascii_case(s)) {
             Status::Success
         } else {
@@ -176,9 +168,7 @@ pub(crate) struct ErrorText {
 
 impl ErrorText {
     pub(crate) fn into_text(self) -> String {
-        self.error
-            .or(self.message)
-            .unwrap_or_else(|| "error event".to_owned())
+        self.error.or(self.message).unwrap_or_else(|| "error event".to_owned())
     }
 }
 
@@ -224,10 +214,7 @@ impl ExecutionState {
         if let Some(text) = &self.fields.status {
             return match Status::from_text(text) {
                 Status::Success => (Status::Success, None),
-                Status::Failure => (
-                    Status::Failure,
-                    Some(Failure::Explicit(text.trim().to_owned())),
-                ),
+                Status::Failure => (Status::Failure, Some(Failure::Explicit(text.trim().to_owned()))),
             };
         }
         if let Some(message) = &self.error_event {

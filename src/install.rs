@@ -207,6 +207,35 @@ impl AgentTelemetry {
         self
     }
 
+    /// The OTLP export timeout, per attempt (`OTEL_EXPORTER_OTLP_TIMEOUT` overrides it).
+    #[must_use]
+    pub fn with_otlp_timeout(mut self, timeout: Duration) -> Self {
+        self.config.otlp.timeout = timeout;
+        self
+    }
+
+    /// How many spans may wait for export; beyond it new spans are dropped and counted in
+    /// `agent_telemetry_spans_dropped_total` (`OTEL_BSP_MAX_QUEUE_SIZE`, default 2048).
+    #[must_use]
+    pub fn with_span_queue_size(mut self, spans: usize) -> Self {
+        self.config.batch.max_queue_size = spans;
+        self
+    }
+
+    /// Spans per export (`OTEL_BSP_MAX_EXPORT_BATCH_SIZE`, default 512).
+    #[must_use]
+    pub fn with_span_export_batch_size(mut self, spans: usize) -> Self {
+        self.config.batch.max_export_batch_size = spans;
+        self
+    }
+
+    /// The longest a span waits before it is exported (`OTEL_BSP_SCHEDULE_DELAY`, default 5 s).
+    #[must_use]
+    pub fn with_span_export_delay(mut self, delay: Duration) -> Self {
+        self.config.batch.scheduled_delay = delay;
+        self
+    }
+
     /// The span names that are agent executions (default `agent_execution`).
     #[must_use]
     pub fn with_agent_span_names<I, N>(mut self, names: I) -> Self
@@ -316,15 +345,11 @@ impl AgentTelemetry {
             logs: Some(Arc::clone(&logs)),
             traces: tracer_provider.is_some(),
         };
-        let executions =
-            ExecutionLayer::new(signals).with_filter(AgentFilter::executions(Arc::clone(&names)));
+        let executions = ExecutionLayer::new(signals).with_filter(AgentFilter::executions(Arc::clone(&names)));
         let layer: TelemetryLayer<S> = match &tracer_provider {
             Some(provider) => {
-                let not_export_path = filter_fn(|metadata| {
-                    !EXPORT_PATH_TARGETS
-                        .iter()
-                        .any(|t| metadata.target().starts_with(t))
-                });
+                let not_export_path =
+                    filter_fn(|metadata| !EXPORT_PATH_TARGETS.iter().any(|t| metadata.target().starts_with(t)));
                 let traced = AgentFilter::spans(names).or(env_filter.and(not_export_path));
                 let otel = tracing_opentelemetry::layer()
                     .with_tracer(provider.tracer("agent_telemetry"))
@@ -358,14 +383,11 @@ impl AgentTelemetry {
     /// global subscriber is already installed.
     pub fn try_init(self) -> Result<TelemetryGuard> {
         let directives = if self.read_environment {
-            std::env::var("RUST_LOG")
-                .ok()
-                .filter(|v| !v.trim().is_empty())
+            std::env::var("RUST_LOG").ok().filter(|v| !v.trim().is_empty())
         } else {
             None
         };
-        let print_filter =
-            parse_env_filter(directives.as_deref().unwrap_or(&self.config.env_filter))?;
+        let print_filter = parse_env_filter(directives.as_deref().unwrap_or(&self.config.env_filter))?;
         let (layer, guard) = self.build()?;
         let printer = tracing_subscriber::fmt::layer()
             .with_writer(std::io::stderr)
@@ -375,9 +397,7 @@ impl AgentTelemetry {
             .with(layer)
             .with(printer)
             .try_init()
-            .map_err(|e| Error::GlobalSubscriber {
-                source: Box::new(e),
-            })?;
+            .map_err(|e| Error::GlobalSubscriber { source: Box::new(e) })?;
         Ok(guard)
     }
 
@@ -408,14 +428,8 @@ fn resource(config: &Config) -> Resource {
     Resource::builder_empty()
         .with_attributes(extra)
         .with_service_name(config.service_name.clone())
-        .with_attribute(KeyValue::new(
-            "service.version",
-            config.service_version.clone(),
-        ))
-        .with_attribute(KeyValue::new(
-            "deployment.environment.name",
-            config.environment.clone(),
-        ))
+        .with_attribute(KeyValue::new("service.version", config.service_version.clone()))
+        .with_attribute(KeyValue::new("deployment.environment.name", config.environment.clone()))
         .build()
 }
 
@@ -478,11 +492,7 @@ impl TelemetryGuard {
             None => "metrics: not served (TelemetryGuard::metrics renders them)".to_owned(),
         };
         let logs = match &config.log_dir {
-            Some(dir) => format!(
-                "logs:    {}/{}.YYYY-MM-DD.log",
-                dir.display(),
-                config.log_file_prefix
-            ),
+            Some(dir) => format!("logs:    {}/{}.YYYY-MM-DD.log", dir.display(), config.log_file_prefix),
             None => "logs:    stdout".to_owned(),
         };
         let traces = match config.traces_exporter {
@@ -516,14 +526,10 @@ impl TelemetryGuard {
         }
         let timeout = self.config.shutdown_timeout;
         let traces = match self.tracer_provider.take() {
-            Some(provider) => {
-                provider
-                    .shutdown_with_timeout(timeout)
-                    .map_err(|e| Error::Shutdown {
-                        signal: "traces",
-                        reason: e.to_string(),
-                    })
-            }
+            Some(provider) => provider.shutdown_with_timeout(timeout).map_err(|e| Error::Shutdown {
+                signal: "traces",
+                reason: e.to_string(),
+            }),
             None => Ok(()),
         };
         let logs = self.logs.shutdown(timeout);

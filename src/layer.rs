@@ -12,9 +12,7 @@ use tracing_core::{Dispatch, Event, Level, Metadata, Subscriber};
 use tracing_subscriber::layer::{Context, Filter, Layer};
 use tracing_subscriber::registry::LookupSpan;
 
-use crate::execution::{
-    AgentSpanNames, ErrorText, Execution, ExecutionState, TraceIds, UNKNOWN_AGENT,
-};
+use crate::execution::{AgentSpanNames, ErrorText, Execution, ExecutionState, TraceIds, UNKNOWN_AGENT};
 use crate::logs::LogWriter;
 use crate::metrics::Metrics;
 use crate::traces;

@@ -40,12 +40,8 @@ impl MetricsHandle {
         let mut text = Vec::with_capacity(4096);
         TextEncoder::new()
             .encode(&self.registry.gather(), &mut text)
-            .map_err(|e| Error::Metrics {
-                source: Box::new(e),
-            })?;
-        String::from_utf8(text).map_err(|e| Error::Metrics {
-            source: Box::new(e),
-        })
+            .map_err(|e| Error::Metrics { source: Box::new(e) })?;
+        String::from_utf8(text).map_err(|e| Error::Metrics { source: Box::new(e) })
     }
 
     /// The `Content-Type` of [`render`](Self::render)'s output.
@@ -70,14 +66,8 @@ impl AgentLabels {
     fn new(agent_name: &str) -> Self {
         let name = KeyValue::new("agent_name", agent_name.to_owned());
         AgentLabels {
-            success: [
-                name.clone(),
-                KeyValue::new("status", Status::Success.as_str()),
-            ],
-            failure: [
-                name.clone(),
-                KeyValue::new("status", Status::Failure.as_str()),
-            ],
+            success: [name.clone(), KeyValue::new("status", Status::Success.as_str())],
+            failure: [name.clone(), KeyValue::new("status", Status::Failure.as_str())],
             name: [name],
         }
     }
@@ -98,20 +88,14 @@ pub(crate) struct Metrics {
 }
 
 impl Metrics {
-    pub(crate) fn new(
-        config: &Config,
-        resource: Resource,
-        stats: Arc<TelemetryStats>,
-    ) -> Result<Self> {
+    pub(crate) fn new(config: &Config, resource: Resource, stats: Arc<TelemetryStats>) -> Result<Self> {
         let registry = prometheus::Registry::new();
         let exporter = opentelemetry_prometheus::exporter()
             .with_registry(registry.clone())
             .scope_info_enabled(false)
             .without_target_info()
             .build()
-            .map_err(|e| Error::Metrics {
-                source: Box::new(e),
-            })?;
+            .map_err(|e| Error::Metrics { source: Box::new(e) })?;
         let provider = SdkMeterProvider::builder()
             .with_reader(exporter)
             .with_resource(resource)
@@ -177,8 +161,7 @@ impl Metrics {
             Status::Failure => &labels.failure,
         };
         self.executions.add(1, counter_labels);
-        self.duration
-            .record(execution.duration.as_secs_f64(), &labels.name);
+        self.duration.record(execution.duration.as_secs_f64(), &labels.name);
     }
 
     /// The cached label set of `agent_name`, or the overflow set once the cap is reached.
@@ -236,11 +219,9 @@ fn register_self_metrics(meter: &Meter, stats: &Arc<TelemetryStats>) {
             "Spans dropped because the export queue was full",
             |s| &s.spans_dropped,
         ),
-        (
-            "agent_telemetry_spans_exported",
-            "Spans the exporter delivered",
-            |s| &s.spans_exported,
-        ),
+        ("agent_telemetry_spans_exported", "Spans the exporter delivered", |s| {
+            &s.spans_exported
+        }),
         (
             "agent_telemetry_spans_export_failed",
             "Spans lost in failed exports",

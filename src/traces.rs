@@ -11,8 +11,7 @@ use opentelemetry::trace::{SpanId, Status as SpanStatus};
 use opentelemetry::{Context, KeyValue, StringValue, Value};
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::trace::{
-    BatchConfigBuilder, BatchSpanProcessor, SdkTracerProvider, Span, SpanData, SpanExporter,
-    SpanProcessor,
+    BatchConfigBuilder, BatchSpanProcessor, SdkTracerProvider, Span, SpanData, SpanExporter, SpanProcessor,
 };
 use opentelemetry_sdk::Resource;
 
@@ -35,9 +34,7 @@ pub(crate) fn provider(
         (Some(custom), _) => batch(counting(Exporter::Boxed(custom)), config),
         (None, TracesExporter::None) => return Ok(None),
         (None, TracesExporter::Console) => batch(
-            counting(Exporter::Boxed(Box::new(
-                opentelemetry_stdout::SpanExporter::default(),
-            ))),
+            counting(Exporter::Boxed(Box::new(opentelemetry_stdout::SpanExporter::default()))),
             config,
         ),
         (None, TracesExporter::Otlp) => batch(counting(otlp_exporter(config)?), config),
@@ -88,11 +85,10 @@ fn otlp_exporter(config: &Config) -> Result<Exporter> {
             .map_err(failed),
         #[cfg(feature = "grpc")]
         OtlpProtocol::Grpc => {
-            let runtime =
-                tokio::runtime::Handle::try_current().map_err(|e| Error::TraceExporter {
-                    exporter: "otlp (grpc)",
-                    source: format!("OTLP/gRPC must be set up inside a tokio runtime: {e}").into(),
-                })?;
+            let runtime = tokio::runtime::Handle::try_current().map_err(|e| Error::TraceExporter {
+                exporter: "otlp (grpc)",
+                source: format!("OTLP/gRPC must be set up inside a tokio runtime: {e}").into(),
+            })?;
             let _entered = runtime.enter();
             opentelemetry_otlp::SpanExporter::builder()
                 .with_tonic()
@@ -115,8 +111,7 @@ fn otlp_exporter(config: &Config) -> Result<Exporter> {
 /// boxed as it is.
 pub(crate) type BoxedSpanExporter = Box<dyn DynSpanExporter>;
 
-type ExportFuture<'a> =
-    std::pin::Pin<Box<dyn std::future::Future<Output = OTelSdkResult> + Send + 'a>>;
+type ExportFuture<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = OTelSdkResult> + Send + 'a>>;
 
 pub(crate) trait DynSpanExporter: Send + Sync + std::fmt::Debug {
     fn export_boxed(&self, batch: Vec<SpanData>) -> ExportFuture<'_>;
@@ -252,7 +247,13 @@ impl SpanProcessor for AgentSpanProcessor {
         let queued = self.in_flight.fetch_add(1, Ordering::Relaxed);
         if queued >= self.max_queue_size || self.shut_down.load(Ordering::Relaxed) {
             self.in_flight.fetch_sub(1, Ordering::Relaxed);
-            TelemetryStats::add(&self.stats.spans_dropped, 1);
+            if self.stats.spans_dropped.fetch_add(1, Ordering::Relaxed) == 0 {
+                tracing::warn!(
+                    target: "agent_telemetry::traces",
+                    queue = self.max_queue_size,
+                    "span export queue full; dropping spans and counting them in agent_telemetry_spans_dropped_total"
+                );
+            }
             return;
         }
         TelemetryStats::add(&self.stats.spans_queued, 1);

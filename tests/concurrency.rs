@@ -38,18 +38,10 @@ fn eight_threads_are_counted_exactly_everywhere() {
     let scrape = harness.scrape();
     for thread in 0..THREADS {
         let agent = format!("agent-{thread}");
-        let count = |status| {
-            scrape.value(
-                "agent_executions_total",
-                &[("agent_name", &agent), ("status", status)],
-            )
-        };
+        let count = |status| scrape.value("agent_executions_total", &[("agent_name", &agent), ("status", status)]);
         assert_eq!(count("success"), Some(225.0), "{agent}");
         assert_eq!(count("failure"), Some(25.0), "{agent}");
-        let histogram_count = scrape.value(
-            "agent_execution_duration_seconds_count",
-            &[("agent_name", &agent)],
-        );
+        let histogram_count = scrape.value("agent_execution_duration_seconds_count", &[("agent_name", &agent)]);
         assert_eq!(histogram_count, Some(PER_THREAD as f64));
     }
 
@@ -63,10 +55,7 @@ fn eight_threads_are_counted_exactly_everywhere() {
         .map(|l| json_pairs(l)[5].1.as_str().unwrap().to_owned())
         .collect();
     assert_eq!(tasks.len(), total, "each execution exactly once");
-    let span_ids: BTreeSet<String> = spans
-        .iter()
-        .map(|s| s.span_context.span_id().to_string())
-        .collect();
+    let span_ids: BTreeSet<String> = spans.iter().map(|s| s.span_context.span_id().to_string()).collect();
     let logged_ids: BTreeSet<String> = lines
         .iter()
         .map(|l| {

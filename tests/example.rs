@@ -77,15 +77,9 @@ fn the_main_job_produces_all_three_signals() {
         "framework_memory_usage_bytes",
         "framework_info",
     ] {
-        assert!(
-            scrape.types.contains_key(family),
-            "{family} missing:\n{body}"
-        );
+        assert!(scrape.types.contains_key(family), "{family} missing:\n{body}");
     }
-    assert!(
-        scrape.sum("agent_executions_total") >= 20.0,
-        "25/s for 5 s:\n{body}"
-    );
+    assert!(scrape.sum("agent_executions_total") >= 20.0, "25/s for 5 s:\n{body}");
     let info = [
         ("environment", "production"),
         ("scale", "enterprise"),
@@ -161,10 +155,7 @@ fn the_main_job_produces_all_three_signals() {
                     .find(|(k, _)| k == key)
                     .map(|(_, v)| v.as_str().unwrap().to_owned())
             };
-            logged.insert((
-                id("trace.id").expect("trace.id"),
-                id("span.id").expect("span.id"),
-            ));
+            logged.insert((id("trace.id").expect("trace.id"), id("span.id").expect("span.id")));
         }
     }
 

@@ -43,11 +43,7 @@ fn one_line_per_execution_in_the_contract_shape() {
     let keys: Vec<&str> = success.iter().map(|(k, _)| k.as_str()).collect();
     assert_eq!(keys, KEYS, "key order and no duplicates");
     let value = |pairs: &[(String, serde_json::Value)], key: &str| {
-        pairs
-            .iter()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| v.clone())
-            .unwrap()
+        pairs.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone()).unwrap()
     };
     assert_eq!(value(&success, "event"), "agent_execution");
     assert_eq!(value(&success, "agent_name"), "backend-engineer");
@@ -56,10 +52,7 @@ fn one_line_per_execution_in_the_contract_shape() {
     assert_eq!(value(&success, "log.level"), "INFO");
     assert_eq!(value(&success, "service.name"), "test-service");
     assert!(value(&success, "duration_seconds").is_f64());
-    assert!(
-        lines[0].contains(r#""duration_seconds":"#)
-            && !lines[0].contains(r#""duration_seconds":0,"#)
-    );
+    assert!(lines[0].contains(r#""duration_seconds":"#) && !lines[0].contains(r#""duration_seconds":0,"#));
 
     let failure = json_pairs(&lines[1]);
     let keys: Vec<&str> = failure.iter().map(|(k, _)| k.as_str()).collect();
@@ -81,14 +74,8 @@ fn one_line_per_execution_in_the_contract_shape() {
                     .any(|kv| kv.key.as_str() == "agent.name" && kv.value.as_str() == name)
             })
             .unwrap();
-        assert_eq!(
-            value(line, "trace.id"),
-            span.span_context.trace_id().to_string()
-        );
-        assert_eq!(
-            value(line, "span.id"),
-            span.span_context.span_id().to_string()
-        );
+        assert_eq!(value(line, "trace.id"), span.span_context.trace_id().to_string());
+        assert_eq!(value(line, "span.id"), span.span_context.span_id().to_string());
     }
 }
 
@@ -102,18 +89,9 @@ fn timestamps_are_utc_rfc3339_with_z() {
     let at = pairs[0].1.as_str().unwrap().to_owned();
     let precise = pairs[1].1.as_str().unwrap().to_owned();
     assert_eq!(at.len(), "2026-11-24T10:15:30.123Z".len(), "{at}");
-    assert_eq!(
-        precise.len(),
-        "2026-11-24T10:15:30.123456Z".len(),
-        "{precise}"
-    );
-    assert!(
-        at.ends_with('Z') && precise.starts_with(&at[..23]),
-        "{at} {precise}"
-    );
-    let parsed =
-        time::OffsetDateTime::parse(&precise, &time::format_description::well_known::Rfc3339)
-            .unwrap();
+    assert_eq!(precise.len(), "2026-11-24T10:15:30.123456Z".len(), "{precise}");
+    assert!(at.ends_with('Z') && precise.starts_with(&at[..23]), "{at} {precise}");
+    let parsed = time::OffsetDateTime::parse(&precise, &time::format_description::well_known::Rfc3339).unwrap();
     let elapsed = (time::OffsetDateTime::from(before) - parsed).abs();
     assert!(
         elapsed < time::Duration::seconds(5),
@@ -132,11 +110,7 @@ fn hostile_text_stays_one_bounded_json_line() {
     });
     let text = support::read_log_text(harness.dir.path());
     let lines = harness.log_lines();
-    assert_eq!(
-        lines.len(),
-        2,
-        "control characters never split a line:\n{text}"
-    );
+    assert_eq!(lines.len(), 2, "control characters never split a line:\n{text}");
     let first = json_pairs(&lines[0]);
     assert_eq!(first[4].1, nasty, "agent_name round-trips");
     let task = first[5].1.as_str().unwrap();
@@ -167,19 +141,14 @@ fn daily_file_name_matches_filebeats_glob() {
 #[test]
 fn shutdown_leaves_only_whole_lines_and_loses_nothing() {
     let mut harness = Harness::new();
-    harness
-        .run(|| (0..2_000).for_each(|i| execute_agent("a", &format!("task {i}"), false).unwrap()));
+    harness.run(|| (0..2_000).for_each(|i| execute_agent("a", &format!("task {i}"), false).unwrap()));
     let (spans, text) = harness.shutdown();
     assert!(text.ends_with('\n'), "the file ends with a complete line");
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines.len(), 2_000);
     assert_eq!(spans.len(), 2_000);
     for (i, line) in lines.iter().enumerate() {
-        assert_eq!(
-            json_pairs(line)[5].1,
-            format!("task {i}"),
-            "in order, none lost"
-        );
+        assert_eq!(json_pairs(line)[5].1, format!("task {i}"), "in order, none lost");
     }
 }
 
@@ -195,8 +164,5 @@ fn an_unwritable_log_dir_is_an_error_that_names_the_setting() {
     let Err(error) = result else {
         panic!("a log dir under a file cannot be created")
     };
-    assert!(
-        error.to_string().contains("AGENT_TELEMETRY_LOG_DIR"),
-        "{error}"
-    );
+    assert!(error.to_string().contains("AGENT_TELEMETRY_LOG_DIR"), "{error}");
 }

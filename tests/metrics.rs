@@ -33,12 +33,7 @@ fn known_workload_gives_exact_families_labels_and_buckets() {
     });
     let scrape = harness.scrape();
 
-    let count = |agent, status| {
-        scrape.value(
-            "agent_executions_total",
-            &[("agent_name", agent), ("status", status)],
-        )
-    };
+    let count = |agent, status| scrape.value("agent_executions_total", &[("agent_name", agent), ("status", status)]);
     assert_eq!(count("backend-engineer", "success"), Some(3.0));
     assert_eq!(count("backend-engineer", "failure"), Some(1.0));
     assert_eq!(count("qa-engineer", "success"), Some(2.0));
@@ -56,24 +51,15 @@ fn known_workload_gives_exact_families_labels_and_buckets() {
             &[("agent_name", agent), ("le", le)],
         )
     };
-    let backend: Vec<_> = BUCKETS
-        .iter()
-        .map(|le| bucket("backend-engineer", le))
-        .collect();
+    let backend: Vec<_> = BUCKETS.iter().map(|le| bucket("backend-engineer", le)).collect();
     assert_eq!(backend, vec![Some(4.0); 9]);
     let qa: Vec<_> = BUCKETS.iter().map(|le| bucket("qa-engineer", le)).collect();
     let expected = [0.0, 1.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0].map(Some);
     assert_eq!(qa, expected);
     let qa_sum = scrape
-        .value(
-            "agent_execution_duration_seconds_sum",
-            &[("agent_name", "qa-engineer")],
-        )
+        .value("agent_execution_duration_seconds_sum", &[("agent_name", "qa-engineer")])
         .unwrap();
-    assert!(
-        (0.75..5.0).contains(&qa_sum),
-        "sum of 150 ms + 600 ms sleeps: {qa_sum}"
-    );
+    assert!((0.75..5.0).contains(&qa_sum), "sum of 150 ms + 600 ms sleeps: {qa_sum}");
     assert_eq!(
         scrape.value(
             "agent_execution_duration_seconds_count",
@@ -85,10 +71,7 @@ fn known_workload_gives_exact_families_labels_and_buckets() {
     let memory = scrape
         .value("framework_memory_usage_bytes", &[])
         .expect("memory gauge without labels");
-    assert!(
-        memory > 1_000_000.0,
-        "resident set size of a test process: {memory}"
-    );
+    assert!(memory > 1_000_000.0, "resident set size of a test process: {memory}");
     let version = env!("CARGO_PKG_VERSION");
     let info = [
         ("environment", "production"),
@@ -104,11 +87,7 @@ fn exposition_has_the_guides_names_types_and_help_only() {
     harness.run(|| execute_agent("a", "t", 0, false).unwrap());
     let scrape = harness.scrape();
     let expected = [
-        (
-            "agent_executions_total",
-            "counter",
-            "Total agent executions",
-        ),
+        ("agent_executions_total", "counter", "Total agent executions"),
         (
             "agent_execution_duration_seconds",
             "histogram",
@@ -119,23 +98,11 @@ fn exposition_has_the_guides_names_types_and_help_only() {
             "gauge",
             "Framework memory usage in bytes",
         ),
-        (
-            "framework_info",
-            "gauge",
-            "Framework version and configuration",
-        ),
+        ("framework_info", "gauge", "Framework version and configuration"),
     ];
     for (name, kind, help) in expected {
-        assert_eq!(
-            scrape.types.get(name).map(String::as_str),
-            Some(kind),
-            "{name}"
-        );
-        assert_eq!(
-            scrape.help.get(name).map(String::as_str),
-            Some(help),
-            "{name}"
-        );
+        assert_eq!(scrape.types.get(name).map(String::as_str), Some(kind), "{name}");
+        assert_eq!(scrape.help.get(name).map(String::as_str), Some(help), "{name}");
     }
     let families: Vec<&String> = scrape
         .types
@@ -147,16 +114,8 @@ fn exposition_has_the_guides_names_types_and_help_only() {
         4,
         "only the guide's families besides self-metrics: {families:?}"
     );
-    assert!(
-        !scrape.text.contains("otel_scope"),
-        "no scope labels:\n{}",
-        scrape.text
-    );
-    assert!(
-        !scrape.text.contains("target_info"),
-        "no target_info:\n{}",
-        scrape.text
-    );
+    assert!(!scrape.text.contains("otel_scope"), "no scope labels:\n{}", scrape.text);
+    assert!(!scrape.text.contains("target_info"), "no target_info:\n{}", scrape.text);
     for self_metric in [
         "agent_telemetry_log_lines_dropped_total",
         "agent_telemetry_spans_dropped_total",
@@ -186,11 +145,7 @@ fn configured_buckets_and_info_labels_are_used() {
         .map(|s| s.labels["le"].as_str())
         .collect();
     assert_eq!(les, ["0.25", "4", "+Inf"]);
-    let info = [
-        ("environment", "staging"),
-        ("scale", "team"),
-        ("version", "3.3.0"),
-    ];
+    let info = [("environment", "staging"), ("scale", "team"), ("version", "3.3.0")];
     assert_eq!(scrape.value("framework_info", &info), Some(1.0));
 }
 
@@ -222,10 +177,7 @@ fn agent_names_beyond_the_cap_are_folded_and_counted() {
         .iter()
         .map(|l| support::json_pairs(l)[4].1.to_string())
         .collect();
-    assert_eq!(
-        names,
-        ["\"a\"", "\"b\"", "\"c\"", "\"d\"", "\"a\"", "\"c\""]
-    );
+    assert_eq!(names, ["\"a\"", "\"b\"", "\"c\"", "\"d\"", "\"a\"", "\"c\""]);
 }
 
 #[test]
@@ -237,10 +189,7 @@ fn spans_and_events_that_are_not_agent_executions_produce_nothing() {
             tracing::error!("an error outside any agent");
         });
     });
-    assert_eq!(
-        harness.scrape().with_name("agent_executions_total").count(),
-        0
-    );
+    assert_eq!(harness.scrape().with_name("agent_executions_total").count(), 0);
     assert!(harness.log_lines().is_empty());
 }
 
@@ -312,4 +261,29 @@ fn promtool_accepts_the_scrape() {
         "promtool check metrics:\n{report}\n{}",
         scrape.text
     );
+}
+
+#[test]
+fn an_agent_name_flood_is_folded_and_stays_bounded() {
+    let harness = Harness::with(|b| {
+        b.with_max_agent_names(50)
+            .with_traces_exporter(agent_telemetry::TracesExporter::None)
+    });
+    harness.run(|| {
+        for i in 0..20_000 {
+            tracing::info_span!("agent_execution", agent_name = format!("generated-{i}").as_str()).in_scope(|| {});
+        }
+    });
+    let scrape = harness.scrape();
+    assert_eq!(
+        scrape.with_name("agent_executions_total").count(),
+        51,
+        "50 names and the overflow series"
+    );
+    assert_eq!(scrape.with_name("agent_execution_duration_seconds_count").count(), 51);
+    assert_eq!(
+        scrape.value("agent_telemetry_agent_names_overflowed_total", &[]),
+        Some(19_950.0)
+    );
+    assert_eq!(scrape.sum("agent_executions_total"), 20_000.0, "folded, not lost");
 }

@@ -12,10 +12,7 @@ const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const PARENT_ID: &str = "00f067aa0ba902b7";
 
 fn incoming() -> HashMap<String, String> {
-    HashMap::from([(
-        "traceparent".to_owned(),
-        format!("00-{TRACE_ID}-{PARENT_ID}-01"),
-    )])
+    HashMap::from([("traceparent".to_owned(), format!("00-{TRACE_ID}-{PARENT_ID}-01"))])
 }
 
 #[test]
@@ -39,10 +36,7 @@ fn an_execution_joins_the_callers_trace_in_spans_and_logs() {
 
     let line = json_pairs(&harness.log_lines()[0]);
     let trace_id = line.iter().find(|(k, _)| k == "trace.id").unwrap();
-    assert_eq!(
-        trace_id.1, TRACE_ID,
-        "the log line carries the joined trace"
-    );
+    assert_eq!(trace_id.1, TRACE_ID, "the log line carries the joined trace");
 
     // Calling out: the next service continues from this execution's span.
     let expected = format!("00-{TRACE_ID}-{}-01", span.span_context.span_id());
@@ -61,10 +55,7 @@ fn without_a_traceparent_a_new_trace_starts() {
     });
     let spans = harness.spans();
     assert_ne!(spans[0].span_context.trace_id().to_string(), TRACE_ID);
-    assert_eq!(
-        spans[0].parent_span_id,
-        opentelemetry::trace::SpanId::INVALID
-    );
+    assert_eq!(spans[0].parent_span_id, opentelemetry::trace::SpanId::INVALID);
 }
 
 #[test]

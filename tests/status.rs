@@ -17,16 +17,9 @@ fn assert_outcome(harness: &Harness, agent: &str, status: &str, error_type: Opti
         "{agent}: counter\n{}",
         scrape.text
     );
-    let other = if status == "success" {
-        "failure"
-    } else {
-        "success"
-    };
+    let other = if status == "success" { "failure" } else { "success" };
     assert_eq!(
-        scrape.value(
-            "agent_executions_total",
-            &[("agent_name", agent), ("status", other)]
-        ),
+        scrape.value("agent_executions_total", &[("agent_name", agent), ("status", other)]),
         None
     );
 
@@ -36,11 +29,7 @@ fn assert_outcome(harness: &Harness, agent: &str, status: &str, error_type: Opti
         .map(|l| json_pairs(l))
         .find(|pairs| pairs[4].1 == agent)
         .unwrap_or_else(|| panic!("{agent}: no log line in {lines:?}"));
-    assert_eq!(
-        line[7],
-        ("status".to_owned(), status.into()),
-        "{agent}: log line"
-    );
+    assert_eq!(line[7], ("status".to_owned(), status.into()), "{agent}: log line");
     let logged_error_type = line
         .iter()
         .find(|(k, _)| k == "error.type")
@@ -71,11 +60,7 @@ fn assert_outcome(harness: &Harness, agent: &str, status: &str, error_type: Opti
         Some(status),
         "{agent}: span attribute"
     );
-    assert_eq!(
-        attr("error.type").as_deref(),
-        error_type,
-        "{agent}: span error.type"
-    );
+    assert_eq!(attr("error.type").as_deref(), error_type, "{agent}: span error.type");
     assert_eq!(
         matches!(span.status, SpanStatus::Error { .. }),
         status == "failure",
@@ -97,12 +82,7 @@ fn fallible(agent_name: &str, fail: bool) -> Result<(), String> {
 fn explicit_status_field_wins() {
     let harness = Harness::new();
     harness.run(|| {
-        tracing::info_span!(
-            "agent_execution",
-            agent_name = "timeout-agent",
-            status = "timeout"
-        )
-        .in_scope(|| {});
+        tracing::info_span!("agent_execution", agent_name = "timeout-agent", status = "timeout").in_scope(|| {});
         let span = tracing::info_span!(
             "agent_execution",
             agent_name = "recorded-later",
@@ -113,16 +93,10 @@ fn explicit_status_field_wins() {
         });
         drop(span);
         // `result.status` is accepted too, and an explicit success beats an ERROR event.
-        tracing::info_span!(
-            "agent_execution",
-            agent_name = "recovered",
-            result.status = "success"
-        )
-        .in_scope(|| {
+        tracing::info_span!("agent_execution", agent_name = "recovered", result.status = "success").in_scope(|| {
             tracing::error!("retried and recovered");
         });
-        tracing::info_span!("agent_execution", agent.name = "dotted", status = ?"ok")
-            .in_scope(|| {});
+        tracing::info_span!("agent_execution", agent.name = "dotted", status = ?"ok").in_scope(|| {});
     });
     assert_outcome(&harness, "timeout-agent", "failure", Some("timeout"));
     assert_outcome(&harness, "recorded-later", "failure", Some("failure"));
@@ -188,10 +162,7 @@ fn async_agents_are_timed_by_the_wall_clock() {
     // 300 ms awaited, almost no busy time: the histogram sees the 300 ms.
     let scrape = harness.scrape();
     let sum = scrape
-        .value(
-            "agent_execution_duration_seconds_sum",
-            &[("agent_name", "async-ok")],
-        )
+        .value("agent_execution_duration_seconds_sum", &[("agent_name", "async-ok")])
         .unwrap();
     assert!(sum >= 0.3, "wall-clock duration, not busy time: {sum}");
 }
@@ -205,8 +176,7 @@ fn lead(agent_name: &str) {
 
 #[tracing::instrument(name = "agent_execution")]
 fn lead_with_failing_tool(agent_name: &str) {
-    tracing::info_span!("tool_call")
-        .in_scope(|| tracing::error!(error = "tool crashed", "tool call failed"));
+    tracing::info_span!("tool_call").in_scope(|| tracing::error!(error = "tool crashed", "tool call failed"));
 }
 
 #[test]

@@ -86,15 +86,8 @@ fn nested_agents_keep_parent_and_child() {
             .iter()
             .find(|s| string(s, "agent.name").as_deref() == Some(child_name))
             .unwrap();
-        assert_eq!(
-            child.parent_span_id,
-            parent.span_context.span_id(),
-            "{child_name}"
-        );
-        assert_eq!(
-            child.span_context.trace_id(),
-            parent.span_context.trace_id()
-        );
+        assert_eq!(child.parent_span_id, parent.span_context.span_id(), "{child_name}");
+        assert_eq!(child.span_context.trace_id(), parent.span_context.trace_id());
     }
 }
 

@@ -86,18 +86,14 @@ impl LineFormat {
         });
         out.extend_from_slice(br#","message":"#);
         write_str(out, format!("agent_execution {agent_name} {}", e.status));
-        out.extend_from_slice(
-            br#","event.kind":"event","event.action":"agent_execution","event.outcome":""#,
-        );
+        out.extend_from_slice(br#","event.kind":"event","event.action":"agent_execution","event.outcome":""#);
         out.extend_from_slice(e.status.as_str().as_bytes());
         out.extend_from_slice(br#"","event.duration":"#);
         let nanos = u64::try_from(e.duration.as_nanos()).unwrap_or(u64::MAX);
         out.extend_from_slice(itoa::Buffer::new().format(nanos).as_bytes());
         out.extend_from_slice(br#","gen_ai.agent.name":"#);
         write_str(out, &agent_name);
-        out.extend_from_slice(
-            br#","gen_ai.operation.name":"invoke_agent","agent_execution.task":"#,
-        );
+        out.extend_from_slice(br#","gen_ai.operation.name":"invoke_agent","agent_execution.task":"#);
         write_str(out, truncate(e.task, self.max_task_chars));
         self.write_failure(e, out);
     }
@@ -204,8 +200,7 @@ mod tests {
             failure,
             finished_at: UNIX_EPOCH + Duration::from_micros(1_795_000_530_123_456),
             trace: Some(TraceIds {
-                trace_id: opentelemetry::TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736")
-                    .unwrap(),
+                trace_id: opentelemetry::TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").unwrap(),
                 span_id: opentelemetry::SpanId::from_hex("00f067aa0ba902b7").unwrap(),
             }),
         };
@@ -271,5 +266,85 @@ mod tests {
         assert_eq!(value["status"], "failure");
         assert_eq!(value["log.level"], "ERROR");
         assert_eq!(value["error.message"], "bad\nthing");
+    }
+
+    mod properties {
+        use super::*;
+        use crate::execution::Failure;
+        use proptest::prelude::*;
+
+        /// Text that tries to break a line: control characters, quotes, backslashes,
+        /// escape-looking sequences, non-ASCII, and lengths far past the bound.
+        fn hostile_text() -> impl Strategy<Value = String> {
+            prop_oneof![
+                any::<String>(),
+                "[\\\"\\u{0}-\\u{1f}\\u{7f}\\\\]{0,64}",
+                proptest::collection::vec(
+                    prop_oneof![
+                        Just("\\u0041".to_owned()),
+                        Just("é".to_owned()),
+                        Just("\n".to_owned()),
+                        any::<char>().prop_map(String::from)
+                    ],
+                    0..3000
+                )
+                .prop_map(|parts| parts.concat()),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            #[test]
+            fn every_line_is_one_bounded_json_object(
+                agent_name in hostile_text(),
+                task in hostile_text(),
+                millis in any::<u32>(),
+                failed in any::<bool>(),
+                ecs in any::<bool>(),
+            ) {
+                let max_task_chars = 100;
+                let config = Config {
+                    max_task_chars,
+                    log_format: if ecs { LogFormat::Ecs } else { LogFormat::Guide },
+                    ..Config::default()
+                };
+                let failure = Failure::ErrorEvent(task.clone());
+                let execution = Execution {
+                    agent_name: &agent_name,
+                    task: &task,
+                    duration: Duration::from_millis(u64::from(millis)),
+                    status: if failed { Status::Failure } else { Status::Success },
+                    failure: failed.then_some(&failure),
+                    finished_at: SystemTime::now(),
+                    trace: None,
+                };
+                let mut out = Vec::new();
+                LineFormat::new(&config).write(&execution, &mut out);
+
+                // One line: a single `\n`, at the end.
+                prop_assert_eq!(out.split(|&b| b == b'\n').count(), 2, "exactly one newline");
+                prop_assert_eq!(out.last(), Some(&b'\n'));
+                // Within the bound: each kept character escapes to at most 6 bytes (\u00XX) or is
+                // at most 4 bytes of UTF-8; task and error message each keep max_task_chars.
+                let bound = 600 + 6 * (MAX_AGENT_NAME_CHARS * 3 + max_task_chars * 2 + 2);
+                prop_assert!(out.len() <= bound, "{} bytes", out.len());
+                let value: serde_json::Value = serde_json::from_slice(&out).expect("valid JSON");
+                let object = value.as_object().expect("an object");
+                if ecs {
+                    prop_assert!(object["event.duration"].is_u64());
+                    prop_assert!(object["event.outcome"].is_string());
+                    prop_assert!(object["agent_execution.task"].is_string());
+                } else {
+                    prop_assert!(object["duration_seconds"].is_f64());
+                    prop_assert!(object["status"].is_string());
+                    let kept: String = task.chars().take(max_task_chars).collect();
+                    let logged = object["task"].as_str().unwrap();
+                    prop_assert!(logged.starts_with(&kept), "the kept part is exact");
+                    let name: String = agent_name.chars().take(MAX_AGENT_NAME_CHARS).collect();
+                    prop_assert!(object["agent_name"].as_str().unwrap().starts_with(&name));
+                }
+            }
+        }
     }
 }

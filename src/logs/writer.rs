@@ -79,11 +79,7 @@ impl LineWriter {
         match acknowledged.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
             Ok(()) if !stop => Ok(()),
             Ok(()) | Err(RecvTimeoutError::Disconnected) => {
-                let thread = self
-                    .thread
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .take();
+                let thread = self.thread.lock().unwrap_or_else(PoisonError::into_inner).take();
                 if let Some(thread) = thread {
                     // The writer has acknowledged; joining only reaps the finished thread.
                     let _ = thread.join();
@@ -102,11 +98,7 @@ fn timed_out(timeout: Duration) -> Error {
     }
 }
 
-fn write_lines(
-    receiver: &Receiver<Message>,
-    mut destination: Box<dyn Write + Send>,
-    stats: &TelemetryStats,
-) {
+fn write_lines(receiver: &Receiver<Message>, mut destination: Box<dyn Write + Send>, stats: &TelemetryStats) {
     let mut batch = Vec::with_capacity(BATCH_BYTES);
     let mut lines = 0u64;
     let mut flush_ack = None;
@@ -138,19 +130,11 @@ fn write_lines(
     }
 }
 
-fn flush(
-    destination: &mut Box<dyn Write + Send>,
-    batch: &mut Vec<u8>,
-    lines: &mut u64,
-    stats: &TelemetryStats,
-) {
+fn flush(destination: &mut Box<dyn Write + Send>, batch: &mut Vec<u8>, lines: &mut u64, stats: &TelemetryStats) {
     if batch.is_empty() {
         return;
     }
-    match destination
-        .write_all(batch)
-        .and_then(|()| destination.flush())
-    {
+    match destination.write_all(batch).and_then(|()| destination.flush()) {
         Ok(()) => TelemetryStats::add(&stats.log_lines_written, *lines),
         Err(error) => {
             if TelemetryStats::get(&stats.log_write_errors) == 0 {

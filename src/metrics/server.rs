@@ -22,16 +22,14 @@ pub(crate) struct MetricsServer {
 impl MetricsServer {
     /// Binds `addr` (port 0 picks a free port) and serves `GET /metrics` from `metrics`.
     pub(crate) fn start(addr: SocketAddr, metrics: MetricsHandle) -> Result<Self> {
-        let listener =
-            TcpListener::bind(addr).map_err(|source| Error::MetricsBind { addr, source })?;
+        let listener = TcpListener::bind(addr).map_err(|source| Error::MetricsBind { addr, source })?;
         let bound = listener
             .local_addr()
             .map_err(|source| Error::MetricsBind { addr, source })?;
-        let server =
-            Server::from_listener(listener, None).map_err(|source| Error::MetricsBind {
-                addr,
-                source: std::io::Error::other(source),
-            })?;
+        let server = Server::from_listener(listener, None).map_err(|source| Error::MetricsBind {
+            addr,
+            source: std::io::Error::other(source),
+        })?;
         let server = Arc::new(server);
         let stopping = Arc::new(AtomicBool::new(false));
         let thread = std::thread::Builder::new()
@@ -88,10 +86,8 @@ fn respond(request: Request, metrics: &MetricsHandle) {
     let path = request.url().split('?').next().unwrap_or_default();
     let response = match (request.method(), path) {
         (Method::Get | Method::Head, "/metrics") => match metrics.render() {
-            Ok(text) => Response::from_string(text)
-                .with_header(header("Content-Type", metrics.content_type())),
-            Err(error) => Response::from_string(format!("cannot render metrics: {error}\n"))
-                .with_status_code(500),
+            Ok(text) => Response::from_string(text).with_header(header("Content-Type", metrics.content_type())),
+            Err(error) => Response::from_string(format!("cannot render metrics: {error}\n")).with_status_code(500),
         },
         (_, "/metrics") => Response::from_string("only GET /metrics is served\n")
             .with_status_code(405)

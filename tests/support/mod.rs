@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use agent_telemetry::{AgentTelemetry, TelemetryGuard};
@@ -13,6 +14,7 @@ use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SpanData, SpanExporter};
 use tracing::Dispatch;
 use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::Layer;
 
 pub mod phoenix;
 
@@ -20,6 +22,8 @@ pub mod phoenix;
 /// installed as the default subscriber only where a test runs code through it.
 pub struct Harness {
     pub guard: Option<TelemetryGuard>,
+    /// What the harness's subscriber printed at WARN and above.
+    pub printed: Arc<Mutex<Vec<u8>>>,
     pub exporter: InMemorySpanExporter,
     pub dispatch: Dispatch,
     pub dir: tempfile::TempDir,
@@ -31,19 +35,37 @@ impl Harness {
     }
 
     pub fn with(configure: impl FnOnce(AgentTelemetry) -> AgentTelemetry) -> Self {
-        let dir = tempfile::tempdir().expect("temp dir");
         let exporter = InMemorySpanExporter::default();
+        let in_memory = KeepOnShutdown(exporter.clone());
+        Self::build(exporter, |builder| configure(builder.with_span_exporter(in_memory)))
+    }
+
+    /// Spans go to a real OTLP/HTTP endpoint (`self.exporter` stays empty).
+    pub fn otlp(endpoint: &str, configure: impl FnOnce(AgentTelemetry) -> AgentTelemetry) -> Self {
+        let endpoint = endpoint.to_owned();
+        Self::build(InMemorySpanExporter::default(), |builder| {
+            configure(builder.with_otlp_endpoint(endpoint))
+        })
+    }
+
+    fn build(exporter: InMemorySpanExporter, configure: impl FnOnce(AgentTelemetry) -> AgentTelemetry) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
         let builder = AgentTelemetry::builder()
             .ignore_environment()
             .with_service_name("test-service")
             .with_metrics_addr("127.0.0.1:0".parse().unwrap())
             .with_log_dir(dir.path())
-            .with_log_file_prefix("agents")
-            .with_span_exporter(KeepOnShutdown(exporter.clone()));
+            .with_log_file_prefix("agents");
         let (layer, guard) = configure(builder).build().expect("telemetry builds");
-        let dispatch = Dispatch::new(tracing_subscriber::registry().with(layer));
+        let printed = Arc::new(Mutex::new(Vec::new()));
+        let printer = tracing_subscriber::fmt::layer()
+            .with_ansi(false)
+            .with_writer(SharedBuffer(Arc::clone(&printed)))
+            .with_filter(tracing_subscriber::filter::LevelFilter::WARN);
+        let dispatch = Dispatch::new(tracing_subscriber::registry().with(layer).with(printer));
         Harness {
             guard: Some(guard),
+            printed,
             exporter,
             dispatch,
             dir,
@@ -74,9 +96,17 @@ impl Harness {
     /// Flushes, then returns the log file's lines.
     pub fn log_lines(&self) -> Vec<String> {
         if let Some(guard) = &self.guard {
-            guard.flush().expect("flush");
+            // Both signals are flushed; only a trace flush can fail (a broken collector).
+            let _ = guard.flush();
         }
         read_log_lines(self.dir.path())
+    }
+
+    /// How often the harness's subscriber printed `text`.
+    pub fn printed_count(&self, text: &str) -> usize {
+        String::from_utf8_lossy(&self.printed.lock().unwrap())
+            .matches(text)
+            .count()
     }
 
     /// Shuts down (flushing everything) and returns the spans and the log file's bytes.
@@ -88,6 +118,29 @@ impl Harness {
             .expect("clean shutdown");
         let spans = self.exporter.get_finished_spans().expect("in-memory spans");
         (spans, read_log_text(self.dir.path()))
+    }
+}
+
+/// A `MakeWriter` into shared memory.
+#[derive(Clone)]
+pub struct SharedBuffer(pub Arc<Mutex<Vec<u8>>>);
+
+impl Write for SharedBuffer {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for SharedBuffer {
+    type Writer = SharedBuffer;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        self.clone()
     }
 }
 
@@ -141,17 +194,14 @@ pub fn json_pairs(line: &str) -> Vec<(String, serde_json::Value)> {
     let pairs = de
         .deserialize_map(Pairs)
         .unwrap_or_else(|e| panic!("not a JSON object ({e}): {line}"));
-    de.end()
-        .unwrap_or_else(|e| panic!("trailing data ({e}): {line}"));
+    de.end().unwrap_or_else(|e| panic!("trailing data ({e}): {line}"));
     pairs
 }
 
 /// A minimal HTTP/1.1 client: method, path, and the status and body of the answer.
 pub fn http(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
     let mut stream = TcpStream::connect(addr).expect("connect to /metrics");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     write!(
         stream,
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
@@ -164,11 +214,24 @@ pub fn http(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .expect("status line");
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    let chunked = head.to_ascii_lowercase().contains("transfer-encoding: chunked");
+    let body = if chunked { dechunk(body) } else { body.to_owned() };
     (status, body)
+}
+
+/// Decodes an HTTP/1.1 chunked body.
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let size = usize::from_str_radix(size.split(';').next().unwrap().trim(), 16).expect("chunk size");
+        if size == 0 {
+            break;
+        }
+        out.push_str(&rest[..size]);
+        body = rest[size..].strip_prefix("\r\n").expect("chunk end");
+    }
+    out
 }
 
 /// One sample of the Prometheus text format.
@@ -212,10 +275,7 @@ impl Scrape {
 
     /// The value of the one sample with this name and exactly these labels.
     pub fn value(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-        let wanted: BTreeMap<String, String> = labels
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
+        let wanted: BTreeMap<String, String> = labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         self.samples
             .iter()
             .find(|s| s.name == name && s.labels == wanted)
@@ -288,9 +348,7 @@ pub fn require_tool(name: &str) -> Option<PathBuf> {
         if std::env::var_os("CI").is_some() {
             panic!("{name} is required under CI=true but is not on PATH (.ci/run installs it)");
         }
-        eprintln!(
-            "SKIPPED: {name} is not installed; this check did not run (CI=true makes it fail)"
-        );
+        eprintln!("SKIPPED: {name} is not installed; this check did not run (CI=true makes it fail)");
     }
     found
 }

@@ -49,11 +49,7 @@ impl Phoenix {
             if let Ok(Some(status)) = phoenix.child.try_wait() {
                 panic!("phoenix exited with {status}: {}", phoenix.log());
             }
-            assert!(
-                Instant::now() < deadline,
-                "phoenix did not come up: {}",
-                phoenix.log()
-            );
+            assert!(Instant::now() < deadline, "phoenix did not come up: {}", phoenix.log());
             std::thread::sleep(Duration::from_millis(500));
         }
     }
@@ -76,8 +72,7 @@ impl Phoenix {
         let mut spans = Vec::new();
         let mut cursor: Option<String> = None;
         loop {
-            let mut request =
-                ureq::get(&self.url("/v1/projects/default/spans")).query("limit", "1000");
+            let mut request = ureq::get(&self.url("/v1/projects/default/spans")).query("limit", "1000");
             if let Some(cursor) = &cursor {
                 request = request.query("cursor", cursor);
             }
