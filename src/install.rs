@@ -117,6 +117,14 @@ impl AgentTelemetry {
         self
     }
 
+    /// An extra resource attribute on every span (`OTEL_RESOURCE_ATTRIBUTES` adds more), such
+    /// as `openinference.project.name` to choose a Phoenix project.
+    #[must_use]
+    pub fn with_resource_attribute(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.config.resource_attributes.insert(key.into(), value.into());
+        self
+    }
+
     /// The `scale` label of `framework_info`.
     #[must_use]
     pub fn with_scale(mut self, scale: impl Into<String>) -> Self {

@@ -69,10 +69,16 @@ impl Phoenix {
 
     /// Every span Phoenix has stored in the default project.
     pub fn spans(&self) -> Vec<Value> {
+        self.project_spans("default")
+    }
+
+    /// Every span Phoenix has stored in `project` (the `openinference.project.name` resource
+    /// attribute picks it).
+    pub fn project_spans(&self, project: &str) -> Vec<Value> {
         let mut spans = Vec::new();
         let mut cursor: Option<String> = None;
         loop {
-            let mut request = ureq::get(&self.url("/v1/projects/default/spans")).query("limit", "1000");
+            let mut request = ureq::get(&self.url(&format!("/v1/projects/{project}/spans"))).query("limit", "1000");
             if let Some(cursor) = &cursor {
                 request = request.query("cursor", cursor);
             }
@@ -93,9 +99,14 @@ impl Phoenix {
 
     /// Polls until `count` spans are stored (storage is asynchronous), then returns them.
     pub fn wait_for_spans(&self, count: usize, timeout: Duration) -> Vec<Value> {
+        self.wait_for_project_spans("default", count, timeout)
+    }
+
+    /// Polls `project` until `count` spans are stored, then returns them.
+    pub fn wait_for_project_spans(&self, project: &str, count: usize, timeout: Duration) -> Vec<Value> {
         let deadline = Instant::now() + timeout;
         loop {
-            let spans = self.spans();
+            let spans = self.project_spans(project);
             if spans.len() >= count || Instant::now() > deadline {
                 return spans;
             }

@@ -1,0 +1,215 @@
+//! Round trips through a real OTLP receiver, Arize Phoenix: over OTLP/HTTP and (with the
+//! `grpc` feature) OTLP/gRPC, every span arrives with the guide's attributes and the ids its
+//! log line carries; and a load from several threads agrees exactly in all three signals.
+
+mod support;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use agent_telemetry::AgentTelemetry;
+use serde_json::Value;
+use support::phoenix::Phoenix;
+use support::{json_pairs, Harness};
+
+#[tracing::instrument(name = "agent_execution", err)]
+fn execute_agent(agent_name: &str, task: &str, fail: bool) -> Result<(), String> {
+    if fail {
+        Err(format!("{agent_name} failed {task}"))
+    } else {
+        Ok(())
+    }
+}
+
+#[tracing::instrument(name = "agent_execution")]
+fn lead(agent_name: &str, task: &str) {
+    execute_agent("backend-engineer", "Implement API", false).unwrap();
+    execute_agent("qa-engineer", "Test API", true).unwrap_err();
+}
+
+/// 10 successes, 3 failures, one lead with two sub-agents: 16 executions.
+fn workload() {
+    for i in 0..10 {
+        execute_agent("frontend-engineer", &format!("Build page {i}"), false).unwrap();
+    }
+    for i in 0..3 {
+        execute_agent("devops-engineer", &format!("Deploy {i}"), true).unwrap_err();
+    }
+    lead("tech-lead", "Ship feature");
+}
+
+const WORKLOAD_EXECUTIONS: usize = 16;
+
+fn project(builder: AgentTelemetry, name: &str) -> AgentTelemetry {
+    builder
+        .with_resource_attribute("openinference.project.name", name)
+        .with_span_export_delay(Duration::from_millis(200))
+}
+
+/// (trace id, span id) of every log line.
+fn logged_ids(lines: &[String]) -> BTreeSet<(String, String)> {
+    lines
+        .iter()
+        .map(|line| {
+            let pairs: BTreeMap<String, Value> = json_pairs(line).into_iter().collect();
+            (
+                pairs["trace.id"].as_str().unwrap().to_owned(),
+                pairs["span.id"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+fn received_ids(spans: &[Value]) -> BTreeSet<(String, String)> {
+    spans
+        .iter()
+        .map(|s| {
+            (
+                s["context"]["trace_id"].as_str().unwrap().to_owned(),
+                s["context"]["span_id"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+fn check_round_trip(phoenix: &Phoenix, project_name: &str, mut harness: Harness) {
+    harness.run(workload);
+    let (_, log_text) = harness.shutdown();
+    let lines: Vec<String> = log_text.lines().map(str::to_owned).collect();
+    assert_eq!(lines.len(), WORKLOAD_EXECUTIONS);
+
+    let spans = phoenix.wait_for_project_spans(project_name, WORKLOAD_EXECUTIONS, Duration::from_secs(60));
+    assert_eq!(
+        spans.len(),
+        WORKLOAD_EXECUTIONS,
+        "{project_name}: every span arrives, exactly once"
+    );
+    assert_eq!(
+        received_ids(&spans),
+        logged_ids(&lines),
+        "{project_name}: log lines name the received spans"
+    );
+
+    let by_agent =
+        |name: &str| -> Vec<&Value> { spans.iter().filter(|s| s["attributes"]["agent.name"] == name).collect() };
+    for span in &spans {
+        assert_eq!(span["name"], "agent_execution");
+        assert_eq!(span["span_kind"], "AGENT", "OpenInference kind: {span}");
+        let attributes = &span["attributes"];
+        assert_eq!(attributes["gen_ai.operation.name"], "invoke_agent");
+        assert_eq!(attributes["gen_ai.agent.name"], attributes["agent.name"]);
+        assert!(attributes["task"].is_string(), "{span}");
+    }
+    for span in by_agent("frontend-engineer") {
+        assert_eq!(span["status_code"], "UNSET");
+        assert_eq!(span["attributes"]["result.status"], "success");
+    }
+    let failed = by_agent("devops-engineer");
+    assert_eq!(failed.len(), 3);
+    for span in failed {
+        assert_eq!(span["status_code"], "ERROR");
+        assert!(
+            span["status_message"]
+                .as_str()
+                .unwrap()
+                .contains("devops-engineer failed Deploy"),
+            "{span}"
+        );
+        assert_eq!(span["attributes"]["error.type"], "error");
+        assert_eq!(span["attributes"]["result.status"], "failure");
+    }
+    let lead = by_agent("tech-lead")[0];
+    for child in [by_agent("backend-engineer")[0], by_agent("qa-engineer")[0]] {
+        assert_eq!(
+            child["parent_id"], lead["context"]["span_id"],
+            "{project_name}: parent/child kept"
+        );
+        assert_eq!(child["context"]["trace_id"], lead["context"]["trace_id"]);
+    }
+    assert_eq!(
+        lead["status_code"], "UNSET",
+        "a failing sub-agent does not fail its lead"
+    );
+}
+
+#[test]
+fn round_trips_through_a_real_receiver() {
+    let Some(phoenix) = Phoenix::start() else { return };
+
+    let endpoint = format!("{}/v1/traces", phoenix.otlp_http_endpoint());
+    let harness = Harness::otlp(&endpoint, |b| project(b, "http-round-trip"));
+    check_round_trip(&phoenix, "http-round-trip", harness);
+
+    #[cfg(feature = "grpc")]
+    {
+        // tonic needs a multi-threaded tokio runtime where the exporter is built.
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let _entered = runtime.enter();
+        let endpoint = format!("http://127.0.0.1:{}", phoenix.grpc_port);
+        let harness = Harness::otlp(&endpoint, |b| {
+            project(b, "grpc-round-trip").with_otlp_protocol(agent_telemetry::OtlpProtocol::Grpc)
+        });
+        check_round_trip(&phoenix, "grpc-round-trip", harness);
+    }
+
+    load_agrees_exactly_in_all_three_signals(&phoenix);
+}
+
+const THREADS: usize = 4;
+const PER_THREAD: usize = 1_000;
+/// Executions per second, all threads together: below what one exporter thread delivers to
+/// Phoenix here, so the default 2048-span queue never fills (see the README).
+const RATE: f64 = 1_000.0;
+
+fn load_agrees_exactly_in_all_three_signals(phoenix: &Phoenix) {
+    let endpoint = format!("{}/v1/traces", phoenix.otlp_http_endpoint());
+    // Default batch settings: only the project and the endpoint are set.
+    let mut harness = Harness::otlp(&endpoint, |b| {
+        b.with_resource_attribute("openinference.project.name", "load")
+    });
+    let started = Instant::now();
+    std::thread::scope(|scope| {
+        for thread in 0..THREADS {
+            let dispatch = harness.dispatch.clone();
+            scope.spawn(move || {
+                tracing::dispatcher::with_default(&dispatch, || {
+                    let interval = Duration::from_secs_f64(THREADS as f64 / RATE);
+                    let began = Instant::now();
+                    for i in 0..PER_THREAD {
+                        let due = began + interval * i as u32;
+                        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                            std::thread::sleep(wait);
+                        }
+                        let _ = execute_agent(&format!("agent-{thread}"), &format!("{thread}/{i}"), i % 25 == 0);
+                    }
+                });
+            });
+        }
+    });
+    let produced_in = started.elapsed();
+    let _ = harness.guard().flush();
+    let scrape = harness.scrape();
+    let self_metric = |name: &str| scrape.value(name, &[]).unwrap();
+    assert_eq!(
+        self_metric("agent_telemetry_spans_dropped_total"),
+        0.0,
+        "no drops at default settings"
+    );
+    assert_eq!(self_metric("agent_telemetry_spans_export_failed_total"), 0.0);
+    assert_eq!(self_metric("agent_telemetry_log_lines_dropped_total"), 0.0);
+    let total = THREADS * PER_THREAD;
+    assert_eq!(scrape.sum("agent_executions_total"), total as f64);
+    let (_, log_text) = harness.shutdown();
+    let lines: Vec<String> = log_text.lines().map(str::to_owned).collect();
+    assert_eq!(lines.len(), total, "every log line written");
+
+    let waited = Instant::now();
+    // Phoenix stores a few dozen spans a second on this machine: the wait is its, not ours.
+    let spans = phoenix.wait_for_project_spans("load", total, Duration::from_secs(400));
+    eprintln!(
+        "load: {total} executions in {produced_in:?} from {THREADS} threads; Phoenix stored them {:?} after shutdown",
+        waited.elapsed()
+    );
+    assert_eq!(spans.len(), total, "every span received");
+    assert_eq!(received_ids(&spans), logged_ids(&lines));
+}
