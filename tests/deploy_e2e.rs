@@ -39,14 +39,7 @@ impl Drop for Running {
 }
 
 fn start_example(work: &Path) -> (Running, SocketAddr) {
-    let exe = std::env::current_exe().unwrap();
-    let binary = exe
-        .parent()
-        .and_then(Path::parent)
-        .unwrap()
-        .join("examples")
-        .join("agents");
-    let mut child = Command::new(binary)
+    let mut child = Command::new(support::example_binary())
         // Healthy for 15 s, then 80% of executions fail.
         .args(["--duration", "600", "--rate", "12", "--failure-burst", "15:600"])
         .current_dir(work)

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use serde_yaml::Value as Yaml;
-use support::json_pairs;
+use support::{example_binary, json_pairs};
 
 fn deploy(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy").join(path)
@@ -95,18 +95,6 @@ const METRICS: [&str; 13] = [
     "agent_telemetry_agent_names_overflowed_total",
     "agent_telemetry_log_lines_written_total",
     "agent_telemetry_spans_exported_total",
-];
-
-/// The shared recording rules of deploy/prometheus/rules/recording.yml that panels may read.
-const RECORDING_RULES: [&str; 8] = [
-    "agent_name_status:agent_executions:rate5m",
-    "agent_name:agent_executions:rate5m",
-    "agent_name:agent_execution_failure_ratio:rate5m",
-    "job:agent_executions:rate5m",
-    "job:agent_execution_failure_ratio:rate5m",
-    "agent_name:agent_execution_duration_seconds:p50_5m",
-    "agent_name:agent_execution_duration_seconds:p95_5m",
-    "agent_name:agent_execution_duration_seconds:p99_5m",
 ];
 
 /// Labels the series carry: the crate's, and what Prometheus adds.
@@ -244,7 +232,8 @@ fn expr_problem(expr: &str) -> Option<String> {
     for token in promql_tokens(expr) {
         match token {
             Token::Ident(name) => {
-                let known_series = METRICS.contains(&name.as_str()) || RECORDING_RULES.contains(&name.as_str());
+                let known_series =
+                    METRICS.contains(&name.as_str()) || support::SHARED_RECORDING_RULES.contains(&name.as_str());
                 names += usize::from(known_series);
                 if !(known_series
                     || LABELS.contains(&name.as_str())
@@ -620,19 +609,6 @@ fn filebeat_deduplicates_by_span_and_never_fingerprints_nothing() {
 // ------------------------------------------------------------------------------------------
 // The lines the crate really writes
 // ------------------------------------------------------------------------------------------
-
-fn example_binary() -> PathBuf {
-    // Tests run from target/<profile>/deps; cargo builds examples into target/<profile>/examples.
-    let exe = std::env::current_exe().unwrap();
-    let profile_dir = exe.parent().and_then(Path::parent).unwrap();
-    let binary = profile_dir.join("examples").join("agents");
-    assert!(
-        binary.is_file(),
-        "{} missing: build it with `cargo build --examples`",
-        binary.display()
-    );
-    binary
-}
 
 /// Runs the main job for 3 s in a temporary directory and returns every line of its log files.
 fn run_example(env: &[(&str, &str)]) -> Vec<String> {

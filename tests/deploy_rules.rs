@@ -19,18 +19,6 @@ use support::require_tool;
 /// Longest any one tool run may take (the slowest rule unit test file takes about 10 s).
 const TIMEOUT: Duration = Duration::from_secs(180);
 
-/// The recording rules Grafana dashboards and the end-to-end test read, by exact name.
-const SHARED_RECORDING_RULES: [&str; 8] = [
-    "agent_name_status:agent_executions:rate5m",
-    "agent_name:agent_executions:rate5m",
-    "agent_name:agent_execution_failure_ratio:rate5m",
-    "job:agent_executions:rate5m",
-    "job:agent_execution_failure_ratio:rate5m",
-    "agent_name:agent_execution_duration_seconds:p50_5m",
-    "agent_name:agent_execution_duration_seconds:p95_5m",
-    "agent_name:agent_execution_duration_seconds:p99_5m",
-];
-
 fn deploy(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy").join(path)
 }
@@ -564,7 +552,7 @@ fn shared_recording_rules_keep_their_names_and_every_record_is_tested() {
         let (_, file_records) = groups_and_records(&file);
         records.extend(file_records);
     }
-    for shared in SHARED_RECORDING_RULES {
+    for shared in support::SHARED_RECORDING_RULES {
         let groups: Vec<&str> = records
             .iter()
             .filter(|(_, record)| record == shared)

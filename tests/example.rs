@@ -6,25 +6,11 @@ mod support;
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use support::phoenix::Phoenix;
-use support::{http, json_pairs, require_tool, Scrape};
-
-fn example_binary() -> PathBuf {
-    // tests run from target/<profile>/deps; cargo builds examples into target/<profile>/examples.
-    let exe = std::env::current_exe().unwrap();
-    let profile_dir = exe.parent().and_then(|deps| deps.parent()).unwrap();
-    let binary = profile_dir.join("examples").join("agents");
-    assert!(
-        binary.is_file(),
-        "{} missing: build it with `cargo test` or `cargo build --examples`",
-        binary.display()
-    );
-    binary
-}
+use support::{example_binary, http, json_pairs, Scrape};
 
 #[test]
 fn the_main_job_produces_all_three_signals() {
@@ -86,20 +72,8 @@ fn the_main_job_produces_all_three_signals() {
         ("version", "3.3.0"),
     ];
     assert_eq!(scrape.value("framework_info", &info), Some(1.0));
-    if let Some(promtool) = require_tool("promtool") {
-        let mut check = Command::new(promtool)
-            .args(["check", "metrics"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        std::io::Write::write_all(check.stdin.as_mut().unwrap(), body.as_bytes()).unwrap();
-        let output = check.wait_with_output().unwrap();
-        assert!(
-            output.status.success() && output.stdout.is_empty() && output.stderr.is_empty(),
-            "{output:?}"
-        );
+    if let Some((clean, report)) = support::promtool_check_metrics(&body) {
+        assert!(clean, "promtool check metrics:\n{report}");
     }
 
     // SIGTERM: running agents are cancelled, everything is flushed, exit code 0.

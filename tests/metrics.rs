@@ -2,11 +2,10 @@
 
 mod support;
 
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use agent_telemetry::{AgentTelemetry, Error, OVERFLOW_AGENT_NAME};
-use support::{http, require_tool, Harness};
+use support::{http, Harness};
 
 #[tracing::instrument(name = "agent_execution", err)]
 fn execute_agent(agent_name: &str, task: &str, sleep_ms: u64, fail: bool) -> Result<(), String> {
@@ -233,34 +232,15 @@ fn a_port_in_use_is_an_error_that_names_the_setting() {
 
 #[test]
 fn promtool_accepts_the_scrape() {
-    let Some(promtool) = require_tool("promtool") else {
-        return;
-    };
     let harness = Harness::new();
     harness.run(|| {
         execute_agent("backend-engineer", "Implement API", 0, false).unwrap();
         execute_agent("backend-engineer", "Deploy", 0, true).unwrap_err();
     });
     let scrape = harness.scrape();
-    let mut child = Command::new(promtool)
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::io::Write::write_all(child.stdin.as_mut().unwrap(), scrape.text.as_bytes()).unwrap();
-    let output = child.wait_with_output().unwrap();
-    let report = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    assert!(
-        output.status.success() && report.trim().is_empty(),
-        "promtool check metrics:\n{report}\n{}",
-        scrape.text
-    );
+    if let Some((clean, report)) = support::promtool_check_metrics(&scrape.text) {
+        assert!(clean, "promtool check metrics:\n{report}\n{}", scrape.text);
+    }
 }
 
 #[test]

@@ -353,6 +353,58 @@ pub fn require_tool(name: &str) -> Option<PathBuf> {
     found
 }
 
+/// The main job's binary: tests run from `target/<profile>/deps`, and cargo builds examples
+/// into `target/<profile>/examples`.
+pub fn example_binary() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let binary = exe
+        .parent()
+        .and_then(Path::parent)
+        .unwrap()
+        .join("examples")
+        .join("agents");
+    assert!(
+        binary.is_file(),
+        "{} missing: build it with `cargo test` or `cargo build --examples`",
+        binary.display()
+    );
+    binary
+}
+
+/// `promtool check metrics` on an exposition text: `None` when promtool is not installed
+/// (outside CI), else whether it passed without a word, and what it said.
+pub fn promtool_check_metrics(text: &str) -> Option<(bool, String)> {
+    let promtool = require_tool("promtool")?;
+    let mut child = std::process::Command::new(promtool)
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run promtool");
+    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    let output = child.wait_with_output().unwrap();
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Some((output.status.success() && report.trim().is_empty(), report))
+}
+
+/// The recording rules of `deploy/prometheus/rules/recording.yml` that dashboards and alerts
+/// share, by exact name.
+pub const SHARED_RECORDING_RULES: [&str; 8] = [
+    "agent_name_status:agent_executions:rate5m",
+    "agent_name:agent_executions:rate5m",
+    "agent_name:agent_execution_failure_ratio:rate5m",
+    "job:agent_executions:rate5m",
+    "job:agent_execution_failure_ratio:rate5m",
+    "agent_name:agent_execution_duration_seconds:p50_5m",
+    "agent_name:agent_execution_duration_seconds:p95_5m",
+    "agent_name:agent_execution_duration_seconds:p99_5m",
+];
+
 /// A free port on 127.0.0.1 (bound, read, released).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
