@@ -71,11 +71,22 @@ const EXPORT_PATH_TARGETS: [&str; 8] = [
 /// # Ok(())
 /// # }
 /// ```
-#[derive(Debug)]
 pub struct AgentTelemetry {
     config: Config,
     read_environment: bool,
     span_exporter: Option<BoxedSpanExporter>,
+    log_writer: Option<Box<dyn std::io::Write + Send>>,
+}
+
+impl std::fmt::Debug for AgentTelemetry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentTelemetry")
+            .field("config", &self.config)
+            .field("read_environment", &self.read_environment)
+            .field("span_exporter", &self.span_exporter)
+            .field("log_writer", &self.log_writer.as_ref().map(|_| "custom"))
+            .finish()
+    }
 }
 
 impl Default for AgentTelemetry {
@@ -93,6 +104,7 @@ impl AgentTelemetry {
             config: Config::default(),
             read_environment: true,
             span_exporter: None,
+            log_writer: None,
         }
     }
 
@@ -151,6 +163,15 @@ impl AgentTelemetry {
     #[must_use]
     pub fn with_log_dir(mut self, dir: impl Into<PathBuf>) -> Self {
         self.config.log_dir = Some(dir.into());
+        self
+    }
+
+    /// Writes log lines to `writer` (on the writer thread) instead of stdout or files: a pipe,
+    /// a socket, or `std::io::sink()` to measure the rest.
+    #[must_use]
+    pub fn with_log_writer(mut self, writer: impl std::io::Write + Send + 'static) -> Self {
+        self.log_writer = Some(Box::new(writer));
+        self.config.log_dir = None;
         self
     }
 
@@ -335,7 +356,7 @@ impl AgentTelemetry {
         let env_filter = parse_env_filter(&config.env_filter)?;
 
         let metrics = Arc::new(Metrics::new(&config, resource.clone(), Arc::clone(&stats))?);
-        let logs = Arc::new(LogWriter::new(&config, Arc::clone(&stats))?);
+        let logs = Arc::new(LogWriter::new(&config, self.log_writer, Arc::clone(&stats))?);
         let tracer_provider = crate::traces::provider(
             &config,
             self.span_exporter,

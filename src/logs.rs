@@ -31,11 +31,17 @@ thread_local! {
 }
 
 impl LogWriter {
-    /// Daily files `<prefix>.YYYY-MM-DD.log` in the configured directory, else stdout.
-    pub(crate) fn new(config: &Config, stats: Arc<TelemetryStats>) -> Result<Self> {
-        let destination: Box<dyn Write + Send> = match &config.log_dir {
-            Some(dir) => Box::new(daily_files(dir, &config.log_file_prefix)?),
-            None => Box::new(std::io::stdout()),
+    /// The application's writer, else daily files `<prefix>.YYYY-MM-DD.log` in the configured
+    /// directory, else stdout.
+    pub(crate) fn new(
+        config: &Config,
+        custom: Option<Box<dyn Write + Send>>,
+        stats: Arc<TelemetryStats>,
+    ) -> Result<Self> {
+        let destination: Box<dyn Write + Send> = match (custom, &config.log_dir) {
+            (Some(custom), _) => custom,
+            (None, Some(dir)) => Box::new(daily_files(dir, &config.log_file_prefix)?),
+            (None, None) => Box::new(std::io::stdout()),
         };
         Ok(LogWriter {
             format: LineFormat::new(config),

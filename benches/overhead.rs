@@ -1,0 +1,333 @@
+//! What agent-telemetry costs, side by side with what a user would assemble by hand, in one
+//! run: every ratio is between cases measured by the same process on the same machine.
+//!
+//! Stacks: no subscriber; a bare `tracing_subscriber::registry()`; the hand-assembled stack
+//! (`tracing-subscriber`'s JSON formatter with span-close events to a sink,
+//! `tracing-opentelemetry` with a batch processor and a discarding exporter, and a small layer
+//! that observes a Prometheus histogram and counter on span close); and ours (all three
+//! signals: log lines to a sink, spans to a discarding exporter, metrics on a registry).
+//!
+//! Workloads: one agent execution (create, enter, exit, close, with `agent_name` and `task`);
+//! a span no signal selects; an agent execution with one child span; agent executions from
+//! two threads at once. `cargo bench` ends with one line per ratio.
+
+use std::hint::black_box;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use agent_telemetry::{AgentTelemetry, TelemetryGuard};
+use criterion::Criterion;
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::error::OTelSdkResult;
+use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanExporter};
+use tracing::Dispatch;
+use tracing_subscriber::filter::EnvFilter;
+use tracing_subscriber::fmt::format::FmtSpan;
+use tracing_subscriber::layer::SubscriberExt;
+
+/// Exports nothing, instantly: the benches measure the application side.
+#[derive(Debug)]
+struct Discard;
+
+impl SpanExporter for Discard {
+    async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
+        black_box(batch);
+        Ok(())
+    }
+}
+
+// ---- the workloads ------------------------------------------------------------------------
+
+#[inline(never)]
+fn agent_execution() {
+    let span = tracing::info_span!(
+        "agent_execution",
+        agent_name = "backend-engineer",
+        task = "Implement API"
+    );
+    let _entered = span.enter();
+    black_box(&span);
+}
+
+#[inline(never)]
+fn unselected_span() {
+    let span = tracing::debug_span!("parse_config", path = "agents.toml");
+    let _entered = span.enter();
+    black_box(&span);
+}
+
+#[inline(never)]
+fn agent_with_child() {
+    let span = tracing::info_span!("agent_execution", agent_name = "tech-lead", task = "Ship feature");
+    let _entered = span.enter();
+    let child = tracing::info_span!("tool_call", tool = "search");
+    let _child = child.enter();
+    black_box(&child);
+}
+
+// ---- the stacks ---------------------------------------------------------------------------
+
+enum Stack {
+    None,
+    Registry,
+    Hand(Box<HandAssembled>),
+    Ours {
+        dispatch: Box<Dispatch>,
+        _guard: TelemetryGuard,
+    },
+}
+
+impl Stack {
+    fn dispatch(&self) -> Dispatch {
+        match self {
+            Stack::None => Dispatch::none(),
+            Stack::Registry => Dispatch::new(tracing_subscriber::registry()),
+            Stack::Hand(hand) => hand.dispatch.clone(),
+            Stack::Ours { dispatch, .. } => (**dispatch).clone(),
+        }
+    }
+}
+
+fn ours() -> Stack {
+    let (layer, guard) = AgentTelemetry::builder()
+        .ignore_environment()
+        .without_metrics_server()
+        .with_log_writer(std::io::sink())
+        .with_span_exporter(Discard)
+        .build()
+        .expect("telemetry");
+    let dispatch = Dispatch::new(tracing_subscriber::registry().with(layer));
+    Stack::Ours {
+        dispatch: Box::new(dispatch),
+        _guard: guard,
+    }
+}
+
+/// The stack a user would put together today for the same three outputs.
+struct HandAssembled {
+    dispatch: Dispatch,
+    provider: SdkTracerProvider,
+    registry: prometheus::Registry,
+}
+
+impl Drop for HandAssembled {
+    fn drop(&mut self) {
+        let _ = self.provider.shutdown();
+        black_box(self.registry.gather());
+    }
+}
+
+mod hand {
+    use std::time::Instant;
+
+    use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts};
+    use tracing::field::{Field, Visit};
+    use tracing::span::{Attributes, Id};
+    use tracing::Subscriber;
+    use tracing_subscriber::layer::Context;
+    use tracing_subscriber::registry::LookupSpan;
+    use tracing_subscriber::Layer;
+
+    /// What a user writes: observe a histogram and a counter when an agent span closes.
+    pub struct PrometheusLayer {
+        pub duration: HistogramVec,
+        pub executions: IntCounterVec,
+    }
+
+    impl PrometheusLayer {
+        pub fn new(registry: &prometheus::Registry) -> Self {
+            let buckets = vec![0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0];
+            let duration = HistogramVec::new(
+                HistogramOpts::new("agent_execution_duration_seconds", "Agent execution duration").buckets(buckets),
+                &["agent_name"],
+            )
+            .unwrap();
+            let executions = IntCounterVec::new(
+                Opts::new("agent_executions_total", "Total agent executions"),
+                &["agent_name", "status"],
+            )
+            .unwrap();
+            registry.register(Box::new(duration.clone())).unwrap();
+            registry.register(Box::new(executions.clone())).unwrap();
+            PrometheusLayer { duration, executions }
+        }
+    }
+
+    struct Timing {
+        started: Instant,
+        agent_name: String,
+    }
+
+    #[derive(Default)]
+    struct AgentName(Option<String>);
+
+    impl Visit for AgentName {
+        fn record_str(&mut self, field: &Field, value: &str) {
+            if field.name() == "agent_name" {
+                self.0 = Some(value.to_owned());
+            }
+        }
+        fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+            if field.name() == "agent_name" {
+                self.0 = Some(format!("{value:?}"));
+            }
+        }
+    }
+
+    impl<S: Subscriber + for<'a> LookupSpan<'a>> Layer<S> for PrometheusLayer {
+        fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: Context<'_, S>) {
+            if attrs.metadata().name() != "agent_execution" {
+                return;
+            }
+            let mut name = AgentName::default();
+            attrs.record(&mut name);
+            let timing = Timing {
+                started: Instant::now(),
+                agent_name: name.0.unwrap_or_else(|| "unknown".into()),
+            };
+            ctx.span(id).unwrap().extensions_mut().insert(timing);
+        }
+
+        fn on_close(&self, id: Id, ctx: Context<'_, S>) {
+            let span = ctx.span(&id).unwrap();
+            let Some(timing) = span.extensions_mut().remove::<Timing>() else {
+                return;
+            };
+            self.duration
+                .with_label_values(&[timing.agent_name.as_str()])
+                .observe(timing.started.elapsed().as_secs_f64());
+            self.executions
+                .with_label_values(&[timing.agent_name.as_str(), "success"])
+                .inc();
+        }
+    }
+}
+
+fn hand_assembled() -> Stack {
+    let provider = SdkTracerProvider::builder().with_batch_exporter(Discard).build();
+    let registry = prometheus::Registry::new();
+    let subscriber = tracing_subscriber::registry()
+        .with(EnvFilter::new("info"))
+        .with(
+            tracing_subscriber::fmt::layer()
+                .json()
+                .with_span_events(FmtSpan::CLOSE)
+                .with_writer(std::io::sink),
+        )
+        .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("hand")))
+        .with(hand::PrometheusLayer::new(&registry));
+    Stack::Hand(Box::new(HandAssembled {
+        dispatch: Dispatch::new(subscriber),
+        provider,
+        registry,
+    }))
+}
+
+// ---- measuring ----------------------------------------------------------------------------
+
+const WORKLOADS: [(&str, fn()); 3] = [
+    ("agent_execution", agent_execution),
+    ("unselected_span", unselected_span),
+    ("agent_with_child", agent_with_child),
+];
+
+fn bench_stack(c: &mut Criterion, name: &str, stack: &Stack) {
+    let dispatch = stack.dispatch();
+    let mut group = c.benchmark_group(name);
+    for (workload, run) in WORKLOADS {
+        group.bench_function(workload, |b| {
+            tracing::dispatcher::with_default(&dispatch, || b.iter(run))
+        });
+    }
+    // Two threads, each running agent executions: the time of one iteration is one
+    // execution on each thread.
+    group.bench_function("two_threads", |b| {
+        b.iter_custom(|iters| {
+            let started = Instant::now();
+            std::thread::scope(|scope| {
+                for _ in 0..2 {
+                    let dispatch = dispatch.clone();
+                    scope.spawn(move || {
+                        tracing::dispatcher::with_default(&dispatch, || (0..iters).for_each(|_| agent_execution()))
+                    });
+                }
+            });
+            started.elapsed()
+        });
+    });
+    group.finish();
+}
+
+/// The mean time per iteration criterion recorded in this run, in nanoseconds.
+fn mean_ns(group: &str, function: &str) -> Option<f64> {
+    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| PathBuf::from("target"), PathBuf::from);
+    let path = target
+        .join("criterion")
+        .join(group)
+        .join(function)
+        .join("new")
+        .join("estimates.json");
+    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()?;
+    json["mean"]["point_estimate"].as_f64()
+}
+
+fn summary() {
+    let ratio = |a: (&str, &str), b: (&str, &str)| Some(mean_ns(a.0, a.1)? / mean_ns(b.0, b.1)?);
+    let line = |label: &str, value: Option<f64>, target: &str| match value {
+        Some(value) => println!("{label} = {value:.2}   (target {target})"),
+        None => println!("{label} = not measured in this run"),
+    };
+    println!("\nsummary (means of this run):");
+    line(
+        "agent_execution: ours / hand-assembled",
+        ratio(("ours", "agent_execution"), ("hand-assembled", "agent_execution")),
+        "<= 0.20",
+    );
+    line(
+        "agent_with_child: ours / hand-assembled",
+        ratio(("ours", "agent_with_child"), ("hand-assembled", "agent_with_child")),
+        "<= 0.20",
+    );
+    line(
+        "unselected_span: ours / no subscriber",
+        ratio(("ours", "unselected_span"), ("none", "unselected_span")),
+        "<= 1.20",
+    );
+    line(
+        "unselected_span: ours / bare registry",
+        ratio(("ours", "unselected_span"), ("registry", "unselected_span")),
+        "for reference",
+    );
+    // Throughput of two threads over one: two executions per two-thread iteration.
+    line(
+        "two threads: ours, throughput 2 threads / 1 thread",
+        ratio(("ours", "agent_execution"), ("ours", "two_threads")).map(|r| 2.0 * r),
+        ">= 1.40",
+    );
+    line(
+        "two threads: hand-assembled, throughput 2 threads / 1 thread",
+        ratio(("hand-assembled", "agent_execution"), ("hand-assembled", "two_threads")).map(|r| 2.0 * r),
+        "for reference",
+    );
+}
+
+fn main() {
+    let mut criterion = Criterion::default()
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2))
+        .configure_from_args();
+    // One stack at a time: each is dropped before the next is built, so `tracing`'s callsite
+    // interest reflects only the stack being measured, as in an application.
+    for (name, build) in [
+        ("none", (|| Stack::None) as fn() -> Stack),
+        ("registry", || Stack::Registry),
+        ("hand-assembled", hand_assembled),
+        ("ours", ours),
+    ] {
+        let stack = build();
+        bench_stack(&mut criterion, name, &stack);
+        drop(stack);
+    }
+    criterion.final_summary();
+    summary();
+}
