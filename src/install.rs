@@ -377,8 +377,7 @@ impl AgentTelemetry {
         let executions = ExecutionLayer::new(signals).with_filter(AgentFilter::executions(Arc::clone(&names)));
         let layer: TelemetryLayer<S> = match &tracer_provider {
             Some(provider) => {
-                let not_export_path =
-                    filter_fn(|metadata| !EXPORT_PATH_TARGETS.iter().any(|t| metadata.target().starts_with(t)));
+                let not_export_path = filter_fn(|metadata| !on_export_path(metadata.target()));
                 let traced = AgentFilter::spans(names).or(env_filter.and(not_export_path));
                 let otel = tracing_opentelemetry::layer()
                     .with_tracer(provider.tracer("agent_telemetry"))
@@ -441,6 +440,16 @@ impl AgentTelemetry {
             Err(error) => panic!("agent-telemetry could not be installed: {error}"),
         }
     }
+}
+
+/// Whether `target` belongs to one of the export path's crates: `hyper` and `hyper_util::client`
+/// do, `hyperion` does not.
+fn on_export_path(target: &str) -> bool {
+    EXPORT_PATH_TARGETS.iter().any(|krate| {
+        target
+            .strip_prefix(krate)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with([':', '_']))
+    })
 }
 
 fn parse_env_filter(directives: &str) -> Result<EnvFilter> {
@@ -574,6 +583,27 @@ impl Drop for TelemetryGuard {
     fn drop(&mut self) {
         if let Err(error) = self.shutdown_all() {
             eprintln!("agent-telemetry: {error}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::on_export_path;
+
+    #[test]
+    fn export_path_targets_are_whole_crates() {
+        for target in [
+            "opentelemetry_sdk",
+            "opentelemetry",
+            "hyper_util::client::legacy",
+            "h2::codec",
+            "reqwest",
+        ] {
+            assert!(on_export_path(target), "{target}");
+        }
+        for target in ["h2o_agents", "hyperion::agent", "towering", "my_app::reqwest_helper"] {
+            assert!(!on_export_path(target), "{target}");
         }
     }
 }
