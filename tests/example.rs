@@ -108,19 +108,7 @@ fn the_main_job_produces_all_three_signals() {
     for line in &lines {
         let pairs = json_pairs(line);
         let keys: Vec<&str> = pairs.iter().map(|(k, _)| k.as_str()).collect();
-        assert_eq!(
-            &keys[..8],
-            [
-                "@timestamp",
-                "timestamp",
-                "log.level",
-                "event",
-                "agent_name",
-                "task",
-                "duration_seconds",
-                "status"
-            ]
-        );
+        assert_eq!(&keys[..8], &support::LOG_LINE_KEYS[..8]);
         assert!(pairs[6].1.is_f64() && pairs[7].1.is_string(), "{line}");
         if phoenix.is_some() {
             let id = |key: &str| {

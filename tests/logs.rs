@@ -14,19 +14,7 @@ fn execute_agent(agent_name: &str, task: &str, fail: bool) -> Result<(), String>
     }
 }
 
-const KEYS: [&str; 11] = [
-    "@timestamp",
-    "timestamp",
-    "log.level",
-    "event",
-    "agent_name",
-    "task",
-    "duration_seconds",
-    "status",
-    "trace.id",
-    "span.id",
-    "service.name",
-];
+const KEYS: [&str; 11] = support::LOG_LINE_KEYS;
 
 #[test]
 fn one_line_per_execution_in_the_contract_shape() {

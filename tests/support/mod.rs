@@ -392,6 +392,21 @@ pub fn promtool_check_metrics(text: &str) -> Option<(bool, String)> {
     Some((output.status.success() && report.trim().is_empty(), report))
 }
 
+/// The keys of a successful execution's log line, in their contract order.
+pub const LOG_LINE_KEYS: [&str; 11] = [
+    "@timestamp",
+    "timestamp",
+    "log.level",
+    "event",
+    "agent_name",
+    "task",
+    "duration_seconds",
+    "status",
+    "trace.id",
+    "span.id",
+    "service.name",
+];
+
 /// The recording rules of `deploy/prometheus/rules/recording.yml` that dashboards and alerts
 /// share, by exact name.
 pub const SHARED_RECORDING_RULES: [&str; 8] = [
