@@ -370,8 +370,8 @@ impl AgentTelemetry {
             .transpose()?;
 
         let signals = Signals {
-            metrics: Some(Arc::clone(&metrics)),
-            logs: Some(Arc::clone(&logs)),
+            metrics: Arc::clone(&metrics),
+            logs: Arc::clone(&logs),
             traces: tracer_provider.is_some(),
         };
         let executions = ExecutionLayer::new(signals).with_filter(AgentFilter::executions(Arc::clone(&names)));

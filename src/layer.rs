@@ -17,10 +17,10 @@ use crate::logs::LogWriter;
 use crate::metrics::Metrics;
 use crate::traces;
 
-/// The signals a closed execution goes to. Each is optional; none depends on another.
+/// The signals a closed execution goes to; none depends on another.
 pub(crate) struct Signals {
-    pub metrics: Option<Arc<Metrics>>,
-    pub logs: Option<Arc<LogWriter>>,
+    pub metrics: Arc<Metrics>,
+    pub logs: Arc<LogWriter>,
     /// Whether an OpenTelemetry layer sits beside this one (so there are ids to correlate).
     pub traces: bool,
 }
@@ -127,12 +127,8 @@ where
             finished_at: SystemTime::now(),
             trace: self.trace_ids(&id),
         };
-        if let Some(metrics) = &self.signals.metrics {
-            metrics.record(&execution);
-        }
-        if let Some(logs) = &self.signals.logs {
-            logs.write(&execution);
-        }
+        self.signals.metrics.record(&execution);
+        self.signals.logs.write(&execution);
         if let Some(ids) = execution.trace {
             traces::hand_over_outcome(ids.span_id, &execution);
         }

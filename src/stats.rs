@@ -8,7 +8,6 @@ pub(crate) struct TelemetryStats {
     pub log_lines_written: AtomicU64,
     pub log_lines_dropped: AtomicU64,
     pub log_write_errors: AtomicU64,
-    pub spans_queued: AtomicU64,
     pub spans_dropped: AtomicU64,
     pub spans_exported: AtomicU64,
     pub spans_export_failed: AtomicU64,

@@ -256,7 +256,6 @@ impl SpanProcessor for AgentSpanProcessor {
             }
             return;
         }
-        TelemetryStats::add(&self.stats.spans_queued, 1);
         self.inner.on_end(span);
     }
 
