@@ -10,6 +10,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use opentelemetry_sdk::trace::Sampler;
+
 use crate::error::{Error, Result};
 
 /// The guide's histogram buckets, in seconds.
@@ -69,6 +71,7 @@ pub(crate) struct Config {
     pub otlp: OtlpConfig,
     pub batch: BatchSettings,
     pub env_filter: String,
+    pub sampler: Sampler,
     pub shutdown_timeout: Duration,
 }
 
@@ -128,6 +131,7 @@ impl Default for Config {
                 scheduled_delay: Duration::from_secs(5),
             },
             env_filter: "info".to_owned(),
+            sampler: Sampler::ParentBased(Box::new(Sampler::AlwaysOn)),
             shutdown_timeout: Duration::from_secs(5),
         }
     }
@@ -209,7 +213,7 @@ impl Config {
             self.batch.scheduled_delay = parse_millis("OTEL_BSP_SCHEDULE_DELAY", &v)?;
         }
         if let Some(v) = var("OTEL_TRACES_SAMPLER") {
-            check_sampler(&v, var("OTEL_TRACES_SAMPLER_ARG").as_deref())?;
+            self.sampler = parse_sampler(&v, var("OTEL_TRACES_SAMPLER_ARG").as_deref())?;
         }
         if let Some(v) = var("RUST_LOG") {
             self.env_filter = v;
@@ -376,25 +380,12 @@ fn parse_count(setting: &str, value: &str) -> Result<usize> {
     }
 }
 
-fn check_sampler(value: &str, arg: Option<&str>) -> Result<()> {
-    const SAMPLERS: [&str; 6] = [
-        "always_on",
-        "always_off",
-        "traceidratio",
-        "parentbased_always_on",
-        "parentbased_always_off",
-        "parentbased_traceidratio",
-    ];
-    if !SAMPLERS.contains(&value.trim()) {
-        return Err(Error::invalid(
-            "OTEL_TRACES_SAMPLER",
-            value,
-            format!("expected one of {}", SAMPLERS.join(", ")),
-        ));
-    }
-    if let Some(arg) = arg {
-        match arg.trim().parse::<f64>() {
-            Ok(ratio) if (0.0..=1.0).contains(&ratio) => {}
+/// The spec's sampler names; the ratio defaults to 1 when `OTEL_TRACES_SAMPLER_ARG` is unset.
+fn parse_sampler(value: &str, arg: Option<&str>) -> Result<Sampler> {
+    let ratio = match arg {
+        None => 1.0,
+        Some(arg) => match arg.trim().parse::<f64>() {
+            Ok(ratio) if (0.0..=1.0).contains(&ratio) => ratio,
             _ => {
                 return Err(Error::invalid(
                     "OTEL_TRACES_SAMPLER_ARG",
@@ -402,9 +393,24 @@ fn check_sampler(value: &str, arg: Option<&str>) -> Result<()> {
                     "expected a ratio from 0 to 1",
                 ))
             }
+        },
+    };
+    Ok(match value.trim() {
+        "always_on" => Sampler::AlwaysOn,
+        "always_off" => Sampler::AlwaysOff,
+        "traceidratio" => Sampler::TraceIdRatioBased(ratio),
+        "parentbased_always_on" => Sampler::ParentBased(Box::new(Sampler::AlwaysOn)),
+        "parentbased_always_off" => Sampler::ParentBased(Box::new(Sampler::AlwaysOff)),
+        "parentbased_traceidratio" => Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(ratio))),
+        _ => {
+            return Err(Error::invalid(
+                "OTEL_TRACES_SAMPLER",
+                value,
+                "expected one of always_on, always_off, traceidratio, parentbased_always_on, \
+                 parentbased_always_off, parentbased_traceidratio",
+            ))
         }
-    }
-    Ok(())
+    })
 }
 
 /// Parses `key=value,key2=value2` with percent-encoded values, as the spec writes them.

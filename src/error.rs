@@ -80,9 +80,9 @@ pub enum Error {
     /// A span could not join the trace of an incoming request.
     #[error("cannot continue the incoming trace: {source}")]
     Propagation {
-        /// Why `tracing-opentelemetry` refused the parent.
+        /// Why the span could not take the parent: it already started, or it is not traced.
         #[source]
-        source: tracing_opentelemetry::SetParentError,
+        source: Box<dyn std::error::Error + Send + Sync + 'static>,
     },
 
     /// Shutting a signal down did not complete cleanly or in time.

@@ -99,6 +99,14 @@ pub(crate) struct ExecutionFields {
 }
 
 impl ExecutionFields {
+    /// Whether `field` is one of the execution's own (the rest are span attributes only).
+    pub(crate) fn owns(field: &Field) -> bool {
+        matches!(
+            field.name(),
+            "agent_name" | "agent.name" | "task" | "status" | "result.status"
+        )
+    }
+
     fn slot(&mut self, field: &Field) -> Option<&mut Option<String>> {
         match field.name() {
             "agent_name" | "agent.name" => Some(&mut self.agent_name),
@@ -193,7 +201,10 @@ impl Visit for ErrorText {
 /// Per-span state, kept in the span's extensions from creation to close.
 #[derive(Debug)]
 pub(crate) struct ExecutionState {
+    /// For the duration: monotonic.
     pub started: Instant,
+    /// For timestamps: the wall clock, read once; the end is `started_at + duration`.
+    pub started_at: SystemTime,
     pub fields: ExecutionFields,
     pub error_event: Option<String>,
     pub panicked: bool,
@@ -203,6 +214,7 @@ impl ExecutionState {
     pub(crate) fn new() -> Self {
         ExecutionState {
             started: Instant::now(),
+            started_at: SystemTime::now(),
             fields: ExecutionFields::default(),
             error_event: None,
             panicked: false,
@@ -234,14 +246,15 @@ pub(crate) struct TraceIds {
     pub span_id: opentelemetry::SpanId,
 }
 
-/// One closed agent execution, as every signal receives it.
+/// One closed agent execution, as every signal receives it. Owned: the log line and the
+/// span are made from it off the agent's thread.
 #[derive(Debug)]
-pub(crate) struct Execution<'a> {
-    pub agent_name: &'a str,
-    pub task: &'a str,
+pub(crate) struct Execution {
+    pub agent_name: String,
+    pub task: String,
     pub duration: Duration,
     pub status: Status,
-    pub failure: Option<&'a Failure>,
+    pub failure: Option<Failure>,
     pub finished_at: SystemTime,
     pub trace: Option<TraceIds>,
 }

@@ -18,10 +18,11 @@ use tracing_subscriber::util::SubscriberInitExt;
 use crate::config::{Config, LogFormat, OtlpProtocol, TracesExporter};
 use crate::error::{Error, Result};
 use crate::execution::AgentSpanNames;
-use crate::layer::{AgentFilter, ExecutionLayer, Signals};
-use crate::logs::LogWriter;
+use crate::layer::{AgentFilter, ExecutionLayer, NotAgentFilter, Signals};
+use crate::logs::LogLines;
 use crate::metrics::server::MetricsServer;
 use crate::metrics::{Metrics, MetricsHandle};
+use crate::pipeline::Pipeline;
 use crate::stats::TelemetryStats;
 use crate::traces::BoxedSpanExporter;
 
@@ -353,17 +354,22 @@ impl AgentTelemetry {
         let names = Arc::new(AgentSpanNames::new(&config.agent_span_names));
         let stats = Arc::new(TelemetryStats::default());
         let resource = resource(&config);
-        let env_filter = parse_env_filter(&config.env_filter)?;
+        // One filter per layer that uses it; parsed before anything starts.
+        let (traced_spans, traced_events) = (
+            parse_env_filter(&config.env_filter)?,
+            parse_env_filter(&config.env_filter)?,
+        );
 
         let metrics = Arc::new(Metrics::new(&config, resource.clone(), Arc::clone(&stats))?);
-        let logs = Arc::new(LogWriter::new(&config, self.log_writer, Arc::clone(&stats))?);
-        let tracer_provider = crate::traces::provider(
-            &config,
-            self.span_exporter,
-            resource,
-            Arc::clone(&names),
+        let traces = crate::traces::build(&config, self.span_exporter, &resource, &stats)?;
+        let tracer = traces.as_ref().map(|traces| Arc::clone(&traces.agents));
+        let logs = LogLines::new(&config, self.log_writer, Arc::clone(&stats))?;
+        let pipeline = Arc::new(Pipeline::start(
+            logs,
+            tracer.clone(),
+            config.log_queue_lines,
             Arc::clone(&stats),
-        )?;
+        )?);
         let server = config
             .metrics_addr
             .map(|addr| MetricsServer::start(addr, metrics.handle()))
@@ -371,30 +377,36 @@ impl AgentTelemetry {
 
         let signals = Signals {
             metrics: Arc::clone(&metrics),
-            logs: Arc::clone(&logs),
-            traces: tracer_provider.is_some(),
+            pipeline: Arc::clone(&pipeline),
+            tracer,
         };
-        let executions = ExecutionLayer::new(signals).with_filter(AgentFilter::executions(Arc::clone(&names)));
-        let layer: TelemetryLayer<S> = match &tracer_provider {
-            Some(provider) => {
-                let not_export_path = filter_fn(|metadata| !on_export_path(metadata.target()));
-                let traced = AgentFilter::spans(names).or(env_filter.and(not_export_path));
+        let agent_filter = AgentFilter::new(Arc::clone(&names));
+        let layer: TelemetryLayer<S> = match &traces {
+            Some(traces) => {
+                // Events `RUST_LOG` selects reach the execution layer too: those directly
+                // inside an agent span become its span events.
+                let traced_events = filter_fn(|metadata| metadata.is_event())
+                    .and(traced_events)
+                    .and(filter_fn(|metadata| !on_export_path(metadata.target())));
+                let executions = ExecutionLayer::new(signals).with_filter(agent_filter.or(traced_events));
                 let otel = tracing_opentelemetry::layer()
-                    .with_tracer(provider.tracer("agent_telemetry"))
+                    .with_tracer(traces.provider.tracer("agent_telemetry"))
                     .with_threads(false)
                     .with_tracked_inactivity(false)
-                    .with_filter(traced);
-                // The execution layer is inner, so its `on_close` runs first and reads the
-                // span's ids before the OpenTelemetry layer ends and exports the span.
+                    .with_filter(
+                        traced_spans
+                            .and(filter_fn(|metadata| !on_export_path(metadata.target())))
+                            .and(NotAgentFilter::new(names)),
+                    );
                 Box::new(executions.and_then(otel))
             }
-            None => Box::new(executions),
+            None => Box::new(ExecutionLayer::new(signals).with_filter(agent_filter)),
         };
 
         let guard = TelemetryGuard {
             metrics,
-            logs,
-            tracer_provider,
+            pipeline,
+            tracer_provider: traces.map(|traces| traces.provider),
             server,
             config: Arc::new(config),
             done: false,
@@ -477,7 +489,7 @@ fn resource(config: &Config) -> Resource {
 #[must_use = "dropping the guard shuts the telemetry down at once"]
 pub struct TelemetryGuard {
     metrics: Arc<Metrics>,
-    logs: Arc<LogWriter>,
+    pipeline: Arc<Pipeline>,
     tracer_provider: Option<SdkTracerProvider>,
     server: Option<MetricsServer>,
     config: Arc<Config>,
@@ -511,7 +523,8 @@ impl TelemetryGuard {
     ///
     /// [`Error::Shutdown`] naming the signal that could not be flushed within the timeout.
     pub fn flush(&self) -> Result<()> {
-        let timeout = self.config.shutdown_timeout;
+        // Lines first: that also hands every closed execution's span to the processor.
+        let logs = self.pipeline.flush(self.config.shutdown_timeout, false);
         let traces = match &self.tracer_provider {
             Some(provider) => provider.force_flush().map_err(|e| Error::Shutdown {
                 signal: "traces",
@@ -519,7 +532,7 @@ impl TelemetryGuard {
             }),
             None => Ok(()),
         };
-        traces.and(self.logs.flush(timeout))
+        logs.and(traces)
     }
 
     /// One line per signal saying where it goes, for a program to print at start.
@@ -563,6 +576,8 @@ impl TelemetryGuard {
             return Ok(());
         }
         let timeout = self.config.shutdown_timeout;
+        // The pipeline first, so the spans it still holds reach the exporter before it stops.
+        let logs = self.pipeline.flush(timeout, true);
         let traces = match self.tracer_provider.take() {
             Some(provider) => provider.shutdown_with_timeout(timeout).map_err(|e| Error::Shutdown {
                 signal: "traces",
@@ -570,7 +585,6 @@ impl TelemetryGuard {
             }),
             None => Ok(()),
         };
-        let logs = self.logs.shutdown(timeout);
         if let Some(mut server) = self.server.take() {
             server.stop();
         }

@@ -1,10 +1,16 @@
 //! The `tracing` layer that recognises agent executions and hands each closed one to the
-//! signals, plus the per-layer filter that keeps everything else off its path.
+//! signals, plus the per-layer filters that keep everything else off its path.
+//!
+//! On the agent's thread it does only what must happen there: the fields, the span's ids,
+//! the metrics, and one queue push. Log lines and spans are made on the pipeline's thread.
 
+use std::any::TypeId;
+use std::cell::RefCell;
+use std::marker::PhantomData;
 use std::sync::{Arc, OnceLock};
 use std::time::SystemTime;
 
-use opentelemetry::trace::TraceContextExt;
+use opentelemetry::ContextGuard;
 use tracing_core::dispatcher::WeakDispatch;
 use tracing_core::span::{Attributes, Id, Record};
 use tracing_core::subscriber::Interest;
@@ -12,49 +18,83 @@ use tracing_core::{Dispatch, Event, Level, Metadata, Subscriber};
 use tracing_subscriber::layer::{Context, Filter, Layer};
 use tracing_subscriber::registry::LookupSpan;
 
-use crate::execution::{AgentSpanNames, ErrorText, Execution, ExecutionState, TraceIds, UNKNOWN_AGENT};
-use crate::logs::LogWriter;
+use crate::execution::{AgentSpanNames, ErrorText, Execution, ExecutionState, UNKNOWN_AGENT};
 use crate::metrics::Metrics;
-use crate::traces;
+use crate::pipeline::{Closed, Pipeline};
+use crate::traces::{AgentSpan, AgentTracer};
 
 /// The signals a closed execution goes to; none depends on another.
 pub(crate) struct Signals {
     pub metrics: Arc<Metrics>,
-    pub logs: Arc<LogWriter>,
-    /// Whether an OpenTelemetry layer sits beside this one (so there are ids to correlate).
-    pub traces: bool,
+    pub pipeline: Arc<Pipeline>,
+    /// `None` when traces are off: no ids, no spans.
+    pub tracer: Option<Arc<AgentTracer>>,
 }
 
-/// Turns closed agent spans into [`Execution`] records for the signals.
-pub(crate) struct ExecutionLayer {
+/// An agent span's state from creation to close, in the span's extensions.
+struct Running {
+    execution: ExecutionState,
+    span: Option<AgentSpan>,
+}
+
+thread_local! {
+    /// The OpenTelemetry contexts this thread's entered agent spans made current.
+    static ACTIVE: RefCell<Vec<(Id, ContextGuard)>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Turns agent spans into executions for the signals.
+pub(crate) struct ExecutionLayer<S> {
     signals: Signals,
+    hook: AgentSpanHook,
     dispatch: OnceLock<WeakDispatch>,
+    _subscriber: PhantomData<fn(S)>,
 }
 
-impl ExecutionLayer {
+impl<S> ExecutionLayer<S>
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+{
     pub(crate) fn new(signals: Signals) -> Self {
+        let hook = AgentSpanHook {
+            tracer: signals.tracer.clone(),
+            with_span: with_agent_span::<S>,
+        };
         ExecutionLayer {
             signals,
+            hook,
             dispatch: OnceLock::new(),
+            _subscriber: PhantomData,
         }
     }
 
-    /// The exported span's ids, read from the OpenTelemetry layer before it ends the span.
-    fn trace_ids(&self, id: &Id) -> Option<TraceIds> {
-        if !self.signals.traces {
-            return None;
-        }
-        let dispatch = self.dispatch.get()?.upgrade()?;
-        let cx = tracing_opentelemetry::get_otel_context(id, &dispatch)?;
-        let span_context = cx.span().span_context().clone();
-        span_context.is_valid().then(|| TraceIds {
-            trace_id: span_context.trace_id(),
-            span_id: span_context.span_id(),
-        })
+    /// The OpenTelemetry context a new agent span opens under, as `tracing-opentelemetry`
+    /// chooses it: an explicit parent's, else the current one (which entered agent spans and
+    /// the spans `tracing-opentelemetry` builds both make current).
+    fn parent_context(&self, attrs: &Attributes<'_>, ctx: &Context<'_, S>) -> opentelemetry::Context {
+        let Some(parent) = attrs.parent() else {
+            return if attrs.is_contextual() {
+                opentelemetry::Context::current()
+            } else {
+                opentelemetry::Context::new()
+            };
+        };
+        let agent_parent = ctx.span(parent).and_then(|span| {
+            let extensions = span.extensions();
+            let running = extensions.get::<Running>()?;
+            running.span.as_ref().map(|span| span.context().clone())
+        });
+        agent_parent
+            .or_else(|| {
+                let dispatch = self.dispatch.get()?.upgrade()?;
+                tracing_opentelemetry::get_otel_context(parent, &dispatch)
+            })
+            // A parent nothing traces: the span starts a trace, as it would in
+            // `tracing-opentelemetry`.
+            .unwrap_or_default()
     }
 }
 
-impl<S> Layer<S> for ExecutionLayer
+impl<S> Layer<S> for ExecutionLayer<S>
 where
     S: Subscriber + for<'a> LookupSpan<'a>,
 {
@@ -64,35 +104,71 @@ where
     }
 
     fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: Context<'_, S>) {
-        let Some(span) = ctx.span(id) else { return };
-        let mut state = ExecutionState::new();
-        attrs.record(&mut state.fields);
-        span.extensions_mut().insert(state);
+        let mut execution = ExecutionState::new();
+        attrs.record(&mut execution.fields);
+        let span = self.signals.tracer.as_ref().map(|tracer| {
+            let mut span = tracer.start(&self.parent_context(attrs, &ctx), attrs.metadata());
+            span.record_attributes(attrs);
+            span
+        });
+        if let Some(registered) = ctx.span(id) {
+            registered.extensions_mut().insert(Running { execution, span });
+        }
     }
 
     fn on_record(&self, id: &Id, values: &Record<'_>, ctx: Context<'_, S>) {
         let Some(span) = ctx.span(id) else { return };
         let mut extensions = span.extensions_mut();
-        if let Some(state) = extensions.get_mut::<ExecutionState>() {
-            values.record(&mut state.fields);
+        if let Some(running) = extensions.get_mut::<Running>() {
+            values.record(&mut running.execution.fields);
+            if let Some(span) = &mut running.span {
+                span.record(values);
+            }
         }
     }
 
     fn on_event(&self, event: &Event<'_>, ctx: Context<'_, S>) {
-        // The filter lets only ERROR events through; the nearest agent span owns the error.
-        let Some(scope) = ctx.event_scope(event) else {
+        if *event.metadata().level() == Level::ERROR {
+            fail_nearest_agent(event, &ctx);
+        }
+        if self.signals.tracer.is_none() {
+            return;
+        }
+        // An event directly inside an agent span is one of the span's events; the filter of
+        // the `tracing-opentelemetry` layer leaves these to us.
+        let innermost = match event.parent() {
+            Some(parent) => Some(parent.clone()),
+            None if event.is_contextual() => ctx.current_span().id().cloned(),
+            None => None,
+        };
+        let Some(span) = innermost.and_then(|id| ctx.span(&id)) else {
             return;
         };
-        for span in scope {
-            let mut extensions = span.extensions_mut();
-            if let Some(state) = extensions.get_mut::<ExecutionState>() {
-                if state.error_event.is_none() {
-                    let mut text = ErrorText::default();
-                    event.record(&mut text);
-                    state.error_event = Some(text.into_text());
-                }
-                return;
+        let mut extensions = span.extensions_mut();
+        if let Some(agent_span) = extensions.get_mut::<Running>().and_then(|r| r.span.as_mut()) {
+            if agent_span.is_sampled() {
+                agent_span.add_event(event);
             }
+        }
+    }
+
+    fn on_enter(&self, id: &Id, ctx: Context<'_, S>) {
+        if self.signals.tracer.is_none() {
+            return;
+        }
+        let Some(span) = ctx.span(id) else { return };
+        let context = span
+            .extensions_mut()
+            .get_mut::<Running>()
+            .and_then(|r| r.span.as_mut())
+            .map(AgentSpan::enter);
+        drop(span);
+        if let Some(context) = context {
+            let guard = context.attach();
+            ACTIVE.with(|active| match active.try_borrow_mut() {
+                Ok(mut active) => active.push((id.clone(), guard)),
+                Err(_) => drop(guard),
+            });
         }
     }
 
@@ -100,38 +176,131 @@ where
         // An async agent's span may close later, on another thread: note the panic now.
         if std::thread::panicking() {
             if let Some(span) = ctx.span(id) {
-                if let Some(state) = span.extensions_mut().get_mut::<ExecutionState>() {
-                    state.panicked = true;
-                };
+                if let Some(running) = span.extensions_mut().get_mut::<Running>() {
+                    running.execution.panicked = true;
+                }
             }
+        }
+        if self.signals.tracer.is_some() {
+            let guard = ACTIVE.with(|active| {
+                let mut active = active.try_borrow_mut().ok()?;
+                let position = active.iter().rposition(|(entered, _)| entered == id)?;
+                Some(active.remove(position))
+            });
+            // Dropped outside the borrow: restoring the context may emit events.
+            drop(guard);
         }
     }
 
     fn on_close(&self, id: Id, ctx: Context<'_, S>) {
         let Some(span) = ctx.span(&id) else { return };
-        // Taken out, not borrowed: the extensions must not be locked while the
-        // OpenTelemetry layer is asked for the span's ids below.
-        let Some(mut state) = span.extensions_mut().remove::<ExecutionState>() else {
+        let Some(running) = span.extensions_mut().remove::<Running>() else {
             return;
         };
         drop(span);
+        let Running {
+            execution: mut state,
+            span,
+        } = running;
         let duration = state.started.elapsed();
         state.panicked |= std::thread::panicking();
         let (status, failure) = state.outcome();
         let execution = Execution {
-            agent_name: state.fields.agent_name.as_deref().unwrap_or(UNKNOWN_AGENT),
-            task: state.fields.task.as_deref().unwrap_or_default(),
+            agent_name: state
+                .fields
+                .agent_name
+                .take()
+                .unwrap_or_else(|| UNKNOWN_AGENT.to_owned()),
+            task: state.fields.task.take().unwrap_or_default(),
             duration,
             status,
-            failure: failure.as_ref(),
-            finished_at: SystemTime::now(),
-            trace: self.trace_ids(&id),
+            failure,
+            finished_at: state.started_at.checked_add(duration).unwrap_or_else(SystemTime::now),
+            trace: span.as_ref().map(AgentSpan::ids),
         };
         self.signals.metrics.record(&execution);
-        self.signals.logs.write(&execution);
-        if let Some(ids) = execution.trace {
-            traces::hand_over_outcome(ids.span_id, &execution);
+        self.signals.pipeline.send(Closed {
+            execution,
+            span: span.filter(AgentSpan::is_sampled),
+        });
+    }
+
+    // SAFETY: each pointer returned points to a value of exactly the type asked for, owned by
+    // `self`, as `Layer::downcast_raw` requires.
+    #[allow(unsafe_code)]
+    unsafe fn downcast_raw(&self, id: TypeId) -> Option<*const ()> {
+        if id == TypeId::of::<Self>() {
+            Some(std::ptr::from_ref(self).cast())
+        } else if id == TypeId::of::<AgentSpanHook>() {
+            Some(std::ptr::from_ref(&self.hook).cast())
+        } else {
+            None
         }
+    }
+}
+
+/// The first failure source after an explicit status: an `ERROR` event fails the nearest
+/// enclosing agent span.
+fn fail_nearest_agent<S>(event: &Event<'_>, ctx: &Context<'_, S>)
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+{
+    let Some(scope) = ctx.event_scope(event) else {
+        return;
+    };
+    for span in scope {
+        let mut extensions = span.extensions_mut();
+        if let Some(running) = extensions.get_mut::<Running>() {
+            let state = &mut running.execution;
+            if state.error_event.is_none() {
+                let mut text = ErrorText::default();
+                event.record(&mut text);
+                state.error_event = Some(text.into_text());
+            }
+            return;
+        }
+    }
+}
+
+/// Reaches an agent span's trace state from outside the layer (the `propagation` module),
+/// found with `Dispatch::downcast_ref` as `tracing-opentelemetry` finds its own.
+pub(crate) struct AgentSpanHook {
+    tracer: Option<Arc<AgentTracer>>,
+    with_span: fn(&Dispatch, &Id, &mut dyn FnMut(&mut AgentSpan)) -> bool,
+}
+
+impl AgentSpanHook {
+    /// Runs `f` on the agent span `id`; `false` when `id` is not a traced agent span.
+    pub(crate) fn with_span(
+        &self,
+        dispatch: &Dispatch,
+        id: &Id,
+        f: &mut dyn FnMut(&AgentTracer, &mut AgentSpan),
+    ) -> bool {
+        let Some(tracer) = &self.tracer else {
+            return false;
+        };
+        (self.with_span)(dispatch, id, &mut |span| f(tracer, span))
+    }
+}
+
+fn with_agent_span<S>(dispatch: &Dispatch, id: &Id, f: &mut dyn FnMut(&mut AgentSpan)) -> bool
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+{
+    let Some(subscriber) = dispatch.downcast_ref::<S>() else {
+        return false;
+    };
+    let Some(span) = subscriber.span(id) else {
+        return false;
+    };
+    let mut extensions = span.extensions_mut();
+    match extensions.get_mut::<Running>().and_then(|r| r.span.as_mut()) {
+        Some(span) => {
+            f(span);
+            true
+        }
+        None => false,
     }
 }
 
@@ -140,24 +309,11 @@ where
 #[derive(Clone)]
 pub(crate) struct AgentFilter {
     names: Arc<AgentSpanNames>,
-    with_error_events: bool,
 }
 
 impl AgentFilter {
-    /// The filter of the execution layer: agent spans and `ERROR` events.
-    pub(crate) fn executions(names: Arc<AgentSpanNames>) -> Self {
-        AgentFilter {
-            names,
-            with_error_events: true,
-        }
-    }
-
-    /// Agent spans only: what the trace layer must always see, whatever `RUST_LOG` says.
-    pub(crate) fn spans(names: Arc<AgentSpanNames>) -> Self {
-        AgentFilter {
-            names,
-            with_error_events: false,
-        }
+    pub(crate) fn new(names: Arc<AgentSpanNames>) -> Self {
+        AgentFilter { names }
     }
 
     #[inline]
@@ -165,7 +321,7 @@ impl AgentFilter {
         if metadata.is_span() {
             self.names.matches(metadata.name())
         } else {
-            self.with_error_events && *metadata.level() == Level::ERROR
+            *metadata.level() == Level::ERROR
         }
     }
 }
@@ -180,6 +336,38 @@ impl<S> Filter<S> for AgentFilter {
             Interest::always()
         } else {
             Interest::never()
+        }
+    }
+}
+
+/// For the `tracing-opentelemetry` layer: no agent spans (ours), and no events whose
+/// innermost span is an agent span (they are its span events, recorded by us).
+pub(crate) struct NotAgentFilter {
+    names: Arc<AgentSpanNames>,
+}
+
+impl NotAgentFilter {
+    pub(crate) fn new(names: Arc<AgentSpanNames>) -> Self {
+        NotAgentFilter { names }
+    }
+}
+
+impl<S: Subscriber> Filter<S> for NotAgentFilter {
+    fn enabled(&self, metadata: &Metadata<'_>, ctx: &Context<'_, S>) -> bool {
+        if metadata.is_span() {
+            return !self.names.matches(metadata.name());
+        }
+        !ctx.current_span()
+            .metadata()
+            .is_some_and(|span| self.names.matches(span.name()))
+    }
+
+    fn callsite_enabled(&self, metadata: &'static Metadata<'static>) -> Interest {
+        match (metadata.is_span(), self.names.matches(metadata.name())) {
+            (true, true) => Interest::never(),
+            (true, false) => Interest::always(),
+            // An event's answer depends on the span it happens in.
+            (false, _) => Interest::sometimes(),
         }
     }
 }

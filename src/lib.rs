@@ -48,6 +48,7 @@ mod install;
 mod layer;
 mod logs;
 mod metrics;
+mod pipeline;
 pub mod propagation;
 mod stats;
 mod traces;

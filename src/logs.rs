@@ -1,13 +1,12 @@
-//! One Filebeat-ready JSON line per agent execution, written off the agent's thread.
+//! One Filebeat-ready JSON line per agent execution: formatted and written in batches on the
+//! pipeline's thread, never the agent's.
 
 mod line;
 mod writer;
 
-use std::cell::RefCell;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
 use tracing_appender::rolling::{RollingFileAppender, Rotation};
 
@@ -17,20 +16,15 @@ use crate::execution::Execution;
 use crate::stats::TelemetryStats;
 
 pub(crate) use line::LineFormat;
-use writer::LineWriter;
+use writer::LineBatch;
 
-/// Formats executions into lines and queues them for the writer thread.
-pub(crate) struct LogWriter {
+/// Formats executions into lines and writes them to the destination in batches.
+pub(crate) struct LogLines {
     format: LineFormat,
-    writer: LineWriter,
+    batch: LineBatch,
 }
 
-thread_local! {
-    // One buffer per thread, reused for every line it formats.
-    static LINE: RefCell<Vec<u8>> = RefCell::new(Vec::with_capacity(512));
-}
-
-impl LogWriter {
+impl LogLines {
     /// The application's writer, else daily files `<prefix>.YYYY-MM-DD.log` in the configured
     /// directory, else stdout.
     pub(crate) fn new(
@@ -43,33 +37,21 @@ impl LogWriter {
             (None, Some(dir)) => Box::new(daily_files(dir, &config.log_file_prefix)?),
             (None, None) => Box::new(std::io::stdout()),
         };
-        Ok(LogWriter {
+        Ok(LogLines {
             format: LineFormat::new(config),
-            writer: LineWriter::start(destination, config.log_queue_lines, stats)?,
+            batch: LineBatch::new(destination, stats),
         })
     }
 
-    pub(crate) fn write(&self, execution: &Execution<'_>) {
-        let format_and_send = |line: &mut Vec<u8>| {
-            line.clear();
-            self.format.write(execution, line);
-            self.writer.send(line);
-        };
-        LINE.with(|line| match line.try_borrow_mut() {
-            Ok(mut line) => format_and_send(&mut line),
-            // Re-entered from inside formatting (a `Debug` impl that logs): a fresh buffer.
-            Err(_) => format_and_send(&mut Vec::new()),
-        });
+    /// Adds the execution's line to the batch, writing the batch out once it is large.
+    pub(crate) fn append(&mut self, execution: &Execution) {
+        self.format.write(execution, self.batch.next_line());
+        self.batch.line_done();
     }
 
-    /// Writes out every line queued so far, waiting at most `timeout`.
-    pub(crate) fn flush(&self, timeout: Duration) -> Result<()> {
-        self.writer.flush(timeout, false)
-    }
-
-    /// Writes out every queued line, waiting at most `timeout`, and stops the writer.
-    pub(crate) fn shutdown(&self, timeout: Duration) -> Result<()> {
-        self.writer.flush(timeout, true)
+    /// Writes out the lines appended so far; a failed write counts them as dropped.
+    pub(crate) fn write_out(&mut self) {
+        self.batch.write_out();
     }
 }
 

@@ -154,8 +154,8 @@ impl Metrics {
         self.handle.clone()
     }
 
-    pub(crate) fn record(&self, execution: &Execution<'_>) {
-        let labels = self.labels_for(execution.agent_name);
+    pub(crate) fn record(&self, execution: &Execution) {
+        let labels = self.labels_for(&execution.agent_name);
         let counter_labels = match execution.status {
             Status::Success => &labels.success,
             Status::Failure => &labels.failure,

@@ -3,6 +3,10 @@
 //!
 //! Headers are anything that implements OpenTelemetry's [`Extractor`] / [`Injector`]
 //! (`HashMap<String, String>` does; `opentelemetry-http` adds `http::HeaderMap`).
+//!
+//! Agent spans are built by this crate, not by `tracing-opentelemetry`, so its
+//! `OpenTelemetrySpanExt` does not reach them: use these functions, which work on agent spans
+//! and on every other traced span alike.
 
 use std::collections::HashMap;
 
@@ -12,6 +16,8 @@ use opentelemetry_sdk::propagation::TraceContextPropagator;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::error::{Error, Result};
+use crate::layer::AgentSpanHook;
+use crate::traces::{AgentSpan, AgentTracer};
 
 /// Makes `span` a child of the trace named by the `traceparent` (and `tracestate`) headers of
 /// an incoming request. Call it after creating the span and before entering it.
@@ -49,15 +55,32 @@ pub fn continue_trace(span: &tracing::Span, headers: &dyn Extractor) -> Result<b
     if !parent.span().span_context().is_valid() {
         return Ok(false);
     }
-    span.set_parent(parent)
-        .map_err(|source| Error::Propagation { source })?;
-    Ok(true)
+    let joined = with_agent_span(span, &mut |tracer, agent_span| tracer.continue_remote(agent_span, &parent));
+    match joined {
+        Some(Ok(())) => Ok(true),
+        Some(Err(already_started)) => Err(Error::Propagation {
+            source: Box::new(already_started),
+        }),
+        // Not an agent span: one `tracing-opentelemetry` traces, if any.
+        None => span
+            .set_parent(parent)
+            .map(|()| true)
+            .map_err(|source| Error::Propagation {
+                source: Box::new(source),
+            }),
+    }
+}
+
+/// The OpenTelemetry context of `span`, agent spans included: what a child in another
+/// process must continue. Empty when the span is not traced.
+pub fn context(span: &tracing::Span) -> opentelemetry::Context {
+    with_agent_span(span, &mut |_, agent_span| agent_span.context().clone()).unwrap_or_else(|| span.context())
 }
 
 /// Writes `span`'s `traceparent` (and `tracestate`) into the headers of an outgoing request,
 /// so the service it calls continues the same trace.
 pub fn inject_trace(span: &tracing::Span, headers: &mut dyn Injector) {
-    TraceContextPropagator::new().inject_context(&span.context(), headers);
+    TraceContextPropagator::new().inject_context(&context(span), headers);
 }
 
 /// The W3C Trace Context headers of `span`, for clients that take a map.
@@ -65,4 +88,15 @@ pub fn trace_headers(span: &tracing::Span) -> HashMap<String, String> {
     let mut headers = HashMap::new();
     inject_trace(span, &mut headers);
     headers
+}
+
+/// Runs `f` on `span`'s agent span state; `None` when it is not a traced agent span.
+fn with_agent_span<T>(span: &tracing::Span, f: &mut dyn FnMut(&AgentTracer, &mut AgentSpan) -> T) -> Option<T> {
+    let mut result = None;
+    span.with_subscriber(|(id, dispatch)| {
+        if let Some(hook) = dispatch.downcast_ref::<AgentSpanHook>() {
+            hook.with_span(dispatch, id, &mut |tracer, agent_span| result = Some(f(tracer, agent_span)));
+        }
+    });
+    result
 }

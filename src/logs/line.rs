@@ -33,7 +33,7 @@ impl LineFormat {
     }
 
     /// Appends one complete line, `\n` included, to `out`.
-    pub(crate) fn write(&self, e: &Execution<'_>, out: &mut Vec<u8>) {
+    pub(crate) fn write(&self, e: &Execution, out: &mut Vec<u8>) {
         match self.format {
             LogFormat::Guide => self.write_guide(e, out),
             LogFormat::Ecs => self.write_ecs(e, out),
@@ -49,7 +49,7 @@ impl LineFormat {
     }
 
     /// The guide's six fields, with `@timestamp` and `log.level` for Filebeat.
-    fn write_guide(&self, e: &Execution<'_>, out: &mut Vec<u8>) {
+    fn write_guide(&self, e: &Execution, out: &mut Vec<u8>) {
         let (date, time, micros) = utc_parts(e.finished_at);
         out.extend_from_slice(br#"{"@timestamp":""#);
         push_timestamp(out, &date, &time, micros / 1000, 3);
@@ -61,9 +61,9 @@ impl LineFormat {
             Status::Failure => br#""ERROR""#.as_slice(),
         });
         out.extend_from_slice(br#","event":"agent_execution","agent_name":"#);
-        write_str(out, truncate(e.agent_name, MAX_AGENT_NAME_CHARS));
+        write_str(out, truncate(&e.agent_name, MAX_AGENT_NAME_CHARS));
         out.extend_from_slice(br#","task":"#);
-        write_str(out, truncate(e.task, self.max_task_chars));
+        write_str(out, truncate(&e.task, self.max_task_chars));
         out.extend_from_slice(br#","duration_seconds":"#);
         write_seconds(out, e.duration.as_secs_f64());
         out.extend_from_slice(br#","status":""#);
@@ -74,9 +74,9 @@ impl LineFormat {
 
     /// ECS 8 names: `event.*` for the outcome and duration (nanoseconds), `gen_ai.*` for the
     /// agent, and nothing Filebeat owns (`agent.*`, `ecs.*`, `host.*`, `input.*`, `log.file`).
-    fn write_ecs(&self, e: &Execution<'_>, out: &mut Vec<u8>) {
+    fn write_ecs(&self, e: &Execution, out: &mut Vec<u8>) {
         let (date, time, micros) = utc_parts(e.finished_at);
-        let agent_name = truncate(e.agent_name, MAX_AGENT_NAME_CHARS);
+        let agent_name = truncate(&e.agent_name, MAX_AGENT_NAME_CHARS);
         out.extend_from_slice(br#"{"@timestamp":""#);
         push_timestamp(out, &date, &time, micros / 1000, 3);
         out.extend_from_slice(br#"","log.level":"#);
@@ -94,12 +94,12 @@ impl LineFormat {
         out.extend_from_slice(br#","gen_ai.agent.name":"#);
         write_str(out, &agent_name);
         out.extend_from_slice(br#","gen_ai.operation.name":"invoke_agent","agent_execution.task":"#);
-        write_str(out, truncate(e.task, self.max_task_chars));
+        write_str(out, truncate(&e.task, self.max_task_chars));
         self.write_failure(e, out);
     }
 
-    fn write_failure(&self, e: &Execution<'_>, out: &mut Vec<u8>) {
-        if let Some(failure) = e.failure {
+    fn write_failure(&self, e: &Execution, out: &mut Vec<u8>) {
+        if let Some(failure) = &e.failure {
             out.extend_from_slice(br#","error.type":"#);
             write_str(out, truncate(failure.error_type(), MAX_AGENT_NAME_CHARS));
             out.extend_from_slice(br#","error.message":"#);
@@ -189,15 +189,15 @@ mod tests {
             ..Config::default()
         };
         let execution = Execution {
-            agent_name: "backend-engineer",
-            task,
+            agent_name: "backend-engineer".into(),
+            task: task.into(),
             duration,
             status: if failure.is_some() {
                 Status::Failure
             } else {
                 Status::Success
             },
-            failure,
+            failure: failure.cloned(),
             finished_at: UNIX_EPOCH + Duration::from_micros(1_795_000_530_123_456),
             trace: Some(TraceIds {
                 trace_id: opentelemetry::TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").unwrap(),
@@ -233,11 +233,11 @@ mod tests {
         };
         let failure = Failure::Panic;
         let execution = Execution {
-            agent_name: "qa-engineer",
-            task: "Test API",
+            agent_name: "qa-engineer".into(),
+            task: "Test API".into(),
             duration: Duration::from_millis(1500),
             status: Status::Failure,
-            failure: Some(&failure),
+            failure: Some(failure),
             finished_at: UNIX_EPOCH + Duration::from_micros(1_795_000_530_123_456),
             trace: None,
         };
@@ -311,11 +311,11 @@ mod tests {
                 };
                 let failure = Failure::ErrorEvent(task.clone());
                 let execution = Execution {
-                    agent_name: &agent_name,
-                    task: &task,
+                    agent_name: agent_name.clone(),
+                    task: task.clone(),
                     duration: Duration::from_millis(u64::from(millis)),
                     status: if failed { Status::Failure } else { Status::Success },
-                    failure: failed.then_some(&failure),
+                    failure: failed.then_some(failure),
                     finished_at: SystemTime::now(),
                     trace: None,
                 };

@@ -1,0 +1,232 @@
+//! The pipeline thread: the agent's thread hands each closed execution over in one queue
+//! push; this thread formats its log line and builds its span. A full queue drops the
+//! execution's line and span, never the agent's time, and counts both.
+
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, Result};
+use crate::execution::Execution;
+use crate::logs::LogLines;
+use crate::stats::TelemetryStats;
+use crate::traces::{AgentSpan, AgentTracer};
+
+/// How long the thread lets executions gather after it emptied the queue: bounds its
+/// wake-ups to about 200 a second under load, and delays a line or span by at most this much.
+const LINGER: Duration = Duration::from_millis(5);
+
+/// A closed execution and, when it is sampled, its span.
+pub(crate) struct Closed {
+    pub execution: Execution,
+    pub span: Option<AgentSpan>,
+}
+
+enum Message {
+    /// Boxed: the queue's slots are allocated up front, and stay small this way.
+    Closed(Box<Closed>),
+    /// Finish everything queued before this message, then acknowledge (and stop).
+    Flush { ack: SyncSender<()>, stop: bool },
+}
+
+/// The sending side, held by the layer.
+pub(crate) struct Pipeline {
+    sender: SyncSender<Message>,
+    stats: Arc<TelemetryStats>,
+    tracer: Option<Arc<AgentTracer>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Pipeline {
+    pub(crate) fn start(
+        logs: LogLines,
+        tracer: Option<Arc<AgentTracer>>,
+        capacity: usize,
+        stats: Arc<TelemetryStats>,
+    ) -> Result<Self> {
+        let (sender, receiver) = sync_channel(capacity);
+        let worker = Worker {
+            logs,
+            tracer: tracer.clone(),
+        };
+        let thread = std::thread::Builder::new()
+            .name("agent-telemetry".into())
+            .spawn(move || worker.run(&receiver))
+            .map_err(|source| Error::Thread {
+                name: "agent-telemetry",
+                source,
+            })?;
+        Ok(Pipeline {
+            sender,
+            stats,
+            tracer,
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+
+    /// Queues a closed execution; never blocks. A full queue drops its line and span.
+    pub(crate) fn send(&self, closed: Closed) {
+        if let Err(error) = self.sender.try_send(Message::Closed(Box::new(closed))) {
+            let (TrySendError::Full(Message::Closed(closed)) | TrySendError::Disconnected(Message::Closed(closed))) =
+                error
+            else {
+                return;
+            };
+            TelemetryStats::add(&self.stats.log_lines_dropped, 1);
+            if let (Some(tracer), Some(_)) = (&self.tracer, &closed.span) {
+                tracer.count_dropped();
+            }
+        }
+    }
+
+    /// Waits until every execution queued so far is written and handed to the span
+    /// processor, or `timeout` passes; with `stop`, the thread then ends.
+    pub(crate) fn flush(&self, timeout: Duration, stop: bool) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        let (ack, acknowledged) = sync_channel(1);
+        let mut message = Message::Flush { ack, stop };
+        loop {
+            match self.sender.try_send(message) {
+                Ok(()) => break,
+                Err(TrySendError::Disconnected(_)) => return Ok(()), // already shut down
+                Err(TrySendError::Full(back)) if Instant::now() < deadline => {
+                    message = back;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err(TrySendError::Full(_)) => return Err(timed_out(timeout)),
+            }
+        }
+        match acknowledged.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(()) if !stop => Ok(()),
+            Ok(()) | Err(RecvTimeoutError::Disconnected) => {
+                let thread = self.thread.lock().unwrap_or_else(PoisonError::into_inner).take();
+                if let Some(thread) = thread {
+                    // The thread has acknowledged; joining only reaps it.
+                    let _ = thread.join();
+                }
+                Ok(())
+            }
+            Err(RecvTimeoutError::Timeout) => Err(timed_out(timeout)),
+        }
+    }
+}
+
+fn timed_out(timeout: Duration) -> Error {
+    Error::Shutdown {
+        signal: "logs",
+        reason: format!("lines were still being written after {timeout:?}"),
+    }
+}
+
+/// The receiving side, on its own thread.
+struct Worker {
+    logs: LogLines,
+    tracer: Option<Arc<AgentTracer>>,
+}
+
+impl Worker {
+    fn run(mut self, receiver: &Receiver<Message>) {
+        while let Ok(first) = receiver.recv() {
+            let mut next = Some(first);
+            let mut flush = None;
+            // Take what is queued now, without waiting.
+            while let Some(message) = next.take() {
+                match message {
+                    Message::Closed(closed) => self.handle(*closed),
+                    Message::Flush { ack, stop } => {
+                        flush = Some((ack, stop));
+                        break;
+                    }
+                }
+                next = receiver.try_recv().ok();
+            }
+            self.logs.write_out();
+            match flush {
+                Some((ack, stop)) => {
+                    let _ = ack.send(());
+                    if stop {
+                        return;
+                    }
+                }
+                // Let executions gather instead of parking on the channel, where every new
+                // one would wake this thread: a wake-up costs the agent's thread a system call.
+                None => std::thread::sleep(LINGER),
+            }
+        }
+    }
+
+    fn handle(&mut self, closed: Closed) {
+        self.logs.append(&closed.execution);
+        if let (Some(tracer), Some(span)) = (&self.tracer, closed.span) {
+            tracer.export(span, closed.execution);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::time::SystemTime;
+
+    use super::*;
+    use crate::config::Config;
+    use crate::execution::Status;
+
+    fn execution() -> Execution {
+        Execution {
+            agent_name: "a".into(),
+            task: "t".into(),
+            duration: Duration::from_millis(1),
+            status: Status::Success,
+            failure: None,
+            finished_at: SystemTime::now(),
+            trace: None,
+        }
+    }
+
+    #[test]
+    fn a_full_queue_drops_and_counts_instead_of_blocking() {
+        /// A disk that takes its time, so the queue fills.
+        struct SlowDisk;
+        impl Write for SlowDisk {
+            fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+                std::thread::sleep(Duration::from_millis(20));
+                Ok(bytes.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let stats = Arc::new(TelemetryStats::default());
+        let logs = LogLines::new(&Config::default(), Some(Box::new(SlowDisk)), Arc::clone(&stats)).unwrap();
+        let pipeline = Pipeline::start(logs, None, 4, Arc::clone(&stats)).unwrap();
+        for _ in 0..1000 {
+            pipeline.send(Closed {
+                execution: execution(),
+                span: None,
+            });
+        }
+        pipeline.flush(Duration::from_secs(30), true).unwrap();
+        let written = TelemetryStats::get(&stats.log_lines_written);
+        let dropped = TelemetryStats::get(&stats.log_lines_dropped);
+        assert_eq!(written + dropped, 1000, "every line is written or counted");
+        assert!(dropped > 0, "a 4-execution queue cannot hold 1000");
+    }
+
+    #[test]
+    fn flush_writes_everything_queued_before_it() {
+        let stats = Arc::new(TelemetryStats::default());
+        let logs = LogLines::new(&Config::default(), Some(Box::new(std::io::sink())), Arc::clone(&stats)).unwrap();
+        let pipeline = Pipeline::start(logs, None, 64, Arc::clone(&stats)).unwrap();
+        for _ in 0..50 {
+            pipeline.send(Closed {
+                execution: execution(),
+                span: None,
+            });
+        }
+        pipeline.flush(Duration::from_secs(5), false).unwrap();
+        assert_eq!(TelemetryStats::get(&stats.log_lines_written), 50);
+        pipeline.flush(Duration::from_secs(5), true).unwrap();
+    }
+}

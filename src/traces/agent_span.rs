@@ -1,0 +1,372 @@
+//! Agent spans, built here rather than by `tracing-opentelemetry`: ids and the sampling
+//! decision when the span opens, the finished span with the guide's, GenAI and OpenInference
+//! attributes when it closes, on the pipeline's thread. A general-purpose span builder costs
+//! more than the whole budget of an execution (see `benches/README.md`).
+//!
+//! The span joins the rest of the trace through the OpenTelemetry context: its parent is the
+//! context current when it opens, and while it is entered its own context is current, so the
+//! spans `tracing-opentelemetry` builds inside it are its children.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use opentelemetry::trace::{
+    Event, SpanContext, SpanId, SpanKind, Status as SpanStatus, TraceContextExt, TraceFlags,
+};
+use opentelemetry::{Context, InstrumentationScope, KeyValue, Value};
+use opentelemetry_sdk::trace::{
+    IdGenerator, RandomIdGenerator, Sampler, SamplingDecision, ShouldSample, SpanData, SpanEvents, SpanLinks,
+};
+use tracing_core::field::{Field, Visit};
+use tracing_core::span::Record;
+use tracing_core::Metadata;
+
+use super::processor::CountingProcessor;
+use crate::execution::{Execution, ExecutionFields, TraceIds};
+
+/// Events kept per span, as the SDK's default span limits; the rest are counted as dropped.
+const MAX_EVENTS: usize = 128;
+
+/// Starts agent spans and hands the finished ones to the span processor.
+#[derive(Debug)]
+pub(crate) struct AgentTracer {
+    processor: Arc<CountingProcessor>,
+    sampler: Sampler,
+    ids: RandomIdGenerator,
+    scope: InstrumentationScope,
+}
+
+/// An agent span from open to close: what the finished span needs beyond the execution.
+#[derive(Debug)]
+pub(crate) struct AgentSpan {
+    /// The parent's context with this span in it: what is current while the span is entered.
+    context: Context,
+    parent_span_id: SpanId,
+    parent_is_remote: bool,
+    metadata: &'static Metadata<'static>,
+    name: Cow<'static, str>,
+    kind: SpanKind,
+    /// The span's other fields, as `tracing-opentelemetry` would record them.
+    attributes: Vec<KeyValue>,
+    events: Vec<Event>,
+    dropped_events: u32,
+    entered: bool,
+}
+
+/// Why a span cannot join an incoming trace.
+#[derive(Debug)]
+pub(crate) struct AlreadyStarted;
+
+impl fmt::Display for AlreadyStarted {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("the span was already entered, and its trace is fixed once it starts")
+    }
+}
+
+impl std::error::Error for AlreadyStarted {}
+
+impl AgentTracer {
+    pub(crate) fn new(processor: Arc<CountingProcessor>, sampler: Sampler) -> Self {
+        AgentTracer {
+            processor,
+            sampler,
+            ids: RandomIdGenerator::default(),
+            scope: InstrumentationScope::builder("agent_telemetry").build(),
+        }
+    }
+
+    /// Opens a span under `parent` (an empty context for a root).
+    pub(crate) fn start(&self, parent: &Context, metadata: &'static Metadata<'static>) -> AgentSpan {
+        let mut span = AgentSpan {
+            context: Context::new(),
+            parent_span_id: SpanId::INVALID,
+            parent_is_remote: false,
+            metadata,
+            name: Cow::Borrowed(metadata.name()),
+            kind: SpanKind::Internal,
+            attributes: Vec::new(),
+            events: Vec::new(),
+            dropped_events: 0,
+            entered: false,
+        };
+        self.place_under(&mut span, parent, self.ids.new_span_id());
+        span
+    }
+
+    /// Moves a span that has not started yet under a parent from another process.
+    pub(crate) fn continue_remote(&self, span: &mut AgentSpan, remote: &Context) -> Result<(), AlreadyStarted> {
+        if span.entered {
+            return Err(AlreadyStarted);
+        }
+        let span_id = span.context.span().span_context().span_id();
+        self.place_under(span, remote, span_id);
+        Ok(())
+    }
+
+    /// Sets the span's parent, trace and sampling decision.
+    fn place_under(&self, span: &mut AgentSpan, parent: &Context, span_id: SpanId) {
+        let parent_span = parent.span();
+        let parent_context = parent_span.span_context();
+        let trace_id = if parent.has_active_span() && parent_context.is_valid() {
+            span.parent_span_id = parent_context.span_id();
+            span.parent_is_remote = parent_context.is_remote();
+            parent_context.trace_id()
+        } else {
+            span.parent_span_id = SpanId::INVALID;
+            span.parent_is_remote = false;
+            self.ids.new_trace_id()
+        };
+        let decision = self
+            .sampler
+            .should_sample(Some(parent), trace_id, &span.name, &span.kind, &[], &[]);
+        let flags = match decision.decision {
+            SamplingDecision::RecordAndSample => TraceFlags::SAMPLED,
+            SamplingDecision::Drop | SamplingDecision::RecordOnly => TraceFlags::default(),
+        };
+        let context = SpanContext::new(trace_id, span_id, flags, false, decision.trace_state);
+        span.context = parent.with_remote_span_context(context);
+    }
+
+    /// Builds the finished span and queues it for export; unsampled spans end here.
+    pub(crate) fn export(&self, span: AgentSpan, execution: Execution) {
+        let span_context = span.context.span().span_context().clone();
+        if !span_context.is_sampled() {
+            return;
+        }
+        let agent_name = Value::from(execution.agent_name);
+        let mut attributes = Vec::with_capacity(10 + span.attributes.len());
+        attributes.extend([
+            KeyValue::new("agent.name", agent_name.clone()),
+            KeyValue::new("task", execution.task),
+            KeyValue::new("result.status", execution.status.as_str()),
+            KeyValue::new("gen_ai.operation.name", "invoke_agent"),
+            KeyValue::new("gen_ai.agent.name", agent_name),
+            KeyValue::new("openinference.span.kind", "AGENT"),
+        ]);
+        push_location(&mut attributes, span.metadata);
+        let status = match &execution.failure {
+            Some(failure) => {
+                attributes.push(KeyValue::new("error.type", failure.error_type().to_owned()));
+                SpanStatus::error(failure.description().to_owned())
+            }
+            None => SpanStatus::Unset,
+        };
+        // Ours first: a field that happens to share a key does not make it appear twice.
+        let ours = attributes.len();
+        for attribute in span.attributes {
+            if !attributes[..ours].iter().any(|kv| kv.key == attribute.key) {
+                attributes.push(attribute);
+            }
+        }
+        let mut events = SpanEvents::default();
+        events.events = span.events;
+        events.dropped_count = span.dropped_events;
+        let end_time = execution.finished_at;
+        self.processor.queue(SpanData {
+            span_context,
+            parent_span_id: span.parent_span_id,
+            parent_span_is_remote: span.parent_is_remote,
+            span_kind: span.kind,
+            name: span.name,
+            start_time: end_time.checked_sub(execution.duration).unwrap_or(end_time),
+            end_time,
+            attributes,
+            dropped_attributes_count: 0,
+            events,
+            links: SpanLinks::default(),
+            status,
+            instrumentation_scope: self.scope.clone(),
+        });
+    }
+
+    /// Counts a sampled span lost before it reached the processor.
+    pub(crate) fn count_dropped(&self) {
+        self.processor.count_dropped(1);
+    }
+}
+
+impl AgentSpan {
+    /// The context that is current while the span is entered; marks the span started.
+    pub(crate) fn enter(&mut self) -> Context {
+        self.entered = true;
+        self.context.clone()
+    }
+
+    /// The context to pass on to another process.
+    pub(crate) fn context(&self) -> &Context {
+        &self.context
+    }
+
+    pub(crate) fn ids(&self) -> TraceIds {
+        let span = self.context.span();
+        let context = span.span_context();
+        TraceIds {
+            trace_id: context.trace_id(),
+            span_id: context.span_id(),
+        }
+    }
+
+    pub(crate) fn is_sampled(&self) -> bool {
+        self.context.span().span_context().is_sampled()
+    }
+
+    /// Records the span's fields that are not the execution's own as attributes.
+    pub(crate) fn record(&mut self, values: &Record<'_>) {
+        values.record(&mut FieldAttributes(self));
+    }
+
+    /// Records the fields of a span that is opening.
+    pub(crate) fn record_attributes(&mut self, attrs: &tracing_core::span::Attributes<'_>) {
+        attrs.record(&mut FieldAttributes(self));
+    }
+
+    /// Adds an event that happened inside the span, named and shaped as
+    /// `tracing-opentelemetry` shapes span events.
+    pub(crate) fn add_event(&mut self, event: &tracing_core::Event<'_>) {
+        if self.events.len() >= MAX_EVENTS {
+            self.dropped_events = self.dropped_events.saturating_add(1);
+            return;
+        }
+        let metadata = event.metadata();
+        let mut fields = EventFields {
+            name: None,
+            attributes: vec![
+                KeyValue::new("level", metadata.level().as_str()),
+                KeyValue::new("target", metadata.target()),
+            ],
+        };
+        event.record(&mut fields);
+        push_location(&mut fields.attributes, metadata);
+        let name = fields.name.map_or(Cow::Borrowed(metadata.name()), Cow::Owned);
+        self.events
+            .push(Event::new(name, SystemTime::now(), fields.attributes, 0));
+    }
+
+    fn set_attribute(&mut self, key: &'static str, value: Value) {
+        match self.attributes.iter_mut().find(|kv| kv.key.as_str() == key) {
+            Some(existing) => existing.value = value,
+            None => self.attributes.push(KeyValue::new(key, value)),
+        }
+    }
+}
+
+/// `code.*` attributes, as `tracing-opentelemetry` adds them.
+fn push_location(attributes: &mut Vec<KeyValue>, metadata: &'static Metadata<'static>) {
+    if let Some(file) = metadata.file() {
+        attributes.push(KeyValue::new("code.file.path", file));
+    }
+    if let Some(module) = metadata.module_path() {
+        attributes.push(KeyValue::new("code.module.name", module));
+    }
+    if let Some(line) = metadata.line() {
+        attributes.push(KeyValue::new("code.line.number", i64::from(line)));
+    }
+}
+
+/// Span fields as attributes; `otel.name` and `otel.kind` rename the span and set its kind.
+struct FieldAttributes<'a>(&'a mut AgentSpan);
+
+impl FieldAttributes<'_> {
+    fn set(&mut self, field: &Field, value: Value) {
+        if ExecutionFields::owns(field) {
+            return;
+        }
+        match field.name() {
+            "otel.name" => self.0.name = Cow::Owned(value.as_str().into_owned()),
+            "otel.kind" => self.0.kind = span_kind(&value.as_str()).unwrap_or(SpanKind::Internal),
+            name => self.0.set_attribute(name, value),
+        }
+    }
+}
+
+fn span_kind(text: &str) -> Option<SpanKind> {
+    Some(match text.to_ascii_lowercase().as_str() {
+        "server" => SpanKind::Server,
+        "client" => SpanKind::Client,
+        "producer" => SpanKind::Producer,
+        "consumer" => SpanKind::Consumer,
+        "internal" => SpanKind::Internal,
+        _ => return None,
+    })
+}
+
+impl Visit for FieldAttributes<'_> {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.set(field, Value::from(value.to_owned()));
+    }
+
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        self.set(field, Value::Bool(value));
+    }
+
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.set(field, Value::I64(value));
+    }
+
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        // OpenTelemetry has no unsigned integers; past i64 the value is kept as text.
+        let value = i64::try_from(value).map_or_else(|_| Value::from(value.to_string()), Value::I64);
+        self.set(field, value);
+    }
+
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        self.set(field, Value::F64(value));
+    }
+
+    fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
+        self.set(field, Value::from(value.to_string()));
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        self.set(field, Value::from(format!("{value:?}")));
+    }
+}
+
+/// An event's fields: `message` names the event, an `error` becomes an `exception` event.
+struct EventFields {
+    name: Option<String>,
+    attributes: Vec<KeyValue>,
+}
+
+impl EventFields {
+    fn set(&mut self, field: &Field, value: Value) {
+        match field.name() {
+            "message" => self.name = Some(value.as_str().into_owned()),
+            "error" => {
+                self.name.get_or_insert_with(|| "exception".to_owned());
+                self.attributes
+                    .push(KeyValue::new("exception.message", value));
+            }
+            name if name.starts_with("log.") => {}
+            name => self.attributes.push(KeyValue::new(name, value)),
+        }
+    }
+}
+
+impl Visit for EventFields {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.set(field, Value::from(value.to_owned()));
+    }
+
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        self.set(field, Value::Bool(value));
+    }
+
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.set(field, Value::I64(value));
+    }
+
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        self.set(field, Value::F64(value));
+    }
+
+    fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
+        self.set(field, Value::from(value.to_string()));
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        self.set(field, Value::from(format!("{value:?}")));
+    }
+}

@@ -1,0 +1,182 @@
+//! The exporter side: the configured exporter behind the batch processor, counting what it
+//! delivers and loses.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use opentelemetry_sdk::error::OTelSdkResult;
+use opentelemetry_sdk::trace::{BatchConfigBuilder, BatchSpanProcessor, SpanData, SpanExporter};
+use opentelemetry_sdk::Resource;
+
+use crate::config::{Config, OtlpProtocol};
+use crate::error::{Error, Result};
+use crate::stats::TelemetryStats;
+
+pub(crate) fn batch(exporter: CountingExporter, config: &Config) -> BatchSpanProcessor {
+    let settings = config.batch;
+    let batch_config = BatchConfigBuilder::default()
+        .with_max_queue_size(settings.max_queue_size)
+        .with_max_export_batch_size(settings.max_export_batch_size)
+        .with_scheduled_delay(settings.scheduled_delay)
+        .build();
+    BatchSpanProcessor::builder(exporter)
+        .with_batch_config(batch_config)
+        .build()
+}
+
+pub(crate) fn otlp_exporter(config: &Config) -> Result<Exporter> {
+    use opentelemetry_otlp::WithExportConfig;
+    let endpoint = config.otlp.resolved_endpoint();
+    let failed = |e: opentelemetry_otlp::ExporterBuildError| Error::TraceExporter {
+        exporter: "otlp",
+        source: Box::new(e),
+    };
+    match config.otlp.protocol {
+        OtlpProtocol::HttpProtobuf => opentelemetry_otlp::SpanExporter::builder()
+            .with_http()
+            .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+            .with_endpoint(endpoint)
+            .with_timeout(config.otlp.timeout)
+            .build()
+            .map(|exporter| Exporter::Boxed(Box::new(exporter)))
+            .map_err(failed),
+        #[cfg(feature = "grpc")]
+        OtlpProtocol::Grpc => {
+            let runtime = tokio::runtime::Handle::try_current().map_err(|e| Error::TraceExporter {
+                exporter: "otlp (grpc)",
+                source: format!("OTLP/gRPC must be set up inside a tokio runtime: {e}").into(),
+            })?;
+            let _entered = runtime.enter();
+            opentelemetry_otlp::SpanExporter::builder()
+                .with_tonic()
+                .with_endpoint(endpoint)
+                .with_timeout(config.otlp.timeout)
+                .build()
+                .map(|exporter| Exporter::Grpc(exporter, runtime.clone()))
+                .map_err(failed)
+        }
+        #[cfg(not(feature = "grpc"))]
+        OtlpProtocol::Grpc => Err(Error::invalid(
+            "OTEL_EXPORTER_OTLP_PROTOCOL",
+            "grpc",
+            "OTLP/gRPC needs agent-telemetry's `grpc` cargo feature",
+        )),
+    }
+}
+
+/// An exporter made object-safe: [`SpanExporter`] returns `impl Future`, so it cannot be
+/// boxed as it is.
+pub(crate) type BoxedSpanExporter = Box<dyn DynSpanExporter>;
+
+type ExportFuture<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = OTelSdkResult> + Send + 'a>>;
+
+pub(crate) trait DynSpanExporter: Send + Sync + std::fmt::Debug {
+    fn export_boxed(&self, batch: Vec<SpanData>) -> ExportFuture<'_>;
+    fn shutdown_boxed(&self, timeout: Duration) -> OTelSdkResult;
+    fn set_resource_boxed(&mut self, resource: &Resource);
+}
+
+impl<E: SpanExporter + 'static> DynSpanExporter for E {
+    fn export_boxed(&self, batch: Vec<SpanData>) -> ExportFuture<'_> {
+        Box::pin(self.export(batch))
+    }
+
+    fn shutdown_boxed(&self, timeout: Duration) -> OTelSdkResult {
+        self.shutdown_with_timeout(timeout)
+    }
+
+    fn set_resource_boxed(&mut self, resource: &Resource) {
+        self.set_resource(resource);
+    }
+}
+
+/// The exporters this crate can run, as one type for the batch processor.
+#[derive(Debug)]
+// Built once per provider: the size of the gRPC variant costs nothing.
+#[allow(clippy::large_enum_variant)]
+pub(crate) enum Exporter {
+    Boxed(BoxedSpanExporter),
+    /// tonic needs a tokio reactor; the batch processor's thread has none, so each export
+    /// runs on the runtime the exporter was built in.
+    #[cfg(feature = "grpc")]
+    Grpc(opentelemetry_otlp::SpanExporter, tokio::runtime::Handle),
+}
+
+impl Exporter {
+    async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
+        match self {
+            Exporter::Boxed(exporter) => exporter.export_boxed(batch).await,
+            #[cfg(feature = "grpc")]
+            Exporter::Grpc(exporter, runtime) => runtime.block_on(exporter.export(batch)),
+        }
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        match self {
+            Exporter::Boxed(exporter) => exporter.shutdown_boxed(timeout),
+            #[cfg(feature = "grpc")]
+            Exporter::Grpc(exporter, _) => exporter.shutdown_with_timeout(timeout),
+        }
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        match self {
+            Exporter::Boxed(exporter) => exporter.set_resource_boxed(resource),
+            #[cfg(feature = "grpc")]
+            Exporter::Grpc(exporter, _) => exporter.set_resource(resource),
+        }
+    }
+}
+
+/// Counts what the exporter delivers and loses, and warns once when exports start failing.
+#[derive(Debug)]
+pub(crate) struct CountingExporter {
+    inner: Exporter,
+    stats: Arc<TelemetryStats>,
+    in_flight: Arc<AtomicU64>,
+    failing: AtomicBool,
+}
+
+impl CountingExporter {
+    pub(crate) fn new(inner: Exporter, stats: Arc<TelemetryStats>, in_flight: Arc<AtomicU64>) -> Self {
+        CountingExporter {
+            inner,
+            stats,
+            in_flight,
+            failing: AtomicBool::new(false),
+        }
+    }
+}
+
+impl SpanExporter for CountingExporter {
+    async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
+        let count = batch.len() as u64;
+        let result = self.inner.export(batch).await;
+        self.in_flight.fetch_sub(count, Ordering::Relaxed);
+        match &result {
+            Ok(()) => {
+                TelemetryStats::add(&self.stats.spans_exported, count);
+                if self.failing.swap(false, Ordering::Relaxed) {
+                    tracing::info!(target: "agent_telemetry::traces", "span export recovered");
+                }
+            }
+            Err(error) => {
+                TelemetryStats::add(&self.stats.spans_export_failed, count);
+                if !self.failing.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(target: "agent_telemetry::traces", %error, "span export failed; lost spans are counted in agent_telemetry_spans_export_failed_total until it recovers");
+                }
+            }
+        }
+        result
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        self.inner.set_resource(resource);
+    }
+}
+

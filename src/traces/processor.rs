@@ -1,0 +1,91 @@
+//! The span processor every exported span goes through, agent spans and the spans
+//! `tracing-opentelemetry` builds alike: it drops (and counts) a span when the batch queue is
+//! full, rather than letting the SDK drop it silently.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use opentelemetry::Context;
+use opentelemetry_sdk::error::OTelSdkResult;
+use opentelemetry_sdk::trace::{BatchSpanProcessor, Span, SpanData, SpanProcessor};
+use opentelemetry_sdk::Resource;
+
+use crate::stats::TelemetryStats;
+
+/// The batch processor with the drop accounting the SDK does not expose.
+#[derive(Debug)]
+pub(crate) struct CountingProcessor {
+    inner: BatchSpanProcessor,
+    stats: Arc<TelemetryStats>,
+    /// Spans queued and not yet through an export: never more than the queue holds.
+    in_flight: Arc<AtomicU64>,
+    max_queue_size: u64,
+    shut_down: AtomicBool,
+}
+
+impl CountingProcessor {
+    pub(crate) fn new(
+        inner: BatchSpanProcessor,
+        stats: Arc<TelemetryStats>,
+        in_flight: Arc<AtomicU64>,
+        max_queue_size: usize,
+    ) -> Self {
+        CountingProcessor {
+            inner,
+            stats,
+            in_flight,
+            max_queue_size: max_queue_size as u64,
+            shut_down: AtomicBool::new(false),
+        }
+    }
+
+    /// Queues a finished span, or drops and counts it when the queue is full.
+    pub(crate) fn queue(&self, span: SpanData) {
+        let queued = self.in_flight.fetch_add(1, Ordering::Relaxed);
+        if queued >= self.max_queue_size || self.shut_down.load(Ordering::Relaxed) {
+            self.in_flight.fetch_sub(1, Ordering::Relaxed);
+            self.count_dropped(1);
+            return;
+        }
+        self.inner.on_end(span);
+    }
+
+    /// Counts spans lost before they reached the queue, warning on the first.
+    pub(crate) fn count_dropped(&self, spans: u64) {
+        if self.stats.spans_dropped.fetch_add(spans, Ordering::Relaxed) == 0 {
+            tracing::warn!(
+                target: "agent_telemetry::traces",
+                queue = self.max_queue_size,
+                "span export queue full; dropping spans and counting them in agent_telemetry_spans_dropped_total"
+            );
+        }
+    }
+}
+
+/// The provider's handle on the one processor the agent spans also use.
+#[derive(Debug)]
+pub(crate) struct SharedProcessor(pub Arc<CountingProcessor>);
+
+impl SpanProcessor for SharedProcessor {
+    fn on_start(&self, span: &mut Span, cx: &Context) {
+        self.0.inner.on_start(span, cx);
+    }
+
+    fn on_end(&self, span: SpanData) {
+        self.0.queue(span);
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        self.0.inner.force_flush()
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        self.0.shut_down.store(true, Ordering::Relaxed);
+        self.0.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn set_resource(&mut self, _: &Resource) {
+        // Set on the batch processor before it was shared (see `traces::build`).
+    }
+}
