@@ -114,7 +114,7 @@ impl Default for Config {
             log_dir: None,
             log_file_prefix: "agents".to_owned(),
             log_format: LogFormat::Guide,
-            log_queue_lines: 65_536,
+            log_queue_lines: 8_192,
             max_task_chars: 1024,
             agent_span_names: vec!["agent_execution".to_owned()],
             duration_buckets: DEFAULT_DURATION_BUCKETS.to_vec(),

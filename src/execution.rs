@@ -1,7 +1,9 @@
 //! What an agent execution is: which spans count, which fields they carry, how the status is
 //! decided, and the record each closed execution becomes.
 
+use std::cell::RefCell;
 use std::fmt;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use tracing_core::field::{Field, Visit};
@@ -93,7 +95,7 @@ impl AgentSpanNames {
 /// The fields of an agent span that the signals use, as recorded so far.
 #[derive(Debug, Default)]
 pub(crate) struct ExecutionFields {
-    pub agent_name: Option<String>,
+    pub agent_name: Option<Arc<str>>,
     pub task: Option<String>,
     pub status: Option<String>,
 }
@@ -107,34 +109,54 @@ impl ExecutionFields {
         )
     }
 
-    fn slot(&mut self, field: &Field) -> Option<&mut Option<String>> {
+    fn set(&mut self, field: &Field, value: &str) {
         match field.name() {
-            "agent_name" | "agent.name" => Some(&mut self.agent_name),
-            "task" => Some(&mut self.task),
-            "status" | "result.status" => Some(&mut self.status),
-            _ => None,
+            "agent_name" | "agent.name" => self.agent_name = Some(shared_agent_name(value)),
+            "task" => self.task = Some(value.to_owned()),
+            "status" | "result.status" => self.status = Some(value.to_owned()),
+            _ => {}
         }
     }
 }
 
 impl Visit for ExecutionFields {
     fn record_str(&mut self, field: &Field, value: &str) {
-        if let Some(slot) = self.slot(field) {
-            *slot = Some(value.to_owned());
-        }
+        self.set(field, value);
     }
 
     fn record_bool(&mut self, field: &Field, value: bool) {
-        if let Some(slot) = self.slot(field) {
-            *slot = Some(if value { "success" } else { "failure" }.to_owned());
-        }
+        self.set(field, if value { "success" } else { "failure" });
     }
 
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-        if let Some(slot) = self.slot(field) {
-            *slot = Some(unquote_debug(format!("{value:?}")));
+        if Self::owns(field) {
+            self.set(field, &unquote_debug(format!("{value:?}")));
         }
     }
+}
+
+/// Agent names are few and repeat: each thread keeps the ones it saw last and hands out a
+/// shared copy, so an execution costs no allocation for its name (and none for the thread
+/// that frees it, which is not the one that made it).
+fn shared_agent_name(name: &str) -> Arc<str> {
+    const KEPT: usize = 32;
+    thread_local! {
+        static RECENT: RefCell<Vec<Arc<str>>> = const { RefCell::new(Vec::new()) };
+    }
+    RECENT.with(|recent| {
+        let Ok(mut recent) = recent.try_borrow_mut() else {
+            return Arc::from(name);
+        };
+        if let Some(known) = recent.iter().find(|known| ***known == *name) {
+            return Arc::clone(known);
+        }
+        let new: Arc<str> = Arc::from(name);
+        if recent.len() == KEPT {
+            recent.remove(0);
+        }
+        recent.push(Arc::clone(&new));
+        new
+    })
 }
 
 /// `?name` records `"backend"` with quotes and escapes; the signals want the text itself.
@@ -250,7 +272,7 @@ pub(crate) struct TraceIds {
 /// span are made from it off the agent's thread.
 #[derive(Debug)]
 pub(crate) struct Execution {
-    pub agent_name: String,
+    pub agent_name: Arc<str>,
     pub task: String,
     pub duration: Duration,
     pub status: Status,

@@ -81,7 +81,7 @@ where
         let agent_parent = ctx.span(parent).and_then(|span| {
             let extensions = span.extensions();
             let running = extensions.get::<Running>()?;
-            running.span.as_ref().map(|span| span.context().clone())
+            running.span.as_ref().map(AgentSpan::context)
         });
         agent_parent
             .or_else(|| {
@@ -210,7 +210,7 @@ where
                 .fields
                 .agent_name
                 .take()
-                .unwrap_or_else(|| UNKNOWN_AGENT.to_owned()),
+                .unwrap_or_else(|| Arc::from(UNKNOWN_AGENT)),
             task: state.fields.task.take().unwrap_or_default(),
             duration,
             status,
@@ -266,8 +266,11 @@ where
 /// found with `Dispatch::downcast_ref` as `tracing-opentelemetry` finds its own.
 pub(crate) struct AgentSpanHook {
     tracer: Option<Arc<AgentTracer>>,
-    with_span: fn(&Dispatch, &Id, &mut dyn FnMut(&mut AgentSpan)) -> bool,
+    with_span: WithAgentSpan,
 }
+
+/// Finds the agent span `id` in the subscriber the layer was built for.
+type WithAgentSpan = fn(&Dispatch, &Id, &mut dyn FnMut(&mut AgentSpan)) -> bool;
 
 impl AgentSpanHook {
     /// Runs `f` on the agent span `id`; `false` when `id` is not a traced agent span.

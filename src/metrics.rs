@@ -3,11 +3,12 @@
 
 pub(crate) mod server;
 
+use std::cell::RefCell;
 use std::collections::HashMap;
-use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, PoisonError, RwLock};
 
-use opentelemetry::metrics::{Counter, Gauge, Histogram, Meter, MeterProvider as _};
+use opentelemetry::metrics::{BoundCounter, BoundHistogram, Counter, Gauge, Histogram, Meter, MeterProvider as _};
 use opentelemetry::KeyValue;
 use opentelemetry_sdk::metrics::SdkMeterProvider;
 use opentelemetry_sdk::Resource;
@@ -55,32 +56,49 @@ impl MetricsHandle {
     }
 }
 
-/// Label sets of one `agent_name`, built once and reused for every execution.
-struct AgentLabels {
-    success: [KeyValue; 2],
-    failure: [KeyValue; 2],
-    name: [KeyValue; 1],
+/// The series of one `agent_name`, each bound on first use (a bound series is exported from
+/// then on, so binding early would show zeros nobody recorded); recording into a bound series
+/// takes no lookup, hashing or shared lock, only the update itself.
+struct AgentSeries {
+    name: KeyValue,
+    success: OnceLock<BoundCounter<u64>>,
+    failure: OnceLock<BoundCounter<u64>>,
+    duration: OnceLock<BoundHistogram<f64>>,
 }
 
-impl AgentLabels {
+impl AgentSeries {
     fn new(agent_name: &str) -> Self {
-        let name = KeyValue::new("agent_name", agent_name.to_owned());
-        AgentLabels {
-            success: [name.clone(), KeyValue::new("status", Status::Success.as_str())],
-            failure: [name.clone(), KeyValue::new("status", Status::Failure.as_str())],
-            name: [name],
+        AgentSeries {
+            name: KeyValue::new("agent_name", agent_name.to_owned()),
+            success: OnceLock::new(),
+            failure: OnceLock::new(),
+            duration: OnceLock::new(),
         }
+    }
+
+    fn record(&self, executions: &Counter<u64>, durations: &Histogram<f64>, status: Status, seconds: f64) {
+        let slot = match status {
+            Status::Success => &self.success,
+            Status::Failure => &self.failure,
+        };
+        slot.get_or_init(|| executions.bind(&[self.name.clone(), KeyValue::new("status", status.as_str())]))
+            .add(1);
+        self.duration
+            .get_or_init(|| durations.bind(std::slice::from_ref(&self.name)))
+            .record(seconds);
     }
 }
 
 /// The instruments the layer records into.
 pub(crate) struct Metrics {
+    /// Tells this instance's entries apart in the per-thread label cache.
+    id: u64,
     provider: SdkMeterProvider,
     handle: MetricsHandle,
     executions: Counter<u64>,
     duration: Histogram<f64>,
-    labels: RwLock<HashMap<Box<str>, Arc<AgentLabels>>>,
-    overflow: Arc<AgentLabels>,
+    series: RwLock<HashMap<Box<str>, Arc<AgentSeries>>>,
+    overflow: Arc<AgentSeries>,
     max_agent_names: usize,
     stats: Arc<TelemetryStats>,
     // Kept so the info series lives as long as the provider.
@@ -89,6 +107,7 @@ pub(crate) struct Metrics {
 
 impl Metrics {
     pub(crate) fn new(config: &Config, resource: Resource, stats: Arc<TelemetryStats>) -> Result<Self> {
+        static NEXT_ID: AtomicU64 = AtomicU64::new(0);
         let registry = prometheus::Registry::new();
         let exporter = opentelemetry_prometheus::exporter()
             .with_registry(registry.clone())
@@ -138,12 +157,13 @@ impl Metrics {
         register_self_metrics(&meter, &stats);
 
         Ok(Metrics {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             provider,
             handle: MetricsHandle { registry },
             executions,
             duration,
-            labels: RwLock::new(HashMap::new()),
-            overflow: Arc::new(AgentLabels::new(OVERFLOW_AGENT_NAME)),
+            series: RwLock::new(HashMap::new()),
+            overflow: Arc::new(AgentSeries::new(OVERFLOW_AGENT_NAME)),
             max_agent_names: config.max_agent_names,
             stats,
             _info: info,
@@ -155,36 +175,65 @@ impl Metrics {
     }
 
     pub(crate) fn record(&self, execution: &Execution) {
-        let labels = self.labels_for(&execution.agent_name);
-        let counter_labels = match execution.status {
-            Status::Success => &labels.success,
-            Status::Failure => &labels.failure,
-        };
-        self.executions.add(1, counter_labels);
-        self.duration.record(execution.duration.as_secs_f64(), &labels.name);
+        self.with_series(&execution.agent_name, |series| {
+            series.record(
+                &self.executions,
+                &self.duration,
+                execution.status,
+                execution.duration.as_secs_f64(),
+            );
+        });
     }
 
-    /// The cached label set of `agent_name`, or the overflow set once the cap is reached.
-    fn labels_for(&self, agent_name: &str) -> Arc<AgentLabels> {
+    /// Runs `f` on the series of `agent_name`, found through a per-thread cache of the last
+    /// few names: no shared lock, hashing or reference count when a thread runs the same
+    /// agents again, which is the rule.
+    fn with_series(&self, agent_name: &Arc<str>, f: impl FnOnce(&AgentSeries)) {
+        const KEPT: usize = 8;
+        type Recent = Vec<(u64, Arc<str>, Arc<AgentSeries>)>;
+        thread_local! {
+            static RECENT: RefCell<Recent> = const { RefCell::new(Vec::new()) };
+        }
+        RECENT.with(|recent| {
+            let Ok(mut recent) = recent.try_borrow_mut() else {
+                return f(&self.series_for(agent_name));
+            };
+            // The name is kept alive in the cache, so its address cannot be reused by another.
+            let hit = recent
+                .iter()
+                .position(|(metrics, name, _)| *metrics == self.id && Arc::ptr_eq(name, agent_name));
+            let index = hit.unwrap_or_else(|| {
+                if recent.len() == KEPT {
+                    recent.remove(0);
+                }
+                recent.push((self.id, Arc::clone(agent_name), self.series_for(agent_name)));
+                recent.len() - 1
+            });
+            f(&recent[index].2);
+        });
+    }
+
+    /// The series of `agent_name`, or the overflow series once the cap is reached.
+    fn series_for(&self, agent_name: &str) -> Arc<AgentSeries> {
         // A poisoned lock only means another thread panicked mid-insert; the map is intact.
-        if let Some(labels) = self
-            .labels
+        if let Some(series) = self
+            .series
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .get(agent_name)
         {
-            return Arc::clone(labels);
+            return Arc::clone(series);
         }
-        let mut labels = self.labels.write().unwrap_or_else(PoisonError::into_inner);
-        if let Some(existing) = labels.get(agent_name) {
+        let mut series = self.series.write().unwrap_or_else(PoisonError::into_inner);
+        if let Some(existing) = series.get(agent_name) {
             return Arc::clone(existing);
         }
-        if labels.len() >= self.max_agent_names {
+        if series.len() >= self.max_agent_names {
             TelemetryStats::add(&self.stats.agent_names_overflowed, 1);
             return Arc::clone(&self.overflow);
         }
-        let new = Arc::new(AgentLabels::new(agent_name));
-        labels.insert(agent_name.into(), Arc::clone(&new));
+        let new = Arc::new(AgentSeries::new(agent_name));
+        series.insert(agent_name.into(), Arc::clone(&new));
         new
     }
 

@@ -23,9 +23,12 @@ pub(crate) struct Closed {
     pub span: Option<AgentSpan>,
 }
 
+// The size is the point: see the variant.
+#[allow(clippy::large_enum_variant)]
 enum Message {
-    /// Boxed: the queue's slots are allocated up front, and stay small this way.
-    Closed(Box<Closed>),
+    /// Not boxed: an allocation made here and freed on the pipeline's thread would contend
+    /// for the allocator's lock on every execution.
+    Closed(Closed),
     /// Finish everything queued before this message, then acknowledge (and stop).
     Flush { ack: SyncSender<()>, stop: bool },
 }
@@ -67,7 +70,7 @@ impl Pipeline {
 
     /// Queues a closed execution; never blocks. A full queue drops its line and span.
     pub(crate) fn send(&self, closed: Closed) {
-        if let Err(error) = self.sender.try_send(Message::Closed(Box::new(closed))) {
+        if let Err(error) = self.sender.try_send(Message::Closed(closed)) {
             let (TrySendError::Full(Message::Closed(closed)) | TrySendError::Disconnected(Message::Closed(closed))) =
                 error
             else {
@@ -133,7 +136,7 @@ impl Worker {
             // Take what is queued now, without waiting.
             while let Some(message) = next.take() {
                 match message {
-                    Message::Closed(closed) => self.handle(*closed),
+                    Message::Closed(closed) => self.handle(closed),
                     Message::Flush { ack, stop } => {
                         flush = Some((ack, stop));
                         break;

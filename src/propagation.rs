@@ -55,7 +55,9 @@ pub fn continue_trace(span: &tracing::Span, headers: &dyn Extractor) -> Result<b
     if !parent.span().span_context().is_valid() {
         return Ok(false);
     }
-    let joined = with_agent_span(span, &mut |tracer, agent_span| tracer.continue_remote(agent_span, &parent));
+    let joined = with_agent_span(span, &mut |tracer, agent_span| {
+        tracer.continue_remote(agent_span, &parent)
+    });
     match joined {
         Some(Ok(())) => Ok(true),
         Some(Err(already_started)) => Err(Error::Propagation {
@@ -74,7 +76,7 @@ pub fn continue_trace(span: &tracing::Span, headers: &dyn Extractor) -> Result<b
 /// The OpenTelemetry context of `span`, agent spans included: what a child in another
 /// process must continue. Empty when the span is not traced.
 pub fn context(span: &tracing::Span) -> opentelemetry::Context {
-    with_agent_span(span, &mut |_, agent_span| agent_span.context().clone()).unwrap_or_else(|| span.context())
+    with_agent_span(span, &mut |_, agent_span| agent_span.context()).unwrap_or_else(|| span.context())
 }
 
 /// Writes `span`'s `traceparent` (and `tracestate`) into the headers of an outgoing request,
@@ -95,7 +97,9 @@ fn with_agent_span<T>(span: &tracing::Span, f: &mut dyn FnMut(&AgentTracer, &mut
     let mut result = None;
     span.with_subscriber(|(id, dispatch)| {
         if let Some(hook) = dispatch.downcast_ref::<AgentSpanHook>() {
-            hook.with_span(dispatch, id, &mut |tracer, agent_span| result = Some(f(tracer, agent_span)));
+            hook.with_span(dispatch, id, &mut |tracer, agent_span| {
+                result = Some(f(tracer, agent_span));
+            });
         }
     });
     result

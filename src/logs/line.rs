@@ -118,6 +118,10 @@ fn push_timestamp(out: &mut Vec<u8>, date: &[u8], time: &[u8], fraction: u32, di
 
 /// At most `max` characters, cut at a character boundary, with `…` where text was cut.
 fn truncate(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    // A character takes at least a byte: short text needs no walk over its characters.
+    if text.len() <= max {
+        return text.into();
+    }
     match text.char_indices().nth(max) {
         None => text.into(),
         Some((cut, _)) => format!("{}…", &text[..cut]).into(),
@@ -311,7 +315,7 @@ mod tests {
                 };
                 let failure = Failure::ErrorEvent(task.clone());
                 let execution = Execution {
-                    agent_name: agent_name.clone(),
+                    agent_name: agent_name.as_str().into(),
                     task: task.clone(),
                     duration: Duration::from_millis(u64::from(millis)),
                     status: if failed { Status::Failure } else { Status::Success },

@@ -101,7 +101,11 @@ mod tests {
             batch.next_line().push(b'\n');
             batch.line_done();
         }
-        assert_eq!(TelemetryStats::get(&stats.log_lines_written), 192, "written each time 64 KiB gathered");
+        assert_eq!(
+            TelemetryStats::get(&stats.log_lines_written),
+            192,
+            "written each time 64 KiB gathered"
+        );
         batch.write_out();
         assert_eq!(TelemetryStats::get(&stats.log_lines_written), 200);
     }

@@ -12,9 +12,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use opentelemetry::trace::{
-    Event, SpanContext, SpanId, SpanKind, Status as SpanStatus, TraceContextExt, TraceFlags,
-};
+use opentelemetry::trace::{Event, SpanContext, SpanId, SpanKind, Status as SpanStatus, TraceContextExt, TraceFlags};
 use opentelemetry::{Context, InstrumentationScope, KeyValue, Value};
 use opentelemetry_sdk::trace::{
     IdGenerator, RandomIdGenerator, Sampler, SamplingDecision, ShouldSample, SpanData, SpanEvents, SpanLinks,
@@ -41,8 +39,11 @@ pub(crate) struct AgentTracer {
 /// An agent span from open to close: what the finished span needs beyond the execution.
 #[derive(Debug)]
 pub(crate) struct AgentSpan {
-    /// The parent's context with this span in it: what is current while the span is entered.
-    context: Context,
+    /// The parent's context (its span, baggage and the rest) ...
+    parent: Context,
+    /// ... and this span's: together they are the context current while it is entered, made
+    /// on each entry, on the thread that then drops it (a cross-thread free contends).
+    span_context: SpanContext,
     parent_span_id: SpanId,
     parent_is_remote: bool,
     metadata: &'static Metadata<'static>,
@@ -80,7 +81,8 @@ impl AgentTracer {
     /// Opens a span under `parent` (an empty context for a root).
     pub(crate) fn start(&self, parent: &Context, metadata: &'static Metadata<'static>) -> AgentSpan {
         let mut span = AgentSpan {
-            context: Context::new(),
+            parent: Context::new(),
+            span_context: SpanContext::empty_context(),
             parent_span_id: SpanId::INVALID,
             parent_is_remote: false,
             metadata,
@@ -100,7 +102,7 @@ impl AgentTracer {
         if span.entered {
             return Err(AlreadyStarted);
         }
-        let span_id = span.context.span().span_context().span_id();
+        let span_id = span.span_context.span_id();
         self.place_under(span, remote, span_id);
         Ok(())
     }
@@ -125,17 +127,17 @@ impl AgentTracer {
             SamplingDecision::RecordAndSample => TraceFlags::SAMPLED,
             SamplingDecision::Drop | SamplingDecision::RecordOnly => TraceFlags::default(),
         };
-        let context = SpanContext::new(trace_id, span_id, flags, false, decision.trace_state);
-        span.context = parent.with_remote_span_context(context);
+        span.span_context = SpanContext::new(trace_id, span_id, flags, false, decision.trace_state);
+        span.parent = parent.clone();
     }
 
     /// Builds the finished span and queues it for export; unsampled spans end here.
     pub(crate) fn export(&self, span: AgentSpan, execution: Execution) {
-        let span_context = span.context.span().span_context().clone();
+        let span_context = span.span_context;
         if !span_context.is_sampled() {
             return;
         }
-        let agent_name = Value::from(execution.agent_name);
+        let agent_name = Value::String(execution.agent_name.into());
         let mut attributes = Vec::with_capacity(10 + span.attributes.len());
         attributes.extend([
             KeyValue::new("agent.name", agent_name.clone()),
@@ -191,25 +193,23 @@ impl AgentSpan {
     /// The context that is current while the span is entered; marks the span started.
     pub(crate) fn enter(&mut self) -> Context {
         self.entered = true;
-        self.context.clone()
+        self.context()
     }
 
-    /// The context to pass on to another process.
-    pub(crate) fn context(&self) -> &Context {
-        &self.context
+    /// The span's context: for its children, and to pass on to another process.
+    pub(crate) fn context(&self) -> Context {
+        self.parent.with_remote_span_context(self.span_context.clone())
     }
 
     pub(crate) fn ids(&self) -> TraceIds {
-        let span = self.context.span();
-        let context = span.span_context();
         TraceIds {
-            trace_id: context.trace_id(),
-            span_id: context.span_id(),
+            trace_id: self.span_context.trace_id(),
+            span_id: self.span_context.span_id(),
         }
     }
 
     pub(crate) fn is_sampled(&self) -> bool {
-        self.context.span().span_context().is_sampled()
+        self.span_context.is_sampled()
     }
 
     /// Records the span's fields that are not the execution's own as attributes.
@@ -336,8 +336,7 @@ impl EventFields {
             "message" => self.name = Some(value.as_str().into_owned()),
             "error" => {
                 self.name.get_or_insert_with(|| "exception".to_owned());
-                self.attributes
-                    .push(KeyValue::new("exception.message", value));
+                self.attributes.push(KeyValue::new("exception.message", value));
             }
             name if name.starts_with("log.") => {}
             name => self.attributes.push(KeyValue::new(name, value)),

@@ -179,4 +179,3 @@ impl SpanExporter for CountingExporter {
         self.inner.set_resource(resource);
     }
 }
-
