@@ -268,6 +268,14 @@ impl AgentTelemetry {
         self
     }
 
+    /// Which traces are sampled (`OTEL_TRACES_SAMPLER`); agent spans and the spans
+    /// `tracing-opentelemetry` builds both follow it. Default: parent-based, always on.
+    #[must_use]
+    pub fn with_sampler(mut self, sampler: opentelemetry_sdk::trace::Sampler) -> Self {
+        self.config.sampler = sampler;
+        self
+    }
+
     /// The span names that are agent executions (default `agent_execution`).
     #[must_use]
     pub fn with_agent_span_names<I, N>(mut self, names: I) -> Self

@@ -4,8 +4,9 @@
 //! `tracing` layer at startup, annotate agent functions with
 //! `#[tracing::instrument(name = "agent_execution")]`, and every such span becomes:
 //!
-//! - an OTLP trace span (via `tracing-opentelemetry`), with the guide's `agent.name`, `task`
-//!   and `result.status` attributes plus the GenAI and OpenInference ones;
+//! - an OTLP trace span with the guide's `agent.name`, `task` and `result.status` attributes
+//!   plus the GenAI and OpenInference ones, built by this crate on the OpenTelemetry SDK (the
+//!   other spans `RUST_LOG` selects go through `tracing-opentelemetry`, as its children);
 //! - Prometheus metrics `agent_executions_total`, `agent_execution_duration_seconds`,
 //!   `framework_memory_usage_bytes` and `framework_info`, served on `/metrics`;
 //! - one Filebeat-ready JSON log line carrying the span's `trace.id`.

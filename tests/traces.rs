@@ -119,3 +119,94 @@ fn agent_spans_are_traced_whatever_the_env_filter_says() {
     harness.run(|| execute_agent("a", "t", false).unwrap());
     assert_eq!(harness.spans().len(), 1);
 }
+
+#[test]
+fn spans_traced_inside_an_agent_are_its_children_and_it_is_theirs() {
+    let harness = Harness::new();
+    harness.run(|| {
+        tracing::info_span!("handle_request").in_scope(|| {
+            tracing::info_span!("agent_execution", agent_name = "tech-lead", task = "Plan").in_scope(|| {
+                tracing::info_span!("tool_call", tool = "search").in_scope(|| {});
+            });
+        });
+    });
+    let spans = harness.spans();
+    let by_name = |name: &str| spans.iter().find(|s| s.name == name).unwrap();
+    let (request, agent, tool) = (
+        by_name("handle_request"),
+        by_name("agent_execution"),
+        by_name("tool_call"),
+    );
+    assert_eq!(
+        agent.parent_span_id,
+        request.span_context.span_id(),
+        "agent under request"
+    );
+    assert_eq!(
+        tool.parent_span_id,
+        agent.span_context.span_id(),
+        "tool call under agent"
+    );
+    assert_eq!(tool.span_context.trace_id(), request.span_context.trace_id());
+    assert_eq!(agent.span_context.trace_id(), request.span_context.trace_id());
+}
+
+#[test]
+fn events_inside_an_agent_are_its_span_events_and_other_fields_its_attributes() {
+    let harness = Harness::new();
+    harness.run(|| {
+        tracing::info_span!("handle_request").in_scope(|| {
+            let agent = tracing::info_span!(
+                "agent_execution",
+                agent_name = "qa-engineer",
+                task = "Test",
+                attempt = 2_i64,
+                otel.kind = "client"
+            );
+            agent.in_scope(|| tracing::info!(tests = 12_i64, "ran the suite"));
+            tracing::info!("back in the request");
+        });
+    });
+    let spans = harness.spans();
+    let agent = spans.iter().find(|s| s.name == "agent_execution").unwrap();
+    let request = spans.iter().find(|s| s.name == "handle_request").unwrap();
+    let names: Vec<&str> = agent.events.iter().map(|e| e.name.as_ref()).collect();
+    assert_eq!(names, ["ran the suite"], "the event is on the agent span, once");
+    let event = &agent.events[0];
+    assert!(event
+        .attributes
+        .iter()
+        .any(|kv| kv.key.as_str() == "tests" && kv.value == Value::I64(12)));
+    let request_events: Vec<&str> = request.events.iter().map(|e| e.name.as_ref()).collect();
+    assert_eq!(
+        request_events,
+        ["back in the request"],
+        "not duplicated on the outer span"
+    );
+    assert_eq!(attr(agent, "attempt"), Some(Value::I64(2)));
+    assert_eq!(agent.span_kind, opentelemetry::trace::SpanKind::Client);
+    assert_eq!(
+        attr(agent, "agent_name"),
+        None,
+        "the execution's own fields are not repeated"
+    );
+}
+
+#[test]
+fn the_sampler_applies_to_agent_spans_and_logs_keep_their_ids() {
+    let harness = Harness::with(|b| b.with_sampler(opentelemetry_sdk::trace::Sampler::AlwaysOff));
+    harness.run(|| {
+        execute_agent("backend-engineer", "Implement API", false).unwrap();
+        tracing::info_span!("handle_request").in_scope(|| {});
+    });
+    assert!(harness.spans().is_empty(), "nothing sampled, nothing exported");
+    let lines = harness.log_lines();
+    assert_eq!(lines.len(), 1);
+    let line = support::json_pairs(&lines[0]);
+    let trace_id = &line
+        .iter()
+        .find(|(k, _)| k == "trace.id")
+        .expect("ids still correlate")
+        .1;
+    assert_eq!(trace_id.as_str().map(str::len), Some(32));
+}
