@@ -202,14 +202,18 @@ impl Metrics {
             let hit = recent
                 .iter()
                 .position(|(metrics, name, _)| *metrics == self.id && Arc::ptr_eq(name, agent_name));
-            let index = hit.unwrap_or_else(|| {
+            if let Some(index) = hit {
+                return f(&recent[index].2);
+            }
+            let series = self.series_for(agent_name);
+            // Overflowed names are not kept: each of their executions must be counted.
+            if !Arc::ptr_eq(&series, &self.overflow) {
                 if recent.len() == KEPT {
                     recent.remove(0);
                 }
-                recent.push((self.id, Arc::clone(agent_name), self.series_for(agent_name)));
-                recent.len() - 1
-            });
-            f(&recent[index].2);
+                recent.push((self.id, Arc::clone(agent_name), Arc::clone(&series)));
+            }
+            f(&series);
         });
     }
 
