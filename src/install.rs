@@ -395,19 +395,16 @@ impl AgentTelemetry {
             Some(traces) => {
                 // Events `RUST_LOG` selects reach the execution layer too: those directly
                 // inside an agent span become its span events.
+                let off_export_path = filter_fn(|metadata: &Metadata<'_>| !on_export_path(metadata.target()));
                 let traced_events = filter_fn(|metadata: &Metadata<'_>| metadata.is_event())
                     .and(traced_events)
-                    .and(filter_fn(|metadata| !on_export_path(metadata.target())));
+                    .and(off_export_path.clone());
                 let executions = ExecutionLayer::new(signals).with_filter(agent_filter.or(traced_events));
                 let otel = tracing_opentelemetry::layer()
                     .with_tracer(traces.provider.tracer("agent_telemetry"))
                     .with_threads(false)
                     .with_tracked_inactivity(false)
-                    .with_filter(
-                        traced_spans
-                            .and(filter_fn(|metadata| !on_export_path(metadata.target())))
-                            .and(NotAgentFilter::new(names)),
-                    );
+                    .with_filter(traced_spans.and(off_export_path).and(NotAgentFilter::new(names)));
                 Box::new(executions.and_then(otel))
             }
             None => Box::new(ExecutionLayer::new(signals).with_filter(agent_filter)),

@@ -108,7 +108,7 @@ where
         attrs.record(&mut execution.fields);
         let span = self.signals.tracer.as_ref().map(|tracer| {
             let mut span = tracer.start(&self.parent_context(attrs, &ctx), attrs.metadata());
-            span.record_attributes(attrs);
+            span.record(attrs);
             span
         });
         if let Some(registered) = ctx.span(id) {

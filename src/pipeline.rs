@@ -176,16 +176,24 @@ mod tests {
     use crate::config::Config;
     use crate::execution::Status;
 
-    fn execution() -> Execution {
-        Execution {
-            agent_name: "a".into(),
-            task: "t".into(),
-            duration: Duration::from_millis(1),
-            status: Status::Success,
-            failure: None,
-            finished_at: SystemTime::now(),
-            trace: None,
+    /// A pipeline writing to `destination` through a queue of `capacity`, sent `executions`.
+    fn send(destination: Box<dyn Write + Send>, capacity: usize, executions: usize) -> (Pipeline, Arc<TelemetryStats>) {
+        let stats = Arc::new(TelemetryStats::default());
+        let logs = LogLines::new(&Config::default(), Some(destination), Arc::clone(&stats)).unwrap();
+        let pipeline = Pipeline::start(logs, None, capacity, Arc::clone(&stats)).unwrap();
+        for _ in 0..executions {
+            let execution = Execution {
+                agent_name: "a".into(),
+                task: "t".into(),
+                duration: Duration::from_millis(1),
+                status: Status::Success,
+                failure: None,
+                finished_at: SystemTime::now(),
+                trace: None,
+            };
+            pipeline.send(Closed { execution, span: None });
         }
+        (pipeline, stats)
     }
 
     #[test]
@@ -201,15 +209,7 @@ mod tests {
                 Ok(())
             }
         }
-        let stats = Arc::new(TelemetryStats::default());
-        let logs = LogLines::new(&Config::default(), Some(Box::new(SlowDisk)), Arc::clone(&stats)).unwrap();
-        let pipeline = Pipeline::start(logs, None, 4, Arc::clone(&stats)).unwrap();
-        for _ in 0..1000 {
-            pipeline.send(Closed {
-                execution: execution(),
-                span: None,
-            });
-        }
+        let (pipeline, stats) = send(Box::new(SlowDisk), 4, 1000);
         pipeline.flush(Duration::from_secs(30), true).unwrap();
         let written = TelemetryStats::get(&stats.log_lines_written);
         let dropped = TelemetryStats::get(&stats.log_lines_dropped);
@@ -219,15 +219,7 @@ mod tests {
 
     #[test]
     fn flush_writes_everything_queued_before_it() {
-        let stats = Arc::new(TelemetryStats::default());
-        let logs = LogLines::new(&Config::default(), Some(Box::new(std::io::sink())), Arc::clone(&stats)).unwrap();
-        let pipeline = Pipeline::start(logs, None, 64, Arc::clone(&stats)).unwrap();
-        for _ in 0..50 {
-            pipeline.send(Closed {
-                execution: execution(),
-                span: None,
-            });
-        }
+        let (pipeline, stats) = send(Box::new(std::io::sink()), 64, 50);
         pipeline.flush(Duration::from_secs(5), false).unwrap();
         assert_eq!(TelemetryStats::get(&stats.log_lines_written), 50);
         pipeline.flush(Duration::from_secs(5), true).unwrap();

@@ -18,8 +18,8 @@ use opentelemetry_sdk::trace::{
     IdGenerator, RandomIdGenerator, Sampler, SamplingDecision, ShouldSample, SpanData, SpanEvents, SpanLinks,
 };
 use tracing_core::field::{Field, Visit};
-use tracing_core::span::Record;
 use tracing_core::Metadata;
+use tracing_subscriber::field::RecordFields;
 
 use super::processor::CountingProcessor;
 use crate::execution::{Execution, ExecutionFields, TraceIds};
@@ -212,14 +212,10 @@ impl AgentSpan {
         self.span_context.is_sampled()
     }
 
-    /// Records the span's fields that are not the execution's own as attributes.
-    pub(crate) fn record(&mut self, values: &Record<'_>) {
-        values.record(&mut FieldAttributes(self));
-    }
-
-    /// Records the fields of a span that is opening.
-    pub(crate) fn record_attributes(&mut self, attrs: &tracing_core::span::Attributes<'_>) {
-        attrs.record(&mut FieldAttributes(self));
+    /// Records the span's fields that are not the execution's own as attributes, when it
+    /// opens and when they are recorded later.
+    pub(crate) fn record(&mut self, fields: &impl RecordFields) {
+        fields.record(&mut OtelValues(&mut FieldAttributes(self)));
     }
 
     /// Adds an event that happened inside the span, named and shaped as
@@ -237,7 +233,7 @@ impl AgentSpan {
                 KeyValue::new("target", metadata.target()),
             ],
         };
-        event.record(&mut fields);
+        event.record(&mut OtelValues(&mut fields));
         push_location(&mut fields.attributes, metadata);
         let name = fields.name.map_or(Cow::Borrowed(metadata.name()), Cow::Owned);
         self.events
@@ -268,7 +264,7 @@ fn push_location(attributes: &mut Vec<KeyValue>, metadata: &'static Metadata<'st
 /// Span fields as attributes; `otel.name` and `otel.kind` rename the span and set its kind.
 struct FieldAttributes<'a>(&'a mut AgentSpan);
 
-impl FieldAttributes<'_> {
+impl FieldSink for FieldAttributes<'_> {
     fn set(&mut self, field: &Field, value: Value) {
         if ExecutionFields::owns(field) {
             return;
@@ -278,6 +274,12 @@ impl FieldAttributes<'_> {
             "otel.kind" => self.0.kind = span_kind(&value.as_str()).unwrap_or(SpanKind::Internal),
             name => self.0.set_attribute(name, value),
         }
+    }
+
+    fn set_u64(&mut self, field: &Field, value: u64) {
+        // Past i64 the value is kept as text.
+        let value = i64::try_from(value).map_or_else(|_| Value::from(value.to_string()), Value::I64);
+        self.set(field, value);
     }
 }
 
@@ -292,45 +294,13 @@ fn span_kind(text: &str) -> Option<SpanKind> {
     })
 }
 
-impl Visit for FieldAttributes<'_> {
-    fn record_str(&mut self, field: &Field, value: &str) {
-        self.set(field, Value::from(value.to_owned()));
-    }
-
-    fn record_bool(&mut self, field: &Field, value: bool) {
-        self.set(field, Value::Bool(value));
-    }
-
-    fn record_i64(&mut self, field: &Field, value: i64) {
-        self.set(field, Value::I64(value));
-    }
-
-    fn record_u64(&mut self, field: &Field, value: u64) {
-        // OpenTelemetry has no unsigned integers; past i64 the value is kept as text.
-        let value = i64::try_from(value).map_or_else(|_| Value::from(value.to_string()), Value::I64);
-        self.set(field, value);
-    }
-
-    fn record_f64(&mut self, field: &Field, value: f64) {
-        self.set(field, Value::F64(value));
-    }
-
-    fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
-        self.set(field, Value::from(value.to_string()));
-    }
-
-    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-        self.set(field, Value::from(format!("{value:?}")));
-    }
-}
-
 /// An event's fields: `message` names the event, an `error` becomes an `exception` event.
 struct EventFields {
     name: Option<String>,
     attributes: Vec<KeyValue>,
 }
 
-impl EventFields {
+impl FieldSink for EventFields {
     fn set(&mut self, field: &Field, value: Value) {
         match field.name() {
             "message" => self.name = Some(value.as_str().into_owned()),
@@ -344,28 +314,47 @@ impl EventFields {
     }
 }
 
-impl Visit for EventFields {
+/// Where [`OtelValues`] puts each field, as an OpenTelemetry value.
+trait FieldSink {
+    fn set(&mut self, field: &Field, value: Value);
+
+    /// OpenTelemetry has no unsigned integers; `tracing-opentelemetry` writes an event's as
+    /// text, which is the default here.
+    fn set_u64(&mut self, field: &Field, value: u64) {
+        self.set(field, Value::from(value.to_string()));
+    }
+}
+
+/// A `tracing` field visitor that hands each value to a [`FieldSink`] as an OpenTelemetry
+/// value, the conversions `tracing-opentelemetry` makes.
+struct OtelValues<'a, S>(&'a mut S);
+
+impl<S: FieldSink> Visit for OtelValues<'_, S> {
     fn record_str(&mut self, field: &Field, value: &str) {
-        self.set(field, Value::from(value.to_owned()));
+        self.0.set(field, Value::from(value.to_owned()));
     }
 
     fn record_bool(&mut self, field: &Field, value: bool) {
-        self.set(field, Value::Bool(value));
+        self.0.set(field, Value::Bool(value));
     }
 
     fn record_i64(&mut self, field: &Field, value: i64) {
-        self.set(field, Value::I64(value));
+        self.0.set(field, Value::I64(value));
+    }
+
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.0.set_u64(field, value);
     }
 
     fn record_f64(&mut self, field: &Field, value: f64) {
-        self.set(field, Value::F64(value));
+        self.0.set(field, Value::F64(value));
     }
 
     fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
-        self.set(field, Value::from(value.to_string()));
+        self.0.set(field, Value::from(value.to_string()));
     }
 
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-        self.set(field, Value::from(format!("{value:?}")));
+        self.0.set(field, Value::from(format!("{value:?}")));
     }
 }
