@@ -18,7 +18,8 @@ use tracing_subscriber::util::SubscriberInitExt;
 use crate::config::{Config, LogFormat, OtlpProtocol, TracesExporter};
 use crate::error::{Error, Result};
 use crate::execution::AgentSpanNames;
-use crate::layer::{AgentFilter, ExecutionLayer, NotAgentFilter, Signals};
+use crate::filter::{on_export_path, ExecutionFilter, NotAgentFilter};
+use crate::layer::{ExecutionLayer, Signals};
 use crate::logs::LogLines;
 use crate::metrics::server::MetricsServer;
 use crate::metrics::{Metrics, MetricsHandle};
@@ -28,19 +29,6 @@ use crate::traces::BoxedSpanExporter;
 
 /// The layer [`AgentTelemetry::build`] returns, ready for `tracing_subscriber::registry().with(..)`.
 pub type TelemetryLayer<S> = Box<dyn Layer<S> + Send + Sync + 'static>;
-
-/// Targets whose spans and events must never reach the trace exporter: the exporter's own
-/// HTTP/gRPC stack and this crate. Tracing them would export the export, forever.
-const EXPORT_PATH_TARGETS: [&str; 8] = [
-    "opentelemetry",
-    "reqwest",
-    "hyper",
-    "h2",
-    "tonic",
-    "tower",
-    "agent_telemetry",
-    "tiny_http",
-];
 
 /// Configures and installs agent telemetry: one `tracing` layer, three signals.
 ///
@@ -390,16 +378,13 @@ impl AgentTelemetry {
             pipeline: Arc::clone(&pipeline),
             tracer: agent_tracer,
         };
-        let agent_filter = AgentFilter::new(Arc::clone(&names));
         let layer: TelemetryLayer<S> = match &traces {
             Some(traces) => {
                 // Events `RUST_LOG` selects reach the execution layer too: those directly
                 // inside an agent span become its span events.
                 let off_export_path = filter_fn(|metadata: &Metadata<'_>| !on_export_path(metadata.target()));
-                let traced_events = filter_fn(|metadata: &Metadata<'_>| metadata.is_event())
-                    .and(traced_events)
-                    .and(off_export_path.clone());
-                let executions = ExecutionLayer::new(signals).with_filter(agent_filter.or(traced_events));
+                let filter = ExecutionFilter::new(Arc::clone(&names), Some((traced_events, &config.env_filter)));
+                let executions = ExecutionLayer::new(signals).with_filter(filter);
                 let otel = tracing_opentelemetry::layer()
                     .with_tracer(traces.provider.tracer("agent_telemetry"))
                     .with_threads(false)
@@ -407,7 +392,7 @@ impl AgentTelemetry {
                     .with_filter(traced_spans.and(off_export_path).and(NotAgentFilter::new(names)));
                 Box::new(executions.and_then(otel))
             }
-            None => Box::new(ExecutionLayer::new(signals).with_filter(agent_filter)),
+            None => Box::new(ExecutionLayer::new(signals).with_filter(ExecutionFilter::new(names, None))),
         };
 
         let guard = TelemetryGuard {
@@ -459,16 +444,6 @@ impl AgentTelemetry {
             Err(error) => panic!("agent-telemetry could not be installed: {error}"),
         }
     }
-}
-
-/// Whether `target` belongs to one of the export path's crates: `hyper` and `hyper_util::client`
-/// do, `hyperion` does not.
-fn on_export_path(target: &str) -> bool {
-    EXPORT_PATH_TARGETS.iter().any(|krate| {
-        target
-            .strip_prefix(krate)
-            .is_some_and(|rest| rest.is_empty() || rest.starts_with([':', '_']))
-    })
 }
 
 fn parse_env_filter(directives: &str) -> Result<EnvFilter> {
@@ -604,27 +579,6 @@ impl Drop for TelemetryGuard {
     fn drop(&mut self) {
         if let Err(error) = self.shutdown_all() {
             eprintln!("agent-telemetry: {error}");
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::on_export_path;
-
-    #[test]
-    fn export_path_targets_are_whole_crates() {
-        for target in [
-            "opentelemetry_sdk",
-            "opentelemetry",
-            "hyper_util::client::legacy",
-            "h2::codec",
-            "reqwest",
-        ] {
-            assert!(on_export_path(target), "{target}");
-        }
-        for target in ["h2o_agents", "hyperion::agent", "towering", "my_app::reqwest_helper"] {
-            assert!(!on_export_path(target), "{target}");
         }
     }
 }

@@ -3,6 +3,7 @@
 //!
 //! On the agent's thread it does only what must happen there: the fields, the span's ids,
 //! the metrics, and one queue push. Log lines and spans are made on the pipeline's thread.
+//! What reaches it is chosen in `filter.rs`.
 
 use std::any::TypeId;
 use std::cell::RefCell;
@@ -13,12 +14,11 @@ use std::time::SystemTime;
 use opentelemetry::ContextGuard;
 use tracing_core::dispatcher::WeakDispatch;
 use tracing_core::span::{Attributes, Id, Record};
-use tracing_core::subscriber::Interest;
-use tracing_core::{Dispatch, Event, Level, Metadata, Subscriber};
-use tracing_subscriber::layer::{Context, Filter, Layer};
+use tracing_core::{Dispatch, Event, Level, Subscriber};
+use tracing_subscriber::layer::{Context, Layer};
 use tracing_subscriber::registry::LookupSpan;
 
-use crate::execution::{AgentSpanNames, ErrorText, Execution, ExecutionState, UNKNOWN_AGENT};
+use crate::execution::{ErrorText, Execution, ExecutionState, UNKNOWN_AGENT};
 use crate::metrics::Metrics;
 use crate::pipeline::{Closed, Pipeline};
 use crate::traces::{AgentSpan, AgentTracer};
@@ -304,73 +304,5 @@ where
             true
         }
         None => false,
-    }
-}
-
-/// Selects agent spans by name and `ERROR` events (which may fail an enclosing agent);
-/// everything else is rejected at the callsite, so it costs what it costs without us.
-#[derive(Clone)]
-pub(crate) struct AgentFilter {
-    names: Arc<AgentSpanNames>,
-}
-
-impl AgentFilter {
-    pub(crate) fn new(names: Arc<AgentSpanNames>) -> Self {
-        AgentFilter { names }
-    }
-
-    #[inline]
-    fn selects(&self, metadata: &Metadata<'_>) -> bool {
-        if metadata.is_span() {
-            self.names.matches(metadata.name())
-        } else {
-            *metadata.level() == Level::ERROR
-        }
-    }
-}
-
-impl<S> Filter<S> for AgentFilter {
-    fn enabled(&self, metadata: &Metadata<'_>, _: &Context<'_, S>) -> bool {
-        self.selects(metadata)
-    }
-
-    fn callsite_enabled(&self, metadata: &'static Metadata<'static>) -> Interest {
-        if self.selects(metadata) {
-            Interest::always()
-        } else {
-            Interest::never()
-        }
-    }
-}
-
-/// For the `tracing-opentelemetry` layer: no agent spans (ours), and no events whose
-/// innermost span is an agent span (they are its span events, recorded by us).
-pub(crate) struct NotAgentFilter {
-    names: Arc<AgentSpanNames>,
-}
-
-impl NotAgentFilter {
-    pub(crate) fn new(names: Arc<AgentSpanNames>) -> Self {
-        NotAgentFilter { names }
-    }
-}
-
-impl<S: Subscriber> Filter<S> for NotAgentFilter {
-    fn enabled(&self, metadata: &Metadata<'_>, ctx: &Context<'_, S>) -> bool {
-        if metadata.is_span() {
-            return !self.names.matches(metadata.name());
-        }
-        !ctx.current_span()
-            .metadata()
-            .is_some_and(|span| self.names.matches(span.name()))
-    }
-
-    fn callsite_enabled(&self, metadata: &'static Metadata<'static>) -> Interest {
-        match (metadata.is_span(), self.names.matches(metadata.name())) {
-            (true, true) => Interest::never(),
-            (true, false) => Interest::always(),
-            // An event's answer depends on the span it happens in.
-            (false, _) => Interest::sometimes(),
-        }
     }
 }

@@ -45,6 +45,7 @@
 mod config;
 mod error;
 mod execution;
+mod filter;
 mod install;
 mod layer;
 mod logs;

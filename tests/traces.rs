@@ -193,6 +193,20 @@ fn events_inside_an_agent_are_its_span_events_and_other_fields_its_attributes() 
 }
 
 #[test]
+fn directives_that_name_the_agent_span_select_its_span_events() {
+    let harness = Harness::with(|b| b.with_env_filter("warn,[agent_execution]=debug"));
+    harness.run(|| {
+        let agent = tracing::info_span!("agent_execution", agent_name = "qa-engineer", task = "Test");
+        agent.in_scope(|| tracing::debug!("inside the agent"));
+        tracing::debug!("outside any agent");
+    });
+    let spans = harness.spans();
+    let agent = spans.iter().find(|s| s.name == "agent_execution").unwrap();
+    let names: Vec<&str> = agent.events.iter().map(|e| e.name.as_ref()).collect();
+    assert_eq!(names, ["inside the agent"], "debug inside the agent span only");
+}
+
+#[test]
 fn the_sampler_applies_to_agent_spans_and_logs_keep_their_ids() {
     let harness = Harness::with(|b| b.with_sampler(opentelemetry_sdk::trace::Sampler::AlwaysOff));
     harness.run(|| {

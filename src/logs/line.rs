@@ -1,6 +1,6 @@
 //! The JSON line: fixed key order, no duplicate keys, stable types, bounded size.
 
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::config::{Config, LogFormat};
 use crate::execution::{Execution, Status};
@@ -8,12 +8,17 @@ use crate::execution::{Execution, Status};
 /// Longest `agent_name` kept in a line, in characters.
 const MAX_AGENT_NAME_CHARS: usize = 256;
 
+/// A line's bytes besides its text fields, with room to spare.
+const LINE_BYTES: usize = 512;
+
 /// Everything about the line that is fixed at start-up.
 pub(crate) struct LineFormat {
     format: LogFormat,
     max_task_chars: usize,
     /// The closing fields (`,"service.name":"..."}` and the like), escaped once.
     tail: Vec<u8>,
+    /// The last second formatted: lines come many to a second.
+    clock: UtcSecond,
 }
 
 impl LineFormat {
@@ -29,32 +34,37 @@ impl LineFormat {
             format: config.log_format,
             max_task_chars: config.max_task_chars,
             tail,
+            clock: UtcSecond::default(),
         }
     }
 
     /// Appends one complete line, `\n` included, to `out`.
-    pub(crate) fn write(&self, e: &Execution, out: &mut Vec<u8>) {
+    pub(crate) fn write(&mut self, e: &Execution, out: &mut Vec<u8>) {
+        // Room for the fixed fields, so appending the rest never reallocates midway.
+        out.reserve(LINE_BYTES + self.tail.len() + e.agent_name.len() + e.task.len());
         match self.format {
             LogFormat::Guide => self.write_guide(e, out),
             LogFormat::Ecs => self.write_ecs(e, out),
         }
         if let Some(ids) = e.trace {
             out.extend_from_slice(br#","trace.id":""#);
-            push_hex(out, &ids.trace_id.to_bytes());
+            push_hex(out, ids.trace_id.to_bytes());
             out.extend_from_slice(br#"","span.id":""#);
-            push_hex(out, &ids.span_id.to_bytes());
+            push_hex(out, ids.span_id.to_bytes());
             out.push(b'"');
         }
         out.extend_from_slice(&self.tail);
     }
 
     /// The guide's six fields, with `@timestamp` and `log.level` for Filebeat.
-    fn write_guide(&self, e: &Execution, out: &mut Vec<u8>) {
-        let (date, time, micros) = utc_parts(e.finished_at);
+    fn write_guide(&mut self, e: &Execution, out: &mut Vec<u8>) {
+        let (second, micros) = self.clock.split(e.finished_at);
         out.extend_from_slice(br#"{"@timestamp":""#);
-        push_timestamp(out, &date, &time, micros / 1000, 3);
+        out.extend_from_slice(second);
+        out.extend_from_slice(&fraction::<5>(micros / 1000));
         out.extend_from_slice(br#"","timestamp":""#);
-        push_timestamp(out, &date, &time, micros, 6);
+        out.extend_from_slice(second);
+        out.extend_from_slice(&fraction::<8>(micros));
         out.extend_from_slice(br#"","log.level":"#);
         out.extend_from_slice(match e.status {
             Status::Success => br#""INFO""#.as_slice(),
@@ -65,7 +75,7 @@ impl LineFormat {
         out.extend_from_slice(br#","task":"#);
         write_str(out, truncate(&e.task, self.max_task_chars));
         out.extend_from_slice(br#","duration_seconds":"#);
-        write_seconds(out, e.duration.as_secs_f64());
+        write_seconds(out, e.duration);
         out.extend_from_slice(br#","status":""#);
         out.extend_from_slice(e.status.as_str().as_bytes());
         out.push(b'"');
@@ -74,11 +84,12 @@ impl LineFormat {
 
     /// ECS 8 names: `event.*` for the outcome and duration (nanoseconds), `gen_ai.*` for the
     /// agent, and nothing Filebeat owns (`agent.*`, `ecs.*`, `host.*`, `input.*`, `log.file`).
-    fn write_ecs(&self, e: &Execution, out: &mut Vec<u8>) {
-        let (date, time, micros) = utc_parts(e.finished_at);
+    fn write_ecs(&mut self, e: &Execution, out: &mut Vec<u8>) {
+        let (second, micros) = self.clock.split(e.finished_at);
         let agent_name = truncate(&e.agent_name, MAX_AGENT_NAME_CHARS);
         out.extend_from_slice(br#"{"@timestamp":""#);
-        push_timestamp(out, &date, &time, micros / 1000, 3);
+        out.extend_from_slice(second);
+        out.extend_from_slice(&fraction::<5>(micros / 1000));
         out.extend_from_slice(br#"","log.level":"#);
         out.extend_from_slice(match e.status {
             Status::Success => br#""info""#.as_slice(),
@@ -108,14 +119,6 @@ impl LineFormat {
     }
 }
 
-fn push_timestamp(out: &mut Vec<u8>, date: &[u8], time: &[u8], fraction: u32, digits: u32) {
-    out.extend_from_slice(date);
-    out.push(b'T');
-    out.extend_from_slice(time);
-    push_fraction(out, fraction, digits);
-    out.push(b'Z');
-}
-
 /// At most `max` characters, cut at a character boundary, with `…` where text was cut.
 fn truncate(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
     // A character takes at least a byte: short text needs no walk over its characters.
@@ -134,43 +137,80 @@ fn write_str(out: &mut Vec<u8>, text: impl AsRef<str>) {
     let _ = serde_json::to_writer(&mut *out, text.as_ref());
 }
 
-/// Always a float (`45.0`, never `45`), so Elasticsearch maps the field as a float.
-fn write_seconds(out: &mut Vec<u8>, seconds: f64) {
-    let seconds = if seconds.is_finite() { seconds } else { 0.0 };
-    // ryu writes the shortest round-trip digits and always a `.` or an exponent.
-    out.extend_from_slice(ryu::Buffer::new().format_finite(seconds).as_bytes());
+/// The exact decimal of the duration, always with a fraction (`45.0`, never `45`, so
+/// Elasticsearch maps the field as a float) and never an exponent (`0.000001`).
+fn write_seconds(out: &mut Vec<u8>, duration: Duration) {
+    out.extend_from_slice(itoa::Buffer::new().format(duration.as_secs()).as_bytes());
+    let nanos = fraction::<11>(duration.subsec_nanos());
+    // `.` and at least one digit stay; trailing zeros and the `Z` go.
+    let end = nanos[..10]
+        .iter()
+        .rposition(|&digit| digit != b'0')
+        .map_or(2, |last| last.max(1) + 1);
+    out.extend_from_slice(&nanos[..end]);
 }
 
-fn push_fraction(out: &mut Vec<u8>, value: u32, digits: u32) {
-    out.push(b'.');
-    for power in (0..digits).rev() {
-        out.push(b'0' + ((value / 10u32.pow(power)) % 10) as u8);
+/// `.` then the `N - 2` digits of `value`, then `Z`: the end of a timestamp.
+fn fraction<const N: usize>(mut value: u32) -> [u8; N] {
+    let mut text = [b'0'; N];
+    text[0] = b'.';
+    text[N - 1] = b'Z';
+    for digit in text[1..N - 1].iter_mut().rev() {
+        *digit = b'0' + (value % 10) as u8;
+        value /= 10;
     }
+    text
 }
 
-fn push_hex(out: &mut Vec<u8>, bytes: &[u8]) {
+/// Lowercase hex of an id's (at most 16) bytes.
+fn push_hex<const N: usize>(out: &mut Vec<u8>, bytes: [u8; N]) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    for byte in bytes {
-        out.push(HEX[usize::from(byte >> 4)]);
-        out.push(HEX[usize::from(byte & 0xf)]);
+    let mut text = [0; 32];
+    for (pair, byte) in text.chunks_exact_mut(2).zip(bytes) {
+        pair[0] = HEX[usize::from(byte >> 4)];
+        pair[1] = HEX[usize::from(byte & 0xf)];
+    }
+    out.extend_from_slice(&text[..2 * N.min(16)]);
+}
+
+/// `YYYY-MM-DDTHH:MM:SS` of the last whole UTC second asked for.
+#[derive(Default)]
+struct UtcSecond {
+    unix_second: Option<u64>,
+    text: [u8; 19],
+}
+
+impl UtcSecond {
+    /// The whole second of `at`, formatted, and its microseconds.
+    fn split(&mut self, at: SystemTime) -> (&[u8; 19], u32) {
+        let Ok(since_epoch) = at.duration_since(UNIX_EPOCH) else {
+            // Before 1970: a clock gone wrong, formatted as it is, not cached.
+            let at = time::OffsetDateTime::from(at);
+            self.unix_second = None;
+            self.text = format_second(at);
+            return (&self.text, at.microsecond());
+        };
+        let second = since_epoch.as_secs();
+        if self.unix_second != Some(second) {
+            self.unix_second = Some(second);
+            self.text = format_second(time::OffsetDateTime::from(UNIX_EPOCH + Duration::from_secs(second)));
+        }
+        (&self.text, since_epoch.subsec_micros())
     }
 }
 
-/// `YYYY-MM-DD`, `HH:MM:SS` and the microseconds of a UTC time.
-fn utc_parts(at: SystemTime) -> ([u8; 10], [u8; 8], u32) {
-    let at = time::OffsetDateTime::from(at);
-    let mut date = *b"0000-00-00";
-    let mut clock = *b"00:00:00";
+fn format_second(at: time::OffsetDateTime) -> [u8; 19] {
+    let mut text = *b"0000-00-00T00:00:00";
     put_digits(
-        &mut date[0..4],
+        &mut text[0..4],
         u32::try_from(at.year().clamp(0, 9999)).unwrap_or_default(),
     );
-    put_digits(&mut date[5..7], u32::from(u8::from(at.month())));
-    put_digits(&mut date[8..10], u32::from(at.day()));
-    put_digits(&mut clock[0..2], u32::from(at.hour()));
-    put_digits(&mut clock[3..5], u32::from(at.minute()));
-    put_digits(&mut clock[6..8], u32::from(at.second()));
-    (date, clock, at.microsecond())
+    put_digits(&mut text[5..7], u32::from(u8::from(at.month())));
+    put_digits(&mut text[8..10], u32::from(at.day()));
+    put_digits(&mut text[11..13], u32::from(at.hour()));
+    put_digits(&mut text[14..16], u32::from(at.minute()));
+    put_digits(&mut text[17..19], u32::from(at.second()));
+    text
 }
 
 fn put_digits(slot: &mut [u8], mut value: u32) {
@@ -270,6 +310,22 @@ mod tests {
         assert_eq!(value["status"], "failure");
         assert_eq!(value["log.level"], "ERROR");
         assert_eq!(value["error.message"], "bad\nthing");
+    }
+
+    #[test]
+    fn durations_are_exact_decimals_without_exponents() {
+        for (duration, text) in [
+            (Duration::from_secs(45), "45.0"),
+            (Duration::from_millis(45_200), "45.2"),
+            (Duration::from_nanos(1_234), "0.000001234"),
+            (Duration::ZERO, "0.0"),
+            (Duration::new(3, 100_000_000), "3.1"),
+            (Duration::new(u64::MAX, 999_999_999), "18446744073709551615.999999999"),
+        ] {
+            let mut out = Vec::new();
+            write_seconds(&mut out, duration);
+            assert_eq!(String::from_utf8(out).unwrap(), text);
+        }
     }
 
     mod properties {

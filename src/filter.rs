@@ -1,0 +1,200 @@
+//! Per-layer filters: what reaches the execution layer and what reaches
+//! `tracing-opentelemetry`. Everything no signal selects is rejected at the callsite, so it
+//! costs what it costs without a subscriber.
+
+use std::sync::Arc;
+
+use tracing_core::span::{Attributes, Id, Record};
+use tracing_core::subscriber::Interest;
+use tracing_core::{Level, LevelFilter, Metadata, Subscriber};
+use tracing_subscriber::filter::EnvFilter;
+use tracing_subscriber::layer::{Context, Filter};
+
+use crate::execution::AgentSpanNames;
+
+/// Targets whose spans and events must never reach the trace exporter: the exporter's own
+/// HTTP/gRPC stack and this crate. Tracing them would export the export, forever.
+const EXPORT_PATH_TARGETS: [&str; 8] = [
+    "opentelemetry",
+    "reqwest",
+    "hyper",
+    "h2",
+    "tonic",
+    "tower",
+    "agent_telemetry",
+    "tiny_http",
+];
+
+/// Whether `target` belongs to one of the export path's crates: `hyper` and `hyper_util::client`
+/// do, `hyperion` does not.
+pub(crate) fn on_export_path(target: &str) -> bool {
+    EXPORT_PATH_TARGETS.iter().any(|krate| {
+        target
+            .strip_prefix(krate)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with([':', '_']))
+    })
+}
+
+/// What the execution layer sees: agent spans by name, `ERROR` events (which may fail an
+/// enclosing agent) and, when traces are on, the events `RUST_LOG` selects (those directly
+/// inside an agent span become its span events).
+///
+/// Written out rather than composed with `FilterExt::or`: a combinator hands every span
+/// callback to both sides, and `EnvFilter` takes a shared read lock in each, which two
+/// threads running agents would contend for on every enter, exit and close.
+pub(crate) struct ExecutionFilter {
+    names: Arc<AgentSpanNames>,
+    events: Option<SelectedEvents>,
+}
+
+/// The events `RUST_LOG` selects, off the export path.
+struct SelectedEvents {
+    filter: EnvFilter,
+    /// Directives that name a span (`[agent_execution]=debug`) need to follow the spans
+    /// entered; without them the filter has nothing to learn from span callbacks.
+    follows_spans: bool,
+}
+
+impl ExecutionFilter {
+    /// Agent spans and `ERROR` events; with `events`, also the events those directives select.
+    pub(crate) fn new(names: Arc<AgentSpanNames>, events: Option<(EnvFilter, &str)>) -> Self {
+        ExecutionFilter {
+            names,
+            events: events.map(|(filter, directives)| SelectedEvents {
+                filter,
+                follows_spans: directives.contains('['),
+            }),
+        }
+    }
+
+    /// The filter to hand span callbacks to, when one needs them.
+    fn span_follower(&self) -> Option<&EnvFilter> {
+        self.events
+            .as_ref()
+            .filter(|events| events.follows_spans)
+            .map(|events| &events.filter)
+    }
+}
+
+impl<S: Subscriber> Filter<S> for ExecutionFilter {
+    fn enabled(&self, metadata: &Metadata<'_>, ctx: &Context<'_, S>) -> bool {
+        if metadata.is_span() {
+            return self.names.matches(metadata.name());
+        }
+        *metadata.level() == Level::ERROR
+            || self.events.as_ref().is_some_and(|events| {
+                !on_export_path(metadata.target()) && Filter::<S>::enabled(&events.filter, metadata, ctx)
+            })
+    }
+
+    fn callsite_enabled(&self, metadata: &'static Metadata<'static>) -> Interest {
+        if metadata.is_span() {
+            if let Some(filter) = self.span_follower() {
+                // Registers the spans its directives name; the answer for events is below.
+                let _ = Filter::<S>::callsite_enabled(filter, metadata);
+            }
+            return if self.names.matches(metadata.name()) {
+                Interest::always()
+            } else {
+                Interest::never()
+            };
+        }
+        if *metadata.level() == Level::ERROR {
+            return Interest::always();
+        }
+        match &self.events {
+            Some(events) if !on_export_path(metadata.target()) => {
+                Filter::<S>::callsite_enabled(&events.filter, metadata)
+            }
+            _ => Interest::never(),
+        }
+    }
+
+    fn max_level_hint(&self) -> Option<LevelFilter> {
+        // Agent spans are selected by name, at any level.
+        None
+    }
+
+    fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: Context<'_, S>) {
+        if let Some(filter) = self.span_follower() {
+            Filter::on_new_span(filter, attrs, id, ctx);
+        }
+    }
+
+    fn on_record(&self, id: &Id, values: &Record<'_>, ctx: Context<'_, S>) {
+        if let Some(filter) = self.span_follower() {
+            Filter::on_record(filter, id, values, ctx);
+        }
+    }
+
+    fn on_enter(&self, id: &Id, ctx: Context<'_, S>) {
+        if let Some(filter) = self.span_follower() {
+            Filter::on_enter(filter, id, ctx);
+        }
+    }
+
+    fn on_exit(&self, id: &Id, ctx: Context<'_, S>) {
+        if let Some(filter) = self.span_follower() {
+            Filter::on_exit(filter, id, ctx);
+        }
+    }
+
+    fn on_close(&self, id: Id, ctx: Context<'_, S>) {
+        if let Some(filter) = self.span_follower() {
+            Filter::on_close(filter, id, ctx);
+        }
+    }
+}
+
+/// For the `tracing-opentelemetry` layer: no agent spans (ours), and no events whose
+/// innermost span is an agent span (they are its span events, recorded by us).
+pub(crate) struct NotAgentFilter {
+    names: Arc<AgentSpanNames>,
+}
+
+impl NotAgentFilter {
+    pub(crate) fn new(names: Arc<AgentSpanNames>) -> Self {
+        NotAgentFilter { names }
+    }
+}
+
+impl<S: Subscriber> Filter<S> for NotAgentFilter {
+    fn enabled(&self, metadata: &Metadata<'_>, ctx: &Context<'_, S>) -> bool {
+        if metadata.is_span() {
+            return !self.names.matches(metadata.name());
+        }
+        !ctx.current_span()
+            .metadata()
+            .is_some_and(|span| self.names.matches(span.name()))
+    }
+
+    fn callsite_enabled(&self, metadata: &'static Metadata<'static>) -> Interest {
+        match (metadata.is_span(), self.names.matches(metadata.name())) {
+            (true, true) => Interest::never(),
+            (true, false) => Interest::always(),
+            // An event's answer depends on the span it happens in.
+            (false, _) => Interest::sometimes(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::on_export_path;
+
+    #[test]
+    fn export_path_targets_are_whole_crates() {
+        for target in [
+            "opentelemetry_sdk",
+            "opentelemetry",
+            "hyper_util::client::legacy",
+            "h2::codec",
+            "reqwest",
+        ] {
+            assert!(on_export_path(target), "{target}");
+        }
+        for target in ["h2o_agents", "hyperion::agent", "towering", "my_app::reqwest_helper"] {
+            assert!(!on_export_path(target), "{target}");
+        }
+    }
+}
