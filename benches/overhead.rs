@@ -10,6 +10,9 @@
 //! Workloads: one agent execution (create, enter, exit, close, with `agent_name` and `task`);
 //! a span no signal selects; an agent execution with one child span; agent executions from
 //! two threads at once. `cargo bench` ends with one line per ratio.
+//!
+//! Each stack is measured in a process of its own (this binary, run again), installed as the
+//! global default subscriber as an application installs it.
 
 use std::hint::black_box;
 use std::path::PathBuf;
@@ -231,13 +234,10 @@ const WORKLOADS: [(&str, fn()); 3] = [
     ("agent_with_child", agent_with_child),
 ];
 
-fn bench_stack(c: &mut Criterion, name: &str, stack: &Stack) {
-    let dispatch = stack.dispatch();
+fn bench_stack(c: &mut Criterion, name: &str) {
     let mut group = c.benchmark_group(name);
     for (workload, run) in WORKLOADS {
-        group.bench_function(workload, |b| {
-            tracing::dispatcher::with_default(&dispatch, || b.iter(run))
-        });
+        group.bench_function(workload, |b| b.iter(run));
     }
     // Two threads, each running agent executions: the time of one iteration is one
     // execution on each thread.
@@ -246,10 +246,7 @@ fn bench_stack(c: &mut Criterion, name: &str, stack: &Stack) {
             let started = Instant::now();
             std::thread::scope(|scope| {
                 for _ in 0..2 {
-                    let dispatch = dispatch.clone();
-                    scope.spawn(move || {
-                        tracing::dispatcher::with_default(&dispatch, || (0..iters).for_each(|_| agent_execution()))
-                    });
+                    scope.spawn(move || (0..iters).for_each(|_| agent_execution()));
                 }
             });
             started.elapsed()
@@ -311,23 +308,49 @@ fn summary() {
     );
 }
 
+/// Set in the process that measures one stack.
+const STACK_VAR: &str = "AGENT_TELEMETRY_BENCH_STACK";
+
+/// A stack's name and how it is built.
+type StackBuilder = (&'static str, fn() -> Stack);
+
+const STACKS: [StackBuilder; 4] = [
+    ("none", || Stack::None),
+    ("registry", || Stack::Registry),
+    ("hand-assembled", hand_assembled),
+    ("ours", ours),
+];
+
 fn main() {
+    // One process per stack, each installed as the global default, as an application
+    // installs it (`init()`): a scoped default (`with_default`) would add a shared reference
+    // count to every span, which two threads contend for, whatever the stack.
+    let Ok(name) = std::env::var(STACK_VAR) else {
+        let bench = std::env::current_exe().expect("the bench binary's path");
+        for (name, _) in STACKS {
+            let status = std::process::Command::new(&bench)
+                .args(std::env::args_os().skip(1))
+                .env(STACK_VAR, name)
+                .status()
+                .expect("the bench binary runs");
+            assert!(status.success(), "measuring {name} failed: {status}");
+        }
+        summary();
+        return;
+    };
+    let Some((name, build)) = STACKS.into_iter().find(|(stack, _)| *stack == name) else {
+        panic!("{STACK_VAR}={name} is not a stack");
+    };
+    let stack = build();
+    if !matches!(stack, Stack::None) {
+        tracing::dispatcher::set_global_default(stack.dispatch()).expect("the only subscriber");
+    }
     let mut criterion = Criterion::default()
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(2))
         .configure_from_args();
-    // One stack at a time: each is dropped before the next is built, so `tracing`'s callsite
-    // interest reflects only the stack being measured, as in an application.
-    for (name, build) in [
-        ("none", (|| Stack::None) as fn() -> Stack),
-        ("registry", || Stack::Registry),
-        ("hand-assembled", hand_assembled),
-        ("ours", ours),
-    ] {
-        let stack = build();
-        bench_stack(&mut criterion, name, &stack);
-        drop(stack);
-    }
+    bench_stack(&mut criterion, name);
     criterion.final_summary();
-    summary();
+    // Flushes what is still queued and stops the stack's threads.
+    drop(stack);
 }
