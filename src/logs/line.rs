@@ -40,7 +40,7 @@ impl LineFormat {
 
     /// Appends one complete line, `\n` included, to `out`.
     pub(crate) fn write(&mut self, e: &Execution, out: &mut Vec<u8>) {
-        // Room for the fixed fields, so appending the rest never reallocates midway.
+        // Room for the whole line at once in the usual case (text that needs no escaping).
         out.reserve(LINE_BYTES + self.tail.len() + e.agent_name.len() + e.task.len());
         match self.format {
             LogFormat::Guide => self.write_guide(e, out),
@@ -141,24 +141,22 @@ fn write_str(out: &mut Vec<u8>, text: impl AsRef<str>) {
 /// Elasticsearch maps the field as a float) and never an exponent (`0.000001`).
 fn write_seconds(out: &mut Vec<u8>, duration: Duration) {
     out.extend_from_slice(itoa::Buffer::new().format(duration.as_secs()).as_bytes());
-    let nanos = fraction::<11>(duration.subsec_nanos());
-    // `.` and at least one digit stay; trailing zeros and the `Z` go.
-    let end = nanos[..10]
+    let mut nanos = *b".000000000";
+    put_digits(&mut nanos[1..], duration.subsec_nanos());
+    // Trailing zeros go; the `.` and at least one digit stay.
+    let digits = nanos[1..]
         .iter()
         .rposition(|&digit| digit != b'0')
-        .map_or(2, |last| last.max(1) + 1);
-    out.extend_from_slice(&nanos[..end]);
+        .map_or(1, |last| last + 1);
+    out.extend_from_slice(&nanos[..=digits]);
 }
 
 /// `.` then the `N - 2` digits of `value`, then `Z`: the end of a timestamp.
-fn fraction<const N: usize>(mut value: u32) -> [u8; N] {
+fn fraction<const N: usize>(value: u32) -> [u8; N] {
     let mut text = [b'0'; N];
     text[0] = b'.';
     text[N - 1] = b'Z';
-    for digit in text[1..N - 1].iter_mut().rev() {
-        *digit = b'0' + (value % 10) as u8;
-        value /= 10;
-    }
+    put_digits(&mut text[1..N - 1], value);
     text
 }
 
