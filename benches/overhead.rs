@@ -76,7 +76,7 @@ enum Stack {
     Hand(Box<HandAssembled>),
     Ours {
         dispatch: Box<Dispatch>,
-        _guard: TelemetryGuard,
+        guard: TelemetryGuard,
     },
 }
 
@@ -102,7 +102,7 @@ fn ours() -> Stack {
     let dispatch = Dispatch::new(tracing_subscriber::registry().with(layer));
     Stack::Ours {
         dispatch: Box::new(dispatch),
-        _guard: guard,
+        guard,
     }
 }
 
@@ -255,17 +255,69 @@ fn bench_stack(c: &mut Criterion, name: &str) {
     group.finish();
 }
 
+/// Where criterion keeps its results.
+fn criterion_dir() -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| PathBuf::from("target"), PathBuf::from);
+    target.join("criterion")
+}
+
 /// The mean time per iteration criterion recorded in this run, in nanoseconds.
 fn mean_ns(group: &str, function: &str) -> Option<f64> {
-    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| PathBuf::from("target"), PathBuf::from);
-    let path = target
-        .join("criterion")
+    let path = criterion_dir()
         .join(group)
         .join(function)
         .join("new")
         .join("estimates.json");
     let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()?;
     json["mean"]["point_estimate"].as_f64()
+}
+
+/// Where the measuring process leaves our stack's own counters for the summary.
+fn counters_path() -> PathBuf {
+    criterion_dir().join("ours").join("counters.txt")
+}
+
+/// Our stack's self-metrics after the run, flushed: back to back, executions can outpace the
+/// pipeline thread, and the summary says how many lines and spans that cost.
+fn save_counters(guard: &TelemetryGuard) {
+    let _ = guard.flush();
+    let text = guard.metrics().render().expect("the metrics render");
+    let counters: String = text
+        .lines()
+        .filter(|line| line.starts_with("agent_telemetry_") && line.contains("_total "))
+        .map(|line| format!("{line}\n"))
+        .collect();
+    std::fs::write(counters_path(), counters).expect("the counters file is written");
+}
+
+/// A counter saved by `save_counters`.
+fn counter(counters: &str, name: &str) -> Option<f64> {
+    counters
+        .lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix("_total ")?.parse().ok())
+}
+
+fn drops_summary() {
+    let Ok(counters) = std::fs::read_to_string(counters_path()) else {
+        return println!("ours: drops not measured in this run");
+    };
+    let count = |name| counter(&counters, name).unwrap_or(0.0);
+    let (written, lines_dropped) = (
+        count("agent_telemetry_log_lines_written"),
+        count("agent_telemetry_log_lines_dropped"),
+    );
+    let (exported, spans_dropped) = (
+        count("agent_telemetry_spans_exported"),
+        count("agent_telemetry_spans_dropped"),
+    );
+    let share = |dropped: f64, kept: f64| 100.0 * dropped / (dropped + kept).max(1.0);
+    println!(
+        "ours, back to back: {:.1}% of log lines and {:.1}% of spans dropped and counted, of {:.0} executions \
+         (queue full: executions outpace the background threads; at a sustained 20,000/s, `--bench soak`, none are)",
+        share(lines_dropped, written),
+        share(spans_dropped, exported),
+        written + lines_dropped,
+    );
 }
 
 fn summary() {
@@ -306,6 +358,7 @@ fn summary() {
         ratio(("hand-assembled", "agent_execution"), ("hand-assembled", "two_threads")).map(|r| 2.0 * r),
         "for reference",
     );
+    drops_summary();
 }
 
 /// Set in the process that measures one stack.
@@ -351,6 +404,9 @@ fn main() {
         .configure_from_args();
     bench_stack(&mut criterion, name);
     criterion.final_summary();
+    if let Stack::Ours { guard, .. } = &stack {
+        save_counters(guard);
+    }
     // Flushes what is still queued and stops the stack's threads.
     drop(stack);
 }

@@ -269,7 +269,7 @@ fn register_self_metrics(meter: &Meter, stats: &Arc<TelemetryStats>) {
         ),
         (
             "agent_telemetry_spans_dropped",
-            "Spans dropped because the export queue was full",
+            "Spans dropped because a queue on their way to the exporter was full",
             |s| &s.spans_dropped,
         ),
         ("agent_telemetry_spans_exported", "Spans the exporter delivered", |s| {

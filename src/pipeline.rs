@@ -38,6 +38,7 @@ pub(crate) struct Pipeline {
     sender: SyncSender<Message>,
     stats: Arc<TelemetryStats>,
     tracer: Option<Arc<AgentTracer>>,
+    capacity: usize,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -64,6 +65,7 @@ impl Pipeline {
             sender,
             stats,
             tracer,
+            capacity,
             thread: Mutex::new(Some(thread)),
         })
     }
@@ -78,7 +80,7 @@ impl Pipeline {
             };
             TelemetryStats::add(&self.stats.log_lines_dropped, 1);
             if let (Some(tracer), Some(_)) = (&self.tracer, &closed.span) {
-                tracer.count_dropped();
+                tracer.count_dropped(self.capacity);
             }
         }
     }

@@ -133,8 +133,17 @@ fn truncate(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
 
 /// A JSON string: quotes, backslashes and control characters escaped (`serde_json`'s rules).
 fn write_str(out: &mut Vec<u8>, text: impl AsRef<str>) {
-    // Writing a `str` into a `Vec` cannot fail.
-    let _ = serde_json::to_writer(&mut *out, text.as_ref());
+    let text = text.as_ref();
+    // Names and tasks rarely need escaping: one scan and one copy then, not serde_json's
+    // run-by-run writes through `io::Write`.
+    if text.bytes().all(|byte| byte >= 0x20 && byte != b'"' && byte != b'\\') {
+        out.push(b'"');
+        out.extend_from_slice(text.as_bytes());
+        out.push(b'"');
+    } else {
+        // Writing a `str` into a `Vec` cannot fail.
+        let _ = serde_json::to_writer(&mut *out, text);
+    }
 }
 
 /// The exact decimal of the duration, always with a fraction (`45.0`, never `45`, so
@@ -352,6 +361,13 @@ mod tests {
 
         proptest! {
             #![proptest_config(ProptestConfig::with_cases(256))]
+
+            #[test]
+            fn strings_are_written_as_serde_json_writes_them(text in hostile_text()) {
+                let mut out = Vec::new();
+                write_str(&mut out, &text);
+                prop_assert_eq!(String::from_utf8(out).unwrap(), serde_json::to_string(&text).unwrap());
+            }
 
             #[test]
             fn every_line_is_one_bounded_json_object(

@@ -183,9 +183,11 @@ impl AgentTracer {
         });
     }
 
-    /// Counts a sampled span lost before it reached the processor.
-    pub(crate) fn count_dropped(&self) {
-        self.processor.count_dropped(1);
+    /// Counts a sampled span lost before it reached the processor, in the pipeline's queue
+    /// of `capacity` executions.
+    pub(crate) fn count_dropped(&self, capacity: usize) {
+        self.processor
+            .count_dropped(1, "pipeline queue (with_log_queue_lines)", capacity as u64);
     }
 }
 

@@ -45,19 +45,20 @@ impl CountingProcessor {
         let queued = self.in_flight.fetch_add(1, Ordering::Relaxed);
         if queued >= self.max_queue_size || self.shut_down.load(Ordering::Relaxed) {
             self.in_flight.fetch_sub(1, Ordering::Relaxed);
-            self.count_dropped(1);
+            self.count_dropped(1, "span export queue (OTEL_BSP_MAX_QUEUE_SIZE)", self.max_queue_size);
             return;
         }
         self.inner.on_end(span);
     }
 
-    /// Counts spans lost before they reached the queue, warning on the first.
-    pub(crate) fn count_dropped(&self, spans: u64) {
+    /// Counts spans lost because `queue` (holding `capacity`) was full, warning on the first.
+    pub(crate) fn count_dropped(&self, spans: u64, queue: &'static str, capacity: u64) {
         if self.stats.spans_dropped.fetch_add(spans, Ordering::Relaxed) == 0 {
             tracing::warn!(
                 target: "agent_telemetry::traces",
-                queue = self.max_queue_size,
-                "span export queue full; dropping spans and counting them in agent_telemetry_spans_dropped_total"
+                queue,
+                capacity,
+                "queue full on the way to the span exporter; dropping spans and counting them in agent_telemetry_spans_dropped_total"
             );
         }
     }
