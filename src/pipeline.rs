@@ -2,6 +2,7 @@
 //! push; this thread formats its log line and builds its span. A full queue drops the
 //! execution's line and span, never the agent's time, and counts both.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
@@ -39,6 +40,8 @@ pub(crate) struct Pipeline {
     stats: Arc<TelemetryStats>,
     tracer: Option<Arc<AgentTracer>>,
     capacity: usize,
+    /// Whether the first full-queue drop was reported.
+    warned_full: AtomicBool,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -66,6 +69,7 @@ impl Pipeline {
             stats,
             tracer,
             capacity,
+            warned_full: AtomicBool::new(false),
             thread: Mutex::new(Some(thread)),
         })
     }
@@ -79,6 +83,14 @@ impl Pipeline {
                 return;
             };
             TelemetryStats::add(&self.stats.log_lines_dropped, 1);
+            // A load first: after the first drop, no write to a shared line per execution.
+            if !self.warned_full.load(Ordering::Relaxed) && !self.warned_full.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    target: "agent_telemetry::logs",
+                    capacity = self.capacity,
+                    "pipeline queue full: executions arrive faster than their lines are written; dropping lines and counting them in agent_telemetry_log_lines_dropped_total"
+                );
+            }
             if let (Some(tracer), Some(_)) = (&self.tracer, &closed.span) {
                 tracer.count_dropped(self.capacity);
             }
@@ -174,6 +186,8 @@ mod tests {
     use std::io::Write;
     use std::time::SystemTime;
 
+    use tracing_subscriber::layer::SubscriberExt;
+
     use super::*;
     use crate::config::Config;
     use crate::execution::Status;
@@ -211,12 +225,28 @@ mod tests {
                 Ok(())
             }
         }
-        let (pipeline, stats) = send(Box::new(SlowDisk), 4, 1000);
+        let warnings = WarningCount::default();
+        let subscriber = tracing_subscriber::registry().with(warnings.clone());
+        let (pipeline, stats) = tracing::subscriber::with_default(subscriber, || send(Box::new(SlowDisk), 4, 1000));
         pipeline.flush(Duration::from_secs(30), true).unwrap();
         let written = TelemetryStats::get(&stats.log_lines_written);
         let dropped = TelemetryStats::get(&stats.log_lines_dropped);
         assert_eq!(written + dropped, 1000, "every line is written or counted");
         assert!(dropped > 0, "a 4-execution queue cannot hold 1000");
+        assert_eq!(warnings.0.load(Ordering::Relaxed), 1, "the first drop warns, once");
+    }
+
+    /// Counts the warnings the pipeline emits.
+    #[derive(Clone, Default)]
+    struct WarningCount(Arc<std::sync::atomic::AtomicUsize>);
+
+    impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for WarningCount {
+        fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+            let metadata = event.metadata();
+            if *metadata.level() == tracing::Level::WARN && metadata.target() == "agent_telemetry::logs" {
+                self.0.fetch_add(1, Ordering::Relaxed);
+            }
+        }
     }
 
     #[test]
