@@ -200,6 +200,11 @@ fn assert_agents_unaffected(endpoint: &str, fault: &str, warning: &str) {
         1,
         "{fault}: warned once, not per span"
     );
+    assert_eq!(
+        count_warnings(&harness, "span export queue (OTEL_BSP_MAX_QUEUE_SIZE)"),
+        1,
+        "{fault}: the warning names the queue that was full"
+    );
     let started = Instant::now();
     let result = harness.guard.take().unwrap().shutdown();
     assert!(
@@ -216,13 +221,21 @@ fn assert_agents_unaffected(endpoint: &str, fault: &str, warning: &str) {
 fn collector_not_listening() {
     let _serial = serial();
     let endpoint = format!("http://127.0.0.1:{}/v1/traces", free_port());
-    assert_agents_unaffected(&endpoint, "connection refused", "span export queue full");
+    assert_agents_unaffected(
+        &endpoint,
+        "connection refused",
+        "queue full on the way to the span exporter",
+    );
 }
 
 #[test]
 fn collector_accepting_but_never_answering() {
     let _serial = serial();
-    assert_agents_unaffected(&silent_collector(), "silent collector", "span export queue full");
+    assert_agents_unaffected(
+        &silent_collector(),
+        "silent collector",
+        "queue full on the way to the span exporter",
+    );
 }
 
 #[test]
