@@ -2,7 +2,7 @@
 //! push; this thread formats its log line and builds its span. A full queue drops the
 //! execution's line and span, never the agent's time, and counts both.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use crate::error::{Error, Result};
 use crate::execution::Execution;
 use crate::logs::LogLines;
-use crate::stats::TelemetryStats;
+use crate::stats::{first_time, TelemetryStats};
 use crate::traces::{AgentSpan, AgentTracer};
 
 /// How long the thread lets executions gather after it emptied the queue: bounds its
@@ -83,16 +83,15 @@ impl Pipeline {
                 return;
             };
             TelemetryStats::add(&self.stats.log_lines_dropped, 1);
-            // A load first: after the first drop, no write to a shared line per execution.
-            if !self.warned_full.load(Ordering::Relaxed) && !self.warned_full.swap(true, Ordering::Relaxed) {
+            if first_time(&self.warned_full) {
                 tracing::warn!(
                     target: "agent_telemetry::logs",
                     capacity = self.capacity,
-                    "pipeline queue full: executions arrive faster than their lines are written; dropping lines and counting them in agent_telemetry_log_lines_dropped_total"
+                    "pipeline queue full (with_log_queue_lines): executions arrive faster than their lines are written and spans built; dropping both and counting them in agent_telemetry_log_lines_dropped_total and agent_telemetry_spans_dropped_total"
                 );
             }
             if let (Some(tracer), Some(_)) = (&self.tracer, &closed.span) {
-                tracer.count_dropped(self.capacity);
+                tracer.count_dropped();
             }
         }
     }
@@ -186,6 +185,8 @@ mod tests {
     use std::io::Write;
     use std::time::SystemTime;
 
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
     use tracing_subscriber::layer::SubscriberExt;
 
     use super::*;
@@ -238,7 +239,7 @@ mod tests {
 
     /// Counts the warnings the pipeline emits.
     #[derive(Clone, Default)]
-    struct WarningCount(Arc<std::sync::atomic::AtomicUsize>);
+    struct WarningCount(Arc<AtomicUsize>);
 
     impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for WarningCount {
         fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {

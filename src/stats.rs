@@ -1,6 +1,6 @@
 //! Counters of what the telemetry itself did and lost, shown as `agent_telemetry_*` metrics.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 /// Shared by the signals (which count) and the metrics (which expose the counts).
 #[derive(Debug, Default)]
@@ -22,4 +22,10 @@ impl TelemetryStats {
     pub(crate) fn get(counter: &AtomicU64) -> u64 {
         counter.load(Ordering::Relaxed)
     }
+}
+
+/// True the first time it is called on `flag`, for a warning given once. A load first, so
+/// later calls, one per dropped execution, do not write to a line threads share.
+pub(crate) fn first_time(flag: &AtomicBool) -> bool {
+    !flag.load(Ordering::Relaxed) && !flag.swap(true, Ordering::Relaxed)
 }

@@ -183,11 +183,10 @@ impl AgentTracer {
         });
     }
 
-    /// Counts a sampled span lost before it reached the processor, in the pipeline's queue
-    /// of `capacity` executions.
-    pub(crate) fn count_dropped(&self, capacity: usize) {
-        self.processor
-            .count_dropped(1, "pipeline queue (with_log_queue_lines)", capacity as u64);
+    /// Counts a sampled span lost in the pipeline's queue, before it reached the processor;
+    /// the pipeline gives the warning.
+    pub(crate) fn count_dropped(&self) {
+        self.processor.count_dropped(1);
     }
 }
 

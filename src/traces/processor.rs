@@ -11,7 +11,7 @@ use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::trace::{BatchSpanProcessor, Span, SpanData, SpanProcessor};
 use opentelemetry_sdk::Resource;
 
-use crate::stats::TelemetryStats;
+use crate::stats::{first_time, TelemetryStats};
 
 /// The batch processor with the drop accounting the SDK does not expose.
 #[derive(Debug)]
@@ -22,6 +22,8 @@ pub(crate) struct CountingProcessor {
     in_flight: Arc<AtomicU64>,
     max_queue_size: u64,
     shut_down: AtomicBool,
+    /// Whether the first drop from this queue was reported.
+    warned_full: AtomicBool,
 }
 
 impl CountingProcessor {
@@ -37,6 +39,7 @@ impl CountingProcessor {
             in_flight,
             max_queue_size: max_queue_size as u64,
             shut_down: AtomicBool::new(false),
+            warned_full: AtomicBool::new(false),
         }
     }
 
@@ -45,22 +48,23 @@ impl CountingProcessor {
         let queued = self.in_flight.fetch_add(1, Ordering::Relaxed);
         if queued >= self.max_queue_size || self.shut_down.load(Ordering::Relaxed) {
             self.in_flight.fetch_sub(1, Ordering::Relaxed);
-            self.count_dropped(1, "span export queue (OTEL_BSP_MAX_QUEUE_SIZE)", self.max_queue_size);
+            self.count_dropped(1);
+            if first_time(&self.warned_full) {
+                tracing::warn!(
+                    target: "agent_telemetry::traces",
+                    queue = "span export queue (OTEL_BSP_MAX_QUEUE_SIZE)",
+                    capacity = self.max_queue_size,
+                    "queue full on the way to the span exporter; dropping spans and counting them in agent_telemetry_spans_dropped_total"
+                );
+            }
             return;
         }
         self.inner.on_end(span);
     }
 
-    /// Counts spans lost because `queue` (holding `capacity`) was full, warning on the first.
-    pub(crate) fn count_dropped(&self, spans: u64, queue: &'static str, capacity: u64) {
-        if self.stats.spans_dropped.fetch_add(spans, Ordering::Relaxed) == 0 {
-            tracing::warn!(
-                target: "agent_telemetry::traces",
-                queue,
-                capacity,
-                "queue full on the way to the span exporter; dropping spans and counting them in agent_telemetry_spans_dropped_total"
-            );
-        }
+    /// Counts spans lost on their way to the exporter. The queue that dropped them warns.
+    pub(crate) fn count_dropped(&self, spans: u64) {
+        TelemetryStats::add(&self.stats.spans_dropped, spans);
     }
 }
 
