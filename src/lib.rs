@@ -53,6 +53,8 @@ mod metrics;
 mod pipeline;
 pub mod propagation;
 mod stats;
+#[cfg(test)]
+mod test_support;
 mod traces;
 
 pub use config::{LogFormat, OtlpProtocol, TracesExporter, DEFAULT_DURATION_BUCKETS};

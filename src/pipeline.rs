@@ -42,6 +42,8 @@ pub(crate) struct Pipeline {
     capacity: usize,
     /// Whether the first full-queue drop was reported.
     warned_full: AtomicBool,
+    /// Whether the first drop after shutdown was reported.
+    warned_shut_down: AtomicBool,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -70,29 +72,37 @@ impl Pipeline {
             tracer,
             capacity,
             warned_full: AtomicBool::new(false),
+            warned_shut_down: AtomicBool::new(false),
             thread: Mutex::new(Some(thread)),
         })
     }
 
-    /// Queues a closed execution; never blocks. A full queue drops its line and span.
+    /// Queues a closed execution; never blocks. A full queue drops its line and span, and so
+    /// does a pipeline already shut down.
     pub(crate) fn send(&self, closed: Closed) {
-        if let Err(error) = self.sender.try_send(Message::Closed(closed)) {
-            let (TrySendError::Full(Message::Closed(closed)) | TrySendError::Disconnected(Message::Closed(closed))) =
-                error
-            else {
-                return;
-            };
-            TelemetryStats::add(&self.stats.log_lines_dropped, 1);
-            if first_time(&self.warned_full) {
+        let (closed, shut_down) = match self.sender.try_send(Message::Closed(closed)) {
+            Err(TrySendError::Full(Message::Closed(closed))) => (closed, false),
+            Err(TrySendError::Disconnected(Message::Closed(closed))) => (closed, true),
+            // Sent, or (never) not an execution.
+            Ok(()) | Err(_) => return,
+        };
+        TelemetryStats::add(&self.stats.log_lines_dropped, 1);
+        if shut_down {
+            if first_time(&self.warned_shut_down) {
                 tracing::warn!(
                     target: "agent_telemetry::logs",
-                    capacity = self.capacity,
-                    "pipeline queue full (with_log_queue_lines): executions arrive faster than their lines are written and spans built; dropping both and counting them in agent_telemetry_log_lines_dropped_total and agent_telemetry_spans_dropped_total"
+                    "an agent execution closed after agent-telemetry shut down; dropping its log line and span and counting them in agent_telemetry_log_lines_dropped_total and agent_telemetry_spans_dropped_total"
                 );
             }
-            if let (Some(tracer), Some(_)) = (&self.tracer, &closed.span) {
-                tracer.count_dropped();
-            }
+        } else if first_time(&self.warned_full) {
+            tracing::warn!(
+                target: "agent_telemetry::logs",
+                capacity = self.capacity,
+                "pipeline queue full (with_log_queue_lines): executions arrive faster than their lines are written and spans built; dropping both and counting them in agent_telemetry_log_lines_dropped_total and agent_telemetry_spans_dropped_total"
+            );
+        }
+        if let (Some(tracer), Some(_)) = (&self.tracer, &closed.span) {
+            tracer.count_dropped();
         }
     }
 
@@ -185,13 +195,10 @@ mod tests {
     use std::io::Write;
     use std::time::SystemTime;
 
-    use std::sync::atomic::{AtomicUsize, Ordering};
-
-    use tracing_subscriber::layer::SubscriberExt;
-
     use super::*;
     use crate::config::Config;
     use crate::execution::Status;
+    use crate::test_support::Warnings;
 
     /// A pipeline writing to `destination` through a queue of `capacity`, sent `executions`.
     fn send(destination: Box<dyn Write + Send>, capacity: usize, executions: usize) -> (Pipeline, Arc<TelemetryStats>) {
@@ -199,18 +206,24 @@ mod tests {
         let logs = LogLines::new(&Config::default(), Some(destination), Arc::clone(&stats)).unwrap();
         let pipeline = Pipeline::start(logs, None, capacity, Arc::clone(&stats)).unwrap();
         for _ in 0..executions {
-            let execution = Execution {
-                agent_name: "a".into(),
-                task: "t".into(),
-                duration: Duration::from_millis(1),
-                status: Status::Success,
-                failure: None,
-                finished_at: SystemTime::now(),
-                trace: None,
-            };
-            pipeline.send(Closed { execution, span: None });
+            pipeline.send(Closed {
+                execution: execution(),
+                span: None,
+            });
         }
         (pipeline, stats)
+    }
+
+    fn execution() -> Execution {
+        Execution {
+            agent_name: "a".into(),
+            task: "t".into(),
+            duration: Duration::from_millis(1),
+            status: Status::Success,
+            failure: None,
+            finished_at: SystemTime::now(),
+            trace: None,
+        }
     }
 
     #[test]
@@ -226,28 +239,42 @@ mod tests {
                 Ok(())
             }
         }
-        let warnings = WarningCount::default();
-        let subscriber = tracing_subscriber::registry().with(warnings.clone());
-        let (pipeline, stats) = tracing::subscriber::with_default(subscriber, || send(Box::new(SlowDisk), 4, 1000));
+        let warnings = Warnings::with_target("agent_telemetry::logs");
+        let (pipeline, stats) =
+            tracing::dispatcher::with_default(&warnings.dispatch(), || send(Box::new(SlowDisk), 4, 1000));
         pipeline.flush(Duration::from_secs(30), true).unwrap();
         let written = TelemetryStats::get(&stats.log_lines_written);
         let dropped = TelemetryStats::get(&stats.log_lines_dropped);
         assert_eq!(written + dropped, 1000, "every line is written or counted");
         assert!(dropped > 0, "a 4-execution queue cannot hold 1000");
-        assert_eq!(warnings.0.load(Ordering::Relaxed), 1, "the first drop warns, once");
+        let warnings = warnings.messages();
+        assert_eq!(warnings.len(), 1, "the first drop warns, once: {warnings:?}");
+        assert!(warnings[0].starts_with("pipeline queue full"), "{warnings:?}");
     }
 
-    /// Counts the warnings the pipeline emits.
-    #[derive(Clone, Default)]
-    struct WarningCount(Arc<AtomicUsize>);
-
-    impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for WarningCount {
-        fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
-            let metadata = event.metadata();
-            if *metadata.level() == tracing::Level::WARN && metadata.target() == "agent_telemetry::logs" {
-                self.0.fetch_add(1, Ordering::Relaxed);
+    #[test]
+    fn executions_after_shutdown_are_counted_and_the_warning_says_why() {
+        let warnings = Warnings::with_target("agent_telemetry::logs");
+        let dispatch = warnings.dispatch();
+        let (pipeline, stats) = tracing::dispatcher::with_default(&dispatch, || {
+            let (pipeline, stats) = send(Box::new(std::io::sink()), 64, 2);
+            pipeline.flush(Duration::from_secs(5), true).unwrap();
+            (pipeline, stats)
+        });
+        tracing::dispatcher::with_default(&dispatch, || {
+            for _ in 0..3 {
+                pipeline.send(Closed {
+                    execution: execution(),
+                    span: None,
+                });
             }
-        }
+        });
+        assert_eq!(TelemetryStats::get(&stats.log_lines_written), 2);
+        assert_eq!(TelemetryStats::get(&stats.log_lines_dropped), 3);
+        let warnings = warnings.messages();
+        assert_eq!(warnings.len(), 1, "one warning for the three: {warnings:?}");
+        assert!(warnings[0].contains("after agent-telemetry shut down"), "{warnings:?}");
+        assert!(!warnings[0].contains("queue full"), "{warnings:?}");
     }
 
     #[test]
