@@ -2,7 +2,7 @@
 //! push; this thread formats its log line and builds its span. A full queue drops the
 //! execution's line and span, never the agent's time, and counts both.
 
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
@@ -44,6 +44,8 @@ pub(crate) struct Pipeline {
     warned_full: AtomicBool,
     /// Whether the first drop after shutdown was reported.
     warned_shut_down: AtomicBool,
+    /// Set when shutdown asks the thread to stop: a thread gone before that has panicked.
+    stopping: AtomicBool,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -73,26 +75,34 @@ impl Pipeline {
             capacity,
             warned_full: AtomicBool::new(false),
             warned_shut_down: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
             thread: Mutex::new(Some(thread)),
         })
     }
 
     /// Queues a closed execution; never blocks. A full queue drops its line and span, and so
-    /// does a pipeline already shut down.
+    /// does a pipeline whose thread has ended.
     pub(crate) fn send(&self, closed: Closed) {
-        let (closed, shut_down) = match self.sender.try_send(Message::Closed(closed)) {
+        let (closed, ended) = match self.sender.try_send(Message::Closed(closed)) {
             Err(TrySendError::Full(Message::Closed(closed))) => (closed, false),
             Err(TrySendError::Disconnected(Message::Closed(closed))) => (closed, true),
             // Sent, or (never) not an execution.
             Ok(()) | Err(_) => return,
         };
         TelemetryStats::add(&self.stats.log_lines_dropped, 1);
-        if shut_down {
+        if ended {
             if first_time(&self.warned_shut_down) {
-                tracing::warn!(
-                    target: "agent_telemetry::logs",
-                    "an agent execution closed after agent-telemetry shut down; dropping its log line and span and counting them in agent_telemetry_log_lines_dropped_total and agent_telemetry_spans_dropped_total"
-                );
+                if self.stopping.load(Ordering::Relaxed) {
+                    tracing::warn!(
+                        target: "agent_telemetry::logs",
+                        "an agent execution closed after agent-telemetry shut down; dropping its log line and span and counting them in agent_telemetry_log_lines_dropped_total and agent_telemetry_spans_dropped_total"
+                    );
+                } else {
+                    tracing::error!(
+                        target: "agent_telemetry::logs",
+                        "the agent-telemetry pipeline thread has ended unexpectedly (did the log writer panic?); dropping every log line and span from now on and counting them in agent_telemetry_log_lines_dropped_total and agent_telemetry_spans_dropped_total"
+                    );
+                }
             }
         } else if first_time(&self.warned_full) {
             tracing::warn!(
@@ -110,6 +120,9 @@ impl Pipeline {
     /// processor, or `timeout` passes; with `stop`, the thread then ends.
     pub(crate) fn flush(&self, timeout: Duration, stop: bool) -> Result<()> {
         let deadline = Instant::now() + timeout;
+        if stop {
+            self.stopping.store(true, Ordering::Relaxed);
+        }
         let (ack, acknowledged) = sync_channel(1);
         let mut message = Message::Flush { ack, stop };
         loop {
@@ -275,6 +288,37 @@ mod tests {
         assert_eq!(warnings.len(), 1, "one warning for the three: {warnings:?}");
         assert!(warnings[0].contains("after agent-telemetry shut down"), "{warnings:?}");
         assert!(!warnings[0].contains("queue full"), "{warnings:?}");
+    }
+
+    #[test]
+    fn a_pipeline_thread_that_died_says_so_not_shutdown() {
+        /// A log writer that panics, as a user's might.
+        struct Panics;
+        impl Write for Panics {
+            fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+                panic!("the disk writer broke");
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let errors = Warnings::with_target("agent_telemetry::logs").at_level(tracing::Level::ERROR);
+        let (pipeline, stats) = send(Box::new(Panics), 64, 1);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        tracing::dispatcher::with_default(&errors.dispatch(), || {
+            // The thread panics on its first write; until then executions may still be queued.
+            while errors.messages().is_empty() && Instant::now() < deadline {
+                pipeline.send(Closed {
+                    execution: execution(),
+                    span: None,
+                });
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        });
+        let messages = errors.messages();
+        assert_eq!(messages.len(), 1, "{messages:?}");
+        assert!(messages[0].contains("pipeline thread has ended"), "{messages:?}");
+        assert!(TelemetryStats::get(&stats.log_lines_dropped) > 0);
     }
 
     #[test]

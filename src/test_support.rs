@@ -2,10 +2,11 @@
 
 use std::sync::{Arc, Mutex};
 
-/// A layer that keeps the message of every warning with one target.
+/// A layer that keeps the message of every warning (or another level) with one target.
 #[derive(Clone)]
 pub(crate) struct Warnings {
     target: &'static str,
+    level: tracing::Level,
     messages: Arc<Mutex<Vec<String>>>,
 }
 
@@ -13,8 +14,13 @@ impl Warnings {
     pub(crate) fn with_target(target: &'static str) -> Self {
         Warnings {
             target,
+            level: tracing::Level::WARN,
             messages: Arc::default(),
         }
+    }
+
+    pub(crate) fn at_level(self, level: tracing::Level) -> Self {
+        Warnings { level, ..self }
     }
 
     /// A dispatcher that sends everything to this layer.
@@ -39,7 +45,7 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Warnings {
             }
         }
         let metadata = event.metadata();
-        if *metadata.level() == tracing::Level::WARN && metadata.target() == self.target {
+        if *metadata.level() == self.level && metadata.target() == self.target {
             let mut message = Message(String::new());
             event.record(&mut message);
             self.messages.lock().unwrap().push(message.0);
