@@ -397,19 +397,20 @@ fn summary() {
         "for reference",
     );
     // Throughput of two threads over one: two executions per two-thread iteration.
+    let scaling = |stack| ratio((stack, "agent_execution"), (stack, "two_threads")).map(|r| 2.0 * r);
     line(
         "two threads: ours, throughput 2 threads / 1 thread",
-        ratio(("ours", "agent_execution"), ("ours", "two_threads")).map(|r| 2.0 * r),
+        scaling("ours"),
         ">= 1.40",
     );
     line(
         "two threads: hand-assembled, throughput 2 threads / 1 thread",
-        ratio(("hand-assembled", "agent_execution"), ("hand-assembled", "two_threads")).map(|r| 2.0 * r),
+        scaling("hand-assembled"),
         "for reference",
     );
     line(
         "two threads: bare registry, throughput 2 threads / 1 thread",
-        ratio(("registry", "agent_execution"), ("registry", "two_threads")).map(|r| 2.0 * r),
+        scaling("registry"),
         "for reference: no telemetry at all",
     );
     drops_summary();

@@ -155,7 +155,7 @@ impl AgentTelemetry {
         self
     }
 
-    /// Writes log lines to `writer` (on the writer thread) instead of stdout or files: a pipe,
+    /// Writes log lines to `writer` (on the pipeline thread) instead of stdout or files: a pipe,
     /// a socket, or `std::io::sink()` to measure the rest.
     #[must_use]
     pub fn with_log_writer(mut self, writer: impl std::io::Write + Send + 'static) -> Self {

@@ -97,7 +97,7 @@ impl DailyFiles {
 
 impl Write for DailyFiles {
     fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        // One stat per batch of lines, on the writer thread, so a removal loses nothing.
+        // One stat per batch of lines, on the pipeline thread, so a removal loses nothing.
         if !self.todays_file().exists() {
             self.appender = open_appender(&self.dir, &self.prefix)?;
         }
