@@ -156,7 +156,9 @@ impl AgentTelemetry {
     }
 
     /// Writes log lines to `writer` (on the pipeline thread) instead of stdout or files: a pipe,
-    /// a socket, or `std::io::sink()` to measure the rest.
+    /// a socket, or `std::io::sink()` to measure the rest. A write that fails, or panics, loses
+    /// its batch of lines, counted in `agent_telemetry_log_lines_dropped_total`; later lines
+    /// and all spans go on.
     #[must_use]
     pub fn with_log_writer(mut self, writer: impl std::io::Write + Send + 'static) -> Self {
         self.log_writer = Some(Box::new(writer));

@@ -44,7 +44,7 @@ pub(crate) struct Pipeline {
     warned_full: AtomicBool,
     /// Whether the first drop after shutdown was reported.
     warned_shut_down: AtomicBool,
-    /// Set when shutdown asks the thread to stop: a thread gone before that has panicked.
+    /// Set when shutdown asks the thread to stop: a thread gone before that has crashed.
     stopping: AtomicBool,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
@@ -100,7 +100,7 @@ impl Pipeline {
                 } else {
                     tracing::error!(
                         target: "agent_telemetry::logs",
-                        "the agent-telemetry pipeline thread has ended unexpectedly (did the log writer panic?); dropping every log line and span from now on and counting them in agent_telemetry_log_lines_dropped_total and agent_telemetry_spans_dropped_total"
+                        "the agent-telemetry pipeline thread has ended unexpectedly; dropping every log line and span from now on and counting them in agent_telemetry_log_lines_dropped_total and agent_telemetry_spans_dropped_total"
                     );
                 }
             }
@@ -292,7 +292,34 @@ mod tests {
 
     #[test]
     fn a_pipeline_thread_that_died_says_so_not_shutdown() {
-        /// A log writer that panics, as a user's might.
+        let errors = Warnings::with_target("agent_telemetry::logs").at_level(tracing::Level::ERROR);
+        let (pipeline, stats) = send(Box::new(std::io::sink()), 64, 1);
+        // The thread ends as if it had crashed: shutdown never asked it to (`stopping` unset).
+        let (ack, acknowledged) = sync_channel(1);
+        pipeline.sender.send(Message::Flush { ack, stop: true }).unwrap();
+        acknowledged.recv().unwrap();
+        pipeline.thread.lock().unwrap().take().unwrap().join().unwrap();
+        tracing::dispatcher::with_default(&errors.dispatch(), || {
+            for _ in 0..3 {
+                pipeline.send(Closed {
+                    execution: execution(),
+                    span: None,
+                });
+            }
+        });
+        let messages = errors.messages();
+        assert_eq!(messages.len(), 1, "one error for the three: {messages:?}");
+        assert!(
+            messages[0].contains("pipeline thread has ended unexpectedly"),
+            "{messages:?}"
+        );
+        assert_eq!(TelemetryStats::get(&stats.log_lines_written), 1);
+        assert_eq!(TelemetryStats::get(&stats.log_lines_dropped), 3);
+    }
+
+    #[test]
+    fn a_log_writer_that_panics_does_not_end_the_pipeline() {
+        /// A log writer that panics on every write, as a broken one of a user's might.
         struct Panics;
         impl Write for Panics {
             fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
@@ -303,22 +330,24 @@ mod tests {
             }
         }
         let errors = Warnings::with_target("agent_telemetry::logs").at_level(tracing::Level::ERROR);
-        let (pipeline, stats) = send(Box::new(Panics), 64, 1);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        tracing::dispatcher::with_default(&errors.dispatch(), || {
-            // The thread panics on its first write; until then executions may still be queued.
-            while errors.messages().is_empty() && Instant::now() < deadline {
+        let (pipeline, stats) = tracing::dispatcher::with_default(&errors.dispatch(), || {
+            let (pipeline, stats) = send(Box::new(Panics), 64, 2);
+            pipeline.flush(Duration::from_secs(5), false).unwrap();
+            for _ in 0..3 {
                 pipeline.send(Closed {
                     execution: execution(),
                     span: None,
                 });
-                std::thread::sleep(Duration::from_millis(1));
             }
+            (pipeline, stats)
         });
-        let messages = errors.messages();
-        assert_eq!(messages.len(), 1, "{messages:?}");
-        assert!(messages[0].contains("pipeline thread has ended"), "{messages:?}");
-        assert!(TelemetryStats::get(&stats.log_lines_dropped) > 0);
+        pipeline.flush(Duration::from_secs(5), true).unwrap();
+        assert_eq!(TelemetryStats::get(&stats.log_lines_dropped), 5, "every line counted");
+        assert!(
+            TelemetryStats::get(&stats.log_write_errors) >= 2,
+            "the thread lived to write again"
+        );
+        assert_eq!(errors.messages(), Vec::<String>::new(), "the thread did not end");
     }
 
     #[test]

@@ -2,7 +2,8 @@
 
 use std::sync::{Arc, Mutex};
 
-/// A layer that keeps the message of every warning (or another level) with one target.
+/// A layer that keeps the message of every warning (or another level) with one target,
+/// followed by its other fields as ` name=value`.
 #[derive(Clone)]
 pub(crate) struct Warnings {
     target: &'static str,
@@ -36,19 +37,27 @@ impl Warnings {
 
 impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Warnings {
     fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
-        struct Message(String);
+        #[derive(Default)]
+        struct Message {
+            text: String,
+            fields: String,
+        }
         impl tracing::field::Visit for Message {
             fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
                 if field.name() == "message" {
-                    self.0 = format!("{value:?}");
+                    self.text = format!("{value:?}");
+                } else {
+                    use std::fmt::Write;
+                    // Writing to a String cannot fail.
+                    let _ = write!(self.fields, " {}={value:?}", field.name());
                 }
             }
         }
         let metadata = event.metadata();
         if *metadata.level() == self.level && metadata.target() == self.target {
-            let mut message = Message(String::new());
+            let mut message = Message::default();
             event.record(&mut message);
-            self.messages.lock().unwrap().push(message.0);
+            self.messages.lock().unwrap().push(message.text + &message.fields);
         }
     }
 }

@@ -1,6 +1,8 @@
 //! Lines gathered into one buffer and written with one call, every loss counted.
 
+use std::any::Any;
 use std::io::Write;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
 use crate::stats::TelemetryStats;
@@ -39,13 +41,21 @@ impl LineBatch {
         }
     }
 
-    /// One write for the whole batch, so a line is never split between writes of ours.
+    /// One write for the whole batch, so a line is never split between writes of ours. A
+    /// writer that panics fails this batch only: the lines after it, and every span, still go
+    /// out through the same pipeline.
     pub(crate) fn write_out(&mut self) {
         if self.buffer.is_empty() {
             return;
         }
-        let destination = &mut self.destination;
-        match destination.write_all(&self.buffer).and_then(|()| destination.flush()) {
+        let (destination, buffer) = (&mut self.destination, &self.buffer);
+        // Unwind safety: after a panic the writer is used again only through `Write`, whose
+        // every call may fail, and a failure costs one counted batch; our buffer is cleared.
+        let written = catch_unwind(AssertUnwindSafe(|| {
+            destination.write_all(buffer).and_then(|()| destination.flush())
+        }))
+        .unwrap_or_else(|panic| Err(panicked(panic.as_ref())));
+        match written {
             Ok(()) => TelemetryStats::add(&self.stats.log_lines_written, self.lines),
             Err(error) => {
                 if TelemetryStats::get(&self.stats.log_write_errors) == 0 {
@@ -60,9 +70,20 @@ impl LineBatch {
     }
 }
 
+/// A writer's panic as the error of the write it broke.
+fn panicked(payload: &(dyn Any + Send)) -> std::io::Error {
+    let message = payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("a panic without a message");
+    std::io::Error::other(format!("the log writer panicked: {message}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support::Warnings;
 
     /// A disk that fails every write.
     struct FullDisk;
@@ -89,6 +110,47 @@ mod tests {
         assert_eq!(TelemetryStats::get(&stats.log_lines_dropped), 10);
         assert_eq!(TelemetryStats::get(&stats.log_lines_written), 0);
         assert_eq!(TelemetryStats::get(&stats.log_write_errors), 1);
+    }
+
+    #[test]
+    fn a_writer_that_panics_loses_its_batch_only() {
+        /// A writer that panics on its first write and works from then on.
+        struct PanicsOnce(bool);
+        impl Write for PanicsOnce {
+            fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+                let broke_before = std::mem::replace(&mut self.0, true);
+                assert!(broke_before, "the disk writer broke");
+                Ok(bytes.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let warnings = Warnings::with_target("agent_telemetry::logs");
+        let stats = Arc::new(TelemetryStats::default());
+        let mut batch = LineBatch::new(Box::new(PanicsOnce(false)), Arc::clone(&stats));
+        tracing::dispatcher::with_default(&warnings.dispatch(), || {
+            for lines in [3, 5] {
+                for _ in 0..lines {
+                    batch.next_line().extend_from_slice(b"{}\n");
+                    batch.line_done();
+                }
+                batch.write_out();
+            }
+        });
+        assert_eq!(
+            TelemetryStats::get(&stats.log_lines_dropped),
+            3,
+            "the batch the panic broke"
+        );
+        assert_eq!(TelemetryStats::get(&stats.log_write_errors), 1);
+        assert_eq!(TelemetryStats::get(&stats.log_lines_written), 5, "the next batch");
+        let warnings = warnings.messages();
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(
+            warnings[0].contains("error=the log writer panicked: the disk writer broke"),
+            "{warnings:?}"
+        );
     }
 
     #[test]
