@@ -205,6 +205,8 @@ impl AgentTelemetry {
 
     /// Sends spans to `exporter` (through the same counting batch processor) instead of the
     /// configured one: an in-memory exporter in tests, or a backend this crate does not know.
+    /// An export that fails, or panics, loses its batch, counted in
+    /// `agent_telemetry_spans_export_failed_total`; the next batch is exported as usual.
     #[must_use]
     pub fn with_span_exporter<E>(mut self, exporter: E) -> Self
     where

@@ -50,6 +50,7 @@ mod install;
 mod layer;
 mod logs;
 mod metrics;
+mod panics;
 mod pipeline;
 pub mod propagation;
 mod stats;

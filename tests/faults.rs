@@ -6,10 +6,12 @@ mod support;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
+use opentelemetry_sdk::error::OTelSdkResult;
+use opentelemetry_sdk::trace::{InMemorySpanExporter, SpanData, SpanExporter};
 use support::{free_port, http, Harness, SharedBuffer};
 use tracing_subscriber::layer::SubscriberExt;
 
@@ -274,6 +276,40 @@ fn export_resumes_when_the_collector_is_back() {
     assert_eq!((dropped, failed, exported), (0.0, 50.0, 50.0));
     assert_eq!(count_warnings(&harness, "span export failed"), 1);
     assert_eq!(count_warnings(&harness, "span export recovered"), 1);
+}
+
+#[test]
+fn a_span_exporter_that_panics_loses_its_batch_only() {
+    /// The application's exporter, broken for its first batch only.
+    #[derive(Debug)]
+    struct PanicsOnce(InMemorySpanExporter, AtomicBool);
+    impl SpanExporter for PanicsOnce {
+        async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
+            let broke_before = self.1.swap(true, Ordering::SeqCst);
+            assert!(broke_before, "the exporter broke");
+            self.0.export(batch).await
+        }
+    }
+    let _serial = serial();
+    let received = InMemorySpanExporter::default();
+    let harness = Harness::with(|b| b.with_span_exporter(PanicsOnce(received.clone(), AtomicBool::new(false))));
+    harness.run(|| execute_agent("a", "broken batch"));
+    assert!(harness.guard().flush().is_err(), "the broken batch fails its flush");
+    harness.run(|| execute_agent("a", "next batch"));
+    harness.guard().flush().expect("the export thread lived on");
+    let spans = received.get_finished_spans().unwrap();
+    let tasks: Vec<String> = spans
+        .iter()
+        .flat_map(|span| &span.attributes)
+        .filter(|kv| kv.key.as_str() == "task")
+        .map(|kv| kv.value.as_str().into_owned())
+        .collect();
+    assert_eq!(tasks, ["next batch"]);
+    assert_eq!(losses(&harness), (0.0, 1.0, 1.0), "(dropped, failed, exported)");
+    assert_eq!(
+        count_warnings(&harness, "the span exporter panicked: the exporter broke"),
+        1
+    );
 }
 
 #[test]

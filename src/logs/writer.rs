@@ -1,9 +1,9 @@
 //! Lines gathered into one buffer and written with one call, every loss counted.
 
-use std::any::Any;
 use std::io::Write;
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
+
+use crate::panics;
 
 use crate::stats::TelemetryStats;
 
@@ -49,12 +49,8 @@ impl LineBatch {
             return;
         }
         let (destination, buffer) = (&mut self.destination, &self.buffer);
-        // Unwind safety: after a panic the writer is used again only through `Write`, whose
-        // every call may fail, and a failure costs one counted batch; our buffer is cleared.
-        let written = catch_unwind(AssertUnwindSafe(|| {
-            destination.write_all(buffer).and_then(|()| destination.flush())
-        }))
-        .unwrap_or_else(|panic| Err(panicked(panic.as_ref())));
+        let written = panics::catching(|| destination.write_all(buffer).and_then(|()| destination.flush()))
+            .unwrap_or_else(|panic| Err(std::io::Error::other(format!("the log writer panicked: {panic}"))));
         match written {
             Ok(()) => TelemetryStats::add(&self.stats.log_lines_written, self.lines),
             Err(error) => {
@@ -68,16 +64,6 @@ impl LineBatch {
         self.buffer.clear();
         self.lines = 0;
     }
-}
-
-/// A writer's panic as the error of the write it broke.
-fn panicked(payload: &(dyn Any + Send)) -> std::io::Error {
-    let message = payload
-        .downcast_ref::<&str>()
-        .copied()
-        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
-        .unwrap_or("a panic without a message");
-    std::io::Error::other(format!("the log writer panicked: {message}"))
 }
 
 #[cfg(test)]

@@ -5,12 +5,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use opentelemetry_sdk::error::OTelSdkResult;
+use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
 use opentelemetry_sdk::trace::{BatchConfigBuilder, BatchSpanProcessor, SpanData, SpanExporter};
 use opentelemetry_sdk::Resource;
 
 use crate::config::{Config, OtlpProtocol};
 use crate::error::{Error, Result};
+use crate::panics;
 use crate::stats::TelemetryStats;
 
 pub(crate) fn batch(exporter: CountingExporter, config: &Config) -> BatchSpanProcessor {
@@ -152,7 +153,13 @@ impl CountingExporter {
 impl SpanExporter for CountingExporter {
     async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
         let count = batch.len() as u64;
-        let result = self.inner.export(batch).await;
+        let result = panics::catching_async(self.inner.export(batch))
+            .await
+            .unwrap_or_else(|panic| {
+                Err(OTelSdkError::InternalFailure(format!(
+                    "the span exporter panicked: {panic}"
+                )))
+            });
         self.in_flight.fetch_sub(count, Ordering::Relaxed);
         match &result {
             Ok(()) => {
