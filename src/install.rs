@@ -156,9 +156,9 @@ impl AgentTelemetry {
     }
 
     /// Writes log lines to `writer` (on the pipeline thread) instead of stdout or files: a pipe,
-    /// a socket, or `std::io::sink()` to measure the rest. A write that fails, or panics, loses
-    /// its batch of lines, counted in `agent_telemetry_log_lines_dropped_total`; later lines
-    /// and all spans go on.
+    /// a socket, or `std::io::sink()` to measure the rest. A write that fails, or panics (with
+    /// `panic = "unwind"`; the panic hook still reports it), loses its batch of lines, counted
+    /// in `agent_telemetry_log_lines_dropped_total`; later lines and all spans go on.
     #[must_use]
     pub fn with_log_writer(mut self, writer: impl std::io::Write + Send + 'static) -> Self {
         self.log_writer = Some(Box::new(writer));
@@ -205,8 +205,9 @@ impl AgentTelemetry {
 
     /// Sends spans to `exporter` (through the same counting batch processor) instead of the
     /// configured one: an in-memory exporter in tests, or a backend this crate does not know.
-    /// An export that fails, or panics, loses its batch, counted in
-    /// `agent_telemetry_spans_export_failed_total`; the next batch is exported as usual.
+    /// An export that fails, or panics (with `panic = "unwind"`; the panic hook still reports
+    /// it), loses its batch, counted in `agent_telemetry_spans_export_failed_total`; the next
+    /// batch is exported as usual.
     #[must_use]
     pub fn with_span_exporter<E>(mut self, exporter: E) -> Self
     where

@@ -1,6 +1,7 @@
 //! The application's own code on our background threads (a log writer, a span exporter) may
 //! panic. Such a panic fails the batch in hand, counted as any failed write or export is,
-//! and the thread goes on: one bad batch must not end every later line or span.
+//! and the thread goes on: one bad batch must not end every later line or span. (Only with
+//! `panic = "unwind"`, the default; the panic hook still reports each panic.)
 
 use std::any::Any;
 use std::future::Future;
@@ -8,7 +9,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::task::Poll;
 
 /// The text a panic was raised with.
-pub(crate) fn message(payload: &(dyn Any + Send)) -> &str {
+fn message(payload: &(dyn Any + Send)) -> &str {
     payload
         .downcast_ref::<&str>()
         .copied()
@@ -19,7 +20,8 @@ pub(crate) fn message(payload: &(dyn Any + Send)) -> &str {
 /// Runs `f`; a panic in it becomes `Err` with the panic's message.
 pub(crate) fn catching<T>(f: impl FnOnce() -> T) -> Result<T, String> {
     // Unwind safety: the callers use what `f` touched again only through calls that may fail
-    // (a writer's `write`, an exporter's `export`), and count such failures.
+    // (a writer's `write`, an exporter's `export`), and count such failures; a future that
+    // panicked is dropped, never polled again.
     catch_unwind(AssertUnwindSafe(f)).map_err(|payload| message(payload.as_ref()).to_owned())
 }
 

@@ -4,7 +4,6 @@ use std::io::Write;
 use std::sync::Arc;
 
 use crate::panics;
-
 use crate::stats::TelemetryStats;
 
 /// Lines are written in batches of about this many bytes.

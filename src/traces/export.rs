@@ -131,6 +131,7 @@ impl Exporter {
 }
 
 /// Counts what the exporter delivers and loses, and warns once when exports start failing.
+/// An export that panics counts as a failed one, so the batch processor's thread lives on.
 #[derive(Debug)]
 pub(crate) struct CountingExporter {
     inner: Exporter,
