@@ -131,12 +131,10 @@ impl AgentTracer {
         span.parent = parent.clone();
     }
 
-    /// Builds the finished span and queues it for export; unsampled spans end here.
+    /// Builds the finished span and queues it for export. Only sampled spans come here: the
+    /// layer sends no other, so the pipeline counts a dropped span only when it was sampled.
     pub(crate) fn export(&self, span: AgentSpan, execution: Execution) {
         let span_context = span.span_context;
-        if !span_context.is_sampled() {
-            return;
-        }
         let agent_name = Value::String(execution.agent_name.into());
         let mut attributes = Vec::with_capacity(10 + span.attributes.len());
         attributes.extend([
