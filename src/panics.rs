@@ -25,13 +25,68 @@ pub(crate) fn catching<T>(f: impl FnOnce() -> T) -> Result<T, String> {
     catch_unwind(AssertUnwindSafe(f)).map_err(|payload| message(payload.as_ref()).to_owned())
 }
 
-/// Awaits `future`; a panic while it is polled ends it with `Err` and the panic's message.
+/// Awaits `future`; a panic while it is polled, or dropped, ends it with `Err` and the
+/// panic's message.
 pub(crate) async fn catching_async<T>(future: impl Future<Output = T>) -> Result<T, String> {
-    let mut future = std::pin::pin!(future);
-    std::future::poll_fn(|cx| match catching(|| future.as_mut().poll(cx)) {
-        Ok(Poll::Pending) => Poll::Pending,
-        Ok(Poll::Ready(output)) => Poll::Ready(Ok(output)),
-        Err(panic) => Poll::Ready(Err(panic)),
+    // Boxed so that it can be dropped here, inside the catch (once per batch, not per item).
+    let mut future = Some(Box::pin(future));
+    std::future::poll_fn(|cx| {
+        let Some(running) = future.as_mut() else {
+            return Poll::Ready(Err("polled again after it finished".to_owned()));
+        };
+        let outcome = match catching(|| running.as_mut().poll(cx)) {
+            Ok(Poll::Pending) => return Poll::Pending,
+            Ok(Poll::Ready(output)) => Ok(output),
+            Err(panic) => Err(panic),
+        };
+        let dropped = catching(|| drop(future.take()));
+        Poll::Ready(outcome.and_then(|output| dropped.map(|()| output)))
     })
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A future that is ready at once and panics when it is dropped.
+    struct PanicsOnDrop;
+
+    impl Future for PanicsOnDrop {
+        type Output = u8;
+        fn poll(self: std::pin::Pin<&mut Self>, _: &mut std::task::Context<'_>) -> Poll<u8> {
+            Poll::Ready(7)
+        }
+    }
+
+    impl Drop for PanicsOnDrop {
+        fn drop(&mut self) {
+            panic!("dropped badly");
+        }
+    }
+
+    #[test]
+    fn a_panic_becomes_its_message() {
+        assert_eq!(catching(|| 1), Ok(1));
+        assert_eq!(
+            catching(|| panic!("static text")),
+            Err::<(), _>("static text".to_owned())
+        );
+        let n = 3;
+        assert_eq!(
+            catching(|| panic!("formatted {n}")),
+            Err::<(), _>("formatted 3".to_owned())
+        );
+    }
+
+    #[tokio::test]
+    async fn a_future_that_panics_when_polled_or_dropped_ends_with_err() {
+        assert_eq!(catching_async(async { 5 }).await, Ok(5));
+        let panics_when_polled = async { panic!("polled badly") };
+        assert_eq!(
+            catching_async(panics_when_polled).await,
+            Err::<(), _>("polled badly".to_owned())
+        );
+        assert_eq!(catching_async(PanicsOnDrop).await, Err("dropped badly".to_owned()));
+    }
 }

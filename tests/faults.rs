@@ -315,6 +315,37 @@ fn a_span_exporter_that_panics_loses_its_batch_only() {
 }
 
 #[test]
+fn a_span_exporter_that_panics_on_shutdown_is_reported() {
+    #[derive(Debug)]
+    struct PanicsOnShutdown(InMemorySpanExporter);
+    impl SpanExporter for PanicsOnShutdown {
+        async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
+            self.0.export(batch).await
+        }
+        fn shutdown_with_timeout(&self, _: Duration) -> OTelSdkResult {
+            panic!("the exporter could not close");
+        }
+    }
+    let _serial = serial();
+    let received = InMemorySpanExporter::default();
+    let mut harness = Harness::with(|b| b.with_span_exporter(PanicsOnShutdown(received.clone())));
+    harness.run(|| execute_agent("a", "last span"));
+    // The SDK's batch processor ignores the exporter's shutdown result: the spans were flushed.
+    harness.guard.take().unwrap().shutdown().expect("every span was exported");
+    assert_eq!(received.get_finished_spans().unwrap().len(), 1, "flushed before the exporter closed");
+    let captured = String::from_utf8_lossy(&warnings().lock().unwrap()).into_owned();
+    assert_eq!(
+        captured.matches("the span exporter failed to shut down").count(),
+        1,
+        "{captured}"
+    );
+    assert!(
+        captured.contains("the span exporter panicked: the exporter could not close"),
+        "{captured}"
+    );
+}
+
+#[test]
 fn log_dir_removed_or_blocked_while_running() {
     let _serial = serial();
     let harness = Harness::with(|b| b);
@@ -342,6 +373,20 @@ fn log_dir_removed_or_blocked_while_running() {
     assert_eq!(scrape.value("agent_executions_total", &success), Some(30.0));
     assert_eq!(harness.spans().len(), 30);
     assert_eq!(count_warnings(&harness, "cannot write agent execution log lines"), 1);
+    assert_eq!(count_warnings(&harness, "log lines are written again"), 0);
+
+    // Unblocked: writing resumes by itself, and says so once.
+    std::fs::remove_file(&dir).unwrap();
+    harness.run(|| (0..10).for_each(|i| execute_agent("a", &format!("unblocked {i}"))));
+    let lines = harness.log_lines();
+    assert_eq!(lines.len(), 10, "the lines after the block was lifted");
+    assert!(lines[0].contains("unblocked 0"));
+    assert_eq!(count_warnings(&harness, "log lines are written again"), 1);
+    assert_eq!(
+        harness.scrape().value("agent_telemetry_log_lines_dropped_total", &[]),
+        Some(10.0),
+        "only the blocked lines were lost"
+    );
 }
 
 #[test]

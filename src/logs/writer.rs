@@ -15,6 +15,8 @@ pub(crate) struct LineBatch {
     buffer: Vec<u8>,
     lines: u64,
     stats: Arc<TelemetryStats>,
+    /// Whether the last write failed: a failing spell is warned once, and its end logged.
+    failing: bool,
 }
 
 impl LineBatch {
@@ -24,6 +26,7 @@ impl LineBatch {
             buffer: Vec::with_capacity(BATCH_BYTES),
             lines: 0,
             stats,
+            failing: false,
         }
     }
 
@@ -51,10 +54,15 @@ impl LineBatch {
         let written = panics::catching(|| destination.write_all(buffer).and_then(|()| destination.flush()))
             .unwrap_or_else(|panic| Err(std::io::Error::other(format!("the log writer panicked: {panic}"))));
         match written {
-            Ok(()) => TelemetryStats::add(&self.stats.log_lines_written, self.lines),
+            Ok(()) => {
+                TelemetryStats::add(&self.stats.log_lines_written, self.lines);
+                if std::mem::replace(&mut self.failing, false) {
+                    tracing::info!(target: "agent_telemetry::logs", "agent execution log lines are written again");
+                }
+            }
             Err(error) => {
-                if TelemetryStats::get(&self.stats.log_write_errors) == 0 {
-                    tracing::warn!(target: "agent_telemetry::logs", %error, "cannot write agent execution log lines; counting them in agent_telemetry_log_lines_dropped_total");
+                if !std::mem::replace(&mut self.failing, true) {
+                    tracing::warn!(target: "agent_telemetry::logs", %error, "cannot write agent execution log lines; counting them in agent_telemetry_log_lines_dropped_total until writing recovers");
                 }
                 TelemetryStats::add(&self.stats.log_write_errors, 1);
                 TelemetryStats::add(&self.stats.log_lines_dropped, self.lines);
@@ -136,6 +144,50 @@ mod tests {
             warnings[0].contains("error=the log writer panicked: the disk writer broke"),
             "{warnings:?}"
         );
+    }
+
+    #[test]
+    fn each_failing_spell_is_warned_once_and_its_end_logged() {
+        /// A disk whose writes fail while `full` is set.
+        struct Disk(Arc<std::sync::atomic::AtomicBool>);
+        impl Write for Disk {
+            fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+                if self.0.load(std::sync::atomic::Ordering::Relaxed) {
+                    return Err(std::io::Error::other("No space left on device"));
+                }
+                Ok(bytes.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        use tracing_subscriber::layer::SubscriberExt;
+        let warnings = Warnings::with_target("agent_telemetry::logs");
+        let infos = Warnings::with_target("agent_telemetry::logs").at_level(tracing::Level::INFO);
+        let dispatch = tracing::Dispatch::new(
+            tracing_subscriber::registry()
+                .with(warnings.clone())
+                .with(infos.clone()),
+        );
+        let full = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stats = Arc::new(TelemetryStats::default());
+        let mut batch = LineBatch::new(Box::new(Disk(Arc::clone(&full))), Arc::clone(&stats));
+        tracing::dispatcher::with_default(&dispatch, || {
+            // Two spells of two failing batches each, between batches that are written.
+            for disk_full in [false, true, true, false, true, true, false] {
+                full.store(disk_full, std::sync::atomic::Ordering::Relaxed);
+                batch.next_line().extend_from_slice(b"{}\n");
+                batch.line_done();
+                batch.write_out();
+            }
+        });
+        assert_eq!(TelemetryStats::get(&stats.log_write_errors), 4);
+        assert_eq!(TelemetryStats::get(&stats.log_lines_dropped), 4);
+        assert_eq!(TelemetryStats::get(&stats.log_lines_written), 3);
+        let warnings = warnings.messages();
+        assert_eq!(warnings.len(), 2, "one per spell: {warnings:?}");
+        assert!(warnings[0].contains("error=No space left on device"), "{warnings:?}");
+        assert_eq!(infos.messages(), ["agent execution log lines are written again"; 2]);
     }
 
     #[test]

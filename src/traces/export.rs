@@ -156,11 +156,7 @@ impl SpanExporter for CountingExporter {
         let count = batch.len() as u64;
         let result = panics::catching_async(self.inner.export(batch))
             .await
-            .unwrap_or_else(|panic| {
-                Err(OTelSdkError::InternalFailure(format!(
-                    "the span exporter panicked: {panic}"
-                )))
-            });
+            .unwrap_or_else(|panic| Err(panicked(&panic)));
         self.in_flight.fetch_sub(count, Ordering::Relaxed);
         match &result {
             Ok(()) => {
@@ -179,11 +175,22 @@ impl SpanExporter for CountingExporter {
         result
     }
 
+    /// The batch processor ignores what this returns, so a failure is reported here.
     fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
-        self.inner.shutdown_with_timeout(timeout)
+        let result =
+            panics::catching(|| self.inner.shutdown_with_timeout(timeout)).unwrap_or_else(|panic| Err(panicked(&panic)));
+        if let Err(error) = &result {
+            tracing::warn!(target: "agent_telemetry::traces", %error, "the span exporter failed to shut down; every span was handed to it before");
+        }
+        result
     }
 
     fn set_resource(&mut self, resource: &Resource) {
         self.inner.set_resource(resource);
     }
+}
+
+/// The error an exporter's panic becomes, for the batch processor to report.
+fn panicked(panic: &str) -> OTelSdkError {
+    OTelSdkError::InternalFailure(format!("the span exporter panicked: {panic}"))
 }
