@@ -157,8 +157,10 @@ impl AgentTelemetry {
 
     /// Writes log lines to `writer` (on the pipeline thread) instead of stdout or files: a pipe,
     /// a socket, or `std::io::sink()` to measure the rest. A write that fails, or panics (with
-    /// `panic = "unwind"`; the panic hook still reports it), loses its batch of lines, counted
-    /// in `agent_telemetry_log_lines_dropped_total`; later lines and all spans go on.
+    /// `panic = "unwind"`; the panic hook still reports it), loses the lines of its batch it did
+    /// not finish, counted in `agent_telemetry_log_lines_dropped_total`; later lines and all
+    /// spans go on. A failing spell is warned about once (at most once a minute), and its end
+    /// logged.
     #[must_use]
     pub fn with_log_writer(mut self, writer: impl std::io::Write + Send + 'static) -> Self {
         self.log_writer = Some(Box::new(writer));
@@ -207,7 +209,8 @@ impl AgentTelemetry {
     /// configured one: an in-memory exporter in tests, or a backend this crate does not know.
     /// An export that fails, or panics (with `panic = "unwind"`; the panic hook still reports
     /// it), loses its batch, counted in `agent_telemetry_spans_export_failed_total`; the next
-    /// batch is exported as usual.
+    /// batch is exported as usual. A shutdown that fails or panics is warned about, since the
+    /// SDK's batch processor ignores its result.
     #[must_use]
     pub fn with_span_exporter<E>(mut self, exporter: E) -> Self
     where

@@ -53,6 +53,7 @@ mod metrics;
 mod panics;
 mod pipeline;
 pub mod propagation;
+mod spells;
 mod stats;
 #[cfg(test)]
 mod test_support;

@@ -25,8 +25,10 @@ pub(crate) fn catching<T>(f: impl FnOnce() -> T) -> Result<T, String> {
     catch_unwind(AssertUnwindSafe(f)).map_err(|payload| message(payload.as_ref()).to_owned())
 }
 
-/// Awaits `future`; a panic while it is polled, or dropped, ends it with `Err` and the
-/// panic's message.
+/// Awaits `future`; a panic while it is polled ends it with `Err` and the panic's message.
+/// Once it has finished it is dropped inside a catch too; a panic there leaves the result as
+/// it was (the panic hook reports it), since what the future did is done. (Dropped before it
+/// finishes, it is dropped outside any catch: the callers always run it to the end.)
 pub(crate) async fn catching_async<T>(future: impl Future<Output = T>) -> Result<T, String> {
     // Boxed so that it can be dropped here, inside the catch (once per batch, not per item).
     let mut future = Some(Box::pin(future));
@@ -39,8 +41,8 @@ pub(crate) async fn catching_async<T>(future: impl Future<Output = T>) -> Result
             Ok(Poll::Ready(output)) => Ok(output),
             Err(panic) => Err(panic),
         };
-        let dropped = catching(|| drop(future.take()));
-        Poll::Ready(outcome.and_then(|output| dropped.map(|()| output)))
+        let _ = catching(|| drop(future.take()));
+        Poll::Ready(outcome)
     })
     .await
 }
@@ -49,12 +51,15 @@ pub(crate) async fn catching_async<T>(future: impl Future<Output = T>) -> Result
 mod tests {
     use super::*;
 
-    /// A future that is ready at once and panics when it is dropped.
-    struct PanicsOnDrop;
+    /// A future that panics when it is dropped, and when polled if told to.
+    struct PanicsOnDrop {
+        poll_panics: bool,
+    }
 
     impl Future for PanicsOnDrop {
         type Output = u8;
         fn poll(self: std::pin::Pin<&mut Self>, _: &mut std::task::Context<'_>) -> Poll<u8> {
+            assert!(!self.poll_panics, "polled badly");
             Poll::Ready(7)
         }
     }
@@ -80,13 +85,16 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_future_that_panics_when_polled_or_dropped_ends_with_err() {
+    async fn a_panic_when_polled_is_the_result_and_one_when_dropped_is_not() {
         assert_eq!(catching_async(async { 5 }).await, Ok(5));
         let panics_when_polled = async { panic!("polled badly") };
         assert_eq!(
             catching_async(panics_when_polled).await,
             Err::<(), _>("polled badly".to_owned())
         );
-        assert_eq!(catching_async(PanicsOnDrop).await, Err("dropped badly".to_owned()));
+        let done = PanicsOnDrop { poll_panics: false };
+        assert_eq!(catching_async(done).await, Ok(7), "its work was done");
+        let broken = PanicsOnDrop { poll_panics: true };
+        assert_eq!(catching_async(broken).await, Err("polled badly".to_owned()));
     }
 }

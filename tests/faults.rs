@@ -10,7 +10,8 @@ use std::sync::atomic::{AtomicBool, AtomicU16, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
-use opentelemetry_sdk::error::OTelSdkResult;
+use agent_telemetry::AgentTelemetry;
+use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SpanData, SpanExporter};
 use support::{free_port, http, Harness, SharedBuffer};
 use tracing_subscriber::layer::SubscriberExt;
@@ -315,34 +316,61 @@ fn a_span_exporter_that_panics_loses_its_batch_only() {
 }
 
 #[test]
-fn a_span_exporter_that_panics_on_shutdown_is_reported() {
+fn a_span_exporter_that_fails_to_shut_down_is_reported() {
+    /// Panics in the shutdown the batch processor calls, which an exporter may implement alone.
     #[derive(Debug)]
     struct PanicsOnShutdown(InMemorySpanExporter);
     impl SpanExporter for PanicsOnShutdown {
         async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
             self.0.export(batch).await
         }
-        fn shutdown_with_timeout(&self, _: Duration) -> OTelSdkResult {
+        fn shutdown(&self) -> OTelSdkResult {
             panic!("the exporter could not close");
         }
     }
-    let _serial = serial();
-    let received = InMemorySpanExporter::default();
-    let mut harness = Harness::with(|b| b.with_span_exporter(PanicsOnShutdown(received.clone())));
-    harness.run(|| execute_agent("a", "last span"));
-    // The SDK's batch processor ignores the exporter's shutdown result: the spans were flushed.
-    harness.guard.take().unwrap().shutdown().expect("every span was exported");
-    assert_eq!(received.get_finished_spans().unwrap().len(), 1, "flushed before the exporter closed");
-    let captured = String::from_utf8_lossy(&warnings().lock().unwrap()).into_owned();
-    assert_eq!(
-        captured.matches("the span exporter failed to shut down").count(),
-        1,
-        "{captured}"
-    );
-    assert!(
-        captured.contains("the span exporter panicked: the exporter could not close"),
-        "{captured}"
-    );
+    /// Fails in the shutdown with a timeout, which the other one calls by default.
+    #[derive(Debug)]
+    struct FailsToShutDown(InMemorySpanExporter);
+    impl SpanExporter for FailsToShutDown {
+        async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
+            self.0.export(batch).await
+        }
+        fn shutdown_with_timeout(&self, _: Duration) -> OTelSdkResult {
+            Err(OTelSdkError::InternalFailure("the socket would not close".into()))
+        }
+    }
+    type Configure = fn(AgentTelemetry, InMemorySpanExporter) -> AgentTelemetry;
+    let cases: [(&str, Configure, &str); 2] = [
+        (
+            "panics",
+            |builder, received| builder.with_span_exporter(PanicsOnShutdown(received)),
+            "the span exporter panicked: the exporter could not close",
+        ),
+        (
+            "fails",
+            |builder, received| builder.with_span_exporter(FailsToShutDown(received)),
+            "the socket would not close",
+        ),
+    ];
+    for (case, configure, error) in cases {
+        let _serial = serial();
+        let received = InMemorySpanExporter::default();
+        let mut harness = Harness::with(|builder| configure(builder, received.clone()));
+        harness.run(|| execute_agent("a", "last span"));
+        // The SDK's batch processor ignores the exporter's shutdown result: the spans were
+        // flushed, so shutdown succeeds.
+        harness
+            .guard
+            .take()
+            .unwrap()
+            .shutdown()
+            .expect("every span was exported");
+        assert_eq!(received.get_finished_spans().unwrap().len(), 1, "{case}: flushed first");
+        let captured = String::from_utf8_lossy(&warnings().lock().unwrap()).into_owned();
+        let warning = "the span exporter failed to shut down, after the final export";
+        assert_eq!(captured.matches(warning).count(), 1, "{case}: {captured}");
+        assert!(captured.contains(error), "{case}: {captured}");
+    }
 }
 
 #[test]
@@ -373,7 +401,7 @@ fn log_dir_removed_or_blocked_while_running() {
     assert_eq!(scrape.value("agent_executions_total", &success), Some(30.0));
     assert_eq!(harness.spans().len(), 30);
     assert_eq!(count_warnings(&harness, "cannot write agent execution log lines"), 1);
-    assert_eq!(count_warnings(&harness, "log lines are written again"), 0);
+    assert_eq!(count_warnings(&harness, "log writing recovered"), 0);
 
     // Unblocked: writing resumes by itself, and says so once.
     std::fs::remove_file(&dir).unwrap();
@@ -381,7 +409,7 @@ fn log_dir_removed_or_blocked_while_running() {
     let lines = harness.log_lines();
     assert_eq!(lines.len(), 10, "the lines after the block was lifted");
     assert!(lines[0].contains("unblocked 0"));
-    assert_eq!(count_warnings(&harness, "log lines are written again"), 1);
+    assert_eq!(count_warnings(&harness, "log writing recovered"), 1);
     assert_eq!(
         harness.scrape().value("agent_telemetry_log_lines_dropped_total", &[]),
         Some(10.0),

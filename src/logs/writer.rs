@@ -1,9 +1,10 @@
 //! Lines gathered into one buffer and written with one call, every loss counted.
 
-use std::io::Write;
+use std::io::{self, Write};
 use std::sync::Arc;
 
 use crate::panics;
+use crate::spells::FailureSpells;
 use crate::stats::TelemetryStats;
 
 /// Lines are written in batches of about this many bytes.
@@ -14,9 +15,11 @@ pub(crate) struct LineBatch {
     destination: Box<dyn Write + Send>,
     buffer: Vec<u8>,
     lines: u64,
+    /// The buffer starts with a `\n` that ends a line a failed write left half-written, so
+    /// that the next line starts clean.
+    mends_torn_line: bool,
     stats: Arc<TelemetryStats>,
-    /// Whether the last write failed: a failing spell is warned once, and its end logged.
-    failing: bool,
+    spells: FailureSpells,
 }
 
 impl LineBatch {
@@ -25,8 +28,9 @@ impl LineBatch {
             destination,
             buffer: Vec::with_capacity(BATCH_BYTES),
             lines: 0,
+            mends_torn_line: false,
             stats,
-            failing: false,
+            spells: FailureSpells::default(),
         }
     }
 
@@ -44,33 +48,74 @@ impl LineBatch {
     }
 
     /// One write for the whole batch, so a line is never split between writes of ours. A
-    /// writer that panics fails this batch only: the lines after it, and every span, still go
-    /// out through the same pipeline.
+    /// failed write counts the lines it did not finish; a writer that panics fails this batch
+    /// only: the lines after it, and every span, still go out through the same pipeline.
     pub(crate) fn write_out(&mut self) {
-        if self.buffer.is_empty() {
+        if self.lines == 0 {
             return;
         }
         let (destination, buffer) = (&mut self.destination, &self.buffer);
-        let written = panics::catching(|| destination.write_all(buffer).and_then(|()| destination.flush()))
-            .unwrap_or_else(|panic| Err(std::io::Error::other(format!("the log writer panicked: {panic}"))));
-        match written {
+        let (written, result) = panics::catching(|| write_until_error(destination, buffer)).unwrap_or_else(|panic| {
+            let error = io::Error::other(format!("the log writer panicked: {panic}"));
+            (0, Err(error))
+        });
+        let lines_written = if result.is_ok() {
+            self.lines
+        } else {
+            self.lines_in(written)
+        };
+        TelemetryStats::add(&self.stats.log_lines_written, lines_written);
+        let torn = written > 0 && self.buffer[written - 1] != b'\n';
+        match result {
             Ok(()) => {
-                TelemetryStats::add(&self.stats.log_lines_written, self.lines);
-                if std::mem::replace(&mut self.failing, false) {
-                    tracing::info!(target: "agent_telemetry::logs", "agent execution log lines are written again");
+                if self.spells.succeeded() {
+                    tracing::info!(target: "agent_telemetry::logs", "agent execution log writing recovered");
                 }
             }
             Err(error) => {
-                if !std::mem::replace(&mut self.failing, true) {
+                if self.spells.failed() {
                     tracing::warn!(target: "agent_telemetry::logs", %error, "cannot write agent execution log lines; counting them in agent_telemetry_log_lines_dropped_total until writing recovers");
                 }
                 TelemetryStats::add(&self.stats.log_write_errors, 1);
-                TelemetryStats::add(&self.stats.log_lines_dropped, self.lines);
+                TelemetryStats::add(&self.stats.log_lines_dropped, self.lines.saturating_sub(lines_written));
             }
         }
+        // A torn line stays torn until a `\n` after it is written.
+        self.mends_torn_line = torn || (self.mends_torn_line && written == 0);
         self.buffer.clear();
         self.lines = 0;
+        if self.mends_torn_line {
+            self.buffer.push(b'\n');
+        }
     }
+}
+
+impl LineBatch {
+    /// The lines of this batch within its first `bytes` bytes.
+    // Only after a failed write: not worth a byte-counting dependency.
+    #[allow(clippy::naive_bytecount)]
+    fn lines_in(&self, bytes: usize) -> u64 {
+        // Lines hold no raw `\n` (JSON escapes it): each one ends with one.
+        let ends = self.buffer[..bytes].iter().filter(|&&byte| byte == b'\n').count() as u64;
+        let mend = u64::from(self.mends_torn_line && bytes > 0);
+        ends.saturating_sub(mend)
+    }
+}
+
+/// Writes `bytes` and flushes, stopping at the first error: how many bytes the writer took,
+/// and the error.
+fn write_until_error(destination: &mut dyn Write, bytes: &[u8]) -> (usize, io::Result<()>) {
+    let mut written = 0;
+    while written < bytes.len() {
+        match destination.write(&bytes[written..]) {
+            Ok(0) => return (written, Err(io::ErrorKind::WriteZero.into())),
+            // `min`: a writer that claims more than it was given cannot move us past the end.
+            Ok(n) => written += n.min(bytes.len() - written),
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+            Err(error) => return (written, Err(error)),
+        }
+    }
+    (written, destination.flush())
 }
 
 #[cfg(test)]
@@ -172,6 +217,8 @@ mod tests {
         let full = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let stats = Arc::new(TelemetryStats::default());
         let mut batch = LineBatch::new(Box::new(Disk(Arc::clone(&full))), Arc::clone(&stats));
+        // No minute between warnings here (`spells.rs` tests that one).
+        batch.spells = FailureSpells::quiet_for(std::time::Duration::ZERO);
         tracing::dispatcher::with_default(&dispatch, || {
             // Two spells of two failing batches each, between batches that are written.
             for disk_full in [false, true, true, false, true, true, false] {
@@ -187,7 +234,67 @@ mod tests {
         let warnings = warnings.messages();
         assert_eq!(warnings.len(), 2, "one per spell: {warnings:?}");
         assert!(warnings[0].contains("error=No space left on device"), "{warnings:?}");
-        assert_eq!(infos.messages(), ["agent execution log lines are written again"; 2]);
+        assert_eq!(infos.messages(), ["agent execution log writing recovered"; 2]);
+    }
+
+    #[test]
+    fn a_write_that_fails_halfway_counts_the_lines_it_finished_and_the_next_line_starts_clean() {
+        /// A disk with room for `room` more bytes, shared with the test.
+        #[derive(Clone)]
+        struct Disk {
+            bytes: Arc<std::sync::Mutex<Vec<u8>>>,
+            room: Arc<std::sync::atomic::AtomicUsize>,
+        }
+        impl Write for Disk {
+            fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+                let room = self.room.load(std::sync::atomic::Ordering::Relaxed);
+                if room == 0 {
+                    return Err(std::io::Error::other("No space left on device"));
+                }
+                let taken = bytes.len().min(room);
+                self.room.fetch_sub(taken, std::sync::atomic::Ordering::Relaxed);
+                self.bytes.lock().unwrap().extend_from_slice(&bytes[..taken]);
+                Ok(taken)
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let disk = Disk {
+            bytes: Arc::default(),
+            room: Arc::new(std::sync::atomic::AtomicUsize::new(12)),
+        };
+        let stats = Arc::new(TelemetryStats::default());
+        let mut batch = LineBatch::new(Box::new(disk.clone()), Arc::clone(&stats));
+        let mut write = |numbers: std::ops::RangeInclusive<u8>| {
+            for n in numbers {
+                batch
+                    .next_line()
+                    .extend_from_slice(format!("{{\"n\":{n}}}\n").as_bytes());
+                batch.line_done();
+            }
+            batch.write_out();
+        };
+        // 8 bytes a line: the first line fits, the second is cut after 4 bytes.
+        write(1..=3);
+        let counts = |stats: &TelemetryStats| {
+            (
+                TelemetryStats::get(&stats.log_lines_written),
+                TelemetryStats::get(&stats.log_lines_dropped),
+                TelemetryStats::get(&stats.log_write_errors),
+            )
+        };
+        assert_eq!(counts(&stats), (1, 2, 1), "(written, dropped, errors)");
+        write(4..=4);
+        assert_eq!(counts(&stats), (1, 3, 2), "a full disk writes nothing");
+        disk.room.store(usize::MAX, std::sync::atomic::Ordering::Relaxed);
+        write(5..=6);
+        assert_eq!(counts(&stats), (3, 3, 2));
+        let text = String::from_utf8(disk.bytes.lock().unwrap().clone()).unwrap();
+        assert_eq!(
+            text, "{\"n\":1}\n{\"n\"\n{\"n\":5}\n{\"n\":6}\n",
+            "the torn line ends before the next"
+        );
     }
 
     #[test]

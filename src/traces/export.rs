@@ -1,8 +1,8 @@
 //! The exporter side: the configured exporter behind the batch processor, counting what it
 //! delivers and loses.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
@@ -12,6 +12,7 @@ use opentelemetry_sdk::Resource;
 use crate::config::{Config, OtlpProtocol};
 use crate::error::{Error, Result};
 use crate::panics;
+use crate::spells::FailureSpells;
 use crate::stats::TelemetryStats;
 
 pub(crate) fn batch(exporter: CountingExporter, config: &Config) -> BatchSpanProcessor {
@@ -74,7 +75,8 @@ type ExportFuture<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = OTelS
 
 pub(crate) trait DynSpanExporter: Send + Sync + std::fmt::Debug {
     fn export_boxed(&self, batch: Vec<SpanData>) -> ExportFuture<'_>;
-    fn shutdown_boxed(&self, timeout: Duration) -> OTelSdkResult;
+    fn shutdown_boxed(&self) -> OTelSdkResult;
+    fn shutdown_with_timeout_boxed(&self, timeout: Duration) -> OTelSdkResult;
     fn set_resource_boxed(&mut self, resource: &Resource);
 }
 
@@ -83,7 +85,11 @@ impl<E: SpanExporter + 'static> DynSpanExporter for E {
         Box::pin(self.export(batch))
     }
 
-    fn shutdown_boxed(&self, timeout: Duration) -> OTelSdkResult {
+    fn shutdown_boxed(&self) -> OTelSdkResult {
+        self.shutdown()
+    }
+
+    fn shutdown_with_timeout_boxed(&self, timeout: Duration) -> OTelSdkResult {
         self.shutdown_with_timeout(timeout)
     }
 
@@ -113,9 +119,18 @@ impl Exporter {
         }
     }
 
+    /// What the batch processor calls; an exporter may implement this one alone.
+    fn shutdown(&self) -> OTelSdkResult {
+        match self {
+            Exporter::Boxed(exporter) => exporter.shutdown_boxed(),
+            #[cfg(feature = "grpc")]
+            Exporter::Grpc(exporter, _) => exporter.shutdown(),
+        }
+    }
+
     fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
         match self {
-            Exporter::Boxed(exporter) => exporter.shutdown_boxed(timeout),
+            Exporter::Boxed(exporter) => exporter.shutdown_with_timeout_boxed(timeout),
             #[cfg(feature = "grpc")]
             Exporter::Grpc(exporter, _) => exporter.shutdown_with_timeout(timeout),
         }
@@ -130,14 +145,15 @@ impl Exporter {
     }
 }
 
-/// Counts what the exporter delivers and loses, and warns once when exports start failing.
-/// An export that panics counts as a failed one, so the batch processor's thread lives on.
+/// Counts what the exporter delivers and loses, and warns when exports start failing and when
+/// they recover. An export that panics counts as a failed one, so the batch processor's thread
+/// lives on.
 #[derive(Debug)]
 pub(crate) struct CountingExporter {
     inner: Exporter,
     stats: Arc<TelemetryStats>,
     in_flight: Arc<AtomicU64>,
-    failing: AtomicBool,
+    spells: Mutex<FailureSpells>,
 }
 
 impl CountingExporter {
@@ -146,7 +162,7 @@ impl CountingExporter {
             inner,
             stats,
             in_flight,
-            failing: AtomicBool::new(false),
+            spells: Mutex::default(),
         }
     }
 }
@@ -158,36 +174,51 @@ impl SpanExporter for CountingExporter {
             .await
             .unwrap_or_else(|panic| Err(panicked(&panic)));
         self.in_flight.fetch_sub(count, Ordering::Relaxed);
-        match &result {
-            Ok(()) => {
-                TelemetryStats::add(&self.stats.spans_exported, count);
-                if self.failing.swap(false, Ordering::Relaxed) {
-                    tracing::info!(target: "agent_telemetry::traces", "span export recovered");
-                }
+        let counter = if result.is_ok() {
+            &self.stats.spans_exported
+        } else {
+            &self.stats.spans_export_failed
+        };
+        TelemetryStats::add(counter, count);
+        let told = {
+            let mut spells = self.spells.lock().unwrap_or_else(PoisonError::into_inner);
+            if result.is_ok() {
+                spells.succeeded()
+            } else {
+                spells.failed()
             }
-            Err(error) => {
-                TelemetryStats::add(&self.stats.spans_export_failed, count);
-                if !self.failing.swap(true, Ordering::Relaxed) {
-                    tracing::warn!(target: "agent_telemetry::traces", %error, "span export failed; lost spans are counted in agent_telemetry_spans_export_failed_total until it recovers");
-                }
+        };
+        match (&result, told) {
+            (Ok(()), true) => tracing::info!(target: "agent_telemetry::traces", "span export recovered"),
+            (Err(error), true) => {
+                tracing::warn!(target: "agent_telemetry::traces", %error, "span export failed; lost spans are counted in agent_telemetry_spans_export_failed_total until it recovers");
             }
+            _ => {}
         }
         result
     }
 
-    /// The batch processor ignores what this returns, so a failure is reported here.
+    fn shutdown(&self) -> OTelSdkResult {
+        report_shutdown(|| self.inner.shutdown())
+    }
+
     fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
-        let result =
-            panics::catching(|| self.inner.shutdown_with_timeout(timeout)).unwrap_or_else(|panic| Err(panicked(&panic)));
-        if let Err(error) = &result {
-            tracing::warn!(target: "agent_telemetry::traces", %error, "the span exporter failed to shut down; every span was handed to it before");
-        }
-        result
+        report_shutdown(|| self.inner.shutdown_with_timeout(timeout))
     }
 
     fn set_resource(&mut self, resource: &Resource) {
         self.inner.set_resource(resource);
     }
+}
+
+/// The batch processor ignores what an exporter's shutdown returns, so a failure is reported
+/// here.
+fn report_shutdown(shutdown: impl FnOnce() -> OTelSdkResult) -> OTelSdkResult {
+    let result = panics::catching(shutdown).unwrap_or_else(|panic| Err(panicked(&panic)));
+    if let Err(error) = &result {
+        tracing::warn!(target: "agent_telemetry::traces", %error, "the span exporter failed to shut down, after the final export");
+    }
+    result
 }
 
 /// The error an exporter's panic becomes, for the batch processor to report.
