@@ -59,9 +59,7 @@ impl LineFormat {
     /// The guide's six fields, with `@timestamp` and `log.level` for Filebeat.
     fn write_guide(&mut self, e: &Execution, out: &mut Vec<u8>) {
         let (second, micros) = self.clock.split(e.finished_at);
-        out.extend_from_slice(br#"{"@timestamp":""#);
-        out.extend_from_slice(second);
-        out.extend_from_slice(&fraction::<5>(micros / 1000));
+        write_timestamp(out, second, micros);
         out.extend_from_slice(br#"","timestamp":""#);
         out.extend_from_slice(second);
         out.extend_from_slice(&fraction::<8>(micros));
@@ -87,16 +85,17 @@ impl LineFormat {
     fn write_ecs(&mut self, e: &Execution, out: &mut Vec<u8>) {
         let (second, micros) = self.clock.split(e.finished_at);
         let agent_name = truncate(&e.agent_name, MAX_AGENT_NAME_CHARS);
-        out.extend_from_slice(br#"{"@timestamp":""#);
-        out.extend_from_slice(second);
-        out.extend_from_slice(&fraction::<5>(micros / 1000));
+        write_timestamp(out, second, micros);
         out.extend_from_slice(br#"","log.level":"#);
         out.extend_from_slice(match e.status {
             Status::Success => br#""info""#.as_slice(),
             Status::Failure => br#""error""#.as_slice(),
         });
-        out.extend_from_slice(br#","message":"#);
-        write_str(out, format!("agent_execution {agent_name} {}", e.status));
+        out.extend_from_slice(br#","message":"agent_execution "#);
+        write_str_contents(out, &agent_name);
+        out.push(b' ');
+        out.extend_from_slice(e.status.as_str().as_bytes());
+        out.push(b'"');
         out.extend_from_slice(br#","event.kind":"event","event.action":"agent_execution","event.outcome":""#);
         out.extend_from_slice(e.status.as_str().as_bytes());
         out.extend_from_slice(br#"","event.duration":"#);
@@ -131,18 +130,34 @@ fn truncate(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
     }
 }
 
+/// The start of every line: `{"@timestamp":"` and the time to the millisecond, `Z` included.
+fn write_timestamp(out: &mut Vec<u8>, second: &[u8], micros: u32) {
+    out.extend_from_slice(br#"{"@timestamp":""#);
+    out.extend_from_slice(second);
+    out.extend_from_slice(&fraction::<5>(micros / 1000));
+}
+
 /// A JSON string: quotes, backslashes and control characters escaped (`serde_json`'s rules).
 fn write_str(out: &mut Vec<u8>, text: impl AsRef<str>) {
-    let text = text.as_ref();
+    out.push(b'"');
+    write_str_contents(out, text.as_ref());
+    out.push(b'"');
+}
+
+/// The inside of a JSON string, escaped as [`write_str`] escapes it.
+fn write_str_contents(out: &mut Vec<u8>, text: &str) {
     // Names and tasks rarely need escaping: one scan and one copy then, not serde_json's
     // run-by-run writes through `io::Write`.
     if text.bytes().all(|byte| byte >= 0x20 && byte != b'"' && byte != b'\\') {
-        out.push(b'"');
         out.extend_from_slice(text.as_bytes());
-        out.push(b'"');
     } else {
-        // Writing a `str` into a `Vec` cannot fail.
-        let _ = serde_json::to_writer(&mut *out, text);
+        let start = out.len();
+        // Writing a `str` into a `Vec` cannot fail; serde_json quotes the string, and the
+        // quotes are the caller's.
+        if serde_json::to_writer(&mut *out, text).is_ok() && out.len() >= start + 2 {
+            out.pop();
+            out.remove(start);
+        }
     }
 }
 
@@ -409,6 +424,13 @@ mod tests {
                     prop_assert!(object["event.duration"].is_u64());
                     prop_assert!(object["event.outcome"].is_string());
                     prop_assert!(object["agent_execution.task"].is_string());
+                    let name = object["gen_ai.agent.name"].as_str().unwrap();
+                    let status = if failed { "failure" } else { "success" };
+                    prop_assert_eq!(
+                        object["message"].as_str().unwrap(),
+                        format!("agent_execution {name} {status}"),
+                        "the name escaped inside the message as in its own field"
+                    );
                 } else {
                     prop_assert!(object["duration_seconds"].is_f64());
                     prop_assert!(object["status"].is_string());
