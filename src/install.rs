@@ -157,10 +157,10 @@ impl AgentTelemetry {
 
     /// Writes log lines to `writer` (on the pipeline thread) instead of stdout or files: a pipe,
     /// a socket, or `std::io::sink()` to measure the rest. A write that fails, or panics (with
-    /// `panic = "unwind"`; the panic hook still reports it), loses the lines of its batch it did
-    /// not finish, counted in `agent_telemetry_log_lines_dropped_total`; later lines and all
-    /// spans go on. A failing spell is warned about once (at most once a minute), and its end
-    /// logged.
+    /// `panic = "unwind"`; the panic hook still reports it), loses the lines of its batch the
+    /// writer did not take, counted in `agent_telemetry_log_lines_dropped_total`; later lines
+    /// and all spans go on. Lines it took count as written even when its `flush` then fails. A
+    /// failing spell is warned about once (at most once a minute), and its end logged.
     #[must_use]
     pub fn with_log_writer(mut self, writer: impl std::io::Write + Send + 'static) -> Self {
         self.log_writer = Some(Box::new(writer));

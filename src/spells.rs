@@ -1,6 +1,7 @@
 //! When to warn about a destination that fails (the log writer, the span exporter): once when
 //! it starts failing and once when it recovers, not per batch. One that fails and recovers
-//! again and again is warned about at most once a minute; the counters still count every loss.
+//! again and again is warned about at most once a minute, and a spell that outlasts the minute
+//! always is; the counters still count every loss.
 
 use std::time::{Duration, Instant};
 
@@ -33,9 +34,13 @@ impl FailureSpells {
         }
     }
 
-    /// Notes a failure: true when it starts a spell to warn about.
+    /// Notes a failure: true when it is the one to warn about: the first of a spell, or, for a
+    /// spell that began within the quiet minute, the first once the minute is over.
     pub(crate) fn failed(&mut self) -> bool {
-        if std::mem::replace(&mut self.failing, true) {
+        if !std::mem::replace(&mut self.failing, true) {
+            self.warned = false;
+        }
+        if self.warned {
             return false;
         }
         let now = Instant::now();
@@ -68,6 +73,20 @@ mod tests {
         assert!(spells.succeeded());
         assert!(!spells.succeeded());
         assert!(spells.failed(), "a new spell");
+    }
+
+    #[test]
+    fn a_spell_that_began_within_the_quiet_time_is_warned_about_when_it_outlasts_it() {
+        let quiet = Duration::from_millis(50);
+        let mut spells = FailureSpells::quiet_for(quiet);
+        assert!(spells.failed());
+        assert!(spells.succeeded());
+        assert!(!spells.failed(), "within the quiet time");
+        assert!(!spells.failed());
+        std::thread::sleep(quiet * 2);
+        assert!(spells.failed(), "still failing after it");
+        assert!(!spells.failed());
+        assert!(spells.succeeded(), "and its end is told");
     }
 
     #[test]

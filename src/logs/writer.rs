@@ -47,25 +47,26 @@ impl LineBatch {
         }
     }
 
-    /// One write for the whole batch, so a line is never split between writes of ours. A
-    /// failed write counts the lines it did not finish; a writer that panics fails this batch
-    /// only: the lines after it, and every span, still go out through the same pipeline.
+    /// One write for the whole batch, so a line is never split between writes of ours. The
+    /// lines the writer took count as written (even when its `flush` then fails: a buffering
+    /// writer still holds them), the rest of a failed batch as dropped. A writer that panics
+    /// fails this batch only: the lines after it, and every span, still go out.
     pub(crate) fn write_out(&mut self) {
-        if self.lines == 0 {
+        // A pending mend goes out on its own too, so that the cut line is ended before a
+        // quiet spell or shutdown (the next process appends to the same file).
+        if self.lines == 0 && !self.mends_torn_line {
             return;
         }
-        let (destination, buffer) = (&mut self.destination, &self.buffer);
-        let (written, result) = panics::catching(|| write_until_error(destination, buffer)).unwrap_or_else(|panic| {
-            let error = io::Error::other(format!("the log writer panicked: {panic}"));
-            (0, Err(error))
-        });
+        let mut written = 0;
+        let (destination, buffer, progress) = (&mut self.destination, &self.buffer, &mut written);
+        let result = panics::catching(|| write_until_error(destination, buffer, progress))
+            .unwrap_or_else(|panic| Err(io::Error::other(format!("the log writer panicked: {panic}"))));
         let lines_written = if result.is_ok() {
             self.lines
         } else {
             self.lines_in(written)
         };
         TelemetryStats::add(&self.stats.log_lines_written, lines_written);
-        let torn = written > 0 && self.buffer[written - 1] != b'\n';
         match result {
             Ok(()) => {
                 if self.spells.succeeded() {
@@ -74,14 +75,16 @@ impl LineBatch {
             }
             Err(error) => {
                 if self.spells.failed() {
-                    tracing::warn!(target: "agent_telemetry::logs", %error, "cannot write agent execution log lines; counting them in agent_telemetry_log_lines_dropped_total until writing recovers");
+                    tracing::warn!(target: "agent_telemetry::logs", %error, "cannot write agent execution log lines; counting those not written in agent_telemetry_log_lines_dropped_total until writing recovers");
                 }
                 TelemetryStats::add(&self.stats.log_write_errors, 1);
                 TelemetryStats::add(&self.stats.log_lines_dropped, self.lines.saturating_sub(lines_written));
             }
         }
-        // A torn line stays torn until a `\n` after it is written.
-        self.mends_torn_line = torn || (self.mends_torn_line && written == 0);
+        // A cut line stays cut until a `\n` after it is written. (A writer that panics inside
+        // `write` may have taken bytes it never reported; those cannot be known.)
+        let cut = written > 0 && self.buffer[written - 1] != b'\n';
+        self.mends_torn_line = cut || (self.mends_torn_line && written == 0);
         self.buffer.clear();
         self.lines = 0;
         if self.mends_torn_line {
@@ -102,20 +105,19 @@ impl LineBatch {
     }
 }
 
-/// Writes `bytes` and flushes, stopping at the first error: how many bytes the writer took,
-/// and the error.
-fn write_until_error(destination: &mut dyn Write, bytes: &[u8]) -> (usize, io::Result<()>) {
-    let mut written = 0;
-    while written < bytes.len() {
-        match destination.write(&bytes[written..]) {
-            Ok(0) => return (written, Err(io::ErrorKind::WriteZero.into())),
+/// Writes `bytes` and flushes, stopping at the first error; `written` counts the bytes the
+/// writer took, kept even if it panics.
+fn write_until_error(destination: &mut dyn Write, bytes: &[u8], written: &mut usize) -> io::Result<()> {
+    while *written < bytes.len() {
+        match destination.write(&bytes[*written..]) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
             // `min`: a writer that claims more than it was given cannot move us past the end.
-            Ok(n) => written += n.min(bytes.len() - written),
+            Ok(n) => *written += n.min(bytes.len() - *written),
             Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
-            Err(error) => return (written, Err(error)),
+            Err(error) => return Err(error),
         }
     }
-    (written, destination.flush())
+    destination.flush()
 }
 
 #[cfg(test)]
@@ -237,64 +239,117 @@ mod tests {
         assert_eq!(infos.messages(), ["agent execution log writing recovered"; 2]);
     }
 
+    /// A disk with room for `room` more bytes, shared with the test. When full, its write
+    /// fails, or panics; its flush fails while `flush_fails` is set.
+    #[derive(Clone, Default)]
+    struct SmallDisk {
+        bytes: Arc<std::sync::Mutex<Vec<u8>>>,
+        room: Arc<std::sync::atomic::AtomicUsize>,
+        panics_when_full: bool,
+        flush_fails: Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    impl SmallDisk {
+        fn text(&self) -> String {
+            String::from_utf8(self.bytes.lock().unwrap().clone()).unwrap()
+        }
+    }
+
+    impl Write for SmallDisk {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            let room = self.room.load(std::sync::atomic::Ordering::Relaxed);
+            if room == 0 {
+                assert!(!self.panics_when_full, "the disk writer broke");
+                return Err(std::io::Error::other("No space left on device"));
+            }
+            let taken = bytes.len().min(room);
+            self.room.fetch_sub(taken, std::sync::atomic::Ordering::Relaxed);
+            self.bytes.lock().unwrap().extend_from_slice(&bytes[..taken]);
+            Ok(taken)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            if self.flush_fails.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err(std::io::Error::other("the pipe is broken"));
+            }
+            Ok(())
+        }
+    }
+
+    /// Appends lines `{"n":N}` (8 bytes each) and writes the batch out.
+    fn write_lines(batch: &mut LineBatch, numbers: std::ops::RangeInclusive<u8>) {
+        for n in numbers {
+            batch
+                .next_line()
+                .extend_from_slice(format!("{{\"n\":{n}}}\n").as_bytes());
+            batch.line_done();
+        }
+        batch.write_out();
+    }
+
+    /// (written, dropped, write errors)
+    fn counts(stats: &TelemetryStats) -> (u64, u64, u64) {
+        (
+            TelemetryStats::get(&stats.log_lines_written),
+            TelemetryStats::get(&stats.log_lines_dropped),
+            TelemetryStats::get(&stats.log_write_errors),
+        )
+    }
+
     #[test]
     fn a_write_that_fails_halfway_counts_the_lines_it_finished_and_the_next_line_starts_clean() {
-        /// A disk with room for `room` more bytes, shared with the test.
-        #[derive(Clone)]
-        struct Disk {
-            bytes: Arc<std::sync::Mutex<Vec<u8>>>,
-            room: Arc<std::sync::atomic::AtomicUsize>,
+        for panics_when_full in [false, true] {
+            let disk = SmallDisk {
+                panics_when_full,
+                ..SmallDisk::default()
+            };
+            // The first line fits, the second is cut after 4 bytes.
+            disk.room.store(12, std::sync::atomic::Ordering::Relaxed);
+            let stats = Arc::new(TelemetryStats::default());
+            let mut batch = LineBatch::new(Box::new(disk.clone()), Arc::clone(&stats));
+            write_lines(&mut batch, 1..=3);
+            assert_eq!(counts(&stats), (1, 2, 1), "panics: {panics_when_full}");
+            write_lines(&mut batch, 4..=4);
+            assert_eq!(counts(&stats), (1, 3, 2), "a full disk writes nothing");
+            disk.room.store(usize::MAX, std::sync::atomic::Ordering::Relaxed);
+            write_lines(&mut batch, 5..=6);
+            assert_eq!(counts(&stats), (3, 3, 2));
+            assert_eq!(
+                disk.text(),
+                "{\"n\":1}\n{\"n\"\n{\"n\":5}\n{\"n\":6}\n",
+                "the cut line ends before the next (panics: {panics_when_full})"
+            );
         }
-        impl Write for Disk {
-            fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-                let room = self.room.load(std::sync::atomic::Ordering::Relaxed);
-                if room == 0 {
-                    return Err(std::io::Error::other("No space left on device"));
-                }
-                let taken = bytes.len().min(room);
-                self.room.fetch_sub(taken, std::sync::atomic::Ordering::Relaxed);
-                self.bytes.lock().unwrap().extend_from_slice(&bytes[..taken]);
-                Ok(taken)
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
-        let disk = Disk {
-            bytes: Arc::default(),
-            room: Arc::new(std::sync::atomic::AtomicUsize::new(12)),
-        };
+    }
+
+    #[test]
+    fn a_cut_line_is_ended_even_when_no_line_follows() {
+        let disk = SmallDisk::default();
+        disk.room.store(12, std::sync::atomic::Ordering::Relaxed);
         let stats = Arc::new(TelemetryStats::default());
         let mut batch = LineBatch::new(Box::new(disk.clone()), Arc::clone(&stats));
-        let mut write = |numbers: std::ops::RangeInclusive<u8>| {
-            for n in numbers {
-                batch
-                    .next_line()
-                    .extend_from_slice(format!("{{\"n\":{n}}}\n").as_bytes());
-                batch.line_done();
-            }
-            batch.write_out();
-        };
-        // 8 bytes a line: the first line fits, the second is cut after 4 bytes.
-        write(1..=3);
-        let counts = |stats: &TelemetryStats| {
-            (
-                TelemetryStats::get(&stats.log_lines_written),
-                TelemetryStats::get(&stats.log_lines_dropped),
-                TelemetryStats::get(&stats.log_write_errors),
-            )
-        };
-        assert_eq!(counts(&stats), (1, 2, 1), "(written, dropped, errors)");
-        write(4..=4);
-        assert_eq!(counts(&stats), (1, 3, 2), "a full disk writes nothing");
+        write_lines(&mut batch, 1..=2);
         disk.room.store(usize::MAX, std::sync::atomic::Ordering::Relaxed);
-        write(5..=6);
-        assert_eq!(counts(&stats), (3, 3, 2));
-        let text = String::from_utf8(disk.bytes.lock().unwrap().clone()).unwrap();
-        assert_eq!(
-            text, "{\"n\":1}\n{\"n\"\n{\"n\":5}\n{\"n\":6}\n",
-            "the torn line ends before the next"
-        );
+        // What the pipeline does after each drain of its queue, and on shutdown.
+        batch.write_out();
+        assert_eq!(disk.text(), "{\"n\":1}\n{\"n\"\n");
+        assert_eq!(counts(&stats), (1, 1, 1), "the mend is no line");
+        batch.write_out();
+        assert_eq!(disk.text(), "{\"n\":1}\n{\"n\"\n", "mended once");
+    }
+
+    #[test]
+    fn lines_a_writer_took_count_as_written_when_its_flush_fails() {
+        let disk = SmallDisk::default();
+        disk.room.store(usize::MAX, std::sync::atomic::Ordering::Relaxed);
+        disk.flush_fails.store(true, std::sync::atomic::Ordering::Relaxed);
+        let stats = Arc::new(TelemetryStats::default());
+        let mut batch = LineBatch::new(Box::new(disk.clone()), Arc::clone(&stats));
+        write_lines(&mut batch, 1..=3);
+        assert_eq!(counts(&stats), (3, 0, 1));
+        disk.flush_fails.store(false, std::sync::atomic::Ordering::Relaxed);
+        write_lines(&mut batch, 4..=4);
+        assert_eq!(counts(&stats), (4, 0, 1));
+        assert_eq!(disk.text().lines().count(), 4, "no mend after whole lines");
     }
 
     #[test]
