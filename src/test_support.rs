@@ -1,6 +1,10 @@
 //! Helpers shared by the unit tests.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use tracing::span::{Attributes, Id, Record};
+use tracing::subscriber::Interest;
+use tracing::{Dispatch, Event, Metadata, Subscriber};
 
 /// A layer that keeps the message of every warning (or another level) with one target,
 /// followed by its other fields as ` name=value`.
@@ -13,6 +17,7 @@ pub(crate) struct Warnings {
 
 impl Warnings {
     pub(crate) fn with_target(target: &'static str) -> Self {
+        keep_interest_dynamic();
         Warnings {
             target,
             level: tracing::Level::WARN,
@@ -60,4 +65,43 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Warnings {
             self.messages.lock().unwrap().push(message.text + &message.fields);
         }
     }
+}
+
+/// Unit tests run in parallel, each with its own scoped subscriber, and `tracing` caches one
+/// interest per callsite for the whole process. While at most one dispatcher is registered,
+/// tracing-core 0.1.36 computes that interest from the default dispatcher of whichever thread
+/// hits the callsite first (`Rebuilder::JustOne` in `callsite.rs`), so a test without a
+/// subscriber could cache "never" for a callsite another test is capturing, and its warning
+/// would be lost. Two inert dispatchers that stay registered, each "sometimes" interested,
+/// make every callsite ask the current thread's dispatcher at each event.
+fn keep_interest_dynamic() {
+    static ANCHORS: OnceLock<[Dispatch; 2]> = OnceLock::new();
+    ANCHORS.get_or_init(|| [Dispatch::new(Inert), Dispatch::new(Inert)]);
+}
+
+/// Interested in every callsite, enabled for none.
+struct Inert;
+
+impl Subscriber for Inert {
+    fn register_callsite(&self, _: &'static Metadata<'static>) -> Interest {
+        Interest::sometimes()
+    }
+
+    fn enabled(&self, _: &Metadata<'_>) -> bool {
+        false
+    }
+
+    fn new_span(&self, _: &Attributes<'_>) -> Id {
+        Id::from_u64(1)
+    }
+
+    fn record(&self, _: &Id, _: &Record<'_>) {}
+
+    fn record_follows_from(&self, _: &Id, _: &Id) {}
+
+    fn event(&self, _: &Event<'_>) {}
+
+    fn enter(&self, _: &Id) {}
+
+    fn exit(&self, _: &Id) {}
 }

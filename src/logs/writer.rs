@@ -195,19 +195,6 @@ mod tests {
 
     #[test]
     fn each_failing_spell_is_warned_once_and_its_end_logged() {
-        /// A disk whose writes fail while `full` is set.
-        struct Disk(Arc<std::sync::atomic::AtomicBool>);
-        impl Write for Disk {
-            fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-                if self.0.load(std::sync::atomic::Ordering::Relaxed) {
-                    return Err(std::io::Error::other("No space left on device"));
-                }
-                Ok(bytes.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
         use tracing_subscriber::layer::SubscriberExt;
         let warnings = Warnings::with_target("agent_telemetry::logs");
         let infos = Warnings::with_target("agent_telemetry::logs").at_level(tracing::Level::INFO);
@@ -216,23 +203,20 @@ mod tests {
                 .with(warnings.clone())
                 .with(infos.clone()),
         );
-        let full = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let disk = SmallDisk::default();
         let stats = Arc::new(TelemetryStats::default());
-        let mut batch = LineBatch::new(Box::new(Disk(Arc::clone(&full))), Arc::clone(&stats));
+        let mut batch = LineBatch::new(Box::new(disk.clone()), Arc::clone(&stats));
         // No minute between warnings here (`spells.rs` tests that one).
         batch.spells = FailureSpells::quiet_for(std::time::Duration::ZERO);
         tracing::dispatcher::with_default(&dispatch, || {
             // Two spells of two failing batches each, between batches that are written.
-            for disk_full in [false, true, true, false, true, true, false] {
-                full.store(disk_full, std::sync::atomic::Ordering::Relaxed);
-                batch.next_line().extend_from_slice(b"{}\n");
-                batch.line_done();
-                batch.write_out();
+            for (n, disk_full) in (1..).zip([false, true, true, false, true, true, false]) {
+                let room = if disk_full { 0 } else { usize::MAX };
+                disk.room.store(room, std::sync::atomic::Ordering::Relaxed);
+                write_lines(&mut batch, n..=n);
             }
         });
-        assert_eq!(TelemetryStats::get(&stats.log_write_errors), 4);
-        assert_eq!(TelemetryStats::get(&stats.log_lines_dropped), 4);
-        assert_eq!(TelemetryStats::get(&stats.log_lines_written), 3);
+        assert_eq!(counts(&stats), (3, 4, 4), "(written, dropped, errors)");
         let warnings = warnings.messages();
         assert_eq!(warnings.len(), 2, "one per spell: {warnings:?}");
         assert!(warnings[0].contains("error=No space left on device"), "{warnings:?}");
