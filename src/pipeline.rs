@@ -218,13 +218,18 @@ mod tests {
         let stats = Arc::new(TelemetryStats::default());
         let logs = LogLines::new(&Config::default(), Some(destination), Arc::clone(&stats)).unwrap();
         let pipeline = Pipeline::start(logs, None, capacity, Arc::clone(&stats)).unwrap();
+        send_more(&pipeline, executions);
+        (pipeline, stats)
+    }
+
+    /// Sends `executions` more closed executions, untraced.
+    fn send_more(pipeline: &Pipeline, executions: usize) {
         for _ in 0..executions {
             pipeline.send(Closed {
                 execution: execution(),
                 span: None,
             });
         }
-        (pipeline, stats)
     }
 
     fn execution() -> Execution {
@@ -275,12 +280,7 @@ mod tests {
             (pipeline, stats)
         });
         tracing::dispatcher::with_default(&dispatch, || {
-            for _ in 0..3 {
-                pipeline.send(Closed {
-                    execution: execution(),
-                    span: None,
-                });
-            }
+            send_more(&pipeline, 3);
         });
         assert_eq!(TelemetryStats::get(&stats.log_lines_written), 2);
         assert_eq!(TelemetryStats::get(&stats.log_lines_dropped), 3);
@@ -300,12 +300,7 @@ mod tests {
         acknowledged.recv().unwrap();
         pipeline.thread.lock().unwrap().take().unwrap().join().unwrap();
         tracing::dispatcher::with_default(&errors.dispatch(), || {
-            for _ in 0..3 {
-                pipeline.send(Closed {
-                    execution: execution(),
-                    span: None,
-                });
-            }
+            send_more(&pipeline, 3);
         });
         let messages = errors.messages();
         assert_eq!(messages.len(), 1, "one error for the three: {messages:?}");
@@ -333,12 +328,7 @@ mod tests {
         let (pipeline, stats) = tracing::dispatcher::with_default(&errors.dispatch(), || {
             let (pipeline, stats) = send(Box::new(Panics), 64, 2);
             pipeline.flush(Duration::from_secs(5), false).unwrap();
-            for _ in 0..3 {
-                pipeline.send(Closed {
-                    execution: execution(),
-                    span: None,
-                });
-            }
+            send_more(&pipeline, 3);
             (pipeline, stats)
         });
         pipeline.flush(Duration::from_secs(5), true).unwrap();

@@ -91,9 +91,7 @@ impl LineBatch {
             self.buffer.push(b'\n');
         }
     }
-}
 
-impl LineBatch {
     /// The lines of this batch within its first `bytes` bytes.
     // Only after a failed write: not worth a byte-counting dependency.
     #[allow(clippy::naive_bytecount)]
@@ -125,23 +123,11 @@ mod tests {
     use super::*;
     use crate::test_support::Warnings;
 
-    /// A disk that fails every write.
-    struct FullDisk;
-
-    impl Write for FullDisk {
-        fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
-            Err(std::io::Error::other("No space left on device"))
-        }
-
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
     #[test]
     fn failed_writes_are_counted_as_dropped_lines() {
         let stats = Arc::new(TelemetryStats::default());
-        let mut batch = LineBatch::new(Box::new(FullDisk), Arc::clone(&stats));
+        // No room: every write fails.
+        let mut batch = LineBatch::new(Box::new(SmallDisk::default()), Arc::clone(&stats));
         for _ in 0..10 {
             batch.next_line().extend_from_slice(b"{}\n");
             batch.line_done();
@@ -154,29 +140,18 @@ mod tests {
 
     #[test]
     fn a_writer_that_panics_loses_its_batch_only() {
-        /// A writer that panics on its first write and works from then on.
-        struct PanicsOnce(bool);
-        impl Write for PanicsOnce {
-            fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-                let broke_before = std::mem::replace(&mut self.0, true);
-                assert!(broke_before, "the disk writer broke");
-                Ok(bytes.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
         let warnings = Warnings::with_target("agent_telemetry::logs");
         let stats = Arc::new(TelemetryStats::default());
-        let mut batch = LineBatch::new(Box::new(PanicsOnce(false)), Arc::clone(&stats));
+        // Panics on its first write (no room), and works from then on.
+        let disk = SmallDisk {
+            panics_when_full: true,
+            ..SmallDisk::default()
+        };
+        let mut batch = LineBatch::new(Box::new(disk.clone()), Arc::clone(&stats));
         tracing::dispatcher::with_default(&warnings.dispatch(), || {
-            for lines in [3, 5] {
-                for _ in 0..lines {
-                    batch.next_line().extend_from_slice(b"{}\n");
-                    batch.line_done();
-                }
-                batch.write_out();
-            }
+            write_lines(&mut batch, 1..=3);
+            disk.room.store(usize::MAX, std::sync::atomic::Ordering::Relaxed);
+            write_lines(&mut batch, 4..=8);
         });
         assert_eq!(
             TelemetryStats::get(&stats.log_lines_dropped),

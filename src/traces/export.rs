@@ -174,26 +174,21 @@ impl SpanExporter for CountingExporter {
             .await
             .unwrap_or_else(|panic| Err(panicked(&panic)));
         self.in_flight.fetch_sub(count, Ordering::Relaxed);
-        let counter = if result.is_ok() {
-            &self.stats.spans_exported
-        } else {
-            &self.stats.spans_export_failed
-        };
-        TelemetryStats::add(counter, count);
-        let told = {
-            let mut spells = self.spells.lock().unwrap_or_else(PoisonError::into_inner);
-            if result.is_ok() {
-                spells.succeeded()
-            } else {
-                spells.failed()
+        // Only the batch processor's thread exports: the lock is never contended.
+        let mut spells = self.spells.lock().unwrap_or_else(PoisonError::into_inner);
+        match &result {
+            Ok(()) => {
+                TelemetryStats::add(&self.stats.spans_exported, count);
+                if spells.succeeded() {
+                    tracing::info!(target: "agent_telemetry::traces", "span export recovered");
+                }
             }
-        };
-        match (&result, told) {
-            (Ok(()), true) => tracing::info!(target: "agent_telemetry::traces", "span export recovered"),
-            (Err(error), true) => {
-                tracing::warn!(target: "agent_telemetry::traces", %error, "span export failed; lost spans are counted in agent_telemetry_spans_export_failed_total until it recovers");
+            Err(error) => {
+                TelemetryStats::add(&self.stats.spans_export_failed, count);
+                if spells.failed() {
+                    tracing::warn!(target: "agent_telemetry::traces", %error, "span export failed; lost spans are counted in agent_telemetry_spans_export_failed_total until it recovers");
+                }
             }
-            _ => {}
         }
         result
     }
