@@ -21,9 +21,9 @@ use crate::execution::AgentSpanNames;
 use crate::filter::{on_export_path, ExecutionFilter, NotAgentFilter};
 use crate::layer::{ExecutionLayer, Signals};
 use crate::logs::LogLines;
+use crate::logs::Pipeline;
 use crate::metrics::server::MetricsServer;
 use crate::metrics::{Metrics, MetricsHandle};
-use crate::pipeline::Pipeline;
 use crate::stats::TelemetryStats;
 use crate::traces::BoxedSpanExporter;
 
@@ -155,7 +155,7 @@ impl AgentTelemetry {
         self
     }
 
-    /// Writes log lines to `writer` (on the pipeline thread) instead of stdout or files: a pipe,
+    /// Writes log lines to `writer` (on the log thread) instead of stdout or files: a pipe,
     /// a socket, or `std::io::sink()` to measure the rest. A write that fails, or panics (with
     /// `panic = "unwind"`; the panic hook still reports it), loses the lines of its batch the
     /// writer did not take, counted in `agent_telemetry_log_lines_dropped_total`; later lines
@@ -175,9 +175,10 @@ impl AgentTelemetry {
         self
     }
 
-    /// How many closed executions may wait for the pipeline thread (which writes their lines
-    /// and builds their spans) before new ones are dropped and counted; each waiting slot takes
-    /// about 350 bytes. Default 8192: at 20,000 executions a second, 400 ms of backlog.
+    /// How many log lines may wait for the log thread before new ones are dropped and
+    /// counted. Each agent thread formats its lines into a buffer of its own and hands it over
+    /// at 256 lines or 64 KiB; this bounds the buffers handed over and not yet written (80 KiB
+    /// each). Default 8192: at 20,000 executions a second, 400 ms of backlog.
     #[must_use]
     pub fn with_log_queue_lines(mut self, lines: usize) -> Self {
         self.config.log_queue_lines = lines;
@@ -243,7 +244,9 @@ impl AgentTelemetry {
     }
 
     /// How many spans may wait for export; beyond it new spans are dropped and counted in
-    /// `agent_telemetry_spans_dropped_total` (`OTEL_BSP_MAX_QUEUE_SIZE`, default 2048).
+    /// `agent_telemetry_spans_dropped_total` (`OTEL_BSP_MAX_QUEUE_SIZE`, default 2048). Agent
+    /// spans gather in batches of 64 on the thread that finished them, and these batches
+    /// count against it.
     #[must_use]
     pub fn with_span_queue_size(mut self, spans: usize) -> Self {
         self.config.batch.max_queue_size = spans;
@@ -370,12 +373,7 @@ impl AgentTelemetry {
         let traces = crate::traces::build(&config, self.span_exporter, &resource, &stats)?;
         let agent_tracer = traces.as_ref().map(|traces| Arc::clone(&traces.agents));
         let logs = LogLines::new(&config, self.log_writer, Arc::clone(&stats))?;
-        let pipeline = Arc::new(Pipeline::start(
-            logs,
-            agent_tracer.clone(),
-            config.log_queue_lines,
-            Arc::clone(&stats),
-        )?);
+        let pipeline = Arc::new(Pipeline::start(logs, config.log_queue_lines, Arc::clone(&stats))?);
         let server = config
             .metrics_addr
             .map(|addr| MetricsServer::start(addr, metrics.handle()))

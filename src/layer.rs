@@ -1,8 +1,10 @@
 //! The `tracing` layer that recognises agent executions and hands each closed one to the
 //! signals, plus the per-layer filters that keep everything else off its path.
 //!
-//! On the agent's thread it does only what must happen there: the fields, the span's ids,
-//! the metrics, and one queue push. Log lines and spans are made on the pipeline's thread.
+//! On the agent's thread it does only what must happen there, and what costs less there than
+//! handing it over: the fields, the span's ids, the metrics, the log line into a buffer of the
+//! thread's own, and one queue push of the span's parts. Lines are written on the pipeline's
+//! thread, spans built and exported on the span processor's.
 //! What reaches it is chosen in `filter.rs`.
 
 use std::any::TypeId;
@@ -19,8 +21,8 @@ use tracing_subscriber::layer::{Context, Layer};
 use tracing_subscriber::registry::LookupSpan;
 
 use crate::execution::{ErrorText, Execution, ExecutionState, UNKNOWN_AGENT};
+use crate::logs::Pipeline;
 use crate::metrics::Metrics;
-use crate::pipeline::{Closed, Pipeline};
 use crate::traces::{AgentSpan, AgentTracer};
 
 /// The signals a closed execution goes to; none depends on another.
@@ -219,10 +221,10 @@ where
             trace: span.as_ref().map(AgentSpan::ids),
         };
         self.signals.metrics.record(&execution);
-        self.signals.pipeline.send(Closed {
-            execution,
-            span: span.filter(AgentSpan::is_sampled),
-        });
+        self.signals.pipeline.write_line(&execution);
+        if let (Some(tracer), Some(span)) = (&self.signals.tracer, span.filter(AgentSpan::is_sampled)) {
+            tracer.export(span, execution);
+        }
     }
 
     // SAFETY: each pointer returned points to a value of exactly the type asked for, owned by

@@ -42,6 +42,7 @@
 #![warn(clippy::pedantic)]
 #![allow(clippy::module_name_repetitions, clippy::must_use_candidate)]
 
+mod background;
 mod config;
 mod error;
 mod execution;
@@ -51,7 +52,7 @@ mod layer;
 mod logs;
 mod metrics;
 mod panics;
-mod pipeline;
+mod per_thread;
 pub mod propagation;
 mod spells;
 mod stats;

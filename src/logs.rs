@@ -1,7 +1,9 @@
-//! One Filebeat-ready JSON line per agent execution: formatted and written in batches on the
-//! pipeline's thread, never the agent's.
+//! One Filebeat-ready JSON line per agent execution: formatted on the agent's thread into a
+//! buffer of its own, written in batches on the pipeline's thread, never the agent's.
 
 mod line;
+mod pending;
+mod pipeline;
 mod writer;
 
 use std::io::Write;
@@ -12,13 +14,14 @@ use tracing_appender::rolling::{RollingFileAppender, Rotation};
 
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::execution::Execution;
 use crate::stats::TelemetryStats;
 
 pub(crate) use line::LineFormat;
+use pending::{Appended, FullBuffer, PendingLines};
+pub(crate) use pipeline::Pipeline;
 use writer::LineBatch;
 
-/// Formats executions into lines and writes them to the destination in batches.
+/// Writes formatted lines to the destination in batches.
 pub(crate) struct LogLines {
     format: LineFormat,
     batch: LineBatch,
@@ -43,10 +46,15 @@ impl LogLines {
         })
     }
 
-    /// Adds the execution's line to the batch, writing the batch out once it is large.
-    pub(crate) fn append(&mut self, execution: &Execution) {
-        self.format.write(execution, self.batch.next_line());
-        self.batch.line_done();
+    /// The line format, for the threads that format lines.
+    pub(crate) fn format(&self) -> &LineFormat {
+        &self.format
+    }
+
+    /// Adds `lines` complete lines, formatted elsewhere, to the batch.
+    pub(crate) fn append_lines(&mut self, bytes: &[u8], lines: u64) {
+        self.batch.next_line().extend_from_slice(bytes);
+        self.batch.lines_done(lines);
     }
 
     /// Writes out the lines appended so far; a failed write counts them as dropped.
@@ -97,7 +105,7 @@ impl DailyFiles {
 
 impl Write for DailyFiles {
     fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        // One stat per batch of lines, on the pipeline thread, so a removal loses nothing.
+        // One stat per batch of lines, on the log thread, so a removal loses nothing.
         if !self.todays_file().exists() {
             self.appender = open_appender(&self.dir, &self.prefix)?;
         }

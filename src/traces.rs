@@ -6,10 +6,9 @@ mod agent_span;
 mod export;
 mod processor;
 
-use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
-use opentelemetry_sdk::trace::{SdkTracerProvider, SpanProcessor};
+use opentelemetry_sdk::trace::{SdkTracerProvider, SpanExporter};
 use opentelemetry_sdk::Resource;
 
 pub(crate) use agent_span::{AgentSpan, AgentTracer};
@@ -35,23 +34,21 @@ pub(crate) fn build(
     resource: &Resource,
     stats: &Arc<TelemetryStats>,
 ) -> Result<Option<Traces>> {
-    let in_flight = Arc::new(AtomicU64::new(0));
-    let counting = |inner| CountingExporter::new(inner, Arc::clone(stats), Arc::clone(&in_flight));
     let exporter = match (custom, config.traces_exporter) {
         (Some(custom), _) => Exporter::Boxed(custom),
         (None, TracesExporter::None) => return Ok(None),
         (None, TracesExporter::Console) => Exporter::Boxed(Box::new(opentelemetry_stdout::SpanExporter::default())),
         (None, TracesExporter::Otlp) => export::otlp_exporter(config)?,
     };
-    let mut batch = export::batch(counting(exporter), config);
-    // Set before the processor is shared: the provider can then no longer reach it mutably.
-    batch.set_resource(resource);
-    let processor = Arc::new(CountingProcessor::new(
-        batch,
+    let mut exporter = CountingExporter::new(exporter, Arc::clone(stats));
+    // Set before the processor's thread owns it: the provider can then no longer reach it.
+    exporter.set_resource(resource);
+    let processor = Arc::new(CountingProcessor::start(
+        exporter,
+        config.batch,
+        config.shutdown_timeout,
         Arc::clone(stats),
-        in_flight,
-        config.batch.max_queue_size,
-    ));
+    )?);
     let provider = SdkTracerProvider::builder()
         .with_span_processor(SharedProcessor(Arc::clone(&processor)))
         .with_sampler(config.sampler.clone())

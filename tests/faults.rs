@@ -203,10 +203,11 @@ fn assert_agents_unaffected(endpoint: &str, fault: &str, warning: &str) {
         1,
         "{fault}: warned once, not per span"
     );
+    // A collector that fails fast may keep the queue from filling: then nothing is dropped.
     assert_eq!(
         count_warnings(&harness, "span export queue (OTEL_BSP_MAX_QUEUE_SIZE)"),
-        1,
-        "{fault}: the warning names the queue that was full"
+        usize::from(dropped > 0.0),
+        "{fault}: the warning names the queue that was full, once, when it was"
     );
     let started = Instant::now();
     let result = harness.guard.take().unwrap().shutdown();
@@ -317,7 +318,7 @@ fn a_span_exporter_that_panics_loses_its_batch_only() {
 
 #[test]
 fn a_span_exporter_that_fails_to_shut_down_is_reported() {
-    /// Panics in the shutdown the batch processor calls, which an exporter may implement alone.
+    /// Panics in the shutdown the span processor calls, which an exporter may implement alone.
     #[derive(Debug)]
     struct PanicsOnShutdown(InMemorySpanExporter);
     impl SpanExporter for PanicsOnShutdown {
@@ -357,8 +358,8 @@ fn a_span_exporter_that_fails_to_shut_down_is_reported() {
         let received = InMemorySpanExporter::default();
         let mut harness = Harness::with(|builder| configure(builder, received.clone()));
         harness.run(|| execute_agent("a", "last span"));
-        // The SDK's batch processor ignores the exporter's shutdown result: the spans were
-        // flushed, so shutdown succeeds.
+        // The spans were exported before the exporter's shutdown failed, so shutdown succeeds;
+        // the failure is warned about.
         harness
             .guard
             .take()

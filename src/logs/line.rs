@@ -12,6 +12,7 @@ const MAX_AGENT_NAME_CHARS: usize = 256;
 const LINE_BYTES: usize = 512;
 
 /// Everything about the line that is fixed at start-up.
+#[derive(Clone)]
 pub(crate) struct LineFormat {
     format: LogFormat,
     max_task_chars: usize,
@@ -196,7 +197,7 @@ fn push_hex<const N: usize>(out: &mut Vec<u8>, bytes: [u8; N]) {
 }
 
 /// `YYYY-MM-DDTHH:MM:SS` of the last whole UTC second asked for.
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct UtcSecond {
     unix_second: Option<u64>,
     text: [u8; 19],

@@ -40,8 +40,14 @@ impl LineBatch {
     }
 
     /// Marks one complete line appended; a large batch is written out at once.
+    #[cfg(test)]
     pub(crate) fn line_done(&mut self) {
-        self.lines += 1;
+        self.lines_done(1);
+    }
+
+    /// Marks `lines` complete lines appended.
+    pub(crate) fn lines_done(&mut self, lines: u64) {
+        self.lines += lines;
         if self.buffer.len() >= BATCH_BYTES {
             self.write_out();
         }

@@ -1,7 +1,7 @@
 //! Agent spans, built here rather than by `tracing-opentelemetry`: ids and the sampling
 //! decision when the span opens, the finished span with the guide's, GenAI and OpenInference
-//! attributes when it closes, on the pipeline's thread. A general-purpose span builder costs
-//! more than the whole budget of an execution (see `benches/README.md`).
+//! attributes when it closes, on the span processor's thread. A general-purpose span builder
+//! costs more than the whole budget of an execution (see `benches/README.md`).
 //!
 //! The span joins the rest of the trace through the OpenTelemetry context: its parent is the
 //! context current when it opens, and while it is entered its own context is current, so the
@@ -10,9 +10,11 @@
 use std::borrow::Cow;
 use std::fmt;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
-use opentelemetry::trace::{Event, SpanContext, SpanId, SpanKind, Status as SpanStatus, TraceContextExt, TraceFlags};
+use opentelemetry::trace::{
+    Event, SpanContext, SpanId, SpanKind, Status as SpanStatus, TraceContextExt, TraceFlags, TraceId, TraceState,
+};
 use opentelemetry::{Context, InstrumentationScope, KeyValue, Value};
 use opentelemetry_sdk::trace::{
     IdGenerator, RandomIdGenerator, Sampler, SamplingDecision, ShouldSample, SpanData, SpanEvents, SpanLinks,
@@ -22,7 +24,7 @@ use tracing_core::Metadata;
 use tracing_subscriber::field::RecordFields;
 
 use super::processor::CountingProcessor;
-use crate::execution::{Execution, ExecutionFields, TraceIds};
+use crate::execution::{Execution, ExecutionFields, Failure, Status, TraceIds};
 
 /// Events kept per span, as the SDK's default span limits; the rest are counted as dropped.
 const MAX_EVENTS: usize = 128;
@@ -33,7 +35,20 @@ pub(crate) struct AgentTracer {
     processor: Arc<CountingProcessor>,
     sampler: Sampler,
     ids: RandomIdGenerator,
+}
+
+/// Builds finished agent spans, on the span processor's thread.
+#[derive(Debug)]
+pub(crate) struct SpanBuilder {
     scope: InstrumentationScope,
+}
+
+impl Default for SpanBuilder {
+    fn default() -> Self {
+        SpanBuilder {
+            scope: InstrumentationScope::builder("agent_telemetry").build(),
+        }
+    }
 }
 
 /// An agent span from open to close: what the finished span needs beyond the execution.
@@ -56,6 +71,36 @@ pub(crate) struct AgentSpan {
     entered: bool,
 }
 
+/// A closed agent span, as it crosses to the span processor's thread: what building it needs,
+/// in two cache lines when the span has nothing rare. Every cache line of it is a transfer
+/// between cores that both threads pay for (see `benches/README.md`).
+pub(crate) struct FinishedSpan {
+    trace_id: TraceId,
+    span_id: SpanId,
+    parent_span_id: SpanId,
+    flags: TraceFlags,
+    parent_is_remote: bool,
+    kind: SpanKind,
+    status: Status,
+    metadata: &'static Metadata<'static>,
+    agent_name: Arc<str>,
+    task: String,
+    end_time: SystemTime,
+    duration: Duration,
+    rare: Option<Box<RareParts>>,
+}
+
+/// The parts most agent spans do not have, boxed only when one does.
+struct RareParts {
+    /// An `otel.name` field's.
+    name: Option<String>,
+    trace_state: TraceState,
+    attributes: Vec<KeyValue>,
+    events: Vec<Event>,
+    dropped_events: u32,
+    failure: Option<Failure>,
+}
+
 /// Why a span cannot join an incoming trace.
 #[derive(Debug)]
 pub(crate) struct AlreadyStarted;
@@ -74,7 +119,6 @@ impl AgentTracer {
             processor,
             sampler,
             ids: RandomIdGenerator::default(),
-            scope: InstrumentationScope::builder("agent_telemetry").build(),
         }
     }
 
@@ -131,64 +175,125 @@ impl AgentTracer {
         span.parent = parent.clone();
     }
 
-    /// Builds the finished span and queues it for export. Only sampled spans come here: the
-    /// layer sends no other, so the pipeline counts a dropped span only when it was sampled.
+    /// Queues the finished span for export, built on the processor's thread. Only sampled
+    /// spans come here: the layer sends no other.
     pub(crate) fn export(&self, span: AgentSpan, execution: Execution) {
-        let span_context = span.span_context;
-        let agent_name = Value::String(execution.agent_name.into());
-        let mut attributes = Vec::with_capacity(10 + span.attributes.len());
+        self.processor.queue_agent(span.finish(execution));
+    }
+}
+
+impl SpanBuilder {
+    /// The finished span, with the guide's, GenAI and OpenInference attributes.
+    pub(crate) fn build(&self, span: FinishedSpan) -> SpanData {
+        let rare = span.rare.map(|rare| *rare);
+        let extra_attributes = rare.as_ref().map_or(0, |rare| rare.attributes.len());
+        let agent_name = Value::String(span.agent_name.into());
+        let mut attributes = Vec::with_capacity(10 + extra_attributes);
         attributes.extend([
             KeyValue::new("agent.name", agent_name.clone()),
-            KeyValue::new("task", execution.task),
-            KeyValue::new("result.status", execution.status.as_str()),
+            KeyValue::new("task", span.task),
+            KeyValue::new("result.status", span.status.as_str()),
             KeyValue::new("gen_ai.operation.name", "invoke_agent"),
             KeyValue::new("gen_ai.agent.name", agent_name),
             KeyValue::new("openinference.span.kind", "AGENT"),
         ]);
         push_location(&mut attributes, span.metadata);
-        let status = match &execution.failure {
-            Some(failure) => {
-                attributes.push(KeyValue::new("error.type", failure.error_type().to_owned()));
-                SpanStatus::error(failure.description().to_owned())
-            }
-            None => SpanStatus::Unset,
-        };
-        // Ours first: a field that happens to share a key does not make it appear twice.
-        let ours = attributes.len();
-        for attribute in span.attributes {
-            if !attributes[..ours].iter().any(|kv| kv.key == attribute.key) {
-                attributes.push(attribute);
-            }
-        }
+        let mut name = Cow::Borrowed(span.metadata.name());
+        let mut trace_state = TraceState::default();
+        let mut status = SpanStatus::Unset;
         let mut events = SpanEvents::default();
-        events.events = span.events;
-        events.dropped_count = span.dropped_events;
-        let end_time = execution.finished_at;
-        self.processor.queue(SpanData {
-            span_context,
+        if let Some(rare) = rare {
+            if let Some(failure) = &rare.failure {
+                attributes.push(KeyValue::new("error.type", failure.error_type().to_owned()));
+                status = SpanStatus::error(failure.description().to_owned());
+            }
+            // Ours first: a field that happens to share a key does not make it appear twice.
+            let ours = attributes.len();
+            for attribute in rare.attributes {
+                if !attributes[..ours].iter().any(|kv| kv.key == attribute.key) {
+                    attributes.push(attribute);
+                }
+            }
+            if let Some(renamed) = rare.name {
+                name = Cow::Owned(renamed);
+            }
+            trace_state = rare.trace_state;
+            events.events = rare.events;
+            events.dropped_count = rare.dropped_events;
+        }
+        SpanData {
+            span_context: SpanContext::new(span.trace_id, span.span_id, span.flags, false, trace_state),
             parent_span_id: span.parent_span_id,
             parent_span_is_remote: span.parent_is_remote,
             span_kind: span.kind,
-            name: span.name,
-            start_time: end_time.checked_sub(execution.duration).unwrap_or(end_time),
-            end_time,
+            name,
+            start_time: span.end_time.checked_sub(span.duration).unwrap_or(span.end_time),
+            end_time: span.end_time,
             attributes,
             dropped_attributes_count: 0,
             events,
             links: SpanLinks::default(),
             status,
             instrumentation_scope: self.scope.clone(),
-        });
-    }
-
-    /// Counts a sampled span lost in the pipeline's queue, before it reached the processor;
-    /// the pipeline gives the warning.
-    pub(crate) fn count_dropped(&self) {
-        self.processor.count_dropped(1);
+        }
     }
 }
 
 impl AgentSpan {
+    /// The span's parts for building it elsewhere, with the execution's. Its parent context
+    /// is dropped here, on the thread that made it.
+    pub(crate) fn finish(self, execution: Execution) -> FinishedSpan {
+        let AgentSpan {
+            parent: _,
+            span_context,
+            parent_span_id,
+            parent_is_remote,
+            metadata,
+            name,
+            kind,
+            attributes,
+            events,
+            dropped_events,
+            entered: _,
+        } = self;
+        let name = match name {
+            Cow::Owned(name) => Some(name),
+            Cow::Borrowed(_) => None,
+        };
+        let trace_state = span_context.trace_state().clone();
+        let rare = (name.is_some()
+            || trace_state != TraceState::default()
+            || !attributes.is_empty()
+            || !events.is_empty()
+            || dropped_events > 0
+            || execution.failure.is_some())
+        .then(|| {
+            Box::new(RareParts {
+                name,
+                trace_state,
+                attributes,
+                events,
+                dropped_events,
+                failure: execution.failure,
+            })
+        });
+        FinishedSpan {
+            trace_id: span_context.trace_id(),
+            span_id: span_context.span_id(),
+            parent_span_id,
+            flags: span_context.trace_flags(),
+            parent_is_remote,
+            kind,
+            status: execution.status,
+            metadata,
+            agent_name: execution.agent_name,
+            task: execution.task,
+            end_time: execution.finished_at,
+            duration: execution.duration,
+            rare,
+        }
+    }
+
     /// The context that is current while the span is entered; marks the span started.
     pub(crate) fn enter(&mut self) -> Context {
         self.entered = true;

@@ -1,12 +1,11 @@
 //! The exporter side: the configured exporter behind the batch processor, counting what it
 //! delivers and loses.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
-use opentelemetry_sdk::trace::{BatchConfigBuilder, BatchSpanProcessor, SpanData, SpanExporter};
+use opentelemetry_sdk::trace::{SpanData, SpanExporter};
 use opentelemetry_sdk::Resource;
 
 use crate::config::{Config, OtlpProtocol};
@@ -14,18 +13,6 @@ use crate::error::{Error, Result};
 use crate::panics;
 use crate::spells::FailureSpells;
 use crate::stats::TelemetryStats;
-
-pub(crate) fn batch(exporter: CountingExporter, config: &Config) -> BatchSpanProcessor {
-    let settings = config.batch;
-    let batch_config = BatchConfigBuilder::default()
-        .with_max_queue_size(settings.max_queue_size)
-        .with_max_export_batch_size(settings.max_export_batch_size)
-        .with_scheduled_delay(settings.scheduled_delay)
-        .build();
-    BatchSpanProcessor::builder(exporter)
-        .with_batch_config(batch_config)
-        .build()
-}
 
 pub(crate) fn otlp_exporter(config: &Config) -> Result<Exporter> {
     use opentelemetry_otlp::WithExportConfig;
@@ -152,16 +139,14 @@ impl Exporter {
 pub(crate) struct CountingExporter {
     inner: Exporter,
     stats: Arc<TelemetryStats>,
-    in_flight: Arc<AtomicU64>,
     spells: Mutex<FailureSpells>,
 }
 
 impl CountingExporter {
-    pub(crate) fn new(inner: Exporter, stats: Arc<TelemetryStats>, in_flight: Arc<AtomicU64>) -> Self {
+    pub(crate) fn new(inner: Exporter, stats: Arc<TelemetryStats>) -> Self {
         CountingExporter {
             inner,
             stats,
-            in_flight,
             spells: Mutex::default(),
         }
     }
@@ -173,7 +158,6 @@ impl SpanExporter for CountingExporter {
         let result = panics::catching_async(self.inner.export(batch))
             .await
             .unwrap_or_else(|panic| Err(panicked(&panic)));
-        self.in_flight.fetch_sub(count, Ordering::Relaxed);
         // Only the batch processor's thread exports: the lock is never contended.
         let mut spells = self.spells.lock().unwrap_or_else(PoisonError::into_inner);
         match &result {

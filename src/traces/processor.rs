@@ -1,84 +1,290 @@
 //! The span processor every exported span goes through, agent spans and the spans
-//! `tracing-opentelemetry` builds alike: it drops (and counts) a span when the batch queue is
-//! full, rather than letting the SDK drop it silently.
+//! `tracing-opentelemetry` builds alike: one thread builds the agent spans, batches and
+//! exports. Agent spans gather, as the few fields they are made of, in a batch of the thread
+//! that finished them, and cross to it 64 at a time; other spans cross one by one. A full
+//! queue drops (and counts) spans, never the caller's time.
+//!
+//! It replaces the SDK's batch processor so that an agent span crosses threads once and is
+//! built, exported and freed on one thread: the SDK's would take it built, one by one through
+//! a queue every agent thread writes to (see `benches/README.md`).
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::mem;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use opentelemetry::Context;
-use opentelemetry_sdk::error::OTelSdkResult;
-use opentelemetry_sdk::trace::{BatchSpanProcessor, Span, SpanData, SpanProcessor};
+use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
+use opentelemetry_sdk::trace::{Span, SpanData, SpanExporter, SpanProcessor};
 use opentelemetry_sdk::Resource;
 
+use super::agent_span::{FinishedSpan, SpanBuilder};
+use super::export::CountingExporter;
+use crate::background::{self, Linger, Sent};
+use crate::config::BatchSettings;
+use crate::error::Result;
+use crate::per_thread::PerThread;
 use crate::stats::{first_time, TelemetryStats};
 
-/// The batch processor with the drop accounting the SDK does not expose.
-#[derive(Debug)]
+enum Message {
+    /// A thread's batch of agent spans' parts, built into spans on the processor's thread.
+    Agents(Vec<FinishedSpan>),
+    /// A thread's batch has its first span: collect it.
+    Wake,
+    /// A span `tracing-opentelemetry` built, boxed: a `SpanData` would make every message,
+    /// and each agent span's handoff, three times larger.
+    Built(Box<SpanData>),
+    /// Export everything queued before this message, then answer.
+    Flush(SyncSender<OTelSdkResult>),
+    /// Export everything queued before this message, shut the exporter down, answer, stop.
+    Shutdown(SyncSender<OTelSdkResult>),
+}
+
+/// Agent spans a thread gathers before it hands them over at once.
+const SPANS_PER_HANDOFF: usize = 64;
+
+/// Emptied batches kept for the next handoff.
+const SPARE_BATCHES: usize = 16;
+
+/// The agent spans each thread has finished and the processor has not taken yet, and the
+/// emptied batches the threads take back.
+struct AgentSpans {
+    threads: PerThread<Vec<FinishedSpan>>,
+    spare: Mutex<Vec<Vec<FinishedSpan>>>,
+    /// Full batches queued and not yet taken, and how many may be.
+    batches_queued: AtomicUsize,
+    max_batches_queued: usize,
+}
+
+impl AgentSpans {
+    fn spare_batch(&self) -> Vec<FinishedSpan> {
+        let spare = self.spare.lock().unwrap_or_else(PoisonError::into_inner).pop();
+        spare.unwrap_or_else(|| Vec::with_capacity(SPANS_PER_HANDOFF))
+    }
+
+    fn recycle(&self, batch: Vec<FinishedSpan>) {
+        let mut spare = self.spare.lock().unwrap_or_else(PoisonError::into_inner);
+        if spare.len() < SPARE_BATCHES && batch.is_empty() {
+            spare.push(batch);
+        }
+    }
+}
+
+/// What became of an agent span.
+enum Queued {
+    /// It is the first in its thread's batch: the processor needs to hear of it.
+    First,
+    /// It joined spans the processor will take anyway.
+    More,
+    /// It filled its thread's batch, which is handed over as it is.
+    Full(Vec<FinishedSpan>),
+}
+
+/// The queue's sending side, with the drop accounting.
 pub(crate) struct CountingProcessor {
-    inner: BatchSpanProcessor,
+    sender: SyncSender<Message>,
+    agent_spans: Arc<AgentSpans>,
     stats: Arc<TelemetryStats>,
-    /// Spans queued and not yet through an export: never more than the queue holds.
-    in_flight: Arc<AtomicU64>,
-    max_queue_size: u64,
+    capacity: usize,
+    /// How long `force_flush` waits for the export.
+    flush_timeout: Duration,
     shut_down: AtomicBool,
     /// Whether the first drop from this queue was reported.
     warned_full: AtomicBool,
     /// Whether the first span ended after shutdown was reported.
     warned_shut_down: AtomicBool,
+    thread: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl CountingProcessor {
-    pub(crate) fn new(
-        inner: BatchSpanProcessor,
+    /// Starts the processor's thread, which owns `exporter` from now on.
+    pub(crate) fn start(
+        exporter: CountingExporter,
+        settings: BatchSettings,
+        flush_timeout: Duration,
         stats: Arc<TelemetryStats>,
-        in_flight: Arc<AtomicU64>,
-        max_queue_size: usize,
-    ) -> Self {
-        CountingProcessor {
-            inner,
+    ) -> Result<Self> {
+        let (sender, receiver) = sync_channel(settings.max_queue_size);
+        let agent_spans = Arc::new(AgentSpans {
+            threads: PerThread::new(|| Vec::with_capacity(SPANS_PER_HANDOFF)),
+            spare: Mutex::default(),
+            batches_queued: AtomicUsize::new(0),
+            max_batches_queued: (settings.max_queue_size / SPANS_PER_HANDOFF).max(1),
+        });
+        let worker = Worker {
+            agent_spans: Arc::clone(&agent_spans),
+            exporter,
+            linger: Linger::new(settings.max_queue_size),
+            spans: SpanBuilder::default(),
+            batch: Vec::with_capacity(settings.max_export_batch_size),
+            settings,
+            exported: Ok(()),
+        };
+        let thread = background::spawn("agent-tel-spans", move || worker.run(&receiver))?;
+        Ok(CountingProcessor {
+            sender,
+            agent_spans,
             stats,
-            in_flight,
-            max_queue_size: max_queue_size as u64,
+            capacity: settings.max_queue_size,
+            flush_timeout,
             shut_down: AtomicBool::new(false),
             warned_full: AtomicBool::new(false),
             warned_shut_down: AtomicBool::new(false),
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+
+    /// Queues an agent span, built on the processor's thread. It waits in the calling
+    /// thread's batch until the batch is full or the processor collects it.
+    pub(crate) fn queue_agent(&self, span: FinishedSpan) {
+        if self.shut_down.load(Ordering::Relaxed) {
+            return self.dropped_after_shutdown(1);
+        }
+        let spans = &self.agent_spans;
+        let queued = spans.threads.with_mine(|mine| {
+            mine.push(span);
+            match mine.len() {
+                1 => Queued::First,
+                n if n >= SPANS_PER_HANDOFF => Queued::Full(mem::replace(mine, spans.spare_batch())),
+                _ => Queued::More,
+            }
+        });
+        match queued {
+            Some(Queued::More) => {}
+            // A full queue holds messages that wake the thread anyway.
+            Some(Queued::First) => {
+                if let Err(TrySendError::Disconnected(_)) = self.sender.try_send(Message::Wake) {
+                    self.processor_gone();
+                }
+            }
+            Some(Queued::Full(batch)) => self.send_batch(batch),
+            None => self.dropped_after_shutdown(1),
         }
     }
 
-    /// Queues a finished span, or drops and counts it when the queue is full or the export
-    /// has shut down.
+    fn send_batch(&self, batch: Vec<FinishedSpan>) {
+        let spans = batch.len() as u64;
+        let queued = &self.agent_spans.batches_queued;
+        if queued.fetch_add(1, Ordering::Relaxed) >= self.agent_spans.max_batches_queued {
+            queued.fetch_sub(1, Ordering::Relaxed);
+            return self.dropped_full(spans);
+        }
+        match self.sender.try_send(Message::Agents(batch)) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                queued.fetch_sub(1, Ordering::Relaxed);
+                self.dropped_full(spans);
+            }
+            Err(TrySendError::Disconnected(_)) => {
+                queued.fetch_sub(1, Ordering::Relaxed);
+                self.dropped_after_shutdown(spans);
+                self.processor_gone();
+            }
+        }
+    }
+
+    /// The processor's thread is gone: the spans waiting in threads' batches never leave.
+    fn processor_gone(&self) {
+        let spans = &self.agent_spans.threads;
+        spans.close();
+        let mut lost = 0;
+        spans.visit(|batch| {
+            lost += batch.len() as u64;
+            batch.clear();
+        });
+        self.dropped_after_shutdown(lost);
+    }
+
+    /// Queues a finished span.
     pub(crate) fn queue(&self, span: SpanData) {
+        self.send(Message::Built(Box::new(span)));
+    }
+
+    /// Sends a span, or drops and counts it when the queue is full or the export has shut
+    /// down.
+    fn send(&self, message: Message) {
         if self.shut_down.load(Ordering::Relaxed) {
-            self.count_dropped(1);
-            if first_time(&self.warned_shut_down) {
-                tracing::warn!(
-                    target: "agent_telemetry::traces",
-                    "a span ended after the span export shut down; dropping it and counting it in agent_telemetry_spans_dropped_total"
-                );
-            }
+            return self.dropped_after_shutdown(1);
+        }
+        match self.sender.try_send(message) {
+            Ok(()) => {}
+            Err(TrySendError::Disconnected(_)) => self.dropped_after_shutdown(1),
+            Err(TrySendError::Full(_)) => self.dropped_full(1),
+        }
+    }
+
+    fn dropped_full(&self, spans: u64) {
+        self.count_dropped(spans);
+        if first_time(&self.warned_full) {
+            tracing::warn!(
+                target: "agent_telemetry::traces",
+                queue = "span export queue (OTEL_BSP_MAX_QUEUE_SIZE)",
+                capacity = self.capacity,
+                "queue full on the way to the span exporter; dropping spans and counting them in agent_telemetry_spans_dropped_total"
+            );
+        }
+    }
+
+    fn dropped_after_shutdown(&self, spans: u64) {
+        if spans == 0 {
             return;
         }
-        let queued = self.in_flight.fetch_add(1, Ordering::Relaxed);
-        if queued >= self.max_queue_size {
-            self.in_flight.fetch_sub(1, Ordering::Relaxed);
-            self.count_dropped(1);
-            if first_time(&self.warned_full) {
-                tracing::warn!(
-                    target: "agent_telemetry::traces",
-                    queue = "span export queue (OTEL_BSP_MAX_QUEUE_SIZE)",
-                    capacity = self.max_queue_size,
-                    "queue full on the way to the span exporter; dropping spans and counting them in agent_telemetry_spans_dropped_total"
-                );
-            }
-            return;
+        self.count_dropped(spans);
+        if first_time(&self.warned_shut_down) {
+            tracing::warn!(
+                target: "agent_telemetry::traces",
+                "a span ended after the span export shut down; dropping it and counting it in agent_telemetry_spans_dropped_total"
+            );
         }
-        self.inner.on_end(span);
     }
 
     /// Counts spans lost on their way to the exporter. The queue that dropped them warns.
     pub(crate) fn count_dropped(&self, spans: u64) {
         TelemetryStats::add(&self.stats.spans_dropped, spans);
+    }
+
+    /// Sends a control message and waits for its answer.
+    fn ask(&self, message: fn(SyncSender<OTelSdkResult>) -> Message, timeout: Duration) -> OTelSdkResult {
+        let deadline = Instant::now() + timeout;
+        let (answer, answered) = sync_channel(1);
+        match background::send_by(&self.sender, message(answer), deadline) {
+            Sent::Yes => {}
+            Sent::Gone => return Err(OTelSdkError::AlreadyShutdown),
+            Sent::TimedOut => return Err(OTelSdkError::Timeout(timeout)),
+        }
+        match answered.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(result) => result,
+            Err(RecvTimeoutError::Timeout) => Err(OTelSdkError::Timeout(timeout)),
+            Err(RecvTimeoutError::Disconnected) => Err(OTelSdkError::InternalFailure(
+                "the span processor's thread has ended".into(),
+            )),
+        }
+    }
+
+    fn shutdown(&self, timeout: Duration) -> OTelSdkResult {
+        if self.shut_down.swap(true, Ordering::Relaxed) {
+            return Err(OTelSdkError::AlreadyShutdown);
+        }
+        let result = self.ask(Message::Shutdown, timeout);
+        if result.is_ok() {
+            let thread = self.thread.lock().unwrap_or_else(PoisonError::into_inner).take();
+            if let Some(thread) = thread {
+                // The thread has answered; joining only reaps it.
+                let _ = thread.join();
+            }
+        }
+        result
+    }
+}
+
+impl std::fmt::Debug for CountingProcessor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CountingProcessor")
+            .field("capacity", &self.capacity)
+            .field("shut_down", &self.shut_down)
+            .finish_non_exhaustive()
     }
 }
 
@@ -87,25 +293,138 @@ impl CountingProcessor {
 pub(crate) struct SharedProcessor(pub Arc<CountingProcessor>);
 
 impl SpanProcessor for SharedProcessor {
-    fn on_start(&self, span: &mut Span, cx: &Context) {
-        self.0.inner.on_start(span, cx);
-    }
+    fn on_start(&self, _: &mut Span, _: &Context) {}
 
     fn on_end(&self, span: SpanData) {
         self.0.queue(span);
     }
 
     fn force_flush(&self) -> OTelSdkResult {
-        self.0.inner.force_flush()
+        self.0.ask(Message::Flush, self.0.flush_timeout)
     }
 
     fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
-        self.0.shut_down.store(true, Ordering::Relaxed);
-        self.0.inner.shutdown_with_timeout(timeout)
+        self.0.shutdown(timeout)
     }
 
     fn set_resource(&mut self, _: &Resource) {
-        // Set on the batch processor before it was shared (see `traces::build`).
+        // Set on the exporter before its thread started (see `traces::build`).
+    }
+}
+
+/// The processor's thread: builds, batches and exports.
+struct Worker {
+    agent_spans: Arc<AgentSpans>,
+    exporter: CountingExporter,
+    linger: Linger,
+    spans: SpanBuilder,
+    batch: Vec<SpanData>,
+    settings: BatchSettings,
+    /// The first failed export of this round, if any.
+    exported: OTelSdkResult,
+}
+
+impl Worker {
+    fn run(mut self, receiver: &Receiver<Message>) {
+        let mut next_export = Instant::now() + self.settings.scheduled_delay;
+        loop {
+            let first = match receiver.recv_timeout(next_export.saturating_duration_since(Instant::now())) {
+                Ok(message) => Some(message),
+                Err(RecvTimeoutError::Timeout) => None,
+                // Every sender is gone: nothing more can come, and nothing asked to shut down.
+                Err(RecvTimeoutError::Disconnected) => {
+                    self.collect();
+                    return self.export();
+                }
+            };
+            let mut next = first;
+            let mut control = None;
+            let mut taken = 0;
+            self.exported = Ok(());
+            // Take what is queued now, without waiting.
+            while let Some(message) = next.take() {
+                match message {
+                    Message::Agents(mut spans) => {
+                        taken += spans.len();
+                        self.add_agent_spans(&mut spans);
+                        self.agent_spans.batches_queued.fetch_sub(1, Ordering::Relaxed);
+                        self.agent_spans.recycle(spans);
+                    }
+                    Message::Built(span) => {
+                        taken += 1;
+                        self.add(*span);
+                    }
+                    Message::Wake => {}
+                    control_message => {
+                        control = Some(control_message);
+                        break;
+                    }
+                }
+                next = receiver.try_recv().ok();
+            }
+            if let Some(Message::Shutdown(_)) = control {
+                // Spans finished after this are counted as dropped, not left in a batch.
+                self.agent_spans.threads.close();
+            }
+            taken += self.collect();
+            if control.is_some() || Instant::now() >= next_export {
+                self.export();
+                next_export = Instant::now() + self.settings.scheduled_delay;
+            }
+            match control {
+                Some(Message::Flush(answer)) => {
+                    let _ = answer.send(mem::replace(&mut self.exported, Ok(())));
+                }
+                Some(Message::Shutdown(answer)) => {
+                    // The exporter reports a failure of its own shutdown (`report_shutdown`):
+                    // the spans were exported before it, which is what the answer says.
+                    let _ = self.exporter.shutdown();
+                    let _ = answer.send(mem::replace(&mut self.exported, Ok(())));
+                    return;
+                }
+                // Never past the next scheduled export.
+                _ => self
+                    .linger
+                    .sleep(taken, next_export.saturating_duration_since(Instant::now())),
+            }
+        }
+    }
+
+    /// Takes every thread's batch of agent spans; returns how many.
+    fn collect(&mut self) -> usize {
+        let mut collected = Vec::new();
+        self.agent_spans.threads.visit(|batch| collected.append(batch));
+        let taken = collected.len();
+        self.add_agent_spans(&mut collected);
+        taken
+    }
+
+    fn add_agent_spans(&mut self, spans: &mut Vec<FinishedSpan>) {
+        for span in spans.drain(..) {
+            let span = self.spans.build(span);
+            self.add(span);
+        }
+    }
+
+    /// Adds a span to the export batch, exporting it once full.
+    fn add(&mut self, span: SpanData) {
+        self.batch.push(span);
+        if self.batch.len() >= self.settings.max_export_batch_size {
+            self.export();
+        }
+    }
+
+    /// Exports the batch; the exporter counts and reports what it delivers and loses, and a
+    /// failure is kept for the flush or shutdown this round answers.
+    fn export(&mut self) {
+        if self.batch.is_empty() {
+            return;
+        }
+        let batch = mem::replace(&mut self.batch, Vec::with_capacity(self.settings.max_export_batch_size));
+        let result = futures_executor::block_on(self.exporter.export(batch));
+        if self.exported.is_ok() {
+            self.exported = result;
+        }
     }
 }
 
@@ -119,7 +438,10 @@ mod tests {
     use opentelemetry_sdk::trace::{InMemorySpanExporter, SpanEvents, SpanLinks};
 
     use super::*;
+    use crate::execution::{Execution, Status as ExecutionStatus};
     use crate::test_support::Warnings;
+    use crate::traces::export::Exporter;
+    use crate::traces::AgentTracer;
 
     fn span() -> SpanData {
         SpanData {
@@ -139,14 +461,149 @@ mod tests {
         }
     }
 
-    #[test]
-    fn spans_after_shutdown_are_counted_and_the_warning_says_why() {
+    /// A processor exporting into `exporter`, with a queue of `queue` spans.
+    fn processor(
+        exporter: InMemorySpanExporter,
+        queue: usize,
+        delay: Duration,
+    ) -> (Arc<CountingProcessor>, Arc<TelemetryStats>) {
         let stats = Arc::new(TelemetryStats::default());
-        let batch = BatchSpanProcessor::builder(InMemorySpanExporter::default()).build();
-        let processor = Arc::new(CountingProcessor::new(batch, Arc::clone(&stats), Arc::default(), 16));
+        let exporter = CountingExporter::new(Exporter::Boxed(Box::new(exporter)), Arc::clone(&stats));
+        let settings = BatchSettings {
+            max_queue_size: queue,
+            max_export_batch_size: queue.min(512),
+            scheduled_delay: delay,
+        };
+        let processor =
+            CountingProcessor::start(exporter, settings, Duration::from_secs(5), Arc::clone(&stats)).unwrap();
+        (Arc::new(processor), stats)
+    }
+
+    #[test]
+    fn flush_exports_every_span_queued_before_it() {
+        let exporter = InMemorySpanExporter::default();
+        let (processor, stats) = processor(exporter.clone(), 2048, Duration::from_secs(3600));
+        for _ in 0..1000 {
+            processor.queue(span());
+        }
+        SharedProcessor(Arc::clone(&processor)).force_flush().unwrap();
+        assert_eq!(exporter.get_finished_spans().unwrap().len(), 1000);
+        assert_eq!(TelemetryStats::get(&stats.spans_exported), 1000);
+        assert_eq!(TelemetryStats::get(&stats.spans_dropped), 0);
+    }
+
+    #[test]
+    fn spans_go_out_on_schedule_without_a_flush() {
+        let exporter = InMemorySpanExporter::default();
+        let (processor, _stats) = processor(exporter.clone(), 2048, Duration::from_millis(20));
+        processor.queue(span());
+        // Bounded wait for the schedule, not a timing assertion: the delay is 20 ms.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while exporter.get_finished_spans().unwrap().is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(
+            exporter.get_finished_spans().unwrap().len(),
+            1,
+            "exported by the schedule alone"
+        );
+    }
+
+    #[test]
+    fn a_full_queue_drops_counts_and_warns_once() {
+        let memory = InMemorySpanExporter::default();
+        let (processor, stats) = processor(memory.clone(), 4, Duration::from_secs(3600));
+        let warnings = Warnings::with_target("agent_telemetry::traces");
+        tracing::dispatcher::with_default(&warnings.dispatch(), || {
+            for _ in 0..100_000 {
+                processor.queue(span());
+            }
+        });
+        SharedProcessor(Arc::clone(&processor)).force_flush().unwrap();
+        let exported = TelemetryStats::get(&stats.spans_exported);
+        let dropped = TelemetryStats::get(&stats.spans_dropped);
+        assert_eq!(exported + dropped, 100_000, "every span exported or counted");
+        assert_eq!(memory.get_finished_spans().unwrap().len() as u64, exported);
+        assert!(dropped > 0, "a queue of 4 cannot take 100000 spans sent back to back");
+        let warnings = warnings.messages();
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(
+            warnings[0].starts_with("queue full on the way to the span exporter"),
+            "{warnings:?}"
+        );
+    }
+
+    /// An agent span of `tracer`'s, finished, with `task`.
+    fn agent_span(tracer: &AgentTracer, task: String) -> FinishedSpan {
+        let span = tracing::info_span!("agent_execution");
+        let metadata = span.metadata().expect("a callsite's span has metadata");
+        let execution = Execution {
+            agent_name: "a".into(),
+            task,
+            duration: Duration::from_millis(1),
+            status: ExecutionStatus::Success,
+            failure: None,
+            finished_at: SystemTime::now(),
+            trace: None,
+        };
+        tracer.start(&Context::new(), metadata).finish(execution)
+    }
+
+    #[test]
+    fn agent_spans_gathered_per_thread_are_all_exported_and_late_ones_counted() {
+        // The test's spans need a subscriber that enables them, for their metadata.
+        let _subscriber = tracing::subscriber::set_default(tracing_subscriber::registry());
+        let exporter = InMemorySpanExporter::default();
+        let (processor, stats) = processor(exporter.clone(), 2048, Duration::from_secs(3600));
+        let tracer = AgentTracer::new(Arc::clone(&processor), opentelemetry_sdk::trace::Sampler::AlwaysOn);
+        // Fewer than a batch on some threads, several batches on others; every thread has
+        // ended before the flush.
+        std::thread::scope(|scope| {
+            for (thread, spans) in [(0, 1), (1, 63), (2, 64), (3, 200)] {
+                let (tracer, processor) = (&tracer, &processor);
+                scope.spawn(move || {
+                    let _subscriber = tracing::subscriber::set_default(tracing_subscriber::registry());
+                    for i in 0..spans {
+                        processor.queue_agent(agent_span(tracer, format!("{thread}/{i}")));
+                    }
+                });
+            }
+        });
+        SharedProcessor(Arc::clone(&processor)).force_flush().unwrap();
+        let mut tasks: Vec<String> = exporter
+            .get_finished_spans()
+            .unwrap()
+            .iter()
+            .flat_map(|span| &span.attributes)
+            .filter(|kv| kv.key.as_str() == "task")
+            .map(|kv| kv.value.as_str().into_owned())
+            .collect();
+        tasks.sort();
+        tasks.dedup();
+        assert_eq!(tasks.len(), 1 + 63 + 64 + 200, "each span exported, once");
+        assert_eq!(TelemetryStats::get(&stats.spans_dropped), 0);
+
         SharedProcessor(Arc::clone(&processor))
             .shutdown_with_timeout(Duration::from_secs(5))
             .unwrap();
+        processor.queue_agent(agent_span(&tracer, "late".into()));
+        assert_eq!(TelemetryStats::get(&stats.spans_dropped), 1, "finished after shutdown");
+    }
+
+    #[test]
+    fn spans_after_shutdown_are_counted_and_the_warning_says_why() {
+        let exporter = InMemorySpanExporter::default();
+        let (processor, stats) = processor(exporter.clone(), 16, Duration::from_secs(3600));
+        processor.queue(span());
+        SharedProcessor(Arc::clone(&processor))
+            .shutdown_with_timeout(Duration::from_secs(5))
+            .unwrap();
+        // (The in-memory exporter forgets its spans when it shuts down.)
+        assert_eq!(
+            TelemetryStats::get(&stats.spans_exported),
+            1,
+            "shutdown exports what is queued"
+        );
         let warnings = Warnings::with_target("agent_telemetry::traces");
         tracing::dispatcher::with_default(&warnings.dispatch(), || {
             for _ in 0..3 {

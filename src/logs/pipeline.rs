@@ -1,35 +1,24 @@
-//! The pipeline thread: the agent's thread hands each closed execution over in one queue
-//! push; this thread formats its log line and builds its span. A full queue drops the
-//! execution's line and span, never the agent's time, and counts both.
+//! The log pipeline: each agent thread formats its executions' lines into a buffer of its own
+//! (`pending.rs`); one thread collects the buffers and writes them. A full queue drops the
+//! lines that do not fit, never the agent's time, and counts them.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use super::{Appended, FullBuffer, LogLines, PendingLines};
+use crate::background::{self, Linger, Sent};
 use crate::error::{Error, Result};
 use crate::execution::Execution;
-use crate::logs::LogLines;
 use crate::stats::{first_time, TelemetryStats};
-use crate::traces::{AgentSpan, AgentTracer};
 
-/// How long the thread lets executions gather after it emptied the queue: bounds its
-/// wake-ups to about 200 a second under load, and delays a line or span by at most this much.
-const LINGER: Duration = Duration::from_millis(5);
-
-/// A closed execution and, when it is sampled, its span.
-pub(crate) struct Closed {
-    pub execution: Execution,
-    pub span: Option<AgentSpan>,
-}
-
-// The size is the point: see the variant.
-#[allow(clippy::large_enum_variant)]
 enum Message {
-    /// Not boxed: an allocation made here and freed on the pipeline's thread would contend
-    /// for the allocator's lock on every execution.
-    Closed(Closed),
+    /// A thread's full buffer of lines.
+    Lines(FullBuffer),
+    /// A thread's buffer has its first line: collect it.
+    Wake,
     /// Finish everything queued before this message, then acknowledge (and stop).
     Flush { ack: SyncSender<()>, stop: bool },
 }
@@ -37,8 +26,11 @@ enum Message {
 /// The sending side, held by the layer.
 pub(crate) struct Pipeline {
     sender: SyncSender<Message>,
+    lines: Arc<PendingLines>,
+    /// Full line buffers queued and not yet written, and how many may be.
+    buffers_queued: Arc<AtomicUsize>,
+    max_buffers_queued: usize,
     stats: Arc<TelemetryStats>,
-    tracer: Option<Arc<AgentTracer>>,
     capacity: usize,
     /// Whether the first full-queue drop was reported.
     warned_full: AtomicBool,
@@ -50,28 +42,24 @@ pub(crate) struct Pipeline {
 }
 
 impl Pipeline {
-    pub(crate) fn start(
-        logs: LogLines,
-        tracer: Option<Arc<AgentTracer>>,
-        capacity: usize,
-        stats: Arc<TelemetryStats>,
-    ) -> Result<Self> {
+    /// `capacity` bounds the lines waiting.
+    pub(crate) fn start(logs: LogLines, capacity: usize, stats: Arc<TelemetryStats>) -> Result<Self> {
         let (sender, receiver) = sync_channel(capacity);
+        let lines = Arc::new(PendingLines::new(logs.format().clone(), capacity));
+        let buffers_queued = Arc::new(AtomicUsize::new(0));
         let worker = Worker {
             logs,
-            tracer: tracer.clone(),
+            linger: Linger::new(capacity),
+            lines: Arc::clone(&lines),
+            buffers_queued: Arc::clone(&buffers_queued),
         };
-        let thread = std::thread::Builder::new()
-            .name("agent-telemetry".into())
-            .spawn(move || worker.run(&receiver))
-            .map_err(|source| Error::Thread {
-                name: "agent-telemetry",
-                source,
-            })?;
+        let thread = background::spawn("agent-tel-logs", move || worker.run(&receiver))?;
         Ok(Pipeline {
             sender,
+            max_buffers_queued: capacity.div_ceil(lines.handoff_lines()).max(1),
+            lines,
+            buffers_queued,
             stats,
-            tracer,
             capacity,
             warned_full: AtomicBool::new(false),
             warned_shut_down: AtomicBool::new(false),
@@ -80,27 +68,53 @@ impl Pipeline {
         })
     }
 
-    /// Queues a closed execution; never blocks. A full queue drops its line and span, and so
-    /// does a pipeline whose thread has ended.
-    pub(crate) fn send(&self, closed: Closed) {
-        let (closed, ended) = match self.sender.try_send(Message::Closed(closed)) {
-            Err(TrySendError::Full(Message::Closed(closed))) => (closed, false),
-            Err(TrySendError::Disconnected(Message::Closed(closed))) => (closed, true),
-            // Sent, or (never) not an execution.
-            Ok(()) | Err(_) => return,
-        };
-        TelemetryStats::add(&self.stats.log_lines_dropped, 1);
+    /// Formats the execution's line on the calling thread; never blocks. Lines a full queue
+    /// or a pipeline whose thread has ended cannot take are dropped and counted.
+    pub(crate) fn write_line(&self, execution: &Execution) {
+        match self.lines.append(execution) {
+            Appended::More => {}
+            // A full queue holds messages that wake the thread anyway.
+            Appended::First => {
+                if let Err(TrySendError::Disconnected(_)) = self.sender.try_send(Message::Wake) {
+                    self.lost(0, true);
+                }
+            }
+            Appended::Full(buffer) => self.send_lines(buffer),
+            Appended::Closed => self.lost(1, true),
+        }
+    }
+
+    fn send_lines(&self, buffer: FullBuffer) {
+        let lines = buffer.lines;
+        if self.buffers_queued.fetch_add(1, Ordering::Relaxed) >= self.max_buffers_queued {
+            self.buffers_queued.fetch_sub(1, Ordering::Relaxed);
+            return self.lost(lines, false);
+        }
+        if let Err(error) = self.sender.try_send(Message::Lines(buffer)) {
+            self.buffers_queued.fetch_sub(1, Ordering::Relaxed);
+            self.lost(lines, matches!(error, TrySendError::Disconnected(_)));
+        }
+    }
+
+    /// Counts lost lines, and warns the first time, saying why. A thread that has `ended`
+    /// takes no more lines: the ones waiting are lost too.
+    fn lost(&self, mut lines: u64, ended: bool) {
+        if ended {
+            self.lines.close();
+            lines += self.lines.discard();
+        }
+        TelemetryStats::add(&self.stats.log_lines_dropped, lines);
         if ended {
             if first_time(&self.warned_shut_down) {
                 if self.stopping.load(Ordering::Relaxed) {
                     tracing::warn!(
                         target: "agent_telemetry::logs",
-                        "an agent execution closed after agent-telemetry shut down; dropping its log line and span and counting them in agent_telemetry_log_lines_dropped_total and agent_telemetry_spans_dropped_total"
+                        "an agent execution closed after agent-telemetry shut down; dropping its log line and counting it in agent_telemetry_log_lines_dropped_total"
                     );
                 } else {
                     tracing::error!(
                         target: "agent_telemetry::logs",
-                        "the agent-telemetry pipeline thread has ended unexpectedly; dropping every log line and span from now on and counting them in agent_telemetry_log_lines_dropped_total and agent_telemetry_spans_dropped_total"
+                        "the agent-telemetry pipeline thread has ended unexpectedly; dropping every log line from now on and counting them in agent_telemetry_log_lines_dropped_total"
                     );
                 }
             }
@@ -108,33 +122,23 @@ impl Pipeline {
             tracing::warn!(
                 target: "agent_telemetry::logs",
                 capacity = self.capacity,
-                "pipeline queue full (with_log_queue_lines): executions arrive faster than their lines are written and spans built; dropping both and counting them in agent_telemetry_log_lines_dropped_total and agent_telemetry_spans_dropped_total"
+                "pipeline queue full (with_log_queue_lines): lines are formatted faster than they are written; dropping the ones that do not fit and counting them in agent_telemetry_log_lines_dropped_total"
             );
-        }
-        if let (Some(tracer), Some(_)) = (&self.tracer, &closed.span) {
-            tracer.count_dropped();
         }
     }
 
-    /// Waits until every execution queued so far is written and handed to the span
-    /// processor, or `timeout` passes; with `stop`, the thread then ends.
+    /// Waits until every line formatted so far is written, or `timeout` passes; with `stop`,
+    /// the thread then ends.
     pub(crate) fn flush(&self, timeout: Duration, stop: bool) -> Result<()> {
         let deadline = Instant::now() + timeout;
         if stop {
             self.stopping.store(true, Ordering::Relaxed);
         }
         let (ack, acknowledged) = sync_channel(1);
-        let mut message = Message::Flush { ack, stop };
-        loop {
-            match self.sender.try_send(message) {
-                Ok(()) => break,
-                Err(TrySendError::Disconnected(_)) => return Ok(()), // already shut down
-                Err(TrySendError::Full(back)) if Instant::now() < deadline => {
-                    message = back;
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-                Err(TrySendError::Full(_)) => return Err(timed_out(timeout)),
-            }
+        match background::send_by(&self.sender, Message::Flush { ack, stop }, deadline) {
+            Sent::Yes => {}
+            Sent::Gone => return Ok(()), // already shut down
+            Sent::TimedOut => return Err(timed_out(timeout)),
         }
         match acknowledged.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
             Ok(()) if !stop => Ok(()),
@@ -161,7 +165,9 @@ fn timed_out(timeout: Duration) -> Error {
 /// The receiving side, on its own thread.
 struct Worker {
     logs: LogLines,
-    tracer: Option<Arc<AgentTracer>>,
+    linger: Linger,
+    lines: Arc<PendingLines>,
+    buffers_queued: Arc<AtomicUsize>,
 }
 
 impl Worker {
@@ -169,10 +175,17 @@ impl Worker {
         while let Ok(first) = receiver.recv() {
             let mut next = Some(first);
             let mut flush = None;
+            let mut taken = 0;
             // Take what is queued now, without waiting.
             while let Some(message) = next.take() {
                 match message {
-                    Message::Closed(closed) => self.handle(closed),
+                    Message::Lines(buffer) => {
+                        taken += buffer.lines;
+                        self.logs.append_lines(&buffer.bytes, buffer.lines);
+                        self.lines.recycle(buffer.bytes);
+                        self.buffers_queued.fetch_sub(1, Ordering::Relaxed);
+                    }
+                    Message::Wake => {}
                     Message::Flush { ack, stop } => {
                         flush = Some((ack, stop));
                         break;
@@ -180,6 +193,11 @@ impl Worker {
                 }
                 next = receiver.try_recv().ok();
             }
+            if let Some((_, true)) = flush {
+                // Lines appended after this are counted as dropped, not left unwritten.
+                self.lines.close();
+            }
+            taken += self.lines.collect(&mut self.logs);
             self.logs.write_out();
             match flush {
                 Some((ack, stop)) => {
@@ -188,17 +206,10 @@ impl Worker {
                         return;
                     }
                 }
-                // Let executions gather instead of parking on the channel, where every new
-                // one would wake this thread: a wake-up costs the agent's thread a system call.
-                None => std::thread::sleep(LINGER),
+                None => self
+                    .linger
+                    .sleep(usize::try_from(taken).unwrap_or(usize::MAX), Duration::MAX),
             }
-        }
-    }
-
-    fn handle(&mut self, closed: Closed) {
-        self.logs.append(&closed.execution);
-        if let (Some(tracer), Some(span)) = (&self.tracer, closed.span) {
-            tracer.export(span, closed.execution);
         }
     }
 }
@@ -217,7 +228,7 @@ mod tests {
     fn send(destination: Box<dyn Write + Send>, capacity: usize, executions: usize) -> (Pipeline, Arc<TelemetryStats>) {
         let stats = Arc::new(TelemetryStats::default());
         let logs = LogLines::new(&Config::default(), Some(destination), Arc::clone(&stats)).unwrap();
-        let pipeline = Pipeline::start(logs, None, capacity, Arc::clone(&stats)).unwrap();
+        let pipeline = Pipeline::start(logs, capacity, Arc::clone(&stats)).unwrap();
         send_more(&pipeline, executions);
         (pipeline, stats)
     }
@@ -225,10 +236,7 @@ mod tests {
     /// Sends `executions` more closed executions, untraced.
     fn send_more(pipeline: &Pipeline, executions: usize) {
         for _ in 0..executions {
-            pipeline.send(Closed {
-                execution: execution(),
-                span: None,
-            });
+            pipeline.write_line(&execution());
         }
     }
 

@@ -1,0 +1,112 @@
+//! What the two background threads (the log thread and the span thread) share: how they
+//! start, and how long they let work gather in their queues before they take it.
+//!
+//! Parking on the queue would wake a thread for every item, and each wake-up costs the
+//! sending thread a system call; sleeping a fixed time would overflow the queue under load.
+//! So the thread sleeps up to [`LINGER`], and less when the queue filled fast enough last
+//! time to reach half its capacity before then.
+
+use std::sync::mpsc::{SyncSender, TrySendError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, Result};
+
+/// Starts a background thread named `name`.
+pub(crate) fn spawn(name: &'static str, run: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(run)
+        .map_err(|source| Error::Thread { name, source })
+}
+
+/// What became of a control message (flush, stop) sent to a background thread.
+pub(crate) enum Sent {
+    Yes,
+    /// The thread has stopped.
+    Gone,
+    /// The queue stayed full until the deadline.
+    TimedOut,
+}
+
+/// Sends `message`, waiting for room in a full queue until `deadline`; never waits on a
+/// thread that has stopped.
+pub(crate) fn send_by<T>(sender: &SyncSender<T>, mut message: T, deadline: Instant) -> Sent {
+    loop {
+        match sender.try_send(message) {
+            Ok(()) => return Sent::Yes,
+            Err(TrySendError::Disconnected(_)) => return Sent::Gone,
+            Err(TrySendError::Full(back)) if Instant::now() < deadline => {
+                message = back;
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err(TrySendError::Full(_)) => return Sent::TimedOut,
+        }
+    }
+}
+
+/// The longest the thread sleeps: bounds its wake-ups to about 200 a second, and delays an
+/// item by at most this much.
+pub(crate) const LINGER: Duration = Duration::from_millis(5);
+
+/// The pace of one queue, from one round of taking what it held to the next.
+pub(crate) struct Linger {
+    capacity: usize,
+    round_started: Instant,
+}
+
+impl Linger {
+    pub(crate) fn new(capacity: usize) -> Self {
+        Linger {
+            capacity: capacity.max(1),
+            round_started: Instant::now(),
+        }
+    }
+
+    /// Sleeps before the next round, `taken` being how many items this round took; `limit`
+    /// caps the sleep (a scheduled export, say).
+    pub(crate) fn sleep(&mut self, taken: usize, limit: Duration) {
+        // A round runs from one call to the next: the sleep and the work that followed it.
+        let now = Instant::now();
+        let round = now.saturating_duration_since(self.round_started);
+        self.round_started = now;
+        let nap = nap(round, taken, self.capacity).min(limit);
+        if !nap.is_zero() {
+            std::thread::sleep(nap);
+        }
+    }
+}
+
+/// [`LINGER`], or less: at the pace of a round that took `taken` items in `round`, the time
+/// a queue of `capacity` takes to fill half way.
+fn nap(round: Duration, taken: usize, capacity: usize) -> Duration {
+    let half = u32::try_from(capacity / 2).unwrap_or(u32::MAX).max(1);
+    match u32::try_from(taken) {
+        Ok(0) => LINGER,
+        Ok(taken) => LINGER.min(round * half / taken),
+        // More than fits a u32 in one round: no time to sleep.
+        Err(_) => Duration::ZERO,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_quiet_queue_sleeps_the_whole_linger() {
+        assert_eq!(nap(Duration::from_millis(5), 0, 2048), LINGER);
+        assert_eq!(
+            nap(Duration::from_millis(5), 10, 2048),
+            LINGER,
+            "10 items are far from half"
+        );
+    }
+
+    #[test]
+    fn a_busy_queue_sleeps_until_it_would_be_half_full() {
+        // 10,240 items in 5 ms: 1024 (half of 2048) come in 0.5 ms.
+        assert_eq!(nap(Duration::from_millis(5), 10_240, 2048), Duration::from_micros(500));
+        assert_eq!(nap(Duration::from_millis(5), usize::MAX, 2048), Duration::ZERO);
+    }
+}

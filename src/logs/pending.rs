@@ -1,0 +1,141 @@
+//! Lines formatted on the agent's thread, into a buffer of that thread's, where the log
+//! thread collects them. Formatting there costs less than handing the execution to another
+//! core (see `benches/README.md`), and no two agent threads share a buffer.
+
+use std::mem;
+use std::sync::{Mutex, PoisonError};
+
+use super::line::LineFormat;
+use super::LogLines;
+use crate::execution::Execution;
+use crate::per_thread::PerThread;
+
+/// A thread hands its lines over once they fill about this many bytes ...
+const HANDOFF_BYTES: usize = 64 * 1024;
+
+/// ... or this many lines, whichever comes first ...
+const HANDOFF_LINES: usize = 256;
+
+/// ... in a buffer with room for the longest usual line past that (the task's and agent's
+/// text, escaped), so that the line that fills it does not move it.
+const BUFFER_BYTES: usize = HANDOFF_BYTES + 16 * 1024;
+
+/// Emptied buffers kept for the next handoff: a new one would be fresh pages to fault in.
+const SPARE_BUFFERS: usize = 16;
+
+/// The lines every agent thread has formatted and the pipeline has not taken yet.
+pub(crate) struct PendingLines {
+    threads: PerThread<ThreadLines>,
+    /// Emptied buffers, for the threads to take when they hand theirs over.
+    spare: Mutex<Vec<Vec<u8>>>,
+    handoff_lines: usize,
+}
+
+/// One thread's lines.
+struct ThreadLines {
+    format: LineFormat,
+    buffer: Vec<u8>,
+    lines: u64,
+}
+
+/// What became of a line.
+pub(crate) enum Appended {
+    /// It is the first in its thread's buffer: the pipeline needs to hear of it.
+    First,
+    /// It joined lines the pipeline will take anyway.
+    More,
+    /// It filled its thread's buffer, which the caller hands to the pipeline as it is.
+    Full(FullBuffer),
+    /// The pipeline no longer takes lines: it was not written.
+    Closed,
+}
+
+/// A thread's buffer of complete lines, handed over whole.
+pub(crate) struct FullBuffer {
+    pub bytes: Vec<u8>,
+    pub lines: u64,
+}
+
+impl PendingLines {
+    /// `queue_lines` bounds how many lines a thread keeps before handing them over.
+    pub(crate) fn new(format: LineFormat, queue_lines: usize) -> Self {
+        PendingLines {
+            threads: PerThread::new(move || ThreadLines {
+                format: format.clone(),
+                buffer: Vec::with_capacity(BUFFER_BYTES),
+                lines: 0,
+            }),
+            spare: Mutex::default(),
+            handoff_lines: HANDOFF_LINES.min(queue_lines).max(1),
+        }
+    }
+
+    /// How many lines a thread keeps before handing them over.
+    pub(crate) fn handoff_lines(&self) -> usize {
+        self.handoff_lines
+    }
+
+    /// Formats the execution's line into the calling thread's buffer.
+    pub(crate) fn append(&self, execution: &Execution) -> Appended {
+        let appended = self.threads.with_mine(|ThreadLines { format, buffer, lines }| {
+            format.write(execution, buffer);
+            *lines += 1;
+            if *lines >= self.handoff_lines as u64 || buffer.len() >= HANDOFF_BYTES {
+                return Appended::Full(FullBuffer {
+                    bytes: mem::replace(buffer, self.spare_buffer()),
+                    lines: mem::take(lines),
+                });
+            }
+            if *lines == 1 {
+                Appended::First
+            } else {
+                Appended::More
+            }
+        });
+        appended.unwrap_or(Appended::Closed)
+    }
+
+    fn spare_buffer(&self) -> Vec<u8> {
+        let spare = self.spare.lock().unwrap_or_else(PoisonError::into_inner).pop();
+        spare.unwrap_or_else(|| Vec::with_capacity(BUFFER_BYTES))
+    }
+
+    /// Keeps a handed-over buffer, once its lines are taken, for another handoff.
+    pub(crate) fn recycle(&self, mut buffer: Vec<u8>) {
+        let mut spare = self.spare.lock().unwrap_or_else(PoisonError::into_inner);
+        if spare.len() < SPARE_BUFFERS && buffer.capacity() == BUFFER_BYTES {
+            buffer.clear();
+            spare.push(buffer);
+        }
+    }
+
+    /// Moves every thread's lines into `logs`' batch; returns how many.
+    pub(crate) fn collect(&self, logs: &mut LogLines) -> u64 {
+        let mut collected = 0;
+        self.threads.visit(|thread| {
+            if thread.lines > 0 {
+                logs.append_lines(&thread.buffer, thread.lines);
+                collected += mem::take(&mut thread.lines);
+                thread.buffer.clear();
+            }
+        });
+        collected
+    }
+
+    /// Stops taking lines: each one appended from now on comes back [`Appended::Closed`].
+    /// What is waiting stays, for a last [`collect`](Self::collect) or a
+    /// [`discard`](Self::discard).
+    pub(crate) fn close(&self) {
+        self.threads.close();
+    }
+
+    /// Empties every thread's buffer unwritten; returns how many lines that dropped.
+    pub(crate) fn discard(&self) -> u64 {
+        let mut dropped = 0;
+        self.threads.visit(|thread| {
+            dropped += mem::take(&mut thread.lines);
+            thread.buffer.clear();
+        });
+        dropped
+    }
+}

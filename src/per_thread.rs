@@ -1,0 +1,93 @@
+//! State kept per agent thread, that one background thread visits: what agents' threads
+//! produce (log lines, finished spans) gathers where it was made, and crosses to the
+//! background thread in batches rather than item by item through one shared queue, whose
+//! shared cache lines every producing thread would write.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, PoisonError};
+
+use thread_local::ThreadLocal;
+
+/// One `S` per thread that uses it, each behind a lock only the visiting thread contends for.
+pub(crate) struct PerThread<S: Send> {
+    threads: ThreadLocal<CacheLines<Mutex<S>>>,
+    new: Box<dyn Fn() -> S + Send + Sync>,
+    /// Set when the background thread stops visiting: from then on nothing is added.
+    closed: AtomicBool,
+}
+
+impl<S: Send> PerThread<S> {
+    pub(crate) fn new(new: impl Fn() -> S + Send + Sync + 'static) -> Self {
+        PerThread {
+            threads: ThreadLocal::new(),
+            new: Box::new(new),
+            closed: AtomicBool::new(false),
+        }
+    }
+
+    /// Runs `f` on the calling thread's state; `None`, without running it, once closed.
+    pub(crate) fn with_mine<R>(&self, f: impl FnOnce(&mut S) -> R) -> Option<R> {
+        let mine = self.threads.get_or(|| CacheLines(Mutex::new((self.new)())));
+        let mut mine = mine.0.lock().unwrap_or_else(PoisonError::into_inner);
+        // Checked under the lock a last visit also takes: nothing slips in after it.
+        if self.closed.load(Ordering::SeqCst) {
+            return None;
+        }
+        Some(f(&mut mine))
+    }
+
+    /// Runs `f` on every thread's state, threads that have ended included.
+    pub(crate) fn visit(&self, mut f: impl FnMut(&mut S)) {
+        for state in &self.threads {
+            f(&mut state.0.lock().unwrap_or_else(PoisonError::into_inner));
+        }
+    }
+
+    /// From now on [`with_mine`](Self::with_mine) adds nothing. What is there stays, for a
+    /// last [`visit`](Self::visit).
+    pub(crate) fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+    }
+}
+
+/// A value on cache lines of its own: `thread_local` stores threads' values side by side, and
+/// two threads writing values that share a line would each wait for the other's core. Two
+/// lines, because a core fetches lines in adjacent pairs.
+#[repr(align(128))]
+struct CacheLines<T>(T);
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    #[test]
+    fn a_visit_sees_every_threads_state_and_nothing_is_added_once_closed() {
+        let items = Arc::new(PerThread::new(Vec::new));
+        let threads: Vec<_> = (0..4)
+            .map(|n| {
+                let items = Arc::clone(&items);
+                std::thread::spawn(move || {
+                    for i in 0..100 {
+                        items.with_mine(|mine| mine.push(n * 1000 + i)).unwrap();
+                    }
+                })
+            })
+            .collect();
+        for thread in threads {
+            thread.join().unwrap();
+        }
+        let mut seen = Vec::new();
+        items.visit(|state| seen.append(state));
+        seen.sort_unstable();
+        let expected: Vec<_> = (0..4).flat_map(|n| (0..100).map(move |i| n * 1000 + i)).collect();
+        assert_eq!(seen, expected, "the items of threads that have ended too");
+
+        items.close();
+        assert_eq!(items.with_mine(|mine| mine.push(1)), None);
+        let mut left = 0;
+        items.visit(|state| left += state.len());
+        assert_eq!(left, 0, "nothing added after closing");
+    }
+}
