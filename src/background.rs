@@ -20,6 +20,15 @@ pub(crate) fn spawn(name: &'static str, run: impl FnOnce() + Send + 'static) -> 
         .map_err(|source| Error::Thread { name, source })
 }
 
+/// The instant `timeout` from now; a timeout too long to represent (`Duration::MAX`) is a
+/// century, which no wait here outlives.
+pub(crate) fn deadline_after(timeout: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(timeout)
+        .or_else(|| now.checked_add(Duration::from_secs(100 * 365 * 24 * 3600)))
+        .unwrap_or(now)
+}
+
 /// What became of a control message (flush, stop) sent to a background thread.
 pub(crate) enum Sent {
     Yes,
@@ -101,6 +110,13 @@ mod tests {
             LINGER,
             "10 items are far from half"
         );
+    }
+
+    #[test]
+    fn an_endless_timeout_is_a_deadline_far_away_not_a_panic() {
+        assert!(deadline_after(Duration::MAX) > Instant::now() + Duration::from_secs(365 * 24 * 3600));
+        let soon = deadline_after(Duration::from_secs(1));
+        assert!(soon <= Instant::now() + Duration::from_secs(1));
     }
 
     #[test]

@@ -206,12 +206,13 @@ impl AgentTelemetry {
         self
     }
 
-    /// Sends spans to `exporter` (through the same counting batch processor) instead of the
-    /// configured one: an in-memory exporter in tests, or a backend this crate does not know.
-    /// An export that fails, or panics (with `panic = "unwind"`; the panic hook still reports
-    /// it), loses its batch, counted in `agent_telemetry_spans_export_failed_total`; the next
-    /// batch is exported as usual. A shutdown that fails or panics is warned about, since the
-    /// SDK's batch processor ignores its result.
+    /// Sends spans to `exporter` (from the same span thread, counting as for the others)
+    /// instead of the configured one: an in-memory exporter in tests, or a backend this crate
+    /// does not know. An export that fails, or panics (with `panic = "unwind"`; the panic hook
+    /// still reports it), loses its batch, counted in
+    /// `agent_telemetry_spans_export_failed_total`; the next batch is exported as usual. A
+    /// shutdown that fails or panics, after the last export, is warned about, and
+    /// [`TelemetryGuard::shutdown`] still succeeds: the spans went out.
     #[must_use]
     pub fn with_span_exporter<E>(mut self, exporter: E) -> Self
     where
@@ -245,8 +246,8 @@ impl AgentTelemetry {
 
     /// How many spans may wait for export; beyond it new spans are dropped and counted in
     /// `agent_telemetry_spans_dropped_total` (`OTEL_BSP_MAX_QUEUE_SIZE`, default 2048). Agent
-    /// spans gather in batches of 64 on the thread that finished them, and these batches
-    /// count against it.
+    /// spans gather in a batch of up to 64 on the thread that finished them, and count against
+    /// it once the batch is handed over.
     #[must_use]
     pub fn with_span_queue_size(mut self, spans: usize) -> Self {
         self.config.batch.max_queue_size = spans;
@@ -511,7 +512,7 @@ impl TelemetryGuard {
     ///
     /// [`Error::Shutdown`] naming the signal that could not be flushed within the timeout.
     pub fn flush(&self) -> Result<()> {
-        // Lines first: that also hands every closed execution's span to the processor.
+        // Lines, then spans: each waits for its own thread.
         let logs = self.pipeline.flush(self.config.shutdown_timeout, false);
         let traces = match &self.tracer_provider {
             Some(provider) => provider.force_flush().map_err(|e| Error::Shutdown {
@@ -564,7 +565,8 @@ impl TelemetryGuard {
             return Ok(());
         }
         let timeout = self.config.shutdown_timeout;
-        // The pipeline first, so the spans it still holds reach the exporter before it stops.
+        // Lines, then spans: each thread finishes what it was handed, and counts what comes
+        // after.
         let logs = self.pipeline.flush(timeout, true);
         let traces = match self.tracer_provider.take() {
             Some(provider) => provider.shutdown_with_timeout(timeout).map_err(|e| Error::Shutdown {

@@ -8,7 +8,8 @@ use std::sync::{Mutex, PoisonError};
 
 use thread_local::ThreadLocal;
 
-/// One `S` per thread that uses it, each behind a lock only the visiting thread contends for.
+/// One `S` per thread that uses it, each behind a lock that others take only to visit it,
+/// briefly, a few hundred times a second at most.
 pub(crate) struct PerThread<S: Send> {
     threads: ThreadLocal<CacheLines<Mutex<S>>>,
     new: Box<dyn Fn() -> S + Send + Sync>,

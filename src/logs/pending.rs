@@ -6,7 +6,6 @@ use std::mem;
 use std::sync::{Mutex, PoisonError};
 
 use super::line::LineFormat;
-use super::LogLines;
 use crate::execution::Execution;
 use crate::per_thread::PerThread;
 
@@ -40,13 +39,16 @@ struct ThreadLines {
 
 /// What became of a line.
 pub(crate) enum Appended {
-    /// It is the first in its thread's buffer: the pipeline needs to hear of it.
+    /// It is the first in its thread's buffer: the log thread needs to hear of it.
     First,
-    /// It joined lines the pipeline will take anyway.
+    /// It joined lines the log thread will take anyway.
     More,
-    /// It filled its thread's buffer, which the caller hands to the pipeline as it is.
-    Full(FullBuffer),
-    /// The pipeline no longer takes lines: it was not written.
+    /// It filled its thread's buffer, which was handed over.
+    HandedOver,
+    /// It filled its thread's buffer, which could not be handed over: the buffer's `lines`
+    /// are lost, because the queue was full or, when `gone`, its thread has ended.
+    Lost { lines: u64, gone: bool },
+    /// The log thread no longer takes lines: it was not written.
     Closed,
 }
 
@@ -75,13 +77,16 @@ impl PendingLines {
         self.handoff_lines
     }
 
-    /// Formats the execution's line into the calling thread's buffer.
-    pub(crate) fn append(&self, execution: &Execution) -> Appended {
+    /// Formats the execution's line into the calling thread's buffer. A buffer it fills goes
+    /// to `hand_over` (which must not block, log or visit the threads) while the thread's lock
+    /// is held, so that once the log thread has closed and collected, no buffer is still on
+    /// its way.
+    pub(crate) fn append(&self, execution: &Execution, hand_over: impl FnOnce(FullBuffer) -> Appended) -> Appended {
         let appended = self.threads.with_mine(|ThreadLines { format, buffer, lines }| {
             format.write(execution, buffer);
             *lines += 1;
             if *lines >= self.handoff_lines as u64 || buffer.len() >= HANDOFF_BYTES {
-                return Appended::Full(FullBuffer {
+                return hand_over(FullBuffer {
                     bytes: mem::replace(buffer, self.spare_buffer()),
                     lines: mem::take(lines),
                 });
@@ -109,14 +114,16 @@ impl PendingLines {
         }
     }
 
-    /// Moves every thread's lines into `logs`' batch; returns how many.
-    pub(crate) fn collect(&self, logs: &mut LogLines) -> u64 {
-        let mut collected = 0;
+    /// Takes every thread's lines, each thread's buffer swapped for an empty one: the
+    /// threads' locks are held only for the swap, never while lines are written.
+    pub(crate) fn collect(&self) -> Vec<FullBuffer> {
+        let mut collected = Vec::new();
         self.threads.visit(|thread| {
             if thread.lines > 0 {
-                logs.append_lines(&thread.buffer, thread.lines);
-                collected += mem::take(&mut thread.lines);
-                thread.buffer.clear();
+                collected.push(FullBuffer {
+                    bytes: mem::replace(&mut thread.buffer, self.spare_buffer()),
+                    lines: mem::take(&mut thread.lines),
+                });
             }
         });
         collected

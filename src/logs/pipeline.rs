@@ -14,6 +14,17 @@ use crate::error::{Error, Result};
 use crate::execution::Execution;
 use crate::stats::{first_time, TelemetryStats};
 
+/// Why lines were lost.
+#[derive(Clone, Copy)]
+enum Why {
+    /// The queue was full.
+    Full,
+    /// The log thread stopped taking lines.
+    Closed,
+    /// The log thread has ended.
+    Gone,
+}
+
 enum Message {
     /// A thread's full buffer of lines.
     Lines(FullBuffer),
@@ -52,6 +63,7 @@ impl Pipeline {
             linger: Linger::new(capacity),
             lines: Arc::clone(&lines),
             buffers_queued: Arc::clone(&buffers_queued),
+            stats: Arc::clone(&stats),
         };
         let thread = background::spawn("agent-tel-logs", move || worker.run(&receiver))?;
         Ok(Pipeline {
@@ -71,66 +83,72 @@ impl Pipeline {
     /// Formats the execution's line on the calling thread; never blocks. Lines a full queue
     /// or a pipeline whose thread has ended cannot take are dropped and counted.
     pub(crate) fn write_line(&self, execution: &Execution) {
-        match self.lines.append(execution) {
-            Appended::More => {}
+        match self.lines.append(execution, |buffer| self.hand_over(buffer)) {
+            Appended::More | Appended::HandedOver => {}
             // A full queue holds messages that wake the thread anyway.
             Appended::First => {
                 if let Err(TrySendError::Disconnected(_)) = self.sender.try_send(Message::Wake) {
-                    self.lost(0, true);
+                    self.lost(0, Why::Gone);
                 }
             }
-            Appended::Full(buffer) => self.send_lines(buffer),
-            Appended::Closed => self.lost(1, true),
+            Appended::Lost { lines, gone: false } => self.lost(lines, Why::Full),
+            Appended::Lost { lines, gone: true } => self.lost(lines, Why::Gone),
+            Appended::Closed => self.lost(1, Why::Closed),
         }
     }
 
-    fn send_lines(&self, buffer: FullBuffer) {
+    /// Queues a thread's full buffer; called under that thread's lock, so it only sends.
+    fn hand_over(&self, buffer: FullBuffer) -> Appended {
         let lines = buffer.lines;
         if self.buffers_queued.fetch_add(1, Ordering::Relaxed) >= self.max_buffers_queued {
             self.buffers_queued.fetch_sub(1, Ordering::Relaxed);
-            return self.lost(lines, false);
+            return Appended::Lost { lines, gone: false };
         }
-        if let Err(error) = self.sender.try_send(Message::Lines(buffer)) {
-            self.buffers_queued.fetch_sub(1, Ordering::Relaxed);
-            self.lost(lines, matches!(error, TrySendError::Disconnected(_)));
+        match self.sender.try_send(Message::Lines(buffer)) {
+            Ok(()) => Appended::HandedOver,
+            Err(error) => {
+                self.buffers_queued.fetch_sub(1, Ordering::Relaxed);
+                let gone = matches!(error, TrySendError::Disconnected(_));
+                Appended::Lost { lines, gone }
+            }
         }
     }
 
-    /// Counts lost lines, and warns the first time, saying why. A thread that has `ended`
-    /// takes no more lines: the ones waiting are lost too.
-    fn lost(&self, mut lines: u64, ended: bool) {
-        if ended {
+    /// Counts lost lines, and warns the first time, saying why.
+    fn lost(&self, mut lines: u64, why: Why) {
+        if let Why::Gone = why {
+            // A thread that has ended takes no more lines: the ones waiting are lost too.
             self.lines.close();
             lines += self.lines.discard();
         }
         TelemetryStats::add(&self.stats.log_lines_dropped, lines);
-        if ended {
-            if first_time(&self.warned_shut_down) {
-                if self.stopping.load(Ordering::Relaxed) {
-                    tracing::warn!(
-                        target: "agent_telemetry::logs",
-                        "an agent execution closed after agent-telemetry shut down; dropping its log line and counting it in agent_telemetry_log_lines_dropped_total"
-                    );
-                } else {
-                    tracing::error!(
-                        target: "agent_telemetry::logs",
-                        "the agent-telemetry pipeline thread has ended unexpectedly; dropping every log line from now on and counting them in agent_telemetry_log_lines_dropped_total"
-                    );
-                }
+        if let Why::Full = why {
+            if first_time(&self.warned_full) {
+                tracing::warn!(
+                    target: "agent_telemetry::logs",
+                    capacity = self.capacity,
+                    "pipeline queue full (with_log_queue_lines): lines are formatted faster than they are written; dropping the ones that do not fit and counting them in agent_telemetry_log_lines_dropped_total"
+                );
             }
-        } else if first_time(&self.warned_full) {
-            tracing::warn!(
-                target: "agent_telemetry::logs",
-                capacity = self.capacity,
-                "pipeline queue full (with_log_queue_lines): lines are formatted faster than they are written; dropping the ones that do not fit and counting them in agent_telemetry_log_lines_dropped_total"
-            );
+        } else if first_time(&self.warned_shut_down) {
+            if self.stopping.load(Ordering::Relaxed) {
+                tracing::warn!(
+                    target: "agent_telemetry::logs",
+                    "an agent execution closed after agent-telemetry shut down; dropping its log line and counting it in agent_telemetry_log_lines_dropped_total"
+                );
+            } else {
+                tracing::error!(
+                    target: "agent_telemetry::logs",
+                    "the agent-telemetry log thread has ended unexpectedly; dropping every log line from now on and counting them in agent_telemetry_log_lines_dropped_total"
+                );
+            }
         }
     }
 
     /// Waits until every line formatted so far is written, or `timeout` passes; with `stop`,
     /// the thread then ends.
     pub(crate) fn flush(&self, timeout: Duration, stop: bool) -> Result<()> {
-        let deadline = Instant::now() + timeout;
+        let deadline = background::deadline_after(timeout);
         if stop {
             self.stopping.store(true, Ordering::Relaxed);
         }
@@ -168,10 +186,13 @@ struct Worker {
     linger: Linger,
     lines: Arc<PendingLines>,
     buffers_queued: Arc<AtomicUsize>,
+    stats: Arc<TelemetryStats>,
 }
 
 impl Worker {
     fn run(mut self, receiver: &Receiver<Message>) {
+        // Whatever writing emits is not telemetry to export.
+        let _suppressed = opentelemetry::Context::enter_telemetry_suppressed_scope();
         while let Ok(first) = receiver.recv() {
             let mut next = Some(first);
             let mut flush = None;
@@ -179,12 +200,7 @@ impl Worker {
             // Take what is queued now, without waiting.
             while let Some(message) = next.take() {
                 match message {
-                    Message::Lines(buffer) => {
-                        taken += buffer.lines;
-                        self.logs.append_lines(&buffer.bytes, buffer.lines);
-                        self.lines.recycle(buffer.bytes);
-                        self.buffers_queued.fetch_sub(1, Ordering::Relaxed);
-                    }
+                    Message::Lines(buffer) => taken += self.take_queued(buffer),
                     Message::Wake => {}
                     Message::Flush { ack, stop } => {
                         flush = Some((ack, stop));
@@ -193,11 +209,23 @@ impl Worker {
                 }
                 next = receiver.try_recv().ok();
             }
-            if let Some((_, true)) = flush {
+            let stop = matches!(flush, Some((_, true)));
+            if stop {
                 // Lines appended after this are counted as dropped, not left unwritten.
                 self.lines.close();
             }
-            taken += self.lines.collect(&mut self.logs);
+            for buffer in self.lines.collect() {
+                taken += self.take(buffer);
+            }
+            if stop {
+                // Buffers are handed over under their thread's lock, which the collection
+                // took after closing: every one handed over is queued by now.
+                while let Ok(message) = receiver.try_recv() {
+                    if let Message::Lines(buffer) = message {
+                        self.take_queued(buffer);
+                    }
+                }
+            }
             self.logs.write_out();
             match flush {
                 Some((ack, stop)) => {
@@ -210,6 +238,30 @@ impl Worker {
                     .linger
                     .sleep(usize::try_from(taken).unwrap_or(usize::MAX), Duration::MAX),
             }
+        }
+    }
+
+    /// Adds a buffer's lines to the batch; returns how many.
+    fn take(&mut self, buffer: FullBuffer) -> u64 {
+        self.logs.append_lines(&buffer.bytes, buffer.lines);
+        self.lines.recycle(buffer.bytes);
+        buffer.lines
+    }
+
+    /// [`take`](Self::take) for a buffer that came through the queue.
+    fn take_queued(&mut self, buffer: FullBuffer) -> u64 {
+        self.buffers_queued.fetch_sub(1, Ordering::Relaxed);
+        self.take(buffer)
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        // A thread that panicked takes no more lines: count the ones waiting, and the ones
+        // appended from now on.
+        if std::thread::panicking() {
+            self.lines.close();
+            TelemetryStats::add(&self.stats.log_lines_dropped, self.lines.discard());
         }
     }
 }
@@ -299,25 +351,29 @@ mod tests {
     }
 
     #[test]
-    fn a_pipeline_thread_that_died_says_so_not_shutdown() {
+    fn a_log_thread_that_died_says_so_and_counts_what_was_waiting() {
         let errors = Warnings::with_target("agent_telemetry::logs").at_level(tracing::Level::ERROR);
-        let (pipeline, stats) = send(Box::new(std::io::sink()), 64, 1);
-        // The thread ends as if it had crashed: shutdown never asked it to (`stopping` unset).
-        let (ack, acknowledged) = sync_channel(1);
-        pipeline.sender.send(Message::Flush { ack, stop: true }).unwrap();
-        acknowledged.recv().unwrap();
-        pipeline.thread.lock().unwrap().take().unwrap().join().unwrap();
+        let (mut pipeline, stats) = send(Box::new(std::io::sink()), 64, 1);
+        pipeline.flush(Duration::from_secs(5), false).unwrap();
+        // The thread's queue is gone as if it had crashed: shutdown never asked it to stop
+        // (`stopping` unset), and nothing closed the threads' buffers.
+        let (dead, _) = sync_channel(1);
+        pipeline.sender = dead;
         tracing::dispatcher::with_default(&errors.dispatch(), || {
             send_more(&pipeline, 3);
         });
         let messages = errors.messages();
         assert_eq!(messages.len(), 1, "one error for the three: {messages:?}");
         assert!(
-            messages[0].contains("pipeline thread has ended unexpectedly"),
+            messages[0].contains("log thread has ended unexpectedly"),
             "{messages:?}"
         );
         assert_eq!(TelemetryStats::get(&stats.log_lines_written), 1);
-        assert_eq!(TelemetryStats::get(&stats.log_lines_dropped), 3);
+        assert_eq!(
+            TelemetryStats::get(&stats.log_lines_dropped),
+            3,
+            "the one waiting, then each"
+        );
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! The exporter side: the configured exporter behind the batch processor, counting what it
+//! The exporter side: the configured exporter behind the span processor, counting what it
 //! delivers and loses.
 
 use std::sync::{Arc, Mutex, PoisonError};
@@ -85,13 +85,13 @@ impl<E: SpanExporter + 'static> DynSpanExporter for E {
     }
 }
 
-/// The exporters this crate can run, as one type for the batch processor.
+/// The exporters this crate can run, as one type for the span processor.
 #[derive(Debug)]
 // Built once per provider: the size of the gRPC variant costs nothing.
 #[allow(clippy::large_enum_variant)]
 pub(crate) enum Exporter {
     Boxed(BoxedSpanExporter),
-    /// tonic needs a tokio reactor; the batch processor's thread has none, so each export
+    /// tonic needs a tokio reactor; the span thread has none, so each export
     /// runs on the runtime the exporter was built in.
     #[cfg(feature = "grpc")]
     Grpc(opentelemetry_otlp::SpanExporter, tokio::runtime::Handle),
@@ -106,7 +106,7 @@ impl Exporter {
         }
     }
 
-    /// What the batch processor calls; an exporter may implement this one alone.
+    /// What the span processor calls; an exporter may implement this one alone.
     fn shutdown(&self) -> OTelSdkResult {
         match self {
             Exporter::Boxed(exporter) => exporter.shutdown_boxed(),
@@ -133,7 +133,7 @@ impl Exporter {
 }
 
 /// Counts what the exporter delivers and loses, and warns when exports start failing and when
-/// they recover. An export that panics counts as a failed one, so the batch processor's thread
+/// they recover. An export that panics counts as a failed one, so the span thread
 /// lives on.
 #[derive(Debug)]
 pub(crate) struct CountingExporter {
@@ -158,7 +158,7 @@ impl SpanExporter for CountingExporter {
         let result = panics::catching_async(self.inner.export(batch))
             .await
             .unwrap_or_else(|panic| Err(panicked(&panic)));
-        // Only the batch processor's thread exports: the lock is never contended.
+        // Only the span thread exports: the lock is never contended.
         let mut spells = self.spells.lock().unwrap_or_else(PoisonError::into_inner);
         match &result {
             Ok(()) => {
@@ -190,8 +190,8 @@ impl SpanExporter for CountingExporter {
     }
 }
 
-/// The batch processor ignores what an exporter's shutdown returns, so a failure is reported
-/// here.
+/// The span processor answers shutdown with the exports' result (the spans went out), so an
+/// exporter's failure to shut down is reported here.
 fn report_shutdown(shutdown: impl FnOnce() -> OTelSdkResult) -> OTelSdkResult {
     let result = panics::catching(shutdown).unwrap_or_else(|panic| Err(panicked(&panic)));
     if let Err(error) = &result {
@@ -200,7 +200,7 @@ fn report_shutdown(shutdown: impl FnOnce() -> OTelSdkResult) -> OTelSdkResult {
     result
 }
 
-/// The error an exporter's panic becomes, for the batch processor to report.
+/// The error an exporter's panic becomes, for the span processor to report.
 fn panicked(panic: &str) -> OTelSdkError {
     OTelSdkError::InternalFailure(format!("the span exporter panicked: {panic}"))
 }

@@ -42,7 +42,7 @@ enum Message {
     Shutdown(SyncSender<OTelSdkResult>),
 }
 
-/// Agent spans a thread gathers before it hands them over at once.
+/// Agent spans a thread gathers before it hands them over at once (fewer for a small queue).
 const SPANS_PER_HANDOFF: usize = 64;
 
 /// Emptied batches kept for the next handoff.
@@ -53,15 +53,13 @@ const SPARE_BATCHES: usize = 16;
 struct AgentSpans {
     threads: PerThread<Vec<FinishedSpan>>,
     spare: Mutex<Vec<Vec<FinishedSpan>>>,
-    /// Full batches queued and not yet taken, and how many may be.
-    batches_queued: AtomicUsize,
-    max_batches_queued: usize,
+    per_handoff: usize,
 }
 
 impl AgentSpans {
     fn spare_batch(&self) -> Vec<FinishedSpan> {
         let spare = self.spare.lock().unwrap_or_else(PoisonError::into_inner).pop();
-        spare.unwrap_or_else(|| Vec::with_capacity(SPANS_PER_HANDOFF))
+        spare.unwrap_or_else(|| Vec::with_capacity(self.per_handoff))
     }
 
     fn recycle(&self, batch: Vec<FinishedSpan>) {
@@ -78,14 +76,27 @@ enum Queued {
     First,
     /// It joined spans the processor will take anyway.
     More,
-    /// It filled its thread's batch, which is handed over as it is.
-    Full(Vec<FinishedSpan>),
+    /// It filled its thread's batch, which was handed over.
+    HandedOver,
+    /// It filled its thread's batch, which could not be handed over.
+    Lost(Lost),
+}
+
+/// Spans that did not reach the span thread, and why.
+enum Lost {
+    /// The queue was full.
+    Full(u64),
+    /// The span thread has ended.
+    Gone(u64),
 }
 
 /// The queue's sending side, with the drop accounting.
 pub(crate) struct CountingProcessor {
     sender: SyncSender<Message>,
     agent_spans: Arc<AgentSpans>,
+    /// Spans handed over and not yet through an export: never more than `capacity`, besides
+    /// the ones still gathering in threads' batches.
+    in_flight: Arc<AtomicUsize>,
     stats: Arc<TelemetryStats>,
     capacity: usize,
     /// How long `force_flush` waits for the export.
@@ -107,14 +118,17 @@ impl CountingProcessor {
         stats: Arc<TelemetryStats>,
     ) -> Result<Self> {
         let (sender, receiver) = sync_channel(settings.max_queue_size);
+        let per_handoff = SPANS_PER_HANDOFF.min(settings.max_queue_size / 2).max(1);
         let agent_spans = Arc::new(AgentSpans {
-            threads: PerThread::new(|| Vec::with_capacity(SPANS_PER_HANDOFF)),
+            threads: PerThread::new(move || Vec::with_capacity(per_handoff)),
             spare: Mutex::default(),
-            batches_queued: AtomicUsize::new(0),
-            max_batches_queued: (settings.max_queue_size / SPANS_PER_HANDOFF).max(1),
+            per_handoff,
         });
+        let in_flight = Arc::new(AtomicUsize::new(0));
         let worker = Worker {
             agent_spans: Arc::clone(&agent_spans),
+            in_flight: Arc::clone(&in_flight),
+            stats: Arc::clone(&stats),
             exporter,
             linger: Linger::new(settings.max_queue_size),
             spans: SpanBuilder::default(),
@@ -126,6 +140,7 @@ impl CountingProcessor {
         Ok(CountingProcessor {
             sender,
             agent_spans,
+            in_flight,
             stats,
             capacity: settings.max_queue_size,
             flush_timeout,
@@ -143,76 +158,86 @@ impl CountingProcessor {
             return self.dropped_after_shutdown(1);
         }
         let spans = &self.agent_spans;
+        // A full batch is handed over under its thread's lock: once the span thread has closed
+        // and collected the batches, none is still on its way.
         let queued = spans.threads.with_mine(|mine| {
             mine.push(span);
             match mine.len() {
                 1 => Queued::First,
-                n if n >= SPANS_PER_HANDOFF => Queued::Full(mem::replace(mine, spans.spare_batch())),
+                n if n >= spans.per_handoff => self.hand_over(mem::replace(mine, spans.spare_batch())),
                 _ => Queued::More,
             }
         });
         match queued {
-            Some(Queued::More) => {}
+            Some(Queued::More | Queued::HandedOver) => {}
             // A full queue holds messages that wake the thread anyway.
             Some(Queued::First) => {
                 if let Err(TrySendError::Disconnected(_)) = self.sender.try_send(Message::Wake) {
-                    self.processor_gone();
+                    self.span_thread_gone(0);
                 }
             }
-            Some(Queued::Full(batch)) => self.send_batch(batch),
+            Some(Queued::Lost(Lost::Full(spans))) => self.dropped_full(spans),
+            Some(Queued::Lost(Lost::Gone(spans))) => self.span_thread_gone(spans),
             None => self.dropped_after_shutdown(1),
         }
     }
 
-    fn send_batch(&self, batch: Vec<FinishedSpan>) {
-        let spans = batch.len() as u64;
-        let queued = &self.agent_spans.batches_queued;
-        if queued.fetch_add(1, Ordering::Relaxed) >= self.agent_spans.max_batches_queued {
-            queued.fetch_sub(1, Ordering::Relaxed);
-            return self.dropped_full(spans);
-        }
-        match self.sender.try_send(Message::Agents(batch)) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) => {
-                queued.fetch_sub(1, Ordering::Relaxed);
-                self.dropped_full(spans);
-            }
-            Err(TrySendError::Disconnected(_)) => {
-                queued.fetch_sub(1, Ordering::Relaxed);
-                self.dropped_after_shutdown(spans);
-                self.processor_gone();
-            }
+    /// Queues a thread's full batch; called under that thread's lock, so it only sends.
+    fn hand_over(&self, batch: Vec<FinishedSpan>) -> Queued {
+        let spans = batch.len();
+        match self.send(Message::Agents(batch), spans) {
+            Ok(()) => Queued::HandedOver,
+            Err(lost) => Queued::Lost(lost),
         }
     }
 
-    /// The processor's thread is gone: the spans waiting in threads' batches never leave.
-    fn processor_gone(&self) {
+    /// The span thread is gone: the spans waiting in threads' batches never leave either.
+    fn span_thread_gone(&self, mut lost: u64) {
         let spans = &self.agent_spans.threads;
         spans.close();
-        let mut lost = 0;
         spans.visit(|batch| {
             lost += batch.len() as u64;
             batch.clear();
         });
-        self.dropped_after_shutdown(lost);
+        self.count_dropped(lost);
+        if !self.shut_down.load(Ordering::Relaxed) {
+            if first_time(&self.warned_shut_down) {
+                tracing::error!(
+                    target: "agent_telemetry::traces",
+                    "the agent-telemetry span thread has ended unexpectedly; dropping every span from now on and counting them in agent_telemetry_spans_dropped_total"
+                );
+            }
+        } else if lost > 0 && first_time(&self.warned_shut_down) {
+            Self::warn_after_shutdown();
+        }
     }
 
     /// Queues a finished span.
     pub(crate) fn queue(&self, span: SpanData) {
-        self.send(Message::Built(Box::new(span)));
-    }
-
-    /// Sends a span, or drops and counts it when the queue is full or the export has shut
-    /// down.
-    fn send(&self, message: Message) {
         if self.shut_down.load(Ordering::Relaxed) {
             return self.dropped_after_shutdown(1);
         }
-        match self.sender.try_send(message) {
+        match self.send(Message::Built(Box::new(span)), 1) {
             Ok(()) => {}
-            Err(TrySendError::Disconnected(_)) => self.dropped_after_shutdown(1),
-            Err(TrySendError::Full(_)) => self.dropped_full(1),
+            Err(Lost::Full(spans)) => self.dropped_full(spans),
+            Err(Lost::Gone(spans)) => self.span_thread_gone(spans),
         }
+    }
+
+    /// Sends `spans` spans, within the queue's capacity.
+    fn send(&self, message: Message, spans: usize) -> Result<(), Lost> {
+        let lost = spans as u64;
+        if self.in_flight.fetch_add(spans, Ordering::Relaxed) + spans > self.capacity {
+            self.in_flight.fetch_sub(spans, Ordering::Relaxed);
+            return Err(Lost::Full(lost));
+        }
+        self.sender.try_send(message).map_err(|error| {
+            self.in_flight.fetch_sub(spans, Ordering::Relaxed);
+            match error {
+                TrySendError::Full(_) => Lost::Full(lost),
+                TrySendError::Disconnected(_) => Lost::Gone(lost),
+            }
+        })
     }
 
     fn dropped_full(&self, spans: u64) {
@@ -228,16 +253,17 @@ impl CountingProcessor {
     }
 
     fn dropped_after_shutdown(&self, spans: u64) {
-        if spans == 0 {
-            return;
-        }
         self.count_dropped(spans);
         if first_time(&self.warned_shut_down) {
-            tracing::warn!(
-                target: "agent_telemetry::traces",
-                "a span ended after the span export shut down; dropping it and counting it in agent_telemetry_spans_dropped_total"
-            );
+            Self::warn_after_shutdown();
         }
+    }
+
+    fn warn_after_shutdown() {
+        tracing::warn!(
+            target: "agent_telemetry::traces",
+            "a span ended after the span export shut down; dropping it and counting it in agent_telemetry_spans_dropped_total"
+        );
     }
 
     /// Counts spans lost on their way to the exporter. The queue that dropped them warns.
@@ -247,7 +273,7 @@ impl CountingProcessor {
 
     /// Sends a control message and waits for its answer.
     fn ask(&self, message: fn(SyncSender<OTelSdkResult>) -> Message, timeout: Duration) -> OTelSdkResult {
-        let deadline = Instant::now() + timeout;
+        let deadline = background::deadline_after(timeout);
         let (answer, answered) = sync_channel(1);
         match background::send_by(&self.sender, message(answer), deadline) {
             Sent::Yes => {}
@@ -315,6 +341,8 @@ impl SpanProcessor for SharedProcessor {
 /// The processor's thread: builds, batches and exports.
 struct Worker {
     agent_spans: Arc<AgentSpans>,
+    in_flight: Arc<AtomicUsize>,
+    stats: Arc<TelemetryStats>,
     exporter: CountingExporter,
     linger: Linger,
     spans: SpanBuilder,
@@ -326,7 +354,9 @@ struct Worker {
 
 impl Worker {
     fn run(mut self, receiver: &Receiver<Message>) {
-        let mut next_export = Instant::now() + self.settings.scheduled_delay;
+        // Whatever exporting emits is not telemetry to export: that would loop.
+        let _suppressed = Context::enter_telemetry_suppressed_scope();
+        let mut next_export = background::deadline_after(self.settings.scheduled_delay);
         loop {
             let first = match receiver.recv_timeout(next_export.saturating_duration_since(Instant::now())) {
                 Ok(message) => Some(message),
@@ -343,33 +373,33 @@ impl Worker {
             self.exported = Ok(());
             // Take what is queued now, without waiting.
             while let Some(message) = next.take() {
-                match message {
-                    Message::Agents(mut spans) => {
-                        taken += spans.len();
-                        self.add_agent_spans(&mut spans);
-                        self.agent_spans.batches_queued.fetch_sub(1, Ordering::Relaxed);
-                        self.agent_spans.recycle(spans);
-                    }
-                    Message::Built(span) => {
-                        taken += 1;
-                        self.add(*span);
-                    }
-                    Message::Wake => {}
-                    control_message => {
+                match self.take(message) {
+                    Ok(spans) => taken += spans,
+                    Err(control_message) => {
                         control = Some(control_message);
                         break;
                     }
                 }
                 next = receiver.try_recv().ok();
             }
+            let mut answers = Vec::new();
             if let Some(Message::Shutdown(_)) = control {
                 // Spans finished after this are counted as dropped, not left in a batch.
                 self.agent_spans.threads.close();
+                self.collect();
+                // Batches are handed over under their thread's lock, which the collection took
+                // after closing: every one handed over is queued by now.
+                while let Ok(message) = receiver.try_recv() {
+                    if let Err(Message::Flush(answer)) = self.take(message) {
+                        answers.push(answer);
+                    }
+                }
+            } else {
+                taken += self.collect();
             }
-            taken += self.collect();
             if control.is_some() || Instant::now() >= next_export {
                 self.export();
-                next_export = Instant::now() + self.settings.scheduled_delay;
+                next_export = background::deadline_after(self.settings.scheduled_delay);
             }
             match control {
                 Some(Message::Flush(answer)) => {
@@ -379,7 +409,15 @@ impl Worker {
                     // The exporter reports a failure of its own shutdown (`report_shutdown`):
                     // the spans were exported before it, which is what the answer says.
                     let _ = self.exporter.shutdown();
-                    let _ = answer.send(mem::replace(&mut self.exported, Ok(())));
+                    let exported = mem::replace(&mut self.exported, Ok(()));
+                    for flushed in answers {
+                        let copy = match &exported {
+                            Ok(()) => Ok(()),
+                            Err(error) => Err(OTelSdkError::InternalFailure(error.to_string())),
+                        };
+                        let _ = flushed.send(copy);
+                    }
+                    let _ = answer.send(exported);
                     return;
                 }
                 // Never past the next scheduled export.
@@ -390,12 +428,43 @@ impl Worker {
         }
     }
 
-    /// Takes every thread's batch of agent spans; returns how many.
+    /// Adds a message's spans to the export batch; returns how many, or gives back a control
+    /// message.
+    fn take(&mut self, message: Message) -> Result<usize, Message> {
+        match message {
+            Message::Agents(mut spans) => {
+                let taken = spans.len();
+                self.add_agent_spans(&mut spans);
+                self.agent_spans.recycle(spans);
+                Ok(taken)
+            }
+            Message::Built(span) => {
+                self.add(*span);
+                Ok(1)
+            }
+            Message::Wake => Ok(0),
+            control => Err(control),
+        }
+    }
+
+    /// Takes every thread's batch of agent spans, each swapped for an empty one (the
+    /// threads' locks are held only for the swap); returns how many.
     fn collect(&mut self) -> usize {
         let mut collected = Vec::new();
-        self.agent_spans.threads.visit(|batch| collected.append(batch));
-        let taken = collected.len();
-        self.add_agent_spans(&mut collected);
+        let spans = &self.agent_spans;
+        spans.threads.visit(|batch| {
+            if !batch.is_empty() {
+                collected.push(mem::replace(batch, spans.spare_batch()));
+            }
+        });
+        let mut taken = 0;
+        for mut batch in collected {
+            taken += batch.len();
+            // Counted in flight from here, as handed-over batches are.
+            self.in_flight.fetch_add(batch.len(), Ordering::Relaxed);
+            self.add_agent_spans(&mut batch);
+            self.agent_spans.recycle(batch);
+        }
         taken
     }
 
@@ -421,9 +490,28 @@ impl Worker {
             return;
         }
         let batch = mem::replace(&mut self.batch, Vec::with_capacity(self.settings.max_export_batch_size));
+        let spans = batch.len();
         let result = futures_executor::block_on(self.exporter.export(batch));
+        self.in_flight.fetch_sub(spans, Ordering::Relaxed);
         if self.exported.is_ok() {
             self.exported = result;
+        }
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        // A thread that panicked exports no more: count what was handed to it, and what
+        // waits in threads' batches; the spans finished from now on are counted as they come.
+        if std::thread::panicking() {
+            let threads = &self.agent_spans.threads;
+            threads.close();
+            let mut lost = self.in_flight.swap(0, Ordering::Relaxed) as u64;
+            threads.visit(|batch| {
+                lost += batch.len() as u64;
+                batch.clear();
+            });
+            TelemetryStats::add(&self.stats.spans_dropped, lost);
         }
     }
 }
@@ -490,6 +578,41 @@ mod tests {
         assert_eq!(exporter.get_finished_spans().unwrap().len(), 1000);
         assert_eq!(TelemetryStats::get(&stats.spans_exported), 1000);
         assert_eq!(TelemetryStats::get(&stats.spans_dropped), 0);
+    }
+
+    #[test]
+    fn exports_run_with_telemetry_suppressed_so_what_an_exporter_traces_does_not_loop() {
+        /// Notes whether its export ran with telemetry suppressed, as the SDK's tracer and
+        /// `tracing-opentelemetry` check before they make a span.
+        #[derive(Debug)]
+        struct Notes(Arc<AtomicBool>);
+        impl SpanExporter for Notes {
+            async fn export(&self, _: Vec<SpanData>) -> OTelSdkResult {
+                self.0
+                    .store(Context::current().is_telemetry_suppressed(), Ordering::SeqCst);
+                Ok(())
+            }
+        }
+        let suppressed = Arc::new(AtomicBool::new(false));
+        let stats = Arc::new(TelemetryStats::default());
+        let exporter = CountingExporter::new(
+            Exporter::Boxed(Box::new(Notes(Arc::clone(&suppressed)))),
+            Arc::clone(&stats),
+        );
+        let settings = BatchSettings {
+            max_queue_size: 16,
+            max_export_batch_size: 16,
+            scheduled_delay: Duration::from_secs(3600),
+        };
+        let processor =
+            CountingProcessor::start(exporter, settings, Duration::from_secs(5), Arc::clone(&stats)).unwrap();
+        processor.queue(span());
+        SharedProcessor(Arc::new(processor)).force_flush().unwrap();
+        assert_eq!(TelemetryStats::get(&stats.spans_exported), 1);
+        assert!(
+            suppressed.load(Ordering::SeqCst),
+            "the export ran with telemetry suppressed"
+        );
     }
 
     #[test]
@@ -578,9 +701,12 @@ mod tests {
             .filter(|kv| kv.key.as_str() == "task")
             .map(|kv| kv.value.as_str().into_owned())
             .collect();
+        let total = 1 + 63 + 64 + 200;
+        assert_eq!(tasks.len(), total, "every span exported");
         tasks.sort();
         tasks.dedup();
-        assert_eq!(tasks.len(), 1 + 63 + 64 + 200, "each span exported, once");
+        assert_eq!(tasks.len(), total, "each one once");
+        assert_eq!(TelemetryStats::get(&stats.spans_exported), total as u64);
         assert_eq!(TelemetryStats::get(&stats.spans_dropped), 0);
 
         SharedProcessor(Arc::clone(&processor))
