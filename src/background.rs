@@ -6,7 +6,9 @@
 //! So the thread sleeps up to [`LINGER`], and less when the queue filled fast enough last
 //! time to reach half its capacity before then.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{SyncSender, TrySendError};
+use std::sync::{Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -18,6 +20,45 @@ pub(crate) fn spawn(name: &'static str, run: impl FnOnce() + Send + 'static) -> 
         .name(name.into())
         .spawn(run)
         .map_err(|source| Error::Thread { name, source })
+}
+
+/// Why [`send_counted`] did not send.
+pub(crate) enum Refused {
+    /// The count would pass its limit, or the queue is full.
+    Full,
+    /// The thread has stopped.
+    Gone,
+}
+
+/// Sends `message` unless adding `amount` to `queued` would pass `limit`; the thread takes
+/// `amount` back off once it has handled the message. Never blocks.
+pub(crate) fn send_counted<T>(
+    sender: &SyncSender<T>,
+    message: T,
+    queued: &AtomicUsize,
+    amount: usize,
+    limit: usize,
+) -> Result<(), Refused> {
+    if queued.fetch_add(amount, Ordering::Relaxed) + amount > limit {
+        queued.fetch_sub(amount, Ordering::Relaxed);
+        return Err(Refused::Full);
+    }
+    sender.try_send(message).map_err(|error| {
+        queued.fetch_sub(amount, Ordering::Relaxed);
+        match error {
+            TrySendError::Full(_) => Refused::Full,
+            TrySendError::Disconnected(_) => Refused::Gone,
+        }
+    })
+}
+
+/// Joins a background thread that has answered its last message (a no-op the second time).
+pub(crate) fn reap(thread: &Mutex<Option<JoinHandle<()>>>) {
+    let thread = thread.lock().unwrap_or_else(PoisonError::into_inner).take();
+    if let Some(thread) = thread {
+        // It has answered: joining only reaps it, and a panic after that changes nothing.
+        let _ = thread.join();
+    }
 }
 
 /// The instant `timeout` from now; a timeout too long to represent (`Duration::MAX`) is a

@@ -3,8 +3,8 @@
 //!
 //! On the agent's thread it does only what must happen there, and what costs less there than
 //! handing it over: the fields, the span's ids, the metrics, the log line into a buffer of the
-//! thread's own, and one queue push of the span's parts. Lines are written on the pipeline's
-//! thread, spans built and exported on the span processor's.
+//! thread's own, and the span's parts into a batch of the thread's own. Lines are written on
+//! the log thread, spans built and exported on the span thread.
 //! What reaches it is chosen in `filter.rs`.
 
 use std::any::TypeId;

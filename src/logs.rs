@@ -1,5 +1,5 @@
 //! One Filebeat-ready JSON line per agent execution: formatted on the agent's thread into a
-//! buffer of its own, written in batches on the pipeline's thread, never the agent's.
+//! buffer of its own, written in batches on the log thread, never the agent's.
 
 mod line;
 mod pending;

@@ -51,6 +51,36 @@ impl<S: Send> PerThread<S> {
     }
 }
 
+/// Emptied buffers the visiting thread gives back, for threads to take when they hand theirs
+/// over: a new one would be fresh memory to fault in. At most a few are kept.
+pub(crate) struct Spares<T> {
+    kept: Mutex<Vec<T>>,
+}
+
+impl<T> Spares<T> {
+    const KEPT: usize = 16;
+
+    /// A kept buffer, else `new()`.
+    pub(crate) fn take_or(&self, new: impl FnOnce() -> T) -> T {
+        let kept = self.kept.lock().unwrap_or_else(PoisonError::into_inner).pop();
+        kept.unwrap_or_else(new)
+    }
+
+    /// Keeps `item` for a later [`take_or`](Self::take_or), unless enough are kept.
+    pub(crate) fn keep(&self, item: T) {
+        let mut kept = self.kept.lock().unwrap_or_else(PoisonError::into_inner);
+        if kept.len() < Self::KEPT {
+            kept.push(item);
+        }
+    }
+}
+
+impl<T> Default for Spares<T> {
+    fn default() -> Self {
+        Spares { kept: Mutex::default() }
+    }
+}
+
 /// A value on cache lines of its own: `thread_local` stores threads' values side by side, and
 /// two threads writing values that share a line would each wait for the other's core. Two
 /// lines, because a core fetches lines in adjacent pairs.

@@ -3,11 +3,10 @@
 //! core (see `benches/README.md`), and no two agent threads share a buffer.
 
 use std::mem;
-use std::sync::{Mutex, PoisonError};
 
 use super::line::LineFormat;
 use crate::execution::Execution;
-use crate::per_thread::PerThread;
+use crate::per_thread::{PerThread, Spares};
 
 /// A thread hands its lines over once they fill about this many bytes ...
 const HANDOFF_BYTES: usize = 64 * 1024;
@@ -19,14 +18,10 @@ const HANDOFF_LINES: usize = 256;
 /// text, escaped), so that the line that fills it does not move it.
 const BUFFER_BYTES: usize = HANDOFF_BYTES + 16 * 1024;
 
-/// Emptied buffers kept for the next handoff: a new one would be fresh pages to fault in.
-const SPARE_BUFFERS: usize = 16;
-
 /// The lines every agent thread has formatted and the pipeline has not taken yet.
 pub(crate) struct PendingLines {
     threads: PerThread<ThreadLines>,
-    /// Emptied buffers, for the threads to take when they hand theirs over.
-    spare: Mutex<Vec<Vec<u8>>>,
+    spare: Spares<Vec<u8>>,
     handoff_lines: usize,
 }
 
@@ -67,7 +62,7 @@ impl PendingLines {
                 buffer: Vec::with_capacity(BUFFER_BYTES),
                 lines: 0,
             }),
-            spare: Mutex::default(),
+            spare: Spares::default(),
             handoff_lines: HANDOFF_LINES.min(queue_lines).max(1),
         }
     }
@@ -101,16 +96,14 @@ impl PendingLines {
     }
 
     fn spare_buffer(&self) -> Vec<u8> {
-        let spare = self.spare.lock().unwrap_or_else(PoisonError::into_inner).pop();
-        spare.unwrap_or_else(|| Vec::with_capacity(BUFFER_BYTES))
+        self.spare.take_or(|| Vec::with_capacity(BUFFER_BYTES))
     }
 
     /// Keeps a handed-over buffer, once its lines are taken, for another handoff.
     pub(crate) fn recycle(&self, mut buffer: Vec<u8>) {
-        let mut spare = self.spare.lock().unwrap_or_else(PoisonError::into_inner);
-        if spare.len() < SPARE_BUFFERS && buffer.capacity() == BUFFER_BYTES {
+        if buffer.capacity() == BUFFER_BYTES {
             buffer.clear();
-            spare.push(buffer);
+            self.spare.keep(buffer);
         }
     }
 
@@ -130,14 +123,15 @@ impl PendingLines {
     }
 
     /// Stops taking lines: each one appended from now on comes back [`Appended::Closed`].
-    /// What is waiting stays, for a last [`collect`](Self::collect) or a
-    /// [`discard`](Self::discard).
+    /// What is waiting stays, for a last [`collect`](Self::collect).
     pub(crate) fn close(&self) {
         self.threads.close();
     }
 
-    /// Empties every thread's buffer unwritten; returns how many lines that dropped.
+    /// Stops taking lines and empties every thread's buffer unwritten, for a log thread that
+    /// has ended; returns how many lines that dropped.
     pub(crate) fn discard(&self) -> u64 {
+        self.close();
         let mut dropped = 0;
         self.threads.visit(|thread| {
             dropped += mem::take(&mut thread.lines);

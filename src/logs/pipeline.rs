@@ -4,12 +4,12 @@
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::{Appended, FullBuffer, LogLines, PendingLines};
-use crate::background::{self, Linger, Sent};
+use crate::background::{self, Linger, Refused, Sent};
 use crate::error::{Error, Result};
 use crate::execution::Execution;
 use crate::stats::{first_time, TelemetryStats};
@@ -100,17 +100,11 @@ impl Pipeline {
     /// Queues a thread's full buffer; called under that thread's lock, so it only sends.
     fn hand_over(&self, buffer: FullBuffer) -> Appended {
         let lines = buffer.lines;
-        if self.buffers_queued.fetch_add(1, Ordering::Relaxed) >= self.max_buffers_queued {
-            self.buffers_queued.fetch_sub(1, Ordering::Relaxed);
-            return Appended::Lost { lines, gone: false };
-        }
-        match self.sender.try_send(Message::Lines(buffer)) {
+        let queued = &self.buffers_queued;
+        match background::send_counted(&self.sender, Message::Lines(buffer), queued, 1, self.max_buffers_queued) {
             Ok(()) => Appended::HandedOver,
-            Err(error) => {
-                self.buffers_queued.fetch_sub(1, Ordering::Relaxed);
-                let gone = matches!(error, TrySendError::Disconnected(_));
-                Appended::Lost { lines, gone }
-            }
+            Err(Refused::Full) => Appended::Lost { lines, gone: false },
+            Err(Refused::Gone) => Appended::Lost { lines, gone: true },
         }
     }
 
@@ -118,7 +112,6 @@ impl Pipeline {
     fn lost(&self, mut lines: u64, why: Why) {
         if let Why::Gone = why {
             // A thread that has ended takes no more lines: the ones waiting are lost too.
-            self.lines.close();
             lines += self.lines.discard();
         }
         TelemetryStats::add(&self.stats.log_lines_dropped, lines);
@@ -161,11 +154,8 @@ impl Pipeline {
         match acknowledged.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
             Ok(()) if !stop => Ok(()),
             Ok(()) | Err(RecvTimeoutError::Disconnected) => {
-                let thread = self.thread.lock().unwrap_or_else(PoisonError::into_inner).take();
-                if let Some(thread) = thread {
-                    // The thread has acknowledged; joining only reaps it.
-                    let _ = thread.join();
-                }
+                // The thread has acknowledged; joining only reaps it.
+                background::reap(&self.thread);
                 Ok(())
             }
             Err(RecvTimeoutError::Timeout) => Err(timed_out(timeout)),
@@ -260,7 +250,6 @@ impl Drop for Worker {
         // A thread that panicked takes no more lines: count the ones waiting, and the ones
         // appended from now on.
         if std::thread::panicking() {
-            self.lines.close();
             TelemetryStats::add(&self.stats.log_lines_dropped, self.lines.discard());
         }
     }

@@ -11,7 +11,7 @@
 use std::mem;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -22,10 +22,10 @@ use opentelemetry_sdk::Resource;
 
 use super::agent_span::{FinishedSpan, SpanBuilder};
 use super::export::CountingExporter;
-use crate::background::{self, Linger, Sent};
+use crate::background::{self, Linger, Refused, Sent};
 use crate::config::BatchSettings;
 use crate::error::Result;
-use crate::per_thread::PerThread;
+use crate::per_thread::{PerThread, Spares};
 use crate::stats::{first_time, TelemetryStats};
 
 enum Message {
@@ -45,28 +45,35 @@ enum Message {
 /// Agent spans a thread gathers before it hands them over at once (fewer for a small queue).
 const SPANS_PER_HANDOFF: usize = 64;
 
-/// Emptied batches kept for the next handoff.
-const SPARE_BATCHES: usize = 16;
-
 /// The agent spans each thread has finished and the processor has not taken yet, and the
 /// emptied batches the threads take back.
 struct AgentSpans {
     threads: PerThread<Vec<FinishedSpan>>,
-    spare: Mutex<Vec<Vec<FinishedSpan>>>,
+    spare: Spares<Vec<FinishedSpan>>,
     per_handoff: usize,
 }
 
 impl AgentSpans {
     fn spare_batch(&self) -> Vec<FinishedSpan> {
-        let spare = self.spare.lock().unwrap_or_else(PoisonError::into_inner).pop();
-        spare.unwrap_or_else(|| Vec::with_capacity(self.per_handoff))
+        self.spare.take_or(|| Vec::with_capacity(self.per_handoff))
     }
 
     fn recycle(&self, batch: Vec<FinishedSpan>) {
-        let mut spare = self.spare.lock().unwrap_or_else(PoisonError::into_inner);
-        if spare.len() < SPARE_BATCHES && batch.is_empty() {
-            spare.push(batch);
+        if batch.is_empty() {
+            self.spare.keep(batch);
         }
+    }
+
+    /// Stops taking spans and empties every thread's batch unexported, for a span thread
+    /// that has ended; returns how many spans that dropped.
+    fn discard(&self) -> u64 {
+        self.threads.close();
+        let mut dropped = 0;
+        self.threads.visit(|batch| {
+            dropped += batch.len() as u64;
+            batch.clear();
+        });
+        dropped
     }
 }
 
@@ -121,7 +128,7 @@ impl CountingProcessor {
         let per_handoff = SPANS_PER_HANDOFF.min(settings.max_queue_size / 2).max(1);
         let agent_spans = Arc::new(AgentSpans {
             threads: PerThread::new(move || Vec::with_capacity(per_handoff)),
-            spare: Mutex::default(),
+            spare: Spares::default(),
             per_handoff,
         });
         let in_flight = Arc::new(AtomicUsize::new(0));
@@ -193,12 +200,7 @@ impl CountingProcessor {
 
     /// The span thread is gone: the spans waiting in threads' batches never leave either.
     fn span_thread_gone(&self, mut lost: u64) {
-        let spans = &self.agent_spans.threads;
-        spans.close();
-        spans.visit(|batch| {
-            lost += batch.len() as u64;
-            batch.clear();
-        });
+        lost += self.agent_spans.discard();
         self.count_dropped(lost);
         if !self.shut_down.load(Ordering::Relaxed) {
             if first_time(&self.warned_shut_down) {
@@ -227,15 +229,10 @@ impl CountingProcessor {
     /// Sends `spans` spans, within the queue's capacity.
     fn send(&self, message: Message, spans: usize) -> Result<(), Lost> {
         let lost = spans as u64;
-        if self.in_flight.fetch_add(spans, Ordering::Relaxed) + spans > self.capacity {
-            self.in_flight.fetch_sub(spans, Ordering::Relaxed);
-            return Err(Lost::Full(lost));
-        }
-        self.sender.try_send(message).map_err(|error| {
-            self.in_flight.fetch_sub(spans, Ordering::Relaxed);
-            match error {
-                TrySendError::Full(_) => Lost::Full(lost),
-                TrySendError::Disconnected(_) => Lost::Gone(lost),
+        background::send_counted(&self.sender, message, &self.in_flight, spans, self.capacity).map_err(|refused| {
+            match refused {
+                Refused::Full => Lost::Full(lost),
+                Refused::Gone => Lost::Gone(lost),
             }
         })
     }
@@ -267,7 +264,7 @@ impl CountingProcessor {
     }
 
     /// Counts spans lost on their way to the exporter. The queue that dropped them warns.
-    pub(crate) fn count_dropped(&self, spans: u64) {
+    fn count_dropped(&self, spans: u64) {
         TelemetryStats::add(&self.stats.spans_dropped, spans);
     }
 
@@ -295,11 +292,7 @@ impl CountingProcessor {
         }
         let result = self.ask(Message::Shutdown, timeout);
         if result.is_ok() {
-            let thread = self.thread.lock().unwrap_or_else(PoisonError::into_inner).take();
-            if let Some(thread) = thread {
-                // The thread has answered; joining only reaps it.
-                let _ = thread.join();
-            }
+            background::reap(&self.thread);
         }
         result
     }
@@ -504,13 +497,7 @@ impl Drop for Worker {
         // A thread that panicked exports no more: count what was handed to it, and what
         // waits in threads' batches; the spans finished from now on are counted as they come.
         if std::thread::panicking() {
-            let threads = &self.agent_spans.threads;
-            threads.close();
-            let mut lost = self.in_flight.swap(0, Ordering::Relaxed) as u64;
-            threads.visit(|batch| {
-                lost += batch.len() as u64;
-                batch.clear();
-            });
+            let lost = self.in_flight.swap(0, Ordering::Relaxed) as u64 + self.agent_spans.discard();
             TelemetryStats::add(&self.stats.spans_dropped, lost);
         }
     }
