@@ -1,7 +1,7 @@
 //! What an agent execution is: which spans count, which fields they carry, how the status is
 //! decided, and the record each closed execution becomes.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -136,9 +136,9 @@ impl Visit for ExecutionFields {
 }
 
 /// Agent names are few and repeat: each thread keeps the ones it saw last and hands out a
-/// shared copy, so an execution costs no allocation for its name (and none for the thread
-/// that frees it, which is not the one that made it).
-fn shared_agent_name(name: &str) -> Arc<str> {
+/// shared copy, so an execution costs no allocation for its name. The copies are the calling
+/// thread's own: no other thread's core writes their reference counts.
+pub(crate) fn shared_agent_name(name: &str) -> Arc<str> {
     const KEPT: usize = 32;
     thread_local! {
         static RECENT: RefCell<Vec<Arc<str>>> = const { RefCell::new(Vec::new()) };
@@ -234,9 +234,10 @@ pub(crate) struct ExecutionState {
 
 impl ExecutionState {
     pub(crate) fn new() -> Self {
+        let (started, started_at) = now();
         ExecutionState {
-            started: Instant::now(),
-            started_at: SystemTime::now(),
+            started,
+            started_at,
             fields: ExecutionFields::default(),
             error_event: None,
             panicked: false,
@@ -259,6 +260,32 @@ impl ExecutionState {
         }
         (Status::Success, None)
     }
+}
+
+/// How long a thread's reading of both clocks stands in for reading the wall clock again.
+/// The two clocks drift apart by at most NTP's slew of 0.05%: 5 µs over this.
+const WALL_CLOCK_REREAD: Duration = Duration::from_millis(10);
+
+/// The monotonic clock and the wall clock now, with one clock read where the thread read both
+/// less than [`WALL_CLOCK_REREAD`] ago: the wall time is then that reading's plus the
+/// monotonic time since. Executions come many to 10 ms on a busy thread.
+fn now() -> (Instant, SystemTime) {
+    thread_local! {
+        static BOTH: Cell<Option<(Instant, SystemTime)>> = const { Cell::new(None) };
+    }
+    let now = Instant::now();
+    let since_both = |both: &Cell<Option<(Instant, SystemTime)>>| {
+        let (instant, wall) = both.get()?;
+        let since = now.checked_duration_since(instant)?;
+        (since < WALL_CLOCK_REREAD).then(|| wall.checked_add(since)).flatten()
+    };
+    if let Ok(Some(wall)) = BOTH.try_with(since_both) {
+        return (now, wall);
+    }
+    let wall = SystemTime::now();
+    // A thread being torn down keeps no reading.
+    let _ = BOTH.try_with(|both| both.set(Some((now, wall))));
+    (now, wall)
 }
 
 /// The ids that correlate a log line with its exported span.
@@ -301,6 +328,28 @@ mod tests {
         let tricky = "a \"quoted\"\\ line\nwith\ttabs and \u{7} bell and ü";
         assert_eq!(unquote_debug(format!("{tricky:?}")), tricky);
         assert_eq!(unquote_debug("plain".to_owned()), "plain");
+    }
+
+    #[test]
+    fn an_execution_starts_at_the_wall_clock_time_of_its_start() {
+        let tolerance = Duration::from_millis(1);
+        let first = ExecutionState::new();
+        // Within the reading's lifetime, mostly: the second start is computed from the first's.
+        std::thread::sleep(Duration::from_millis(5));
+        let before = SystemTime::now();
+        let second = ExecutionState::new();
+        let after = SystemTime::now();
+        assert!(
+            second.started_at + tolerance >= before,
+            "{:?} < {before:?}",
+            second.started_at
+        );
+        assert!(
+            second.started_at <= after + tolerance,
+            "{:?} > {after:?}",
+            second.started_at
+        );
+        assert!(second.started_at > first.started_at);
     }
 
     #[test]

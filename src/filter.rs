@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use tracing_core::span::{Attributes, Id, Record};
 use tracing_core::subscriber::Interest;
-use tracing_core::{Level, LevelFilter, Metadata, Subscriber};
+use tracing_core::{Event, Level, LevelFilter, Metadata, Subscriber};
 use tracing_subscriber::filter::EnvFilter;
 use tracing_subscriber::layer::{Context, Filter};
 
@@ -146,35 +146,82 @@ impl<S: Subscriber> Filter<S> for ExecutionFilter {
     }
 }
 
-/// For the `tracing-opentelemetry` layer: no agent spans (ours), and no events whose
-/// innermost span is an agent span (they are its span events, recorded by us).
-pub(crate) struct NotAgentFilter {
+/// For the `tracing-opentelemetry` layer: what `RUST_LOG` selects, off the export path, but no
+/// agent spans (ours) and no events whose innermost span is an agent span (they are its span
+/// events, recorded by us).
+///
+/// Written out rather than composed with `FilterExt::and`: every agent span goes through this
+/// filter's `enabled` (the execution layer wants it, so the callsite cannot be cached as
+/// never), and the name check rejects it before `EnvFilter` and the target are looked at.
+pub(crate) struct TracedFilter {
     names: Arc<AgentSpanNames>,
+    filter: EnvFilter,
 }
 
-impl NotAgentFilter {
-    pub(crate) fn new(names: Arc<AgentSpanNames>) -> Self {
-        NotAgentFilter { names }
+impl TracedFilter {
+    pub(crate) fn new(names: Arc<AgentSpanNames>, filter: EnvFilter) -> Self {
+        TracedFilter { names, filter }
     }
 }
 
-impl<S: Subscriber> Filter<S> for NotAgentFilter {
+impl<S: Subscriber> Filter<S> for TracedFilter {
     fn enabled(&self, metadata: &Metadata<'_>, ctx: &Context<'_, S>) -> bool {
-        if metadata.is_span() {
-            return !self.names.matches(metadata.name());
+        let is_span = metadata.is_span();
+        if is_span && self.names.matches(metadata.name()) {
+            return false;
         }
-        !ctx.current_span()
-            .metadata()
-            .is_some_and(|span| self.names.matches(span.name()))
+        if on_export_path(metadata.target()) || !Filter::<S>::enabled(&self.filter, metadata, ctx) {
+            return false;
+        }
+        is_span
+            || !ctx
+                .current_span()
+                .metadata()
+                .is_some_and(|span| self.names.matches(span.name()))
     }
 
     fn callsite_enabled(&self, metadata: &'static Metadata<'static>) -> Interest {
+        // `EnvFilter` sees every callsite, as it registers the spans its directives name.
+        let selected = Filter::<S>::callsite_enabled(&self.filter, metadata);
+        if selected.is_never() || on_export_path(metadata.target()) {
+            return Interest::never();
+        }
         match (metadata.is_span(), self.names.matches(metadata.name())) {
             (true, true) => Interest::never(),
-            (true, false) => Interest::always(),
+            (true, false) => selected,
             // An event's answer depends on the span it happens in.
             (false, _) => Interest::sometimes(),
         }
+    }
+
+    fn max_level_hint(&self) -> Option<LevelFilter> {
+        // No hint, as the combinators this filter replaces gave none: `EnvFilter`'s (`OFF` for
+        // `RUST_LOG=off`) would also turn off the agent spans the execution layer wants.
+        None
+    }
+
+    fn event_enabled(&self, event: &Event<'_>, ctx: &Context<'_, S>) -> bool {
+        Filter::<S>::event_enabled(&self.filter, event, ctx)
+    }
+
+    fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: Context<'_, S>) {
+        Filter::on_new_span(&self.filter, attrs, id, ctx);
+    }
+
+    fn on_record(&self, id: &Id, values: &Record<'_>, ctx: Context<'_, S>) {
+        Filter::on_record(&self.filter, id, values, ctx);
+    }
+
+    fn on_enter(&self, id: &Id, ctx: Context<'_, S>) {
+        Filter::on_enter(&self.filter, id, ctx);
+    }
+
+    fn on_exit(&self, id: &Id, ctx: Context<'_, S>) {
+        Filter::on_exit(&self.filter, id, ctx);
+    }
+
+    fn on_close(&self, id: Id, ctx: Context<'_, S>) {
+        Filter::on_close(&self.filter, id, ctx);
     }
 }
 

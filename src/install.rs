@@ -9,8 +9,8 @@ use opentelemetry::trace::TracerProvider as _;
 use opentelemetry::KeyValue;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use opentelemetry_sdk::Resource;
-use tracing_core::{Metadata, Subscriber};
-use tracing_subscriber::filter::{filter_fn, EnvFilter, FilterExt};
+use tracing_core::Subscriber;
+use tracing_subscriber::filter::EnvFilter;
 use tracing_subscriber::layer::{Layer, SubscriberExt};
 use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -18,7 +18,7 @@ use tracing_subscriber::util::SubscriberInitExt;
 use crate::config::{Config, LogFormat, OtlpProtocol, TracesExporter};
 use crate::error::{Error, Result};
 use crate::execution::AgentSpanNames;
-use crate::filter::{on_export_path, ExecutionFilter, NotAgentFilter};
+use crate::filter::{ExecutionFilter, TracedFilter};
 use crate::layer::{ExecutionLayer, Signals};
 use crate::logs::LogLines;
 use crate::logs::Pipeline;
@@ -389,14 +389,13 @@ impl AgentTelemetry {
             Some(traces) => {
                 // Events `RUST_LOG` selects reach the execution layer too: those directly
                 // inside an agent span become its span events.
-                let off_export_path = filter_fn(|metadata: &Metadata<'_>| !on_export_path(metadata.target()));
                 let filter = ExecutionFilter::new(Arc::clone(&names), Some((traced_events, &config.env_filter)));
                 let executions = ExecutionLayer::new(signals).with_filter(filter);
                 let otel = tracing_opentelemetry::layer()
                     .with_tracer(traces.provider.tracer("agent_telemetry"))
                     .with_threads(false)
                     .with_tracked_inactivity(false)
-                    .with_filter(traced_spans.and(off_export_path).and(NotAgentFilter::new(names)));
+                    .with_filter(TracedFilter::new(names, traced_spans));
                 Box::new(executions.and_then(otel))
             }
             None => Box::new(ExecutionLayer::new(signals).with_filter(ExecutionFilter::new(names, None))),

@@ -107,12 +107,14 @@ where
 
     fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: Context<'_, S>) {
         let mut execution = ExecutionState::new();
-        attrs.record(&mut execution.fields);
-        let span = self.signals.tracer.as_ref().map(|tracer| {
+        let span = if let Some(tracer) = &self.signals.tracer {
             let mut span = tracer.start(&self.parent_context(attrs, &ctx), attrs.metadata());
-            span.record(attrs);
-            span
-        });
+            span.record(attrs, &mut execution.fields);
+            Some(span)
+        } else {
+            attrs.record(&mut execution.fields);
+            None
+        };
         if let Some(registered) = ctx.span(id) {
             registered.extensions_mut().insert(Running { execution, span });
         }
@@ -121,10 +123,10 @@ where
     fn on_record(&self, id: &Id, values: &Record<'_>, ctx: Context<'_, S>) {
         let Some(span) = ctx.span(id) else { return };
         let mut extensions = span.extensions_mut();
-        if let Some(running) = extensions.get_mut::<Running>() {
-            values.record(&mut running.execution.fields);
-            if let Some(span) = &mut running.span {
-                span.record(values);
+        if let Some(Running { execution, span }) = extensions.get_mut::<Running>() {
+            match span {
+                Some(span) => span.record(values, &mut execution.fields),
+                None => values.record(&mut execution.fields),
             }
         }
     }
@@ -223,7 +225,7 @@ where
         self.signals.metrics.record(&execution);
         self.signals.pipeline.write_line(&execution);
         if let (Some(tracer), Some(span)) = (&self.signals.tracer, span.filter(AgentSpan::is_sampled)) {
-            tracer.export(span, execution);
+            tracer.export(span, &execution);
         }
     }
 

@@ -3,7 +3,7 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::config::{Config, LogFormat};
-use crate::execution::{Execution, Status};
+use crate::execution::{Execution, Status, TraceIds};
 
 /// Longest `agent_name` kept in a line, in characters.
 const MAX_AGENT_NAME_CHARS: usize = 256;
@@ -18,8 +18,8 @@ pub(crate) struct LineFormat {
     max_task_chars: usize,
     /// The closing fields (`,"service.name":"..."}` and the like), escaped once.
     tail: Vec<u8>,
-    /// The last second formatted: lines come many to a second.
-    clock: UtcSecond,
+    /// The line's start for the last second formatted: lines come many to a second.
+    prefix: Prefix,
 }
 
 impl LineFormat {
@@ -35,7 +35,7 @@ impl LineFormat {
             format: config.log_format,
             max_task_chars: config.max_task_chars,
             tail,
-            clock: UtcSecond::default(),
+            prefix: Prefix::new(config.log_format),
         }
     }
 
@@ -48,46 +48,35 @@ impl LineFormat {
             LogFormat::Ecs => self.write_ecs(e, out),
         }
         if let Some(ids) = e.trace {
-            out.extend_from_slice(br#","trace.id":""#);
-            push_hex(out, ids.trace_id.to_bytes());
-            out.extend_from_slice(br#"","span.id":""#);
-            push_hex(out, ids.span_id.to_bytes());
-            out.push(b'"');
+            out.extend_from_slice(&ids_text(ids));
         }
         out.extend_from_slice(&self.tail);
     }
 
     /// The guide's six fields, with `@timestamp` and `log.level` for Filebeat.
     fn write_guide(&mut self, e: &Execution, out: &mut Vec<u8>) {
-        let (second, micros) = self.clock.split(e.finished_at);
-        write_timestamp(out, second, micros);
-        out.extend_from_slice(br#"","timestamp":""#);
-        out.extend_from_slice(second);
-        out.extend_from_slice(&fraction::<8>(micros));
-        out.extend_from_slice(br#"","log.level":"#);
+        self.prefix.write(e.finished_at, out);
         out.extend_from_slice(match e.status {
-            Status::Success => br#""INFO""#.as_slice(),
-            Status::Failure => br#""ERROR""#.as_slice(),
+            Status::Success => br#""INFO","event":"agent_execution","agent_name":"#.as_slice(),
+            Status::Failure => br#""ERROR","event":"agent_execution","agent_name":"#.as_slice(),
         });
-        out.extend_from_slice(br#","event":"agent_execution","agent_name":"#);
         write_str(out, truncate(&e.agent_name, MAX_AGENT_NAME_CHARS));
         out.extend_from_slice(br#","task":"#);
         write_str(out, truncate(&e.task, self.max_task_chars));
         out.extend_from_slice(br#","duration_seconds":"#);
         write_seconds(out, e.duration);
-        out.extend_from_slice(br#","status":""#);
-        out.extend_from_slice(e.status.as_str().as_bytes());
-        out.push(b'"');
+        out.extend_from_slice(match e.status {
+            Status::Success => br#","status":"success""#.as_slice(),
+            Status::Failure => br#","status":"failure""#.as_slice(),
+        });
         self.write_failure(e, out);
     }
 
     /// ECS 8 names: `event.*` for the outcome and duration (nanoseconds), `gen_ai.*` for the
     /// agent, and nothing Filebeat owns (`agent.*`, `ecs.*`, `host.*`, `input.*`, `log.file`).
     fn write_ecs(&mut self, e: &Execution, out: &mut Vec<u8>) {
-        let (second, micros) = self.clock.split(e.finished_at);
         let agent_name = truncate(&e.agent_name, MAX_AGENT_NAME_CHARS);
-        write_timestamp(out, second, micros);
-        out.extend_from_slice(br#"","log.level":"#);
+        self.prefix.write(e.finished_at, out);
         out.extend_from_slice(match e.status {
             Status::Success => br#""info""#.as_slice(),
             Status::Failure => br#""error""#.as_slice(),
@@ -131,13 +120,6 @@ fn truncate(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
     }
 }
 
-/// The start of every line: `{"@timestamp":"` and the time to the millisecond, `Z` included.
-fn write_timestamp(out: &mut Vec<u8>, second: &[u8], micros: u32) {
-    out.extend_from_slice(br#"{"@timestamp":""#);
-    out.extend_from_slice(second);
-    out.extend_from_slice(&fraction::<5>(micros / 1000));
-}
-
 /// A JSON string: quotes, backslashes and control characters escaped (`serde_json`'s rules).
 fn write_str(out: &mut Vec<u8>, text: impl AsRef<str>) {
     out.push(b'"');
@@ -149,9 +131,7 @@ fn write_str(out: &mut Vec<u8>, text: impl AsRef<str>) {
 fn write_str_contents(out: &mut Vec<u8>, text: &str) {
     // Names and tasks rarely need escaping: one scan and one copy then, not serde_json's
     // run-by-run writes through `io::Write`.
-    if text.bytes().all(|byte| byte >= 0x20 && byte != b'"' && byte != b'\\') {
-        out.extend_from_slice(text.as_bytes());
-    } else {
+    if needs_escape(text) {
         let start = out.len();
         // Writing a `str` into a `Vec` cannot fail; serde_json quotes the string, and the
         // quotes are the caller's.
@@ -159,7 +139,24 @@ fn write_str_contents(out: &mut Vec<u8>, text: &str) {
             out.pop();
             out.remove(start);
         }
+    } else {
+        out.extend_from_slice(text.as_bytes());
     }
+}
+
+/// Whether JSON needs any byte of `text` escaped: a control character, a quote or a backslash.
+#[allow(
+    clippy::needless_bitwise_bool,
+    reason = "no branch per byte, so that a chunk is checked as one vector"
+)]
+fn needs_escape(text: &str) -> bool {
+    let special = |byte: u8| (byte < 0x20) | (byte == b'"') | (byte == b'\\');
+    // Without a branch per byte in whole chunks, so that each is checked 16 bytes at a time.
+    let mut chunks = text.as_bytes().chunks_exact(16);
+    chunks
+        .by_ref()
+        .any(|chunk| chunk.iter().fold(false, |found, &byte| found | special(byte)))
+        || chunks.remainder().iter().any(|&byte| special(byte))
 }
 
 /// The exact decimal of the duration, always with a fraction (`45.0`, never `45`, so
@@ -176,49 +173,107 @@ fn write_seconds(out: &mut Vec<u8>, duration: Duration) {
     out.extend_from_slice(&nanos[..=digits]);
 }
 
-/// `.` then the `N - 2` digits of `value`, then `Z`: the end of a timestamp.
-fn fraction<const N: usize>(value: u32) -> [u8; N] {
-    let mut text = [b'0'; N];
-    text[0] = b'.';
-    text[N - 1] = b'Z';
-    put_digits(&mut text[1..N - 1], value);
+/// `,"trace.id":"…","span.id":"…"`, the ids in lowercase hex.
+fn ids_text(ids: TraceIds) -> [u8; 75] {
+    const TRACE_ID: &[u8; 13] = br#","trace.id":""#;
+    const SPAN_ID: &[u8; 13] = br#"","span.id":""#;
+    let mut text = [b'"'; 75];
+    text[..13].copy_from_slice(TRACE_ID);
+    put_hex(&mut text[13..45], &ids.trace_id.to_bytes());
+    text[45..58].copy_from_slice(SPAN_ID);
+    put_hex(&mut text[58..74], &ids.span_id.to_bytes());
     text
 }
 
-/// Lowercase hex of an id's (at most 16) bytes.
-fn push_hex<const N: usize>(out: &mut Vec<u8>, bytes: [u8; N]) {
+/// Lowercase hex of `bytes`, two characters each.
+fn put_hex(slot: &mut [u8], bytes: &[u8]) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut text = [0; 32];
-    for (pair, byte) in text.chunks_exact_mut(2).zip(bytes) {
-        pair[0] = HEX[usize::from(byte >> 4)];
-        pair[1] = HEX[usize::from(byte & 0xf)];
+    const PAIRS: [[u8; 2]; 256] = {
+        let mut pairs = [[0; 2]; 256];
+        let mut byte = 0;
+        while byte < 256 {
+            pairs[byte] = [HEX[byte >> 4], HEX[byte & 0xf]];
+            byte += 1;
+        }
+        pairs
+    };
+    for (pair, &byte) in slot.chunks_exact_mut(2).zip(bytes) {
+        pair.copy_from_slice(&PAIRS[usize::from(byte)]);
     }
-    out.extend_from_slice(&text[..2 * N.min(16)]);
 }
 
-/// `YYYY-MM-DDTHH:MM:SS` of the last whole UTC second asked for.
-#[derive(Default, Clone)]
-struct UtcSecond {
+/// The start of a line, `{` through `"log.level":`, for the last whole UTC second asked for:
+/// its date and time are formatted once a second, and each line's fraction digits put in place.
+#[derive(Clone)]
+struct Prefix {
+    format: LogFormat,
     unix_second: Option<u64>,
-    text: [u8; 19],
+    text: Vec<u8>,
+    /// Where the `@timestamp`'s three digits of milliseconds are ...
+    millis_at: usize,
+    /// ... and the guide's `timestamp`'s six digits of microseconds.
+    micros_at: Option<usize>,
 }
 
-impl UtcSecond {
-    /// The whole second of `at`, formatted, and its microseconds.
-    fn split(&mut self, at: SystemTime) -> (&[u8; 19], u32) {
-        let Ok(since_epoch) = at.duration_since(UNIX_EPOCH) else {
+impl Prefix {
+    fn new(format: LogFormat) -> Self {
+        Prefix {
+            format,
+            unix_second: None,
+            text: Vec::new(),
+            millis_at: 0,
+            micros_at: None,
+        }
+    }
+
+    /// Appends the start of the line of an execution that ended `at`.
+    fn write(&mut self, at: SystemTime, out: &mut Vec<u8>) {
+        let micros = if let Ok(since_epoch) = at.duration_since(UNIX_EPOCH) {
+            let second = since_epoch.as_secs();
+            if self.unix_second != Some(second) {
+                self.unix_second = Some(second);
+                self.build(time::OffsetDateTime::from(UNIX_EPOCH + Duration::from_secs(second)));
+            }
+            since_epoch.subsec_micros()
+        } else {
             // Before 1970: a clock gone wrong, formatted as it is, not cached.
             let at = time::OffsetDateTime::from(at);
             self.unix_second = None;
-            self.text = format_second(at);
-            return (&self.text, at.microsecond());
+            self.build(at);
+            at.microsecond()
         };
-        let second = since_epoch.as_secs();
-        if self.unix_second != Some(second) {
-            self.unix_second = Some(second);
-            self.text = format_second(time::OffsetDateTime::from(UNIX_EPOCH + Duration::from_secs(second)));
+        let start = out.len();
+        out.extend_from_slice(&self.text);
+        // Within the text just appended, where `build` left the digits' places.
+        if let Some(millis) = out.get_mut(start + self.millis_at..start + self.millis_at + 3) {
+            put_digits(millis, micros / 1000);
         }
-        (&self.text, since_epoch.subsec_micros())
+        if let Some(micros_at) = self.micros_at {
+            if let Some(digits) = out.get_mut(start + micros_at..start + micros_at + 6) {
+                put_digits(digits, micros);
+            }
+        }
+    }
+
+    /// The prefix of the whole second of `at`, with zeros for the fraction.
+    fn build(&mut self, at: time::OffsetDateTime) {
+        let second = format_second(at);
+        let text = &mut self.text;
+        text.clear();
+        text.extend_from_slice(br#"{"@timestamp":""#);
+        text.extend_from_slice(&second);
+        text.push(b'.');
+        self.millis_at = text.len();
+        text.extend_from_slice(b"000Z");
+        self.micros_at = None;
+        if self.format == LogFormat::Guide {
+            text.extend_from_slice(br#"","timestamp":""#);
+            text.extend_from_slice(&second);
+            text.push(b'.');
+            self.micros_at = Some(text.len());
+            text.extend_from_slice(b"000000Z");
+        }
+        text.extend_from_slice(br#"","log.level":"#);
     }
 }
 
@@ -353,7 +408,7 @@ mod tests {
 
     mod properties {
         use super::*;
-        use crate::execution::Failure;
+        use crate::execution::{Failure, TraceIds};
         use proptest::prelude::*;
 
         /// Text that tries to break a line: control characters, quotes, backslashes,
@@ -383,6 +438,55 @@ mod tests {
                 let mut out = Vec::new();
                 write_str(&mut out, &text);
                 prop_assert_eq!(String::from_utf8(out).unwrap(), serde_json::to_string(&text).unwrap());
+            }
+
+            #[test]
+            fn timestamps_and_ids_are_exact_line_after_line(
+                micros in 0u64..4_102_444_800_000_000,
+                later in prop_oneof![0u64..1_000, 0u64..3_000_000],
+                trace_id in any::<u128>(),
+                span_id in any::<u64>(),
+                ecs in any::<bool>(),
+            ) {
+                let config = Config {
+                    log_format: if ecs { LogFormat::Ecs } else { LogFormat::Guide },
+                    ..Config::default()
+                };
+                let mut format = LineFormat::new(&config);
+                // Two lines from one format: the second may fall in the first's second.
+                for micros in [micros, micros + later] {
+                    let finished_at = UNIX_EPOCH + Duration::from_micros(micros);
+                    let execution = Execution {
+                        agent_name: "a".into(),
+                        task: "t".into(),
+                        duration: Duration::from_millis(1),
+                        status: Status::Success,
+                        failure: None,
+                        finished_at,
+                        trace: Some(TraceIds {
+                            trace_id: opentelemetry::TraceId::from_bytes(trace_id.to_be_bytes()),
+                            span_id: opentelemetry::SpanId::from_bytes(span_id.to_be_bytes()),
+                        }),
+                    };
+                    let mut out = Vec::new();
+                    format.write(&execution, &mut out);
+                    let value: serde_json::Value = serde_json::from_slice(&out).expect("valid JSON");
+                    let at = time::OffsetDateTime::from(finished_at);
+                    let second = format!(
+                        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}",
+                        at.year(), u8::from(at.month()), at.day(), at.hour(), at.minute(), at.second()
+                    );
+                    let millis = format!("{second}.{:03}Z", at.millisecond());
+                    prop_assert_eq!(value["@timestamp"].as_str(), Some(millis.as_str()));
+                    if !ecs {
+                        let micros = format!("{second}.{:06}Z", at.microsecond());
+                        prop_assert_eq!(value["timestamp"].as_str(), Some(micros.as_str()));
+                    }
+                    let trace = format!("{trace_id:032x}");
+                    let span = format!("{span_id:016x}");
+                    prop_assert_eq!(value["trace.id"].as_str(), Some(trace.as_str()));
+                    prop_assert_eq!(value["span.id"].as_str(), Some(span.as_str()));
+                }
             }
 
             #[test]

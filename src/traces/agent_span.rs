@@ -9,6 +9,7 @@
 
 use std::borrow::Cow;
 use std::fmt;
+use std::ops::Range;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -24,7 +25,7 @@ use tracing_core::Metadata;
 use tracing_subscriber::field::RecordFields;
 
 use super::processor::CountingProcessor;
-use crate::execution::{Execution, ExecutionFields, Failure, Status, TraceIds};
+use crate::execution::{shared_agent_name, Execution, ExecutionFields, Failure, Status, TraceIds};
 
 /// Events kept per span, as the SDK's default span limits; the rest are counted as dropped.
 const MAX_EVENTS: usize = 128;
@@ -72,8 +73,9 @@ pub(crate) struct AgentSpan {
 }
 
 /// A closed agent span, as it crosses to the span processor's thread: what building it needs,
-/// in two cache lines when the span has nothing rare. Every cache line of it is a transfer
-/// between cores that both threads pay for (see `benches/README.md`).
+/// in under two cache lines when the span has nothing rare. Every cache line of it is a
+/// transfer between cores that both threads pay for (see `benches/README.md`). Its text (the
+/// agent's name and the task) is in its batch's buffer.
 pub(crate) struct FinishedSpan {
     trace_id: TraceId,
     span_id: SpanId,
@@ -83,11 +85,78 @@ pub(crate) struct FinishedSpan {
     kind: SpanKind,
     status: Status,
     metadata: &'static Metadata<'static>,
-    agent_name: Arc<str>,
-    task: String,
+    /// Where the agent's name and then the task are in the batch's text.
+    text: Range<usize>,
+    agent_name_len: usize,
     end_time: SystemTime,
     duration: Duration,
     rare: Option<Box<RareParts>>,
+}
+
+/// A thread's finished agent spans, with their text in one buffer: no text crosses as an
+/// allocation of the agent's thread that the span thread would free, which would have the two
+/// contend for the allocator's arena on every span (see `benches/README.md`).
+pub(crate) struct AgentBatch {
+    spans: Vec<FinishedSpan>,
+    text: String,
+}
+
+impl AgentBatch {
+    /// Text kept by an emptied batch for reuse; a batch that grew past it is not reused.
+    const KEPT_TEXT_BYTES: usize = 64 * 1024;
+
+    /// Room for `spans` spans with names and tasks of usual length.
+    pub(crate) fn with_capacity(spans: usize) -> Self {
+        AgentBatch {
+            spans: Vec::with_capacity(spans),
+            text: String::with_capacity(spans.saturating_mul(64).min(Self::KEPT_TEXT_BYTES)),
+        }
+    }
+
+    /// Adds a finished span with its text.
+    pub(crate) fn push(&mut self, mut span: FinishedSpan, agent_name: &str, task: &str) {
+        if self.spans.is_empty() {
+            // What a drain left.
+            self.text.clear();
+        }
+        let start = self.text.len();
+        self.text.push_str(agent_name);
+        self.text.push_str(task);
+        span.text = start..self.text.len();
+        span.agent_name_len = agent_name.len();
+        self.spans.push(span);
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.spans.len()
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.spans.is_empty()
+    }
+
+    /// Empties the batch, keeping its room.
+    pub(crate) fn clear(&mut self) {
+        self.spans.clear();
+        self.text.clear();
+    }
+
+    /// Whether the emptied batch is worth keeping for another thread's spans.
+    pub(crate) fn reusable(&self) -> bool {
+        self.is_empty() && self.text.capacity() <= Self::KEPT_TEXT_BYTES
+    }
+
+    /// Takes the spans out, in order, each with its agent's name and task.
+    pub(crate) fn drain(&mut self) -> impl Iterator<Item = (FinishedSpan, &str, &str)> + '_ {
+        let text = &self.text;
+        self.spans.drain(..).map(move |span| {
+            // `push` set the ranges in this text, at char boundaries: a range that is not
+            // would be a bug, and gives empty text rather than a panic.
+            let own = text.get(span.text.clone()).unwrap_or_default();
+            let (agent_name, task) = own.split_at_checked(span.agent_name_len).unwrap_or_default();
+            (span, agent_name, task)
+        })
+    }
 }
 
 /// The parts most agent spans do not have, boxed only when one does.
@@ -177,21 +246,23 @@ impl AgentTracer {
 
     /// Queues the finished span for export, built on the processor's thread. Only sampled
     /// spans come here: the layer sends no other.
-    pub(crate) fn export(&self, span: AgentSpan, execution: Execution) {
-        self.processor.queue_agent(span.finish(execution));
+    pub(crate) fn export(&self, span: AgentSpan, execution: &Execution) {
+        self.processor
+            .queue_agent(span.finish(execution), &execution.agent_name, &execution.task);
     }
 }
 
 impl SpanBuilder {
-    /// The finished span, with the guide's, GenAI and OpenInference attributes.
-    pub(crate) fn build(&self, span: FinishedSpan) -> SpanData {
+    /// The finished span, with the guide's, GenAI and OpenInference attributes. The name is
+    /// this thread's shared copy, so the span thread frees only what it allocated.
+    pub(crate) fn build(&self, span: FinishedSpan, agent_name: &str, task: &str) -> SpanData {
         let rare = span.rare.map(|rare| *rare);
         let extra_attributes = rare.as_ref().map_or(0, |rare| rare.attributes.len());
-        let agent_name = Value::String(span.agent_name.into());
+        let agent_name = Value::String(shared_agent_name(agent_name).into());
         let mut attributes = Vec::with_capacity(10 + extra_attributes);
         attributes.extend([
             KeyValue::new("agent.name", agent_name.clone()),
-            KeyValue::new("task", span.task),
+            KeyValue::new("task", task.to_owned()),
             KeyValue::new("result.status", span.status.as_str()),
             KeyValue::new("gen_ai.operation.name", "invoke_agent"),
             KeyValue::new("gen_ai.agent.name", agent_name),
@@ -240,9 +311,10 @@ impl SpanBuilder {
 }
 
 impl AgentSpan {
-    /// The span's parts for building it elsewhere, with the execution's. Its parent context
-    /// is dropped here, on the thread that made it.
-    pub(crate) fn finish(self, execution: Execution) -> FinishedSpan {
+    /// The span's parts for building it elsewhere, with the execution's but for its text,
+    /// which [`AgentBatch::push`] adds. Its parent context is dropped here, on the thread that
+    /// made it.
+    pub(crate) fn finish(self, execution: &Execution) -> FinishedSpan {
         let AgentSpan {
             parent: _,
             span_context,
@@ -274,7 +346,7 @@ impl AgentSpan {
                 attributes,
                 events,
                 dropped_events,
-                failure: execution.failure,
+                failure: execution.failure.clone(),
             })
         });
         FinishedSpan {
@@ -286,8 +358,8 @@ impl AgentSpan {
             kind,
             status: execution.status,
             metadata,
-            agent_name: execution.agent_name,
-            task: execution.task,
+            text: 0..0,
+            agent_name_len: 0,
             end_time: execution.finished_at,
             duration: execution.duration,
             rare,
@@ -316,10 +388,13 @@ impl AgentSpan {
         self.span_context.is_sampled()
     }
 
-    /// Records the span's fields that are not the execution's own as attributes, when it
-    /// opens and when they are recorded later.
-    pub(crate) fn record(&mut self, fields: &impl RecordFields) {
-        fields.record(&mut OtelValues(&mut FieldAttributes(self)));
+    /// Records the span's fields, when it opens and when they are recorded later, in one
+    /// walk: the execution's own into `execution`, the others as the span's attributes.
+    pub(crate) fn record(&mut self, fields: &impl RecordFields, execution: &mut ExecutionFields) {
+        fields.record(&mut SplitFields {
+            execution,
+            span: OtelValues(&mut FieldAttributes(self)),
+        });
     }
 
     /// Adds an event that happened inside the span, named and shaped as
@@ -362,6 +437,52 @@ fn push_location(attributes: &mut Vec<KeyValue>, metadata: &'static Metadata<'st
     }
     if let Some(line) = metadata.line() {
         attributes.push(KeyValue::new("code.line.number", i64::from(line)));
+    }
+}
+
+/// A span's fields, each to the execution or to the span.
+struct SplitFields<'a, 'b> {
+    execution: &'a mut ExecutionFields,
+    span: OtelValues<'a, FieldAttributes<'b>>,
+}
+
+impl SplitFields<'_, '_> {
+    fn visitor(&mut self, field: &Field) -> &mut dyn Visit {
+        if ExecutionFields::owns(field) {
+            self.execution
+        } else {
+            &mut self.span
+        }
+    }
+}
+
+impl Visit for SplitFields<'_, '_> {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.visitor(field).record_str(field, value);
+    }
+
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        self.visitor(field).record_bool(field, value);
+    }
+
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.visitor(field).record_i64(field, value);
+    }
+
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.visitor(field).record_u64(field, value);
+    }
+
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        self.visitor(field).record_f64(field, value);
+    }
+
+    fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
+        self.visitor(field).record_error(field, value);
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        self.visitor(field).record_debug(field, value);
     }
 }
 

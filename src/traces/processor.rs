@@ -1,8 +1,8 @@
 //! The span processor every exported span goes through, agent spans and the spans
 //! `tracing-opentelemetry` builds alike: one thread builds the agent spans, batches and
-//! exports. Agent spans gather, as the few fields they are made of, in a batch of the thread
-//! that finished them, and cross to it 64 at a time; other spans cross one by one. A full
-//! queue drops (and counts) spans, never the caller's time.
+//! exports. Spans gather in a batch of the thread that finished them (agent spans as the few
+//! fields they are made of) and cross to it 64 at a time. A full queue drops (and counts)
+//! spans, never the caller's time.
 //!
 //! It replaces the SDK's batch processor so that an agent span crosses threads once and is
 //! built, exported and freed on one thread: the SDK's would take it built, one by one through
@@ -20,7 +20,7 @@ use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
 use opentelemetry_sdk::trace::{Span, SpanData, SpanExporter, SpanProcessor};
 use opentelemetry_sdk::Resource;
 
-use super::agent_span::{FinishedSpan, SpanBuilder};
+use super::agent_span::{AgentBatch, FinishedSpan, SpanBuilder};
 use super::export::CountingExporter;
 use crate::background::{self, Linger, Refused, Sent};
 use crate::config::BatchSettings;
@@ -29,37 +29,67 @@ use crate::per_thread::{PerThread, Spares};
 use crate::stats::{first_time, TelemetryStats};
 
 enum Message {
-    /// A thread's batch of agent spans' parts, built into spans on the processor's thread.
-    Agents(Vec<FinishedSpan>),
+    /// A thread's batch of spans.
+    Spans(ThreadSpans),
     /// A thread's batch has its first span: collect it.
     Wake,
-    /// A span `tracing-opentelemetry` built, boxed: a `SpanData` would make every message,
-    /// and each agent span's handoff, three times larger.
-    Built(Box<SpanData>),
     /// Export everything queued before this message, then answer.
     Flush(SyncSender<OTelSdkResult>),
     /// Export everything queued before this message, shut the exporter down, answer, stop.
     Shutdown(SyncSender<OTelSdkResult>),
 }
 
-/// Agent spans a thread gathers before it hands them over at once (fewer for a small queue).
+/// Spans a thread gathers before it hands them over at once (fewer for a small queue).
 const SPANS_PER_HANDOFF: usize = 64;
 
-/// The agent spans each thread has finished and the processor has not taken yet, and the
-/// emptied batches the threads take back.
-struct AgentSpans {
-    threads: PerThread<Vec<FinishedSpan>>,
-    spare: Spares<Vec<FinishedSpan>>,
+/// The spans one thread finished: agent spans as their parts, to be built on the span thread,
+/// and the spans `tracing-opentelemetry` built. They cross together, and no span crosses
+/// alone through the queue every thread writes to.
+struct ThreadSpans {
+    agents: AgentBatch,
+    built: Vec<SpanData>,
+}
+
+impl ThreadSpans {
+    fn with_capacity(spans: usize) -> Self {
+        ThreadSpans {
+            agents: AgentBatch::with_capacity(spans),
+            // Most threads finish agent spans only: room is made on the first other one.
+            built: Vec::new(),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.agents.len() + self.built.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.agents.is_empty() && self.built.is_empty()
+    }
+
+    fn clear(&mut self) {
+        self.agents.clear();
+        self.built.clear();
+    }
+}
+
+/// The spans each thread has finished and the processor has not taken yet, and the emptied
+/// batches the threads take back.
+struct Batches {
+    threads: PerThread<ThreadSpans>,
+    spare: Spares<ThreadSpans>,
     per_handoff: usize,
 }
 
-impl AgentSpans {
-    fn spare_batch(&self) -> Vec<FinishedSpan> {
-        self.spare.take_or(|| Vec::with_capacity(self.per_handoff))
+impl Batches {
+    fn spare_batch(&self) -> ThreadSpans {
+        self.spare.take_or(|| ThreadSpans::with_capacity(self.per_handoff))
     }
 
-    fn recycle(&self, batch: Vec<FinishedSpan>) {
-        if batch.is_empty() {
+    fn recycle(&self, mut batch: ThreadSpans) {
+        // A batch that grew (a huge task, or more spans than a handoff) is not kept.
+        if batch.agents.reusable() && batch.built.capacity() <= 2 * self.per_handoff {
+            batch.clear();
             self.spare.keep(batch);
         }
     }
@@ -77,7 +107,7 @@ impl AgentSpans {
     }
 }
 
-/// What became of an agent span.
+/// What became of a span.
 enum Queued {
     /// It is the first in its thread's batch: the processor needs to hear of it.
     First,
@@ -100,7 +130,7 @@ enum Lost {
 /// The queue's sending side, with the drop accounting.
 pub(crate) struct CountingProcessor {
     sender: SyncSender<Message>,
-    agent_spans: Arc<AgentSpans>,
+    batches: Arc<Batches>,
     /// Spans handed over and not yet through an export: never more than `capacity`, besides
     /// the ones still gathering in threads' batches.
     in_flight: Arc<AtomicUsize>,
@@ -126,14 +156,14 @@ impl CountingProcessor {
     ) -> Result<Self> {
         let (sender, receiver) = sync_channel(settings.max_queue_size);
         let per_handoff = SPANS_PER_HANDOFF.min(settings.max_queue_size / 2).max(1);
-        let agent_spans = Arc::new(AgentSpans {
-            threads: PerThread::new(move || Vec::with_capacity(per_handoff)),
+        let batches = Arc::new(Batches {
+            threads: PerThread::new(move || ThreadSpans::with_capacity(per_handoff)),
             spare: Spares::default(),
             per_handoff,
         });
         let in_flight = Arc::new(AtomicUsize::new(0));
         let worker = Worker {
-            agent_spans: Arc::clone(&agent_spans),
+            batches: Arc::clone(&batches),
             in_flight: Arc::clone(&in_flight),
             stats: Arc::clone(&stats),
             exporter,
@@ -146,7 +176,7 @@ impl CountingProcessor {
         let thread = background::spawn("agent-tel-spans", move || worker.run(&receiver))?;
         Ok(CountingProcessor {
             sender,
-            agent_spans,
+            batches,
             in_flight,
             stats,
             capacity: settings.max_queue_size,
@@ -158,17 +188,28 @@ impl CountingProcessor {
         })
     }
 
-    /// Queues an agent span, built on the processor's thread. It waits in the calling
-    /// thread's batch until the batch is full or the processor collects it.
-    pub(crate) fn queue_agent(&self, span: FinishedSpan) {
+    /// Queues an agent span with its text, built on the processor's thread. It waits in the
+    /// calling thread's batch until the batch is full or the processor collects it.
+    pub(crate) fn queue_agent(&self, span: FinishedSpan, agent_name: &str, task: &str) {
+        self.queue_mine(|mine| mine.agents.push(span, agent_name, task));
+    }
+
+    /// Queues a span `tracing-opentelemetry` built, in the calling thread's batch too.
+    pub(crate) fn queue(&self, span: SpanData) {
+        self.queue_mine(|mine| mine.built.push(span));
+    }
+
+    /// Adds a span to the calling thread's batch with `add`, and hands the batch over once
+    /// full.
+    fn queue_mine(&self, add: impl FnOnce(&mut ThreadSpans)) {
         if self.shut_down.load(Ordering::Relaxed) {
             return self.dropped_after_shutdown(1);
         }
-        let spans = &self.agent_spans;
+        let spans = &self.batches;
         // A full batch is handed over under its thread's lock: once the span thread has closed
         // and collected the batches, none is still on its way.
         let queued = spans.threads.with_mine(|mine| {
-            mine.push(span);
+            add(mine);
             match mine.len() {
                 1 => Queued::First,
                 n if n >= spans.per_handoff => self.hand_over(mem::replace(mine, spans.spare_batch())),
@@ -190,9 +231,9 @@ impl CountingProcessor {
     }
 
     /// Queues a thread's full batch; called under that thread's lock, so it only sends.
-    fn hand_over(&self, batch: Vec<FinishedSpan>) -> Queued {
+    fn hand_over(&self, batch: ThreadSpans) -> Queued {
         let spans = batch.len();
-        match self.send(Message::Agents(batch), spans) {
+        match self.send(Message::Spans(batch), spans) {
             Ok(()) => Queued::HandedOver,
             Err(lost) => Queued::Lost(lost),
         }
@@ -200,7 +241,7 @@ impl CountingProcessor {
 
     /// The span thread is gone: the spans waiting in threads' batches never leave either.
     fn span_thread_gone(&self, mut lost: u64) {
-        lost += self.agent_spans.discard();
+        lost += self.batches.discard();
         self.count_dropped(lost);
         if !self.shut_down.load(Ordering::Relaxed) {
             if first_time(&self.warned_shut_down) {
@@ -211,18 +252,6 @@ impl CountingProcessor {
             }
         } else if lost > 0 && first_time(&self.warned_shut_down) {
             Self::warn_after_shutdown();
-        }
-    }
-
-    /// Queues a finished span.
-    pub(crate) fn queue(&self, span: SpanData) {
-        if self.shut_down.load(Ordering::Relaxed) {
-            return self.dropped_after_shutdown(1);
-        }
-        match self.send(Message::Built(Box::new(span)), 1) {
-            Ok(()) => {}
-            Err(Lost::Full(spans)) => self.dropped_full(spans),
-            Err(Lost::Gone(spans)) => self.span_thread_gone(spans),
         }
     }
 
@@ -333,7 +362,7 @@ impl SpanProcessor for SharedProcessor {
 
 /// The processor's thread: builds, batches and exports.
 struct Worker {
-    agent_spans: Arc<AgentSpans>,
+    batches: Arc<Batches>,
     in_flight: Arc<AtomicUsize>,
     stats: Arc<TelemetryStats>,
     exporter: CountingExporter,
@@ -378,7 +407,7 @@ impl Worker {
             let mut answers = Vec::new();
             if let Some(Message::Shutdown(_)) = control {
                 // Spans finished after this are counted as dropped, not left in a batch.
-                self.agent_spans.threads.close();
+                self.batches.threads.close();
                 self.collect();
                 // Batches are handed over under their thread's lock, which the collection took
                 // after closing: every one handed over is queued by now.
@@ -425,26 +454,22 @@ impl Worker {
     /// message.
     fn take(&mut self, message: Message) -> Result<usize, Message> {
         match message {
-            Message::Agents(mut spans) => {
+            Message::Spans(mut spans) => {
                 let taken = spans.len();
-                self.add_agent_spans(&mut spans);
-                self.agent_spans.recycle(spans);
+                self.add_spans(&mut spans);
+                self.batches.recycle(spans);
                 Ok(taken)
-            }
-            Message::Built(span) => {
-                self.add(*span);
-                Ok(1)
             }
             Message::Wake => Ok(0),
             control => Err(control),
         }
     }
 
-    /// Takes every thread's batch of agent spans, each swapped for an empty one (the
+    /// Takes every thread's batch of spans, each swapped for an empty one (the
     /// threads' locks are held only for the swap); returns how many.
     fn collect(&mut self) -> usize {
         let mut collected = Vec::new();
-        let spans = &self.agent_spans;
+        let spans = &self.batches;
         spans.threads.visit(|batch| {
             if !batch.is_empty() {
                 collected.push(mem::replace(batch, spans.spare_batch()));
@@ -455,15 +480,18 @@ impl Worker {
             taken += batch.len();
             // Counted in flight from here, as handed-over batches are.
             self.in_flight.fetch_add(batch.len(), Ordering::Relaxed);
-            self.add_agent_spans(&mut batch);
-            self.agent_spans.recycle(batch);
+            self.add_spans(&mut batch);
+            self.batches.recycle(batch);
         }
         taken
     }
 
-    fn add_agent_spans(&mut self, spans: &mut Vec<FinishedSpan>) {
-        for span in spans.drain(..) {
-            let span = self.spans.build(span);
+    fn add_spans(&mut self, spans: &mut ThreadSpans) {
+        for (span, agent_name, task) in spans.agents.drain() {
+            let span = self.spans.build(span, agent_name, task);
+            self.add(span);
+        }
+        for span in spans.built.drain(..) {
             self.add(span);
         }
     }
@@ -497,7 +525,7 @@ impl Drop for Worker {
         // A thread that panicked exports no more: count what was handed to it, and what
         // waits in threads' batches; the spans finished from now on are counted as they come.
         if std::thread::panicking() {
-            let lost = self.in_flight.swap(0, Ordering::Relaxed) as u64 + self.agent_spans.discard();
+            let lost = self.in_flight.swap(0, Ordering::Relaxed) as u64 + self.batches.discard();
             TelemetryStats::add(&self.stats.spans_dropped, lost);
         }
     }
@@ -643,12 +671,12 @@ mod tests {
         );
     }
 
-    /// An agent span of `tracer`'s, finished, with `task`.
-    fn agent_span(tracer: &AgentTracer, task: String) -> FinishedSpan {
+    /// Exports an agent span of `tracer`'s, with `agent_name` and `task`.
+    fn export_agent_span(tracer: &AgentTracer, agent_name: &str, task: String) {
         let span = tracing::info_span!("agent_execution");
         let metadata = span.metadata().expect("a callsite's span has metadata");
         let execution = Execution {
-            agent_name: "a".into(),
+            agent_name: agent_name.into(),
             task,
             duration: Duration::from_millis(1),
             status: ExecutionStatus::Success,
@@ -656,51 +684,88 @@ mod tests {
             finished_at: SystemTime::now(),
             trace: None,
         };
-        tracer.start(&Context::new(), metadata).finish(execution)
+        tracer.export(tracer.start(&Context::new(), metadata), &execution);
     }
 
     #[test]
-    fn agent_spans_gathered_per_thread_are_all_exported_and_late_ones_counted() {
+    fn spans_gathered_per_thread_are_all_exported_and_late_ones_counted() {
         // The test's spans need a subscriber that enables them, for their metadata.
         let _subscriber = tracing::subscriber::set_default(tracing_subscriber::registry());
         let exporter = InMemorySpanExporter::default();
         let (processor, stats) = processor(exporter.clone(), 2048, Duration::from_secs(3600));
         let tracer = AgentTracer::new(Arc::clone(&processor), opentelemetry_sdk::trace::Sampler::AlwaysOn);
-        // Fewer than a batch on some threads, several batches on others; every thread has
-        // ended before the flush.
+        // Fewer than a batch on some threads, several batches on others, agent spans and
+        // every third iteration a built span among them; every thread has ended before the
+        // flush.
+        let runs = [(0, 1), (1, 63), (2, 64), (3, 200)];
         std::thread::scope(|scope| {
-            for (thread, spans) in [(0, 1), (1, 63), (2, 64), (3, 200)] {
+            for (thread, spans) in runs {
                 let (tracer, processor) = (&tracer, &processor);
                 scope.spawn(move || {
                     let _subscriber = tracing::subscriber::set_default(tracing_subscriber::registry());
                     for i in 0..spans {
-                        processor.queue_agent(agent_span(tracer, format!("{thread}/{i}")));
+                        // Text of varied lengths, not all ASCII, side by side in a batch.
+                        export_agent_span(
+                            tracer,
+                            &format!("agent-é{thread}"),
+                            format!("{thread}/{i}{}", "ü".repeat(i % 5)),
+                        );
+                        if i % 3 == 0 {
+                            let name = Cow::Owned(format!("built {thread}/{i}"));
+                            processor.queue(SpanData { name, ..span() });
+                        }
                     }
                 });
             }
         });
         SharedProcessor(Arc::clone(&processor)).force_flush().unwrap();
-        let mut tasks: Vec<String> = exporter
+        let (built, spans): (Vec<_>, Vec<_>) = exporter
             .get_finished_spans()
             .unwrap()
+            .into_iter()
+            .partition(|span| span.name.starts_with("built "));
+        let mut built: Vec<_> = built.into_iter().map(|span| span.name.into_owned()).collect();
+        built.sort();
+        let mut expected: Vec<_> = runs
             .iter()
-            .flat_map(|span| &span.attributes)
-            .filter(|kv| kv.key.as_str() == "task")
-            .map(|kv| kv.value.as_str().into_owned())
+            .flat_map(|&(thread, spans)| (0..spans).step_by(3).map(move |i| format!("built {thread}/{i}")))
             .collect();
+        expected.sort();
+        assert_eq!(built, expected, "every built span exported once");
+        let attribute = |span: &SpanData, key: &str| {
+            let kv = span.attributes.iter().find(|kv| kv.key.as_str() == key);
+            kv.map(|kv| kv.value.as_str().into_owned())
+        };
+        let mut tasks = Vec::new();
+        for span in &spans {
+            let task = attribute(span, "task").expect("every agent span has its task");
+            let (thread, rest) = task.split_once('/').expect("the task as sent");
+            let i: usize = rest.trim_end_matches('ü').parse().expect("the task as sent");
+            assert_eq!(rest.len() - i.to_string().len(), "ü".len() * (i % 5), "{task}");
+            let agent = format!("agent-é{thread}");
+            assert_eq!(attribute(span, "agent.name").as_deref(), Some(agent.as_str()), "{task}");
+            assert_eq!(
+                attribute(span, "gen_ai.agent.name").as_deref(),
+                Some(agent.as_str()),
+                "{task}"
+            );
+            tasks.push(task);
+        }
         let total = 1 + 63 + 64 + 200;
         assert_eq!(tasks.len(), total, "every span exported");
         tasks.sort();
         tasks.dedup();
         assert_eq!(tasks.len(), total, "each one once");
-        assert_eq!(TelemetryStats::get(&stats.spans_exported), total as u64);
+        let all_spans = (total + expected.len()) as u64;
+        assert_eq!(TelemetryStats::get(&stats.spans_exported), all_spans);
         assert_eq!(TelemetryStats::get(&stats.spans_dropped), 0);
 
         SharedProcessor(Arc::clone(&processor))
             .shutdown_with_timeout(Duration::from_secs(5))
             .unwrap();
-        processor.queue_agent(agent_span(&tracer, "late".into()));
-        assert_eq!(TelemetryStats::get(&stats.spans_dropped), 1, "finished after shutdown");
+        export_agent_span(&tracer, "a", "late".into());
+        processor.queue(span());
+        assert_eq!(TelemetryStats::get(&stats.spans_dropped), 2, "finished after shutdown");
     }
 
     #[test]
