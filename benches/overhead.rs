@@ -250,7 +250,12 @@ fn bench_stack(c: &mut Criterion, name: &str) {
     let workers = Workers::start(2, agent_execution);
     group.bench_function("two_threads", |b| b.iter_custom(|iters| workers.run(iters)));
     group.finish();
-    save_scaling(name, &workers);
+    // Not in `cargo test --benches` (criterion's test mode), nor for the stack without
+    // telemetry, whose ratio the summary does not show.
+    let benchmarking = std::env::args().any(|arg| arg == "--bench");
+    if benchmarking && name != "none" {
+        save_scaling(name, &workers);
+    }
 }
 
 /// Interleaved pairs of measurements for the two-thread ratio, each pair one thread alone
@@ -286,7 +291,11 @@ fn scaling_path(stack: &str) -> PathBuf {
 
 fn save_scaling(stack: &str, workers: &Workers) {
     let ratio = scaling(workers);
-    std::fs::write(scaling_path(stack), format!("{ratio}\n")).expect("the scaling file is written");
+    let path = scaling_path(stack);
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).expect("the scaling file's directory is made");
+    }
+    std::fs::write(path, format!("{ratio}\n")).expect("the scaling file is written");
 }
 
 fn saved_scaling(stack: &str) -> Option<f64> {
@@ -422,7 +431,7 @@ fn summary() {
         Some(value) => println!("{label} = {value:.2}   (target {target})"),
         None => println!("{label} = not measured in this run"),
     };
-    println!("\nsummary (means of this run):");
+    println!("\nsummary (this run's means; the two-thread ratios from interleaved pairs):");
     line(
         "agent_execution: ours / hand-assembled",
         ratio(("ours", "agent_execution"), ("hand-assembled", "agent_execution")),
@@ -482,6 +491,10 @@ fn main() {
     // count to every span, which two threads contend for, whatever the stack.
     let Ok(name) = std::env::var(STACK_VAR) else {
         let bench = std::env::current_exe().expect("the bench binary's path");
+        for (name, _) in STACKS {
+            // A ratio from an earlier run is not this run's.
+            let _ = std::fs::remove_file(scaling_path(name));
+        }
         for (name, _) in STACKS {
             let status = std::process::Command::new(&bench)
                 .args(std::env::args_os().skip(1))

@@ -263,29 +263,36 @@ impl ExecutionState {
 }
 
 /// How long a thread's reading of both clocks stands in for reading the wall clock again.
-/// The two clocks drift apart by at most NTP's slew of 0.05%: 5 µs over this.
+/// Slewed by NTP, the two clocks drift apart by at most 0.05%: 5 µs over this. A step of the
+/// wall clock (or a suspend) shows in start times up to this much later.
 const WALL_CLOCK_REREAD: Duration = Duration::from_millis(10);
 
 /// The monotonic clock and the wall clock now, with one clock read where the thread read both
-/// less than [`WALL_CLOCK_REREAD`] ago: the wall time is then that reading's plus the
-/// monotonic time since. Executions come many to 10 ms on a busy thread.
+/// less than [`WALL_CLOCK_REREAD`] ago. Executions come many to 10 ms on a busy thread.
 fn now() -> (Instant, SystemTime) {
     thread_local! {
         static BOTH: Cell<Option<(Instant, SystemTime)>> = const { Cell::new(None) };
     }
     let now = Instant::now();
-    let since_both = |both: &Cell<Option<(Instant, SystemTime)>>| {
-        let (instant, wall) = both.get()?;
-        let since = now.checked_duration_since(instant)?;
-        (since < WALL_CLOCK_REREAD).then(|| wall.checked_add(since)).flatten()
-    };
-    if let Ok(Some(wall)) = BOTH.try_with(since_both) {
+    if let Ok(Some(wall)) = BOTH.try_with(|both| wall_clock_at(now, both.get())) {
         return (now, wall);
     }
     let wall = SystemTime::now();
     // A thread being torn down keeps no reading.
     let _ = BOTH.try_with(|both| both.set(Some((now, wall))));
     (now, wall)
+}
+
+/// The wall time at `now` from a reading of both clocks, if that reading is recent enough:
+/// its wall time plus the monotonic time since.
+fn wall_clock_at(now: Instant, both: Option<(Instant, SystemTime)>) -> Option<SystemTime> {
+    let (instant, wall) = both?;
+    let since = now.checked_duration_since(instant)?;
+    if since < WALL_CLOCK_REREAD {
+        wall.checked_add(since)
+    } else {
+        None
+    }
 }
 
 /// The ids that correlate a log line with its exported span.
@@ -331,25 +338,37 @@ mod tests {
     }
 
     #[test]
+    fn the_wall_clock_is_derived_from_a_recent_reading_of_both_clocks_only() {
+        let (instant, wall) = (Instant::now(), SystemTime::now());
+        let both = Some((instant, wall));
+        let later = |ms| instant + Duration::from_millis(ms);
+        assert_eq!(wall_clock_at(instant, both), Some(wall));
+        assert_eq!(wall_clock_at(later(7), both), Some(wall + Duration::from_millis(7)));
+        assert_eq!(wall_clock_at(later(10), both), None, "too old: read again");
+        assert_eq!(wall_clock_at(later(7), None), None, "nothing read yet");
+        if let Some(earlier) = instant.checked_sub(Duration::from_millis(1)) {
+            assert_eq!(wall_clock_at(earlier, both), None, "a reading from the future");
+        }
+    }
+
+    #[test]
     fn an_execution_starts_at_the_wall_clock_time_of_its_start() {
         let tolerance = Duration::from_millis(1);
-        let first = ExecutionState::new();
-        // Within the reading's lifetime, mostly: the second start is computed from the first's.
-        std::thread::sleep(Duration::from_millis(5));
-        let before = SystemTime::now();
-        let second = ExecutionState::new();
-        let after = SystemTime::now();
-        assert!(
-            second.started_at + tolerance >= before,
-            "{:?} < {before:?}",
-            second.started_at
-        );
-        assert!(
-            second.started_at <= after + tolerance,
-            "{:?} > {after:?}",
-            second.started_at
-        );
-        assert!(second.started_at > first.started_at);
+        for _ in 0..1000 {
+            let before = SystemTime::now();
+            let state = ExecutionState::new();
+            let after = SystemTime::now();
+            assert!(
+                state.started_at + tolerance >= before,
+                "{:?} < {before:?}",
+                state.started_at
+            );
+            assert!(
+                state.started_at <= after + tolerance,
+                "{:?} > {after:?}",
+                state.started_at
+            );
+        }
     }
 
     #[test]

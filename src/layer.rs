@@ -225,7 +225,7 @@ where
         self.signals.metrics.record(&execution);
         self.signals.pipeline.write_line(&execution);
         if let (Some(tracer), Some(span)) = (&self.signals.tracer, span.filter(AgentSpan::is_sampled)) {
-            tracer.export(span, &execution);
+            tracer.export(span, execution);
         }
     }
 

@@ -232,12 +232,12 @@ impl Prefix {
             let second = since_epoch.as_secs();
             if self.unix_second != Some(second) {
                 self.unix_second = Some(second);
-                self.build(time::OffsetDateTime::from(UNIX_EPOCH + Duration::from_secs(second)));
+                self.build(utc(UNIX_EPOCH + Duration::from_secs(second)));
             }
             since_epoch.subsec_micros()
         } else {
             // Before 1970: a clock gone wrong, formatted as it is, not cached.
-            let at = time::OffsetDateTime::from(at);
+            let at = utc(at);
             self.unix_second = None;
             self.build(at);
             at.microsecond()
@@ -275,6 +275,20 @@ impl Prefix {
         }
         text.extend_from_slice(br#"","log.level":"#);
     }
+}
+
+/// `at` in UTC. A clock so wrong that it is past the years `time` represents (±9999) reads as
+/// the nearest one it does, where `OffsetDateTime::from` would panic.
+fn utc(at: SystemTime) -> time::OffsetDateTime {
+    let nanos = match at.duration_since(UNIX_EPOCH) {
+        Ok(after) => i128::try_from(after.as_nanos()).unwrap_or(i128::MAX),
+        Err(before) => i128::try_from(before.duration().as_nanos()).map_or(i128::MIN, |nanos| -nanos),
+    };
+    time::OffsetDateTime::from_unix_timestamp_nanos(nanos).unwrap_or(if nanos < 0 {
+        time::PrimitiveDateTime::MIN.assume_utc()
+    } else {
+        time::PrimitiveDateTime::MAX.assume_utc()
+    })
 }
 
 fn format_second(at: time::OffsetDateTime) -> [u8; 19] {
@@ -377,6 +391,36 @@ mod tests {
                 "\n"
             )
         );
+    }
+
+    #[test]
+    fn a_clock_past_the_years_a_date_can_hold_gives_the_nearest_one() {
+        for (at, timestamp) in [
+            (
+                UNIX_EPOCH + Duration::from_secs(400_000_000_000),
+                "9999-12-31T23:59:59.",
+            ),
+            (
+                UNIX_EPOCH - Duration::from_secs(400_000_000_000),
+                "0000-01-01T00:00:00.",
+            ),
+            (UNIX_EPOCH - Duration::from_millis(1_500), "1969-12-31T23:59:58.5"),
+        ] {
+            let execution = Execution {
+                agent_name: "a".into(),
+                task: "t".into(),
+                duration: Duration::ZERO,
+                status: Status::Success,
+                failure: None,
+                finished_at: at,
+                trace: None,
+            };
+            let mut out = Vec::new();
+            LineFormat::new(&Config::default()).write(&execution, &mut out);
+            let value: serde_json::Value = serde_json::from_slice(&out).unwrap();
+            let logged = value["@timestamp"].as_str().unwrap();
+            assert!(logged.starts_with(timestamp), "{logged}");
+        }
     }
 
     #[test]

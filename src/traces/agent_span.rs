@@ -103,7 +103,7 @@ pub(crate) struct AgentBatch {
 
 impl AgentBatch {
     /// Text kept by an emptied batch for reuse; a batch that grew past it is not reused.
-    const KEPT_TEXT_BYTES: usize = 64 * 1024;
+    const KEPT_TEXT_BYTES: usize = 16 * 1024;
 
     /// Room for `spans` spans with names and tasks of usual length.
     pub(crate) fn with_capacity(spans: usize) -> Self {
@@ -246,9 +246,10 @@ impl AgentTracer {
 
     /// Queues the finished span for export, built on the processor's thread. Only sampled
     /// spans come here: the layer sends no other.
-    pub(crate) fn export(&self, span: AgentSpan, execution: &Execution) {
+    pub(crate) fn export(&self, span: AgentSpan, mut execution: Execution) {
+        let finished = span.finish(&mut execution);
         self.processor
-            .queue_agent(span.finish(execution), &execution.agent_name, &execution.task);
+            .queue_agent(finished, &execution.agent_name, &execution.task);
     }
 }
 
@@ -311,10 +312,10 @@ impl SpanBuilder {
 }
 
 impl AgentSpan {
-    /// The span's parts for building it elsewhere, with the execution's but for its text,
-    /// which [`AgentBatch::push`] adds. Its parent context is dropped here, on the thread that
-    /// made it.
-    pub(crate) fn finish(self, execution: &Execution) -> FinishedSpan {
+    /// The span's parts for building it elsewhere, with the execution's (its failure taken)
+    /// but for its text, which [`AgentBatch::push`] adds. Its parent context is dropped here,
+    /// on the thread that made it.
+    pub(crate) fn finish(self, execution: &mut Execution) -> FinishedSpan {
         let AgentSpan {
             parent: _,
             span_context,
@@ -346,7 +347,7 @@ impl AgentSpan {
                 attributes,
                 events,
                 dropped_events,
-                failure: execution.failure.clone(),
+                failure: execution.failure.take(),
             })
         });
         FinishedSpan {

@@ -29,8 +29,9 @@ use crate::per_thread::{PerThread, Spares};
 use crate::stats::{first_time, TelemetryStats};
 
 enum Message {
-    /// A thread's batch of spans.
-    Spans(ThreadSpans),
+    /// A thread's batch of spans, boxed (and the box reused) so that the queue's slots, all
+    /// allocated up front, stay small.
+    Spans(Box<ThreadSpans>),
     /// A thread's batch has its first span: collect it.
     Wake,
     /// Export everything queued before this message, then answer.
@@ -76,19 +77,24 @@ impl ThreadSpans {
 /// The spans each thread has finished and the processor has not taken yet, and the emptied
 /// batches the threads take back.
 struct Batches {
-    threads: PerThread<ThreadSpans>,
-    spare: Spares<ThreadSpans>,
+    threads: PerThread<Box<ThreadSpans>>,
+    spare: Spares<Box<ThreadSpans>>,
     per_handoff: usize,
 }
 
 impl Batches {
-    fn spare_batch(&self) -> ThreadSpans {
-        self.spare.take_or(|| ThreadSpans::with_capacity(self.per_handoff))
+    #[allow(
+        clippy::unnecessary_box_returns,
+        reason = "the box crosses the queue and comes back, so that the queue's slots stay small"
+    )]
+    fn spare_batch(&self) -> Box<ThreadSpans> {
+        self.spare
+            .take_or(|| Box::new(ThreadSpans::with_capacity(self.per_handoff)))
     }
 
-    fn recycle(&self, mut batch: ThreadSpans) {
-        // A batch that grew (a huge task, or more spans than a handoff) is not kept.
-        if batch.agents.reusable() && batch.built.capacity() <= 2 * self.per_handoff {
+    fn recycle(&self, mut batch: Box<ThreadSpans>) {
+        // A batch that grew (a huge task, or room for more spans than a handoff) is not kept.
+        if batch.agents.reusable() && batch.built.capacity() <= self.per_handoff.next_power_of_two() {
             batch.clear();
             self.spare.keep(batch);
         }
@@ -157,7 +163,7 @@ impl CountingProcessor {
         let (sender, receiver) = sync_channel(settings.max_queue_size);
         let per_handoff = SPANS_PER_HANDOFF.min(settings.max_queue_size / 2).max(1);
         let batches = Arc::new(Batches {
-            threads: PerThread::new(move || ThreadSpans::with_capacity(per_handoff)),
+            threads: PerThread::new(move || Box::new(ThreadSpans::with_capacity(per_handoff))),
             spare: Spares::default(),
             per_handoff,
         });
@@ -231,7 +237,7 @@ impl CountingProcessor {
     }
 
     /// Queues a thread's full batch; called under that thread's lock, so it only sends.
-    fn hand_over(&self, batch: ThreadSpans) -> Queued {
+    fn hand_over(&self, batch: Box<ThreadSpans>) -> Queued {
         let spans = batch.len();
         match self.send(Message::Spans(batch), spans) {
             Ok(()) => Queued::HandedOver,
@@ -544,7 +550,7 @@ mod tests {
     use crate::execution::{Execution, Status as ExecutionStatus};
     use crate::test_support::Warnings;
     use crate::traces::export::Exporter;
-    use crate::traces::AgentTracer;
+    use crate::traces::{AgentSpan, AgentTracer};
 
     fn span() -> SpanData {
         SpanData {
@@ -673,6 +679,12 @@ mod tests {
 
     /// Exports an agent span of `tracer`'s, with `agent_name` and `task`.
     fn export_agent_span(tracer: &AgentTracer, agent_name: &str, task: String) {
+        let (span, execution) = agent_span(tracer, agent_name, task);
+        tracer.export(span, execution);
+    }
+
+    /// An agent span of `tracer`'s, and its execution, with `agent_name` and `task`.
+    fn agent_span(tracer: &AgentTracer, agent_name: &str, task: String) -> (AgentSpan, Execution) {
         let span = tracing::info_span!("agent_execution");
         let metadata = span.metadata().expect("a callsite's span has metadata");
         let execution = Execution {
@@ -684,7 +696,56 @@ mod tests {
             finished_at: SystemTime::now(),
             trace: None,
         };
-        tracer.export(tracer.start(&Context::new(), metadata), &execution);
+        (tracer.start(&Context::new(), metadata), execution)
+    }
+
+    #[test]
+    fn every_span_queued_while_the_processor_shuts_down_is_exported_or_counted() {
+        let _subscriber = tracing::subscriber::set_default(tracing_subscriber::registry());
+        let (processor, stats) = processor(InMemorySpanExporter::default(), 2048, Duration::from_secs(3600));
+        let tracer = AgentTracer::new(Arc::clone(&processor), opentelemetry_sdk::trace::Sampler::AlwaysOn);
+        let (threads, per_thread) = (4, 50_000);
+        std::thread::scope(|scope| {
+            for thread in 0..threads {
+                let (tracer, processor) = (&tracer, &processor);
+                scope.spawn(move || {
+                    let _subscriber = tracing::subscriber::set_default(tracing_subscriber::registry());
+                    for i in 0..per_thread {
+                        if i % 2 == 0 {
+                            export_agent_span(tracer, "a", format!("{thread}/{i}"));
+                        } else {
+                            processor.queue(span());
+                        }
+                    }
+                });
+            }
+            // While the threads queue, most likely: the sum below holds either way.
+            std::thread::sleep(Duration::from_millis(2));
+            SharedProcessor(Arc::clone(&processor))
+                .shutdown_with_timeout(Duration::from_secs(30))
+                .unwrap();
+        });
+        let exported = TelemetryStats::get(&stats.spans_exported);
+        let dropped = TelemetryStats::get(&stats.spans_dropped);
+        assert_eq!(
+            exported + dropped,
+            threads * per_thread,
+            "{exported} exported, {dropped} dropped"
+        );
+    }
+
+    #[test]
+    fn a_batch_whose_text_grew_past_its_room_is_not_kept() {
+        let _subscriber = tracing::subscriber::set_default(tracing_subscriber::registry());
+        let (processor, _) = processor(InMemorySpanExporter::default(), 16, Duration::from_secs(3600));
+        let tracer = AgentTracer::new(Arc::clone(&processor), opentelemetry_sdk::trace::Sampler::AlwaysOn);
+        for (task, kept) in [("usual".to_owned(), true), ("long".repeat(10_000), false)] {
+            let (span, mut execution) = agent_span(&tracer, "a", task);
+            let mut batch = AgentBatch::with_capacity(4);
+            batch.push(span.finish(&mut execution), &execution.agent_name, &execution.task);
+            batch.clear();
+            assert_eq!(batch.reusable(), kept, "{} bytes of text", execution.task.len());
+        }
     }
 
     #[test]
