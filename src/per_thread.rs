@@ -49,6 +49,15 @@ impl<S: Send> PerThread<S> {
     pub(crate) fn close(&self) {
         self.closed.store(true, Ordering::SeqCst);
     }
+
+    /// Closes, then empties every thread's state with `empty`, which says how many items it
+    /// dropped; returns their sum. For a background thread that has ended.
+    pub(crate) fn discard(&self, mut empty: impl FnMut(&mut S) -> u64) -> u64 {
+        self.close();
+        let mut dropped = 0;
+        self.visit(|state| dropped += empty(state));
+        dropped
+    }
 }
 
 /// Emptied buffers the visiting thread gives back, for threads to take when they hand theirs

@@ -131,12 +131,9 @@ impl PendingLines {
     /// Stops taking lines and empties every thread's buffer unwritten, for a log thread that
     /// has ended; returns how many lines that dropped.
     pub(crate) fn discard(&self) -> u64 {
-        self.close();
-        let mut dropped = 0;
-        self.threads.visit(|thread| {
-            dropped += mem::take(&mut thread.lines);
+        self.threads.discard(|thread| {
             thread.buffer.clear();
-        });
-        dropped
+            mem::take(&mut thread.lines)
+        })
     }
 }

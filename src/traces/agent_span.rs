@@ -115,10 +115,6 @@ impl AgentBatch {
 
     /// Adds a finished span with its text.
     pub(crate) fn push(&mut self, mut span: FinishedSpan, agent_name: &str, task: &str) {
-        if self.spans.is_empty() {
-            // What a drain left.
-            self.text.clear();
-        }
         let start = self.text.len();
         self.text.push_str(agent_name);
         self.text.push_str(task);
@@ -146,7 +142,8 @@ impl AgentBatch {
         self.is_empty() && self.text.capacity() <= Self::KEPT_TEXT_BYTES
     }
 
-    /// Takes the spans out, in order, each with its agent's name and task.
+    /// Takes the spans out, in order, each with its agent's name and task. The text stays
+    /// until [`clear`](Self::clear), which every batch goes through before it is used again.
     pub(crate) fn drain(&mut self) -> impl Iterator<Item = (FinishedSpan, &str, &str)> + '_ {
         let text = &self.text;
         self.spans.drain(..).map(move |span| {

@@ -103,13 +103,11 @@ impl Batches {
     /// Stops taking spans and empties every thread's batch unexported, for a span thread
     /// that has ended; returns how many spans that dropped.
     fn discard(&self) -> u64 {
-        self.threads.close();
-        let mut dropped = 0;
-        self.threads.visit(|batch| {
-            dropped += batch.len() as u64;
+        self.threads.discard(|batch| {
+            let dropped = batch.len() as u64;
             batch.clear();
-        });
-        dropped
+            dropped
+        })
     }
 }
 
@@ -121,16 +119,8 @@ enum Queued {
     More,
     /// It filled its thread's batch, which was handed over.
     HandedOver,
-    /// It filled its thread's batch, which could not be handed over.
-    Lost(Lost),
-}
-
-/// Spans that did not reach the span thread, and why.
-enum Lost {
-    /// The queue was full.
-    Full(u64),
-    /// The span thread has ended.
-    Gone(u64),
+    /// It filled its thread's batch, whose spans could not be handed over.
+    Lost(Refused, u64),
 }
 
 /// The queue's sending side, with the drop accounting.
@@ -230,8 +220,8 @@ impl CountingProcessor {
                     self.span_thread_gone(0);
                 }
             }
-            Some(Queued::Lost(Lost::Full(spans))) => self.dropped_full(spans),
-            Some(Queued::Lost(Lost::Gone(spans))) => self.span_thread_gone(spans),
+            Some(Queued::Lost(Refused::Full, spans)) => self.dropped_full(spans),
+            Some(Queued::Lost(Refused::Gone, spans)) => self.span_thread_gone(spans),
             None => self.dropped_after_shutdown(1),
         }
     }
@@ -239,9 +229,10 @@ impl CountingProcessor {
     /// Queues a thread's full batch; called under that thread's lock, so it only sends.
     fn hand_over(&self, batch: Box<ThreadSpans>) -> Queued {
         let spans = batch.len();
-        match self.send(Message::Spans(batch), spans) {
+        let (queue, in_flight) = (&self.sender, &self.in_flight);
+        match background::send_counted(queue, Message::Spans(batch), in_flight, spans, self.capacity) {
             Ok(()) => Queued::HandedOver,
-            Err(lost) => Queued::Lost(lost),
+            Err(refused) => Queued::Lost(refused, spans as u64),
         }
     }
 
@@ -259,17 +250,6 @@ impl CountingProcessor {
         } else if lost > 0 && first_time(&self.warned_shut_down) {
             Self::warn_after_shutdown();
         }
-    }
-
-    /// Sends `spans` spans, within the queue's capacity.
-    fn send(&self, message: Message, spans: usize) -> Result<(), Lost> {
-        let lost = spans as u64;
-        background::send_counted(&self.sender, message, &self.in_flight, spans, self.capacity).map_err(|refused| {
-            match refused {
-                Refused::Full => Lost::Full(lost),
-                Refused::Gone => Lost::Gone(lost),
-            }
-        })
     }
 
     fn dropped_full(&self, spans: u64) {
@@ -460,12 +440,7 @@ impl Worker {
     /// message.
     fn take(&mut self, message: Message) -> Result<usize, Message> {
         match message {
-            Message::Spans(mut spans) => {
-                let taken = spans.len();
-                self.add_spans(&mut spans);
-                self.batches.recycle(spans);
-                Ok(taken)
-            }
+            Message::Spans(batch) => Ok(self.take_batch(batch)),
             Message::Wake => Ok(0),
             control => Err(control),
         }
@@ -482,17 +457,18 @@ impl Worker {
             }
         });
         let mut taken = 0;
-        for mut batch in collected {
-            taken += batch.len();
+        for batch in collected {
             // Counted in flight from here, as handed-over batches are.
             self.in_flight.fetch_add(batch.len(), Ordering::Relaxed);
-            self.add_spans(&mut batch);
-            self.batches.recycle(batch);
+            taken += self.take_batch(batch);
         }
         taken
     }
 
-    fn add_spans(&mut self, spans: &mut ThreadSpans) {
+    /// Adds a thread's batch to the export batch and gives it back emptied; returns how many
+    /// spans it held.
+    fn take_batch(&mut self, mut spans: Box<ThreadSpans>) -> usize {
+        let taken = spans.len();
         for (span, agent_name, task) in spans.agents.drain() {
             let span = self.spans.build(span, agent_name, task);
             self.add(span);
@@ -500,6 +476,8 @@ impl Worker {
         for span in spans.built.drain(..) {
             self.add(span);
         }
+        self.batches.recycle(spans);
+        taken
     }
 
     /// Adds a span to the export batch, exporting it once full.
