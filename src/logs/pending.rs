@@ -1,8 +1,11 @@
 //! Lines formatted on the agent's thread, into a buffer of that thread's, where the log
 //! thread collects them. Formatting there costs less than handing the execution to another
-//! core (see `benches/README.md`), and no two agent threads share a buffer.
+//! core (see `benches/README.md`), and no two agent threads share a buffer. A thread's lines
+//! stay with it, full buffers and the one it fills, until the log thread takes them all at
+//! once: written in the order they were formatted.
 
 use std::mem;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::line::LineFormat;
 use crate::execution::Execution;
@@ -23,13 +26,19 @@ pub(crate) struct PendingLines {
     threads: PerThread<ThreadLines>,
     spare: Spares<Vec<u8>>,
     handoff_lines: usize,
+    /// Full buffers waiting in all threads, and how many may.
+    full_buffers: AtomicUsize,
+    max_full_buffers: usize,
 }
 
 /// One thread's lines.
 struct ThreadLines {
     format: LineFormat,
+    /// The buffer being filled ...
     buffer: Vec<u8>,
     lines: u64,
+    /// ... after the buffers it filled before, oldest first.
+    full: Vec<FullBuffer>,
 }
 
 /// What became of a line.
@@ -38,11 +47,11 @@ pub(crate) enum Appended {
     First,
     /// It joined lines the log thread will take anyway.
     More,
-    /// It filled its thread's buffer, which was handed over.
-    HandedOver,
-    /// It filled its thread's buffer, which could not be handed over: the buffer's `lines`
-    /// are lost, because the queue was full or, when `gone`, its thread has ended.
-    Lost { lines: u64, gone: bool },
+    /// It filled its thread's buffer, which waits whole: the log thread needs to hear of it.
+    Filled,
+    /// It filled its thread's buffer while as many full buffers waited as may: the
+    /// buffer's `lines` are lost.
+    Lost { lines: u64 },
     /// The log thread no longer takes lines: it was not written.
     Closed,
 }
@@ -54,43 +63,50 @@ pub(crate) struct FullBuffer {
 }
 
 impl PendingLines {
-    /// `queue_lines` bounds how many lines a thread keeps before handing them over.
+    /// `queue_lines` bounds how many lines wait, in full buffers, for the log thread.
     pub(crate) fn new(format: LineFormat, queue_lines: usize) -> Self {
+        let handoff_lines = HANDOFF_LINES.min(queue_lines).max(1);
         PendingLines {
             threads: PerThread::new(move || ThreadLines {
                 format: format.clone(),
                 buffer: Vec::with_capacity(BUFFER_BYTES),
                 lines: 0,
+                full: Vec::new(),
             }),
             spare: Spares::default(),
-            handoff_lines: HANDOFF_LINES.min(queue_lines).max(1),
+            handoff_lines,
+            full_buffers: AtomicUsize::new(0),
+            max_full_buffers: queue_lines.div_ceil(handoff_lines).max(1),
         }
     }
 
-    /// How many lines a thread keeps before handing them over.
-    pub(crate) fn handoff_lines(&self) -> usize {
-        self.handoff_lines
-    }
-
-    /// Formats the execution's line into the calling thread's buffer. A buffer it fills goes
-    /// to `hand_over` (which must not block, log or visit the threads) while the thread's lock
-    /// is held, so that once the log thread has closed and collected, no buffer is still on
-    /// its way.
-    pub(crate) fn append(&self, execution: &Execution, hand_over: impl FnOnce(FullBuffer) -> Appended) -> Appended {
-        let appended = self.threads.with_mine(|ThreadLines { format, buffer, lines }| {
+    /// Formats the execution's line into the calling thread's buffer.
+    pub(crate) fn append(&self, execution: &Execution) -> Appended {
+        let appended = self.threads.with_mine(|thread| {
+            let ThreadLines {
+                format,
+                buffer,
+                lines,
+                full,
+            } = thread;
             format.write(execution, buffer);
             *lines += 1;
-            if *lines >= self.handoff_lines as u64 || buffer.len() >= HANDOFF_BYTES {
-                return hand_over(FullBuffer {
-                    bytes: mem::replace(buffer, self.spare_buffer()),
+            if *lines < self.handoff_lines as u64 && buffer.len() < HANDOFF_BYTES {
+                return if *lines == 1 { Appended::First } else { Appended::More };
+            }
+            let waiting = self.full_buffers.fetch_add(1, Ordering::Relaxed);
+            if waiting >= self.max_full_buffers {
+                self.full_buffers.fetch_sub(1, Ordering::Relaxed);
+                buffer.clear();
+                return Appended::Lost {
                     lines: mem::take(lines),
-                });
+                };
             }
-            if *lines == 1 {
-                Appended::First
-            } else {
-                Appended::More
-            }
+            full.push(FullBuffer {
+                bytes: mem::replace(buffer, self.spare_buffer()),
+                lines: mem::take(lines),
+            });
+            Appended::Filled
         });
         appended.unwrap_or(Appended::Closed)
     }
@@ -107,11 +123,13 @@ impl PendingLines {
         }
     }
 
-    /// Takes every thread's lines, each thread's buffer swapped for an empty one: the
-    /// threads' locks are held only for the swap, never while lines are written.
-    pub(crate) fn collect(&self) -> Vec<FullBuffer> {
-        let mut collected = Vec::new();
+    /// Takes every thread's lines into `collected`, each thread's in the order they were
+    /// formatted, its buffer swapped for an empty one: the threads' locks are held only for
+    /// the swap, never while lines are written.
+    pub(crate) fn collect(&self, collected: &mut Vec<FullBuffer>) {
         self.threads.visit(|thread| {
+            self.full_buffers.fetch_sub(thread.full.len(), Ordering::Relaxed);
+            collected.append(&mut thread.full);
             if thread.lines > 0 {
                 collected.push(FullBuffer {
                     bytes: mem::replace(&mut thread.buffer, self.spare_buffer()),
@@ -119,7 +137,6 @@ impl PendingLines {
                 });
             }
         });
-        collected
     }
 
     /// Stops taking lines: each one appended from now on comes back [`Appended::Closed`].
@@ -132,8 +149,10 @@ impl PendingLines {
     /// has ended; returns how many lines that dropped.
     pub(crate) fn discard(&self) -> u64 {
         self.threads.discard(|thread| {
+            self.full_buffers.fetch_sub(thread.full.len(), Ordering::Relaxed);
+            let full: u64 = thread.full.drain(..).map(|buffer| buffer.lines).sum();
             thread.buffer.clear();
-            mem::take(&mut thread.lines)
+            full + mem::take(&mut thread.lines)
         })
     }
 }

@@ -2,14 +2,14 @@
 //! (`pending.rs`); one thread collects the buffers and writes them. A full queue drops the
 //! lines that do not fit, never the agent's time, and counts them.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::{Appended, FullBuffer, LogLines, PendingLines};
-use crate::background::{self, Linger, Refused, Sent};
+use crate::background::{self, Linger, Sent};
 use crate::error::{Error, Result};
 use crate::execution::Execution;
 use crate::stats::{first_time, TelemetryStats};
@@ -26,9 +26,7 @@ enum Why {
 }
 
 enum Message {
-    /// A thread's full buffer of lines.
-    Lines(FullBuffer),
-    /// A thread's buffer has its first line: collect it.
+    /// A thread's buffer has its first line, or filled: collect.
     Wake,
     /// Finish everything queued before this message, then acknowledge (and stop).
     Flush { ack: SyncSender<()>, stop: bool },
@@ -38,9 +36,6 @@ enum Message {
 pub(crate) struct Pipeline {
     sender: SyncSender<Message>,
     lines: Arc<PendingLines>,
-    /// Full line buffers queued and not yet written, and how many may be.
-    buffers_queued: Arc<AtomicUsize>,
-    max_buffers_queued: usize,
     stats: Arc<TelemetryStats>,
     capacity: usize,
     /// Whether the first full-queue drop was reported.
@@ -57,20 +52,17 @@ impl Pipeline {
     pub(crate) fn start(logs: LogLines, capacity: usize, stats: Arc<TelemetryStats>) -> Result<Self> {
         let (sender, receiver) = sync_channel(capacity);
         let lines = Arc::new(PendingLines::new(logs.format().clone(), capacity));
-        let buffers_queued = Arc::new(AtomicUsize::new(0));
         let worker = Worker {
             logs,
             linger: Linger::new(capacity),
             lines: Arc::clone(&lines),
-            buffers_queued: Arc::clone(&buffers_queued),
+            collected: Vec::new(),
             stats: Arc::clone(&stats),
         };
         let thread = background::spawn("agent-tel-logs", move || worker.run(&receiver))?;
         Ok(Pipeline {
             sender,
-            max_buffers_queued: capacity.div_ceil(lines.handoff_lines()).max(1),
             lines,
-            buffers_queued,
             stats,
             capacity,
             warned_full: AtomicBool::new(false),
@@ -83,28 +75,16 @@ impl Pipeline {
     /// Formats the execution's line on the calling thread; never blocks. Lines a full queue
     /// or a pipeline whose thread has ended cannot take are dropped and counted.
     pub(crate) fn write_line(&self, execution: &Execution) {
-        match self.lines.append(execution, |buffer| self.hand_over(buffer)) {
-            Appended::More | Appended::HandedOver => {}
+        match self.lines.append(execution) {
+            Appended::More => {}
             // A full queue holds messages that wake the thread anyway.
-            Appended::First => {
+            Appended::First | Appended::Filled => {
                 if let Err(TrySendError::Disconnected(_)) = self.sender.try_send(Message::Wake) {
                     self.lost(0, Why::Gone);
                 }
             }
-            Appended::Lost { lines, gone: false } => self.lost(lines, Why::Full),
-            Appended::Lost { lines, gone: true } => self.lost(lines, Why::Gone),
+            Appended::Lost { lines } => self.lost(lines, Why::Full),
             Appended::Closed => self.lost(1, Why::Closed),
-        }
-    }
-
-    /// Queues a thread's full buffer; called under that thread's lock, so it only sends.
-    fn hand_over(&self, buffer: FullBuffer) -> Appended {
-        let lines = buffer.lines;
-        let queued = &self.buffers_queued;
-        match background::send_counted(&self.sender, Message::Lines(buffer), queued, 1, self.max_buffers_queued) {
-            Ok(()) => Appended::HandedOver,
-            Err(Refused::Full) => Appended::Lost { lines, gone: false },
-            Err(Refused::Gone) => Appended::Lost { lines, gone: true },
         }
     }
 
@@ -175,7 +155,8 @@ struct Worker {
     logs: LogLines,
     linger: Linger,
     lines: Arc<PendingLines>,
-    buffers_queued: Arc<AtomicUsize>,
+    /// This round's buffers, kept for its room.
+    collected: Vec<FullBuffer>,
     stats: Arc<TelemetryStats>,
 }
 
@@ -186,36 +167,21 @@ impl Worker {
         while let Ok(first) = receiver.recv() {
             let mut next = Some(first);
             let mut flush = None;
-            let mut taken = 0;
-            // Take what is queued now, without waiting.
+            // Every wake-up queued now is answered by this round's collection.
             while let Some(message) = next.take() {
-                match message {
-                    Message::Lines(buffer) => taken += self.take_queued(buffer),
-                    Message::Wake => {}
-                    Message::Flush { ack, stop } => {
-                        flush = Some((ack, stop));
-                        break;
-                    }
+                if let Message::Flush { ack, stop } = message {
+                    flush = Some((ack, stop));
+                    break;
                 }
                 next = receiver.try_recv().ok();
             }
             let stop = matches!(flush, Some((_, true)));
             if stop {
-                // Lines appended after this are counted as dropped, not left unwritten.
+                // Lines appended after this are counted as dropped, not left unwritten: a
+                // thread appends under its lock, which the collection takes after closing.
                 self.lines.close();
             }
-            for buffer in self.lines.collect() {
-                taken += self.take(buffer);
-            }
-            if stop {
-                // Buffers are handed over under their thread's lock, which the collection
-                // took after closing: every one handed over is queued by now.
-                while let Ok(message) = receiver.try_recv() {
-                    if let Message::Lines(buffer) = message {
-                        self.take_queued(buffer);
-                    }
-                }
-            }
+            let taken = self.take_collected();
             self.logs.write_out();
             match flush {
                 Some((ack, stop)) => {
@@ -231,26 +197,26 @@ impl Worker {
         }
     }
 
-    /// Adds a buffer's lines to the batch; returns how many.
-    fn take(&mut self, buffer: FullBuffer) -> u64 {
-        self.logs.append_lines(&buffer.bytes, buffer.lines);
-        self.lines.recycle(buffer.bytes);
-        buffer.lines
-    }
-
-    /// [`take`](Self::take) for a buffer that came through the queue.
-    fn take_queued(&mut self, buffer: FullBuffer) -> u64 {
-        self.buffers_queued.fetch_sub(1, Ordering::Relaxed);
-        self.take(buffer)
+    /// Adds every thread's lines to the batch; returns how many.
+    fn take_collected(&mut self) -> u64 {
+        self.lines.collect(&mut self.collected);
+        let mut taken = 0;
+        for buffer in self.collected.drain(..) {
+            self.logs.append_lines(&buffer.bytes, buffer.lines);
+            self.lines.recycle(buffer.bytes);
+            taken += buffer.lines;
+        }
+        taken
     }
 }
 
 impl Drop for Worker {
     fn drop(&mut self) {
-        // A thread that panicked takes no more lines: count the ones waiting, and the ones
-        // appended from now on.
+        // A thread that panicked takes no more lines: count the ones it held, the ones
+        // waiting, and the ones appended from now on.
         if std::thread::panicking() {
-            TelemetryStats::add(&self.stats.log_lines_dropped, self.lines.discard());
+            let held: u64 = self.collected.iter().map(|buffer| buffer.lines).sum();
+            TelemetryStats::add(&self.stats.log_lines_dropped, held + self.lines.discard());
         }
     }
 }
@@ -391,6 +357,62 @@ mod tests {
             "the thread lived to write again"
         );
         assert_eq!(errors.messages(), Vec::<String>::new(), "the thread did not end");
+    }
+
+    #[test]
+    fn each_threads_lines_are_written_in_the_order_it_formatted_them() {
+        /// Everything written, for reading back.
+        #[derive(Clone, Default)]
+        struct Captured(Arc<Mutex<Vec<u8>>>);
+        impl Write for Captured {
+            fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(bytes);
+                Ok(bytes.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        const THREADS: usize = 4;
+        const LINES: usize = 20_000;
+        let captured = Captured::default();
+        // Room for a few handoffs: the log thread collects while threads fill and hand over.
+        let (pipeline, stats) = send(Box::new(captured.clone()), 1024, 0);
+        std::thread::scope(|scope| {
+            for thread in 0..THREADS {
+                let pipeline = &pipeline;
+                scope.spawn(move || {
+                    for line in 0..LINES {
+                        pipeline.write_line(&Execution {
+                            task: format!("{thread}-{line}"),
+                            ..execution()
+                        });
+                    }
+                });
+            }
+        });
+        pipeline.flush(Duration::from_secs(30), true).unwrap();
+        let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+        let mut last = [None; THREADS];
+        let mut written = 0;
+        for line in text.lines() {
+            let line: serde_json::Value = serde_json::from_str(line).unwrap();
+            let (thread, n) = line["task"].as_str().unwrap().split_once('-').unwrap();
+            let (thread, n): (usize, usize) = (thread.parse().unwrap(), n.parse().unwrap());
+            assert!(
+                last[thread] < Some(n),
+                "thread {thread}: line {n} after {:?}",
+                last[thread]
+            );
+            last[thread] = Some(n);
+            written += 1;
+        }
+        let dropped = TelemetryStats::get(&stats.log_lines_dropped);
+        assert_eq!(
+            written + dropped,
+            (THREADS * LINES) as u64,
+            "every line written or counted"
+        );
     }
 
     #[test]
