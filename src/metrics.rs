@@ -2,13 +2,13 @@
 //! `opentelemetry-prometheus` on a [`prometheus::Registry`].
 
 pub(crate) mod server;
+mod thread_series;
 
-use std::cell::RefCell;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, OnceLock, PoisonError, RwLock};
 
-use opentelemetry::metrics::{BoundCounter, BoundHistogram, Counter, Gauge, Histogram, Meter, MeterProvider as _};
+use opentelemetry::metrics::{BoundCounter, BoundHistogram, Gauge, Meter, MeterProvider as _};
 use opentelemetry::KeyValue;
 use opentelemetry_sdk::metrics::SdkMeterProvider;
 use opentelemetry_sdk::Resource;
@@ -17,7 +17,9 @@ use prometheus::{Encoder, TextEncoder};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::execution::{Execution, Status};
+use crate::per_thread::PerThread;
 use crate::stats::TelemetryStats;
+use thread_series::{Instruments, ThreadSeries};
 
 /// The `agent_name` label value that executions beyond the cardinality cap are folded into.
 pub const OVERFLOW_AGENT_NAME: &str = "__overflow__";
@@ -58,7 +60,9 @@ impl MetricsHandle {
 
 /// The series of one `agent_name`, each bound on first use (a bound series is exported from
 /// then on, so binding early would show zeros nobody recorded); recording into a bound series
-/// takes no lookup, hashing or shared lock, only the update itself.
+/// takes no lookup or hashing, only the update itself (the histogram's under its series' lock,
+/// which threads take in turn: each hands its executions over in runs, see
+/// [`ThreadSeries`]).
 struct AgentSeries {
     name: KeyValue,
     success: OnceLock<BoundCounter<u64>>,
@@ -76,27 +80,28 @@ impl AgentSeries {
         }
     }
 
-    fn record(&self, executions: &Counter<u64>, durations: &Histogram<f64>, status: Status, seconds: f64) {
+    fn record(&self, to: &Instruments, status: Status, seconds: f64) {
         let slot = match status {
             Status::Success => &self.success,
             Status::Failure => &self.failure,
         };
-        slot.get_or_init(|| executions.bind(&[self.name.clone(), KeyValue::new("status", status.as_str())]))
-            .add(1);
+        slot.get_or_init(|| {
+            to.executions
+                .bind(&[self.name.clone(), KeyValue::new("status", status.as_str())])
+        })
+        .add(1);
         self.duration
-            .get_or_init(|| durations.bind(std::slice::from_ref(&self.name)))
+            .get_or_init(|| to.duration.bind(std::slice::from_ref(&self.name)))
             .record(seconds);
     }
 }
 
 /// The instruments the layer records into.
 pub(crate) struct Metrics {
-    /// Tells this instance's entries apart in the per-thread label cache.
-    id: u64,
     provider: SdkMeterProvider,
     handle: MetricsHandle,
-    executions: Counter<u64>,
-    duration: Histogram<f64>,
+    instruments: Arc<Instruments>,
+    threads: Arc<PerThread<ThreadSeries>>,
     series: RwLock<HashMap<Box<str>, Arc<AgentSeries>>>,
     overflow: Arc<AgentSeries>,
     max_agent_names: usize,
@@ -107,7 +112,6 @@ pub(crate) struct Metrics {
 
 impl Metrics {
     pub(crate) fn new(config: &Config, resource: Resource, stats: Arc<TelemetryStats>) -> Result<Self> {
-        static NEXT_ID: AtomicU64 = AtomicU64::new(0);
         let registry = prometheus::Registry::new();
         let exporter = opentelemetry_prometheus::exporter()
             .with_registry(registry.clone())
@@ -131,6 +135,9 @@ impl Metrics {
             .with_unit("s")
             .with_boundaries(config.duration_buckets.clone())
             .build();
+        let instruments = Arc::new(Instruments { executions, duration });
+        let threads = Arc::new(PerThread::new(ThreadSeries::default));
+        hand_over_before_collection(&meter, &threads, &instruments);
         meter
             .u64_observable_gauge("framework_memory_usage")
             .with_description("Framework memory usage in bytes")
@@ -157,11 +164,10 @@ impl Metrics {
         register_self_metrics(&meter, &stats);
 
         Ok(Metrics {
-            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             provider,
             handle: MetricsHandle { registry },
-            executions,
-            duration,
+            instruments,
+            threads,
             series: RwLock::new(HashMap::new()),
             overflow: Arc::new(AgentSeries::new(OVERFLOW_AGENT_NAME)),
             max_agent_names: config.max_agent_names,
@@ -174,47 +180,28 @@ impl Metrics {
         self.handle.clone()
     }
 
+    /// Records an execution in the calling thread's series, which the SDK sees at the latest
+    /// when it next collects.
     pub(crate) fn record(&self, execution: &Execution) {
-        self.with_series(&execution.agent_name, |series| {
-            series.record(
-                &self.executions,
-                &self.duration,
-                execution.status,
-                execution.duration.as_secs_f64(),
-            );
-        });
-    }
-
-    /// Runs `f` on the series of `agent_name`, found through a per-thread cache of the last
-    /// few names: no shared lock, hashing or reference count when a thread runs the same
-    /// agents again, which is the rule.
-    fn with_series(&self, agent_name: &Arc<str>, f: impl FnOnce(&AgentSeries)) {
-        const KEPT: usize = 8;
-        type Recent = Vec<(u64, Arc<str>, Arc<AgentSeries>)>;
-        thread_local! {
-            static RECENT: RefCell<Recent> = const { RefCell::new(Vec::new()) };
-        }
-        RECENT.with(|recent| {
-            let Ok(mut recent) = recent.try_borrow_mut() else {
-                return f(&self.series_for(agent_name));
-            };
-            // The name is kept alive in the cache, so its address cannot be reused by another.
-            let hit = recent
-                .iter()
-                .position(|(metrics, name, _)| *metrics == self.id && Arc::ptr_eq(name, agent_name));
-            if let Some(index) = hit {
-                return f(&recent[index].2);
-            }
-            let series = self.series_for(agent_name);
-            // Overflowed names are not kept: each of their executions must be counted.
-            if !Arc::ptr_eq(&series, &self.overflow) {
-                if recent.len() == KEPT {
-                    recent.remove(0);
+        let (name, status) = (&execution.agent_name, execution.status);
+        let seconds = execution.duration.as_secs_f64();
+        let recorded = self.threads.with_mine(|mine| {
+            let kept = if let Some(kept) = mine.find(name) {
+                kept
+            } else {
+                let series = self.series_for(name);
+                // Overflowed names are not kept: `series_for` counts each of their executions.
+                if Arc::ptr_eq(&series, &self.overflow) {
+                    return series.record(&self.instruments, status, seconds);
                 }
-                recent.push((self.id, Arc::clone(agent_name), Arc::clone(&series)));
-            }
-            f(&series);
+                mine.remember(Arc::clone(name), series, &self.instruments)
+            };
+            mine.record(kept, status, seconds, &self.instruments);
         });
+        // The threads' series are never closed; were they, the execution still counts.
+        if recorded.is_none() {
+            self.series_for(name).record(&self.instruments, status, seconds);
+        }
     }
 
     /// The series of `agent_name`, or the overflow series once the cap is reached.
@@ -247,6 +234,18 @@ impl Metrics {
             reason: e.to_string(),
         })
     }
+}
+
+/// Hands every thread's waiting executions to the SDK whenever it collects: it runs the
+/// callbacks of observable instruments before it reads any aggregation
+/// (`opentelemetry_sdk::metrics::pipeline`'s `produce`), so a scrape counts every execution
+/// that ended before it. The instrument observes nothing and is never exported.
+fn hand_over_before_collection(meter: &Meter, threads: &Arc<PerThread<ThreadSeries>>, to: &Arc<Instruments>) {
+    let (threads, to) = (Arc::clone(threads), Arc::clone(to));
+    meter
+        .u64_observable_gauge("agent_telemetry_pending_executions")
+        .with_callback(move |_| threads.visit(|thread| thread.hand_over(&to)))
+        .build();
 }
 
 fn register_self_metrics(meter: &Meter, stats: &Arc<TelemetryStats>) {

@@ -1,7 +1,8 @@
-//! State kept per agent thread, that one background thread visits: what agents' threads
-//! produce (log lines, finished spans) gathers where it was made, and crosses to the
-//! background thread in batches rather than item by item through one shared queue, whose
-//! shared cache lines every producing thread would write.
+//! State kept per agent thread, that one other thread visits: what agents' threads produce
+//! (log lines, finished spans, metric updates) gathers where it was made, and crosses to the
+//! background thread (or, for metrics, to the SDK when it collects) in batches rather than
+//! item by item through one shared queue or lock, whose shared cache lines every producing
+//! thread would write.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, PoisonError};
