@@ -178,8 +178,8 @@ impl AgentTelemetry {
     /// How many log lines may wait for the log thread before new ones are dropped and
     /// counted. Each agent thread formats its lines into a buffer of its own, and sets it aside
     /// for the log thread at 256 lines or 64 KiB; this bounds the full buffers set aside and
-    /// not yet written (80 KiB each). Default 8192: at 20,000 executions a second, 400 ms of
-    /// backlog.
+    /// not yet collected (80 KiB each), so a log thread busy writing what it collected may
+    /// hold as many again. Default 8192: at 20,000 executions a second, 400 ms of backlog.
     #[must_use]
     pub fn with_log_queue_lines(mut self, lines: usize) -> Self {
         self.config.log_queue_lines = lines;

@@ -19,7 +19,7 @@ use crate::error::{Error, Result};
 use crate::execution::{Execution, Status};
 use crate::per_thread::PerThread;
 use crate::stats::TelemetryStats;
-use thread_series::{Instruments, ThreadSeries};
+use thread_series::{Holding, Instruments, ThreadSeries};
 
 /// The `agent_name` label value that executions beyond the cardinality cap are folded into.
 pub const OVERFLOW_AGENT_NAME: &str = "__overflow__";
@@ -185,6 +185,9 @@ impl Metrics {
     pub(crate) fn record(&self, execution: &Execution) {
         let (name, status) = (&execution.agent_name, execution.status);
         let seconds = execution.duration.as_secs_f64();
+        let Some(_holding) = Holding::take() else {
+            return self.series_for(name).record(&self.instruments, status, seconds);
+        };
         let recorded = self.threads.with_mine(|mine| {
             let kept = if let Some(kept) = mine.find(name) {
                 kept
@@ -244,7 +247,12 @@ fn hand_over_before_collection(meter: &Meter, threads: &Arc<PerThread<ThreadSeri
     let (threads, to) = (Arc::clone(threads), Arc::clone(to));
     meter
         .u64_observable_gauge("agent_telemetry_pending_executions")
-        .with_callback(move |_| threads.visit(|thread| thread.hand_over(&to)))
+        .with_callback(move |_| {
+            // Held already (a collection from inside a recording): the next one takes them.
+            if let Some(_holding) = Holding::take() {
+                threads.visit(|thread| thread.hand_over(&to));
+            }
+        })
         .build();
 }
 

@@ -156,3 +156,62 @@ impl PendingLines {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, SystemTime};
+
+    use super::*;
+    use crate::config::Config;
+    use crate::execution::Status;
+
+    fn execution() -> Execution {
+        Execution {
+            agent_name: "a".into(),
+            task: "t".into(),
+            duration: Duration::from_millis(1),
+            status: Status::Success,
+            failure: None,
+            finished_at: SystemTime::now(),
+            trace: None,
+        }
+    }
+
+    /// Appends lines until one fills the thread's buffer (by lines or bytes): what became of
+    /// that one, and how many lines the buffer held.
+    fn fill(pending: &PendingLines) -> (Appended, u64) {
+        let mut lines = 0;
+        loop {
+            lines += 1;
+            match pending.append(&execution()) {
+                Appended::First | Appended::More => {}
+                filled => return (filled, lines),
+            }
+        }
+    }
+
+    #[test]
+    fn full_buffers_wait_up_to_the_bound_and_make_room_once_collected() {
+        // Room for two full buffers.
+        let pending = PendingLines::new(LineFormat::new(&Config::default()), 2 * HANDOFF_LINES);
+        let (first, full) = fill(&pending);
+        assert!(matches!(first, Appended::Filled));
+        assert!(matches!(fill(&pending), (Appended::Filled, lines) if lines == full));
+        assert!(matches!(fill(&pending), (Appended::Lost { lines }, _) if lines == full));
+        assert!(matches!(pending.append(&execution()), Appended::First));
+
+        let mut collected = Vec::new();
+        pending.collect(&mut collected);
+        let lines: Vec<u64> = collected.iter().map(|buffer| buffer.lines).collect();
+        assert_eq!(
+            lines,
+            [full, full, 1],
+            "the full buffers, oldest first, then the one filling"
+        );
+
+        assert!(matches!(fill(&pending).0, Appended::Filled), "room again");
+        assert!(matches!(fill(&pending).0, Appended::Filled));
+        assert_eq!(pending.discard(), 2 * full, "the waiting buffers' lines");
+        assert!(matches!(pending.append(&execution()), Appended::Closed));
+    }
+}

@@ -155,7 +155,7 @@ struct Worker {
     logs: LogLines,
     linger: Linger,
     lines: Arc<PendingLines>,
-    /// This round's buffers, kept for its room.
+    /// This round's buffers not yet taken (the `Vec` kept for its room).
     collected: Vec<FullBuffer>,
     stats: Arc<TelemetryStats>,
 }
@@ -200,8 +200,11 @@ impl Worker {
     /// Adds every thread's lines to the batch; returns how many.
     fn take_collected(&mut self) -> u64 {
         self.lines.collect(&mut self.collected);
+        // Taken from the end, so that the buffers not yet taken stay in `collected`, for
+        // `drop` to count, should writing panic (a subscriber of the writer's warning may).
+        self.collected.reverse();
         let mut taken = 0;
-        for buffer in self.collected.drain(..) {
+        while let Some(buffer) = self.collected.pop() {
             self.logs.append_lines(&buffer.bytes, buffer.lines);
             self.lines.recycle(buffer.bytes);
             taken += buffer.lines;

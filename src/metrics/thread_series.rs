@@ -2,6 +2,7 @@
 //! recording one agent's executions straight into the SDK would take turns on the series'
 //! histogram lock and counter, whose cache lines would cross cores on every execution.
 
+use std::cell::Cell;
 use std::sync::Arc;
 
 use opentelemetry::metrics::{Counter, Histogram};
@@ -13,6 +14,28 @@ use crate::execution::Status;
 pub(super) struct Instruments {
     pub(super) executions: Counter<u64>,
     pub(super) duration: Histogram<f64>,
+}
+
+thread_local! {
+    static HOLDING: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Marks the calling thread as holding some thread's series, until dropped.
+pub(super) struct Holding(());
+
+impl Holding {
+    /// `None` if the calling thread already holds some thread's series: whatever it records
+    /// meanwhile (a subscriber may close an agent span on an event the SDK emits) must go
+    /// straight to the SDK, as waiting for a lock this thread holds would never end.
+    pub(super) fn take() -> Option<Holding> {
+        HOLDING.with(|holding| (!holding.replace(true)).then_some(Holding(())))
+    }
+}
+
+impl Drop for Holding {
+    fn drop(&mut self) {
+        HOLDING.with(|holding| holding.set(false));
+    }
 }
 
 /// One thread's recently used series, and the executions it recorded into them that the SDK
@@ -125,6 +148,15 @@ mod tests {
 
     fn name(agent_name: &str) -> Arc<str> {
         Arc::from(agent_name)
+    }
+
+    #[test]
+    fn a_thread_holds_series_once_at_a_time() {
+        let holding = Holding::take();
+        assert!(holding.is_some());
+        assert!(Holding::take().is_none(), "not again while held");
+        drop(holding);
+        assert!(Holding::take().is_some(), "again once let go");
     }
 
     #[test]
