@@ -418,7 +418,7 @@ fn drops_summary() {
     let share = |dropped: f64, kept: f64| 100.0 * dropped / (dropped + kept).max(1.0);
     println!(
         "ours, back to back: {:.1}% of log lines and {:.1}% of spans dropped and counted, of {:.0} executions \
-         (queue full: executions outpace the background threads; at a sustained 20,000/s, `--bench soak`, none are)",
+         (queue full: executions outpace the background threads; `--bench soak` runs a sustained 20,000/s)",
         share(lines_dropped, written),
         share(spans_dropped, exported),
         written + lines_dropped,
