@@ -1,10 +1,26 @@
 //! Helpers shared by the unit tests.
 
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, SystemTime};
 
 use tracing::span::{Attributes, Id, Record};
 use tracing::subscriber::Interest;
 use tracing::{Dispatch, Event, Metadata, Subscriber};
+
+use crate::execution::{Execution, Status};
+
+/// A successful, untraced execution of agent `a` on task `t` that took 1 ms.
+pub(crate) fn execution() -> Execution {
+    Execution {
+        agent_name: "a".into(),
+        task: "t".into(),
+        duration: Duration::from_millis(1),
+        status: Status::Success,
+        failure: None,
+        finished_at: SystemTime::now(),
+        trace: None,
+    }
+}
 
 /// A layer that keeps the message of every warning (or another level) with one target,
 /// followed by its other fields as ` name=value`.

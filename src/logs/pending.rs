@@ -159,23 +159,9 @@ impl PendingLines {
 
 #[cfg(test)]
 mod tests {
-    use std::time::{Duration, SystemTime};
-
     use super::*;
     use crate::config::Config;
-    use crate::execution::Status;
-
-    fn execution() -> Execution {
-        Execution {
-            agent_name: "a".into(),
-            task: "t".into(),
-            duration: Duration::from_millis(1),
-            status: Status::Success,
-            failure: None,
-            finished_at: SystemTime::now(),
-            trace: None,
-        }
-    }
+    use crate::test_support::execution;
 
     /// Appends lines until one fills the thread's buffer (by lines or bytes): what became of
     /// that one, and how many lines the buffer held.

@@ -227,12 +227,10 @@ impl Drop for Worker {
 #[cfg(test)]
 mod tests {
     use std::io::Write;
-    use std::time::SystemTime;
 
     use super::*;
     use crate::config::Config;
-    use crate::execution::Status;
-    use crate::test_support::Warnings;
+    use crate::test_support::{execution, Warnings};
 
     /// A pipeline writing to `destination` through a queue of `capacity`, sent `executions`.
     fn send(destination: Box<dyn Write + Send>, capacity: usize, executions: usize) -> (Pipeline, Arc<TelemetryStats>) {
@@ -247,18 +245,6 @@ mod tests {
     fn send_more(pipeline: &Pipeline, executions: usize) {
         for _ in 0..executions {
             pipeline.write_line(&execution());
-        }
-    }
-
-    fn execution() -> Execution {
-        Execution {
-            agent_name: "a".into(),
-            task: "t".into(),
-            duration: Duration::from_millis(1),
-            status: Status::Success,
-            failure: None,
-            finished_at: SystemTime::now(),
-            trace: None,
         }
     }
 
