@@ -485,13 +485,10 @@ impl Visit for SplitFields<'_, '_> {
 }
 
 /// Span fields as attributes; `otel.name` and `otel.kind` rename the span and set its kind.
+/// [`SplitFields`] hands it only the fields the execution does not own.
 struct FieldAttributes<'a>(&'a mut AgentSpan);
 
 impl FieldSink for FieldAttributes<'_> {
-    fn wants(&self, field: &Field) -> bool {
-        !ExecutionFields::owns(field)
-    }
-
     fn set(&mut self, field: &Field, value: Value) {
         match field.name() {
             "otel.name" => self.0.name = Cow::Owned(value.as_str().into_owned()),
@@ -540,11 +537,6 @@ impl FieldSink for EventFields {
 
 /// Where [`OtelValues`] puts each field, as an OpenTelemetry value.
 trait FieldSink {
-    /// Whether to convert `field` at all: the conversion may allocate.
-    fn wants(&self, _field: &Field) -> bool {
-        true
-    }
-
     fn set(&mut self, field: &Field, value: Value);
 
     /// OpenTelemetry has no unsigned integers; `tracing-opentelemetry` writes an event's as
@@ -558,43 +550,32 @@ trait FieldSink {
 /// value, the conversions `tracing-opentelemetry` makes.
 struct OtelValues<'a, S>(&'a mut S);
 
-impl<S: FieldSink> OtelValues<'_, S> {
-    /// Converts only what the sink wants: a conversion may allocate.
-    fn put(&mut self, field: &Field, value: impl FnOnce() -> Value) {
-        if self.0.wants(field) {
-            self.0.set(field, value());
-        }
-    }
-}
-
 impl<S: FieldSink> Visit for OtelValues<'_, S> {
     fn record_str(&mut self, field: &Field, value: &str) {
-        self.put(field, || Value::from(value.to_owned()));
+        self.0.set(field, Value::from(value.to_owned()));
     }
 
     fn record_bool(&mut self, field: &Field, value: bool) {
-        self.put(field, || Value::Bool(value));
+        self.0.set(field, Value::Bool(value));
     }
 
     fn record_i64(&mut self, field: &Field, value: i64) {
-        self.put(field, || Value::I64(value));
+        self.0.set(field, Value::I64(value));
     }
 
     fn record_u64(&mut self, field: &Field, value: u64) {
-        if self.0.wants(field) {
-            self.0.set_u64(field, value);
-        }
+        self.0.set_u64(field, value);
     }
 
     fn record_f64(&mut self, field: &Field, value: f64) {
-        self.put(field, || Value::F64(value));
+        self.0.set(field, Value::F64(value));
     }
 
     fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
-        self.put(field, || Value::from(value.to_string()));
+        self.0.set(field, Value::from(value.to_string()));
     }
 
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-        self.put(field, || Value::from(format!("{value:?}")));
+        self.0.set(field, Value::from(format!("{value:?}")));
     }
 }
