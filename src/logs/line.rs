@@ -316,6 +316,7 @@ fn put_digits(slot: &mut [u8], mut value: u32) {
 mod tests {
     use super::*;
     use crate::execution::{Failure, TraceIds};
+    use crate::test_support::execution;
     use std::time::{Duration, UNIX_EPOCH};
 
     fn line(task: &str, duration: Duration, failure: Option<&Failure>) -> String {
@@ -407,13 +408,9 @@ mod tests {
             (UNIX_EPOCH - Duration::from_millis(1_500), "1969-12-31T23:59:58.5"),
         ] {
             let execution = Execution {
-                agent_name: "a".into(),
-                task: "t".into(),
                 duration: Duration::ZERO,
-                status: Status::Success,
-                failure: None,
                 finished_at: at,
-                trace: None,
+                ..execution()
             };
             let mut out = Vec::new();
             LineFormat::new(&Config::default()).write(&execution, &mut out);
@@ -453,6 +450,7 @@ mod tests {
     mod properties {
         use super::*;
         use crate::execution::{Failure, TraceIds};
+        use crate::test_support::execution;
         use proptest::prelude::*;
 
         /// Text that tries to break a line: control characters, quotes, backslashes,
@@ -501,16 +499,12 @@ mod tests {
                 for micros in [micros, micros + later] {
                     let finished_at = UNIX_EPOCH + Duration::from_micros(micros);
                     let execution = Execution {
-                        agent_name: "a".into(),
-                        task: "t".into(),
-                        duration: Duration::from_millis(1),
-                        status: Status::Success,
-                        failure: None,
                         finished_at,
                         trace: Some(TraceIds {
                             trace_id: opentelemetry::TraceId::from_bytes(trace_id.to_be_bytes()),
                             span_id: opentelemetry::SpanId::from_bytes(span_id.to_be_bytes()),
                         }),
+                        ..execution()
                     };
                     let mut out = Vec::new();
                     format.write(&execution, &mut out);

@@ -525,8 +525,8 @@ mod tests {
     use opentelemetry_sdk::trace::{InMemorySpanExporter, SpanEvents, SpanLinks};
 
     use super::*;
-    use crate::execution::{Execution, Status as ExecutionStatus};
-    use crate::test_support::Warnings;
+    use crate::execution::Execution;
+    use crate::test_support::{execution, Warnings};
     use crate::traces::export::Exporter;
     use crate::traces::{AgentSpan, AgentTracer};
 
@@ -668,11 +668,7 @@ mod tests {
         let execution = Execution {
             agent_name: agent_name.into(),
             task,
-            duration: Duration::from_millis(1),
-            status: ExecutionStatus::Success,
-            failure: None,
-            finished_at: SystemTime::now(),
-            trace: None,
+            ..execution()
         };
         (tracer.start(&Context::new(), metadata), execution)
     }
