@@ -158,7 +158,7 @@ fn round_trips_through_a_real_receiver() {
 const THREADS: usize = 4;
 const PER_THREAD: usize = 1_000;
 /// Executions per second, all threads together: below what one exporter thread delivers to
-/// Phoenix here, so the default 2048-span queue never fills (see the README).
+/// Phoenix here, so the default span queue never fills (see the README).
 const RATE: f64 = 1_000.0;
 
 fn load_agrees_exactly_in_all_three_signals(phoenix: &Phoenix) {

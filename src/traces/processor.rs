@@ -127,9 +127,10 @@ enum Queued {
 pub(crate) struct CountingProcessor {
     sender: SyncSender<Message>,
     batches: Arc<Batches>,
-    /// Spans handed over and not yet through an export: never more than `capacity`, besides
-    /// the ones still gathering in threads' batches.
-    in_flight: Arc<AtomicUsize>,
+    /// Spans handed over and not yet taken by the span thread: never more than `capacity`.
+    /// As in the SDK's batch processor, `OTEL_BSP_MAX_QUEUE_SIZE` bounds the spans waiting;
+    /// the batch being built or exported, and threads' batches still gathering, are apart.
+    waiting: Arc<AtomicUsize>,
     stats: Arc<TelemetryStats>,
     capacity: usize,
     /// How long `force_flush` waits for the export.
@@ -157,10 +158,11 @@ impl CountingProcessor {
             spare: Spares::default(),
             per_handoff,
         });
-        let in_flight = Arc::new(AtomicUsize::new(0));
+        let waiting = Arc::new(AtomicUsize::new(0));
         let worker = Worker {
             batches: Arc::clone(&batches),
-            in_flight: Arc::clone(&in_flight),
+            waiting: Arc::clone(&waiting),
+            unexported: 0,
             stats: Arc::clone(&stats),
             exporter,
             linger: Linger::new(settings.max_queue_size),
@@ -173,7 +175,7 @@ impl CountingProcessor {
         Ok(CountingProcessor {
             sender,
             batches,
-            in_flight,
+            waiting,
             stats,
             capacity: settings.max_queue_size,
             flush_timeout,
@@ -229,8 +231,8 @@ impl CountingProcessor {
     /// Queues a thread's full batch; called under that thread's lock, so it only sends.
     fn hand_over(&self, batch: Box<ThreadSpans>) -> Queued {
         let spans = batch.len();
-        let (queue, in_flight) = (&self.sender, &self.in_flight);
-        match background::send_counted(queue, Message::Spans(batch), in_flight, spans, self.capacity) {
+        let (queue, waiting) = (&self.sender, &self.waiting);
+        match background::send_counted(queue, Message::Spans(batch), waiting, spans, self.capacity) {
             Ok(()) => Queued::HandedOver,
             Err(refused) => Queued::Lost(refused, spans as u64),
         }
@@ -349,7 +351,10 @@ impl SpanProcessor for SharedProcessor {
 /// The processor's thread: builds, batches and exports.
 struct Worker {
     batches: Arc<Batches>,
-    in_flight: Arc<AtomicUsize>,
+    waiting: Arc<AtomicUsize>,
+    /// Spans taken off `waiting` and not yet through an export: the batch being built or
+    /// exported (and a thread's batch being taken). Counted as dropped if this thread panics.
+    unexported: usize,
     stats: Arc<TelemetryStats>,
     exporter: CountingExporter,
     linger: Linger,
@@ -440,7 +445,11 @@ impl Worker {
     /// message.
     fn take(&mut self, message: Message) -> Result<usize, Message> {
         match message {
-            Message::Spans(batch) => Ok(self.take_batch(batch)),
+            Message::Spans(batch) => {
+                // Taken: no longer waiting, as a span the SDK's processor receives.
+                self.waiting.fetch_sub(batch.len(), Ordering::Relaxed);
+                Ok(self.take_batch(batch))
+            }
             Message::Wake => Ok(0),
             control => Err(control),
         }
@@ -456,19 +465,14 @@ impl Worker {
                 collected.push(mem::replace(batch, spans.spare_batch()));
             }
         });
-        let mut taken = 0;
-        for batch in collected {
-            // Counted in flight from here, as handed-over batches are.
-            self.in_flight.fetch_add(batch.len(), Ordering::Relaxed);
-            taken += self.take_batch(batch);
-        }
-        taken
+        collected.into_iter().map(|batch| self.take_batch(batch)).sum()
     }
 
     /// Adds a thread's batch to the export batch and gives it back emptied; returns how many
     /// spans it held.
     fn take_batch(&mut self, mut spans: Box<ThreadSpans>) -> usize {
         let taken = spans.len();
+        self.unexported += taken;
         for (span, agent_name, task) in spans.agents.drain() {
             let span = self.spans.build(span, agent_name, task);
             self.add(span);
@@ -497,7 +501,7 @@ impl Worker {
         let batch = mem::replace(&mut self.batch, Vec::with_capacity(self.settings.max_export_batch_size));
         let spans = batch.len();
         let result = futures_executor::block_on(self.exporter.export(batch));
-        self.in_flight.fetch_sub(spans, Ordering::Relaxed);
+        self.unexported -= spans;
         if self.exported.is_ok() {
             self.exported = result;
         }
@@ -506,10 +510,12 @@ impl Worker {
 
 impl Drop for Worker {
     fn drop(&mut self) {
-        // A thread that panicked exports no more: count what was handed to it, and what
-        // waits in threads' batches; the spans finished from now on are counted as they come.
+        // A thread that panicked exports no more: count what was handed to it or taken by it,
+        // and what waits in threads' batches; the spans finished from now on are counted as
+        // they come.
         if std::thread::panicking() {
-            let lost = self.in_flight.swap(0, Ordering::Relaxed) as u64 + self.batches.discard();
+            let handed_over = self.waiting.swap(0, Ordering::Relaxed) + self.unexported;
+            let lost = handed_over as u64 + self.batches.discard();
             TelemetryStats::add(&self.stats.spans_dropped, lost);
         }
     }
@@ -653,6 +659,58 @@ mod tests {
             warnings[0].starts_with("queue full on the way to the span exporter"),
             "{warnings:?}"
         );
+    }
+
+    #[test]
+    fn the_queue_bound_counts_spans_waiting_not_the_batch_being_exported() {
+        /// Says when an export begins, then holds it until the test lets go.
+        #[derive(Debug)]
+        struct Held {
+            began: Mutex<std::sync::mpsc::Sender<()>>,
+            release: Mutex<Receiver<()>>,
+        }
+        impl SpanExporter for Held {
+            async fn export(&self, _: Vec<SpanData>) -> OTelSdkResult {
+                let _ = self.began.lock().unwrap().send(());
+                // Returns once the test drops its sender.
+                let _ = self.release.lock().unwrap().recv();
+                Ok(())
+            }
+        }
+        let (began, export_began) = std::sync::mpsc::channel();
+        let (let_go, release) = std::sync::mpsc::channel::<()>();
+        let held = Held {
+            began: Mutex::new(began),
+            release: Mutex::new(release),
+        };
+        let stats = Arc::new(TelemetryStats::default());
+        let exporter = CountingExporter::new(Exporter::Boxed(Box::new(held)), Arc::clone(&stats));
+        // Threads hand over 4 spans at a time (half the queue), and an export takes 4.
+        let settings = BatchSettings {
+            max_queue_size: 8,
+            max_export_batch_size: 4,
+            scheduled_delay: Duration::from_secs(3600),
+        };
+        let processor =
+            CountingProcessor::start(exporter, settings, Duration::from_secs(5), Arc::clone(&stats)).unwrap();
+        for _ in 0..4 {
+            processor.queue(span());
+        }
+        export_began
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the first 4 spans are exported");
+        // The 4 being exported are not waiting: 8 more wait, the next 4 are dropped.
+        for _ in 0..12 {
+            processor.queue(span());
+        }
+        assert_eq!(
+            TelemetryStats::get(&stats.spans_dropped),
+            4,
+            "a queue of 8 takes 8 while 4 export"
+        );
+        drop(let_go);
+        SharedProcessor(Arc::new(processor)).force_flush().unwrap();
+        assert_eq!(TelemetryStats::get(&stats.spans_exported), 12);
     }
 
     /// Exports an agent span of `tracer`'s, with `agent_name` and `task`.
