@@ -30,8 +30,8 @@ pub(crate) enum Refused {
     Gone,
 }
 
-/// Sends `message` unless adding `amount` to `queued` would pass `limit`; the thread takes
-/// `amount` back off once it has handled the message. Never blocks.
+/// Sends `message` unless adding `amount` to `queued` would pass `limit`; the receiving
+/// thread takes `amount` back off when it takes the message. Never blocks.
 pub(crate) fn send_counted<T>(
     sender: &SyncSender<T>,
     message: T,

@@ -247,11 +247,12 @@ impl AgentTelemetry {
 
     /// How many spans may wait for export; beyond it new spans are dropped and counted in
     /// `agent_telemetry_spans_dropped_total` (`OTEL_BSP_MAX_QUEUE_SIZE`). Default 8192, not the
-    /// SDK's 2048: at 20,000 executions a second, 400 ms of backlog rather than 100. Agent
-    /// spans gather in a batch of up to 64 on the thread that finished them, and count against
-    /// it from when the batch is handed over until the span thread takes it. As in the SDK's
-    /// batch processor, the export batch being built or exported (up to
-    /// [`with_span_export_batch_size`](Self::with_span_export_batch_size)) comes on top.
+    /// SDK's 2048: at 20,000 executions a second, 400 ms of backlog rather than 100. Spans
+    /// gather in a batch of up to 64 (half the queue, if smaller) on the thread that finished
+    /// them, and count against it from when the batch is handed over until the span thread
+    /// takes it. As in the SDK's batch processor, the export batch being built or exported (up
+    /// to [`with_span_export_batch_size`](Self::with_span_export_batch_size)) comes on top,
+    /// and so do the threads' batches still gathering or being taken.
     #[must_use]
     pub fn with_span_queue_size(mut self, spans: usize) -> Self {
         self.config.batch.max_queue_size = spans;

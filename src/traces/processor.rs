@@ -352,8 +352,9 @@ impl SpanProcessor for SharedProcessor {
 struct Worker {
     batches: Arc<Batches>,
     waiting: Arc<AtomicUsize>,
-    /// Spans taken off `waiting` and not yet through an export: the batch being built or
-    /// exported (and a thread's batch being taken). Counted as dropped if this thread panics.
+    /// Spans this thread has taken (handed over or collected) and not yet given to the
+    /// exporter, which counts them from then on: the batches being taken, the export batch
+    /// being built. Counted as dropped if this thread panics.
     unexported: usize,
     stats: Arc<TelemetryStats>,
     exporter: CountingExporter,
@@ -448,6 +449,7 @@ impl Worker {
             Message::Spans(batch) => {
                 // Taken: no longer waiting, as a span the SDK's processor receives.
                 self.waiting.fetch_sub(batch.len(), Ordering::Relaxed);
+                self.unexported += batch.len();
                 Ok(self.take_batch(batch))
             }
             Message::Wake => Ok(0),
@@ -465,6 +467,8 @@ impl Worker {
                 collected.push(mem::replace(batch, spans.spare_batch()));
             }
         });
+        // All of them, before any is taken: none is lost uncounted if taking one panics.
+        self.unexported += collected.iter().map(|batch| batch.len()).sum::<usize>();
         collected.into_iter().map(|batch| self.take_batch(batch)).sum()
     }
 
@@ -472,7 +476,6 @@ impl Worker {
     /// spans it held.
     fn take_batch(&mut self, mut spans: Box<ThreadSpans>) -> usize {
         let taken = spans.len();
-        self.unexported += taken;
         for (span, agent_name, task) in spans.agents.drain() {
             let span = self.spans.build(span, agent_name, task);
             self.add(span);
@@ -499,9 +502,9 @@ impl Worker {
             return;
         }
         let batch = mem::replace(&mut self.batch, Vec::with_capacity(self.settings.max_export_batch_size));
-        let spans = batch.len();
+        // The exporter counts them from here, delivered or failed, even if it panics.
+        self.unexported -= batch.len();
         let result = futures_executor::block_on(self.exporter.export(batch));
-        self.unexported -= spans;
         if self.exported.is_ok() {
             self.exported = result;
         }
@@ -514,8 +517,10 @@ impl Drop for Worker {
         // and what waits in threads' batches; the spans finished from now on are counted as
         // they come.
         if std::thread::panicking() {
+            // Threads' batches first: once closed and emptied, none is being handed over.
+            let gathering = self.batches.discard();
             let handed_over = self.waiting.swap(0, Ordering::Relaxed) + self.unexported;
-            let lost = handed_over as u64 + self.batches.discard();
+            let lost = gathering + handed_over as u64;
             TelemetryStats::add(&self.stats.spans_dropped, lost);
         }
     }
@@ -560,13 +565,21 @@ mod tests {
         queue: usize,
         delay: Duration,
     ) -> (Arc<CountingProcessor>, Arc<TelemetryStats>) {
-        let stats = Arc::new(TelemetryStats::default());
-        let exporter = CountingExporter::new(Exporter::Boxed(Box::new(exporter)), Arc::clone(&stats));
         let settings = BatchSettings {
             max_queue_size: queue,
             max_export_batch_size: queue.min(512),
             scheduled_delay: delay,
         };
+        start(exporter, settings)
+    }
+
+    /// A processor exporting into `exporter` with `settings`, with its counts.
+    fn start(
+        exporter: impl SpanExporter + 'static,
+        settings: BatchSettings,
+    ) -> (Arc<CountingProcessor>, Arc<TelemetryStats>) {
+        let stats = Arc::new(TelemetryStats::default());
+        let exporter = CountingExporter::new(Exporter::Boxed(Box::new(exporter)), Arc::clone(&stats));
         let processor =
             CountingProcessor::start(exporter, settings, Duration::from_secs(5), Arc::clone(&stats)).unwrap();
         (Arc::new(processor), stats)
@@ -599,20 +612,14 @@ mod tests {
             }
         }
         let suppressed = Arc::new(AtomicBool::new(false));
-        let stats = Arc::new(TelemetryStats::default());
-        let exporter = CountingExporter::new(
-            Exporter::Boxed(Box::new(Notes(Arc::clone(&suppressed)))),
-            Arc::clone(&stats),
-        );
         let settings = BatchSettings {
             max_queue_size: 16,
             max_export_batch_size: 16,
             scheduled_delay: Duration::from_secs(3600),
         };
-        let processor =
-            CountingProcessor::start(exporter, settings, Duration::from_secs(5), Arc::clone(&stats)).unwrap();
+        let (processor, stats) = start(Notes(Arc::clone(&suppressed)), settings);
         processor.queue(span());
-        SharedProcessor(Arc::new(processor)).force_flush().unwrap();
+        SharedProcessor(processor).force_flush().unwrap();
         assert_eq!(TelemetryStats::get(&stats.spans_exported), 1);
         assert!(
             suppressed.load(Ordering::SeqCst),
@@ -683,16 +690,13 @@ mod tests {
             began: Mutex::new(began),
             release: Mutex::new(release),
         };
-        let stats = Arc::new(TelemetryStats::default());
-        let exporter = CountingExporter::new(Exporter::Boxed(Box::new(held)), Arc::clone(&stats));
         // Threads hand over 4 spans at a time (half the queue), and an export takes 4.
         let settings = BatchSettings {
             max_queue_size: 8,
             max_export_batch_size: 4,
             scheduled_delay: Duration::from_secs(3600),
         };
-        let processor =
-            CountingProcessor::start(exporter, settings, Duration::from_secs(5), Arc::clone(&stats)).unwrap();
+        let (processor, stats) = start(held, settings);
         for _ in 0..4 {
             processor.queue(span());
         }
@@ -709,7 +713,7 @@ mod tests {
             "a queue of 8 takes 8 while 4 export"
         );
         drop(let_go);
-        SharedProcessor(Arc::new(processor)).force_flush().unwrap();
+        SharedProcessor(processor).force_flush().unwrap();
         assert_eq!(TelemetryStats::get(&stats.spans_exported), 12);
     }
 
