@@ -80,6 +80,9 @@ struct Batches {
     threads: PerThread<Box<ThreadSpans>>,
     spare: Spares<Box<ThreadSpans>>,
     per_handoff: usize,
+    /// Makes the span thread panic when it next takes a batch, to test what it counts then.
+    #[cfg(test)]
+    panic_on_take: AtomicBool,
 }
 
 impl Batches {
@@ -157,6 +160,8 @@ impl CountingProcessor {
             threads: PerThread::new(move || Box::new(ThreadSpans::with_capacity(per_handoff))),
             spare: Spares::default(),
             per_handoff,
+            #[cfg(test)]
+            panic_on_take: AtomicBool::new(false),
         });
         let waiting = Arc::new(AtomicUsize::new(0));
         let worker = Worker {
@@ -475,6 +480,11 @@ impl Worker {
     /// Adds a thread's batch to the export batch and gives it back emptied; returns how many
     /// spans it held.
     fn take_batch(&mut self, mut spans: Box<ThreadSpans>) -> usize {
+        #[cfg(test)]
+        assert!(
+            !self.batches.panic_on_take.load(Ordering::SeqCst),
+            "the test's panic while taking a batch"
+        );
         let taken = spans.len();
         for (span, agent_name, task) in spans.agents.drain() {
             let span = self.spans.build(span, agent_name, task);
@@ -668,28 +678,37 @@ mod tests {
         );
     }
 
-    #[test]
-    fn the_queue_bound_counts_spans_waiting_not_the_batch_being_exported() {
-        /// Says when an export begins, then holds it until the test lets go.
-        #[derive(Debug)]
-        struct Held {
-            began: Mutex<std::sync::mpsc::Sender<()>>,
-            release: Mutex<Receiver<()>>,
+    /// Says when an export begins, then holds it until the test lets go.
+    #[derive(Debug)]
+    struct Held {
+        began: Mutex<std::sync::mpsc::Sender<()>>,
+        release: Mutex<Receiver<()>>,
+    }
+
+    impl SpanExporter for Held {
+        async fn export(&self, _: Vec<SpanData>) -> OTelSdkResult {
+            let _ = self.began.lock().unwrap().send(());
+            // Returns once the test drops its sender.
+            let _ = self.release.lock().unwrap().recv();
+            Ok(())
         }
-        impl SpanExporter for Held {
-            async fn export(&self, _: Vec<SpanData>) -> OTelSdkResult {
-                let _ = self.began.lock().unwrap().send(());
-                // Returns once the test drops its sender.
-                let _ = self.release.lock().unwrap().recv();
-                Ok(())
-            }
-        }
+    }
+
+    /// An exporter that holds every export, what says an export began, and what lets it go
+    /// (dropped).
+    fn held_exporter() -> (Held, Receiver<()>, std::sync::mpsc::Sender<()>) {
         let (began, export_began) = std::sync::mpsc::channel();
-        let (let_go, release) = std::sync::mpsc::channel::<()>();
+        let (let_go, release) = std::sync::mpsc::channel();
         let held = Held {
             began: Mutex::new(began),
             release: Mutex::new(release),
         };
+        (held, export_began, let_go)
+    }
+
+    #[test]
+    fn the_queue_bound_counts_spans_waiting_not_the_batch_being_exported() {
+        let (held, export_began, let_go) = held_exporter();
         // Threads hand over 4 spans at a time (half the queue), and an export takes 4.
         let settings = BatchSettings {
             max_queue_size: 8,
@@ -715,6 +734,53 @@ mod tests {
         drop(let_go);
         SharedProcessor(processor).force_flush().unwrap();
         assert_eq!(TelemetryStats::get(&stats.spans_exported), 12);
+    }
+
+    #[test]
+    fn a_span_thread_that_panics_counts_every_span_it_held_as_dropped() {
+        let (held, export_began, let_go) = held_exporter();
+        let settings = BatchSettings {
+            max_queue_size: 64,
+            max_export_batch_size: 4,
+            scheduled_delay: Duration::from_secs(3600),
+        };
+        let (processor, stats) = start(held, settings);
+        for _ in 0..4 {
+            processor.queue(span());
+        }
+        export_began
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the first 4 spans are exported");
+        // While the export holds the span thread, three threads leave two spans each in
+        // batches of their own (alive together, so the batches are three), which it then
+        // collects together and panics taking.
+        let queued = std::sync::Barrier::new(4);
+        std::thread::scope(|scope| {
+            for _ in 0..3 {
+                scope.spawn(|| {
+                    processor.queue(span());
+                    processor.queue(span());
+                    queued.wait();
+                });
+            }
+            queued.wait();
+        });
+        processor.batches.panic_on_take.store(true, Ordering::SeqCst);
+        drop(let_go);
+        let span_thread = processor.thread.lock().unwrap().take().unwrap();
+        assert!(span_thread.join().is_err(), "the span thread panicked");
+        assert_eq!(TelemetryStats::get(&stats.spans_exported), 4);
+        assert_eq!(
+            TelemetryStats::get(&stats.spans_dropped),
+            6,
+            "the three batches it took"
+        );
+        processor.queue(span());
+        assert_eq!(
+            TelemetryStats::get(&stats.spans_dropped),
+            7,
+            "a span after it is counted as it comes"
+        );
     }
 
     /// Exports an agent span of `tracer`'s, with `agent_name` and `task`.
