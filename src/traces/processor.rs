@@ -694,24 +694,17 @@ mod tests {
         }
     }
 
-    /// An exporter that holds every export, what says an export began, and what lets it go
-    /// (dropped).
-    fn held_exporter() -> (Held, Receiver<()>, std::sync::mpsc::Sender<()>) {
+    /// A processor with a queue of `queue` spans and exports of 4, whose exporter holds every
+    /// export, holding its first: 4 spans queued and taken. Dropping the sender lets go.
+    fn holding_an_export(queue: usize) -> (Arc<CountingProcessor>, Arc<TelemetryStats>, std::sync::mpsc::Sender<()>) {
         let (began, export_began) = std::sync::mpsc::channel();
         let (let_go, release) = std::sync::mpsc::channel();
         let held = Held {
             began: Mutex::new(began),
             release: Mutex::new(release),
         };
-        (held, export_began, let_go)
-    }
-
-    #[test]
-    fn the_queue_bound_counts_spans_waiting_not_the_batch_being_exported() {
-        let (held, export_began, let_go) = held_exporter();
-        // Threads hand over 4 spans at a time (half the queue), and an export takes 4.
         let settings = BatchSettings {
-            max_queue_size: 8,
+            max_queue_size: queue,
             max_export_batch_size: 4,
             scheduled_delay: Duration::from_secs(3600),
         };
@@ -722,6 +715,13 @@ mod tests {
         export_began
             .recv_timeout(Duration::from_secs(10))
             .expect("the first 4 spans are exported");
+        (processor, stats, let_go)
+    }
+
+    #[test]
+    fn the_queue_bound_counts_spans_waiting_not_the_batch_being_exported() {
+        // Threads hand over 4 spans at a time (half the queue), and an export takes 4.
+        let (processor, stats, let_go) = holding_an_export(8);
         // The 4 being exported are not waiting: 8 more wait, the next 4 are dropped.
         for _ in 0..12 {
             processor.queue(span());
@@ -738,19 +738,7 @@ mod tests {
 
     #[test]
     fn a_span_thread_that_panics_counts_every_span_it_held_as_dropped() {
-        let (held, export_began, let_go) = held_exporter();
-        let settings = BatchSettings {
-            max_queue_size: 64,
-            max_export_batch_size: 4,
-            scheduled_delay: Duration::from_secs(3600),
-        };
-        let (processor, stats) = start(held, settings);
-        for _ in 0..4 {
-            processor.queue(span());
-        }
-        export_began
-            .recv_timeout(Duration::from_secs(10))
-            .expect("the first 4 spans are exported");
+        let (processor, stats, let_go) = holding_an_export(64);
         // While the export holds the span thread, three threads leave two spans each in
         // batches of their own (alive together, so the batches are three), which it then
         // collects together and panics taking.
