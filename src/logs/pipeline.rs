@@ -25,6 +25,11 @@ enum Why {
     Gone,
 }
 
+/// Messages the queue holds at once. The lines wait with their threads, so the queue carries
+/// only wake-ups and flushes: a wake-up that finds it full is not needed, as the messages
+/// there wake the thread anyway, and a flush waits for room.
+const QUEUE_MESSAGES: usize = 64;
+
 enum Message {
     /// A thread's buffer has its first line, or filled: collect.
     Wake,
@@ -50,7 +55,7 @@ pub(crate) struct Pipeline {
 impl Pipeline {
     /// `capacity` bounds the lines waiting.
     pub(crate) fn start(logs: LogLines, capacity: usize, stats: Arc<TelemetryStats>) -> Result<Self> {
-        let (sender, receiver) = sync_channel(capacity);
+        let (sender, receiver) = sync_channel(QUEUE_MESSAGES);
         let lines = Arc::new(PendingLines::new(logs.format().clone(), capacity));
         let worker = Worker {
             logs,
