@@ -6,7 +6,6 @@
 //! So the thread sleeps up to [`LINGER`], and less when the queue filled fast enough last
 //! time to reach half its capacity before then.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{SyncSender, TrySendError};
 use std::sync::{Mutex, PoisonError};
 use std::thread::JoinHandle;
@@ -20,36 +19,6 @@ pub(crate) fn spawn(name: &'static str, run: impl FnOnce() + Send + 'static) -> 
         .name(name.into())
         .spawn(run)
         .map_err(|source| Error::Thread { name, source })
-}
-
-/// Why [`send_counted`] did not send.
-pub(crate) enum Refused {
-    /// The count would pass its limit, or the queue is full.
-    Full,
-    /// The thread has stopped.
-    Gone,
-}
-
-/// Sends `message` unless adding `amount` to `queued` would pass `limit`; the receiving
-/// thread takes `amount` back off when it takes the message. Never blocks.
-pub(crate) fn send_counted<T>(
-    sender: &SyncSender<T>,
-    message: T,
-    queued: &AtomicUsize,
-    amount: usize,
-    limit: usize,
-) -> Result<(), Refused> {
-    if queued.fetch_add(amount, Ordering::Relaxed) + amount > limit {
-        queued.fetch_sub(amount, Ordering::Relaxed);
-        return Err(Refused::Full);
-    }
-    sender.try_send(message).map_err(|error| {
-        queued.fetch_sub(amount, Ordering::Relaxed);
-        match error {
-            TrySendError::Full(_) => Refused::Full,
-            TrySendError::Disconnected(_) => Refused::Gone,
-        }
-    })
 }
 
 /// Joins a background thread that has answered its last message (a no-op the second time).

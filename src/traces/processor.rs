@@ -10,7 +10,7 @@
 
 use std::mem;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::mpsc::{channel, sync_channel, Receiver, RecvTimeoutError, Sender, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -22,17 +22,21 @@ use opentelemetry_sdk::Resource;
 
 use super::agent_span::{AgentBatch, FinishedSpan, SpanBuilder};
 use super::export::CountingExporter;
-use crate::background::{self, Linger, Refused, Sent};
+use crate::background::{self, Linger};
 use crate::config::BatchSettings;
 use crate::error::Result;
 use crate::per_thread::{PerThread, Spares};
 use crate::stats::{first_time, TelemetryStats};
 
+/// What the span thread's channel carries. The channel has no bound of its own, and needs
+/// none: the spans in it are counted against `OTEL_BSP_MAX_QUEUE_SIZE`, at most one `Wake` is
+/// in it at a time, and each flush or shutdown has a caller waiting for its answer. So
+/// nothing is allocated for the queue up front, whatever its size.
 enum Message {
-    /// A thread's batch of spans, boxed (and the box reused) so that the queue's slots, all
-    /// allocated up front, stay small.
+    /// A thread's batch of spans, boxed (and the box reused) so that messages stay small.
     Spans(Box<ThreadSpans>),
-    /// A thread's batch has its first span: collect it.
+    /// A thread's batch has its first span: collect the batches. Sent only when none is
+    /// already on its way (`Batches::wake_pending`).
     Wake,
     /// Export everything queued before this message, then answer.
     Flush(SyncSender<OTelSdkResult>),
@@ -80,6 +84,10 @@ struct Batches {
     threads: PerThread<Box<ThreadSpans>>,
     spare: Spares<Box<ThreadSpans>>,
     per_handoff: usize,
+    /// A `Wake` is on its way: set by the thread that sends it, cleared by the span thread
+    /// when it takes it, before it collects. A thread that finds it set sends none, since the
+    /// collection that wake-up brings comes after the thread's span.
+    wake_pending: AtomicBool,
     /// Makes the span thread panic when it next takes a batch, to test what it counts then.
     #[cfg(test)]
     panic_on_take: AtomicBool,
@@ -88,7 +96,7 @@ struct Batches {
 impl Batches {
     #[allow(
         clippy::unnecessary_box_returns,
-        reason = "the box crosses the queue and comes back, so that the queue's slots stay small"
+        reason = "the box crosses the queue and comes back, so that the queue's messages stay small"
     )]
     fn spare_batch(&self) -> Box<ThreadSpans> {
         self.spare
@@ -122,13 +130,16 @@ enum Queued {
     More,
     /// It filled its thread's batch, which was handed over.
     HandedOver,
-    /// It filled its thread's batch, whose spans could not be handed over.
-    Lost(Refused, u64),
+    /// It filled its thread's batch, whose spans the full queue refused.
+    Refused(u64),
+    /// It filled its thread's batch, whose spans cannot be handed over: the span thread has
+    /// ended.
+    Lost(u64),
 }
 
 /// The queue's sending side, with the drop accounting.
 pub(crate) struct CountingProcessor {
-    sender: SyncSender<Message>,
+    sender: Sender<Message>,
     batches: Arc<Batches>,
     /// Spans handed over and not yet taken by the span thread: never more than `capacity`.
     /// As in the SDK's batch processor, `OTEL_BSP_MAX_QUEUE_SIZE` bounds the spans waiting;
@@ -154,12 +165,13 @@ impl CountingProcessor {
         flush_timeout: Duration,
         stats: Arc<TelemetryStats>,
     ) -> Result<Self> {
-        let (sender, receiver) = sync_channel(settings.max_queue_size);
+        let (sender, receiver) = channel();
         let per_handoff = SPANS_PER_HANDOFF.min(settings.max_queue_size / 2).max(1);
         let batches = Arc::new(Batches {
             threads: PerThread::new(move || Box::new(ThreadSpans::with_capacity(per_handoff))),
             spare: Spares::default(),
             per_handoff,
+            wake_pending: AtomicBool::new(false),
             #[cfg(test)]
             panic_on_take: AtomicBool::new(false),
         });
@@ -221,26 +233,33 @@ impl CountingProcessor {
         });
         match queued {
             Some(Queued::More | Queued::HandedOver) => {}
-            // A full queue holds messages that wake the thread anyway.
+            // A wake-up still pending is cleared after this thread's span was added (else the
+            // swap would see it cleared), so the collection that follows the clearing finds it.
             Some(Queued::First) => {
-                if let Err(TrySendError::Disconnected(_)) = self.sender.try_send(Message::Wake) {
+                if !spans.wake_pending.swap(true, Ordering::AcqRel) && self.sender.send(Message::Wake).is_err() {
                     self.span_thread_gone(0);
                 }
             }
-            Some(Queued::Lost(Refused::Full, spans)) => self.dropped_full(spans),
-            Some(Queued::Lost(Refused::Gone, spans)) => self.span_thread_gone(spans),
+            Some(Queued::Refused(spans)) => self.dropped_full(spans),
+            Some(Queued::Lost(spans)) => self.span_thread_gone(spans),
             None => self.dropped_after_shutdown(1),
         }
     }
 
-    /// Queues a thread's full batch; called under that thread's lock, so it only sends.
+    /// Queues a thread's full batch unless its spans would pass the queue's bound; the span
+    /// thread takes them back off the count when it takes the batch. Called under that
+    /// thread's lock, so it never blocks.
     fn hand_over(&self, batch: Box<ThreadSpans>) -> Queued {
         let spans = batch.len();
-        let (queue, waiting) = (&self.sender, &self.waiting);
-        match background::send_counted(queue, Message::Spans(batch), waiting, spans, self.capacity) {
-            Ok(()) => Queued::HandedOver,
-            Err(refused) => Queued::Lost(refused, spans as u64),
+        if self.waiting.fetch_add(spans, Ordering::Relaxed).saturating_add(spans) > self.capacity {
+            self.waiting.fetch_sub(spans, Ordering::Relaxed);
+            return Queued::Refused(spans as u64);
         }
+        if self.sender.send(Message::Spans(batch)).is_err() {
+            self.waiting.fetch_sub(spans, Ordering::Relaxed);
+            return Queued::Lost(spans as u64);
+        }
+        Queued::HandedOver
     }
 
     /// The span thread is gone: the spans waiting in threads' batches never leave either.
@@ -294,10 +313,8 @@ impl CountingProcessor {
     fn ask(&self, message: fn(SyncSender<OTelSdkResult>) -> Message, timeout: Duration) -> OTelSdkResult {
         let deadline = background::deadline_after(timeout);
         let (answer, answered) = sync_channel(1);
-        match background::send_by(&self.sender, message(answer), deadline) {
-            Sent::Yes => {}
-            Sent::Gone => return Err(OTelSdkError::AlreadyShutdown),
-            Sent::TimedOut => return Err(OTelSdkError::Timeout(timeout)),
+        if self.sender.send(message(answer)).is_err() {
+            return Err(OTelSdkError::AlreadyShutdown);
         }
         match answered.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
             Ok(result) => result,
@@ -457,7 +474,11 @@ impl Worker {
                 self.unexported += batch.len();
                 Ok(self.take_batch(batch))
             }
-            Message::Wake => Ok(0),
+            Message::Wake => {
+                // Before the collection that follows: a span added after it sends a new one.
+                self.batches.wake_pending.store(false, Ordering::Release);
+                Ok(0)
+            }
             control => Err(control),
         }
     }
@@ -652,6 +673,50 @@ mod tests {
             1,
             "exported by the schedule alone"
         );
+    }
+
+    #[test]
+    fn a_span_alone_in_its_threads_batch_goes_out_without_a_flush_every_time() {
+        // Exports of one and no schedule in sight: only a wake-up brings a lone span to the
+        // span thread. Each round's wake-up is taken before the next span, which must send
+        // its own.
+        let exporter = InMemorySpanExporter::default();
+        let settings = BatchSettings {
+            max_queue_size: 2048,
+            max_export_batch_size: 1,
+            scheduled_delay: Duration::from_secs(3600),
+        };
+        let (processor, _stats) = start(exporter.clone(), settings);
+        for round in 1..=20 {
+            processor.queue(span());
+            // A bounded wait for the export, not a timing assertion.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while exporter.get_finished_spans().unwrap().len() < round && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            assert_eq!(
+                exporter.get_finished_spans().unwrap().len(),
+                round,
+                "span {round} went out"
+            );
+        }
+    }
+
+    #[test]
+    fn a_queue_of_any_size_is_allocated_as_spans_come_not_up_front() {
+        let exporter = InMemorySpanExporter::default();
+        let settings = BatchSettings {
+            max_queue_size: usize::MAX,
+            max_export_batch_size: 512,
+            scheduled_delay: Duration::from_secs(3600),
+        };
+        let (processor, stats) = start(exporter.clone(), settings);
+        for _ in 0..1000 {
+            processor.queue(span());
+        }
+        SharedProcessor(processor).force_flush().unwrap();
+        assert_eq!(exporter.get_finished_spans().unwrap().len(), 1000);
+        assert_eq!(TelemetryStats::get(&stats.spans_dropped), 0);
     }
 
     #[test]
