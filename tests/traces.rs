@@ -101,6 +101,21 @@ fn shutdown_exports_every_queued_span() {
 }
 
 #[test]
+fn queue_and_batch_sizes_as_large_as_usize_are_taken_at_their_word() {
+    // Nothing is allocated for them up front: the span queue's and export batch's used to
+    // panic (capacity overflow).
+    let mut harness = Harness::with(|b| {
+        b.with_span_queue_size(usize::MAX)
+            .with_span_export_batch_size(usize::MAX)
+            .with_log_queue_lines(usize::MAX)
+    });
+    harness.run(|| (0..100).for_each(|_| execute_agent("a", "t", false).unwrap()));
+    let (spans, log) = harness.shutdown();
+    assert_eq!(spans.len(), 100, "shutdown exports the queued spans");
+    assert_eq!(log.lines().count(), 100, "and writes the lines");
+}
+
+#[test]
 fn other_spans_follow_the_env_filter_and_never_the_export_path() {
     let harness = Harness::with(|b| b.with_env_filter("warn"));
     harness.run(|| {

@@ -47,6 +47,16 @@ enum Message {
 /// Spans a thread gathers before it hands them over at once (fewer for a small queue).
 const SPANS_PER_HANDOFF: usize = 64;
 
+/// Room made for an export batch before its spans come: the default batch (512) and more,
+/// but not whatever `OTEL_BSP_MAX_EXPORT_BATCH_SIZE` says (a batch of millions, or an
+/// impossible allocation); a larger batch grows as it fills.
+const EXPORT_BATCH_ROOM: usize = 4096;
+
+/// An empty export batch for batches of `spans`.
+fn export_batch(spans: usize) -> Vec<SpanData> {
+    Vec::with_capacity(spans.min(EXPORT_BATCH_ROOM))
+}
+
 /// The spans one thread finished: agent spans as their parts, to be built on the span thread,
 /// and the spans `tracing-opentelemetry` built. They cross together, and no span crosses
 /// alone through the queue every thread writes to.
@@ -184,7 +194,7 @@ impl CountingProcessor {
             exporter,
             linger: Linger::new(settings.max_queue_size),
             spans: SpanBuilder::default(),
-            batch: Vec::with_capacity(settings.max_export_batch_size),
+            batch: export_batch(settings.max_export_batch_size),
             settings,
             exported: Ok(()),
         };
@@ -532,7 +542,7 @@ impl Worker {
         if self.batch.is_empty() {
             return;
         }
-        let batch = mem::replace(&mut self.batch, Vec::with_capacity(self.settings.max_export_batch_size));
+        let batch = mem::replace(&mut self.batch, export_batch(self.settings.max_export_batch_size));
         // The exporter counts them from here, delivered or failed, even if it panics.
         self.unexported -= batch.len();
         let result = futures_executor::block_on(self.exporter.export(batch));
@@ -703,11 +713,11 @@ mod tests {
     }
 
     #[test]
-    fn a_queue_of_any_size_is_allocated_as_spans_come_not_up_front() {
+    fn a_queue_and_export_batch_of_any_size_are_allocated_as_spans_come_not_up_front() {
         let exporter = InMemorySpanExporter::default();
         let settings = BatchSettings {
             max_queue_size: usize::MAX,
-            max_export_batch_size: 512,
+            max_export_batch_size: usize::MAX,
             scheduled_delay: Duration::from_secs(3600),
         };
         let (processor, stats) = start(exporter.clone(), settings);
