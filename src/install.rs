@@ -252,7 +252,8 @@ impl AgentTelemetry {
     /// them, and count against it from when the batch is handed over until the span thread
     /// takes it. As in the SDK's batch processor, the export batch being built or exported (up
     /// to [`with_span_export_batch_size`](Self::with_span_export_batch_size)) comes on top,
-    /// and so do the threads' batches still gathering or being taken.
+    /// and so do the threads' batches still gathering or being taken. Memory is taken as
+    /// spans wait: a large queue reserves nothing up front.
     #[must_use]
     pub fn with_span_queue_size(mut self, spans: usize) -> Self {
         self.config.batch.max_queue_size = spans;
