@@ -130,7 +130,7 @@ impl Visit for ExecutionFields {
 
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
         if Self::owns(field) {
-            self.set(field, &unquote_debug(format!("{value:?}")));
+            self.set(field, &unquote_debug(debug_text(value)));
         }
     }
 }
@@ -157,6 +157,14 @@ pub(crate) fn shared_agent_name(name: &str) -> Arc<str> {
         recent.push(Arc::clone(&new));
         new
     })
+}
+
+/// `value`'s `Debug` text, or as much as it wrote before it failed: `format!` would panic
+/// on a formatting impl that returns `Err`, here with a span's extensions borrowed.
+pub(crate) fn debug_text(value: &dyn fmt::Debug) -> String {
+    let mut text = String::new();
+    let _ = fmt::Write::write_fmt(&mut text, format_args!("{value:?}"));
+    text
 }
 
 /// `?name` records `"backend"` with quotes and escapes; the signals want the text itself.
@@ -213,8 +221,8 @@ impl Visit for ErrorText {
 
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
         match field.name() {
-            "error" | "exception.message" => self.error = Some(format!("{value:?}")),
-            "message" => self.message = Some(format!("{value:?}")),
+            "error" | "exception.message" => self.error = Some(debug_text(value)),
+            "message" => self.message = Some(debug_text(value)),
             _ => {}
         }
     }

@@ -239,3 +239,47 @@ fn the_sampler_applies_to_agent_spans_and_logs_keep_their_ids() {
         .1;
     assert_eq!(trace_id.as_str().map(str::len), Some(32));
 }
+
+/// Fails as a formatting impl may, by returning `Err`.
+struct FailsToFormat;
+
+impl std::fmt::Debug for FailsToFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("half")?;
+        Err(std::fmt::Error)
+    }
+}
+
+impl std::fmt::Display for FailsToFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self, f)
+    }
+}
+
+impl std::error::Error for FailsToFormat {}
+
+#[test]
+fn fields_whose_formatting_fails_keep_what_they_wrote_and_panic_nothing() {
+    let mut harness = Harness::new();
+    harness.run(|| {
+        let span = tracing::info_span!("agent_execution", agent_name = ?FailsToFormat, task = %FailsToFormat, odd = ?FailsToFormat);
+        let _entered = span.enter();
+        tracing::info!(detail = ?FailsToFormat, "step");
+        tracing::error!(error = %FailsToFormat, "failed");
+        tracing::error!(error = &FailsToFormat as &dyn std::error::Error, "failed again");
+    });
+    let (spans, log) = harness.shutdown();
+    assert_eq!(spans.len(), 1);
+    let span = &spans[0];
+    assert_eq!(string(span, "agent.name").as_deref(), Some("half"));
+    assert_eq!(string(span, "task").as_deref(), Some("half"));
+    assert_eq!(string(span, "odd").as_deref(), Some("half"));
+    assert_eq!(span.status, Status::error("half"));
+    assert_eq!(span.events.events.len(), 3);
+    for event in &span.events.events {
+        let texts = event.attributes.iter().filter(|kv| kv.value.as_str() == "half").count();
+        assert_eq!(texts, 1, "{event:?}");
+    }
+    assert_eq!(log.lines().count(), 1, "{log}");
+    assert!(log.contains(r#""agent_name":"half""#), "{log}");
+}

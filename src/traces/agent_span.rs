@@ -25,7 +25,7 @@ use tracing_core::Metadata;
 use tracing_subscriber::field::RecordFields;
 
 use super::processor::CountingProcessor;
-use crate::execution::{shared_agent_name, Execution, ExecutionFields, Failure, Status, TraceIds};
+use crate::execution::{debug_text, shared_agent_name, Execution, ExecutionFields, Failure, Status, TraceIds};
 
 /// Events kept per span, as the SDK's default span limits; the rest are counted as dropped.
 const MAX_EVENTS: usize = 128;
@@ -572,10 +572,10 @@ impl<S: FieldSink> Visit for OtelValues<'_, S> {
     }
 
     fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
-        self.0.set(field, Value::from(value.to_string()));
+        self.0.set(field, Value::from(debug_text(&format_args!("{value}"))));
     }
 
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-        self.0.set(field, Value::from(format!("{value:?}")));
+        self.0.set(field, Value::from(debug_text(value)));
     }
 }
