@@ -24,6 +24,7 @@ use crate::logs::LogLines;
 use crate::logs::Pipeline;
 use crate::metrics::server::MetricsServer;
 use crate::metrics::{Metrics, MetricsHandle};
+use crate::panics;
 use crate::stats::TelemetryStats;
 use crate::traces::BoxedSpanExporter;
 
@@ -458,10 +459,21 @@ impl AgentTelemetry {
     }
 }
 
+/// Parses `RUST_LOG`-style directives, each trimmed first: `tracing-subscriber` splits on
+/// commas as is, so it rejects `info, app=debug` (tokio-rs/tracing#2452) and panics on a space
+/// before a non-ASCII target (`info, é=debug`). A panic left in its parser is an error too.
 fn parse_env_filter(directives: &str) -> Result<EnvFilter> {
-    EnvFilter::builder()
-        .parse(directives)
-        .map_err(|e| Error::invalid("RUST_LOG", directives, e.to_string()))
+    let trimmed: Vec<&str> = directives.split(',').map(str::trim).filter(|d| !d.is_empty()).collect();
+    let trimmed = trimmed.join(",");
+    match panics::catching(|| EnvFilter::builder().parse(&trimmed)) {
+        Ok(Ok(filter)) => Ok(filter),
+        Ok(Err(error)) => Err(Error::invalid("RUST_LOG", directives, error.to_string())),
+        Err(panic) => Err(Error::invalid(
+            "RUST_LOG",
+            directives,
+            format!("the filter's parser panicked: {panic}"),
+        )),
+    }
 }
 
 fn resource(config: &Config) -> Resource {

@@ -1,7 +1,8 @@
 //! The application's own code on our background threads (a log writer, a span exporter) may
 //! panic. Such a panic fails the batch in hand, counted as any failed write or export is,
 //! and the thread goes on: one bad batch must not end every later line or span. (Only with
-//! `panic = "unwind"`, the default; the panic hook still reports each panic.)
+//! `panic = "unwind"`, the default; the panic hook still reports each panic.) A panic in a
+//! dependency's parsing of a setting becomes that setting's error.
 
 use std::any::Any;
 use std::future::Future;

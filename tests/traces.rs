@@ -129,6 +129,38 @@ fn other_spans_follow_the_env_filter_and_never_the_export_path() {
 }
 
 #[test]
+fn env_filter_directives_may_have_spaces_around_them() {
+    // `tracing-subscriber` alone rejects the first and panics on the second.
+    for directives in [" warn, traces=debug ", "warn, é=debug,traces=debug"] {
+        let harness = Harness::with(|b| b.with_env_filter(directives));
+        harness.run(|| {
+            tracing::debug_span!("traced_at_debug").in_scope(|| {});
+            tracing::debug_span!(target: "elsewhere", "not_traced").in_scope(|| {});
+        });
+        let names: Vec<String> = harness.spans().iter().map(|s| s.name.to_string()).collect();
+        assert_eq!(names, ["traced_at_debug"], "{directives}");
+    }
+}
+
+#[test]
+fn a_bad_env_filter_is_an_error_naming_rust_log() {
+    let built = agent_telemetry::AgentTelemetry::builder()
+        .ignore_environment()
+        .without_metrics_server()
+        .with_log_writer(std::io::sink())
+        .with_env_filter("info, app=loud")
+        .build::<tracing_subscriber::Registry>();
+    let Err(error) = built else {
+        panic!("`loud` is no level");
+    };
+    let message = error.to_string();
+    assert!(
+        message.contains("RUST_LOG") && message.contains("app=loud"),
+        "{message}"
+    );
+}
+
+#[test]
 fn agent_spans_are_traced_whatever_the_env_filter_says() {
     let harness = Harness::with(|b| b.with_env_filter("off"));
     harness.run(|| execute_agent("a", "t", false).unwrap());
