@@ -143,20 +143,23 @@ pub(crate) fn shared_agent_name(name: &str) -> Arc<str> {
     thread_local! {
         static RECENT: RefCell<Vec<Arc<str>>> = const { RefCell::new(Vec::new()) };
     }
-    RECENT.with(|recent| {
-        let Ok(mut recent) = recent.try_borrow_mut() else {
-            return Arc::from(name);
-        };
-        if let Some(known) = recent.iter().find(|known| ***known == *name) {
-            return Arc::clone(known);
-        }
-        let new: Arc<str> = Arc::from(name);
-        if recent.len() == KEPT {
-            recent.remove(0);
-        }
-        recent.push(Arc::clone(&new));
-        new
-    })
+    // Not `with`: during the thread's thread-local destructors the list may be gone.
+    RECENT
+        .try_with(|recent| {
+            let mut recent = recent.try_borrow_mut().ok()?;
+            if let Some(known) = recent.iter().find(|known| ***known == *name) {
+                return Some(Arc::clone(known));
+            }
+            let new: Arc<str> = Arc::from(name);
+            if recent.len() == KEPT {
+                recent.remove(0);
+            }
+            recent.push(Arc::clone(&new));
+            Some(new)
+        })
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| Arc::from(name))
 }
 
 /// `value`'s `Debug` text, or as much as it wrote before it failed: `format!` would panic

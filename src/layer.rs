@@ -169,7 +169,10 @@ where
         drop(span);
         if let Some(context) = context {
             let guard = context.attach();
-            ACTIVE.with(|active| match active.try_borrow_mut() {
+            // Not `with`: a span entered from another thread-local's destructor (an
+            // instrumented future dropped as its thread ends) would panic there, and abort.
+            // Without the list the context is not kept current; the span is recorded all the same.
+            let _ = ACTIVE.try_with(|active| match active.try_borrow_mut() {
                 Ok(mut active) => active.push((id.clone(), guard)),
                 Err(_) => drop(guard),
             });
@@ -186,11 +189,14 @@ where
             }
         }
         if self.signals.tracer.is_some() {
-            let guard = ACTIVE.with(|active| {
-                let mut active = active.try_borrow_mut().ok()?;
-                let position = active.iter().rposition(|(entered, _)| entered == id)?;
-                Some(active.remove(position))
-            });
+            let guard = ACTIVE
+                .try_with(|active| {
+                    let mut active = active.try_borrow_mut().ok()?;
+                    let position = active.iter().rposition(|(entered, _)| entered == id)?;
+                    Some(active.remove(position))
+                })
+                .ok()
+                .flatten();
             // Dropped outside the borrow: restoring the context may emit events.
             drop(guard);
         }
