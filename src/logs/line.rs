@@ -41,8 +41,14 @@ impl LineFormat {
 
     /// Appends one complete line, `\n` included, to `out`.
     pub(crate) fn write(&mut self, e: &Execution, out: &mut Vec<u8>) {
-        // Room for the whole line at once in the usual case (text that needs no escaping).
-        out.reserve(LINE_BYTES + self.tail.len() + e.agent_name.len() + e.task.len());
+        // Room for the whole line at once in the usual case (text that needs no escaping),
+        // and no more than the kept text takes: a task of a gigabyte writes a short line.
+        let kept = |text: &str, chars: usize| text.len().min(chars.saturating_mul(4).saturating_add(3));
+        out.reserve(
+            (LINE_BYTES + self.tail.len())
+                .saturating_add(kept(&e.agent_name, MAX_AGENT_NAME_CHARS))
+                .saturating_add(kept(&e.task, self.max_task_chars)),
+        );
         match self.format {
             LogFormat::Guide => self.write_guide(e, out),
             LogFormat::Ecs => self.write_ecs(e, out),
@@ -360,6 +366,15 @@ mod tests {
                 "\n"
             )
         );
+    }
+
+    #[test]
+    fn a_huge_task_takes_room_for_what_the_line_keeps_of_it() {
+        let task = "x".repeat(64 << 20);
+        let mut out = Vec::new();
+        LineFormat::new(&Config::default()).write(&Execution { task, ..execution() }, &mut out);
+        assert!(out.len() < 4096, "{} bytes", out.len());
+        assert!(out.capacity() < 64 * 1024, "{} bytes reserved", out.capacity());
     }
 
     #[test]
