@@ -101,6 +101,9 @@ struct Batches {
     /// Makes the span thread panic when it next takes a batch, to test what it counts then.
     #[cfg(test)]
     panic_on_take: AtomicBool,
+    /// How many times the span thread has waited for messages.
+    #[cfg(test)]
+    rounds: AtomicUsize,
 }
 
 impl Batches {
@@ -184,6 +187,8 @@ impl CountingProcessor {
             wake_pending: AtomicBool::new(false),
             #[cfg(test)]
             panic_on_take: AtomicBool::new(false),
+            #[cfg(test)]
+            rounds: AtomicUsize::new(0),
         });
         let waiting = Arc::new(AtomicUsize::new(0));
         let worker = Worker {
@@ -404,7 +409,16 @@ impl Worker {
         let _suppressed = Context::enter_telemetry_suppressed_scope();
         let mut next_export = background::deadline_after(self.settings.scheduled_delay);
         loop {
-            let first = match receiver.recv_timeout(next_export.saturating_duration_since(Instant::now())) {
+            // With nothing to export, nothing is due: wait for spans (their first in a thread's
+            // batch sends a wake-up). An export delay of zero would spin here otherwise.
+            let wait = if self.batch.is_empty() {
+                Duration::MAX
+            } else {
+                next_export.saturating_duration_since(Instant::now())
+            };
+            #[cfg(test)]
+            self.batches.rounds.fetch_add(1, Ordering::Relaxed);
+            let first = match receiver.recv_timeout(wait) {
                 Ok(message) => Some(message),
                 Err(RecvTimeoutError::Timeout) => None,
                 // Every sender is gone: nothing more can come, and nothing asked to shut down.
@@ -710,6 +724,27 @@ mod tests {
                 "span {round} went out"
             );
         }
+    }
+
+    #[test]
+    fn an_export_delay_of_zero_exports_spans_as_they_come_and_the_idle_thread_waits() {
+        let exporter = InMemorySpanExporter::default();
+        let (processor, _stats) = processor(exporter.clone(), 2048, Duration::ZERO);
+        for round in 1..=3 {
+            processor.queue(span());
+            // A bounded wait for the export, not a timing assertion.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while exporter.get_finished_spans().unwrap().len() < round && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            assert_eq!(exporter.get_finished_spans().unwrap().len(), round);
+        }
+        // Time for a spinning thread to go round thousands of times.
+        std::thread::sleep(Duration::from_millis(50));
+        let before = processor.batches.rounds.load(Ordering::Relaxed);
+        std::thread::sleep(Duration::from_millis(200));
+        let idle_rounds = processor.batches.rounds.load(Ordering::Relaxed) - before;
+        assert_eq!(idle_rounds, 0, "the idle span thread waits for spans");
     }
 
     #[test]
