@@ -425,51 +425,95 @@ fn drops_summary() {
     );
 }
 
+/// What a ratio is held to, judged on its exact value (the summary prints two decimals).
+#[derive(Clone, Copy)]
+enum Target {
+    AtMost(f64),
+    AtLeast(f64),
+    /// Printed for comparison, with what it is.
+    Reference(&'static str),
+}
+
+impl Target {
+    /// `Some(met)` for a target, `None` for a reference.
+    fn met(self, value: f64) -> Option<bool> {
+        match self {
+            Target::AtMost(limit) => Some(value <= limit),
+            Target::AtLeast(limit) => Some(value >= limit),
+            Target::Reference(_) => None,
+        }
+    }
+
+    fn describe(self, value: f64) -> String {
+        let verdict = if self.met(value) == Some(true) { "met" } else { "MISSED" };
+        match self {
+            Target::AtMost(limit) => format!("target <= {limit:.2}: {verdict}"),
+            Target::AtLeast(limit) => format!("target >= {limit:.2}: {verdict}"),
+            Target::Reference(what) => format!("for reference{what}"),
+        }
+    }
+}
+
 fn summary() {
     let ratio = |a: (&str, &str), b: (&str, &str)| Some(mean_ns(a.0, a.1)? / mean_ns(b.0, b.1)?);
-    let line = |label: &str, value: Option<f64>, target: &str| match value {
-        Some(value) => println!("{label} = {value:.2}   (target {target})"),
-        None => println!("{label} = not measured in this run"),
+    let (mut targets, mut met) = (0, 0);
+    let mut line = |label: &str, value: Option<f64>, target: Target, note: &str| {
+        if !matches!(target, Target::Reference(_)) {
+            targets += 1;
+        }
+        match value {
+            Some(value) => {
+                met += usize::from(target.met(value) == Some(true));
+                println!("{label} = {value:.2}   ({}{note})", target.describe(value));
+            }
+            None => println!("{label} = not measured in this run"),
+        }
     };
     println!("\nsummary (this run's means; the two-thread ratios from interleaved pairs):");
     line(
         "agent_execution: ours / hand-assembled",
         ratio(("ours", "agent_execution"), ("hand-assembled", "agent_execution")),
-        "<= 0.20",
+        Target::AtMost(0.20),
+        "",
     );
     line(
         "agent_with_child: ours / hand-assembled",
         ratio(("ours", "agent_with_child"), ("hand-assembled", "agent_with_child")),
-        "<= 0.20",
+        Target::AtMost(0.20),
+        "",
     );
     line(
         "unselected_span: ours / no subscriber",
         ratio(("ours", "unselected_span"), ("none", "unselected_span")),
-        "<= 1.20",
+        Target::AtMost(1.20),
+        "",
     );
     line(
         "unselected_span: ours / bare registry",
         ratio(("ours", "unselected_span"), ("registry", "unselected_span")),
-        "for reference",
+        Target::Reference(""),
+        "",
     );
     // Throughput of two threads over one, from interleaved pairs (see `scaling`); and from
     // criterion's means, two executions per two-thread iteration, for comparison.
     let means = |stack| ratio((stack, "agent_execution"), (stack, "two_threads")).map(|r| 2.0 * r);
     for (stack, label, target) in [
-        ("ours", "ours", ">= 1.40"),
-        ("hand-assembled", "hand-assembled", "for reference"),
-        ("registry", "bare registry", "for reference: no telemetry at all"),
+        ("ours", "ours", Target::AtLeast(1.40)),
+        ("hand-assembled", "hand-assembled", Target::Reference("")),
+        ("registry", "bare registry", Target::Reference(": no telemetry at all")),
     ] {
         line(
             &format!("two threads: {label}, throughput 2 threads / 1 thread"),
             saved_scaling(stack),
+            target,
             &format!(
-                "{target}; median of {SCALING_PAIRS} interleaved pairs, criterion's means give {}",
+                "; median of {SCALING_PAIRS} interleaved pairs, criterion's means give {}",
                 means(stack).map_or_else(|| "nothing".to_owned(), |r| format!("{r:.2}"))
             ),
         );
     }
     drops_summary();
+    println!("targets met in this run: {met} of {targets} (`--bench soak` judges its own)");
 }
 
 /// Set in the process that measures one stack.
