@@ -1,10 +1,10 @@
 //! What the two background threads (the log thread and the span thread) share: how they
 //! start, and how long they let work gather in their queues before they take it.
 //!
-//! Parking on the queue would wake a thread for every item, and each wake-up costs the
-//! sending thread a system call; sleeping a fixed time would overflow the queue under load.
-//! So the thread sleeps up to [`LINGER`], and less when the queue filled fast enough last
-//! time to reach half its capacity before then.
+//! Between rounds, parking on the queue would wake a thread for every item, and each wake-up
+//! costs the sending thread a system call; sleeping a fixed time would overflow the queue
+//! under load. So the thread sleeps up to [`LINGER`], and less when the queue filled fast
+//! enough last time to reach half its capacity before then. (With nothing to do, it parks.)
 
 use std::sync::mpsc::{SyncSender, TrySendError};
 use std::sync::{Mutex, PoisonError};
