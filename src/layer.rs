@@ -8,7 +8,7 @@
 //! What reaches it is chosen in `filter.rs`.
 
 use std::any::TypeId;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::marker::PhantomData;
 use std::sync::{Arc, OnceLock};
 use std::time::SystemTime;
@@ -42,6 +42,18 @@ struct Running {
 thread_local! {
     /// The OpenTelemetry contexts this thread's entered agent spans made current.
     static ACTIVE: RefCell<Vec<(Id, ContextGuard)>> = const { RefCell::new(Vec::new()) };
+    /// Whether `ACTIVE` was set up on this thread. (Nothing to drop: readable to the end.)
+    static ACTIVE_SET_UP: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Whether OpenTelemetry's current context may be used on this thread: not once `ACTIVE` is
+/// gone, as the thread ends and drops its thread-locals, last set up first. `ACTIVE` is set
+/// up just after the thread's first context is attached, which sets up OpenTelemetry's, so
+/// it goes first. OpenTelemetry reads its own with `with`, which panics once it is gone, and
+/// a panic in a thread-local's destructor (an instrumented future dropped as its thread ends,
+/// say) aborts the process.
+fn contexts_usable() -> bool {
+    !ACTIVE_SET_UP.get() || ACTIVE.try_with(|_| ()).is_ok()
 }
 
 /// Turns agent spans into executions for the signals.
@@ -74,7 +86,7 @@ where
     /// the spans `tracing-opentelemetry` builds both make current).
     fn parent_context(&self, attrs: &Attributes<'_>, ctx: &Context<'_, S>) -> opentelemetry::Context {
         let Some(parent) = attrs.parent() else {
-            return if attrs.is_contextual() {
+            return if attrs.is_contextual() && contexts_usable() {
                 opentelemetry::Context::current()
             } else {
                 opentelemetry::Context::new()
@@ -167,15 +179,14 @@ where
             .and_then(|r| r.span.as_mut())
             .map(AgentSpan::enter);
         drop(span);
-        if let Some(context) = context {
+        // As the thread ends the span is recorded all the same, its context not made current.
+        if let Some(context) = context.filter(|_| contexts_usable()) {
             let guard = context.attach();
-            // Not `with`: a span entered from another thread-local's destructor (an
-            // instrumented future dropped as its thread ends) would panic there, and abort.
-            // Without the list the context is not kept current; the span is recorded all the same.
             let _ = ACTIVE.try_with(|active| match active.try_borrow_mut() {
                 Ok(mut active) => active.push((id.clone(), guard)),
                 Err(_) => drop(guard),
             });
+            ACTIVE_SET_UP.set(true);
         }
     }
 
@@ -188,7 +199,8 @@ where
                 }
             }
         }
-        if self.signals.tracer.is_some() {
+        // Not before a context was attached here: `ACTIVE` is set up after OpenTelemetry's.
+        if self.signals.tracer.is_some() && ACTIVE_SET_UP.get() {
             let guard = ACTIVE
                 .try_with(|active| {
                     let mut active = active.try_borrow_mut().ok()?;
