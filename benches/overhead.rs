@@ -344,8 +344,9 @@ fn time_for(workload: fn(), length: Duration) -> f64 {
     started.elapsed().as_secs_f64() * 1e9 / executions as f64
 }
 
-/// Medians of per-round ratios, `ours / baseline` for each workload.
-type InterleavedRatios = Vec<((&'static str, &'static str), f64)>;
+/// Per workload and baseline: the median of the rounds' ratios `ours / baseline`, and how
+/// many rounds gave one.
+type InterleavedRatios = Vec<((&'static str, &'static str), f64, usize)>;
 
 /// The one-thread ratios from interleaved brief processes: criterion measures one stack's
 /// cases, then the next stack's, seconds apart, and a shared VM's capacity drifts in between
@@ -382,7 +383,7 @@ fn interleaved(bench: &std::path::Path) -> InterleavedRatios {
         .into_iter()
         .map(|(key, mut ratios)| {
             ratios.sort_by(f64::total_cmp);
-            (key, ratios[ratios.len() / 2])
+            (key, ratios[ratios.len() / 2], ratios.len())
         })
         .collect()
 }
@@ -569,13 +570,13 @@ fn summary(interleaved: &InterleavedRatios) {
     // The interleaved median where there is one, and criterion's means beside it.
     let one_thread = |workload: &str, baseline: &str| {
         let means = ratio(("ours", workload), (baseline, workload));
-        let note = format!(
-            "; median of {INTERLEAVED_ROUNDS} interleaved brief runs, criterion's means give {}",
-            means.map_or_else(|| "nothing".to_owned(), |r| format!("{r:.2}"))
-        );
-        match interleaved.iter().find(|(key, _)| *key == (workload, baseline)) {
-            Some((_, median)) => (Some(*median), note),
-            None => (means, String::new()),
+        match interleaved.iter().find(|(key, ..)| *key == (workload, baseline)) {
+            Some((_, median, rounds)) => {
+                let means = means.map_or_else(|| "nothing".to_owned(), |r| format!("{r:.3}"));
+                let note = format!("; median of {rounds} interleaved brief runs, criterion's means give {means}");
+                (Some(*median), note)
+            }
+            None => (means, "; criterion's means: no interleaved runs".to_owned()),
         }
     };
     let (mut targets, mut met) = (0, 0);
@@ -586,7 +587,7 @@ fn summary(interleaved: &InterleavedRatios) {
         match value {
             Some(value) => {
                 met += usize::from(target.met(value) == Some(true));
-                println!("{label} = {value:.2}   ({}{note})", target.describe(value));
+                println!("{label} = {value:.3}   ({}{note})", target.describe(value));
             }
             None => println!("{label} = not measured in this run"),
         }
@@ -621,7 +622,7 @@ fn summary(interleaved: &InterleavedRatios) {
             target,
             &format!(
                 "; median of {SCALING_PAIRS} interleaved pairs, criterion's means give {}",
-                means(stack).map_or_else(|| "nothing".to_owned(), |r| format!("{r:.2}"))
+                means(stack).map_or_else(|| "nothing".to_owned(), |r| format!("{r:.3}"))
             ),
         );
     }
