@@ -39,21 +39,53 @@ struct Running {
     span: Option<AgentSpan>,
 }
 
-thread_local! {
-    /// The OpenTelemetry contexts this thread's entered agent spans made current.
-    static ACTIVE: RefCell<Vec<(Id, ContextGuard)>> = const { RefCell::new(Vec::new()) };
-    /// Whether `ACTIVE` was set up on this thread. (Nothing to drop: readable to the end.)
-    static ACTIVE_SET_UP: Cell<bool> = const { Cell::new(false) };
+/// The OpenTelemetry contexts this thread's entered agent spans made current.
+struct Active(RefCell<Vec<(Id, ContextGuard)>>);
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        CONTEXTS.set(Contexts::Gone);
+    }
 }
 
-/// Whether OpenTelemetry's current context may be used on this thread: not once `ACTIVE` is
-/// gone, as the thread ends and drops its thread-locals, last set up first. `ACTIVE` is set
-/// up just after the thread's first context is attached, which sets up OpenTelemetry's, so
-/// it goes first. OpenTelemetry reads its own with `with`, which panics once it is gone, and
-/// a panic in a thread-local's destructor (an instrumented future dropped as its thread ends,
-/// say) aborts the process.
+/// Where this thread is with OpenTelemetry's current context. A thread ends by dropping its
+/// thread-locals, last set up first; `ACTIVE` is set up just after the thread's first
+/// context is attached, which sets up OpenTelemetry's, so it goes first, and then
+/// OpenTelemetry's may be gone. OpenTelemetry reads its own with `with`, which panics once it
+/// is gone, and a panic in a thread-local's destructor (an instrumented future dropped as its
+/// thread ends, say) aborts the process.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Contexts {
+    /// No agent span's context made current here yet: `ACTIVE` is not set up.
+    Unused,
+    InUse,
+    /// `ACTIVE` is gone: the thread is ending.
+    Gone,
+}
+
+thread_local! {
+    static ACTIVE: Active = const { Active(RefCell::new(Vec::new())) };
+    /// Nothing to drop: readable to the end.
+    static CONTEXTS: Cell<Contexts> = const { Cell::new(Contexts::Unused) };
+}
+
+/// Whether OpenTelemetry's current context may be used on this thread.
 fn contexts_usable() -> bool {
-    !ACTIVE_SET_UP.get() || ACTIVE.try_with(|_| ()).is_ok()
+    CONTEXTS.get() != Contexts::Gone
+}
+
+/// Makes an entered agent span's context current until it exits; as the thread ends, the
+/// span is recorded all the same, its context not made current.
+fn make_current(id: &Id, context: opentelemetry::Context) {
+    if !contexts_usable() {
+        return;
+    }
+    let guard = context.attach();
+    let _ = ACTIVE.try_with(|active| match active.0.try_borrow_mut() {
+        Ok(mut active) => active.push((id.clone(), guard)),
+        Err(_) => drop(guard),
+    });
+    CONTEXTS.set(Contexts::InUse);
 }
 
 /// Turns agent spans into executions for the signals.
@@ -179,14 +211,8 @@ where
             .and_then(|r| r.span.as_mut())
             .map(AgentSpan::enter);
         drop(span);
-        // As the thread ends the span is recorded all the same, its context not made current.
-        if let Some(context) = context.filter(|_| contexts_usable()) {
-            let guard = context.attach();
-            let _ = ACTIVE.try_with(|active| match active.try_borrow_mut() {
-                Ok(mut active) => active.push((id.clone(), guard)),
-                Err(_) => drop(guard),
-            });
-            ACTIVE_SET_UP.set(true);
+        if let Some(context) = context {
+            make_current(id, context);
         }
     }
 
@@ -200,10 +226,10 @@ where
             }
         }
         // Not before a context was attached here: `ACTIVE` is set up after OpenTelemetry's.
-        if self.signals.tracer.is_some() && ACTIVE_SET_UP.get() {
+        if self.signals.tracer.is_some() && CONTEXTS.get() == Contexts::InUse {
             let guard = ACTIVE
                 .try_with(|active| {
-                    let mut active = active.try_borrow_mut().ok()?;
+                    let mut active = active.0.try_borrow_mut().ok()?;
                     let position = active.iter().rposition(|(entered, _)| entered == id)?;
                     Some(active.remove(position))
                 })
