@@ -707,16 +707,18 @@ mod tests {
         let exporter = InMemorySpanExporter::default();
         let (processor, _stats) = processor(exporter.clone(), 2048, Duration::from_millis(20));
         processor.queue(span());
-        // Bounded wait for the schedule, not a timing assertion: the delay is 20 ms.
+        assert_eq!(exported_within_10_s(&exporter, 1), 1, "exported by the schedule alone");
+    }
+
+    /// How many spans `exporter` holds once it holds `count`, or after 10 s: a bounded wait
+    /// for the span thread, not a timing assertion.
+    fn exported_within_10_s(exporter: &InMemorySpanExporter, count: usize) -> usize {
+        let held = || exporter.get_finished_spans().unwrap().len();
         let deadline = Instant::now() + Duration::from_secs(10);
-        while exporter.get_finished_spans().unwrap().is_empty() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(10));
+        while held() < count && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
         }
-        assert_eq!(
-            exporter.get_finished_spans().unwrap().len(),
-            1,
-            "exported by the schedule alone"
-        );
+        held()
     }
 
     #[test]
@@ -733,16 +735,7 @@ mod tests {
         let (processor, _stats) = start(exporter.clone(), settings);
         for round in 1..=20 {
             processor.queue(span());
-            // A bounded wait for the export, not a timing assertion.
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while exporter.get_finished_spans().unwrap().len() < round && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            assert_eq!(
-                exporter.get_finished_spans().unwrap().len(),
-                round,
-                "span {round} went out"
-            );
+            assert_eq!(exported_within_10_s(&exporter, round), round, "span {round} went out");
         }
     }
 
@@ -752,12 +745,7 @@ mod tests {
         let (processor, _stats) = processor(exporter.clone(), 2048, Duration::ZERO);
         for round in 1..=3 {
             processor.queue(span());
-            // A bounded wait for the export, not a timing assertion.
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while exporter.get_finished_spans().unwrap().len() < round && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            assert_eq!(exporter.get_finished_spans().unwrap().len(), round);
+            assert_eq!(exported_within_10_s(&exporter, round), round);
         }
         // Time for a spinning thread to go round thousands of times.
         std::thread::sleep(Duration::from_millis(50));
