@@ -536,7 +536,7 @@ fn drops_summary() {
     );
 }
 
-/// What a ratio is held to, judged on its exact value (the summary prints two decimals).
+/// What a ratio is held to, judged on its exact value (the summary prints three decimals).
 #[derive(Clone, Copy)]
 enum Target {
     AtMost(f64),
