@@ -59,6 +59,8 @@ pub(crate) struct Config {
     pub scale: String,
     pub resource_attributes: BTreeMap<String, String>,
     pub metrics_addr: Option<SocketAddr>,
+    /// A file holding the bearer token `/metrics` requests must present.
+    pub metrics_token_file: Option<PathBuf>,
     pub log_dir: Option<PathBuf>,
     pub log_file_prefix: String,
     pub log_format: LogFormat,
@@ -111,6 +113,7 @@ impl Default for Config {
             scale: "enterprise".to_owned(),
             resource_attributes: BTreeMap::new(),
             metrics_addr: Some(SocketAddr::from(([0, 0, 0, 0], 8000))),
+            metrics_token_file: None,
             log_dir: None,
             log_file_prefix: "agents".to_owned(),
             log_format: LogFormat::Guide,
@@ -146,6 +149,9 @@ impl Config {
 
         if let Some(v) = var("AGENT_TELEMETRY_METRICS_ADDR") {
             self.metrics_addr = parse_metrics_addr("AGENT_TELEMETRY_METRICS_ADDR", &v)?;
+        }
+        if let Some(v) = var("AGENT_TELEMETRY_METRICS_TOKEN_FILE") {
+            self.metrics_token_file = Some(PathBuf::from(v));
         }
         if let Some(v) = var("AGENT_TELEMETRY_LOG_DIR") {
             self.log_dir = Some(PathBuf::from(v));

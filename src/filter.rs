@@ -14,7 +14,7 @@ use crate::execution::AgentSpanNames;
 
 /// Targets whose spans and events must never reach the trace exporter: the exporter's own
 /// HTTP/gRPC stack and this crate. Tracing them would export the export, forever.
-const EXPORT_PATH_TARGETS: [&str; 8] = [
+const EXPORT_PATH_TARGETS: [&str; 7] = [
     "opentelemetry",
     "reqwest",
     "hyper",
@@ -22,7 +22,6 @@ const EXPORT_PATH_TARGETS: [&str; 8] = [
     "tonic",
     "tower",
     "agent_telemetry",
-    "tiny_http",
 ];
 
 /// Whether `target` belongs to one of the export path's crates: `hyper` and `hyper_util::client`

@@ -22,7 +22,7 @@ use crate::filter::{ExecutionFilter, TracedFilter};
 use crate::layer::{ExecutionLayer, Signals};
 use crate::logs::LogLines;
 use crate::logs::Pipeline;
-use crate::metrics::server::MetricsServer;
+use crate::metrics::server::{BearerToken, MetricsServer};
 use crate::metrics::{Metrics, MetricsHandle};
 use crate::panics;
 use crate::stats::TelemetryStats;
@@ -139,6 +139,15 @@ impl AgentTelemetry {
     #[must_use]
     pub fn with_metrics_addr(mut self, addr: SocketAddr) -> Self {
         self.config.metrics_addr = Some(addr);
+        self
+    }
+
+    /// Requires `Authorization: Bearer <token>` on `/metrics`, the token read from `path` at
+    /// start (surrounding whitespace trimmed); other requests get 401. Default: no token
+    /// (`AGENT_TELEMETRY_METRICS_TOKEN_FILE` overrides it).
+    #[must_use]
+    pub fn with_metrics_bearer_token_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.config.metrics_token_file = Some(path.into());
         self
     }
 
@@ -382,10 +391,17 @@ impl AgentTelemetry {
         let agent_tracer = traces.as_ref().map(|traces| Arc::clone(&traces.agents));
         let logs = LogLines::new(&config, self.log_writer, Arc::clone(&stats))?;
         let pipeline = Arc::new(Pipeline::start(logs, config.log_queue_lines, Arc::clone(&stats))?);
-        let server = config
-            .metrics_addr
-            .map(|addr| MetricsServer::start(addr, metrics.handle()))
-            .transpose()?;
+        let server = match config.metrics_addr {
+            Some(addr) => {
+                let token = config
+                    .metrics_token_file
+                    .as_deref()
+                    .map(|path| BearerToken::from_file(path, "AGENT_TELEMETRY_METRICS_TOKEN_FILE"))
+                    .transpose()?;
+                Some(MetricsServer::start(addr, metrics.handle(), token, Arc::clone(&stats))?)
+            }
+            None => None,
+        };
 
         let signals = Signals {
             metrics: Arc::clone(&metrics),

@@ -258,7 +258,7 @@ fn hand_over_before_collection(meter: &Meter, threads: &Arc<PerThread<ThreadSeri
 
 fn register_self_metrics(meter: &Meter, stats: &Arc<TelemetryStats>) {
     type Read = fn(&TelemetryStats) -> &AtomicU64;
-    let counters: [(&'static str, &'static str, Read); 7] = [
+    let counters: [(&'static str, &'static str, Read); 12] = [
         (
             "agent_telemetry_log_lines_written",
             "JSON log lines written to their destination",
@@ -291,6 +291,31 @@ fn register_self_metrics(meter: &Meter, stats: &Arc<TelemetryStats>) {
             "agent_telemetry_agent_names_overflowed",
             "Executions whose agent_name was folded into __overflow__ by the cardinality cap",
             |s| &s.agent_names_overflowed,
+        ),
+        (
+            "agent_telemetry_metrics_connections_refused",
+            "Connections to /metrics closed to make room, as they were slow to send their request",
+            |s| &s.metrics_connections_refused,
+        ),
+        (
+            "agent_telemetry_metrics_connections_timed_out",
+            "Connections to /metrics closed because the client was too slow to send or read",
+            |s| &s.metrics_connections_timed_out,
+        ),
+        (
+            "agent_telemetry_metrics_requests_malformed",
+            "Requests to /metrics that were not valid HTTP/1.1 or had too large a head",
+            |s| &s.metrics_requests_malformed,
+        ),
+        (
+            "agent_telemetry_metrics_requests_unauthorized",
+            "Requests to /metrics without the configured bearer token",
+            |s| &s.metrics_requests_unauthorized,
+        ),
+        (
+            "agent_telemetry_metrics_accept_errors",
+            "Failed accepts on the /metrics port, such as running out of file descriptors",
+            |s| &s.metrics_accept_errors,
         ),
     ];
     for (name, description, read) in counters {

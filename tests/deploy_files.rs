@@ -81,7 +81,7 @@ fn the_glob_matcher_is_a_glob() {
 // ------------------------------------------------------------------------------------------
 
 /// Every series name the crate exposes (README, "What each signal looks like").
-const METRICS: [&str; 13] = [
+const METRICS: [&str; 18] = [
     "agent_executions_total",
     "agent_execution_duration_seconds_bucket",
     "agent_execution_duration_seconds_sum",
@@ -95,6 +95,11 @@ const METRICS: [&str; 13] = [
     "agent_telemetry_agent_names_overflowed_total",
     "agent_telemetry_log_lines_written_total",
     "agent_telemetry_spans_exported_total",
+    "agent_telemetry_metrics_connections_refused_total",
+    "agent_telemetry_metrics_connections_timed_out_total",
+    "agent_telemetry_metrics_requests_malformed_total",
+    "agent_telemetry_metrics_requests_unauthorized_total",
+    "agent_telemetry_metrics_accept_errors_total",
 ];
 
 /// Labels the series carry: the crate's, and what Prometheus adds.

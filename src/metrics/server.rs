@@ -1,52 +1,181 @@
-//! The `/metrics` HTTP endpoint: a small blocking server on its own thread, so the
-//! application needs no async runtime.
+//! The `/metrics` endpoint: HTTP/1.1 by hyper, on a current-thread tokio runtime that lives on
+//! the server's own thread, so the application needs no async runtime.
+//!
+//! The port faces the network, so everything a client controls is bounded:
+//!
+//! - **Connections**: at most [`MAX_CONNECTIONS`] at once; the next ones wait in the kernel's
+//!   accept queue. To make room, the oldest connection that has been sending its request head
+//!   for [`STALE_HEAD_AFTER`] or longer is closed (a scraper sends its head at once, so that is
+//!   a client holding a slot for nothing), counted in
+//!   `agent_telemetry_metrics_connections_refused_total`.
+//! - **The request head**: at most [`MAX_HEAD_BYTES`] and [`MAX_HEADERS`] headers; beyond
+//!   that hyper answers 431 and closes. Malformed heads get 400 (or nothing, for an HTTP/2
+//!   preface) and count in `agent_telemetry_metrics_requests_malformed_total`.
+//! - **Time**: the head within [`HEAD_TIMEOUT`], the whole exchange within
+//!   [`EXCHANGE_TIMEOUT`] (a client that does not read its answer is dropped then), counted in
+//!   `agent_telemetry_metrics_connections_timed_out_total`.
+//! - **Bodies**: never read, whatever `Content-Length` or `Transfer-Encoding` say.
+//! - **One request per connection**: every answer says `Connection: close`, so pipelined
+//!   requests queue no work.
+//! - **Accept errors** (out of file descriptors and the like): the oldest connection slow to
+//!   send its head is closed to free a descriptor, else accepting backs off from
+//!   [`ACCEPT_BACKOFF_MIN`] to [`ACCEPT_BACKOFF_MAX`]; one warning per spell, counted in
+//!   `agent_telemetry_metrics_accept_errors_total`, and serving resumes by itself.
+//! - **Authorization**: with a bearer token configured, a request without
+//!   `Authorization: Bearer <token>` gets 401 (compared in constant time, the token never
+//!   printed), counted in `agent_telemetry_metrics_requests_unauthorized_total`.
 
-use std::net::{SocketAddr, TcpListener};
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
-use tiny_http::{Header, Method, Request, Response, Server};
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, ALLOW, AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use subtle::ConstantTimeEq;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{oneshot, Notify};
+use tokio::task::AbortHandle;
 
 use super::MetricsHandle;
 use crate::error::{Error, Result};
+use crate::spells::FailureSpells;
+use crate::stats::TelemetryStats;
+
+/// Connections served at once.
+pub(crate) const MAX_CONNECTIONS: usize = 64;
+
+/// The longest request head (request line and headers): hyper's smallest read buffer.
+pub(crate) const MAX_HEAD_BYTES: usize = 8 * 1024;
+
+/// The most headers a request may carry.
+pub(crate) const MAX_HEADERS: usize = 64;
+
+/// How long a client has to send its request head.
+pub(crate) const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long a connection lives in all, from accept to the last byte of the answer.
+pub(crate) const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// When room is needed, a connection that has been sending its head this long is closed: a
+/// client sends its head with, or right after, the handshake.
+pub(crate) const STALE_HEAD_AFTER: Duration = Duration::from_millis(250);
+
+/// The first and the longest pause after an accept error.
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// The thread's name, for errors and debuggers.
+const THREAD_NAME: &str = "agent-tel-metrics";
 
 /// A running `/metrics` server; stopped by [`MetricsServer::stop`] or on drop.
 pub(crate) struct MetricsServer {
-    server: Arc<Server>,
     addr: SocketAddr,
-    stopping: Arc<AtomicBool>,
+    stop: Option<oneshot::Sender<()>>,
     thread: Option<JoinHandle<()>>,
 }
 
+/// A bearer token that `/metrics` requests must present. Its `Debug` never shows it.
+#[derive(Clone)]
+pub(crate) struct BearerToken(Arc<[u8]>);
+
+impl std::fmt::Debug for BearerToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BearerToken([REDACTED])")
+    }
+}
+
+impl BearerToken {
+    /// Reads the token from `path`, surrounding whitespace trimmed; `setting` names the
+    /// setting in errors. The token must be printable ASCII without spaces, as an HTTP header
+    /// carries it. Errors never contain the file's contents.
+    pub(crate) fn from_file(path: &Path, setting: &str) -> Result<Self> {
+        let invalid = |reason: String| Error::invalid(setting, path.display().to_string(), reason);
+        let bytes = std::fs::read(path).map_err(|e| invalid(format!("cannot read the token file: {e}")))?;
+        let token = bytes.trim_ascii();
+        if token.is_empty() {
+            return Err(invalid("the token file is empty".to_owned()));
+        }
+        if !token.iter().all(u8::is_ascii_graphic) {
+            return Err(invalid(
+                "the token must be printable ASCII without spaces or control characters".to_owned(),
+            ));
+        }
+        Ok(BearerToken(Arc::from(token)))
+    }
+
+    /// Whether an `Authorization` header value presents this token as `Bearer <token>`.
+    fn admits(&self, authorization: Option<&HeaderValue>) -> bool {
+        let Some((scheme, credentials)) = authorization.and_then(|value| {
+            let value = value.as_bytes();
+            let space = value.iter().position(|&byte| byte == b' ')?;
+            Some((&value[..space], value[space + 1..].trim_ascii()))
+        }) else {
+            return false;
+        };
+        scheme.eq_ignore_ascii_case(b"bearer") && bool::from(credentials.ct_eq(&self.0))
+    }
+}
+
 impl MetricsServer {
-    /// Binds `addr` (port 0 picks a free port) and serves `GET /metrics` from `metrics`.
-    pub(crate) fn start(addr: SocketAddr, metrics: MetricsHandle) -> Result<Self> {
-        let listener = TcpListener::bind(addr).map_err(|source| Error::MetricsBind { addr, source })?;
-        let bound = listener
-            .local_addr()
-            .map_err(|source| Error::MetricsBind { addr, source })?;
-        let server = Server::from_listener(listener, None).map_err(|source| Error::MetricsBind {
-            addr,
-            source: std::io::Error::other(source),
-        })?;
-        let server = Arc::new(server);
-        let stopping = Arc::new(AtomicBool::new(false));
+    /// Binds `addr` (port 0 picks a free port) and serves `GET /metrics` from `metrics` on a
+    /// thread of its own.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::MetricsBind`] when the address cannot be bound, [`Error::Thread`] when the
+    /// thread or its runtime cannot be started.
+    pub(crate) fn start(
+        addr: SocketAddr,
+        metrics: MetricsHandle,
+        token: Option<BearerToken>,
+        stats: Arc<TelemetryStats>,
+    ) -> Result<Self> {
+        let bind_error = |source| Error::MetricsBind { addr, source };
+        let listener = std::net::TcpListener::bind(addr).map_err(bind_error)?;
+        let bound = listener.local_addr().map_err(bind_error)?;
+        listener.set_nonblocking(true).map_err(bind_error)?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .enable_time()
+            .build()
+            .map_err(|source| Error::Thread {
+                name: THREAD_NAME,
+                source,
+            })?;
+        let listener = {
+            let _entered = runtime.enter();
+            TcpListener::from_std(listener).map_err(bind_error)?
+        };
+        let (stop, stopped) = oneshot::channel();
+        let server = Arc::new(Server {
+            metrics,
+            token,
+            stats,
+            open: Mutex::default(),
+            ended: Notify::new(),
+        });
         let thread = std::thread::Builder::new()
-            .name("agent-telemetry-metrics".into())
-            .spawn({
-                let server = Arc::clone(&server);
-                let stopping = Arc::clone(&stopping);
-                move || serve(&server, &stopping, &metrics)
+            .name(THREAD_NAME.into())
+            .spawn(move || {
+                runtime.block_on(accept_loop(&listener, stopped, &server));
+                // Dropping the runtime drops every connection still open.
             })
             .map_err(|source| Error::Thread {
-                name: "agent-telemetry-metrics",
+                name: THREAD_NAME,
                 source,
             })?;
         Ok(MetricsServer {
-            server,
             addr: bound,
-            stopping,
+            stop: Some(stop),
             thread: Some(thread),
         })
     }
@@ -56,9 +185,12 @@ impl MetricsServer {
         self.addr
     }
 
+    /// Stops accepting, closes every connection and waits for the thread to end.
     pub(crate) fn stop(&mut self) {
-        self.stopping.store(true, Ordering::SeqCst);
-        self.server.unblock();
+        if let Some(stop) = self.stop.take() {
+            // The thread may have ended already; then there is nothing to stop.
+            let _ = stop.send(());
+        }
         if let Some(thread) = self.thread.take() {
             // The thread only serves; a panic there has nothing left to clean up.
             let _ = thread.join();
@@ -72,33 +204,296 @@ impl Drop for MetricsServer {
     }
 }
 
-fn serve(server: &Server, stopping: &AtomicBool, metrics: &MetricsHandle) {
-    while !stopping.load(Ordering::SeqCst) {
-        match server.recv() {
-            Ok(request) => respond(request, metrics),
-            // `unblock` (shutdown) or a closed listener.
-            Err(_) => break,
+/// What every connection of the server shares.
+struct Server {
+    metrics: MetricsHandle,
+    token: Option<BearerToken>,
+    stats: Arc<TelemetryStats>,
+    open: Mutex<OpenConnections>,
+    /// Notified when a connection ends: room for the next.
+    ended: Notify,
+}
+
+/// The connections being served, oldest first. Only the server's thread touches it.
+#[derive(Default)]
+struct OpenConnections {
+    next_id: u64,
+    connections: VecDeque<OpenConnection>,
+}
+
+struct OpenConnection {
+    id: u64,
+    accepted: Instant,
+    /// Set once the request head is in: the connection is being answered.
+    answering: Arc<AtomicBool>,
+    task: AbortHandle,
+}
+
+impl OpenConnections {
+    /// Closes the oldest connection that has been sending its request head for
+    /// [`STALE_HEAD_AFTER`] or longer. Without one, `Err` says when the oldest one still
+    /// sending will be that old, if there is one.
+    fn close_stale_head(&mut self, now: Instant) -> Result<(), Option<Instant>> {
+        let Some(oldest) = self
+            .connections
+            .iter()
+            .position(|open| !open.answering.load(Ordering::Relaxed))
+        else {
+            return Err(None);
+        };
+        let stale_at = self.connections[oldest].accepted + STALE_HEAD_AFTER;
+        if stale_at > now {
+            return Err(Some(stale_at));
+        }
+        if let Some(open) = self.connections.remove(oldest) {
+            open.task.abort();
+        }
+        Ok(())
+    }
+
+    fn remove(&mut self, id: u64) {
+        if let Some(at) = self.connections.iter().position(|open| open.id == id) {
+            self.connections.remove(at);
         }
     }
 }
 
-fn respond(request: Request, metrics: &MetricsHandle) {
-    let path = request.url().split('?').next().unwrap_or_default();
-    let response = match (request.method(), path) {
-        (Method::Get | Method::Head, "/metrics") => match metrics.render() {
-            Ok(text) => Response::from_string(text).with_header(header("Content-Type", metrics.content_type())),
-            Err(error) => Response::from_string(format!("cannot render metrics: {error}\n")).with_status_code(500),
-        },
-        (_, "/metrics") => Response::from_string("only GET /metrics is served\n")
-            .with_status_code(405)
-            .with_header(header("Allow", "GET, HEAD")),
-        _ => Response::from_string("not found: metrics are at /metrics\n").with_status_code(404),
-    };
-    // A client that went away gets nothing; the next request is served as usual.
-    let _ = request.respond(response);
+impl Server {
+    fn open(&self) -> std::sync::MutexGuard<'_, OpenConnections> {
+        // Only the server's thread takes it, one task at a time: it is never poisoned by
+        // another thread, and a panic here leaves the list as consistent as a removal is.
+        self.open.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Closes the oldest connection slow to send its head, counting it; `Err` as
+    /// [`OpenConnections::close_stale_head`].
+    fn make_room(&self) -> Result<(), Option<Instant>> {
+        self.open().close_stale_head(Instant::now())?;
+        TelemetryStats::add(&self.stats.metrics_connections_refused, 1);
+        Ok(())
+    }
+
+    /// Waits until every slot is no longer taken, making room when a connection is slow to
+    /// send its head; `false` if stopped meanwhile. Until then new connections wait in the
+    /// kernel's accept queue, costing nothing here.
+    async fn room(&self, stopped: &mut oneshot::Receiver<()>) -> bool {
+        loop {
+            if self.open().connections.len() < MAX_CONNECTIONS {
+                return true;
+            }
+            match self.make_room() {
+                // The closed connection's task is dropped on the next turn.
+                Ok(()) => tokio::task::yield_now().await,
+                Err(stale_at) => {
+                    let until = stale_at.unwrap_or_else(|| Instant::now() + EXCHANGE_TIMEOUT);
+                    if !self.wait_for_an_end(until, stopped).await {
+                        return false;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Waits until a connection ends or `until`; `false` if stopped meanwhile.
+    async fn wait_for_an_end(&self, until: Instant, stopped: &mut oneshot::Receiver<()>) -> bool {
+        tokio::select! {
+            _ = stopped => false,
+            () = self.ended.notified() => true,
+            () = tokio::time::sleep_until(until.into()) => true,
+        }
+    }
+
+    /// Serves `stream` in a task of its own.
+    fn admit(self: &Arc<Self>, stream: TcpStream) {
+        let mut open = self.open();
+        let id = open.next_id;
+        open.next_id += 1;
+        let answering = Arc::new(AtomicBool::new(false));
+        let task = tokio::spawn(Arc::clone(self).serve(stream, id, Arc::clone(&answering)));
+        open.connections.push_back(OpenConnection {
+            id,
+            accepted: Instant::now(),
+            answering,
+            task: task.abort_handle(),
+        });
+    }
+
+    /// Serves one request on `stream`, within the time limits, and counts how it ended.
+    async fn serve(self: Arc<Self>, stream: TcpStream, id: u64, answering: Arc<AtomicBool>) {
+        let server = Arc::clone(&self);
+        let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+            answering.store(true, Ordering::Relaxed);
+            // The body is dropped unread with the request.
+            let response = server.answer(&request);
+            std::future::ready(Ok::<_, Infallible>(response))
+        });
+        let connection = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEAD_TIMEOUT)
+            .max_buf_size(MAX_HEAD_BYTES)
+            .max_headers(MAX_HEADERS)
+            .keep_alive(false)
+            .serve_connection(TokioIo::new(stream), service);
+        let stats = &self.stats;
+        match tokio::time::timeout(EXCHANGE_TIMEOUT, connection).await {
+            Err(_elapsed) => TelemetryStats::add(&stats.metrics_connections_timed_out, 1),
+            Ok(Err(error)) if error.is_timeout() => TelemetryStats::add(&stats.metrics_connections_timed_out, 1),
+            Ok(Err(error)) if error.is_parse() || error.is_parse_too_large() || error.is_parse_version_h2() => {
+                TelemetryStats::add(&stats.metrics_requests_malformed, 1);
+            }
+            // A client that went away before its answer was written: nothing to count.
+            Ok(Err(_) | Ok(())) => {}
+        }
+        self.open().remove(id);
+        self.ended.notify_one();
+    }
+
+    /// The answer to one request.
+    fn answer(&self, request: &Request<Incoming>) -> Response<Full<Bytes>> {
+        if let Some(token) = &self.token {
+            if !token.admits(request.headers().get(AUTHORIZATION)) {
+                TelemetryStats::add(&self.stats.metrics_requests_unauthorized, 1);
+                let mut response = text(StatusCode::UNAUTHORIZED, "a bearer token is required for /metrics\n");
+                response
+                    .headers_mut()
+                    .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"metrics\""));
+                return response;
+            }
+        }
+        if request.uri().path() != "/metrics" {
+            return text(StatusCode::NOT_FOUND, "not found: metrics are at /metrics\n");
+        }
+        if !matches!(*request.method(), Method::GET | Method::HEAD) {
+            let mut response = text(StatusCode::METHOD_NOT_ALLOWED, "only GET /metrics is served\n");
+            response
+                .headers_mut()
+                .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
+            return response;
+        }
+        match self.metrics.render() {
+            Ok(exposition) => {
+                let mut response = Response::new(Full::new(Bytes::from(exposition)));
+                response
+                    .headers_mut()
+                    .insert(CONTENT_TYPE, HeaderValue::from_static(prometheus::TEXT_FORMAT));
+                response
+            }
+            Err(error) => {
+                tracing::warn!(target: "agent_telemetry::metrics", %error, "cannot render /metrics");
+                text(StatusCode::INTERNAL_SERVER_ERROR, "cannot render metrics\n")
+            }
+        }
+    }
 }
 
-fn header(name: &'static str, value: &'static str) -> Header {
-    // Only ASCII literals are passed here, and `from_bytes` rejects nothing else.
-    Header::from_bytes(name.as_bytes(), value.as_bytes()).expect("ASCII header literal")
+/// A plain-text answer.
+fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    response
+}
+
+/// Accepts connections until `stopped`, surviving accept errors.
+async fn accept_loop(listener: &TcpListener, mut stopped: oneshot::Receiver<()>, server: &Arc<Server>) {
+    let mut backoff = ACCEPT_BACKOFF_MIN;
+    let mut spells = FailureSpells::default();
+    loop {
+        if !server.room(&mut stopped).await {
+            return;
+        }
+        let accepted = tokio::select! {
+            _ = &mut stopped => return,
+            accepted = listener.accept() => accepted,
+        };
+        let error = match accepted {
+            Ok((stream, _peer)) => {
+                backoff = ACCEPT_BACKOFF_MIN;
+                if spells.succeeded() {
+                    tracing::info!(target: "agent_telemetry::metrics", "the /metrics server accepts connections again");
+                }
+                server.admit(stream);
+                // Lets the new connection read the head it sent before the next accept.
+                tokio::task::yield_now().await;
+                continue;
+            }
+            Err(error) => error,
+        };
+        if is_per_connection(&error) {
+            continue;
+        }
+        TelemetryStats::add(&server.stats.metrics_accept_errors, 1);
+        if spells.failed() {
+            tracing::warn!(
+                target: "agent_telemetry::metrics",
+                %error,
+                "the /metrics server cannot accept connections (out of file descriptors?); closing connections slow to send their request and retrying, counted in agent_telemetry_metrics_accept_errors_total"
+            );
+        }
+        if server.make_room().is_ok() {
+            // The closed connection's task is dropped on the next turn, freeing its descriptor.
+            tokio::task::yield_now().await;
+            continue;
+        }
+        if !server.wait_for_an_end(Instant::now() + backoff, &mut stopped).await {
+            return;
+        }
+        backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
+    }
+}
+
+/// Errors of one connection that ended before it was accepted: the next accept is unaffected.
+fn is_per_connection(error: &std::io::Error) -> bool {
+    use std::io::ErrorKind::{ConnectionAborted, ConnectionReset, Interrupted, WouldBlock};
+    matches!(
+        error.kind(),
+        ConnectionAborted | ConnectionReset | Interrupted | WouldBlock
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn token(text: &str) -> BearerToken {
+        BearerToken(Arc::from(text.as_bytes()))
+    }
+
+    #[test]
+    fn only_the_exact_bearer_token_is_admitted() {
+        let token = token("s3cret-T0ken");
+        let admits = |value: &str| token.admits(Some(&HeaderValue::from_str(value).unwrap()));
+        assert!(admits("Bearer s3cret-T0ken"));
+        assert!(admits("bearer s3cret-T0ken "), "the scheme is case-insensitive");
+        assert!(!admits("Bearer s3cret-T0ke"));
+        assert!(!admits("Bearer s3cret-T0kenX"));
+        assert!(!admits("Bearer S3CRET-T0KEN"), "the token is not");
+        assert!(!admits("Basic s3cret-T0ken"));
+        assert!(!admits("Bearer"));
+        assert!(!admits("s3cret-T0ken"));
+        assert!(!token.admits(None));
+    }
+
+    #[test]
+    fn a_token_file_is_trimmed_and_checked_without_echoing_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        std::fs::write(&path, "  hunter2-token\n").unwrap();
+        let read = BearerToken::from_file(&path, "AGENT_TELEMETRY_METRICS_TOKEN_FILE").unwrap();
+        assert_eq!(&*read.0, b"hunter2-token");
+        assert_eq!(format!("{read:?}"), "BearerToken([REDACTED])");
+        for (contents, reason) in [("\n", "empty"), ("hunter2 two", "printable ASCII")] {
+            std::fs::write(&path, contents).unwrap();
+            let error = BearerToken::from_file(&path, "AGENT_TELEMETRY_METRICS_TOKEN_FILE")
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains("AGENT_TELEMETRY_METRICS_TOKEN_FILE"), "{error}");
+            assert!(error.contains(reason), "{error}");
+            assert!(!error.contains("hunter2"), "{error}");
+        }
+        let missing = BearerToken::from_file(&dir.path().join("none"), "X").unwrap_err();
+        assert!(missing.to_string().contains("cannot read the token file"), "{missing}");
+    }
 }

@@ -428,3 +428,133 @@ pub fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// An HTTP/1.1 request to `addr` that fails instead of panicking, bounded by `timeout` for
+/// connecting and for each read: the status and body of the answer.
+pub fn try_http(addr: SocketAddr, request: &str, timeout: Duration) -> Result<(u16, String), String> {
+    let mut stream = TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("connect: {e}"))?;
+    stream.set_read_timeout(Some(timeout)).map_err(|e| e.to_string())?;
+    stream.set_write_timeout(Some(timeout)).map_err(|e| e.to_string())?;
+    stream
+        .write_all(request.as_bytes())
+        .map_err(|e| format!("write: {e}"))?;
+    let mut response = Vec::new();
+    stream
+        .read_to_end(&mut response)
+        .map_err(|e| format!("read after {} bytes: {e}", response.len()))?;
+    let response = String::from_utf8_lossy(&response);
+    let status = response
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("no status line in {response:?}"))?;
+    let (_, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    Ok((status, body.to_owned()))
+}
+
+/// `GET /metrics` on `addr` as a scraper sends it.
+pub fn scrape_request(addr: SocketAddr) -> String {
+    format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nAccept: text/plain\r\n\r\n")
+}
+
+/// The main job, `examples/agents.rs`, running in a process of its own with its `/metrics` on
+/// a free loopback port and traces off; killed when dropped.
+pub struct ExampleProcess {
+    child: std::process::Child,
+    pub metrics: SocketAddr,
+    pub work: tempfile::TempDir,
+}
+
+impl ExampleProcess {
+    /// Starts the example with `args` and extra environment `vars`; with `max_fds`, under
+    /// that limit of open file descriptors (`ulimit -n`). Its stderr goes to `stderr.log` in
+    /// its working directory.
+    pub fn start(args: &[&str], vars: &[(&str, &str)], max_fds: Option<u32>) -> Self {
+        use std::io::BufRead;
+        let work = tempfile::tempdir().unwrap();
+        let stderr = std::fs::File::create(work.path().join("stderr.log")).unwrap();
+        let binary = example_binary();
+        let mut command = match max_fds {
+            Some(limit) => {
+                let mut shell = std::process::Command::new("sh");
+                shell
+                    .arg("-c")
+                    .arg(format!("ulimit -n {limit} && exec \"$0\" \"$@\""))
+                    .arg(binary);
+                shell
+            }
+            None => std::process::Command::new(binary),
+        };
+        command
+            .args(args)
+            .current_dir(work.path())
+            .env("AGENT_TELEMETRY_METRICS_ADDR", "127.0.0.1:0")
+            .env("OTEL_TRACES_EXPORTER", "none")
+            .env("RUST_LOG", "warn")
+            .envs(vars.iter().copied())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::from(stderr));
+        let mut child = command.spawn().expect("start the example");
+        let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        let metrics = loop {
+            line.clear();
+            let read = stdout.read_line(&mut line).unwrap();
+            if read == 0 {
+                let _ = child.kill();
+                let stderr = std::fs::read_to_string(work.path().join("stderr.log")).unwrap_or_default();
+                panic!("the example exited before serving metrics: {stderr}");
+            }
+            if let Some(addr) = line
+                .trim()
+                .strip_prefix("metrics: http://")
+                .and_then(|l| l.strip_suffix("/metrics"))
+            {
+                break addr.parse().unwrap();
+            }
+        };
+        // Keep reading stdout so the example never blocks on a full pipe.
+        std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
+        ExampleProcess { child, metrics, work }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Whether the process is still running.
+    pub fn alive(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    /// What it printed on stderr so far.
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(self.work.path().join("stderr.log")).unwrap_or_default()
+    }
+
+    /// Its resident set size, from `/proc`.
+    pub fn rss_bytes(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        let kib: u64 = status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS in /proc/<pid>/status");
+        kib * 1024
+    }
+
+    /// Scrapes `/metrics`, panicking unless it answers 200 within 10 s.
+    pub fn scrape(&self) -> Scrape {
+        let (status, body) =
+            try_http(self.metrics, &scrape_request(self.metrics), Duration::from_secs(10)).expect("scrape");
+        assert_eq!(status, 200, "{body}");
+        Scrape::parse(&body)
+    }
+}
+
+impl Drop for ExampleProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
