@@ -4,14 +4,13 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::{free_port, require_tool};
+use support::{free_port, require_tool, ExampleProcess};
 
 fn deploy(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy").join(path)
@@ -38,38 +37,13 @@ impl Drop for Running {
     }
 }
 
-fn start_example(work: &Path) -> (Running, SocketAddr) {
-    let mut child = Command::new(support::example_binary())
-        // Healthy for 15 s, then 80% of executions fail.
-        .args(["--duration", "600", "--rate", "12", "--failure-burst", "15:600"])
-        .current_dir(work)
-        .env("AGENT_TELEMETRY_METRICS_ADDR", "127.0.0.1:0")
-        .env("OTEL_TRACES_EXPORTER", "none")
-        .env("RUST_LOG", "off")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start the example");
-    let mut stdout = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    let addr = loop {
-        line.clear();
-        assert_ne!(
-            stdout.read_line(&mut line).unwrap(),
-            0,
-            "example exited before serving metrics"
-        );
-        if let Some(addr) = line
-            .trim()
-            .strip_prefix("metrics: http://")
-            .and_then(|l| l.strip_suffix("/metrics"))
-        {
-            break addr.parse().unwrap();
-        }
-    };
-    // Keep reading stdout so the example never blocks on a full pipe.
-    std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
-    (Running(child), addr)
+/// The example, healthy for 15 s, then with 80% of executions failing.
+fn start_example() -> ExampleProcess {
+    ExampleProcess::start(
+        &["--duration", "600", "--rate", "12", "--failure-burst", "15:600"],
+        &[("RUST_LOG", "off")],
+        None,
+    )
 }
 
 struct Prometheus {
@@ -87,6 +61,11 @@ impl Prometheus {
             "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n{}\nscrape_configs:\n  - job_name: my-name-is-claude\n    static_configs:\n      - targets: ['{target}']\n        labels:\n          environment: production\n          project: my-name-is-claude\n",
             rule_files.join("\n")
         );
+        Self::with_config(prometheus, work, &config)
+    }
+
+    /// Starts Prometheus with `config`, written to `prometheus.yml` in `work`.
+    fn with_config(prometheus: &Path, work: &Path, config: &str) -> Self {
         let config_file = work.join("prometheus.yml");
         std::fs::write(&config_file, config).unwrap();
         let port = free_port();
@@ -204,8 +183,8 @@ fn dashboards_and_rules_work_on_real_scrapes_and_failures_alert() {
         return;
     };
     let work = tempfile::tempdir().unwrap();
-    let (_example, target) = start_example(work.path());
-    let prometheus = Prometheus::start(&prometheus_binary, work.path(), target);
+    let example = start_example();
+    let prometheus = Prometheus::start(&prometheus_binary, work.path(), example.metrics);
 
     // Several scrapes and rule evaluations, partly into the failure burst.
     let deadline = Instant::now() + Duration::from_secs(90);
@@ -278,6 +257,64 @@ fn check(prometheus: &Prometheus, name: &str, expr: &str, failures: &mut Vec<Str
             failures.push(format!("{name}: {expr} -> {values:?}"));
             return;
         }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// `deploy/prometheus/prometheus-token.yml` as shipped, pointed at `target` and its token file
+/// `token_file`, scraping every second, without Alertmanager.
+fn token_config(target: SocketAddr, token_file: &Path) -> String {
+    let mut config: serde_yaml::Value =
+        serde_yaml::from_str(&read(&deploy("prometheus/prometheus-token.yml"))).unwrap();
+    config["global"]["scrape_interval"] = "1s".into();
+    let mapping = config.as_mapping_mut().unwrap();
+    mapping.remove("alerting");
+    mapping.remove("rule_files");
+    let job = &mut config["scrape_configs"][0];
+    assert_eq!(job["authorization"]["type"], "Bearer", "{job:?}");
+    assert_eq!(job["authorization"]["credentials_file"], "agent-telemetry.token");
+    job["authorization"]["credentials_file"] = token_file.display().to_string().into();
+    job["static_configs"][0]["targets"] = vec![target.to_string()].into();
+    serde_yaml::to_string(&config).unwrap()
+}
+
+#[test]
+fn the_token_variant_scrapes_an_endpoint_that_requires_a_bearer_token() {
+    let Some(prometheus_binary) = require_tool("prometheus") else {
+        return;
+    };
+    let work = tempfile::tempdir().unwrap();
+    let token_file = work.path().join("agent-telemetry.token");
+    std::fs::write(&token_file, "a9f3c0e1d2b44f7e9a1c\n").unwrap();
+    let example = ExampleProcess::start(
+        &["--rate", "5"],
+        &[("AGENT_TELEMETRY_METRICS_TOKEN_FILE", token_file.to_str().unwrap())],
+        None,
+    );
+    let config = token_config(example.metrics, &token_file);
+    let prometheus = Prometheus::with_config(&prometheus_binary, work.path(), &config);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while prometheus.query("up{job=\"my-name-is-claude\"}") != vec![1.0]
+        || prometheus.query("count(framework_info)").is_empty()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "prometheus never scraped with the token: {}",
+            read(&work.path().join("prometheus.log"))
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    // The endpoint counted no unauthorized request: Prometheus sent the token every time.
+    assert_eq!(
+        prometheus.query("agent_telemetry_metrics_requests_unauthorized_total"),
+        vec![0.0]
+    );
+
+    // With another token, the same scrape fails: the target is down.
+    std::fs::write(&token_file, "not-the-token\n").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while prometheus.query("up{job=\"my-name-is-claude\"}") != vec![0.0] {
+        assert!(Instant::now() < deadline, "a wrong token was accepted");
         std::thread::sleep(Duration::from_millis(500));
     }
 }

@@ -1,5 +1,5 @@
 //! The Prometheus and Alertmanager files of `deploy/`, checked with the real tools: promtool
-//! (both configs, every rule file, every rule unit test) and amtool (the config, and every
+//! (every config, every rule file, every rule unit test) and amtool (the config, and every
 //! route of `deploy/alertmanager/routes.tsv`). Plus what the tools cannot see: every alert
 //! is unit-tested firing and silent, and routed; the shared recording rules keep their names.
 
@@ -291,8 +291,14 @@ fn prometheus_configs_pass_promtool_check_config() {
         return;
     };
     let rule_files = yml_files("prometheus/rules").len();
-    for config in ["prometheus/prometheus.yml", "prometheus/prometheus-file-sd.yml"] {
-        let finished = run(&promtool, &args([&"check", &"config", &deploy(config)]));
+    // The token variant names a token file beside it, which promtool requires to exist: the
+    // kit is checked in a copy with a token there.
+    let copy = tempfile::tempdir().unwrap();
+    let kit = copy.path().join("prometheus");
+    copy_dir(&deploy("prometheus"), &kit);
+    std::fs::write(kit.join("agent-telemetry.token"), "a-test-token\n").unwrap();
+    for config in ["prometheus.yml", "prometheus-file-sd.yml", "prometheus-token.yml"] {
+        let finished = run(&promtool, &args([&"check", &"config", &kit.join(config)]));
         finished.assert_success();
         let output = finished.output();
         // Every rules/*.yml loaded through the relative glob, and every rule file valid.
@@ -308,6 +314,20 @@ fn prometheus_configs_pass_promtool_check_config() {
             "{config}: warnings:\n{}",
             finished.describe()
         );
+    }
+}
+
+/// Copies the directory `from` to `to`, recursively.
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let path = entry.unwrap().path();
+        let target = to.join(path.file_name().unwrap());
+        if path.is_dir() {
+            copy_dir(&path, &target);
+        } else {
+            std::fs::copy(&path, &target).unwrap();
+        }
     }
 }
 
