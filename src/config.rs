@@ -14,6 +14,10 @@ use opentelemetry_sdk::trace::Sampler;
 
 use crate::error::{Error, Result};
 
+mod otlp;
+
+pub(crate) use otlp::OtlpConfig;
+
 /// The guide's histogram buckets, in seconds.
 pub const DEFAULT_DURATION_BUCKETS: [f64; 8] = [0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0];
 
@@ -50,6 +54,20 @@ pub enum LogFormat {
     Ecs,
 }
 
+/// What of an agent's task the log line and the span carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum TaskCapture {
+    /// The task text, cut at its limit and scrubbed: the guide's line.
+    #[default]
+    Full,
+    /// `sha256:` and the first 16 hex digits of the SHA-256 of the task as kept (its first
+    /// characters up to the limit), so that identical tasks still group; never the text.
+    Hash,
+    /// No task at all: the line has no `task` field, the span no `task` attribute.
+    Off,
+}
+
 /// Every setting, resolved.
 #[derive(Debug, Clone)]
 pub(crate) struct Config {
@@ -63,9 +81,16 @@ pub(crate) struct Config {
     pub metrics_token_file: Option<PathBuf>,
     pub log_dir: Option<PathBuf>,
     pub log_file_prefix: String,
+    /// The mode of log files this crate creates (directories get search permission too).
+    pub log_file_mode: u32,
     pub log_format: LogFormat,
     pub log_queue_lines: usize,
     pub max_task_chars: usize,
+    /// Span string attributes and event attributes are cut at this many characters; `None`:
+    /// at `max_task_chars`.
+    pub attribute_value_chars: Option<usize>,
+    pub scrubbing: crate::scrub::Scrubbing,
+    pub task_capture: TaskCapture,
     pub agent_span_names: Vec<String>,
     pub duration_buckets: Vec<f64>,
     pub max_agent_names: usize,
@@ -77,32 +102,23 @@ pub(crate) struct Config {
     pub shutdown_timeout: Duration,
 }
 
-/// Where and how OTLP spans are sent.
-#[derive(Debug, Clone)]
-pub(crate) struct OtlpConfig {
-    pub protocol: OtlpProtocol,
-    /// The full URL for HTTP (`.../v1/traces`), the base URL for gRPC; `None`: the spec default.
-    pub endpoint: Option<String>,
-    pub timeout: Duration,
-}
-
-impl OtlpConfig {
-    pub(crate) fn resolved_endpoint(&self) -> String {
-        match (&self.endpoint, self.protocol) {
-            (Some(endpoint), _) => endpoint.clone(),
-            (None, OtlpProtocol::HttpProtobuf) => "http://localhost:4318/v1/traces".to_owned(),
-            (None, OtlpProtocol::Grpc) => "http://localhost:4317".to_owned(),
-        }
-    }
-}
-
-/// The batch span processor's settings (`OTEL_BSP_*`).
+/// The batch span processor's settings (`OTEL_BSP_*`), and its bounds in bytes.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct BatchSettings {
     pub max_queue_size: usize,
     pub max_export_batch_size: usize,
     pub scheduled_delay: Duration,
+    /// The spans waiting for the span thread hold at most about this many bytes.
+    pub max_queue_bytes: usize,
+    /// An export request holds at most about this many bytes of spans, or one span.
+    pub max_export_bytes: usize,
 }
+
+/// The default of [`BatchSettings::max_queue_bytes`].
+pub(crate) const DEFAULT_MAX_QUEUE_BYTES: usize = 32 * 1024 * 1024;
+
+/// The default of [`BatchSettings::max_export_bytes`].
+pub(crate) const DEFAULT_MAX_EXPORT_BYTES: usize = 4 * 1024 * 1024;
 
 impl Default for Config {
     fn default() -> Self {
@@ -116,24 +132,26 @@ impl Default for Config {
             metrics_token_file: None,
             log_dir: None,
             log_file_prefix: "agents".to_owned(),
+            log_file_mode: crate::logs::DEFAULT_FILE_MODE,
             log_format: LogFormat::Guide,
             log_queue_lines: 8_192,
             max_task_chars: 1024,
+            attribute_value_chars: None,
+            scrubbing: crate::scrub::Scrubbing::default(),
+            task_capture: TaskCapture::Full,
             agent_span_names: vec!["agent_execution".to_owned()],
             duration_buckets: DEFAULT_DURATION_BUCKETS.to_vec(),
             max_agent_names: 256,
             traces_exporter: TracesExporter::Otlp,
-            otlp: OtlpConfig {
-                protocol: OtlpProtocol::HttpProtobuf,
-                endpoint: None,
-                timeout: Duration::from_secs(10),
-            },
+            otlp: OtlpConfig::new(),
             batch: BatchSettings {
                 // Not the SDK's 2048: 100 ms at the 20,000 executions a second this crate is
                 // built for, less than one stalled export. As many as the log queue.
                 max_queue_size: 8192,
                 max_export_batch_size: 512,
                 scheduled_delay: Duration::from_secs(5),
+                max_queue_bytes: DEFAULT_MAX_QUEUE_BYTES,
+                max_export_bytes: DEFAULT_MAX_EXPORT_BYTES,
             },
             env_filter: "info".to_owned(),
             sampler: Sampler::ParentBased(Box::new(Sampler::AlwaysOn)),
@@ -143,10 +161,35 @@ impl Default for Config {
 }
 
 impl Config {
+    /// The most characters of a span string attribute or event attribute.
+    pub(crate) fn attribute_value_chars(&self) -> usize {
+        self.attribute_value_chars.unwrap_or(self.max_task_chars)
+    }
+
+    /// What the layer keeps of an execution's text before any signal sees it.
+    pub(crate) fn text_policy(&self, scrubber: std::sync::Arc<crate::scrub::Scrubber>) -> crate::execution::TextPolicy {
+        crate::execution::TextPolicy {
+            task_chars: self.max_task_chars.max(self.attribute_value_chars()),
+            scrubber,
+            task_capture: self.task_capture,
+        }
+    }
+
     /// Applies the environment over the builder's values, then checks the result.
     pub(crate) fn apply_env(&mut self, env: &dyn Fn(&str) -> Option<String>) -> Result<()> {
+        // An empty variable is an unset one, as the OpenTelemetry specification says.
         let var = |name: &str| env(name).filter(|v| !v.trim().is_empty());
+        self.apply_agent_telemetry_env(&var)?;
+        self.apply_resource_env(&var)?;
+        self.apply_traces_env(&var)?;
+        if let Some(v) = var("RUST_LOG") {
+            self.env_filter = v;
+        }
+        self.validate()
+    }
 
+    /// The crate's own `AGENT_TELEMETRY_*` variables.
+    fn apply_agent_telemetry_env(&mut self, var: &dyn Fn(&str) -> Option<String>) -> Result<()> {
         if let Some(v) = var("AGENT_TELEMETRY_METRICS_ADDR") {
             self.metrics_addr = parse_metrics_addr("AGENT_TELEMETRY_METRICS_ADDR", &v)?;
         }
@@ -163,12 +206,42 @@ impl Config {
                 _ => return Err(Error::invalid("AGENT_TELEMETRY_LOG_FORMAT", v, "expected guide or ecs")),
             };
         }
+        if let Some(v) = var("AGENT_TELEMETRY_SCRUBBING") {
+            match v.trim().to_ascii_lowercase().as_str() {
+                "off" | "false" | "0" | "none" => self.scrubbing = crate::scrub::Scrubbing::off(),
+                "on" | "true" | "1" => {
+                    if !self.scrubbing.is_enabled() {
+                        self.scrubbing = crate::scrub::Scrubbing::default();
+                    }
+                }
+                _ => return Err(Error::invalid("AGENT_TELEMETRY_SCRUBBING", v, "expected on or off")),
+            }
+        }
+        if let Some(v) = var("AGENT_TELEMETRY_TASK_CAPTURE") {
+            self.task_capture = match v.trim().to_ascii_lowercase().as_str() {
+                "full" => TaskCapture::Full,
+                "hash" => TaskCapture::Hash,
+                "off" | "none" => TaskCapture::Off,
+                _ => {
+                    return Err(Error::invalid(
+                        "AGENT_TELEMETRY_TASK_CAPTURE",
+                        v,
+                        "expected full, hash or off",
+                    ))
+                }
+            };
+        }
         if let Some(v) = var("AGENT_TELEMETRY_ENVIRONMENT") {
             self.environment = v;
         }
         if let Some(v) = var("AGENT_TELEMETRY_SCALE") {
             self.scale = v;
         }
+        Ok(())
+    }
+
+    /// `OTEL_RESOURCE_ATTRIBUTES` and `OTEL_SERVICE_NAME`, which wins over it.
+    fn apply_resource_env(&mut self, var: &dyn Fn(&str) -> Option<String>) -> Result<()> {
         if let Some(v) = var("OTEL_RESOURCE_ATTRIBUTES") {
             let attributes = parse_resource_attributes(&v)?;
             if let Some(name) = attributes.get("service.name") {
@@ -185,32 +258,15 @@ impl Config {
         if let Some(v) = var("OTEL_SERVICE_NAME") {
             self.service_name = v;
         }
+        Ok(())
+    }
+
+    /// The exporter, OTLP, batching, attribute limit and sampler variables.
+    fn apply_traces_env(&mut self, var: &dyn Fn(&str) -> Option<String>) -> Result<()> {
         if let Some(v) = var("OTEL_TRACES_EXPORTER") {
             self.traces_exporter = parse_traces_exporter(&v)?;
         }
-        let protocol = var("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
-            .map(|v| ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", v))
-            .or_else(|| var("OTEL_EXPORTER_OTLP_PROTOCOL").map(|v| ("OTEL_EXPORTER_OTLP_PROTOCOL", v)));
-        if let Some((name, v)) = protocol {
-            self.otlp.protocol = parse_protocol(name, &v)?;
-        }
-        if let Some(v) = var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") {
-            check_url("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", &v)?;
-            self.otlp.endpoint = Some(v);
-        } else if let Some(v) = var("OTEL_EXPORTER_OTLP_ENDPOINT") {
-            check_url("OTEL_EXPORTER_OTLP_ENDPOINT", &v)?;
-            self.otlp.endpoint = Some(match self.otlp.protocol {
-                // The spec: the signal path is appended to the base endpoint for HTTP only.
-                OtlpProtocol::HttpProtobuf => format!("{}/v1/traces", v.trim_end_matches('/')),
-                OtlpProtocol::Grpc => v,
-            });
-        }
-        for name in ["OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "OTEL_EXPORTER_OTLP_TIMEOUT"] {
-            if let Some(v) = var(name) {
-                self.otlp.timeout = parse_millis(name, &v)?;
-                break;
-            }
-        }
+        self.apply_otlp_env(var)?;
         if let Some(v) = var("OTEL_BSP_MAX_QUEUE_SIZE") {
             self.batch.max_queue_size = parse_count("OTEL_BSP_MAX_QUEUE_SIZE", &v)?;
         }
@@ -220,13 +276,56 @@ impl Config {
         if let Some(v) = var("OTEL_BSP_SCHEDULE_DELAY") {
             self.batch.scheduled_delay = parse_millis("OTEL_BSP_SCHEDULE_DELAY", &v)?;
         }
+        // The span limit replaces the general one, as the specification says.
+        if let Some((name, v)) = first_set(
+            var,
+            &[
+                "OTEL_SPAN_ATTRIBUTE_VALUE_LENGTH_LIMIT",
+                "OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT",
+            ],
+        ) {
+            self.attribute_value_chars = Some(parse_count(name, &v)?);
+        }
         if let Some(v) = var("OTEL_TRACES_SAMPLER") {
             self.sampler = parse_sampler(&v, var("OTEL_TRACES_SAMPLER_ARG").as_deref())?;
         }
-        if let Some(v) = var("RUST_LOG") {
-            self.env_filter = v;
+        Ok(())
+    }
+
+    /// `OTEL_EXPORTER_OTLP_*`: each signal's variable replaces the general one.
+    fn apply_otlp_env(&mut self, var: &dyn Fn(&str) -> Option<String>) -> Result<()> {
+        if let Some((name, v)) = first_set(
+            var,
+            &["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"],
+        ) {
+            self.otlp.protocol = parse_protocol(name, &v)?;
         }
-        self.validate()
+        if let Some(v) = var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") {
+            self.otlp.endpoint = Some(v);
+            self.otlp.target("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")?;
+        } else if let Some(v) = var("OTEL_EXPORTER_OTLP_ENDPOINT") {
+            otlp::parse_url("OTEL_EXPORTER_OTLP_ENDPOINT", &v)?;
+            self.otlp.endpoint = Some(match self.otlp.protocol {
+                // The spec: the signal path is appended to the base endpoint for HTTP only.
+                OtlpProtocol::HttpProtobuf => with_traces_path(&v),
+                OtlpProtocol::Grpc => v,
+            });
+            self.otlp.target("OTEL_EXPORTER_OTLP_ENDPOINT")?;
+        }
+        if let Some((name, v)) = first_set(
+            var,
+            &["OTEL_EXPORTER_OTLP_TRACES_HEADERS", "OTEL_EXPORTER_OTLP_HEADERS"],
+        ) {
+            self.otlp.headers.extend(otlp::parse_headers(name, &v)?);
+        }
+        if let Some((name, v)) = first_set(
+            var,
+            &["OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "OTEL_EXPORTER_OTLP_TIMEOUT"],
+        ) {
+            self.otlp.timeout = parse_millis(name, &v)?;
+            self.otlp.check_timeout(name)?;
+        }
+        Ok(())
     }
 
     /// Checks the values the builder can set to something unusable.
@@ -290,11 +389,20 @@ impl Config {
                 "OTLP/gRPC needs agent-telemetry's `grpc` cargo feature",
             ));
         }
-        if let Some(endpoint) = &self.otlp.endpoint {
-            check_url("with_otlp_endpoint", endpoint)?;
+        if self.service_name.trim().is_empty() {
+            return Err(Error::invalid(
+                "with_service_name",
+                &self.service_name,
+                "service.name must not be empty",
+            ));
         }
-        Ok(())
+        self.otlp.validate("with_otlp_endpoint", "with_otlp_timeout")
     }
+}
+
+/// The first of `names` that is set, with its value.
+fn first_set<'n>(var: &dyn Fn(&str) -> Option<String>, names: &[&'n str]) -> Option<(&'n str, String)> {
+    names.iter().find_map(|&name| var(name).map(|value| (name, value)))
 }
 
 /// Parses a `/metrics` address: `host:port`, `:port`, a bare port, or `off`.
@@ -341,36 +449,15 @@ fn parse_protocol(setting: &str, value: &str) -> Result<OtlpProtocol> {
     }
 }
 
-/// Rejects what the OTLP client would fail on later, with the variable's name.
-pub(crate) fn check_url(setting: &str, value: &str) -> Result<()> {
-    let rest = value
-        .strip_prefix("http://")
-        .or_else(|| value.strip_prefix("https://"))
-        .ok_or_else(|| Error::invalid(setting, value, "expected an http:// or https:// URL"))?;
-    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
-    let host = authority.rsplit_once(':').map_or(
-        authority,
-        |(host, port)| {
-            if port.parse::<u16>().is_ok() {
-                host
-            } else {
-                authority
-            }
-        },
-    );
-    if host.is_empty() || authority.contains(char::is_whitespace) || authority.ends_with(':') {
-        return Err(Error::invalid(setting, value, "the URL has no valid host[:port]"));
+/// `base` with the traces' path appended, as the specification builds the HTTP endpoint from
+/// `OTEL_EXPORTER_OTLP_ENDPOINT`: after the path, before any query.
+fn with_traces_path(base: &str) -> String {
+    let (base, query) = base.split_once('?').map_or((base, None), |(b, q)| (b, Some(q)));
+    let path = format!("{}/v1/traces", base.trim_end_matches('/'));
+    match query {
+        Some(query) => format!("{path}?{query}"),
+        None => path,
     }
-    if let Some((_, port)) = authority.rsplit_once(':') {
-        if !authority.ends_with(']') && port.parse::<u16>().is_err() {
-            return Err(Error::invalid(
-                setting,
-                value,
-                "the port is not a number from 0 to 65535",
-            ));
-        }
-    }
-    Ok(())
 }
 
 fn parse_millis(setting: &str, value: &str) -> Result<Duration> {
@@ -423,33 +510,24 @@ fn parse_sampler(value: &str, arg: Option<&str>) -> Result<Sampler> {
 
 /// Parses `key=value,key2=value2` with percent-encoded values, as the spec writes them.
 fn parse_resource_attributes(value: &str) -> Result<BTreeMap<String, String>> {
+    const NAME: &str = "OTEL_RESOURCE_ATTRIBUTES";
     let mut attributes = BTreeMap::new();
     for pair in value.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let (key, val) = pair
             .split_once('=')
-            .ok_or_else(|| Error::invalid("OTEL_RESOURCE_ATTRIBUTES", value, format!("`{pair}` is not key=value")))?;
-        let decoded = percent_decode(val.trim())
-            .ok_or_else(|| Error::invalid("OTEL_RESOURCE_ATTRIBUTES", value, format!("`{val}` has a bad %-escape")))?;
-        attributes.insert(key.trim().to_owned(), decoded);
+            .ok_or_else(|| Error::invalid(NAME, value, format!("`{pair}` is not key=value")))?;
+        let key = key.trim();
+        if key.is_empty() {
+            return Err(Error::invalid(NAME, value, format!("`{pair}` has an empty key")));
+        }
+        let decoded = otlp::decode_percent(val.trim())
+            .ok_or_else(|| Error::invalid(NAME, value, format!("`{val}` has a bad %-escape")))?;
+        if key == "service.name" && decoded.trim().is_empty() {
+            return Err(Error::invalid(NAME, value, "service.name must not be empty"));
+        }
+        attributes.insert(key.to_owned(), decoded);
     }
     Ok(attributes)
-}
-
-fn percent_decode(value: &str) -> Option<String> {
-    let bytes = value.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = bytes.get(i + 1..i + 3)?;
-            out.push(u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
 }
 
 #[cfg(test)]
@@ -472,7 +550,7 @@ mod tests {
             (config.environment.as_str(), config.scale.as_str()),
             ("production", "enterprise")
         );
-        assert_eq!(config.otlp.resolved_endpoint(), "http://localhost:4318/v1/traces");
+        assert_eq!(config.otlp.display_endpoint(), "http://localhost:4318/v1/traces");
     }
 
     #[test]
@@ -489,17 +567,57 @@ mod tests {
     #[test]
     fn endpoint_rules_follow_the_spec() {
         let c = apply(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318/")]).unwrap();
-        assert_eq!(c.otlp.resolved_endpoint(), "http://collector:4318/v1/traces");
+        assert_eq!(c.otlp.display_endpoint(), "http://collector:4318/v1/traces");
         let c = apply(&[
             ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318"),
             ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://other:1/x"),
         ])
         .unwrap();
-        assert_eq!(c.otlp.resolved_endpoint(), "http://other:1/x");
+        assert_eq!(c.otlp.display_endpoint(), "http://other:1/x");
         for bad in ["collector:4318", "http://", "http://host:port", "ftp://x"] {
             let err = apply(&[("OTEL_EXPORTER_OTLP_ENDPOINT", bad)]).unwrap_err();
             assert!(err.to_string().contains("OTEL_EXPORTER_OTLP_ENDPOINT"), "{bad}: {err}");
         }
+        let c = apply(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://user:pw@collector.local?k=v")]).unwrap();
+        assert_eq!(
+            c.otlp.target("X").unwrap().url,
+            "http://collector.local/v1/traces?k=v",
+            "the path goes before the query; user-info is valid"
+        );
+    }
+
+    #[test]
+    fn nonsense_is_refused_naming_its_variable() {
+        for (name, value) in [
+            ("OTEL_EXPORTER_OTLP_TIMEOUT", "0"),
+            ("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "86400000"),
+            ("OTEL_RESOURCE_ATTRIBUTES", "service.name="),
+            ("OTEL_RESOURCE_ATTRIBUTES", "=x"),
+            ("OTEL_EXPORTER_OTLP_HEADERS", "garbage"),
+            ("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "k=v%0A"),
+        ] {
+            let err = apply(&[(name, value)]).unwrap_err();
+            assert!(err.to_string().contains(name), "{name}={value}: {err}");
+        }
+        let empty_name = Config {
+            service_name: " ".into(),
+            ..Config::default()
+        };
+        assert!(empty_name
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("with_service_name"));
+    }
+
+    #[test]
+    fn the_traces_headers_replace_the_general_ones() {
+        let c = apply(&[
+            ("OTEL_EXPORTER_OTLP_HEADERS", "a=1"),
+            ("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "b=2"),
+        ])
+        .unwrap();
+        assert_eq!(c.otlp.headers, [("b".to_owned(), "2".to_owned())]);
     }
 
     #[test]

@@ -8,6 +8,10 @@ use std::time::{Duration, Instant, SystemTime};
 
 use tracing_core::field::{Field, Visit};
 
+use crate::config::TaskCapture;
+use crate::scrub::{Scrubber, SCRUB_MARGIN};
+use crate::text::{cut, debug_text, MAX_LABEL_CHARS};
+
 /// The `agent_name` recorded when a span carries none: the execution is still counted.
 pub(crate) const UNKNOWN_AGENT: &str = "unknown";
 
@@ -77,6 +81,54 @@ impl Failure {
     }
 }
 
+/// What the layer keeps of an execution's text, the same for every signal.
+#[derive(Debug, Clone)]
+pub(crate) struct TextPolicy {
+    /// The most characters of a task or an error message any signal keeps: the log line's
+    /// limit or the span attributes', whichever is larger. Each signal cuts to its own.
+    pub task_chars: usize,
+    pub scrubber: Arc<Scrubber>,
+    pub task_capture: TaskCapture,
+}
+
+impl TextPolicy {
+    /// How many characters of a task or error text to hold until the span closes: what is
+    /// kept, and the margin scrubbing searches past it.
+    pub(crate) fn held_chars(&self) -> usize {
+        self.task_chars.saturating_add(SCRUB_MARGIN)
+    }
+
+    /// The task the signals carry, from the text held: scrubbed and cut, its hash, or none.
+    pub(crate) fn task(&self, held: Option<String>) -> Option<String> {
+        let held = held.unwrap_or_default();
+        match self.task_capture {
+            TaskCapture::Full => Some(self.scrubber.scrub_and_cut(&held, self.task_chars).into_owned()),
+            TaskCapture::Hash => Some(task_hash(&cut(&held, self.task_chars))),
+            TaskCapture::Off => None,
+        }
+    }
+
+    /// An error message the signals carry, from the text held: scrubbed and cut.
+    pub(crate) fn error_text(&self, held: &str) -> String {
+        self.scrubber.scrub_and_cut(held, self.task_chars).into_owned()
+    }
+}
+
+/// `sha256:` and the first 16 hex digits of the SHA-256 of `task`: stable across processes
+/// and versions, so identical tasks group.
+pub(crate) fn task_hash(task: &str) -> String {
+    use sha2::Digest;
+    use std::fmt::Write;
+    let digest = sha2::Sha256::digest(task.as_bytes());
+    let mut hash = String::with_capacity(23);
+    hash.push_str("sha256:");
+    for byte in &digest[..8] {
+        // Writing to a String cannot fail.
+        let _ = write!(hash, "{byte:02x}");
+    }
+    hash
+}
+
 /// The set of span names that are agent executions.
 #[derive(Debug, Clone)]
 pub(crate) struct AgentSpanNames(Box<[Box<str>]>);
@@ -92,15 +144,28 @@ impl AgentSpanNames {
     }
 }
 
-/// The fields of an agent span that the signals use, as recorded so far.
-#[derive(Debug, Default)]
+/// The fields of an agent span that the signals use, as recorded so far: the agent's name cut
+/// at [`MAX_LABEL_CHARS`], the task at `task_chars` characters, so that no signal holds more
+/// of them than it keeps.
+#[derive(Debug)]
 pub(crate) struct ExecutionFields {
     pub agent_name: Option<Arc<str>>,
     pub task: Option<String>,
     pub status: Option<String>,
+    task_chars: usize,
 }
 
 impl ExecutionFields {
+    /// No fields yet; a task will be kept to `task_chars` characters.
+    pub(crate) fn new(task_chars: usize) -> Self {
+        ExecutionFields {
+            agent_name: None,
+            task: None,
+            status: None,
+            task_chars,
+        }
+    }
+
     /// Whether `field` is one of the execution's own (the rest are span attributes only).
     pub(crate) fn owns(field: &Field) -> bool {
         matches!(
@@ -111,9 +176,11 @@ impl ExecutionFields {
 
     fn set(&mut self, field: &Field, value: &str) {
         match field.name() {
-            "agent_name" | "agent.name" => self.agent_name = Some(shared_agent_name(value)),
-            "task" => self.task = Some(value.to_owned()),
-            "status" | "result.status" => self.status = Some(value.to_owned()),
+            "agent_name" | "agent.name" => {
+                self.agent_name = Some(shared_agent_name(&cut(value, MAX_LABEL_CHARS)));
+            }
+            "task" => self.task = Some(cut(value, self.task_chars).into_owned()),
+            "status" | "result.status" => self.status = Some(cut(value, MAX_LABEL_CHARS).into_owned()),
             _ => {}
         }
     }
@@ -130,7 +197,9 @@ impl Visit for ExecutionFields {
 
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
         if Self::owns(field) {
-            self.set(field, &unquote_debug(debug_text(value)));
+            // Room for the quotes and an escape per character.
+            let max = self.task_chars.max(MAX_LABEL_CHARS).saturating_mul(2).saturating_add(2);
+            self.set(field, &unquote_debug(debug_text(value, max)));
         }
     }
 }
@@ -160,14 +229,6 @@ pub(crate) fn shared_agent_name(name: &str) -> Arc<str> {
         .ok()
         .flatten()
         .unwrap_or_else(|| Arc::from(name))
-}
-
-/// `value`'s `Debug` text, or as much as it wrote before it failed: `format!` would panic
-/// on a formatting impl that returns `Err`, here with a span's extensions borrowed.
-pub(crate) fn debug_text(value: &dyn fmt::Debug) -> String {
-    let mut text = String::new();
-    let _ = fmt::Write::write_fmt(&mut text, format_args!("{value:?}"));
-    text
 }
 
 /// `?name` records `"backend"` with quotes and escapes; the signals want the text itself.
@@ -200,14 +261,22 @@ fn unquote_debug(text: String) -> String {
 }
 
 /// The text of an `ERROR` event: its `error` field (what `#[instrument(err)]` writes), else
-/// its message.
-#[derive(Default)]
+/// its message, at most `max_chars` characters of it.
 pub(crate) struct ErrorText {
     error: Option<String>,
     message: Option<String>,
+    max_chars: usize,
 }
 
 impl ErrorText {
+    pub(crate) fn new(max_chars: usize) -> Self {
+        ErrorText {
+            error: None,
+            message: None,
+            max_chars,
+        }
+    }
+
     pub(crate) fn into_text(self) -> String {
         self.error.or(self.message).unwrap_or_else(|| "error event".to_owned())
     }
@@ -224,8 +293,8 @@ impl Visit for ErrorText {
 
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
         match field.name() {
-            "error" | "exception.message" => self.error = Some(debug_text(value)),
-            "message" => self.message = Some(debug_text(value)),
+            "error" | "exception.message" => self.error = Some(debug_text(value, self.max_chars)),
+            "message" => self.message = Some(debug_text(value, self.max_chars)),
             _ => {}
         }
     }
@@ -244,12 +313,13 @@ pub(crate) struct ExecutionState {
 }
 
 impl ExecutionState {
-    pub(crate) fn new() -> Self {
+    /// An execution starting now, whose task is kept to `task_chars` characters.
+    pub(crate) fn new(task_chars: usize) -> Self {
         let (started, started_at) = now();
         ExecutionState {
             started,
             started_at,
-            fields: ExecutionFields::default(),
+            fields: ExecutionFields::new(task_chars),
             error_event: None,
             panicked: false,
         }
@@ -318,7 +388,8 @@ pub(crate) struct TraceIds {
 #[derive(Debug)]
 pub(crate) struct Execution {
     pub agent_name: Arc<str>,
-    pub task: String,
+    /// `None` when the task is not captured ([`TaskCapture::Off`]).
+    pub task: Option<String>,
     pub duration: Duration,
     pub status: Status,
     pub failure: Option<Failure>,
@@ -367,7 +438,7 @@ mod tests {
         let tolerance = Duration::from_millis(1);
         for _ in 0..1000 {
             let before = SystemTime::now();
-            let state = ExecutionState::new();
+            let state = ExecutionState::new(1024);
             let after = SystemTime::now();
             assert!(
                 state.started_at + tolerance >= before,
@@ -383,8 +454,15 @@ mod tests {
     }
 
     #[test]
+    fn the_task_hash_is_stable_and_short() {
+        assert_eq!(task_hash(""), "sha256:e3b0c44298fc1c14");
+        assert_eq!(task_hash("Implement API"), task_hash("Implement API"));
+        assert_ne!(task_hash("Implement API"), task_hash("Implement API."));
+    }
+
+    #[test]
     fn first_matching_status_source_wins() {
-        let mut state = ExecutionState::new();
+        let mut state = ExecutionState::new(1024);
         assert_eq!(state.outcome(), (Status::Success, None));
         state.panicked = true;
         assert_eq!(state.outcome(), (Status::Failure, Some(Failure::Panic)));

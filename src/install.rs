@@ -15,7 +15,7 @@ use tracing_subscriber::layer::{Layer, SubscriberExt};
 use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::util::SubscriberInitExt;
 
-use crate::config::{Config, LogFormat, OtlpProtocol, TracesExporter};
+use crate::config::{Config, LogFormat, OtlpProtocol, TaskCapture, TracesExporter};
 use crate::error::{Error, Result};
 use crate::execution::AgentSpanNames;
 use crate::filter::{ExecutionFilter, TracedFilter};
@@ -25,6 +25,7 @@ use crate::logs::Pipeline;
 use crate::metrics::server::{BearerToken, MetricsServer};
 use crate::metrics::{Metrics, MetricsHandle};
 use crate::panics;
+use crate::scrub::Scrubbing;
 use crate::stats::TelemetryStats;
 use crate::traces::BoxedSpanExporter;
 
@@ -185,6 +186,16 @@ impl AgentTelemetry {
         self
     }
 
+    /// The permissions of the log files this crate creates, whatever the umask (default
+    /// `0o640`: task text is for the owner and the group only); directories it creates get
+    /// the same with search permission where read is granted (`0o750`). Existing files and
+    /// directories keep theirs. Unix only.
+    #[must_use]
+    pub fn with_log_file_mode(mut self, mode: u32) -> Self {
+        self.config.log_file_mode = mode;
+        self
+    }
+
     /// How many log lines may wait for the log thread before new ones are dropped and
     /// counted. Each agent thread formats its lines into a buffer of its own, and sets it aside
     /// for the log thread at 256 lines or 64 KiB; this bounds the full buffers set aside and
@@ -207,6 +218,35 @@ impl AgentTelemetry {
     #[must_use]
     pub fn with_max_task_chars(mut self, chars: usize) -> Self {
         self.config.max_task_chars = chars;
+        self
+    }
+
+    /// The longest string attribute or event attribute of a span, in characters; longer
+    /// values are cut, `…` marking the cut. Default: the task limit
+    /// ([`with_max_task_chars`](Self::with_max_task_chars))
+    /// (`OTEL_SPAN_ATTRIBUTE_VALUE_LENGTH_LIMIT`, else `OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT`,
+    /// overrides it).
+    #[must_use]
+    pub fn with_attribute_value_length_limit(mut self, chars: usize) -> Self {
+        self.config.attribute_value_chars = Some(chars);
+        self
+    }
+
+    /// What scrubbing redacts: on by default, sensitive field names and secret patterns in
+    /// every text become `[REDACTED]` ([`Scrubbing`] adds names and patterns, or turns it
+    /// off) (`AGENT_TELEMETRY_SCRUBBING=off` turns it off, `on` back on).
+    #[must_use]
+    pub fn with_scrubbing(mut self, scrubbing: Scrubbing) -> Self {
+        self.config.scrubbing = scrubbing;
+        self
+    }
+
+    /// What of the task the log line and the span carry: the text (default), a short stable
+    /// hash, or nothing (`AGENT_TELEMETRY_TASK_CAPTURE`: `full`, `hash`, `off`, overrides it).
+    /// Metrics never carry the task.
+    #[must_use]
+    pub fn with_task_capture(mut self, capture: TaskCapture) -> Self {
+        self.config.task_capture = capture;
         self
     }
 
@@ -245,6 +285,16 @@ impl AgentTelemetry {
     #[must_use]
     pub fn with_otlp_endpoint(mut self, url: impl Into<String>) -> Self {
         self.config.otlp.endpoint = Some(url.into());
+        self
+    }
+
+    /// A header sent with every OTLP export, such as an API key; a later one with the same
+    /// name replaces it. Its value is never printed. Default: none
+    /// (`OTEL_EXPORTER_OTLP_HEADERS` and `OTEL_EXPORTER_OTLP_TRACES_HEADERS` add theirs over
+    /// them).
+    #[must_use]
+    pub fn with_otlp_header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.config.otlp.headers.push((name.into(), value.into()));
         self
     }
 
@@ -386,8 +436,9 @@ impl AgentTelemetry {
             parse_env_filter(&config.env_filter)?,
         );
 
+        let scrubber = Arc::new(config.scrubbing.build()?);
         let metrics = Arc::new(Metrics::new(&config, resource.clone(), Arc::clone(&stats))?);
-        let traces = crate::traces::build(&config, self.span_exporter, &resource, &stats)?;
+        let traces = crate::traces::build(&config, self.span_exporter, &resource, &stats, &scrubber)?;
         let agent_tracer = traces.as_ref().map(|traces| Arc::clone(&traces.agents));
         let logs = LogLines::new(&config, self.log_writer, Arc::clone(&stats))?;
         let pipeline = Arc::new(Pipeline::start(logs, config.log_queue_lines, Arc::clone(&stats))?);
@@ -413,7 +464,8 @@ impl AgentTelemetry {
                 // Events `RUST_LOG` selects reach the execution layer too: those directly
                 // inside an agent span become its span events.
                 let filter = ExecutionFilter::new(Arc::clone(&names), Some((traced_events, &config.env_filter)));
-                let executions = ExecutionLayer::new(signals).with_filter(filter);
+                let executions =
+                    ExecutionLayer::new(signals, config.text_policy(Arc::clone(&scrubber))).with_filter(filter);
                 let otel = tracing_opentelemetry::layer()
                     .with_tracer(traces.provider.tracer("agent_telemetry"))
                     .with_threads(false)
@@ -421,7 +473,10 @@ impl AgentTelemetry {
                     .with_filter(TracedFilter::new(names, traced_spans));
                 Box::new(executions.and_then(otel))
             }
-            None => Box::new(ExecutionLayer::new(signals).with_filter(ExecutionFilter::new(names, None))),
+            None => Box::new(
+                ExecutionLayer::new(signals, config.text_policy(Arc::clone(&scrubber)))
+                    .with_filter(ExecutionFilter::new(names, None)),
+            ),
         };
 
         let guard = TelemetryGuard {
@@ -575,7 +630,7 @@ impl TelemetryGuard {
                     OtlpProtocol::HttpProtobuf => "HTTP",
                     OtlpProtocol::Grpc => "gRPC",
                 },
-                config.otlp.resolved_endpoint()
+                config.otlp.display_endpoint()
             ),
             TracesExporter::Console => "traces:  console (stdout)".to_owned(),
             TracesExporter::None => "traces:  off".to_owned(),

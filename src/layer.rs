@@ -20,7 +20,7 @@ use tracing_core::{Dispatch, Event, Level, Subscriber};
 use tracing_subscriber::layer::{Context, Layer};
 use tracing_subscriber::registry::LookupSpan;
 
-use crate::execution::{ErrorText, Execution, ExecutionState, UNKNOWN_AGENT};
+use crate::execution::{ErrorText, Execution, ExecutionState, TextPolicy, UNKNOWN_AGENT};
 use crate::logs::Pipeline;
 use crate::metrics::Metrics;
 use crate::traces::{AgentSpan, AgentTracer};
@@ -91,6 +91,7 @@ fn make_current(id: &Id, context: opentelemetry::Context) {
 /// Turns agent spans into executions for the signals.
 pub(crate) struct ExecutionLayer<S> {
     signals: Signals,
+    text: TextPolicy,
     hook: AgentSpanHook,
     dispatch: OnceLock<WeakDispatch>,
     _subscriber: PhantomData<fn(S)>,
@@ -100,13 +101,14 @@ impl<S> ExecutionLayer<S>
 where
     S: Subscriber + for<'a> LookupSpan<'a>,
 {
-    pub(crate) fn new(signals: Signals) -> Self {
+    pub(crate) fn new(signals: Signals, text: TextPolicy) -> Self {
         let hook = AgentSpanHook {
             tracer: signals.tracer.clone(),
             with_span: with_agent_span::<S>,
         };
         ExecutionLayer {
             signals,
+            text,
             hook,
             dispatch: OnceLock::new(),
             _subscriber: PhantomData,
@@ -150,10 +152,10 @@ where
     }
 
     fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: Context<'_, S>) {
-        let mut execution = ExecutionState::new();
+        let mut execution = ExecutionState::new(self.text.held_chars());
         let span = if let Some(tracer) = &self.signals.tracer {
             let mut span = tracer.start(&self.parent_context(attrs, &ctx), attrs.metadata());
-            span.record(attrs, &mut execution.fields);
+            tracer.record(&mut span, attrs, &mut execution.fields);
             Some(span)
         } else {
             attrs.record(&mut execution.fields);
@@ -168,20 +170,20 @@ where
         let Some(span) = ctx.span(id) else { return };
         let mut extensions = span.extensions_mut();
         if let Some(Running { execution, span }) = extensions.get_mut::<Running>() {
-            match span {
-                Some(span) => span.record(values, &mut execution.fields),
-                None => values.record(&mut execution.fields),
+            match (span, &self.signals.tracer) {
+                (Some(span), Some(tracer)) => tracer.record(span, values, &mut execution.fields),
+                _ => values.record(&mut execution.fields),
             }
         }
     }
 
     fn on_event(&self, event: &Event<'_>, ctx: Context<'_, S>) {
         if *event.metadata().level() == Level::ERROR {
-            fail_nearest_agent(event, &ctx);
+            fail_nearest_agent(event, &ctx, self.text.held_chars());
         }
-        if self.signals.tracer.is_none() {
+        let Some(tracer) = &self.signals.tracer else {
             return;
-        }
+        };
         // An event directly inside an agent span is one of the span's events; the filter of
         // the `tracing-opentelemetry` layer leaves these to us.
         let innermost = match event.parent() {
@@ -195,7 +197,7 @@ where
         let mut extensions = span.extensions_mut();
         if let Some(agent_span) = extensions.get_mut::<Running>().and_then(|r| r.span.as_mut()) {
             if agent_span.is_sampled() {
-                agent_span.add_event(event);
+                tracer.add_event(agent_span, event);
             }
         }
     }
@@ -252,6 +254,12 @@ where
         } = running;
         let duration = state.started.elapsed();
         state.panicked |= std::thread::panicking();
+        if let Some(text) = &mut state.error_event {
+            *text = self.text.error_text(text);
+        }
+        if let Some(text) = &mut state.fields.status {
+            *text = self.text.error_text(text);
+        }
         let (status, failure) = state.outcome();
         let execution = Execution {
             agent_name: state
@@ -259,7 +267,7 @@ where
                 .agent_name
                 .take()
                 .unwrap_or_else(|| Arc::from(UNKNOWN_AGENT)),
-            task: state.fields.task.take().unwrap_or_default(),
+            task: self.text.task(state.fields.task.take()),
             duration,
             status,
             failure,
@@ -288,8 +296,8 @@ where
 }
 
 /// The first failure source after an explicit status: an `ERROR` event fails the nearest
-/// enclosing agent span.
-fn fail_nearest_agent<S>(event: &Event<'_>, ctx: &Context<'_, S>)
+/// enclosing agent span, its text kept to `max_chars` characters.
+fn fail_nearest_agent<S>(event: &Event<'_>, ctx: &Context<'_, S>, max_chars: usize)
 where
     S: Subscriber + for<'a> LookupSpan<'a>,
 {
@@ -301,7 +309,7 @@ where
         if let Some(running) = extensions.get_mut::<Running>() {
             let state = &mut running.execution;
             if state.error_event.is_none() {
-                let mut text = ErrorText::default();
+                let mut text = ErrorText::new(max_chars);
                 event.record(&mut text);
                 state.error_event = Some(text.into_text());
             }

@@ -54,14 +54,17 @@ mod metrics;
 mod panics;
 mod per_thread;
 pub mod propagation;
+mod scrub;
 mod spells;
 mod stats;
 #[cfg(test)]
 mod test_support;
+mod text;
 mod traces;
 
-pub use config::{LogFormat, OtlpProtocol, TracesExporter, DEFAULT_DURATION_BUCKETS};
+pub use config::{LogFormat, OtlpProtocol, TaskCapture, TracesExporter, DEFAULT_DURATION_BUCKETS};
 pub use error::{Error, Result};
 pub use execution::Status;
 pub use install::{AgentTelemetry, TelemetryGuard, TelemetryLayer};
 pub use metrics::{MetricsHandle, OVERFLOW_AGENT_NAME};
+pub use scrub::{Scrubbing, REDACTED};

@@ -19,6 +19,7 @@ use crate::error::{Error, Result};
 use crate::execution::{Execution, Status};
 use crate::per_thread::PerThread;
 use crate::stats::TelemetryStats;
+use crate::text::{cut, MAX_LABEL_CHARS};
 use thread_series::{Holding, Instruments, ThreadSeries};
 
 /// The `agent_name` label value that executions beyond the cardinality cap are folded into.
@@ -153,12 +154,13 @@ impl Metrics {
             .u64_gauge("framework_info")
             .with_description("Framework version and configuration")
             .build();
+        let label = |text: &str| cut(text, MAX_LABEL_CHARS).into_owned();
         info.record(
             1,
             &[
-                KeyValue::new("version", config.service_version.clone()),
-                KeyValue::new("environment", config.environment.clone()),
-                KeyValue::new("scale", config.scale.clone()),
+                KeyValue::new("version", label(&config.service_version)),
+                KeyValue::new("environment", label(&config.environment)),
+                KeyValue::new("scale", label(&config.scale)),
             ],
         );
         register_self_metrics(&meter, &stats);

@@ -13,7 +13,7 @@ use crate::execution::{Execution, Status};
 pub(crate) fn execution() -> Execution {
     Execution {
         agent_name: "a".into(),
-        task: "t".into(),
+        task: Some("t".into()),
         duration: Duration::from_millis(1),
         status: Status::Success,
         failure: None,

@@ -4,7 +4,9 @@
 
 mod agent_span;
 mod export;
+mod otlp_http;
 mod processor;
+mod span_size;
 
 use std::sync::Arc;
 
@@ -18,6 +20,7 @@ use processor::{CountingProcessor, SharedProcessor};
 
 use crate::config::{Config, TracesExporter};
 use crate::error::Result;
+use crate::scrub::Scrubber;
 use crate::stats::TelemetryStats;
 
 /// The two ways into the one exporter.
@@ -33,6 +36,7 @@ pub(crate) fn build(
     custom: Option<BoxedSpanExporter>,
     resource: &Resource,
     stats: &Arc<TelemetryStats>,
+    scrubber: &Arc<Scrubber>,
 ) -> Result<Option<Traces>> {
     let exporter = match (custom, config.traces_exporter) {
         (Some(custom), _) => Exporter::Boxed(custom),
@@ -46,6 +50,8 @@ pub(crate) fn build(
     let processor = Arc::new(CountingProcessor::start(
         exporter,
         config.batch,
+        config.attribute_value_chars(),
+        Arc::clone(scrubber),
         config.shutdown_timeout,
         Arc::clone(stats),
     )?);
@@ -56,6 +62,11 @@ pub(crate) fn build(
         .build();
     Ok(Some(Traces {
         provider,
-        agents: Arc::new(AgentTracer::new(processor, config.sampler.clone())),
+        agents: Arc::new(AgentTracer::new(
+            processor,
+            config.sampler.clone(),
+            config.attribute_value_chars(),
+            Arc::clone(scrubber),
+        )),
     }))
 }

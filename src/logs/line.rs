@@ -4,9 +4,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::config::{Config, LogFormat};
 use crate::execution::{Execution, Status, TraceIds};
-
-/// Longest `agent_name` kept in a line, in characters.
-const MAX_AGENT_NAME_CHARS: usize = 256;
+use crate::text::{cut as truncate, MAX_LABEL_CHARS as MAX_AGENT_NAME_CHARS};
 
 /// A line's bytes besides its text fields, with room to spare.
 const LINE_BYTES: usize = 512;
@@ -47,7 +45,7 @@ impl LineFormat {
         out.reserve(
             (LINE_BYTES + self.tail.len())
                 .saturating_add(kept(&e.agent_name, MAX_AGENT_NAME_CHARS))
-                .saturating_add(kept(&e.task, self.max_task_chars)),
+                .saturating_add(e.task.as_deref().map_or(0, |task| kept(task, self.max_task_chars))),
         );
         match self.format {
             LogFormat::Guide => self.write_guide(e, out),
@@ -67,8 +65,10 @@ impl LineFormat {
             Status::Failure => br#""ERROR","event":"agent_execution","agent_name":"#.as_slice(),
         });
         write_str(out, truncate(&e.agent_name, MAX_AGENT_NAME_CHARS));
-        out.extend_from_slice(br#","task":"#);
-        write_str(out, truncate(&e.task, self.max_task_chars));
+        if let Some(task) = &e.task {
+            out.extend_from_slice(br#","task":"#);
+            write_str(out, truncate(task, self.max_task_chars));
+        }
         out.extend_from_slice(br#","duration_seconds":"#);
         write_seconds(out, e.duration);
         out.extend_from_slice(match e.status {
@@ -99,8 +99,11 @@ impl LineFormat {
         out.extend_from_slice(itoa::Buffer::new().format(nanos).as_bytes());
         out.extend_from_slice(br#","gen_ai.agent.name":"#);
         write_str(out, &agent_name);
-        out.extend_from_slice(br#","gen_ai.operation.name":"invoke_agent","agent_execution.task":"#);
-        write_str(out, truncate(&e.task, self.max_task_chars));
+        out.extend_from_slice(br#","gen_ai.operation.name":"invoke_agent""#);
+        if let Some(task) = &e.task {
+            out.extend_from_slice(br#","agent_execution.task":"#);
+            write_str(out, truncate(task, self.max_task_chars));
+        }
         self.write_failure(e, out);
     }
 
@@ -111,18 +114,6 @@ impl LineFormat {
             out.extend_from_slice(br#","error.message":"#);
             write_str(out, truncate(failure.description(), self.max_task_chars));
         }
-    }
-}
-
-/// At most `max` characters, cut at a character boundary, with `…` where text was cut.
-fn truncate(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
-    // A character takes at least a byte: short text needs no walk over its characters.
-    if text.len() <= max {
-        return text.into();
-    }
-    match text.char_indices().nth(max) {
-        None => text.into(),
-        Some((cut, _)) => format!("{}…", &text[..cut]).into(),
     }
 }
 
@@ -333,7 +324,7 @@ mod tests {
         };
         let execution = Execution {
             agent_name: "backend-engineer".into(),
-            task: task.into(),
+            task: Some(task.into()),
             duration,
             status: if failure.is_some() {
                 Status::Failure
@@ -372,7 +363,13 @@ mod tests {
     fn a_huge_task_takes_room_for_what_the_line_keeps_of_it() {
         let task = "x".repeat(64 << 20);
         let mut out = Vec::new();
-        LineFormat::new(&Config::default()).write(&Execution { task, ..execution() }, &mut out);
+        LineFormat::new(&Config::default()).write(
+            &Execution {
+                task: Some(task),
+                ..execution()
+            },
+            &mut out,
+        );
         assert!(out.len() < 4096, "{} bytes", out.len());
         assert!(out.capacity() < 64 * 1024, "{} bytes reserved", out.capacity());
     }
@@ -386,7 +383,7 @@ mod tests {
         let failure = Failure::Panic;
         let execution = Execution {
             agent_name: "qa-engineer".into(),
-            task: "Test API".into(),
+            task: Some("Test API".into()),
             duration: Duration::from_millis(1500),
             status: Status::Failure,
             failure: Some(failure),
@@ -559,7 +556,7 @@ mod tests {
                 let failure = Failure::ErrorEvent(task.clone());
                 let execution = Execution {
                     agent_name: agent_name.as_str().into(),
-                    task: task.clone(),
+                    task: Some(task.clone()),
                     duration: Duration::from_millis(u64::from(millis)),
                     status: if failed { Status::Failure } else { Status::Success },
                     failure: failed.then_some(failure),

@@ -378,7 +378,7 @@ mod tests {
                 scope.spawn(move || {
                     for line in 0..LINES {
                         pipeline.write_line(&Execution {
-                            task: format!("{thread}-{line}"),
+                            task: Some(format!("{thread}-{line}")),
                             ..execution()
                         });
                     }

@@ -25,7 +25,10 @@ use tracing_core::Metadata;
 use tracing_subscriber::field::RecordFields;
 
 use super::processor::CountingProcessor;
-use crate::execution::{debug_text, shared_agent_name, Execution, ExecutionFields, Failure, Status, TraceIds};
+use super::span_size;
+use crate::execution::{shared_agent_name, Execution, ExecutionFields, Failure, Status, TraceIds};
+use crate::scrub::{Scrubber, REDACTED, SCRUB_MARGIN};
+use crate::text::{cut, debug_text};
 
 /// Events kept per span, as the SDK's default span limits; the rest are counted as dropped.
 const MAX_EVENTS: usize = 128;
@@ -36,18 +39,25 @@ pub(crate) struct AgentTracer {
     processor: Arc<CountingProcessor>,
     sampler: Sampler,
     ids: RandomIdGenerator,
+    /// String attributes and event attributes are cut at this many characters ...
+    value_chars: usize,
+    /// ... and scrubbed by these rules first.
+    scrubber: Arc<Scrubber>,
 }
 
 /// Builds finished agent spans, on the span processor's thread.
 #[derive(Debug)]
 pub(crate) struct SpanBuilder {
     scope: InstrumentationScope,
+    /// The task and the status description are cut at this many characters.
+    value_chars: usize,
 }
 
-impl Default for SpanBuilder {
-    fn default() -> Self {
+impl SpanBuilder {
+    pub(crate) fn new(value_chars: usize) -> Self {
         SpanBuilder {
             scope: InstrumentationScope::builder("agent_telemetry").build(),
+            value_chars,
         }
     }
 }
@@ -87,6 +97,8 @@ pub(crate) struct FinishedSpan {
     metadata: &'static Metadata<'static>,
     /// Where the agent's name and then the task are in the batch's text.
     text: Range<usize>,
+    /// Whether the task is captured: without, the span has no `task` attribute.
+    has_task: bool,
     agent_name_len: usize,
     end_time: SystemTime,
     duration: Duration,
@@ -180,12 +192,59 @@ impl fmt::Display for AlreadyStarted {
 impl std::error::Error for AlreadyStarted {}
 
 impl AgentTracer {
-    pub(crate) fn new(processor: Arc<CountingProcessor>, sampler: Sampler) -> Self {
+    pub(crate) fn new(
+        processor: Arc<CountingProcessor>,
+        sampler: Sampler,
+        value_chars: usize,
+        scrubber: Arc<Scrubber>,
+    ) -> Self {
         AgentTracer {
             processor,
             sampler,
             ids: RandomIdGenerator::default(),
+            value_chars,
+            scrubber,
         }
+    }
+
+    /// Records `span`'s fields, when it opens and when they are recorded later, in one walk:
+    /// the execution's own into `execution`, the others as the span's attributes (scrubbed,
+    /// cut).
+    pub(crate) fn record(&self, span: &mut AgentSpan, fields: &impl RecordFields, execution: &mut ExecutionFields) {
+        fields.record(&mut SplitFields {
+            execution,
+            span: OtelValues {
+                sink: &mut FieldAttributes(span),
+                chars: self.value_chars,
+                scrubber: &self.scrubber,
+            },
+        });
+    }
+
+    /// Adds an event that happened inside `span`, named and shaped as `tracing-opentelemetry`
+    /// shapes span events (its fields scrubbed and cut).
+    pub(crate) fn add_event(&self, span: &mut AgentSpan, event: &tracing_core::Event<'_>) {
+        if span.events.len() >= MAX_EVENTS {
+            span.dropped_events = span.dropped_events.saturating_add(1);
+            return;
+        }
+        let metadata = event.metadata();
+        let mut fields = EventFields {
+            name: None,
+            attributes: vec![
+                KeyValue::new("level", metadata.level().as_str()),
+                KeyValue::new("target", metadata.target()),
+            ],
+        };
+        event.record(&mut OtelValues {
+            sink: &mut fields,
+            chars: self.value_chars,
+            scrubber: &self.scrubber,
+        });
+        push_location(&mut fields.attributes, metadata);
+        let name = fields.name.map_or(Cow::Borrowed(metadata.name()), Cow::Owned);
+        span.events
+            .push(Event::new(name, SystemTime::now(), fields.attributes, 0));
     }
 
     /// Opens a span under `parent` (an empty context for a root).
@@ -245,8 +304,11 @@ impl AgentTracer {
     /// spans come here: the layer sends no other.
     pub(crate) fn export(&self, span: AgentSpan, mut execution: Execution) {
         let finished = span.finish(&mut execution);
-        self.processor
-            .queue_agent(finished, &execution.agent_name, &execution.task);
+        self.processor.queue_agent(
+            finished,
+            &execution.agent_name,
+            execution.task.as_deref().unwrap_or_default(),
+        );
     }
 }
 
@@ -260,12 +322,14 @@ impl SpanBuilder {
         let mut attributes = Vec::with_capacity(10 + extra_attributes);
         attributes.extend([
             KeyValue::new("agent.name", agent_name.clone()),
-            KeyValue::new("task", task.to_owned()),
             KeyValue::new("result.status", span.status.as_str()),
             KeyValue::new("gen_ai.operation.name", "invoke_agent"),
             KeyValue::new("gen_ai.agent.name", agent_name),
             KeyValue::new("openinference.span.kind", "AGENT"),
         ]);
+        if span.has_task {
+            attributes.push(KeyValue::new("task", cut(task, self.value_chars).into_owned()));
+        }
         push_location(&mut attributes, span.metadata);
         let mut name = Cow::Borrowed(span.metadata.name());
         let mut trace_state = TraceState::default();
@@ -274,7 +338,7 @@ impl SpanBuilder {
         if let Some(rare) = rare {
             if let Some(failure) = &rare.failure {
                 attributes.push(KeyValue::new("error.type", failure.error_type().to_owned()));
-                status = SpanStatus::error(failure.description().to_owned());
+                status = SpanStatus::error(cut(failure.description(), self.value_chars).into_owned());
             }
             // Ours first: a field that happens to share a key does not make it appear twice.
             let ours = attributes.len();
@@ -305,6 +369,20 @@ impl SpanBuilder {
             status,
             instrumentation_scope: self.scope.clone(),
         }
+    }
+}
+
+impl FinishedSpan {
+    /// What the span weighs in the queue besides its text (`span_size`).
+    pub(crate) fn weight(&self) -> usize {
+        let rare = self.rare.as_ref().map_or(0, |rare| {
+            rare.name.as_ref().map_or(0, String::len)
+                + span_size::of_attributes(&rare.attributes)
+                + span_size::of_events(&rare.events)
+                + rare.failure.as_ref().map_or(0, |failure| failure.description().len())
+        });
+        // As a built span weighs: the overhead and our attributes' keys with the rest.
+        256 + rare
     }
 }
 
@@ -357,6 +435,7 @@ impl AgentSpan {
             status: execution.status,
             metadata,
             text: 0..0,
+            has_task: execution.task.is_some(),
             agent_name_len: 0,
             end_time: execution.finished_at,
             duration: execution.duration,
@@ -384,37 +463,6 @@ impl AgentSpan {
 
     pub(crate) fn is_sampled(&self) -> bool {
         self.span_context.is_sampled()
-    }
-
-    /// Records the span's fields, when it opens and when they are recorded later, in one
-    /// walk: the execution's own into `execution`, the others as the span's attributes.
-    pub(crate) fn record(&mut self, fields: &impl RecordFields, execution: &mut ExecutionFields) {
-        fields.record(&mut SplitFields {
-            execution,
-            span: OtelValues(&mut FieldAttributes(self)),
-        });
-    }
-
-    /// Adds an event that happened inside the span, named and shaped as
-    /// `tracing-opentelemetry` shapes span events.
-    pub(crate) fn add_event(&mut self, event: &tracing_core::Event<'_>) {
-        if self.events.len() >= MAX_EVENTS {
-            self.dropped_events = self.dropped_events.saturating_add(1);
-            return;
-        }
-        let metadata = event.metadata();
-        let mut fields = EventFields {
-            name: None,
-            attributes: vec![
-                KeyValue::new("level", metadata.level().as_str()),
-                KeyValue::new("target", metadata.target()),
-            ],
-        };
-        event.record(&mut OtelValues(&mut fields));
-        push_location(&mut fields.attributes, metadata);
-        let name = fields.name.map_or(Cow::Borrowed(metadata.name()), Cow::Owned);
-        self.events
-            .push(Event::new(name, SystemTime::now(), fields.attributes, 0));
     }
 
     fn set_attribute(&mut self, key: &'static str, value: Value) {
@@ -547,35 +595,74 @@ trait FieldSink {
 }
 
 /// A `tracing` field visitor that hands each value to a [`FieldSink`] as an OpenTelemetry
-/// value, the conversions `tracing-opentelemetry` makes.
-struct OtelValues<'a, S>(&'a mut S);
+/// value, the conversions `tracing-opentelemetry` makes: a field whose name looks sensitive
+/// as [`REDACTED`], text scrubbed and cut at `chars` characters.
+struct OtelValues<'a, S> {
+    sink: &'a mut S,
+    chars: usize,
+    scrubber: &'a Scrubber,
+}
+
+impl<S: FieldSink> OtelValues<'_, S> {
+    /// Sets `field` to [`REDACTED`] if its name looks sensitive; whether it did.
+    fn redacted(&mut self, field: &Field) -> bool {
+        let redacts = self.scrubber.redacts_field(field.name());
+        if redacts {
+            self.sink.set(field, Value::from(REDACTED));
+        }
+        redacts
+    }
+
+    fn text(&mut self, field: &Field, text: &str) {
+        if !self.redacted(field) {
+            let kept = self.scrubber.scrub_and_cut(text, self.chars).into_owned();
+            self.sink.set(field, Value::from(kept));
+        }
+    }
+
+    fn formatted(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        if !self.redacted(field) {
+            let text = debug_text(value, self.chars.saturating_add(SCRUB_MARGIN));
+            let kept = self.scrubber.scrub_and_cut(&text, self.chars).into_owned();
+            self.sink.set(field, Value::from(kept));
+        }
+    }
+}
 
 impl<S: FieldSink> Visit for OtelValues<'_, S> {
     fn record_str(&mut self, field: &Field, value: &str) {
-        self.0.set(field, Value::from(value.to_owned()));
+        self.text(field, value);
     }
 
     fn record_bool(&mut self, field: &Field, value: bool) {
-        self.0.set(field, Value::Bool(value));
+        if !self.redacted(field) {
+            self.sink.set(field, Value::Bool(value));
+        }
     }
 
     fn record_i64(&mut self, field: &Field, value: i64) {
-        self.0.set(field, Value::I64(value));
+        if !self.redacted(field) {
+            self.sink.set(field, Value::I64(value));
+        }
     }
 
     fn record_u64(&mut self, field: &Field, value: u64) {
-        self.0.set_u64(field, value);
+        if !self.redacted(field) {
+            self.sink.set_u64(field, value);
+        }
     }
 
     fn record_f64(&mut self, field: &Field, value: f64) {
-        self.0.set(field, Value::F64(value));
+        if !self.redacted(field) {
+            self.sink.set(field, Value::F64(value));
+        }
     }
 
     fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
-        self.0.set(field, Value::from(debug_text(&format_args!("{value}"))));
+        self.formatted(field, &format_args!("{value}"));
     }
 
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-        self.0.set(field, Value::from(debug_text(value)));
+        self.formatted(field, value);
     }
 }

@@ -8,15 +8,20 @@ use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
 use opentelemetry_sdk::trace::{SpanData, SpanExporter};
 use opentelemetry_sdk::Resource;
 
+use super::otlp_http::ExactHeaders;
 use crate::config::{Config, OtlpProtocol};
 use crate::error::{Error, Result};
 use crate::panics;
 use crate::spells::FailureSpells;
 use crate::stats::TelemetryStats;
 
+/// The largest OTLP request body sent; the span thread cuts export batches well below it
+/// (see `processor::EXPORT_BATCH_BYTES`), so only a span larger than this alone is refused.
+const MAX_REQUEST_BODY_BYTES: usize = 16 * 1024 * 1024;
+
 pub(crate) fn otlp_exporter(config: &Config) -> Result<Exporter> {
-    use opentelemetry_otlp::WithExportConfig;
-    let endpoint = config.otlp.resolved_endpoint();
+    use opentelemetry_otlp::{WithExportConfig, WithHttpConfig};
+    let target = config.otlp.target("OTEL_EXPORTER_OTLP_ENDPOINT")?;
     let failed = |e: opentelemetry_otlp::ExporterBuildError| Error::TraceExporter {
         exporter: "otlp",
         source: Box::new(e),
@@ -25,22 +30,35 @@ pub(crate) fn otlp_exporter(config: &Config) -> Result<Exporter> {
         OtlpProtocol::HttpProtobuf => opentelemetry_otlp::SpanExporter::builder()
             .with_http()
             .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
-            .with_endpoint(endpoint)
+            .with_endpoint(target.url)
             .with_timeout(config.otlp.timeout)
+            .with_http_client(ExactHeaders::new(config.otlp.timeout, &target.headers)?)
+            .with_max_request_body_size(MAX_REQUEST_BODY_BYTES)
             .build()
             .map(|exporter| Exporter::Boxed(Box::new(exporter)))
             .map_err(failed),
         #[cfg(feature = "grpc")]
         OtlpProtocol::Grpc => {
+            use opentelemetry_otlp::WithTonicConfig;
             let runtime = tokio::runtime::Handle::try_current().map_err(|e| Error::TraceExporter {
                 exporter: "otlp (grpc)",
                 source: format!("OTLP/gRPC must be set up inside a tokio runtime: {e}").into(),
             })?;
             let _entered = runtime.enter();
+            let mut headers = http::HeaderMap::new();
+            for (name, value) in &target.headers {
+                let name = http::HeaderName::from_bytes(name.as_bytes());
+                // Checked as HTTP header names and values already.
+                if let (Ok(name), Ok(value)) = (name, http::HeaderValue::from_str(value)) {
+                    headers.insert(name, value);
+                }
+            }
+            let metadata = opentelemetry_otlp::tonic_types::metadata::MetadataMap::from_headers(headers);
             opentelemetry_otlp::SpanExporter::builder()
                 .with_tonic()
-                .with_endpoint(endpoint)
+                .with_endpoint(target.url)
                 .with_timeout(config.otlp.timeout)
+                .with_metadata(metadata)
                 .build()
                 .map(|exporter| Exporter::Grpc(exporter, runtime.clone()))
                 .map_err(failed)

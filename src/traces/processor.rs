@@ -22,10 +22,12 @@ use opentelemetry_sdk::Resource;
 
 use super::agent_span::{AgentBatch, FinishedSpan, SpanBuilder};
 use super::export::CountingExporter;
+use super::span_size;
 use crate::background::{self, Linger};
 use crate::config::BatchSettings;
 use crate::error::Result;
 use crate::per_thread::{PerThread, Spares};
+use crate::scrub::Scrubber;
 use crate::stats::{first_time, TelemetryStats};
 
 /// What the span thread's channel carries. The channel has no bound of its own, and needs
@@ -68,6 +70,8 @@ fn export_batch(spans: usize) -> Vec<SpanData> {
 struct ThreadSpans {
     agents: AgentBatch,
     built: Vec<SpanData>,
+    /// What the spans weigh (`span_size`), for the queue's bound in bytes.
+    bytes: usize,
 }
 
 impl ThreadSpans {
@@ -76,6 +80,7 @@ impl ThreadSpans {
             agents: AgentBatch::with_capacity(spans),
             // Most threads finish agent spans only: room is made on the first other one.
             built: Vec::new(),
+            bytes: 0,
         }
     }
 
@@ -90,6 +95,7 @@ impl ThreadSpans {
     fn clear(&mut self) {
         self.agents.clear();
         self.built.clear();
+        self.bytes = 0;
     }
 }
 
@@ -165,8 +171,14 @@ pub(crate) struct CountingProcessor {
     /// As in the SDK's batch processor, `OTEL_BSP_MAX_QUEUE_SIZE` bounds the spans waiting;
     /// the batch being built or exported, and threads' batches still gathering, are apart.
     waiting: Arc<AtomicUsize>,
+    /// What those spans weigh: never more than `capacity_bytes`.
+    waiting_bytes: Arc<AtomicUsize>,
     stats: Arc<TelemetryStats>,
     capacity: usize,
+    capacity_bytes: usize,
+    /// Built spans' string attribute values are scrubbed and cut at this many characters.
+    value_chars: usize,
+    scrubber: Arc<Scrubber>,
     /// How long `force_flush` waits for the export.
     flush_timeout: Duration,
     shut_down: AtomicBool,
@@ -182,6 +194,8 @@ impl CountingProcessor {
     pub(crate) fn start(
         exporter: CountingExporter,
         settings: BatchSettings,
+        value_chars: usize,
+        scrubber: Arc<Scrubber>,
         flush_timeout: Duration,
         stats: Arc<TelemetryStats>,
     ) -> Result<Self> {
@@ -199,15 +213,18 @@ impl CountingProcessor {
             rounds: AtomicUsize::new(0),
         });
         let waiting = Arc::new(AtomicUsize::new(0));
+        let waiting_bytes = Arc::new(AtomicUsize::new(0));
         let worker = Worker {
             batches: Arc::clone(&batches),
             waiting: Arc::clone(&waiting),
+            waiting_bytes: Arc::clone(&waiting_bytes),
             unexported: 0,
             stats: Arc::clone(&stats),
             exporter,
             linger: Linger::new(settings.max_queue_size),
-            spans: SpanBuilder::default(),
+            spans: SpanBuilder::new(value_chars),
             batch: export_batch(settings.max_export_batch_size),
+            batch_bytes: 0,
             settings,
             exported: Ok(()),
         };
@@ -216,8 +233,12 @@ impl CountingProcessor {
             sender,
             batches,
             waiting,
+            waiting_bytes,
             stats,
             capacity: settings.max_queue_size,
+            capacity_bytes: settings.max_queue_bytes,
+            value_chars,
+            scrubber,
             flush_timeout,
             shut_down: AtomicBool::new(false),
             warned_full: AtomicBool::new(false),
@@ -229,12 +250,20 @@ impl CountingProcessor {
     /// Queues an agent span with its text, built on the processor's thread. It waits in the
     /// calling thread's batch until the batch is full or the processor collects it.
     pub(crate) fn queue_agent(&self, span: FinishedSpan, agent_name: &str, task: &str) {
-        self.queue_mine(|mine| mine.agents.push(span, agent_name, task));
+        self.queue_mine(|mine| {
+            mine.bytes += span.weight() + agent_name.len() + task.len();
+            mine.agents.push(span, agent_name, task);
+        });
     }
 
-    /// Queues a span `tracing-opentelemetry` built, in the calling thread's batch too.
-    pub(crate) fn queue(&self, span: SpanData) {
-        self.queue_mine(|mine| mine.built.push(span));
+    /// Queues a span `tracing-opentelemetry` built, in the calling thread's batch too, its
+    /// attributes scrubbed and its string values cut at the attribute value limit first.
+    pub(crate) fn queue(&self, mut span: SpanData) {
+        span_size::scrub_and_cut(&mut span, &self.scrubber, self.value_chars);
+        self.queue_mine(|mine| {
+            mine.bytes += span_size::of_span_data(&span);
+            mine.built.push(span);
+        });
     }
 
     /// Adds a span to the calling thread's batch with `add`, and hands the batch over once
@@ -273,13 +302,23 @@ impl CountingProcessor {
     /// thread takes them back off the count when it takes the batch. Called under that
     /// thread's lock, so it never blocks.
     fn hand_over(&self, batch: Box<ThreadSpans>) -> Queued {
-        let spans = batch.len();
-        if self.waiting.fetch_add(spans, Ordering::Relaxed).saturating_add(spans) > self.capacity {
+        let (spans, bytes) = (batch.len(), batch.bytes);
+        let too_many = self.waiting.fetch_add(spans, Ordering::Relaxed).saturating_add(spans) > self.capacity;
+        let too_heavy = self
+            .waiting_bytes
+            .fetch_add(bytes, Ordering::Relaxed)
+            .saturating_add(bytes)
+            > self.capacity_bytes;
+        let take_back = || {
             self.waiting.fetch_sub(spans, Ordering::Relaxed);
+            self.waiting_bytes.fetch_sub(bytes, Ordering::Relaxed);
+        };
+        if too_many || too_heavy {
+            take_back();
             return Queued::Refused(spans as u64);
         }
         if self.sender.send(Message::Spans(batch)).is_err() {
-            self.waiting.fetch_sub(spans, Ordering::Relaxed);
+            take_back();
             return Queued::Lost(spans as u64);
         }
         Queued::HandedOver
@@ -308,6 +347,7 @@ impl CountingProcessor {
                 target: "agent_telemetry::traces",
                 queue = "span export queue (OTEL_BSP_MAX_QUEUE_SIZE)",
                 capacity = self.capacity,
+                capacity_bytes = self.capacity_bytes,
                 "queue full on the way to the span exporter; dropping spans and counting them in agent_telemetry_spans_dropped_total"
             );
         }
@@ -406,6 +446,7 @@ impl SpanProcessor for SharedProcessor {
 struct Worker {
     batches: Arc<Batches>,
     waiting: Arc<AtomicUsize>,
+    waiting_bytes: Arc<AtomicUsize>,
     /// Spans this thread has taken (handed over or collected) and not yet given to the
     /// exporter, which counts them from then on: the batches being taken, the export batch
     /// being built. Counted as dropped if this thread panics.
@@ -415,6 +456,8 @@ struct Worker {
     linger: Linger,
     spans: SpanBuilder,
     batch: Vec<SpanData>,
+    /// What `batch` weighs: an export holds at most `settings.max_export_bytes`, or one span.
+    batch_bytes: usize,
     settings: BatchSettings,
     /// The first failed export of this round, if any.
     exported: OTelSdkResult,
@@ -512,6 +555,7 @@ impl Worker {
             Message::Spans(batch) => {
                 // Taken: no longer waiting, as a span the SDK's processor receives.
                 self.waiting.fetch_sub(batch.len(), Ordering::Relaxed);
+                self.waiting_bytes.fetch_sub(batch.bytes, Ordering::Relaxed);
                 self.unexported += batch.len();
                 Ok(self.take_batch(batch))
             }
@@ -562,10 +606,17 @@ impl Worker {
         taken
     }
 
-    /// Adds a span to the export batch, exporting it once full.
+    /// Adds a span to the export batch, exporting it once full in spans or bytes; a span that
+    /// would take the batch past its bytes goes into the next, alone if it is that heavy.
     fn add(&mut self, span: SpanData) {
+        let bytes = span_size::of_span_data(&span);
+        if !self.batch.is_empty() && self.batch_bytes.saturating_add(bytes) > self.settings.max_export_bytes {
+            self.export();
+        }
         self.batch.push(span);
-        if self.batch.len() >= self.settings.max_export_batch_size {
+        self.batch_bytes = self.batch_bytes.saturating_add(bytes);
+        if self.batch.len() >= self.settings.max_export_batch_size || self.batch_bytes >= self.settings.max_export_bytes
+        {
             self.export();
         }
     }
@@ -577,6 +628,7 @@ impl Worker {
             return;
         }
         let batch = mem::replace(&mut self.batch, export_batch(self.settings.max_export_batch_size));
+        self.batch_bytes = 0;
         // The exporter counts them from here, delivered or failed, even if it panics.
         self.unexported -= batch.len();
         let result = futures_executor::block_on(self.exporter.export(batch));
@@ -595,6 +647,7 @@ impl Drop for Worker {
             // Threads' batches first: once closed and emptied, none is being handed over.
             let gathering = self.batches.discard();
             let handed_over = self.waiting.swap(0, Ordering::Relaxed) + self.unexported;
+            self.waiting_bytes.store(0, Ordering::Relaxed);
             let lost = gathering + handed_over as u64;
             TelemetryStats::add(&self.stats.spans_dropped, lost);
         }
@@ -644,6 +697,8 @@ mod tests {
             max_queue_size: queue,
             max_export_batch_size: queue.min(512),
             scheduled_delay: delay,
+            max_queue_bytes: crate::config::DEFAULT_MAX_QUEUE_BYTES,
+            max_export_bytes: crate::config::DEFAULT_MAX_EXPORT_BYTES,
         };
         start(exporter, settings)
     }
@@ -655,8 +710,15 @@ mod tests {
     ) -> (Arc<CountingProcessor>, Arc<TelemetryStats>) {
         let stats = Arc::new(TelemetryStats::default());
         let exporter = CountingExporter::new(Exporter::Boxed(Box::new(exporter)), Arc::clone(&stats));
-        let processor =
-            CountingProcessor::start(exporter, settings, Duration::from_secs(5), Arc::clone(&stats)).unwrap();
+        let processor = CountingProcessor::start(
+            exporter,
+            settings,
+            1024,
+            Arc::new(Scrubber::off()),
+            Duration::from_secs(5),
+            Arc::clone(&stats),
+        )
+        .unwrap();
         (Arc::new(processor), stats)
     }
 
@@ -691,6 +753,8 @@ mod tests {
             max_queue_size: 16,
             max_export_batch_size: 16,
             scheduled_delay: Duration::from_secs(3600),
+            max_queue_bytes: crate::config::DEFAULT_MAX_QUEUE_BYTES,
+            max_export_bytes: crate::config::DEFAULT_MAX_EXPORT_BYTES,
         };
         let (processor, stats) = start(Notes(Arc::clone(&suppressed)), settings);
         processor.queue(span());
@@ -731,6 +795,8 @@ mod tests {
             max_queue_size: 2048,
             max_export_batch_size: 1,
             scheduled_delay: Duration::from_secs(3600),
+            max_queue_bytes: crate::config::DEFAULT_MAX_QUEUE_BYTES,
+            max_export_bytes: crate::config::DEFAULT_MAX_EXPORT_BYTES,
         };
         let (processor, _stats) = start(exporter.clone(), settings);
         for round in 1..=20 {
@@ -766,6 +832,8 @@ mod tests {
             max_queue_size: usize::MAX,
             max_export_batch_size: usize::MAX,
             scheduled_delay: Duration::from_secs(3600),
+            max_queue_bytes: crate::config::DEFAULT_MAX_QUEUE_BYTES,
+            max_export_bytes: crate::config::DEFAULT_MAX_EXPORT_BYTES,
         };
         let (processor, stats) = start(exporter.clone(), settings);
         for _ in 0..1000 {
@@ -774,6 +842,86 @@ mod tests {
         SharedProcessor(processor).force_flush().unwrap();
         assert_eq!(exporter.get_finished_spans().unwrap().len(), 1000);
         assert_eq!(TelemetryStats::get(&stats.spans_dropped), 0);
+    }
+
+    /// Remembers how many spans, and what they weighed, each export held.
+    #[derive(Debug, Clone, Default)]
+    struct Weighing(Arc<Mutex<Vec<(usize, usize)>>>);
+
+    impl SpanExporter for Weighing {
+        async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
+            let bytes = batch.iter().map(span_size::of_span_data).sum();
+            self.0.lock().unwrap().push((batch.len(), bytes));
+            Ok(())
+        }
+    }
+
+    /// A built span carrying `bytes` bytes of attribute text, in attributes of 1000.
+    fn span_of(bytes: usize) -> SpanData {
+        let attributes = (0..bytes.div_ceil(1000))
+            .map(|n| opentelemetry::KeyValue::new(format!("a{n}"), "x".repeat(1000)))
+            .collect();
+        SpanData { attributes, ..span() }
+    }
+
+    #[test]
+    fn export_requests_are_cut_by_bytes_and_a_heavy_span_goes_alone() {
+        let weighing = Weighing::default();
+        let settings = BatchSettings {
+            max_queue_size: 4096,
+            max_export_batch_size: 512,
+            scheduled_delay: Duration::from_secs(3600),
+            max_queue_bytes: crate::config::DEFAULT_MAX_QUEUE_BYTES,
+            max_export_bytes: 20_000,
+        };
+        let (processor, stats) = start(weighing.clone(), settings);
+        for n in 0..100 {
+            // Every tenth span alone weighs more than an export may hold.
+            processor.queue(span_of(if n % 10 == 0 { 50_000 } else { 3_000 }));
+        }
+        SharedProcessor(processor).force_flush().unwrap();
+        let exports = weighing.0.lock().unwrap().clone();
+        assert_eq!(exports.iter().map(|(spans, _)| spans).sum::<usize>(), 100);
+        assert_eq!(TelemetryStats::get(&stats.spans_exported), 100);
+        for &(spans, bytes) in &exports {
+            assert!(
+                bytes <= 20_000 || spans == 1,
+                "{spans} spans of {bytes} bytes in one export"
+            );
+        }
+        let alone = exports
+            .iter()
+            .filter(|&&(spans, bytes)| spans == 1 && bytes > 50_000)
+            .count();
+        assert_eq!(alone, 10, "each heavy span in an export of its own: {exports:?}");
+    }
+
+    #[test]
+    fn the_queue_is_bounded_in_bytes_as_well_as_spans() {
+        // Room for 8 spans (handed over 4 at a time) but 100 kB: while an export holds the
+        // span thread, one handoff of 4 spans of 20 kB fits, the next two do not.
+        let (processor, stats, let_go) = holding_an_export_with(8, 100_000);
+        for _ in 0..12 {
+            processor.queue(span_of(20_000));
+        }
+        assert_eq!(TelemetryStats::get(&stats.spans_dropped), 8, "refused by bytes");
+        drop(let_go);
+        SharedProcessor(processor).force_flush().unwrap();
+        assert_eq!(TelemetryStats::get(&stats.spans_exported), 4 + 4);
+    }
+
+    #[test]
+    fn built_spans_string_values_are_cut_at_the_attribute_limit() {
+        let memory = InMemorySpanExporter::default();
+        let (processor, _) = processor(memory.clone(), 16, Duration::from_secs(3600));
+        processor.queue(SpanData {
+            attributes: vec![opentelemetry::KeyValue::new("prompt", "y".repeat(5000))],
+            ..span()
+        });
+        SharedProcessor(processor).force_flush().unwrap();
+        let spans = memory.get_finished_spans().unwrap();
+        let value = spans[0].attributes[0].value.as_str().into_owned();
+        assert_eq!(value, format!("{}…", "y".repeat(1024)), "cut at the default limit");
     }
 
     #[test]
@@ -819,6 +967,14 @@ mod tests {
     /// A processor with a queue of `queue` spans and exports of 4, whose exporter holds every
     /// export, holding its first: 4 spans queued and taken. Dropping the sender lets go.
     fn holding_an_export(queue: usize) -> (Arc<CountingProcessor>, Arc<TelemetryStats>, std::sync::mpsc::Sender<()>) {
+        holding_an_export_with(queue, crate::config::DEFAULT_MAX_QUEUE_BYTES)
+    }
+
+    /// [`holding_an_export`] with a queue of at most `queue_bytes` bytes.
+    fn holding_an_export_with(
+        queue: usize,
+        queue_bytes: usize,
+    ) -> (Arc<CountingProcessor>, Arc<TelemetryStats>, std::sync::mpsc::Sender<()>) {
         let (began, export_began) = std::sync::mpsc::channel();
         let (let_go, release) = std::sync::mpsc::channel();
         let held = Held {
@@ -829,6 +985,8 @@ mod tests {
             max_queue_size: queue,
             max_export_batch_size: 4,
             scheduled_delay: Duration::from_secs(3600),
+            max_queue_bytes: queue_bytes,
+            max_export_bytes: crate::config::DEFAULT_MAX_EXPORT_BYTES,
         };
         let (processor, stats) = start(held, settings);
         for _ in 0..4 {
@@ -921,7 +1079,7 @@ mod tests {
         let metadata = span.metadata().expect("a callsite's span has metadata");
         let execution = Execution {
             agent_name: agent_name.into(),
-            task,
+            task: Some(task),
             ..execution()
         };
         (tracer.start(&Context::new(), metadata), execution)
@@ -931,7 +1089,12 @@ mod tests {
     fn every_span_queued_while_the_processor_shuts_down_is_exported_or_counted() {
         let _subscriber = tracing::subscriber::set_default(tracing_subscriber::registry());
         let (processor, stats) = processor(InMemorySpanExporter::default(), 2048, Duration::from_secs(3600));
-        let tracer = AgentTracer::new(Arc::clone(&processor), opentelemetry_sdk::trace::Sampler::AlwaysOn);
+        let tracer = AgentTracer::new(
+            Arc::clone(&processor),
+            opentelemetry_sdk::trace::Sampler::AlwaysOn,
+            1024,
+            Arc::new(Scrubber::off()),
+        );
         let (threads, per_thread) = (4, 50_000);
         std::thread::scope(|scope| {
             for thread in 0..threads {
@@ -966,13 +1129,27 @@ mod tests {
     fn a_batch_whose_text_grew_past_its_room_is_not_kept() {
         let _subscriber = tracing::subscriber::set_default(tracing_subscriber::registry());
         let (processor, _) = processor(InMemorySpanExporter::default(), 16, Duration::from_secs(3600));
-        let tracer = AgentTracer::new(Arc::clone(&processor), opentelemetry_sdk::trace::Sampler::AlwaysOn);
+        let tracer = AgentTracer::new(
+            Arc::clone(&processor),
+            opentelemetry_sdk::trace::Sampler::AlwaysOn,
+            1024,
+            Arc::new(Scrubber::off()),
+        );
         for (task, kept) in [("usual".to_owned(), true), ("long".repeat(10_000), false)] {
             let (span, mut execution) = agent_span(&tracer, "a", task);
             let mut batch = AgentBatch::with_capacity(4);
-            batch.push(span.finish(&mut execution), &execution.agent_name, &execution.task);
+            batch.push(
+                span.finish(&mut execution),
+                &execution.agent_name,
+                execution.task.as_deref().unwrap_or_default(),
+            );
             batch.clear();
-            assert_eq!(batch.reusable(), kept, "{} bytes of text", execution.task.len());
+            assert_eq!(
+                batch.reusable(),
+                kept,
+                "{} bytes of text",
+                execution.task.as_deref().map_or(0, str::len)
+            );
         }
     }
 
@@ -982,7 +1159,12 @@ mod tests {
         let _subscriber = tracing::subscriber::set_default(tracing_subscriber::registry());
         let exporter = InMemorySpanExporter::default();
         let (processor, stats) = processor(exporter.clone(), 2048, Duration::from_secs(3600));
-        let tracer = AgentTracer::new(Arc::clone(&processor), opentelemetry_sdk::trace::Sampler::AlwaysOn);
+        let tracer = AgentTracer::new(
+            Arc::clone(&processor),
+            opentelemetry_sdk::trace::Sampler::AlwaysOn,
+            1024,
+            Arc::new(Scrubber::off()),
+        );
         // Fewer than a batch on some threads, several batches on others, agent spans and
         // every third iteration a built span among them; every thread has ended before the
         // flush.

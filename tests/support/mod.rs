@@ -462,6 +462,8 @@ pub fn scrape_request(addr: SocketAddr) -> String {
 pub struct ExampleProcess {
     child: std::process::Child,
     pub metrics: SocketAddr,
+    /// What it printed at start, through its `traces:` line.
+    pub banner: String,
     pub work: tempfile::TempDir,
 }
 
@@ -496,26 +498,28 @@ impl ExampleProcess {
             .stderr(std::process::Stdio::from(stderr));
         let mut child = command.spawn().expect("start the example");
         let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        let metrics = loop {
-            line.clear();
-            let read = stdout.read_line(&mut line).unwrap();
-            if read == 0 {
+        let mut banner = String::new();
+        while !banner.contains("\ntraces:") {
+            if stdout.read_line(&mut banner).unwrap() == 0 {
                 let _ = child.kill();
                 let stderr = std::fs::read_to_string(work.path().join("stderr.log")).unwrap_or_default();
-                panic!("the example exited before serving metrics: {stderr}");
+                panic!("the example exited before serving metrics: {banner}{stderr}");
             }
-            if let Some(addr) = line
-                .trim()
-                .strip_prefix("metrics: http://")
-                .and_then(|l| l.strip_suffix("/metrics"))
-            {
-                break addr.parse().unwrap();
-            }
-        };
+        }
+        let metrics = banner
+            .lines()
+            .find_map(|line| line.strip_prefix("metrics: http://")?.strip_suffix("/metrics"))
+            .expect("a metrics line")
+            .parse()
+            .unwrap();
         // Keep reading stdout so the example never blocks on a full pipe.
         std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
-        ExampleProcess { child, metrics, work }
+        ExampleProcess {
+            child,
+            metrics,
+            banner,
+            work,
+        }
     }
 
     pub fn pid(&self) -> u32 {
@@ -556,5 +560,79 @@ impl Drop for ExampleProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// An OTLP/HTTP endpoint that answers 200 to everything and keeps each request's head and
+/// body length: for what reaches a collector beyond the spans (headers, request sizes).
+pub struct RecordingCollector {
+    pub addr: SocketAddr,
+    requests: Arc<Mutex<Vec<(String, usize)>>>,
+}
+
+impl RecordingCollector {
+    pub fn start() -> Self {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let requests: Arc<Mutex<Vec<(String, usize)>>> = Arc::default();
+        let kept = Arc::clone(&requests);
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let kept = Arc::clone(&kept);
+                std::thread::spawn(move || record_requests(stream, &kept));
+            }
+        });
+        RecordingCollector { addr, requests }
+    }
+
+    /// The traces endpoint URL, `http://127.0.0.1:PORT/v1/traces`.
+    pub fn traces_url(&self) -> String {
+        format!("http://{}/v1/traces", self.addr)
+    }
+
+    /// Each request's head (request line and headers, as sent) and body length so far.
+    pub fn requests(&self) -> Vec<(String, usize)> {
+        self.requests.lock().unwrap().clone()
+    }
+
+    /// Waits up to `timeout` for at least `count` requests; returns them all.
+    pub fn wait_for(&self, count: usize, timeout: Duration) -> Vec<(String, usize)> {
+        let deadline = std::time::Instant::now() + timeout;
+        while self.requests().len() < count && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.requests()
+    }
+}
+
+fn record_requests(mut stream: TcpStream, kept: &Mutex<Vec<(String, usize)>>) {
+    stream.set_read_timeout(Some(Duration::from_secs(30))).ok();
+    loop {
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            match stream.read(&mut byte) {
+                Ok(1) => head.push(byte[0]),
+                _ => return,
+            }
+        }
+        let head = String::from_utf8_lossy(&head).into_owned();
+        let length: usize = head
+            .lines()
+            .find_map(|line| {
+                let (name, value) = line.split_once(':')?;
+                name.eq_ignore_ascii_case("content-length")
+                    .then(|| value.trim().parse().ok())?
+            })
+            .unwrap_or(0);
+        let mut body = vec![0; length];
+        if stream.read_exact(&mut body).is_err() {
+            return;
+        }
+        kept.lock().unwrap().push((head, length));
+        let answer = "HTTP/1.1 200 OK\r\nContent-Type: application/x-protobuf\r\nContent-Length: 0\r\n\r\n";
+        if stream.write_all(answer.as_bytes()).is_err() {
+            return;
+        }
     }
 }

@@ -1,0 +1,274 @@
+//! Daily log files `<prefix>.YYYY-MM-DD.log` (UTC dates) in one directory, written by the log
+//! thread only.
+//!
+//! Contracts:
+//! - lines never go through a symbolic link: today's file is opened with `O_NOFOLLOW`, and a
+//!   symlink in its place is an error (counted and warned about by the writer's caller); its
+//!   target is never touched, a dangling one never created;
+//! - lines never go to a file that is no longer at its path: before each batch the file at
+//!   the path is compared (device and inode) with the one open, and reopened when they differ
+//!   or it is gone (a removed directory or file comes back);
+//! - files this crate creates get exactly the configured mode (default `0640`), directories
+//!   it creates the same with search permission where read is granted (`0750`), whatever the
+//!   umask; existing files and directories keep theirs.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+/// The default mode of log files: the owner reads and writes, the group reads.
+pub(crate) const DEFAULT_FILE_MODE: u32 = 0o640;
+
+/// Daily files in `dir`.
+pub(crate) struct DailyFiles {
+    dir: PathBuf,
+    prefix: String,
+    file_mode: u32,
+    open: Option<OpenFile>,
+}
+
+/// Today's file, as opened.
+struct OpenFile {
+    path: PathBuf,
+    file: File,
+    identity: Identity,
+}
+
+impl DailyFiles {
+    /// Opens today's file in `dir`, creating both as needed.
+    ///
+    /// # Errors
+    ///
+    /// When the directory cannot be created or today's file cannot be opened (a symbolic
+    /// link in its place among the reasons).
+    pub(crate) fn open(dir: &Path, prefix: &str, file_mode: u32) -> io::Result<Self> {
+        let mut files = DailyFiles {
+            dir: dir.to_owned(),
+            prefix: prefix.to_owned(),
+            file_mode: file_mode & 0o777,
+            open: None,
+        };
+        files.current()?;
+        Ok(files)
+    }
+
+    /// Today's file, named as the date is now (UTC).
+    fn todays_path(&self) -> PathBuf {
+        let today = time::OffsetDateTime::now_utc().date();
+        let (year, month, day) = (today.year(), u8::from(today.month()), today.day());
+        self.dir
+            .join(format!("{}.{year:04}-{month:02}-{day:02}.log", self.prefix))
+    }
+
+    /// The file to write to now: the open one while it is still today's and still at its
+    /// path, else today's, opened anew.
+    fn current(&mut self) -> io::Result<&mut File> {
+        let path = self.todays_path();
+        let still_open = self
+            .open
+            .as_ref()
+            .is_some_and(|open| open.path == path && Identity::at(&path).ok() == Some(open.identity));
+        if !still_open {
+            self.open = None;
+            self.open = Some(self.open_file(path)?);
+        }
+        // Set just above when it was not.
+        self.open
+            .as_mut()
+            .map(|open| &mut open.file)
+            .ok_or_else(|| io::Error::other("no log file is open"))
+    }
+
+    fn open_file(&self, path: PathBuf) -> io::Result<OpenFile> {
+        create_dir(&self.dir, directory_mode(self.file_mode))?;
+        let created = options(self.file_mode).create_new(true).open(&path);
+        let file = match created {
+            Ok(file) => {
+                set_mode(&file, self.file_mode)?;
+                file
+            }
+            Err(error) if error.kind() == io::ErrorKind::AlreadyExists => options(self.file_mode)
+                .open(&path)
+                .map_err(|error| explain(&path, error))?,
+            Err(error) => return Err(explain(&path, error)),
+        };
+        let identity = Identity::of(&file)?;
+        Ok(OpenFile { path, file, identity })
+    }
+}
+
+impl Write for DailyFiles {
+    fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+        self.current()?.write(bytes)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match &mut self.open {
+            Some(open) => open.file.flush(),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Options that append, never following a symbolic link, and create with `mode`.
+fn options(mode: u32) -> OpenOptions {
+    let mut options = OpenOptions::new();
+    options.append(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC).mode(mode);
+    }
+    #[cfg(not(unix))]
+    let _ = mode;
+    options
+}
+
+/// A clearer error for a symbolic link in the file's place.
+fn explain(path: &Path, error: io::Error) -> io::Error {
+    #[cfg(unix)]
+    if error.raw_os_error() == Some(libc::ELOOP) {
+        return io::Error::new(
+            error.kind(),
+            format!(
+                "{} is a symbolic link; log lines are never written through one",
+                path.display()
+            ),
+        );
+    }
+    let _ = path;
+    error
+}
+
+/// The mode of a directory for files of `file_mode`: search permission where read is granted.
+fn directory_mode(file_mode: u32) -> u32 {
+    file_mode | ((file_mode & 0o444) >> 2)
+}
+
+/// Creates `dir` and its missing parents, each with exactly `mode`.
+fn create_dir(dir: &Path, mode: u32) -> io::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    let mut missing = Vec::new();
+    let mut next = Some(dir);
+    while let Some(path) = next.filter(|path| !path.as_os_str().is_empty() && !path.exists()) {
+        missing.push(path);
+        next = path.parent();
+    }
+    for path in missing.into_iter().rev() {
+        let mut builder = std::fs::DirBuilder::new();
+        #[cfg(unix)]
+        std::os::unix::fs::DirBuilderExt::mode(&mut builder, mode);
+        match builder.create(path) {
+            Ok(()) => set_dir_mode(path, mode)?,
+            // Created meanwhile by someone else: theirs, with their mode.
+            Err(error) if error.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(error) => return Err(error),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(unix)]
+fn set_mode(file: &File, mode: u32) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    file.set_permissions(std::fs::Permissions::from_mode(mode))
+}
+
+#[cfg(not(unix))]
+fn set_mode(_: &File, _: u32) -> io::Result<()> {
+    Ok(())
+}
+
+#[cfg(unix)]
+fn set_dir_mode(dir: &Path, mode: u32) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
+}
+
+#[cfg(not(unix))]
+fn set_dir_mode(_: &Path, _: u32) -> io::Result<()> {
+    Ok(())
+}
+
+/// What tells two files apart: device and inode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Identity(u64, u64);
+
+impl Identity {
+    #[cfg(unix)]
+    fn of(file: &File) -> io::Result<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let metadata = file.metadata()?;
+        Ok(Identity(metadata.dev(), metadata.ino()))
+    }
+
+    /// The file at `path` itself, not what a symbolic link there points to.
+    #[cfg(unix)]
+    fn at(path: &Path) -> io::Result<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let metadata = std::fs::symlink_metadata(path)?;
+        Ok(Identity(metadata.dev(), metadata.ino()))
+    }
+
+    #[cfg(not(unix))]
+    fn of(_: &File) -> io::Result<Self> {
+        Ok(Identity(0, 0))
+    }
+
+    #[cfg(not(unix))]
+    fn at(path: &Path) -> io::Result<Self> {
+        std::fs::symlink_metadata(path).map(|_| Identity(0, 0))
+    }
+}
+
+#[cfg(all(test, unix))]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    fn mode(path: &Path) -> u32 {
+        std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn directories_get_search_permission_where_files_get_read() {
+        assert_eq!(directory_mode(0o640), 0o750);
+        assert_eq!(directory_mode(0o600), 0o700);
+        assert_eq!(directory_mode(0o644), 0o755);
+    }
+
+    #[test]
+    fn created_files_and_directories_get_exactly_the_mode() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("a/b");
+        let mut files = DailyFiles::open(&dir, "agents", 0o600).unwrap();
+        files.write_all(b"{}\n").unwrap();
+        let path = files.todays_path();
+        assert_eq!(mode(&path), 0o600);
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(mode(&root.path().join("a")), 0o700);
+    }
+
+    #[test]
+    fn a_symlink_in_place_of_todays_file_is_an_error_and_its_target_untouched() {
+        let root = tempfile::tempdir().unwrap();
+        let mut files = DailyFiles::open(root.path(), "agents", DEFAULT_FILE_MODE).unwrap();
+        let path = files.todays_path();
+        let target = root.path().join("target.txt");
+        std::fs::write(&target, "precious\n").unwrap();
+        std::fs::remove_file(&path).unwrap();
+        std::os::unix::fs::symlink(&target, &path).unwrap();
+        let error = files.write(b"line\n").unwrap_err();
+        assert!(error.to_string().contains("symbolic link"), "{error}");
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), "precious\n");
+
+        let dangling = root.path().join("nowhere.txt");
+        std::fs::remove_file(&path).unwrap();
+        std::os::unix::fs::symlink(&dangling, &path).unwrap();
+        assert!(files.write(b"line\n").is_err());
+        assert!(!dangling.exists(), "a dangling link's target is not created");
+    }
+}

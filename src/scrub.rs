@@ -1,0 +1,482 @@
+//! Scrubbing: secrets in what leaves the process become `[REDACTED]`, on by default, as
+//! Logfire does for its users.
+//!
+//! Two rules, applied to the log line and the span alike:
+//!
+//! - **Names**: a span or event field whose name looks sensitive is sent as `[REDACTED]`. A
+//!   name is split into segments at `.`, `_`, `-`, spaces and lower-to-upper case changes,
+//!   and matches when a segment is one of [`SENSITIVE_SEGMENTS`] or two adjacent segments
+//!   join into one of [`SENSITIVE_PAIRS`] (`api_key`, `apiKey`, `db.password`,
+//!   `access_token`), so that counts such as `input_tokens` or `gen_ai.usage.*` never do.
+//!   The attributes the crate sets itself are never scrubbed.
+//! - **Values**: in task text, error messages and every other string value, what matches a
+//!   secret pattern (bearer tokens, JWTs, `sk-`/`pk-` style API keys, AWS access key ids,
+//!   GitHub, Slack and Google keys, PEM private key blocks, `password=…` and the like) is
+//!   replaced. A text is scrubbed before it is cut to its limit, with a margin
+//!   ([`SCRUB_MARGIN`]), so a secret that straddles the cut is caught whole.
+//!
+//! Texts without any of the patterns' literal triggers (most tasks) are checked with one
+//! Aho-Corasick pass and no regular expression.
+
+use std::borrow::Cow;
+
+use aho_corasick::AhoCorasick;
+use regex::{Captures, Regex};
+
+use crate::error::{Error, Result};
+use crate::text::cut;
+
+/// What a scrubbed value or name becomes.
+pub const REDACTED: &str = "[REDACTED]";
+
+/// How many characters past its limit a text is scrubbed before it is cut.
+pub(crate) const SCRUB_MARGIN: usize = 4096;
+
+/// Field name segments that make a field sensitive.
+pub(crate) const SENSITIVE_SEGMENTS: [&str; 22] = [
+    "password",
+    "passwd",
+    "pwd",
+    "passphrase",
+    "secret",
+    "secrets",
+    "token",
+    "apikey",
+    "auth",
+    "authorization",
+    "credential",
+    "credentials",
+    "privatekey",
+    "session",
+    "sessionid",
+    "cookie",
+    "cookies",
+    "jwt",
+    "bearer",
+    "ssn",
+    "csrf",
+    "xsrf",
+];
+
+/// Two adjacent segments that make a field sensitive, joined (`api` + `key`).
+pub(crate) const SENSITIVE_PAIRS: [&str; 4] = ["apikey", "privatekey", "accesskey", "creditcard"];
+
+/// Secret patterns; where a pattern has a capture group, only the group is replaced.
+const SECRET_PATTERNS: [&str; 10] = [
+    // Bearer tokens: the token after the scheme.
+    r"(?i)\bbearer\s+([A-Za-z0-9\-._~+/]{16,}=*)",
+    // JWTs: three base64url parts, the header's JSON starting `{"`.
+    r"\beyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*",
+    // OpenAI, Anthropic, Stripe style keys: sk-…, sk-proj-…, sk-ant-…, pk_live_…, rk_test_….
+    r"\b(?:sk|pk|rk)[-_][A-Za-z0-9_-]{16,}",
+    // AWS access key ids.
+    r"\b(?:AKIA|ASIA|ABIA|ACCA|AGPA|AIDA|AIPA|ANPA|ANVA|APKA|AROA|ASCA)[A-Z0-9]{16}\b",
+    // GitHub tokens.
+    r"\b(?:gh[pousr]_[A-Za-z0-9]{30,}|github_pat_[A-Za-z0-9_]{30,})",
+    // Slack tokens.
+    r"\bxox[abposr]-[A-Za-z0-9-]{10,}",
+    // Google API keys.
+    r"\bAIza[0-9A-Za-z_-]{35}",
+    // PEM private key blocks, to their end or the end of the text.
+    r"-----BEGIN[A-Z0-9 ]*PRIVATE KEY-----(?s:.*?)(?:-----END[A-Z0-9 ]*PRIVATE KEY-----|\z)",
+    // `password=…`, `api_key: …`, `token=…`: the value.
+    r#"(?i)\b(?:password|passwd|pwd|passphrase|secret|client[_-]?secret|api[_-]?key|access[_-]?token|refresh[_-]?token|auth[_-]?token|token)\s*[=:]\s*("[^"]*"|'[^']*'|[^\s&,;"']+)"#,
+    // `Authorization: Basic …` and the like: the credentials.
+    r"(?i)\bauthorization\s*[:=]\s*(?:(?:basic|bearer|digest|token)\s+)?([^\s,;]+)",
+];
+
+/// Literals at least one of which every match of [`SECRET_PATTERNS`] contains (compared
+/// ASCII case-insensitively): a text with none of them is left as it is, unsearched.
+const TRIGGERS: [&str; 39] = [
+    "bearer",
+    "eyj",
+    "sk-",
+    "sk_",
+    "pk-",
+    "pk_",
+    "rk-",
+    "rk_",
+    "akia",
+    "asia",
+    "abia",
+    "acca",
+    "agpa",
+    "aida",
+    "aipa",
+    "anpa",
+    "anva",
+    "apka",
+    "aroa",
+    "asca",
+    "ghp_",
+    "gho_",
+    "ghu_",
+    "ghs_",
+    "ghr_",
+    "github_pat_",
+    "xox",
+    "aiza",
+    "private key",
+    "password",
+    "passwd",
+    "pwd",
+    "passphrase",
+    "secret",
+    "api_key",
+    "api-key",
+    "apikey",
+    "token",
+    "authorization",
+];
+
+/// What scrubbing does, for [`with_scrubbing`](crate::AgentTelemetry::with_scrubbing): on with
+/// the built-in names and patterns by default, more of each added, or off.
+///
+/// # Examples
+///
+/// ```
+/// use agent_telemetry::Scrubbing;
+///
+/// let scrubbing = Scrubbing::default()
+///     .with_field_names(["customer_id"])
+///     .with_patterns([r"\bACME-[0-9]{8}\b"]);
+/// # let _ = scrubbing;
+/// ```
+#[derive(Debug, Clone)]
+pub struct Scrubbing {
+    enabled: bool,
+    field_names: Vec<String>,
+    patterns: Vec<String>,
+}
+
+impl Default for Scrubbing {
+    fn default() -> Self {
+        Scrubbing {
+            enabled: true,
+            field_names: Vec::new(),
+            patterns: Vec::new(),
+        }
+    }
+}
+
+impl Scrubbing {
+    /// No scrubbing at all: every name and value leaves as it is.
+    pub fn off() -> Self {
+        Scrubbing {
+            enabled: false,
+            ..Scrubbing::default()
+        }
+    }
+
+    /// Whether scrubbing is on.
+    pub fn is_enabled(&self) -> bool {
+        self.enabled
+    }
+
+    /// Adds field names to redact: each matches a field whose segments contain its own
+    /// (`customer_id` matches `customer_id`, `billing.customer_id` and `customerId`).
+    #[must_use]
+    pub fn with_field_names<I, N>(mut self, names: I) -> Self
+    where
+        I: IntoIterator<Item = N>,
+        N: Into<String>,
+    {
+        self.field_names.extend(names.into_iter().map(Into::into));
+        self
+    }
+
+    /// Adds patterns (the `regex` crate's syntax) whose matches are redacted; where a pattern
+    /// has a capture group, only the first group is. They are searched in every text, so
+    /// each costs a scan per task and error message.
+    #[must_use]
+    pub fn with_patterns<I, P>(mut self, patterns: I) -> Self
+    where
+        I: IntoIterator<Item = P>,
+        P: Into<String>,
+    {
+        self.patterns.extend(patterns.into_iter().map(Into::into));
+        self
+    }
+
+    /// The compiled rules.
+    ///
+    /// # Errors
+    ///
+    /// A pattern that is not a valid regular expression, naming `with_scrubbing`.
+    pub(crate) fn build(&self) -> Result<Scrubber> {
+        if !self.enabled {
+            return Ok(Scrubber::off());
+        }
+        let compile =
+            |pattern: &str| Regex::new(pattern).map_err(|e| Error::invalid("with_scrubbing", pattern, e.to_string()));
+        let built_in = SECRET_PATTERNS.iter().map(|p| compile(p)).collect::<Result<Vec<_>>>()?;
+        let added = self.patterns.iter().map(|p| compile(p)).collect::<Result<Vec<_>>>()?;
+        let triggers = AhoCorasick::builder()
+            .ascii_case_insensitive(true)
+            .build(TRIGGERS)
+            .map_err(|e| Error::invalid("with_scrubbing", "built-in triggers", e.to_string()))?;
+        Ok(Scrubber {
+            rules: Some(Rules {
+                triggers,
+                built_in,
+                added,
+                field_names: self.field_names.iter().map(|name| segments(name)).collect(),
+            }),
+        })
+    }
+}
+
+/// Scrubbing's compiled rules, shared by the signals.
+#[derive(Debug)]
+pub(crate) struct Scrubber {
+    rules: Option<Rules>,
+}
+
+#[derive(Debug)]
+struct Rules {
+    triggers: AhoCorasick,
+    built_in: Vec<Regex>,
+    added: Vec<Regex>,
+    /// The added names, each as its segments.
+    field_names: Vec<Vec<String>>,
+}
+
+impl Scrubber {
+    /// Scrubs nothing.
+    pub(crate) fn off() -> Self {
+        Scrubber { rules: None }
+    }
+
+    /// Whether a field named `name` is sent as [`REDACTED`].
+    pub(crate) fn redacts_field(&self, name: &str) -> bool {
+        let Some(rules) = &self.rules else {
+            return false;
+        };
+        let segments = segments(name);
+        let sensitive = segments
+            .iter()
+            .any(|segment| SENSITIVE_SEGMENTS.contains(&segment.as_str()))
+            || segments
+                .windows(2)
+                .any(|pair| SENSITIVE_PAIRS.contains(&format!("{}{}", pair[0], pair[1]).as_str()));
+        sensitive
+            || rules
+                .field_names
+                .iter()
+                .any(|added| !added.is_empty() && segments.windows(added.len()).any(|run| run == added.as_slice()))
+    }
+
+    /// `text` with every secret replaced by [`REDACTED`]; borrowed when there is none.
+    pub(crate) fn scrub<'a>(&self, text: &'a str) -> Cow<'a, str> {
+        let Some(rules) = &self.rules else {
+            return text.into();
+        };
+        let mut text = Cow::Borrowed(text);
+        if rules.triggers.is_match(text.as_ref()) {
+            for pattern in &rules.built_in {
+                text = replace(pattern, text);
+            }
+        }
+        for pattern in &rules.added {
+            text = replace(pattern, text);
+        }
+        text
+    }
+
+    /// At most `max` characters of `text`, scrubbed: scrubbed with [`SCRUB_MARGIN`] more
+    /// characters first, so that a secret straddling the cut is caught whole, then cut.
+    pub(crate) fn scrub_and_cut<'a>(&self, text: &'a str, max: usize) -> Cow<'a, str> {
+        if self.rules.is_none() {
+            return cut(text, max);
+        }
+        match self.scrub(&cut(text, max.saturating_add(SCRUB_MARGIN))) {
+            // Unchanged by scrubbing: cut the original, borrowing it when short.
+            Cow::Borrowed(_) => cut(text, max),
+            Cow::Owned(scrubbed) => cut(&scrubbed, max).into_owned().into(),
+        }
+    }
+}
+
+/// Replaces every match of `pattern` in `text`: its first capture group where it has one,
+/// else the whole match.
+fn replace<'a>(pattern: &Regex, text: Cow<'a, str>) -> Cow<'a, str> {
+    if !pattern.is_match(&text) {
+        return text;
+    }
+    let replaced = pattern
+        .replace_all(&text, |captures: &Captures<'_>| {
+            let whole = captures.get(0).map_or("", |m| m.as_str());
+            match (captures.get(0), captures.get(1)) {
+                (Some(all), Some(secret)) => {
+                    let (start, end) = (secret.start() - all.start(), secret.end() - all.start());
+                    format!("{}{REDACTED}{}", &whole[..start], &whole[end..])
+                }
+                _ => REDACTED.to_owned(),
+            }
+        })
+        .into_owned();
+    Cow::Owned(replaced)
+}
+
+/// `name`'s segments, lowercase: split at non-alphanumeric characters and where a lowercase
+/// letter or digit is followed by an uppercase one.
+fn segments(name: &str) -> Vec<String> {
+    let mut segments = Vec::new();
+    let mut current = String::new();
+    let mut previous_lower = false;
+    for c in name.chars() {
+        if !c.is_alphanumeric() {
+            if !current.is_empty() {
+                segments.push(std::mem::take(&mut current));
+            }
+            previous_lower = false;
+            continue;
+        }
+        if c.is_uppercase() && previous_lower && !current.is_empty() {
+            segments.push(std::mem::take(&mut current));
+        }
+        previous_lower = c.is_lowercase() || c.is_ascii_digit();
+        current.extend(c.to_lowercase());
+    }
+    if !current.is_empty() {
+        segments.push(current);
+    }
+    segments
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn on() -> Scrubber {
+        Scrubbing::default().build().unwrap()
+    }
+
+    #[test]
+    fn sensitive_names_match_by_whole_segment() {
+        let scrubber = on();
+        for name in [
+            "password",
+            "db.password",
+            "access_token",
+            "api_key",
+            "apiKey",
+            "X-Api-Key",
+            "authorization",
+            "session.id",
+            "private_key",
+            "client_secret",
+            "AWS_SECRET_ACCESS_KEY",
+            "cookie",
+            "jwt",
+        ] {
+            assert!(scrubber.redacts_field(name), "{name}");
+        }
+        for name in [
+            "input_tokens",
+            "gen_ai.usage.output_tokens",
+            "inputTokens",
+            "author",
+            "authenticated",
+            "task",
+            "agent_name",
+            "keyboard",
+            "monkey",
+            "tokenizer",
+        ] {
+            assert!(!scrubber.redacts_field(name), "{name}");
+        }
+        assert!(!Scrubber::off().redacts_field("password"));
+        let added = Scrubbing::default().with_field_names(["Customer_ID"]).build().unwrap();
+        for name in ["customer_id", "billing.customer_id", "customerId"] {
+            assert!(added.redacts_field(name), "{name}");
+        }
+        assert!(!added.redacts_field("customer"));
+    }
+
+    #[test]
+    fn secrets_in_text_are_replaced_and_the_rest_kept() {
+        let scrubber = on();
+        for (text, scrubbed) in [
+            ("Implement API", "Implement API"),
+            (
+                "call with Authorization: Bearer abcdef0123456789abcdef please",
+                "call with Authorization: Bearer [REDACTED] please",
+            ),
+            ("use bearer zyxwvu9876543210zyxw now", "use bearer [REDACTED] now"),
+            ("the bearer of bad news", "the bearer of bad news"),
+            (
+                "key sk-proj-AbCdEf0123456789XyZ and sk-ant-api03-abcdefghij0123456789 done",
+                "key [REDACTED] and [REDACTED] done",
+            ),
+            ("stripe pk_live_51Habcdefghijklmnop", "stripe [REDACTED]"),
+            ("aws AKIAIOSFODNN7EXAMPLE here", "aws [REDACTED] here"),
+            (
+                "jwt eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0In0.sig_abc-123 end",
+                "jwt [REDACTED] end",
+            ),
+            (
+                "login with password=hunter2 then",
+                "login with password=[REDACTED] then",
+            ),
+            ("PASSWORD: 'open sesame' ok", "PASSWORD: [REDACTED] ok"),
+            ("url?api_key=abc123&x=1", "url?api_key=[REDACTED]&x=1"),
+            (
+                "-----BEGIN RSA PRIVATE KEY-----\nMIIEpAIBAAKCAQEA\n-----END RSA PRIVATE KEY----- after",
+                "[REDACTED] after",
+            ),
+            ("cut -----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBg", "cut [REDACTED]"),
+            ("gh ghp_abcdefghijklmnopqrstuvwxyz0123456789", "gh [REDACTED]"),
+            (
+                "sklearn is not a key, nor is sk-short",
+                "sklearn is not a key, nor is sk-short",
+            ),
+            (
+                "input_tokens=512 output_tokens: 20",
+                "input_tokens=512 output_tokens: 20",
+            ),
+        ] {
+            assert_eq!(scrubber.scrub(text), scrubbed, "{text:?}");
+            assert_eq!(Scrubber::off().scrub(text), text);
+        }
+    }
+
+    #[test]
+    fn a_secret_straddling_the_cut_is_caught_whole() {
+        let scrubber = on();
+        let text = format!("{} sk-abcdefghijklmnopqrstuvwxyz", "x".repeat(94));
+        let kept = scrubber.scrub_and_cut(&text, 100);
+        assert_eq!(kept, format!("{} [REDA…", "x".repeat(94)));
+        assert!(!kept.contains("sk-ab"));
+        assert_eq!(
+            Scrubber::off().scrub_and_cut(&text, 100),
+            format!("{} sk-ab…", "x".repeat(94))
+        );
+    }
+
+    #[test]
+    fn added_patterns_are_searched_and_bad_ones_name_the_setting() {
+        let scrubber = Scrubbing::default()
+            .with_patterns([r"\bACME-[0-9]{8}\b", r"customer=(\w+)"])
+            .build()
+            .unwrap();
+        assert_eq!(
+            scrubber.scrub("order ACME-12345678 for customer=bob"),
+            "order [REDACTED] for customer=[REDACTED]"
+        );
+        let error = Scrubbing::default().with_patterns(["("]).build().unwrap_err();
+        assert!(error.to_string().contains("with_scrubbing"), "{error}");
+    }
+
+    #[test]
+    fn names_split_into_segments_as_written() {
+        assert_eq!(segments("apiKey"), ["api", "key"]);
+        assert_eq!(segments("X-Api-Key"), ["x", "api", "key"]);
+        assert_eq!(
+            segments("gen_ai.usage.input_tokens"),
+            ["gen", "ai", "usage", "input", "tokens"]
+        );
+        assert_eq!(segments("HTTPHeader"), ["httpheader"]);
+        assert_eq!(segments("oauth2Token"), ["oauth2", "token"]);
+    }
+}

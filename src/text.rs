@@ -1,0 +1,109 @@
+//! Text bounded in characters, as every signal bounds what it carries: label values, span
+//! attributes and log fields are cut at a character boundary, `…` marking the cut.
+
+use std::borrow::Cow;
+use std::fmt;
+
+/// The most characters a metric label value keeps (`agent_name`, the `framework_info`
+/// labels), and the log line's `agent_name` and `error.type`.
+pub(crate) const MAX_LABEL_CHARS: usize = 256;
+
+/// At most `max` characters of `text`, then `…` where text was cut.
+pub(crate) fn cut(text: &str, max: usize) -> Cow<'_, str> {
+    // A character takes at least a byte: short text needs no walk over its characters.
+    if text.len() <= max {
+        return text.into();
+    }
+    match text.char_indices().nth(max) {
+        None => text.into(),
+        Some((at, _)) => format!("{}…", &text[..at]).into(),
+    }
+}
+
+/// `value`'s `Debug` text, at most `max` characters of it then `…` where it was cut; or as
+/// much as it wrote before it failed. Formatting stops at the cut, so a value whose text would
+/// be huge costs no more than the kept part (`format!` would also panic on an `Err`).
+pub(crate) fn debug_text(value: &dyn fmt::Debug, max: usize) -> String {
+    /// Takes characters until it has `left` none left to take, then refuses the rest.
+    struct Bounded {
+        text: String,
+        left: usize,
+        cut: bool,
+    }
+    impl fmt::Write for Bounded {
+        fn write_str(&mut self, s: &str) -> fmt::Result {
+            if s.len() <= self.left {
+                // At most one character per byte: all of it fits.
+                self.left -= s.chars().count();
+                self.text.push_str(s);
+                return Ok(());
+            }
+            for c in s.chars() {
+                if self.left == 0 {
+                    self.cut = true;
+                    return Err(fmt::Error);
+                }
+                self.text.push(c);
+                self.left -= 1;
+            }
+            Ok(())
+        }
+    }
+    let mut bounded = Bounded {
+        text: String::new(),
+        left: max,
+        cut: false,
+    };
+    let _ = fmt::Write::write_fmt(&mut bounded, format_args!("{value:?}"));
+    if bounded.cut {
+        bounded.text.push('…');
+    }
+    bounded.text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_is_cut_at_a_character_boundary() {
+        assert_eq!(cut("Implement API", 10), "Implement …");
+        assert_eq!(cut("Implement", 10), "Implement");
+        assert_eq!(cut("ééééé", 3), "ééé…");
+        assert_eq!(cut("ééé", 3), "ééé", "6 bytes, but 3 characters");
+        assert_eq!(cut("abc", 0), "…");
+        // A cut text cut again at the same place or later is unchanged but for the mark.
+        assert_eq!(cut(&cut("abcdefgh", 4), 4), "abcd…");
+        assert_eq!(cut(&cut("abcdefgh", 6), 4), "abcd…");
+    }
+
+    /// Would write forever.
+    struct Endless;
+
+    impl fmt::Debug for Endless {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            loop {
+                f.write_str("more ")?;
+            }
+        }
+    }
+
+    /// Fails after writing a little.
+    struct Fails;
+
+    impl fmt::Debug for Fails {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("partial")?;
+            Err(fmt::Error)
+        }
+    }
+
+    #[test]
+    fn debug_text_stops_formatting_at_the_cut() {
+        assert_eq!(debug_text(&"abc", 10), "\"abc\"");
+        assert_eq!(debug_text(&"abcdef", 4), "\"abc…");
+        assert_eq!(debug_text(&"éé", 2), "\"é…");
+        assert_eq!(debug_text(&Endless, 7), "more mo…");
+        assert_eq!(debug_text(&Fails, 100), "partial");
+    }
+}

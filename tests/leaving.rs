@@ -1,0 +1,516 @@
+//! What leaves the process: credentials never printed, headers sent exactly as configured,
+//! nonsense refused, every signal bounded in bytes, log files never through a symlink and
+//! never world-readable, secrets scrubbed from every signal, and the task captured as asked.
+//! Each test reads the real outputs: the collector's requests, the log file's bytes, the
+//! exported spans, the scraped `/metrics`.
+
+mod support;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use agent_telemetry::{AgentTelemetry, Scrubbing, TaskCapture, TracesExporter};
+use opentelemetry_sdk::trace::SpanData;
+use proptest::prelude::*;
+use support::{ExampleProcess, Harness, RecordingCollector};
+
+#[tracing::instrument(name = "agent_execution", err)]
+fn execute_agent(agent_name: &str, task: &str, error: Option<&str>) -> Result<(), String> {
+    match error {
+        Some(error) => Err(error.to_owned()),
+        None => Ok(()),
+    }
+}
+
+fn attribute(span: &SpanData, key: &str) -> Option<String> {
+    span.attributes
+        .iter()
+        .find(|kv| kv.key.as_str() == key)
+        .map(|kv| kv.value.as_str().into_owned())
+}
+
+/// The value of `key` in a JSON log line.
+fn field(line: &str, key: &str) -> Option<serde_json::Value> {
+    support::json_pairs(line)
+        .into_iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v)
+}
+
+/// The header `name` of a request head, if sent.
+fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    head.lines().find_map(|line| {
+        let (key, value) = line.split_once(':')?;
+        key.eq_ignore_ascii_case(name).then(|| value.trim())
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Credentials and headers
+
+#[test]
+fn user_info_is_sent_as_basic_auth_and_never_printed() {
+    let collector = RecordingCollector::start();
+    let endpoint = format!("http://agent:hunter2@{}", collector.addr);
+    let process = ExampleProcess::start(
+        &["--rate", "50"],
+        &[
+            ("OTEL_TRACES_EXPORTER", "otlp"),
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+        ],
+        None,
+    );
+    assert!(
+        process.banner.contains(&format!(
+            "traces:  OTLP/HTTP to http://[REDACTED]@{}/v1/traces",
+            collector.addr
+        )),
+        "{}",
+        process.banner
+    );
+    let requests = collector.wait_for(1, Duration::from_secs(20));
+    let (head, _) = requests.first().expect("an export arrived");
+    assert!(head.starts_with("POST /v1/traces HTTP/1.1\r\n"), "{head}");
+    // base64("agent:hunter2")
+    assert_eq!(header(head, "authorization"), Some("Basic YWdlbnQ6aHVudGVyMg=="));
+    assert!(!process.banner.contains("hunter2") && !process.stderr().contains("hunter2"));
+}
+
+#[test]
+fn header_variables_are_parsed_checked_and_sent_exactly() {
+    let collector = RecordingCollector::start();
+    let process = ExampleProcess::start(
+        &["--rate", "50"],
+        &[
+            ("OTEL_TRACES_EXPORTER", "otlp"),
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &format!("http://{}", collector.addr)),
+            ("OTEL_EXPORTER_OTLP_HEADERS", "x-api-key=k%20ey%2C1 , X-Tenant=acme"),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+        ],
+        None,
+    );
+    let requests = collector.wait_for(1, Duration::from_secs(20));
+    let (head, _) = requests.first().expect("an export arrived");
+    assert_eq!(header(head, "x-api-key"), Some("k ey,1"), "percent-decoded: {head}");
+    assert_eq!(header(head, "x-tenant"), Some("acme"));
+    assert!(!process.stderr().contains("k ey"));
+
+    // Malformed: the application does not start, and says which variable, not the value.
+    for bad in ["garbage", "=hunter2", "bad key=hunter2", "k=hunter2%0D%0Ax: y"] {
+        let output = Command::new(support::example_binary())
+            .args(["--duration", "1"])
+            .env("AGENT_TELEMETRY_METRICS_ADDR", "off")
+            .env("OTEL_EXPORTER_OTLP_HEADERS", bad)
+            .stdout(Stdio::null())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{bad:?} was accepted");
+        assert!(stderr.contains("OTEL_EXPORTER_OTLP_HEADERS"), "{bad:?}: {stderr}");
+        assert!(!stderr.contains("hunter2"), "{bad:?}: {stderr}");
+    }
+}
+
+#[test]
+fn nonsense_in_the_environment_stops_the_start_naming_the_variable() {
+    for (name, value) in [
+        ("OTEL_EXPORTER_OTLP_TIMEOUT", "0"),
+        ("OTEL_EXPORTER_OTLP_TIMEOUT", "99999999"),
+        ("OTEL_RESOURCE_ATTRIBUTES", "service.name="),
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://user:hunter2@host:port"),
+        ("OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT", "0"),
+        ("AGENT_TELEMETRY_SCRUBBING", "maybe"),
+        ("AGENT_TELEMETRY_TASK_CAPTURE", "some"),
+    ] {
+        let output = Command::new(support::example_binary())
+            .args(["--duration", "1"])
+            .env("AGENT_TELEMETRY_METRICS_ADDR", "off")
+            .env(name, value)
+            .stdout(Stdio::null())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{name}={value} was accepted");
+        assert!(stderr.contains(name), "{name}={value}: {stderr}");
+        assert!(!stderr.contains("hunter2"), "{stderr}");
+    }
+}
+
+/// Set by the parent for the child run of
+/// `ignore_environment_ignores_the_header_variables_child`: the collector's URL.
+const CHILD_COLLECTOR: &str = "AGENT_TELEMETRY_TEST_COLLECTOR";
+
+#[test]
+fn ignore_environment_ignores_the_header_variables() {
+    let collector = RecordingCollector::start();
+    let status = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "ignore_environment_ignores_the_header_variables_child",
+            "--nocapture",
+        ])
+        .env(CHILD_COLLECTOR, collector.traces_url())
+        .env("OTEL_EXPORTER_OTLP_HEADERS", "x-from-env=1")
+        .env("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "x-traces-from-env=1")
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:9")
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let requests = collector.wait_for(1, Duration::from_secs(20));
+    let (head, _) = requests.first().expect("the child exported to the builder's endpoint");
+    assert_eq!(header(head, "x-from-builder"), Some("1"), "{head}");
+    assert_eq!(header(head, "x-from-env"), None, "{head}");
+    assert_eq!(header(head, "x-traces-from-env"), None, "{head}");
+}
+
+/// The child of `ignore_environment_ignores_the_header_variables`; does nothing on its own.
+#[test]
+fn ignore_environment_ignores_the_header_variables_child() {
+    let Ok(collector) = std::env::var(CHILD_COLLECTOR) else {
+        return;
+    };
+    let (layer, guard) = AgentTelemetry::builder()
+        .ignore_environment()
+        .without_metrics_server()
+        .with_otlp_endpoint(collector)
+        .with_otlp_header("x-from-builder", "1")
+        .build::<tracing_subscriber::Registry>()
+        .unwrap();
+    use tracing_subscriber::layer::SubscriberExt;
+    tracing::subscriber::with_default(tracing_subscriber::registry().with(layer), || {
+        execute_agent("a", "t", None).unwrap();
+    });
+    guard.shutdown().unwrap();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bounded in bytes
+
+#[test]
+fn label_values_are_cut_before_the_cardinality_cap_sees_them() {
+    let harness = Harness::with(|b| b.with_max_agent_names(2));
+    let base = "n".repeat(300);
+    harness.run(|| {
+        for suffix in ["a", "b", "c"] {
+            execute_agent(&format!("{base}{suffix}{}", "x".repeat(1 << 20)), "t", None).unwrap();
+        }
+    });
+    let scrape = harness.scrape();
+    let kept = format!("{}…", "n".repeat(256));
+    let success = [("agent_name", kept.as_str()), ("status", "success")];
+    assert_eq!(scrape.value("agent_executions_total", &success), Some(3.0));
+    assert_eq!(
+        scrape.value("agent_telemetry_agent_names_overflowed_total", &[]),
+        Some(0.0)
+    );
+    assert!(scrape.text.len() < 64 * 1024, "{} bytes", scrape.text.len());
+    let line = &harness.log_lines()[0];
+    assert_eq!(field(line, "agent_name").unwrap(), kept.as_str());
+    assert_eq!(
+        attribute(&harness.spans()[0], "agent.name").as_deref(),
+        Some(kept.as_str())
+    );
+}
+
+#[test]
+fn span_attributes_are_cut_at_the_attribute_limit() {
+    let harness = Harness::with(|b| b.with_max_task_chars(100).with_attribute_value_length_limit(50));
+    let long = "y".repeat(1 << 20);
+    harness.run(|| {
+        tracing::info_span!(
+            "agent_execution",
+            agent_name = "a",
+            task = long.as_str(),
+            prompt = long.as_str()
+        )
+        .in_scope(|| tracing::error!(details = long.as_str(), "{}", "z".repeat(1000)));
+    });
+    let spans = harness.spans();
+    let span = &spans[0];
+    let cut = |c: &str, n: usize| format!("{}…", c.repeat(n));
+    assert_eq!(attribute(span, "task"), Some(cut("y", 50)));
+    assert_eq!(attribute(span, "prompt"), Some(cut("y", 50)));
+    let event = &span.events.events[0];
+    assert_eq!(event.name, cut("z", 50));
+    let details = event.attributes.iter().find(|kv| kv.key.as_str() == "details").unwrap();
+    assert_eq!(details.value.as_str(), cut("y", 50));
+    // The log line keeps the task to its own limit, and the error text too.
+    let line = &harness.log_lines()[0];
+    assert_eq!(field(line, "task").unwrap(), cut("y", 100).as_str());
+    assert_eq!(field(line, "error.message").unwrap(), cut("z", 100).as_str());
+}
+
+#[test]
+fn an_export_request_never_passes_its_byte_limit() {
+    let collector = RecordingCollector::start();
+    let harness = Harness::otlp(&collector.traces_url(), |b| {
+        b.with_attribute_value_length_limit(8_000)
+            .with_span_export_batch_size(512)
+    });
+    let text = "w".repeat(8_000);
+    harness.run(|| {
+        for n in 0..400 {
+            tracing::info_span!(
+                "agent_execution",
+                agent_name = "a",
+                task = n,
+                f1 = text.as_str(),
+                f2 = text.as_str(),
+                f3 = text.as_str(),
+                f4 = text.as_str()
+            )
+            .in_scope(|| {});
+        }
+    });
+    harness.guard().flush().unwrap();
+    // 400 spans of 32 kB: 13 MB, in requests of at most 4 MiB.
+    let requests = collector.requests();
+    let bodies: Vec<usize> = requests.iter().map(|(_, length)| *length).collect();
+    assert!(bodies.len() >= 3, "{bodies:?}");
+    assert!(bodies.iter().all(|&length| length <= 4 << 20), "{bodies:?}");
+    let exported = harness.scrape().value("agent_telemetry_spans_exported_total", &[]);
+    assert_eq!(exported, Some(400.0));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Log files
+
+#[cfg(unix)]
+#[test]
+fn log_files_are_created_0640_and_directories_0750_whatever_the_umask() {
+    use std::os::unix::fs::PermissionsExt;
+    let work = tempfile::tempdir().unwrap();
+    let status = Command::new("sh")
+        .arg("-c")
+        .arg("umask 000 && exec \"$0\" --duration 1 --rate 20")
+        .arg(support::example_binary())
+        .current_dir(work.path())
+        .env("AGENT_TELEMETRY_METRICS_ADDR", "off")
+        .env("OTEL_TRACES_EXPORTER", "none")
+        .env("AGENT_TELEMETRY_LOG_DIR", "logs/agents")
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let mode = |path: &std::path::Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+    let dir = work.path().join("logs/agents");
+    assert_eq!(mode(&work.path().join("logs")), 0o750);
+    assert_eq!(mode(&dir), 0o750);
+    assert_eq!(mode(&support::log_file(&dir)), 0o640);
+}
+
+#[cfg(unix)]
+#[test]
+fn a_symlink_in_place_of_todays_file_is_never_followed() {
+    let harness = Harness::new();
+    harness.run(|| execute_agent("a", "before", None).unwrap());
+    let path = support::log_file(harness.dir.path());
+    harness.guard().flush().unwrap();
+
+    // Replaced by a link to a file: lines are dropped and counted, the target untouched.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let target = elsewhere.path().join("passwd");
+    std::fs::write(&target, "root:x:0:0\n").unwrap();
+    std::fs::remove_file(&path).unwrap();
+    std::os::unix::fs::symlink(&target, &path).unwrap();
+    harness.run(|| (0..5).for_each(|n| execute_agent("a", &format!("linked {n}"), None).unwrap()));
+    harness.guard().flush().unwrap();
+    assert_eq!(std::fs::read_to_string(&target).unwrap(), "root:x:0:0\n");
+
+    // A dangling link: its target is never created.
+    let dangling = elsewhere.path().join("created-by-nobody");
+    std::fs::remove_file(&path).unwrap();
+    std::os::unix::fs::symlink(&dangling, &path).unwrap();
+    harness.run(|| execute_agent("a", "dangling", None).unwrap());
+    harness.guard().flush().unwrap();
+    assert!(!dangling.exists());
+
+    let scrape = harness.scrape();
+    assert_eq!(scrape.value("agent_telemetry_log_lines_dropped_total", &[]), Some(6.0));
+    assert!(scrape.value("agent_telemetry_log_write_errors_total", &[]).unwrap() >= 2.0);
+
+    // A symlink there at start is an error naming the setting.
+    let result = AgentTelemetry::builder()
+        .ignore_environment()
+        .without_metrics_server()
+        .with_traces_exporter(TracesExporter::None)
+        .with_log_dir(harness.dir.path())
+        .build::<tracing_subscriber::Registry>();
+    let error = result.err().expect("a symlinked log file is refused").to_string();
+    assert!(
+        error.contains("AGENT_TELEMETRY_LOG_DIR") && error.contains("symbolic link"),
+        "{error}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scrubbing and task capture
+
+#[test]
+fn secrets_are_scrubbed_from_the_line_and_the_span_by_default() {
+    let harness = Harness::new();
+    let task = "deploy with token=ghs_0123456789abcdefghijklmnopqrstuvwxyzAB and Bearer abcdefghijklmnopqrstuvwx";
+    harness.run(|| {
+        tracing::info_span!(
+            "agent_execution",
+            agent_name = "devops",
+            task,
+            api_key = "k-123",
+            db.password = "hunter2",
+            input_tokens = 512_u64,
+            prompt = "use sk-proj-ABCDEFGHIJKLMNOPQRSTUVWX"
+        )
+        .in_scope(|| tracing::error!("login failed for password=hunter2"));
+    });
+    let line = &harness.log_lines()[0];
+    for secret in ["ghs_0123", "abcdefghijklmnopqrstuvwx", "hunter2", "k-123", "sk-proj"] {
+        assert!(!line.contains(secret), "{secret} in {line}");
+    }
+    assert_eq!(
+        field(line, "task").unwrap(),
+        "deploy with token=[REDACTED] and Bearer [REDACTED]"
+    );
+    assert_eq!(
+        field(line, "error.message").unwrap(),
+        "login failed for password=[REDACTED]"
+    );
+    let spans = harness.spans();
+    let span = &spans[0];
+    assert_eq!(attribute(span, "api_key").as_deref(), Some("[REDACTED]"));
+    assert_eq!(attribute(span, "db.password").as_deref(), Some("[REDACTED]"));
+    assert_eq!(attribute(span, "prompt").as_deref(), Some("use [REDACTED]"));
+    let tokens = span.attributes.iter().find(|kv| kv.key.as_str() == "input_tokens");
+    assert_eq!(tokens.map(|kv| kv.value.clone()), Some(opentelemetry::Value::I64(512)));
+    assert_eq!(
+        attribute(span, "task").as_deref(),
+        Some("deploy with token=[REDACTED] and Bearer [REDACTED]")
+    );
+    let debug = format!("{span:?}");
+    for secret in ["ghs_0123", "hunter2", "k-123", "sk-proj"] {
+        assert!(!debug.contains(secret), "{secret} in the span");
+    }
+}
+
+#[test]
+fn scrubbing_can_be_extended_or_turned_off() {
+    let harness = Harness::with(|b| {
+        b.with_scrubbing(
+            Scrubbing::default()
+                .with_field_names(["customer_id"])
+                .with_patterns([r"\bACME-[0-9]{8}\b"]),
+        )
+    });
+    harness.run(|| {
+        tracing::info_span!(
+            "agent_execution",
+            agent_name = "a",
+            task = "ship ACME-12345678",
+            customer_id = 42
+        )
+        .in_scope(|| {});
+    });
+    assert_eq!(field(&harness.log_lines()[0], "task").unwrap(), "ship [REDACTED]");
+    assert_eq!(
+        attribute(&harness.spans()[0], "customer_id").as_deref(),
+        Some("[REDACTED]")
+    );
+
+    let off = Harness::with(|b| b.with_scrubbing(Scrubbing::off()));
+    off.run(|| execute_agent("a", "password=hunter2", None).unwrap());
+    assert_eq!(field(&off.log_lines()[0], "task").unwrap(), "password=hunter2");
+}
+
+#[test]
+fn the_task_is_captured_in_full_as_a_hash_or_not_at_all() {
+    let hashed = Harness::with(|b| b.with_task_capture(TaskCapture::Hash));
+    hashed.run(|| {
+        execute_agent("a", "Summarise the Q3 contract", None).unwrap();
+        execute_agent("a", "Summarise the Q3 contract", None).unwrap();
+        execute_agent("a", "Summarise the Q4 contract", None).unwrap();
+    });
+    let lines = hashed.log_lines();
+    let hashes: Vec<String> = lines
+        .iter()
+        .map(|line| field(line, "task").unwrap().as_str().unwrap().to_owned())
+        .collect();
+    assert!(hashes[0].starts_with("sha256:") && hashes[0].len() == 23, "{hashes:?}");
+    assert_eq!(hashes[0], hashes[1], "identical tasks group");
+    assert_ne!(hashes[0], hashes[2]);
+    assert!(lines.iter().all(|line| !line.contains("contract")));
+    let spans = hashed.spans();
+    assert!(spans
+        .iter()
+        .all(|span| attribute(span, "task").is_some_and(|t| hashes.contains(&t))));
+
+    let off = Harness::with(|b| b.with_task_capture(TaskCapture::Off));
+    off.run(|| execute_agent("a", "Summarise the Q3 contract", None).unwrap());
+    let line = &off.log_lines()[0];
+    assert_eq!(field(line, "task"), None, "{line}");
+    assert!(!line.contains("contract"));
+    assert_eq!(attribute(&off.spans()[0], "task"), None);
+}
+
+/// A secret of one of the kinds scrubbing knows, and the part of it that must never leave.
+fn secret() -> impl Strategy<Value = (String, String)> {
+    let token = "[A-Za-z0-9]{20,40}";
+    prop_oneof![
+        token.prop_map(|t| (format!("Bearer {t}"), t)),
+        token.prop_map(|t| (format!("sk-proj-{t}"), format!("sk-proj-{t}"))),
+        "[A-Z0-9]{16}".prop_map(|t| (format!("AKIA{t}"), format!("AKIA{t}"))),
+        ("[A-Za-z0-9_-]{10,20}", "[A-Za-z0-9_-]{10,20}", "[A-Za-z0-9_-]{10,20}").prop_map(|(a, b, c)| {
+            let jwt = format!("eyJ{a}.{b}.{c}");
+            (jwt.clone(), jwt)
+        }),
+        token.prop_map(|t| (format!("password={t}"), t)),
+        "[A-Za-z0-9+/]{40,80}".prop_map(|t| (
+            format!("-----BEGIN PRIVATE KEY-----\n{t}\n-----END PRIVATE KEY-----"),
+            t
+        )),
+    ]
+}
+
+/// Text around a secret: words, without characters that could join the secret's own.
+fn prose() -> impl Strategy<Value = String> {
+    "[a-z ]{0,40}".prop_map(|text| format!(" {text} "))
+}
+
+#[test]
+fn no_scrubbed_secret_survives_in_any_signal() {
+    let harness = Harness::new();
+    let config = ProptestConfig {
+        cases: 48,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    };
+    let mut runner = proptest::test_runner::TestRunner::new(config);
+    let executions = std::cell::Cell::new(0);
+    let outcome = runner.run(
+        &(prose(), secret(), prose(), secret(), any::<bool>()),
+        |(before, (in_task, task_secret), after, (in_error, error_secret), fails)| {
+            let task = format!("{before}{in_task}{after}");
+            let error = format!("failed:{before}{in_error}");
+            harness.run(|| execute_agent("agent", &task, fails.then_some(error.as_str())).ok());
+            executions.set(executions.get() + 1);
+            let lines = harness.log_lines();
+            let line = lines.last().unwrap();
+            let spans = harness.spans();
+            let span = format!("{:?}", spans.last().unwrap());
+            let scrape = harness.scrape().text;
+            for (secret, signal) in [
+                (&task_secret, line.as_str()),
+                (&task_secret, span.as_str()),
+                (&error_secret, line.as_str()),
+                (&error_secret, span.as_str()),
+                (&task_secret, scrape.as_str()),
+            ] {
+                prop_assert!(!signal.contains(secret.as_str()), "{secret:?} left in {signal}");
+            }
+            prop_assert_eq!(lines.len(), executions.get());
+            Ok(())
+        },
+    );
+    if let Err(failure) = outcome {
+        panic!("{failure}");
+    }
+}
