@@ -9,8 +9,8 @@
 //! signals: log lines to a sink, spans to a discarding exporter, metrics on a registry).
 //!
 //! Workloads: one agent execution (create, enter, exit, close, with `agent_name` and `task`);
-//! a span no signal selects; an agent execution with one child span; agent executions from
-//! two threads at once. `cargo bench` ends with one line per ratio, each judged against its
+//! a span no signal selects; an agent execution with one child span; one whose task carries a
+//! bearer token (ours scrubs it, on by default); agent executions from two threads at once. `cargo bench` ends with one line per ratio, each judged against its
 //! target. A shared VM's capacity drifts between criterion's cases, seconds apart, so the
 //! ratios judged come from interleaved runs: the one-thread ones from brief processes of
 //! each stack run one after another, 15 rounds; the two-thread one from pairs of runs, one
@@ -54,6 +54,19 @@ fn agent_execution() {
         "agent_execution",
         agent_name = "backend-engineer",
         task = "Implement API"
+    );
+    let _entered = span.enter();
+    black_box(&span);
+}
+
+/// An agent execution whose task carries a bearer token, which scrubbing replaces (on by
+/// default in ours; the hand-assembled stack has no scrubbing and writes the token out).
+#[inline(never)]
+fn agent_with_secret() {
+    let span = tracing::info_span!(
+        "agent_execution",
+        agent_name = "devops-engineer",
+        task = "Rotate the key, then call with Authorization: Bearer 3f9a1c77e2b44f0d9a1c3f9a"
     );
     let _entered = span.enter();
     black_box(&span);
@@ -237,10 +250,11 @@ fn hand_assembled() -> Stack {
 
 // ---- measuring ----------------------------------------------------------------------------
 
-const WORKLOADS: [(&str, fn()); 3] = [
+const WORKLOADS: [(&str, fn()); 4] = [
     ("agent_execution", agent_execution),
     ("unselected_span", unselected_span),
     ("agent_with_child", agent_with_child),
+    ("agent_with_secret", agent_with_secret),
 ];
 
 fn bench_stack(c: &mut Criterion, name: &str) {
@@ -319,6 +333,9 @@ const ONE_THREAD_TARGETS: [(&str, &str, &str, f64); 3] = [
     ("unselected_span", "none", "no subscriber", 1.20),
 ];
 
+/// One-thread ratios measured in the interleaved rounds too, printed for reference.
+const ONE_THREAD_REFERENCES: [(&str, &str); 1] = [("agent_with_secret", "hand-assembled")];
+
 /// How long a brief process warms each workload up, and then times it.
 const BRIEF_WARM_UP: Duration = Duration::from_millis(60);
 const BRIEF_RUN: Duration = Duration::from_millis(120);
@@ -366,7 +383,11 @@ fn interleaved(bench: &std::path::Path) -> InterleavedRatios {
             let (_, workloads) = times.iter().find(|(name, _)| *name == stack)?;
             workloads.iter().find(|(name, _)| name == workload).map(|(_, ns)| *ns)
         };
-        for (workload, baseline, _, _) in ONE_THREAD_TARGETS {
+        let compared = ONE_THREAD_TARGETS
+            .iter()
+            .map(|&(workload, baseline, _, _)| (workload, baseline))
+            .chain(ONE_THREAD_REFERENCES);
+        for (workload, baseline) in compared {
             let Some(ratio) = time("ours", workload)
                 .zip(time(baseline, workload))
                 .map(|(ours, base)| ours / base)
@@ -608,6 +629,19 @@ fn summary(interleaved: &InterleavedRatios) {
         Target::Reference(""),
         "",
     );
+    let (secret, note) = one_thread("agent_with_secret", "hand-assembled");
+    line(
+        "agent_with_secret: ours (scrubbing the token) / hand-assembled (writing it out)",
+        secret,
+        Target::Reference(""),
+        &note,
+    );
+    if let Some(scrubbing) = mean_ns("ours", "agent_with_secret").zip(mean_ns("ours", "agent_execution")) {
+        println!(
+            "scrubbing a bearer token out of a task: {:.0} ns per execution (criterion's means, ours)",
+            scrubbing.0 - scrubbing.1
+        );
+    }
     // Throughput of two threads over one, from interleaved pairs (see `scaling`); and from
     // criterion's means, two executions per two-thread iteration, for comparison.
     let means = |stack| ratio((stack, "agent_execution"), (stack, "two_threads")).map(|r| 2.0 * r);
