@@ -1,6 +1,7 @@
 //! What an agent execution is: which spans count, which fields they carry, how the status is
 //! decided, and the record each closed execution becomes.
 
+use std::borrow::Cow;
 use std::cell::{Cell, RefCell};
 use std::fmt;
 use std::sync::Arc;
@@ -102,7 +103,11 @@ impl TextPolicy {
     pub(crate) fn task(&self, held: Option<String>) -> Option<String> {
         let held = held.unwrap_or_default();
         match self.task_capture {
-            TaskCapture::Full => Some(self.scrubber.scrub_and_cut(&held, self.task_chars).into_owned()),
+            TaskCapture::Full => match self.scrubber.scrub_and_cut(&held, self.task_chars) {
+                // Kept whole (the usual case): the held text itself, no copy.
+                Cow::Borrowed(kept) if kept.len() == held.len() => Some(held),
+                kept => Some(kept.into_owned()),
+            },
             TaskCapture::Hash => Some(task_hash(&cut(&held, self.task_chars))),
             TaskCapture::Off => None,
         }

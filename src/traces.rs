@@ -13,6 +13,7 @@ use std::sync::Arc;
 use opentelemetry_sdk::trace::{SdkTracerProvider, SpanExporter};
 use opentelemetry_sdk::Resource;
 
+use agent_span::SpanBuilder;
 pub(crate) use agent_span::{AgentSpan, AgentTracer};
 pub(crate) use export::BoxedSpanExporter;
 use export::{CountingExporter, Exporter};
@@ -50,8 +51,7 @@ pub(crate) fn build(
     let processor = Arc::new(CountingProcessor::start(
         exporter,
         config.batch,
-        config.attribute_value_chars(),
-        Arc::clone(scrubber),
+        SpanBuilder::new(config.attribute_value_chars(), Arc::clone(scrubber)),
         config.shutdown_timeout,
         Arc::clone(stats),
     )?);

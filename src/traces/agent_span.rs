@@ -45,20 +45,31 @@ pub(crate) struct AgentTracer {
     scrubber: Arc<Scrubber>,
 }
 
-/// Builds finished agent spans, on the span processor's thread.
+/// Builds finished agent spans, and finishes the spans `tracing-opentelemetry` built, on the
+/// span processor's thread.
 #[derive(Debug)]
 pub(crate) struct SpanBuilder {
     scope: InstrumentationScope,
-    /// The task and the status description are cut at this many characters.
+    /// The task, the status description and built spans' text are cut at this many
+    /// characters ...
     value_chars: usize,
+    /// ... built spans' scrubbed by these rules first (agent spans' fields were, as they were
+    /// recorded).
+    scrubber: Arc<Scrubber>,
 }
 
 impl SpanBuilder {
-    pub(crate) fn new(value_chars: usize) -> Self {
+    pub(crate) fn new(value_chars: usize, scrubber: Arc<Scrubber>) -> Self {
         SpanBuilder {
             scope: InstrumentationScope::builder("agent_telemetry").build(),
             value_chars,
+            scrubber,
         }
+    }
+
+    /// Scrubs a span `tracing-opentelemetry` built and cuts its text, as agent spans are.
+    pub(crate) fn scrub_and_cut(&self, span: &mut SpanData) {
+        span_size::scrub_and_cut(span, &self.scrubber, self.value_chars);
     }
 }
 

@@ -27,7 +27,6 @@ use crate::background::{self, Linger};
 use crate::config::BatchSettings;
 use crate::error::Result;
 use crate::per_thread::{PerThread, Spares};
-use crate::scrub::Scrubber;
 use crate::stats::{first_time, TelemetryStats};
 
 /// What the span thread's channel carries. The channel has no bound of its own, and needs
@@ -176,9 +175,6 @@ pub(crate) struct CountingProcessor {
     stats: Arc<TelemetryStats>,
     capacity: usize,
     capacity_bytes: usize,
-    /// Built spans' string attribute values are scrubbed and cut at this many characters.
-    value_chars: usize,
-    scrubber: Arc<Scrubber>,
     /// How long `force_flush` waits for the export.
     flush_timeout: Duration,
     shut_down: AtomicBool,
@@ -194,8 +190,7 @@ impl CountingProcessor {
     pub(crate) fn start(
         exporter: CountingExporter,
         settings: BatchSettings,
-        value_chars: usize,
-        scrubber: Arc<Scrubber>,
+        spans: SpanBuilder,
         flush_timeout: Duration,
         stats: Arc<TelemetryStats>,
     ) -> Result<Self> {
@@ -222,7 +217,7 @@ impl CountingProcessor {
             stats: Arc::clone(&stats),
             exporter,
             linger: Linger::new(settings.max_queue_size),
-            spans: SpanBuilder::new(value_chars),
+            spans,
             batch: export_batch(settings.max_export_batch_size),
             batch_bytes: 0,
             settings,
@@ -237,8 +232,6 @@ impl CountingProcessor {
             stats,
             capacity: settings.max_queue_size,
             capacity_bytes: settings.max_queue_bytes,
-            value_chars,
-            scrubber,
             flush_timeout,
             shut_down: AtomicBool::new(false),
             warned_full: AtomicBool::new(false),
@@ -256,10 +249,9 @@ impl CountingProcessor {
         });
     }
 
-    /// Queues a span `tracing-opentelemetry` built, in the calling thread's batch too, its
-    /// attributes scrubbed and its string values cut at the attribute value limit first.
-    pub(crate) fn queue(&self, mut span: SpanData) {
-        span_size::scrub_and_cut(&mut span, &self.scrubber, self.value_chars);
+    /// Queues a span `tracing-opentelemetry` built, in the calling thread's batch too; the
+    /// span thread scrubs and cuts it before export.
+    pub(crate) fn queue(&self, span: SpanData) {
         self.queue_mine(|mine| {
             mine.bytes += span_size::of_span_data(&span);
             mine.built.push(span);
@@ -599,7 +591,8 @@ impl Worker {
             let span = self.spans.build(span, agent_name, task);
             self.add(span);
         }
-        for span in spans.built.drain(..) {
+        for mut span in spans.built.drain(..) {
+            self.spans.scrub_and_cut(&mut span);
             self.add(span);
         }
         self.batches.recycle(spans);
@@ -665,6 +658,7 @@ mod tests {
 
     use super::*;
     use crate::execution::Execution;
+    use crate::scrub::Scrubber;
     use crate::test_support::{execution, Warnings};
     use crate::traces::export::Exporter;
     use crate::traces::{AgentSpan, AgentTracer};
@@ -713,8 +707,7 @@ mod tests {
         let processor = CountingProcessor::start(
             exporter,
             settings,
-            1024,
-            Arc::new(Scrubber::off()),
+            SpanBuilder::new(1024, Arc::new(Scrubber::off())),
             Duration::from_secs(5),
             Arc::clone(&stats),
         )
