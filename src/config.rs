@@ -79,6 +79,8 @@ pub(crate) struct Config {
     pub metrics_addr: Option<SocketAddr>,
     /// A file holding the bearer token `/metrics` requests must present.
     pub metrics_token_file: Option<PathBuf>,
+    /// Connections the `/metrics` server serves at once.
+    pub metrics_max_connections: usize,
     pub log_dir: Option<PathBuf>,
     pub log_file_prefix: String,
     /// The mode of log files this crate creates (directories get search permission too).
@@ -130,6 +132,7 @@ impl Default for Config {
             resource_attributes: BTreeMap::new(),
             metrics_addr: Some(SocketAddr::from(([0, 0, 0, 0], 8000))),
             metrics_token_file: None,
+            metrics_max_connections: crate::metrics::server::DEFAULT_MAX_CONNECTIONS,
             log_dir: None,
             log_file_prefix: "agents".to_owned(),
             log_file_mode: crate::logs::DEFAULT_FILE_MODE,
@@ -195,6 +198,9 @@ impl Config {
         }
         if let Some(v) = var("AGENT_TELEMETRY_METRICS_TOKEN_FILE") {
             self.metrics_token_file = Some(PathBuf::from(v));
+        }
+        if let Some(v) = var("AGENT_TELEMETRY_METRICS_MAX_CONNECTIONS") {
+            self.metrics_max_connections = parse_count("AGENT_TELEMETRY_METRICS_MAX_CONNECTIONS", &v)?;
         }
         if let Some(v) = var("AGENT_TELEMETRY_LOG_DIR") {
             self.log_dir = Some(PathBuf::from(v));
@@ -358,6 +364,13 @@ impl Config {
                 "with_span_queue_size",
                 "0",
                 "the span queue and export batches need room for a span",
+            ));
+        }
+        if self.metrics_max_connections == 0 {
+            return Err(Error::invalid(
+                "with_metrics_max_connections",
+                "0",
+                "the /metrics server needs room for a connection",
             ));
         }
         if self.log_queue_lines == 0 {

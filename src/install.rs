@@ -22,7 +22,7 @@ use crate::filter::{ExecutionFilter, TracedFilter};
 use crate::layer::{ExecutionLayer, Signals};
 use crate::logs::LogLines;
 use crate::logs::Pipeline;
-use crate::metrics::server::{BearerToken, MetricsServer};
+use crate::metrics::server::{BearerToken, MetricsServer, ServerLimits};
 use crate::metrics::{Metrics, MetricsHandle};
 use crate::panics;
 use crate::scrub::Scrubbing;
@@ -149,6 +149,15 @@ impl AgentTelemetry {
     #[must_use]
     pub fn with_metrics_bearer_token_file(mut self, path: impl Into<PathBuf>) -> Self {
         self.config.metrics_token_file = Some(path.into());
+        self
+    }
+
+    /// How many connections `/metrics` serves at once; the next wait in the accept queue,
+    /// and connections that hold a slot for nothing are closed to make room. Default 64
+    /// (`AGENT_TELEMETRY_METRICS_MAX_CONNECTIONS` overrides it).
+    #[must_use]
+    pub fn with_metrics_max_connections(mut self, connections: usize) -> Self {
+        self.config.metrics_max_connections = connections;
         self
     }
 
@@ -449,7 +458,16 @@ impl AgentTelemetry {
                     .as_deref()
                     .map(|path| BearerToken::from_file(path, "AGENT_TELEMETRY_METRICS_TOKEN_FILE"))
                     .transpose()?;
-                Some(MetricsServer::start(addr, metrics.handle(), token, Arc::clone(&stats))?)
+                let limits = ServerLimits {
+                    token,
+                    max_connections: config.metrics_max_connections,
+                };
+                Some(MetricsServer::start(
+                    addr,
+                    metrics.handle(),
+                    limits,
+                    Arc::clone(&stats),
+                )?)
             }
             None => None,
         };

@@ -1,6 +1,7 @@
 //! Prometheus metrics with the guide's names, through the OpenTelemetry SDK and
 //! `opentelemetry-prometheus` on a [`prometheus::Registry`].
 
+mod open_connections;
 pub(crate) mod server;
 mod thread_series;
 
@@ -296,7 +297,7 @@ fn register_self_metrics(meter: &Meter, stats: &Arc<TelemetryStats>) {
         ),
         (
             "agent_telemetry_metrics_connections_refused",
-            "Connections to /metrics closed to make room, as they were slow to send their request",
+            "Connections to /metrics closed to make room: slow to send their request or to read the answer",
             |s| &s.metrics_connections_refused,
         ),
         (

@@ -351,6 +351,94 @@ fn slowloris_clients_cannot_starve_scrapes() {
 }
 
 #[test]
+fn clients_that_never_read_a_large_answer_cannot_hold_every_slot() {
+    // Answers of about 6 MB, more than the kernel buffers for a client that does not read,
+    // and room for 4 connections: 8 such clients would hold every slot for 10 s.
+    let harness = support::Harness::with(|builder| {
+        builder
+            .with_max_agent_names(2_000)
+            .with_metrics_max_connections(4)
+            .with_traces_exporter(agent_telemetry::TracesExporter::None)
+    });
+    harness.run(|| {
+        for n in 0..2_000 {
+            let name = format!("{n:0>200}");
+            tracing::info_span!("agent_execution", agent_name = name.as_str(), task = "t").in_scope(|| {});
+        }
+    });
+    let addr = harness.guard().metrics_addr().unwrap();
+    let deaf: Vec<TcpStream> = (0..8)
+        .map(|_| {
+            let mut stream = TcpStream::connect(addr).unwrap();
+            stream.write_all(scrape_request(addr).as_bytes()).unwrap();
+            stream
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let scraper = Scraper::start(addr, Duration::from_millis(300));
+    std::thread::sleep(Duration::from_secs(4));
+    scraper.every_scrape_answered(5);
+    let refused = harness
+        .scrape()
+        .value("agent_telemetry_metrics_connections_refused_total", &[]);
+    assert!(
+        refused.unwrap() >= 4.0,
+        "stalled answers closed to make room: {refused:?}"
+    );
+    drop(deaf);
+}
+
+#[test]
+fn idle_connections_faster_than_they_time_out_do_not_starve_scrapes() {
+    let mut process = target();
+    let addr = process.metrics;
+    let stop = Arc::new(AtomicBool::new(false));
+    // Four times the connection limit, each connecting, sending nothing, and reconnecting as
+    // soon as it is closed.
+    let attackers: Vec<JoinHandle<usize>> = (0..4 * MAX_CONNECTIONS)
+        .map(|_| {
+            let stop = Arc::clone(&stop);
+            std::thread::spawn(move || {
+                let mut connections = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok(mut stream) = TcpStream::connect(addr) {
+                        connections += 1;
+                        read_until_closed(&mut stream, Duration::from_secs(1));
+                    }
+                }
+                connections
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let scraper = Scraper::start(addr, Duration::from_millis(100));
+    std::thread::sleep(Duration::from_secs(5));
+    scraper.every_scrape_answered(20);
+    stop.store(true, Ordering::Relaxed);
+    let connections: usize = attackers.into_iter().map(|a| a.join().unwrap()).sum();
+    assert!(connections > 1_000, "the flood made {connections} connections");
+    assert!(process.alive(), "{}", process.stderr());
+}
+
+#[test]
+fn a_client_that_half_closes_after_its_request_gets_its_answer() {
+    let process = target();
+    for _ in 0..20 {
+        let mut stream = TcpStream::connect(process.metrics).unwrap();
+        stream.write_all(scrape_request(process.metrics).as_bytes()).unwrap();
+        stream.shutdown(Shutdown::Write).unwrap();
+        let (response, closed) = read_until_closed(&mut stream, Duration::from_secs(5));
+        assert!(closed);
+        assert_eq!(
+            status_of(&response),
+            Some(200),
+            "{}",
+            String::from_utf8_lossy(&response)
+        );
+    }
+}
+
+#[test]
 fn a_silent_client_is_closed_after_the_head_timeout() {
     let process = target();
     let mut silent = TcpStream::connect(process.metrics).unwrap();

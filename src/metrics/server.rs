@@ -3,10 +3,11 @@
 //!
 //! The port faces the network, so everything a client controls is bounded:
 //!
-//! - **Connections**: at most [`MAX_CONNECTIONS`] at once; the next ones wait in the kernel's
-//!   accept queue. To make room, the oldest connection that has been sending its request head
-//!   for [`STALE_HEAD_AFTER`] or longer is closed (a scraper sends its head at once, so that is
-//!   a client holding a slot for nothing), counted in
+//! - **Connections**: at most the configured number at once (default
+//!   [`DEFAULT_MAX_CONNECTIONS`]); the next ones wait in the kernel's accept queue
+//!   ([`ACCEPT_BACKLOG`] long). To make room, a connection that holds its slot for nothing is
+//!   closed: one still sending its head after 50 ms, else one whose answer has not moved for
+//!   1 s (`open_connections.rs`), counted in
 //!   `agent_telemetry_metrics_connections_refused_total`.
 //! - **The request head**: at most [`MAX_HEAD_BYTES`] and [`MAX_HEADERS`] headers; beyond
 //!   that hyper answers 431 and closes. Malformed heads get 400 (or nothing, for an HTTP/2
@@ -16,20 +17,21 @@
 //!   `agent_telemetry_metrics_connections_timed_out_total`.
 //! - **Bodies**: never read, whatever `Content-Length` or `Transfer-Encoding` say.
 //! - **One request per connection**: every answer says `Connection: close`, so pipelined
-//!   requests queue no work.
-//! - **Accept errors** (out of file descriptors and the like): the oldest connection slow to
-//!   send its head is closed to free a descriptor, else accepting backs off from
-//!   [`ACCEPT_BACKOFF_MIN`] to [`ACCEPT_BACKOFF_MAX`]; one warning per spell, counted in
-//!   `agent_telemetry_metrics_accept_errors_total`, and serving resumes by itself.
+//!   requests queue no work. A client that half-closes after its request still gets its
+//!   answer.
+//! - **Accept errors** (out of file descriptors and the like): a connection that holds its
+//!   slot for nothing is closed to free a descriptor, else accepting backs off from
+//!   [`ACCEPT_BACKOFF_MIN`] to [`ACCEPT_BACKOFF_MAX`] (or until one does); one warning per
+//!   spell, counted in `agent_telemetry_metrics_accept_errors_total`, and serving resumes by
+//!   itself.
 //! - **Authorization**: with a bearer token configured, a request without
-//!   `Authorization: Bearer <token>` gets 401 (compared in constant time, the token never
-//!   printed), counted in `agent_telemetry_metrics_requests_unauthorized_total`.
+//!   `Authorization: Bearer <token>` gets 401, counted in
+//!   `agent_telemetry_metrics_requests_unauthorized_total`. Only the token's SHA-256 is kept,
+//!   and digests are compared in constant time: neither the token nor its length shows.
 
-use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -40,18 +42,22 @@ use hyper::body::Incoming;
 use hyper::header::{HeaderValue, ALLOW, AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
+use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{oneshot, Notify};
-use tokio::task::AbortHandle;
 
+use super::open_connections::{OpenConnections, Progress, Watched};
 use super::MetricsHandle;
 use crate::error::{Error, Result};
 use crate::spells::FailureSpells;
 use crate::stats::TelemetryStats;
 
-/// Connections served at once.
-pub(crate) const MAX_CONNECTIONS: usize = 64;
+/// Connections served at once, unless configured otherwise.
+pub(crate) const DEFAULT_MAX_CONNECTIONS: usize = 64;
+
+/// Connections the kernel queues for accepting (capped by the system's `somaxconn`).
+pub(crate) const ACCEPT_BACKLOG: u32 = 1024;
 
 /// The longest request head (request line and headers): hyper's smallest read buffer.
 pub(crate) const MAX_HEAD_BYTES: usize = 8 * 1024;
@@ -64,10 +70,6 @@ pub(crate) const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How long a connection lives in all, from accept to the last byte of the answer.
 pub(crate) const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// When room is needed, a connection that has been sending its head this long is closed: a
-/// client sends its head with, or right after, the handshake.
-pub(crate) const STALE_HEAD_AFTER: Duration = Duration::from_millis(250);
 
 /// The first and the longest pause after an accept error.
 const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
@@ -83,9 +85,9 @@ pub(crate) struct MetricsServer {
     thread: Option<JoinHandle<()>>,
 }
 
-/// A bearer token that `/metrics` requests must present. Its `Debug` never shows it.
+/// A bearer token that `/metrics` requests must present, kept as its SHA-256 only.
 #[derive(Clone)]
-pub(crate) struct BearerToken(Arc<[u8]>);
+pub(crate) struct BearerToken(Arc<[u8; 32]>);
 
 impl std::fmt::Debug for BearerToken {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -109,7 +111,7 @@ impl BearerToken {
                 "the token must be printable ASCII without spaces or control characters".to_owned(),
             ));
         }
-        Ok(BearerToken(Arc::from(token)))
+        Ok(BearerToken(Arc::new(Sha256::digest(token).into())))
     }
 
     /// Whether an `Authorization` header value presents this token as `Bearer <token>`.
@@ -121,7 +123,8 @@ impl BearerToken {
         }) else {
             return false;
         };
-        scheme.eq_ignore_ascii_case(b"bearer") && bool::from(credentials.ct_eq(&self.0))
+        let presented: [u8; 32] = Sha256::digest(credentials).into();
+        scheme.eq_ignore_ascii_case(b"bearer") && bool::from(presented.ct_eq(&*self.0))
     }
 }
 
@@ -136,13 +139,10 @@ impl MetricsServer {
     pub(crate) fn start(
         addr: SocketAddr,
         metrics: MetricsHandle,
-        token: Option<BearerToken>,
+        limits: ServerLimits,
         stats: Arc<TelemetryStats>,
     ) -> Result<Self> {
         let bind_error = |source| Error::MetricsBind { addr, source };
-        let listener = std::net::TcpListener::bind(addr).map_err(bind_error)?;
-        let bound = listener.local_addr().map_err(bind_error)?;
-        listener.set_nonblocking(true).map_err(bind_error)?;
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_io()
             .enable_time()
@@ -153,12 +153,14 @@ impl MetricsServer {
             })?;
         let listener = {
             let _entered = runtime.enter();
-            TcpListener::from_std(listener).map_err(bind_error)?
+            listen(addr).map_err(bind_error)?
         };
+        let bound = listener.local_addr().map_err(bind_error)?;
         let (stop, stopped) = oneshot::channel();
         let server = Arc::new(Server {
             metrics,
-            token,
+            token: limits.token,
+            max_connections: limits.max_connections.max(1),
             stats,
             open: Mutex::default(),
             ended: Notify::new(),
@@ -204,58 +206,40 @@ impl Drop for MetricsServer {
     }
 }
 
+/// What the server allows its clients.
+#[derive(Debug, Clone)]
+pub(crate) struct ServerLimits {
+    /// The bearer token requests must present, if any.
+    pub token: Option<BearerToken>,
+    /// Connections served at once.
+    pub max_connections: usize,
+}
+
+/// A listener on `addr` with an accept queue of [`ACCEPT_BACKLOG`] (the standard library's
+/// is 128: a burst of idle connections would fill it, and the kernel would then drop a
+/// scraper's connection attempts, which retry only after a second).
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    // As the standard library's listener does: a restarted process may bind at once.
+    #[cfg(unix)]
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(ACCEPT_BACKLOG)
+}
+
 /// What every connection of the server shares.
 struct Server {
     metrics: MetricsHandle,
     token: Option<BearerToken>,
+    max_connections: usize,
     stats: Arc<TelemetryStats>,
     open: Mutex<OpenConnections>,
     /// Notified when a connection ends: room for the next.
     ended: Notify,
-}
-
-/// The connections being served, oldest first. Only the server's thread touches it.
-#[derive(Default)]
-struct OpenConnections {
-    next_id: u64,
-    connections: VecDeque<OpenConnection>,
-}
-
-struct OpenConnection {
-    id: u64,
-    accepted: Instant,
-    /// Set once the request head is in: the connection is being answered.
-    answering: Arc<AtomicBool>,
-    task: AbortHandle,
-}
-
-impl OpenConnections {
-    /// Closes the oldest connection that has been sending its request head for
-    /// [`STALE_HEAD_AFTER`] or longer. Without one, `Err` says when the oldest one still
-    /// sending will be that old, if there is one.
-    fn close_stale_head(&mut self, now: Instant) -> Result<(), Option<Instant>> {
-        let Some(oldest) = self
-            .connections
-            .iter()
-            .position(|open| !open.answering.load(Ordering::Relaxed))
-        else {
-            return Err(None);
-        };
-        let stale_at = self.connections[oldest].accepted + STALE_HEAD_AFTER;
-        if stale_at > now {
-            return Err(Some(stale_at));
-        }
-        if let Some(open) = self.connections.remove(oldest) {
-            open.task.abort();
-        }
-        Ok(())
-    }
-
-    fn remove(&mut self, id: u64) {
-        if let Some(at) = self.connections.iter().position(|open| open.id == id) {
-            self.connections.remove(at);
-        }
-    }
 }
 
 impl Server {
@@ -265,27 +249,27 @@ impl Server {
         self.open.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Closes the oldest connection slow to send its head, counting it; `Err` as
-    /// [`OpenConnections::close_stale_head`].
+    /// Closes the connection that holds its slot for nothing the longest, counting it; `Err`
+    /// as [`OpenConnections::close_idlest`].
     fn make_room(&self) -> Result<(), Option<Instant>> {
-        self.open().close_stale_head(Instant::now())?;
+        self.open().close_idlest(Instant::now())?;
         TelemetryStats::add(&self.stats.metrics_connections_refused, 1);
         Ok(())
     }
 
-    /// Waits until every slot is no longer taken, making room when a connection is slow to
-    /// send its head; `false` if stopped meanwhile. Until then new connections wait in the
-    /// kernel's accept queue, costing nothing here.
+    /// Waits until a slot is free, making room when a connection holds one for nothing;
+    /// `false` if stopped meanwhile. Until then new connections wait in the kernel's accept
+    /// queue, costing nothing here.
     async fn room(&self, stopped: &mut oneshot::Receiver<()>) -> bool {
         loop {
-            if self.open().connections.len() < MAX_CONNECTIONS {
+            if self.open().len() < self.max_connections {
                 return true;
             }
             match self.make_room() {
                 // The closed connection's task is dropped on the next turn.
                 Ok(()) => tokio::task::yield_now().await,
-                Err(stale_at) => {
-                    let until = stale_at.unwrap_or_else(|| Instant::now() + EXCHANGE_TIMEOUT);
+                Err(idle_at) => {
+                    let until = idle_at.unwrap_or_else(|| Instant::now() + EXCHANGE_TIMEOUT);
                     if !self.wait_for_an_end(until, stopped).await {
                         return false;
                     }
@@ -306,23 +290,18 @@ impl Server {
     /// Serves `stream` in a task of its own.
     fn admit(self: &Arc<Self>, stream: TcpStream) {
         let mut open = self.open();
-        let id = open.next_id;
-        open.next_id += 1;
-        let answering = Arc::new(AtomicBool::new(false));
-        let task = tokio::spawn(Arc::clone(self).serve(stream, id, Arc::clone(&answering)));
-        open.connections.push_back(OpenConnection {
-            id,
-            accepted: Instant::now(),
-            answering,
-            task: task.abort_handle(),
-        });
+        let id = open.next_id();
+        let progress = Arc::new(Progress::default());
+        let task = tokio::spawn(Arc::clone(self).serve(stream, id, Arc::clone(&progress)));
+        open.push(id, progress, task.abort_handle());
     }
 
     /// Serves one request on `stream`, within the time limits, and counts how it ended.
-    async fn serve(self: Arc<Self>, stream: TcpStream, id: u64, answering: Arc<AtomicBool>) {
+    async fn serve(self: Arc<Self>, stream: TcpStream, id: u64, progress: Arc<Progress>) {
         let server = Arc::clone(&self);
+        let head_received = Arc::clone(&progress);
         let service = hyper::service::service_fn(move |request: Request<Incoming>| {
-            answering.store(true, Ordering::Relaxed);
+            head_received.head_received();
             // The body is dropped unread with the request.
             let response = server.answer(&request);
             std::future::ready(Ok::<_, Infallible>(response))
@@ -333,7 +312,8 @@ impl Server {
             .max_buf_size(MAX_HEAD_BYTES)
             .max_headers(MAX_HEADERS)
             .keep_alive(false)
-            .serve_connection(TokioIo::new(stream), service);
+            .half_close(true)
+            .serve_connection(TokioIo::new(Watched::new(stream, progress)), service);
         let stats = &self.stats;
         match tokio::time::timeout(EXCHANGE_TIMEOUT, connection).await {
             Err(_elapsed) => TelemetryStats::add(&stats.metrics_connections_timed_out, 1),
@@ -429,15 +409,22 @@ async fn accept_loop(listener: &TcpListener, mut stopped: oneshot::Receiver<()>,
             tracing::warn!(
                 target: "agent_telemetry::metrics",
                 %error,
-                "the /metrics server cannot accept connections (out of file descriptors?); closing connections slow to send their request and retrying, counted in agent_telemetry_metrics_accept_errors_total"
+                "the /metrics server cannot accept connections (out of file descriptors?); closing connections that hold their slot for nothing and retrying, counted in agent_telemetry_metrics_accept_errors_total"
             );
         }
-        if server.make_room().is_ok() {
-            // The closed connection's task is dropped on the next turn, freeing its descriptor.
-            tokio::task::yield_now().await;
-            continue;
-        }
-        if !server.wait_for_an_end(Instant::now() + backoff, &mut stopped).await {
+        let until = match server.make_room() {
+            Ok(()) => {
+                // The closed connection's task is dropped on the next turn, freeing its
+                // descriptor.
+                tokio::task::yield_now().await;
+                continue;
+            }
+            Err(idle_at) => {
+                let backed_off = Instant::now() + backoff;
+                idle_at.map_or(backed_off, |idle_at| idle_at.min(backed_off))
+            }
+        };
+        if !server.wait_for_an_end(until, &mut stopped).await {
             return;
         }
         backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
@@ -458,7 +445,7 @@ mod tests {
     use super::*;
 
     fn token(text: &str) -> BearerToken {
-        BearerToken(Arc::from(text.as_bytes()))
+        BearerToken(Arc::new(Sha256::digest(text.as_bytes()).into()))
     }
 
     #[test]
@@ -482,7 +469,7 @@ mod tests {
         let path = dir.path().join("token");
         std::fs::write(&path, "  hunter2-token\n").unwrap();
         let read = BearerToken::from_file(&path, "AGENT_TELEMETRY_METRICS_TOKEN_FILE").unwrap();
-        assert_eq!(&*read.0, b"hunter2-token");
+        assert!(read.admits(Some(&HeaderValue::from_static("Bearer hunter2-token"))));
         assert_eq!(format!("{read:?}"), "BearerToken([REDACTED])");
         for (contents, reason) in [("\n", "empty"), ("hunter2 two", "printable ASCII")] {
             std::fs::write(&path, contents).unwrap();
