@@ -21,7 +21,7 @@
 use std::borrow::Cow;
 
 use aho_corasick::AhoCorasick;
-use regex::{Captures, Regex};
+use regex::Regex;
 
 use crate::error::{Error, Result};
 use crate::text::cut;
@@ -61,73 +61,91 @@ pub(crate) const SENSITIVE_SEGMENTS: [&str; 22] = [
 /// Two adjacent segments that make a field sensitive, joined (`api` + `key`).
 pub(crate) const SENSITIVE_PAIRS: [&str; 4] = ["apikey", "privatekey", "accesskey", "creditcard"];
 
-/// Secret patterns; where a pattern has a capture group, only the group is replaced. Word
-/// boundaries are ASCII ones (`(?-u:\b)`): Unicode ones keep the regex engine off its DFA.
-const SECRET_PATTERNS: [&str; 10] = [
-    // Bearer tokens: the token after the scheme.
-    r"(?i)(?-u:\b)bearer\s+([A-Za-z0-9\-._~+/]{16,}=*)",
-    // JWTs: three base64url parts, the header's JSON starting `{"`.
-    r"(?-u:\b)eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*",
-    // OpenAI, Anthropic, Stripe style keys: sk-…, sk-proj-…, sk-ant-…, pk_live_…, rk_test_….
-    r"(?-u:\b)(?:sk|pk|rk)[-_][A-Za-z0-9_-]{16,}",
-    // AWS access key ids.
-    r"(?-u:\b)(?:AKIA|ASIA|ABIA|ACCA|AGPA|AIDA|AIPA|ANPA|ANVA|APKA|AROA|ASCA)[A-Z0-9]{16}(?-u:\b)",
-    // GitHub tokens.
-    r"(?-u:\b)(?:gh[pousr]_[A-Za-z0-9]{30,}|github_pat_[A-Za-z0-9_]{30,})",
-    // Slack tokens.
-    r"(?-u:\b)xox[abposr]-[A-Za-z0-9-]{10,}",
-    // Google API keys.
-    r"(?-u:\b)AIza[0-9A-Za-z_-]{35}",
-    // PEM private key blocks, to their end or the end of the text.
-    r"-----BEGIN[A-Z0-9 ]*PRIVATE KEY-----(?s:.*?)(?:-----END[A-Z0-9 ]*PRIVATE KEY-----|\z)",
-    // `password=…`, `api_key: …`, `token=…`: the value.
-    r#"(?i)(?-u:\b)(?:password|passwd|pwd|passphrase|secret|client[_-]?secret|api[_-]?key|access[_-]?token|refresh[_-]?token|auth[_-]?token|token)\s*[=:]\s*("[^"]*"|'[^']*'|[^\s&,;"']+)"#,
-    // `Authorization: Basic …` and the like: the credentials.
-    r"(?i)(?-u:\b)authorization\s*[:=]\s*(?:(?:basic|bearer|digest|token)\s+)?([^\s,;]+)",
-];
+/// A secret pattern: what it matches, the literals every match contains (compared ASCII
+/// case-insensitively), and the start of a match that is kept (`Bearer `, `password=`), an
+/// anchored pattern; the rest of the match is replaced.
+struct SecretPattern {
+    pattern: &'static str,
+    triggers: &'static [&'static str],
+    keep: Option<&'static str>,
+}
 
-/// Literals at least one of which every match of [`SECRET_PATTERNS`] contains (compared
-/// ASCII case-insensitively): a text with none of them is left as it is, unsearched.
-const TRIGGERS: [&str; 39] = [
-    "bearer",
-    "eyj",
-    "sk-",
-    "sk_",
-    "pk-",
-    "pk_",
-    "rk-",
-    "rk_",
-    "akia",
-    "asia",
-    "abia",
-    "acca",
-    "agpa",
-    "aida",
-    "aipa",
-    "anpa",
-    "anva",
-    "apka",
-    "aroa",
-    "asca",
-    "ghp_",
-    "gho_",
-    "ghu_",
-    "ghs_",
-    "ghr_",
-    "github_pat_",
-    "xox",
-    "aiza",
-    "private key",
-    "password",
-    "passwd",
-    "pwd",
-    "passphrase",
-    "secret",
-    "api_key",
-    "api-key",
-    "apikey",
-    "token",
-    "authorization",
+/// The built-in secret patterns. They are ASCII patterns (`(?-u)`), which the regex engine
+/// runs on its DFA; a text is searched only with the patterns whose triggers it contains.
+const SECRET_PATTERNS: [SecretPattern; 10] = [
+    // Bearer tokens: the token after the scheme.
+    SecretPattern {
+        pattern: r"(?i-u)\bbearer\s+[A-Za-z0-9\-._~+/]{16,}=*",
+        triggers: &["bearer"],
+        keep: Some(r"(?i-u)^bearer\s+"),
+    },
+    // JWTs: three base64url parts, the header's JSON starting `{"`.
+    SecretPattern {
+        pattern: r"(?-u)\beyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*",
+        triggers: &["eyj"],
+        keep: None,
+    },
+    // OpenAI, Anthropic, Stripe style keys: sk-…, sk-proj-…, sk-ant-…, pk_live_…, rk_test_….
+    SecretPattern {
+        pattern: r"(?-u)\b(?:sk|pk|rk)[-_][A-Za-z0-9_-]{16,}",
+        triggers: &["sk-", "sk_", "pk-", "pk_", "rk-", "rk_"],
+        keep: None,
+    },
+    // AWS access key ids.
+    SecretPattern {
+        pattern: r"(?-u)\b(?:AKIA|ASIA|ABIA|ACCA|AGPA|AIDA|AIPA|ANPA|ANVA|APKA|AROA|ASCA)[A-Z0-9]{16}\b",
+        triggers: &[
+            "akia", "asia", "abia", "acca", "agpa", "aida", "aipa", "anpa", "anva", "apka", "aroa", "asca",
+        ],
+        keep: None,
+    },
+    // GitHub tokens.
+    SecretPattern {
+        pattern: r"(?-u)\b(?:gh[pousr]_[A-Za-z0-9]{30,}|github_pat_[A-Za-z0-9_]{30,})",
+        triggers: &["ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_"],
+        keep: None,
+    },
+    // Slack tokens.
+    SecretPattern {
+        pattern: r"(?-u)\bxox[abposr]-[A-Za-z0-9-]{10,}",
+        triggers: &["xox"],
+        keep: None,
+    },
+    // Google API keys.
+    SecretPattern {
+        pattern: r"(?-u)\bAIza[0-9A-Za-z_-]{35}",
+        triggers: &["aiza"],
+        keep: None,
+    },
+    // PEM private key blocks, to their end or the end of the text (a Unicode pattern, so
+    // that `.` is any character).
+    SecretPattern {
+        pattern: r"-----BEGIN[A-Z0-9 ]*PRIVATE KEY-----(?s:.*?)(?:-----END[A-Z0-9 ]*PRIVATE KEY-----|\z)",
+        triggers: &["private key"],
+        keep: None,
+    },
+    // `password=…`, `api_key: …`, `token=…`: the value.
+    SecretPattern {
+        pattern: r#"(?i-u)\b(?:password|passwd|pwd|passphrase|secret|client[_-]?secret|api[_-]?key|access[_-]?token|refresh[_-]?token|auth[_-]?token|token)\s*[=:]\s*(?u:"[^"]*"|'[^']*'|[^\s&,;"']+)"#,
+        triggers: &[
+            "password",
+            "passwd",
+            "pwd",
+            "passphrase",
+            "secret",
+            "api_key",
+            "api-key",
+            "apikey",
+            "token",
+        ],
+        keep: Some(r"(?i-u)^[a-z_-]+\s*[=:]\s*"),
+    },
+    // `Authorization: Basic …` and the like: the credentials.
+    SecretPattern {
+        pattern: r"(?i-u)\bauthorization\s*[:=]\s*(?:(?:basic|bearer|digest|token)\s+)?(?u:[^\s,;]+)",
+        triggers: &["authorization"],
+        keep: Some(r"(?i-u)^authorization\s*[:=]\s*(?:(?:basic|bearer|digest|token)\s+)?"),
+    },
 ];
 
 /// What scrubbing does, for [`with_scrubbing`](crate::AgentTelemetry::with_scrubbing): on with
@@ -186,9 +204,8 @@ impl Scrubbing {
         self
     }
 
-    /// Adds patterns (the `regex` crate's syntax) whose matches are redacted; where a pattern
-    /// has a capture group, only the first group is. They are searched in every text, so
-    /// each costs a scan per task and error message.
+    /// Adds patterns (the `regex` crate's syntax) whose matches are redacted. They are
+    /// searched in every text, so each costs a scan per task and error message.
     #[must_use]
     pub fn with_patterns<I, P>(mut self, patterns: I) -> Self
     where
@@ -210,15 +227,34 @@ impl Scrubbing {
         }
         let compile =
             |pattern: &str| Regex::new(pattern).map_err(|e| Error::invalid("with_scrubbing", pattern, e.to_string()));
-        let built_in = SECRET_PATTERNS.iter().map(|p| compile(p)).collect::<Result<Vec<_>>>()?;
-        let added = self.patterns.iter().map(|p| compile(p)).collect::<Result<Vec<_>>>()?;
+        let mut built_in = Vec::with_capacity(SECRET_PATTERNS.len());
+        let (mut triggers, mut trigger_pattern): (Vec<&str>, Vec<usize>) = (Vec::new(), Vec::new());
+        for (index, secret) in SECRET_PATTERNS.iter().enumerate() {
+            built_in.push(Compiled {
+                regex: compile(secret.pattern)?,
+                keep: secret.keep.map(compile).transpose()?,
+            });
+            triggers.extend(secret.triggers);
+            trigger_pattern.extend(secret.triggers.iter().map(|_| index));
+        }
+        let added = self
+            .patterns
+            .iter()
+            .map(|pattern| {
+                Ok(Compiled {
+                    regex: compile(pattern)?,
+                    keep: None,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
         let triggers = AhoCorasick::builder()
             .ascii_case_insensitive(true)
-            .build(TRIGGERS)
+            .build(triggers)
             .map_err(|e| Error::invalid("with_scrubbing", "built-in triggers", e.to_string()))?;
         Ok(Scrubber {
             rules: Some(Rules {
                 triggers,
+                trigger_pattern,
                 built_in,
                 added,
                 field_names: self.field_names.iter().map(|name| segments(name)).collect(),
@@ -235,11 +271,22 @@ pub(crate) struct Scrubber {
 
 #[derive(Debug)]
 struct Rules {
+    /// Every built-in pattern's triggers, ...
     triggers: AhoCorasick,
-    built_in: Vec<Regex>,
-    added: Vec<Regex>,
+    /// ... and for each, the index of its pattern in `built_in`.
+    trigger_pattern: Vec<usize>,
+    built_in: Vec<Compiled>,
+    added: Vec<Compiled>,
     /// The added names, each as its segments.
     field_names: Vec<Vec<String>>,
+}
+
+/// A compiled secret pattern.
+#[derive(Debug)]
+struct Compiled {
+    regex: Regex,
+    /// The start of a match that is kept.
+    keep: Option<Regex>,
 }
 
 impl Scrubber {
@@ -272,8 +319,13 @@ impl Scrubber {
             return text.into();
         };
         let mut text = Cow::Borrowed(text);
-        if rules.triggers.is_match(text.as_ref()) {
-            for pattern in &rules.built_in {
+        // The patterns whose triggers the text holds, each once, in order.
+        let mut searched = [false; SECRET_PATTERNS.len()];
+        for found in rules.triggers.find_overlapping_iter(text.as_ref()) {
+            searched[rules.trigger_pattern[found.pattern().as_usize()]] = true;
+        }
+        for (pattern, searched) in rules.built_in.iter().zip(searched) {
+            if searched {
                 text = replace(pattern, text);
             }
         }
@@ -297,25 +349,25 @@ impl Scrubber {
     }
 }
 
-/// Replaces every match of `pattern` in `text`: its first capture group where it has one,
-/// else the whole match.
-fn replace<'a>(pattern: &Regex, text: Cow<'a, str>) -> Cow<'a, str> {
-    if !pattern.is_match(&text) {
+/// Replaces every match of `pattern` in `text` but its kept start.
+fn replace<'a>(pattern: &Compiled, text: Cow<'a, str>) -> Cow<'a, str> {
+    if !pattern.regex.is_match(&text) {
         return text;
     }
-    let replaced = pattern
-        .replace_all(&text, |captures: &Captures<'_>| {
-            let whole = captures.get(0).map_or("", |m| m.as_str());
-            match (captures.get(0), captures.get(1)) {
-                (Some(all), Some(secret)) => {
-                    let (start, end) = (secret.start() - all.start(), secret.end() - all.start());
-                    format!("{}{REDACTED}{}", &whole[..start], &whole[end..])
-                }
-                _ => REDACTED.to_owned(),
-            }
-        })
-        .into_owned();
-    Cow::Owned(replaced)
+    let mut scrubbed = String::with_capacity(text.len());
+    let mut copied = 0;
+    for found in pattern.regex.find_iter(&text) {
+        let kept = pattern
+            .keep
+            .as_ref()
+            .and_then(|keep| keep.find(found.as_str()))
+            .map_or(0, |kept| kept.end());
+        scrubbed.push_str(&text[copied..found.start() + kept]);
+        scrubbed.push_str(REDACTED);
+        copied = found.end();
+    }
+    scrubbed.push_str(&text[copied..]);
+    Cow::Owned(scrubbed)
 }
 
 /// Whether a segment of `name` is one of [`SENSITIVE_SEGMENTS`], or two adjacent ones join
@@ -324,7 +376,17 @@ fn has_sensitive_segment(name: &str) -> bool {
     let (mut previous, mut current) = (Segment::EMPTY, Segment::EMPTY);
     let mut previous_lower = false;
     for c in name.chars() {
-        let boundary = !c.is_alphanumeric() || (c.is_uppercase() && previous_lower);
+        // ASCII first: names are nearly always ASCII, and its checks need no tables.
+        let (alphanumeric, uppercase, lowercase) = if c.is_ascii() {
+            (
+                c.is_ascii_alphanumeric(),
+                c.is_ascii_uppercase(),
+                c.is_ascii_lowercase(),
+            )
+        } else {
+            (c.is_alphanumeric(), c.is_uppercase(), c.is_lowercase())
+        };
+        let boundary = !alphanumeric || (uppercase && previous_lower);
         if boundary && !current.is_empty() {
             if current.is_listed(&previous) {
                 return true;
@@ -332,8 +394,8 @@ fn has_sensitive_segment(name: &str) -> bool {
             previous = current;
             current = Segment::EMPTY;
         }
-        if c.is_alphanumeric() {
-            previous_lower = c.is_lowercase() || c.is_ascii_digit();
+        if alphanumeric {
+            previous_lower = lowercase || c.is_ascii_digit();
             current.push(c);
         } else {
             previous_lower = false;
@@ -382,7 +444,8 @@ impl Segment {
         let Some(text) = self.text() else {
             return false;
         };
-        if SENSITIVE_SEGMENTS.iter().any(|listed| listed.as_bytes() == text) {
+        // Listed segments are 3 to 13 bytes: most segments are not even compared.
+        if (3..=13).contains(&text.len()) && SENSITIVE_SEGMENTS.iter().any(|listed| listed.as_bytes() == text) {
             return true;
         }
         previous.text().is_some_and(|before| {
@@ -533,7 +596,7 @@ mod tests {
     #[test]
     fn added_patterns_are_searched_and_bad_ones_name_the_setting() {
         let scrubber = Scrubbing::default()
-            .with_patterns([r"\bACME-[0-9]{8}\b", r"customer=(\w+)"])
+            .with_patterns([r"\bACME-[0-9]{8}\b", r"\bbob\b"])
             .build()
             .unwrap();
         assert_eq!(

@@ -384,16 +384,18 @@ impl SpanBuilder {
 }
 
 impl FinishedSpan {
-    /// What the span weighs in the queue besides its text (`span_size`).
+    /// What the span weighs besides its agent's name (which it carries twice) and its task
+    /// (`span_size`): the overhead, the keys and values of the attributes the crate sets, the
+    /// code location, and the rare parts.
     pub(crate) fn weight(&self) -> usize {
+        let location = self.metadata.file().map_or(0, str::len) + self.metadata.module_path().map_or(0, str::len);
         let rare = self.rare.as_ref().map_or(0, |rare| {
             rare.name.as_ref().map_or(0, String::len)
                 + span_size::of_attributes(&rare.attributes)
                 + span_size::of_events(&rare.events)
                 + rare.failure.as_ref().map_or(0, |failure| failure.description().len())
         });
-        // As a built span weighs: the overhead and our attributes' keys with the rest.
-        256 + rare
+        256 + location + rare
     }
 }
 

@@ -244,7 +244,7 @@ impl CountingProcessor {
     /// calling thread's batch until the batch is full or the processor collects it.
     pub(crate) fn queue_agent(&self, span: FinishedSpan, agent_name: &str, task: &str) {
         self.queue_mine(|mine| {
-            mine.bytes += span.weight() + agent_name.len() + task.len();
+            mine.bytes += span.weight() + 2 * agent_name.len() + task.len();
             mine.agents.push(span, agent_name, task);
         });
     }
@@ -588,21 +588,24 @@ impl Worker {
         );
         let taken = spans.len();
         for (span, agent_name, task) in spans.agents.drain() {
+            // Weighed as it was queued, without walking the built span again.
+            let bytes = span.weight() + 2 * agent_name.len() + task.len();
             let span = self.spans.build(span, agent_name, task);
-            self.add(span);
+            self.add(span, bytes);
         }
         for mut span in spans.built.drain(..) {
             self.spans.scrub_and_cut(&mut span);
-            self.add(span);
+            let bytes = span_size::of_span_data(&span);
+            self.add(span, bytes);
         }
         self.batches.recycle(spans);
         taken
     }
 
-    /// Adds a span to the export batch, exporting it once full in spans or bytes; a span that
-    /// would take the batch past its bytes goes into the next, alone if it is that heavy.
-    fn add(&mut self, span: SpanData) {
-        let bytes = span_size::of_span_data(&span);
+    /// Adds a span weighing `bytes` to the export batch, exporting it once full in spans or
+    /// bytes; a span that would take the batch past its bytes goes into the next, alone if it
+    /// is that heavy.
+    fn add(&mut self, span: SpanData, bytes: usize) {
         if !self.batch.is_empty() && self.batch_bytes.saturating_add(bytes) > self.settings.max_export_bytes {
             self.export();
         }
