@@ -10,7 +10,10 @@
 //!
 //! Workloads: one agent execution (create, enter, exit, close, with `agent_name` and `task`);
 //! a span no signal selects; an agent execution with one child span; one whose task carries a
-//! bearer token (ours scrubs it, on by default); agent executions from two threads at once. `cargo bench` ends with one line per ratio, each judged against its
+//! bearer token (ours scrubs it, on by default); agent executions from two threads at once;
+//! async agent executions, 100 to a task on a two-worker tokio runtime, annotated with
+//! `agent_telemetry::instrument` (and, in ours, with `tracing::instrument` alone, for what
+//! reporting cancellation costs). `cargo bench` ends with one line per ratio, each judged against its
 //! target. A shared VM's capacity drifts between criterion's cases, seconds apart, so the
 //! ratios judged come from interleaved runs: the one-thread ones from brief processes of
 //! each stack run one after another, 15 rounds; the two-thread one from pairs of runs, one
@@ -70,6 +73,60 @@ fn agent_with_secret() {
     );
     let _entered = span.enter();
     black_box(&span);
+}
+
+/// Agent executions awaited inside an async task, per workload iteration: enough to make the
+/// task's spawn and join a small part of the time.
+const ASYNC_BATCH: usize = 100;
+
+/// The runtime the async workloads run on: two workers, as a small async service has.
+fn runtime() -> &'static tokio::runtime::Runtime {
+    static RUNTIME: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+    RUNTIME.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("a tokio runtime")
+    })
+}
+
+/// An async agent execution, instrumented so that a cancellation would be reported.
+#[agent_telemetry::instrument]
+async fn async_agent(agent_name: &str, task: &str) -> usize {
+    tokio::task::yield_now().await;
+    black_box(task.len())
+}
+
+/// The same, with `tracing`'s attribute alone: what reporting cancellation costs is the
+/// difference.
+#[tracing::instrument(name = "agent_execution")]
+async fn async_agent_plain(agent_name: &str, task: &str) -> usize {
+    tokio::task::yield_now().await;
+    black_box(task.len())
+}
+
+/// [`ASYNC_BATCH`] async agent executions in a task on the two-worker runtime; each yields
+/// once, so it is polled twice, as an execution that awaits anything is.
+#[inline(never)]
+fn async_agent_execution() {
+    let task = runtime().spawn(async {
+        for _ in 0..ASYNC_BATCH {
+            black_box(async_agent("backend-engineer", "Implement API").await);
+        }
+    });
+    runtime().block_on(task).expect("the task completes");
+}
+
+/// [`async_agent_execution`] with `tracing::instrument` alone.
+#[inline(never)]
+fn async_agent_execution_plain() {
+    let task = runtime().spawn(async {
+        for _ in 0..ASYNC_BATCH {
+            black_box(async_agent_plain("backend-engineer", "Implement API").await);
+        }
+    });
+    runtime().block_on(task).expect("the task completes");
 }
 
 #[inline(never)]
@@ -250,11 +307,13 @@ fn hand_assembled() -> Stack {
 
 // ---- measuring ----------------------------------------------------------------------------
 
-const WORKLOADS: [(&str, fn()); 4] = [
+const WORKLOADS: [(&str, fn()); 6] = [
     ("agent_execution", agent_execution),
     ("unselected_span", unselected_span),
     ("agent_with_child", agent_with_child),
     ("agent_with_secret", agent_with_secret),
+    ("async_agent_execution", async_agent_execution),
+    ("async_agent_execution_plain", async_agent_execution_plain),
 ];
 
 fn bench_stack(c: &mut Criterion, name: &str) {
@@ -327,10 +386,11 @@ const INTERLEAVED_STACKS: [&str; 3] = ["none", "hand-assembled", "ours"];
 
 /// The one-thread targets: workload, the stack ours is compared with (and how the summary
 /// names it), and the most ours may cost as a share of it.
-const ONE_THREAD_TARGETS: [(&str, &str, &str, f64); 3] = [
+const ONE_THREAD_TARGETS: [(&str, &str, &str, f64); 4] = [
     ("agent_execution", "hand-assembled", "hand-assembled", 0.20),
     ("agent_with_child", "hand-assembled", "hand-assembled", 0.20),
     ("unselected_span", "none", "no subscriber", 1.20),
+    ("async_agent_execution", "hand-assembled", "hand-assembled", 0.20),
 ];
 
 /// One-thread ratios measured in the interleaved rounds too, printed for reference.
@@ -636,6 +696,14 @@ fn summary(interleaved: &InterleavedRatios) {
         Target::Reference(""),
         &note,
     );
+    if let Some((reporting, plain)) =
+        mean_ns("ours", "async_agent_execution").zip(mean_ns("ours", "async_agent_execution_plain"))
+    {
+        println!(
+            "reporting cancellation (agent_telemetry::instrument over tracing::instrument): {:.0} ns per async execution (criterion's means, ours)",
+            (reporting - plain) / ASYNC_BATCH as f64
+        );
+    }
     if let Some(scrubbing) = mean_ns("ours", "agent_with_secret").zip(mean_ns("ours", "agent_execution")) {
         println!(
             "scrubbing a bearer token out of a task: {:.0} ns per execution (criterion's means, ours)",

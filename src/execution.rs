@@ -18,27 +18,37 @@ pub(crate) const UNKNOWN_AGENT: &str = "unknown";
 
 /// The outcome of one agent execution.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum Status {
     /// The agent finished its task.
     Success,
     /// The agent failed: an explicit status, an `ERROR` event, or a panic.
     Failure,
+    /// The agent's future was dropped before it completed: a timeout that ran out, a
+    /// `select!` branch that lost, an aborted task, a runtime shut down with it in flight (see
+    /// [`instrument`](crate::instrument)); or an explicit `cancelled` status.
+    Cancelled,
 }
 
 impl Status {
-    /// The label value: `success` or `failure`.
+    /// The label value: `success`, `failure` or `cancelled`.
     pub fn as_str(self) -> &'static str {
         match self {
             Status::Success => "success",
             Status::Failure => "failure",
+            Status::Cancelled => "cancelled",
         }
     }
 
-    /// Normalises a user's status text: the usual words for success, anything else failure.
+    /// Normalises a user's status text: the usual words for success, `cancelled` (or
+    /// `canceled`), anything else failure.
     pub(crate) fn from_text(text: &str) -> Status {
         const SUCCESS: [&str; 7] = ["success", "succeeded", "successful", "ok", "completed", "done", "true"];
-        if SUCCESS.iter().any(|s| text.trim().eq_ignore_ascii_case(s)) {
+        let text = text.trim();
+        if SUCCESS.iter().any(|s| text.eq_ignore_ascii_case(s)) {
             Status::Success
+        } else if text.eq_ignore_ascii_case("cancelled") || text.eq_ignore_ascii_case("canceled") {
+            Status::Cancelled
         } else {
             Status::Failure
         }
@@ -60,6 +70,8 @@ pub(crate) enum Failure {
     ErrorEvent(String),
     /// The thread panicked while the span was exited or closed.
     Panic,
+    /// The execution's future was dropped before it completed.
+    Cancelled,
 }
 
 impl Failure {
@@ -69,6 +81,7 @@ impl Failure {
             Failure::Explicit(status) => status,
             Failure::ErrorEvent(_) => "error",
             Failure::Panic => "panic",
+            Failure::Cancelled => "cancelled",
         }
     }
 
@@ -78,6 +91,7 @@ impl Failure {
             Failure::Explicit(status) => status,
             Failure::ErrorEvent(message) => message,
             Failure::Panic => "the agent panicked",
+            Failure::Cancelled => "the execution was dropped before it completed: timed out, raced away or aborted",
         }
     }
 }
@@ -315,6 +329,10 @@ pub(crate) struct ExecutionState {
     pub fields: ExecutionFields,
     pub error_event: Option<String>,
     pub panicked: bool,
+    /// Its future was dropped before it completed (`cancellation.rs`).
+    pub cancelled: bool,
+    /// It was entered at least once: it ran.
+    pub entered: bool,
 }
 
 impl ExecutionState {
@@ -327,16 +345,21 @@ impl ExecutionState {
             fields: ExecutionFields::new(task_chars),
             error_event: None,
             panicked: false,
+            cancelled: false,
+            entered: false,
         }
     }
 
-    /// First match wins: explicit field, `ERROR` event, panic, else success.
+    /// First match wins: explicit field, cancellation, `ERROR` event, panic, else success.
     pub(crate) fn outcome(&self) -> (Status, Option<Failure>) {
         if let Some(text) = &self.fields.status {
             return match Status::from_text(text) {
                 Status::Success => (Status::Success, None),
-                Status::Failure => (Status::Failure, Some(Failure::Explicit(text.trim().to_owned()))),
+                other => (other, Some(Failure::Explicit(text.trim().to_owned()))),
             };
+        }
+        if self.cancelled {
+            return (Status::Cancelled, Some(Failure::Cancelled));
         }
         if let Some(message) = &self.error_event {
             return (Status::Failure, Some(Failure::ErrorEvent(message.clone())));
@@ -414,6 +437,9 @@ mod tests {
         for s in ["failure", "error", "timeout", ""] {
             assert_eq!(Status::from_text(s), Status::Failure, "{s}");
         }
+        for s in ["cancelled", "Canceled "] {
+            assert_eq!(Status::from_text(s), Status::Cancelled, "{s}");
+        }
     }
 
     #[test]
@@ -473,6 +499,12 @@ mod tests {
         assert_eq!(state.outcome(), (Status::Failure, Some(Failure::Panic)));
         state.error_event = Some("boom".into());
         assert_eq!(state.outcome().1, Some(Failure::ErrorEvent("boom".into())));
+        state.cancelled = true;
+        assert_eq!(
+            state.outcome(),
+            (Status::Cancelled, Some(Failure::Cancelled)),
+            "before the error event"
+        );
         state.fields.status = Some("success".into());
         assert_eq!(state.outcome(), (Status::Success, None));
     }

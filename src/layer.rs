@@ -105,6 +105,7 @@ where
         let hook = AgentSpanHook {
             tracer: signals.tracer.clone(),
             with_span: with_agent_span::<S>,
+            cancel: cancel_nearest_agent::<S>,
         };
         ExecutionLayer {
             signals,
@@ -203,15 +204,11 @@ where
     }
 
     fn on_enter(&self, id: &Id, ctx: Context<'_, S>) {
-        if self.signals.tracer.is_none() {
-            return;
-        }
         let Some(span) = ctx.span(id) else { return };
-        let context = span
-            .extensions_mut()
-            .get_mut::<Running>()
-            .and_then(|r| r.span.as_mut())
-            .map(AgentSpan::enter);
+        let context = span.extensions_mut().get_mut::<Running>().and_then(|running| {
+            running.execution.entered = true;
+            running.span.as_mut().map(AgentSpan::enter)
+        });
         drop(span);
         if let Some(context) = context {
             make_current(id, context);
@@ -254,6 +251,8 @@ where
         } = running;
         let duration = state.started.elapsed();
         state.panicked |= std::thread::panicking();
+        // Never entered: its future was dropped before it was ever polled.
+        state.cancelled |= !state.entered;
         if let Some(text) = &mut state.error_event {
             *text = self.text.error_text(text);
         }
@@ -323,12 +322,22 @@ where
 pub(crate) struct AgentSpanHook {
     tracer: Option<Arc<AgentTracer>>,
     with_span: WithAgentSpan,
+    cancel: CancelExecution,
 }
 
 /// Finds the agent span `id` in the subscriber the layer was built for.
 type WithAgentSpan = fn(&Dispatch, &Id, &mut dyn FnMut(&mut AgentSpan)) -> bool;
 
+/// Marks the agent execution `id` is in, or is, as cancelled; `false` when there is none.
+type CancelExecution = fn(&Dispatch, &Id) -> bool;
+
 impl AgentSpanHook {
+    /// Marks the nearest agent execution at or above span `id` as cancelled: its future was
+    /// dropped before it completed. `false` when `id` is in no agent execution.
+    pub(crate) fn cancel(&self, dispatch: &Dispatch, id: &Id) -> bool {
+        (self.cancel)(dispatch, id)
+    }
+
     /// Runs `f` on the agent span `id`; `false` when `id` is not a traced agent span.
     pub(crate) fn with_span(
         &self,
@@ -341,6 +350,25 @@ impl AgentSpanHook {
         };
         (self.with_span)(dispatch, id, &mut |span| f(tracer, span))
     }
+}
+
+fn cancel_nearest_agent<S>(dispatch: &Dispatch, id: &Id) -> bool
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+{
+    let Some(subscriber) = dispatch.downcast_ref::<S>() else {
+        return false;
+    };
+    let Some(span) = subscriber.span(id) else {
+        return false;
+    };
+    for span in span.scope() {
+        if let Some(running) = span.extensions_mut().get_mut::<Running>() {
+            running.execution.cancelled = true;
+            return true;
+        }
+    }
+    false
 }
 
 fn with_agent_span<S>(dispatch: &Dispatch, id: &Id, f: &mut dyn FnMut(&mut AgentSpan)) -> bool

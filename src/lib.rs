@@ -43,6 +43,7 @@
 #![allow(clippy::module_name_repetitions, clippy::must_use_candidate)]
 
 mod background;
+mod cancellation;
 mod config;
 mod error;
 mod execution;
@@ -62,9 +63,17 @@ mod test_support;
 mod text;
 mod traces;
 
+pub use agent_telemetry_macros::instrument;
+pub use cancellation::{AgentInstrument, ReportsCancellation};
 pub use config::{LogFormat, OtlpProtocol, TaskCapture, TracesExporter, DEFAULT_DURATION_BUCKETS};
 pub use error::{Error, Result};
 pub use execution::Status;
 pub use install::{AgentTelemetry, TelemetryGuard, TelemetryLayer};
 pub use metrics::{MetricsHandle, OVERFLOW_AGENT_NAME};
 pub use scrub::{Scrubbing, REDACTED};
+
+/// What the [`instrument`] attribute expands to refers to; not part of the API.
+#[doc(hidden)]
+pub mod __private {
+    pub use crate::cancellation::ReportsCancellation;
+}

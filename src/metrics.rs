@@ -69,6 +69,7 @@ struct AgentSeries {
     name: KeyValue,
     success: OnceLock<BoundCounter<u64>>,
     failure: OnceLock<BoundCounter<u64>>,
+    cancelled: OnceLock<BoundCounter<u64>>,
     duration: OnceLock<BoundHistogram<f64>>,
 }
 
@@ -78,6 +79,7 @@ impl AgentSeries {
             name: KeyValue::new("agent_name", agent_name.to_owned()),
             success: OnceLock::new(),
             failure: OnceLock::new(),
+            cancelled: OnceLock::new(),
             duration: OnceLock::new(),
         }
     }
@@ -86,6 +88,7 @@ impl AgentSeries {
         let slot = match status {
             Status::Success => &self.success,
             Status::Failure => &self.failure,
+            Status::Cancelled => &self.cancelled,
         };
         slot.get_or_init(|| {
             to.executions

@@ -147,7 +147,8 @@ fn the_main_job_produces_all_three_signals() {
             assert!(attributes[key].is_string(), "{key} in {span}");
         }
         assert_eq!(attributes["gen_ai.operation.name"], "invoke_agent");
-        let failed = attributes["result.status"] == "failure";
+        // Failed, or cancelled (agents running when the example stops).
+        let failed = attributes["result.status"] != "success";
         assert_eq!(span["status_code"] == "ERROR", failed, "{span}");
         assert_eq!(attributes["error.type"].is_string(), failed, "{span}");
     }
@@ -155,4 +156,93 @@ fn the_main_job_produces_all_three_signals() {
         spans.iter().any(|s| !s["parent_id"].is_null()),
         "leads delegate: some spans have parents"
     );
+}
+
+/// Runs the async example, `examples/async_agents.rs`, against a real Phoenix, scrapes it once
+/// every execution has ended, and checks that the three signals agree on every agent's
+/// executions by status: timeouts and lost races `cancelled`, panics failures of type `panic`.
+#[test]
+fn the_async_example_agrees_in_all_three_signals() {
+    let phoenix = Phoenix::start();
+    let work = tempfile::tempdir().unwrap();
+    let mut command = Command::new(support::example_binary_named("async_agents"));
+    command
+        .args(["--duration", "6", "--rate", "30", "--linger", "3"])
+        .current_dir(work.path())
+        .env("AGENT_TELEMETRY_METRICS_ADDR", "127.0.0.1:0")
+        .env("OTEL_BSP_SCHEDULE_DELAY", "200")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    match &phoenix {
+        Some(phoenix) => command.env("OTEL_EXPORTER_OTLP_ENDPOINT", phoenix.otlp_http_endpoint()),
+        None => command.env("OTEL_TRACES_EXPORTER", "none"),
+    };
+    let mut child = command.spawn().expect("start the async example");
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut said = String::new();
+    while !said.contains("every execution has ended") {
+        assert_ne!(stdout.read_line(&mut said).unwrap(), 0, "exited early: {said}");
+    }
+    let addr: SocketAddr = said
+        .lines()
+        .find_map(|l| l.strip_prefix("metrics: http://")?.strip_suffix("/metrics"))
+        .expect("metrics line")
+        .parse()
+        .unwrap();
+    let (status, body) = http(addr, "GET", "/metrics");
+    assert_eq!(status, 200);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let exit = loop {
+        if let Some(exit) = child.try_wait().unwrap() {
+            break exit;
+        }
+        assert!(Instant::now() < deadline, "the async example did not stop");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(exit.success(), "exit status {exit}");
+
+    // (agent_name, status) -> executions, per signal.
+    type Tally = std::collections::BTreeMap<(String, String), u64>;
+    let mut counted = Tally::new();
+    for sample in Scrape::parse(&body).with_name("agent_executions_total") {
+        let key = (sample.labels["agent_name"].clone(), sample.labels["status"].clone());
+        *counted.entry(key).or_default() += sample.value as u64;
+    }
+    let lines = support::read_log_lines(&work.path().join("logs"));
+    let mut logged = Tally::new();
+    let mut error_types = BTreeSet::new();
+    for line in &lines {
+        let value: serde_json::Value = serde_json::from_str(line).unwrap();
+        let key = (
+            value["agent_name"].as_str().unwrap().to_owned(),
+            value["status"].as_str().unwrap().to_owned(),
+        );
+        *logged.entry(key).or_default() += 1;
+        if let Some(error_type) = value["error.type"].as_str() {
+            error_types.insert(error_type.to_owned());
+        }
+    }
+    assert_eq!(counted, logged, "the counters and the log lines agree");
+    let statuses: BTreeSet<&str> = logged.keys().map(|(_, status)| status.as_str()).collect();
+    assert!(statuses.contains("cancelled"), "timeouts and lost races: {logged:?}");
+    assert!(error_types.contains("cancelled"), "{error_types:?}");
+
+    let Some(phoenix) = phoenix else { return };
+    let spans = phoenix.wait_for_spans(lines.len(), Duration::from_secs(60));
+    let mut traced = Tally::new();
+    for span in &spans {
+        let attributes = &span["attributes"];
+        let key = (
+            attributes["agent.name"].as_str().unwrap().to_owned(),
+            attributes["result.status"].as_str().unwrap().to_owned(),
+        );
+        *traced.entry(key).or_default() += 1;
+        let cancelled = attributes["result.status"] == "cancelled";
+        if cancelled {
+            assert_eq!(span["status_code"], "ERROR", "{span}");
+            assert_eq!(attributes["error.type"], "cancelled", "{span}");
+        }
+    }
+    assert_eq!(traced, logged, "the spans Phoenix received and the log lines agree");
 }

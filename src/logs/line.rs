@@ -63,6 +63,7 @@ impl LineFormat {
         out.extend_from_slice(match e.status {
             Status::Success => br#""INFO","event":"agent_execution","agent_name":"#.as_slice(),
             Status::Failure => br#""ERROR","event":"agent_execution","agent_name":"#.as_slice(),
+            Status::Cancelled => br#""WARN","event":"agent_execution","agent_name":"#.as_slice(),
         });
         write_str(out, truncate(&e.agent_name, MAX_AGENT_NAME_CHARS));
         if let Some(task) = &e.task {
@@ -74,6 +75,7 @@ impl LineFormat {
         out.extend_from_slice(match e.status {
             Status::Success => br#","status":"success""#.as_slice(),
             Status::Failure => br#","status":"failure""#.as_slice(),
+            Status::Cancelled => br#","status":"cancelled""#.as_slice(),
         });
         self.write_failure(e, out);
     }
@@ -86,15 +88,21 @@ impl LineFormat {
         out.extend_from_slice(match e.status {
             Status::Success => br#""info""#.as_slice(),
             Status::Failure => br#""error""#.as_slice(),
+            Status::Cancelled => br#""warn""#.as_slice(),
         });
         out.extend_from_slice(br#","message":"agent_execution "#);
         write_str_contents(out, &agent_name);
         out.push(b' ');
         out.extend_from_slice(e.status.as_str().as_bytes());
         out.push(b'"');
-        out.extend_from_slice(br#","event.kind":"event","event.action":"agent_execution","event.outcome":""#);
-        out.extend_from_slice(e.status.as_str().as_bytes());
-        out.extend_from_slice(br#"","event.duration":"#);
+        out.extend_from_slice(br#","event.kind":"event","event.action":"agent_execution","event.outcome":"#);
+        // ECS allows `success`, `failure` and `unknown`: a cancelled execution did not succeed
+        // (its `error.type` says `cancelled`).
+        out.extend_from_slice(match e.status {
+            Status::Success => br#""success""#.as_slice(),
+            Status::Failure | Status::Cancelled => br#""failure""#.as_slice(),
+        });
+        out.extend_from_slice(br#","event.duration":"#);
         let nanos = u64::try_from(e.duration.as_nanos()).unwrap_or(u64::MAX);
         out.extend_from_slice(itoa::Buffer::new().format(nanos).as_bytes());
         out.extend_from_slice(br#","gen_ai.agent.name":"#);

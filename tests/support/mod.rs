@@ -76,6 +76,21 @@ impl Harness {
         tracing::dispatcher::with_default(&self.dispatch, f)
     }
 
+    /// A multi-thread tokio runtime of `workers` threads, each with the harness's subscriber
+    /// as its default, so that spans move between worker threads as in an async service.
+    pub fn runtime(&self, workers: usize) -> tokio::runtime::Runtime {
+        let dispatch = self.dispatch.clone();
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(workers)
+            .enable_all()
+            .on_thread_start(move || {
+                // For the worker's whole life: the guard would reset it when dropped.
+                std::mem::forget(tracing::dispatcher::set_default(&dispatch));
+            })
+            .build()
+            .expect("a tokio runtime")
+    }
+
     pub fn guard(&self) -> &TelemetryGuard {
         self.guard.as_ref().expect("not shut down yet")
     }
@@ -356,13 +371,13 @@ pub fn require_tool(name: &str) -> Option<PathBuf> {
 /// The main job's binary: tests run from `target/<profile>/deps`, and cargo builds examples
 /// into `target/<profile>/examples`.
 pub fn example_binary() -> PathBuf {
+    example_binary_named("agents")
+}
+
+/// The binary of the example `name` (see [`example_binary`]).
+pub fn example_binary_named(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
-    let binary = exe
-        .parent()
-        .and_then(Path::parent)
-        .unwrap()
-        .join("examples")
-        .join("agents");
+    let binary = exe.parent().and_then(Path::parent).unwrap().join("examples").join(name);
     assert!(
         binary.is_file(),
         "{} missing: build it with `cargo test` or `cargo build --examples`",

@@ -1,0 +1,132 @@
+//! Telling a cancelled async execution from a completed one.
+//!
+//! A dropped future looks like a finished one to a `tracing` layer: its span is entered,
+//! exited and closed either way. So the future itself says so: [`ReportsCancellation`] wraps
+//! an execution's future and, when it is dropped before it completed (and not because it
+//! panicked), marks the nearest agent execution of its span as cancelled. The layer then
+//! reports the execution with status `cancelled`.
+//!
+//! [`instrument`](crate::instrument) (the attribute) wraps an `async fn`'s body in it;
+//! [`AgentInstrument::instrument_agent`] wraps a future and instruments it with an agent span.
+//! An agent span that closes without ever having been entered (its future dropped before its
+//! first poll) is cancelled too.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use pin_project_lite::pin_project;
+use tracing::instrument::Instrumented;
+use tracing::{Instrument, Span};
+
+use crate::layer::AgentSpanHook;
+
+pin_project! {
+    /// A future that, dropped before it completed, marks its agent execution cancelled.
+    ///
+    /// Made by [`instrument`](crate::instrument) and [`AgentInstrument`]. The execution is
+    /// the nearest agent span at or above the span current when the future was first polled
+    /// (or the span given to [`AgentInstrument::instrument_agent`]).
+    #[must_use = "futures do nothing unless polled"]
+    pub struct ReportsCancellation<F> {
+        #[pin]
+        inner: F,
+        span: Option<Span>,
+        completed: bool,
+    }
+
+    impl<F> PinnedDrop for ReportsCancellation<F> {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            // A panic is reported as one; a completed future has nothing to report.
+            if *this.completed || std::thread::panicking() {
+                return;
+            }
+            if let Some(span) = this.span.take() {
+                report_cancelled(&span);
+            }
+        }
+    }
+}
+
+impl<F> ReportsCancellation<F> {
+    /// Wraps `inner`, whose execution is the agent span current when it is first polled.
+    pub fn new(inner: F) -> Self {
+        ReportsCancellation {
+            inner,
+            span: None,
+            completed: false,
+        }
+    }
+
+    /// Wraps `inner`, whose execution is `span` (or the agent span above it).
+    pub fn in_span(inner: F, span: Span) -> Self {
+        ReportsCancellation {
+            inner,
+            span: Some(span),
+            completed: false,
+        }
+    }
+}
+
+impl<F: Future> Future for ReportsCancellation<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        if this.span.is_none() {
+            *this.span = Some(Span::current());
+        }
+        let polled = this.inner.poll(cx);
+        if polled.is_ready() {
+            *this.completed = true;
+        }
+        polled
+    }
+}
+
+/// Marks the agent execution of `span` cancelled, through the layer that traces it.
+fn report_cancelled(span: &Span) {
+    span.with_subscriber(|(id, dispatch)| {
+        if let Some(hook) = dispatch.downcast_ref::<AgentSpanHook>() {
+            hook.cancel(dispatch, id);
+        }
+    });
+}
+
+/// Instruments futures as agent executions whose cancellation is reported: the
+/// [`tracing::Instrument`] of agent spans.
+///
+/// # Examples
+///
+/// ```
+/// use agent_telemetry::AgentInstrument;
+///
+/// async fn answer(question: &str) -> usize {
+///     question.len()
+/// }
+///
+/// # fn main() {
+/// let span = tracing::info_span!("agent_execution", agent_name = "support", task = "Answer");
+/// let execution = answer("How do I reset my password?").instrument_agent(span);
+/// // Dropped unfinished (a timeout, a lost `select!` branch, an aborted task), the execution
+/// // is reported with status `cancelled`; finished, with its own status.
+/// # drop(execution);
+/// # }
+/// ```
+pub trait AgentInstrument: Future + Sized {
+    /// Runs `self` in `span`, as [`tracing::Instrument::instrument`] does, and reports the
+    /// execution cancelled if it is dropped before it completed.
+    fn instrument_agent(self, span: Span) -> Instrumented<ReportsCancellation<Self>> {
+        ReportsCancellation::in_span(self, span.clone()).instrument(span)
+    }
+
+    /// Reports the execution of the agent span current when `self` is first polled as
+    /// cancelled if `self` is dropped before it completed; for a future already inside an
+    /// agent span.
+    fn reports_cancellation(self) -> ReportsCancellation<Self> {
+        ReportsCancellation::new(self)
+    }
+}
+
+impl<F: Future> AgentInstrument for F {}

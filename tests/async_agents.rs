@@ -1,0 +1,265 @@
+//! Async agents on a multi-thread tokio runtime, where spans move between worker threads: a
+//! timed-out, raced-away, aborted or shut-down execution is `cancelled` in all three signals,
+//! never a success; an `Err` is a failure, a panic a failure of type `panic`; a completed one
+//! a success. Each test reads the scraped `/metrics`, the log file's lines and the exported
+//! spans.
+
+mod support;
+
+use std::time::Duration;
+
+use agent_telemetry::AgentInstrument;
+use opentelemetry::trace::Status as SpanStatus;
+use opentelemetry_sdk::trace::SpanData;
+use support::Harness;
+
+/// An agent that works for `work`, then fails or not.
+#[agent_telemetry::instrument(skip(work, fail))]
+async fn execute_agent(agent_name: &str, task: &str, work: Duration, fail: bool) -> Result<usize, String> {
+    tokio::time::sleep(work).await;
+    if fail {
+        Err(format!("{agent_name} could not {task}"))
+    } else {
+        Ok(task.len())
+    }
+}
+
+/// An agent that panics after a little work.
+#[agent_telemetry::instrument]
+async fn panicking_agent(agent_name: &str, task: &str) -> usize {
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    panic!("{agent_name} fell over");
+}
+
+/// A lead that hands work to two agents, one awaited in place and one on another task.
+#[agent_telemetry::instrument]
+async fn lead_agent(agent_name: &str, task: &str) -> Result<usize, String> {
+    let here = execute_agent("researcher", "Find sources", Duration::from_millis(10), false).await?;
+    let span = tracing::info_span!("agent_execution", agent_name = "writer", task = "Draft summary");
+    let spawned = tokio::spawn(async { tokio::time::sleep(Duration::from_millis(10)).await }.instrument_agent(span));
+    spawned.await.map_err(|e| e.to_string())?;
+    Ok(here)
+}
+
+/// A synchronous agent, annotated either way: never taken for a cancelled one.
+#[agent_telemetry::instrument]
+fn sync_agent(agent_name: &str, task: &str) -> Result<(), String> {
+    std::thread::sleep(Duration::from_millis(5));
+    Ok(())
+}
+
+#[tracing::instrument(name = "agent_execution", err)]
+fn plain_sync_agent(agent_name: &str, task: &str) -> Result<(), String> {
+    Ok(())
+}
+
+fn attribute(span: &SpanData, key: &str) -> Option<String> {
+    span.attributes
+        .iter()
+        .find(|kv| kv.key.as_str() == key)
+        .map(|kv| kv.value.as_str().into_owned())
+}
+
+/// What the three signals say of the execution of `agent_name`: the counter's status, and the
+/// log line and span of its one execution.
+struct Said {
+    counted: Vec<String>,
+    line: serde_json::Value,
+    span: SpanData,
+}
+
+fn said(harness: &Harness, agent_name: &str) -> Said {
+    let scrape = harness.scrape();
+    let counted: Vec<String> = scrape
+        .with_name("agent_executions_total")
+        .filter(|sample| sample.labels["agent_name"] == agent_name)
+        .flat_map(|sample| std::iter::repeat(sample.labels["status"].clone()).take(sample.value as usize))
+        .collect();
+    let lines: Vec<serde_json::Value> = harness
+        .log_lines()
+        .iter()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .filter(|line: &serde_json::Value| line["agent_name"] == agent_name)
+        .collect();
+    assert_eq!(lines.len(), 1, "one line for {agent_name}: {lines:?}");
+    let spans: Vec<SpanData> = harness
+        .spans()
+        .into_iter()
+        .filter(|span| attribute(span, "agent.name").as_deref() == Some(agent_name))
+        .collect();
+    assert_eq!(spans.len(), 1, "one span for {agent_name}");
+    Said {
+        counted,
+        line: lines.into_iter().next().unwrap(),
+        span: spans.into_iter().next().unwrap(),
+    }
+}
+
+/// All three signals say `cancelled`, with the error type and a duration of `at_least`.
+fn assert_cancelled(said: &Said, at_least: Duration) {
+    assert_eq!(said.counted, ["cancelled"], "the counter");
+    assert_eq!(said.line["status"], "cancelled", "{}", said.line);
+    assert_eq!(said.line["log.level"], "WARN");
+    assert_eq!(said.line["error.type"], "cancelled");
+    let seconds = said.line["duration_seconds"].as_f64().unwrap();
+    assert!(
+        seconds >= at_least.as_secs_f64() && seconds < 10.0,
+        "wall-clock time until dropped: {seconds}"
+    );
+    assert_eq!(attribute(&said.span, "result.status").as_deref(), Some("cancelled"));
+    assert_eq!(attribute(&said.span, "error.type").as_deref(), Some("cancelled"));
+    assert!(
+        matches!(said.span.status, SpanStatus::Error { .. }),
+        "{:?}",
+        said.span.status
+    );
+}
+
+#[test]
+fn a_timeout_that_runs_out_is_cancelled_not_a_success() {
+    let harness = Harness::new();
+    let runtime = harness.runtime(2);
+    let outcome = harness.run(|| {
+        runtime.block_on(async {
+            tokio::time::timeout(
+                Duration::from_millis(100),
+                execute_agent("slow", "Summarise", Duration::from_secs(30), false),
+            )
+            .await
+        })
+    });
+    assert!(outcome.is_err(), "the timeout ran out");
+    drop(runtime);
+    assert_cancelled(&said(&harness, "slow"), Duration::from_millis(100));
+}
+
+#[test]
+fn the_branch_a_select_drops_is_cancelled_and_the_winner_a_success() {
+    let harness = Harness::new();
+    let runtime = harness.runtime(2);
+    harness.run(|| {
+        runtime.block_on(async {
+            tokio::select! {
+                _ = execute_agent("tortoise", "Race", Duration::from_secs(30), false) => panic!("the tortoise won"),
+                won = execute_agent("hare", "Race", Duration::from_millis(20), false) => assert_eq!(won, Ok(4)),
+            }
+        })
+    });
+    drop(runtime);
+    assert_cancelled(&said(&harness, "tortoise"), Duration::from_millis(20));
+    let hare = said(&harness, "hare");
+    assert_eq!(hare.counted, ["success"]);
+    assert_eq!(hare.line["status"], "success");
+    assert_eq!(attribute(&hare.span, "result.status").as_deref(), Some("success"));
+}
+
+#[test]
+fn an_err_is_a_failure_and_a_panic_in_a_spawned_task_a_panic() {
+    let harness = Harness::new();
+    let runtime = harness.runtime(2);
+    harness.run(|| {
+        runtime.block_on(async {
+            let failed = execute_agent("failing", "Deploy", Duration::from_millis(5), true).await;
+            assert!(failed.is_err());
+            let panicked = tokio::spawn(panicking_agent("fragile", "Parse")).await;
+            assert!(panicked.unwrap_err().is_panic());
+        })
+    });
+    drop(runtime);
+    let failing = said(&harness, "failing");
+    assert_eq!(failing.counted, ["failure"]);
+    assert_eq!(failing.line["error.type"], "error");
+    assert_eq!(failing.line["error.message"], "failing could not Deploy");
+    let fragile = said(&harness, "fragile");
+    assert_eq!(fragile.counted, ["failure"]);
+    assert_eq!(fragile.line["error.type"], "panic");
+    assert_eq!(attribute(&fragile.span, "error.type").as_deref(), Some("panic"));
+}
+
+#[test]
+fn an_aborted_execution_is_cancelled() {
+    let harness = Harness::new();
+    let runtime = harness.runtime(2);
+    harness.run(|| {
+        runtime.block_on(async {
+            let (abortable, handle) =
+                futures::future::abortable(execute_agent("abortable", "Crawl", Duration::from_secs(30), false));
+            let running = tokio::spawn(abortable);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            handle.abort();
+            assert!(running.await.unwrap().is_err(), "aborted");
+
+            let spawned = tokio::spawn(execute_agent("spawned", "Index", Duration::from_secs(30), false));
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            spawned.abort();
+            assert!(spawned.await.unwrap_err().is_cancelled());
+        })
+    });
+    drop(runtime);
+    assert_cancelled(&said(&harness, "abortable"), Duration::from_millis(50));
+    assert_cancelled(&said(&harness, "spawned"), Duration::from_millis(50));
+}
+
+#[test]
+fn executions_in_flight_when_the_runtime_shuts_down_are_cancelled() {
+    let harness = Harness::new();
+    let runtime = harness.runtime(2);
+    harness.run(|| {
+        for n in 0..4 {
+            let name = format!("in-flight-{n}");
+            runtime.spawn(async move { execute_agent(&name, "Wait", Duration::from_secs(30), false).await });
+        }
+        // One that never started: spawned and aborted before its first poll.
+        let span = tracing::info_span!("agent_execution", agent_name = "never-polled", task = "t");
+        let never = runtime.spawn(async { tokio::time::sleep(Duration::from_secs(30)).await }.instrument_agent(span));
+        never.abort();
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    runtime.shutdown_timeout(Duration::from_secs(5));
+    for n in 0..4 {
+        assert_cancelled(&said(&harness, &format!("in-flight-{n}")), Duration::from_millis(50));
+    }
+    assert_cancelled(&said(&harness, "never-polled"), Duration::ZERO);
+}
+
+#[test]
+fn agents_handing_work_across_await_and_spawn_keep_their_trace_and_succeed() {
+    let harness = Harness::new();
+    let runtime = harness.runtime(2);
+    let done = harness.run(|| runtime.block_on(lead_agent("lead", "Write report")));
+    assert_eq!(done, Ok(12));
+    drop(runtime);
+    let spans = harness.spans();
+    let by_name = |name: &str| {
+        spans
+            .iter()
+            .find(|span| attribute(span, "agent.name").as_deref() == Some(name))
+            .unwrap_or_else(|| panic!("{name}'s span"))
+    };
+    let lead = by_name("lead");
+    for child in ["researcher", "writer"] {
+        let span = by_name(child);
+        assert_eq!(span.parent_span_id, lead.span_context.span_id(), "{child} under lead");
+        assert_eq!(span.span_context.trace_id(), lead.span_context.trace_id());
+        assert_eq!(attribute(span, "result.status").as_deref(), Some("success"));
+    }
+    let scrape = harness.scrape();
+    for agent in ["lead", "researcher", "writer"] {
+        let success = [("agent_name", agent), ("status", "success")];
+        assert_eq!(scrape.value("agent_executions_total", &success), Some(1.0), "{agent}");
+    }
+}
+
+#[test]
+fn synchronous_agents_are_never_taken_for_cancelled_ones() {
+    let harness = Harness::new();
+    harness.run(|| {
+        sync_agent("sync", "Check").unwrap();
+        plain_sync_agent("plain", "Check").unwrap();
+    });
+    for agent in ["sync", "plain"] {
+        let said = said(&harness, agent);
+        assert_eq!(said.counted, ["success"], "{agent}");
+        assert_eq!(said.line["status"], "success");
+    }
+}
