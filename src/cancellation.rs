@@ -25,8 +25,9 @@ pin_project! {
     /// A future that, dropped before it completed, marks its agent execution cancelled.
     ///
     /// Made by [`instrument`](crate::instrument) and [`AgentInstrument`]. The execution is
-    /// the nearest agent span at or above the span current when the future was first polled
-    /// (or the span given to [`AgentInstrument::instrument_agent`]).
+    /// the nearest agent span at or above the span given to
+    /// [`AgentInstrument::instrument_agent`], else the span current when the future is
+    /// dropped: inside `#[instrument]`'s future, which enters its span to drop what it holds.
     #[must_use = "futures do nothing unless polled"]
     pub struct ReportsCancellation<F> {
         #[pin]
@@ -42,15 +43,16 @@ pin_project! {
             if *this.completed || std::thread::panicking() {
                 return;
             }
-            if let Some(span) = this.span.take() {
-                report_cancelled(&span);
+            match this.span.take() {
+                Some(span) => report_cancelled(&span),
+                None => report_cancelled(&Span::current()),
             }
         }
     }
 }
 
 impl<F> ReportsCancellation<F> {
-    /// Wraps `inner`, whose execution is the agent span current when it is first polled.
+    /// Wraps `inner`, whose execution is the agent span current when it is dropped.
     pub fn new(inner: F) -> Self {
         ReportsCancellation {
             inner,
@@ -74,9 +76,6 @@ impl<F: Future> Future for ReportsCancellation<F> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = self.project();
-        if this.span.is_none() {
-            *this.span = Some(Span::current());
-        }
         let polled = this.inner.poll(cx);
         if polled.is_ready() {
             *this.completed = true;
@@ -121,9 +120,9 @@ pub trait AgentInstrument: Future + Sized {
         ReportsCancellation::in_span(self, span.clone()).instrument(span)
     }
 
-    /// Reports the execution of the agent span current when `self` is first polled as
-    /// cancelled if `self` is dropped before it completed; for a future already inside an
-    /// agent span.
+    /// Reports the execution of the agent span current when `self` is dropped as cancelled,
+    /// if it is dropped before it completed; for a future inside an instrumented agent
+    /// future.
     fn reports_cancellation(self) -> ReportsCancellation<Self> {
         ReportsCancellation::new(self)
     }

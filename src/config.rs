@@ -18,6 +18,9 @@ mod otlp;
 
 pub(crate) use otlp::OtlpConfig;
 
+/// The default mode of log files: the owner reads and writes, the group reads.
+pub(crate) const DEFAULT_LOG_FILE_MODE: u32 = 0o640;
+
 /// The guide's histogram buckets, in seconds.
 pub const DEFAULT_DURATION_BUCKETS: [f64; 8] = [0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0];
 
@@ -135,7 +138,7 @@ impl Default for Config {
             metrics_max_connections: crate::metrics::server::DEFAULT_MAX_CONNECTIONS,
             log_dir: None,
             log_file_prefix: "agents".to_owned(),
-            log_file_mode: crate::logs::DEFAULT_FILE_MODE,
+            log_file_mode: DEFAULT_LOG_FILE_MODE,
             log_format: LogFormat::Guide,
             log_queue_lines: 8_192,
             max_task_chars: 1024,
@@ -167,15 +170,6 @@ impl Config {
     /// The most characters of a span string attribute or event attribute.
     pub(crate) fn attribute_value_chars(&self) -> usize {
         self.attribute_value_chars.unwrap_or(self.max_task_chars)
-    }
-
-    /// What the layer keeps of an execution's text before any signal sees it.
-    pub(crate) fn text_policy(&self, scrubber: std::sync::Arc<crate::scrub::Scrubber>) -> crate::execution::TextPolicy {
-        crate::execution::TextPolicy {
-            task_chars: self.max_task_chars.max(self.attribute_value_chars()),
-            scrubber,
-            task_capture: self.task_capture,
-        }
     }
 
     /// Applies the environment over the builder's values, then checks the result.

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use tracing_core::field::{Field, Visit};
 
-use crate::config::TaskCapture;
+use crate::config::{Config, TaskCapture};
 use crate::scrub::{Scrubber, SCRUB_MARGIN};
 use crate::text::{cut, debug_text, MAX_LABEL_CHARS};
 
@@ -107,6 +107,15 @@ pub(crate) struct TextPolicy {
 }
 
 impl TextPolicy {
+    /// What `config` asks to keep, scrubbed by `scrubber`.
+    pub(crate) fn new(config: &Config, scrubber: Arc<Scrubber>) -> Self {
+        TextPolicy {
+            task_chars: config.max_task_chars.max(config.attribute_value_chars()),
+            scrubber,
+            task_capture: config.task_capture,
+        }
+    }
+
     /// How many characters of a task or error text to hold until the span closes: what is
     /// kept, and the margin scrubbing searches past it.
     pub(crate) fn held_chars(&self) -> usize {

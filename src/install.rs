@@ -17,7 +17,7 @@ use tracing_subscriber::util::SubscriberInitExt;
 
 use crate::config::{Config, LogFormat, OtlpProtocol, TaskCapture, TracesExporter};
 use crate::error::{Error, Result};
-use crate::execution::AgentSpanNames;
+use crate::execution::{AgentSpanNames, TextPolicy};
 use crate::filter::{ExecutionFilter, TracedFilter};
 use crate::layer::{ExecutionLayer, Signals};
 use crate::logs::LogLines;
@@ -483,7 +483,7 @@ impl AgentTelemetry {
                 // inside an agent span become its span events.
                 let filter = ExecutionFilter::new(Arc::clone(&names), Some((traced_events, &config.env_filter)));
                 let executions =
-                    ExecutionLayer::new(signals, config.text_policy(Arc::clone(&scrubber))).with_filter(filter);
+                    ExecutionLayer::new(signals, TextPolicy::new(&config, Arc::clone(&scrubber))).with_filter(filter);
                 let otel = tracing_opentelemetry::layer()
                     .with_tracer(traces.provider.tracer("agent_telemetry"))
                     .with_threads(false)
@@ -492,7 +492,7 @@ impl AgentTelemetry {
                 Box::new(executions.and_then(otel))
             }
             None => Box::new(
-                ExecutionLayer::new(signals, config.text_policy(Arc::clone(&scrubber)))
+                ExecutionLayer::new(signals, TextPolicy::new(&config, Arc::clone(&scrubber)))
                     .with_filter(ExecutionFilter::new(names, None)),
             ),
         };

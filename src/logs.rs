@@ -14,7 +14,6 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::stats::TelemetryStats;
 
-pub(crate) use daily_files::DEFAULT_FILE_MODE;
 pub(crate) use line::LineFormat;
 use pending::{Appended, FullBuffer, PendingLines};
 pub(crate) use pipeline::Pipeline;

@@ -16,9 +16,6 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
-/// The default mode of log files: the owner reads and writes, the group reads.
-pub(crate) const DEFAULT_FILE_MODE: u32 = 0o640;
-
 /// Daily files in `dir`.
 pub(crate) struct DailyFiles {
     dir: PathBuf,
@@ -255,7 +252,7 @@ mod tests {
     #[test]
     fn a_symlink_in_place_of_todays_file_is_an_error_and_its_target_untouched() {
         let root = tempfile::tempdir().unwrap();
-        let mut files = DailyFiles::open(root.path(), "agents", DEFAULT_FILE_MODE).unwrap();
+        let mut files = DailyFiles::open(root.path(), "agents", crate::config::DEFAULT_LOG_FILE_MODE).unwrap();
         let path = files.todays_path();
         let target = root.path().join("target.txt");
         std::fs::write(&target, "precious\n").unwrap();

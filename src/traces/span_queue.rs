@@ -1,151 +1,27 @@
-//! The span processor every exported span goes through, agent spans and the spans
-//! `tracing-opentelemetry` builds alike: one thread builds the agent spans, batches and
-//! exports. Spans gather in a batch of the thread that finished them (agent spans as the few
-//! fields they are made of) and cross to it 64 at a time. A full queue drops (and counts)
-//! spans, never the caller's time.
-//!
-//! It replaces the SDK's batch processor so that an agent span crosses threads once and is
-//! built, exported and freed on one thread: the SDK's would take it built, one by one through
-//! a queue every agent thread writes to (see `benches/README.md`).
+//! The span queue's sending side, which agent threads (and the SDK's spans) feed: a span joins
+//! its thread's batch, a full batch is handed over whole unless the queue is full (then its
+//! spans are dropped and counted, never the caller's time), and control messages (flush,
+//! shutdown) are asked of the span thread and answered.
 
 use std::mem;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::mpsc::{channel, sync_channel, Receiver, RecvTimeoutError, Sender, SyncSender};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{channel, sync_channel, RecvTimeoutError, Sender, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use opentelemetry::Context;
 use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
-use opentelemetry_sdk::trace::{Span, SpanData, SpanExporter, SpanProcessor};
-use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::trace::SpanData;
 
-use super::agent_span::{AgentBatch, FinishedSpan, SpanBuilder};
+use super::batch::{FinishedSpan, ThreadSpans};
 use super::export::CountingExporter;
+use super::handoff::{Handoff, Message, MAX_ASKS_WAITING, SPANS_PER_HANDOFF};
 use super::span_size;
-use crate::background::{self, Linger};
+use super::span_thread::{SpanBuilder, SpanThread};
+use crate::background;
 use crate::config::BatchSettings;
 use crate::error::Result;
-use crate::per_thread::{PerThread, Spares};
 use crate::stats::{first_time, TelemetryStats};
-
-/// What the span thread's channel carries. The channel has no bound of its own, and needs
-/// none: the spans in it are counted against `OTEL_BSP_MAX_QUEUE_SIZE`, at most one `Wake` is
-/// in it at a time, and flushes and shutdowns waiting are bounded ([`MAX_ASKS_WAITING`]). So
-/// nothing is allocated for the queue up front, whatever its size.
-enum Message {
-    /// A thread's batch of spans, boxed (and the box reused) so that messages stay small.
-    Spans(Box<ThreadSpans>),
-    /// A thread's batch has its first span: collect the batches. Sent only when none is
-    /// already on its way (`Batches::wake_pending`).
-    Wake,
-    /// Export everything queued before this message, then answer.
-    Flush(SyncSender<OTelSdkResult>),
-    /// Export everything queued before this message, shut the exporter down, answer, stop.
-    Shutdown(SyncSender<OTelSdkResult>),
-}
-
-/// Spans a thread gathers before it hands them over at once (fewer for a small queue).
-const SPANS_PER_HANDOFF: usize = 64;
-
-/// Flushes and shutdowns queued and not yet taken. A flush that times out behind a stalled
-/// export leaves its message queued; beyond this many, a flush waits for room instead, until
-/// its own timeout.
-const MAX_ASKS_WAITING: usize = 64;
-
-/// Room made for an export batch before its spans come: the default batch (512) and more,
-/// but not whatever `OTEL_BSP_MAX_EXPORT_BATCH_SIZE` says (a batch of millions, or an
-/// impossible allocation); a larger batch grows as it fills.
-const EXPORT_BATCH_ROOM: usize = 4096;
-
-/// An empty export batch for batches of `spans`.
-fn export_batch(spans: usize) -> Vec<SpanData> {
-    Vec::with_capacity(spans.min(EXPORT_BATCH_ROOM))
-}
-
-/// The spans one thread finished: agent spans as their parts, to be built on the span thread,
-/// and the spans `tracing-opentelemetry` built. They cross together, and no span crosses
-/// alone through the queue every thread writes to.
-struct ThreadSpans {
-    agents: AgentBatch,
-    built: Vec<SpanData>,
-    /// What the spans weigh (`span_size`), for the queue's bound in bytes.
-    bytes: usize,
-}
-
-impl ThreadSpans {
-    fn with_capacity(spans: usize) -> Self {
-        ThreadSpans {
-            agents: AgentBatch::with_capacity(spans),
-            // Most threads finish agent spans only: room is made on the first other one.
-            built: Vec::new(),
-            bytes: 0,
-        }
-    }
-
-    fn len(&self) -> usize {
-        self.agents.len() + self.built.len()
-    }
-
-    fn is_empty(&self) -> bool {
-        self.agents.is_empty() && self.built.is_empty()
-    }
-
-    fn clear(&mut self) {
-        self.agents.clear();
-        self.built.clear();
-        self.bytes = 0;
-    }
-}
-
-/// The spans each thread has finished and the processor has not taken yet, and the emptied
-/// batches the threads take back.
-struct Batches {
-    threads: PerThread<Box<ThreadSpans>>,
-    spare: Spares<Box<ThreadSpans>>,
-    per_handoff: usize,
-    /// A `Wake` is on its way: set by the thread that sends it, cleared by the span thread
-    /// when it takes it, before it collects. A thread that finds it set sends none, since the
-    /// collection that wake-up brings comes after the thread's span.
-    wake_pending: AtomicBool,
-    /// Flushes and shutdowns queued and not yet taken (at most [`MAX_ASKS_WAITING`]).
-    asks_waiting: AtomicUsize,
-    /// Makes the span thread panic when it next takes a batch, to test what it counts then.
-    #[cfg(test)]
-    panic_on_take: AtomicBool,
-    /// How many times the span thread has waited for messages.
-    #[cfg(test)]
-    rounds: AtomicUsize,
-}
-
-impl Batches {
-    #[allow(
-        clippy::unnecessary_box_returns,
-        reason = "the box crosses the queue and comes back, so that the queue's messages stay small"
-    )]
-    fn spare_batch(&self) -> Box<ThreadSpans> {
-        self.spare
-            .take_or(|| Box::new(ThreadSpans::with_capacity(self.per_handoff)))
-    }
-
-    fn recycle(&self, mut batch: Box<ThreadSpans>) {
-        // A batch that grew (a huge task, or room for more spans than a handoff) is not kept.
-        if batch.agents.reusable() && batch.built.capacity() <= self.per_handoff.next_power_of_two() {
-            batch.clear();
-            self.spare.keep(batch);
-        }
-    }
-
-    /// Stops taking spans and empties every thread's batch unexported, for a span thread
-    /// that has ended; returns how many spans that dropped.
-    fn discard(&self) -> u64 {
-        self.threads.discard(|batch| {
-            let dropped = batch.len() as u64;
-            batch.clear();
-            dropped
-        })
-    }
-}
 
 /// What became of a span.
 enum Queued {
@@ -162,21 +38,20 @@ enum Queued {
     Lost(u64),
 }
 
+/// Spans a thread hands over at a time: [`SPANS_PER_HANDOFF`], or half the queue if smaller.
+fn spans_per_handoff(settings: BatchSettings) -> usize {
+    SPANS_PER_HANDOFF.min(settings.max_queue_size / 2).max(1)
+}
+
 /// The queue's sending side, with the drop accounting.
-pub(crate) struct CountingProcessor {
+pub(crate) struct SpanQueue {
     sender: Sender<Message>,
-    batches: Arc<Batches>,
-    /// Spans handed over and not yet taken by the span thread: never more than `capacity`.
-    /// As in the SDK's batch processor, `OTEL_BSP_MAX_QUEUE_SIZE` bounds the spans waiting;
-    /// the batch being built or exported, and threads' batches still gathering, are apart.
-    waiting: Arc<AtomicUsize>,
-    /// What those spans weigh: never more than `capacity_bytes`.
-    waiting_bytes: Arc<AtomicUsize>,
+    handoff: Arc<Handoff>,
     stats: Arc<TelemetryStats>,
     capacity: usize,
     capacity_bytes: usize,
     /// How long `force_flush` waits for the export.
-    flush_timeout: Duration,
+    pub(super) flush_timeout: Duration,
     shut_down: AtomicBool,
     /// Whether the first drop from this queue was reported.
     warned_full: AtomicBool,
@@ -185,7 +60,7 @@ pub(crate) struct CountingProcessor {
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
-impl CountingProcessor {
+impl SpanQueue {
     /// Starts the processor's thread, which owns `exporter` from now on.
     pub(crate) fn start(
         exporter: CountingExporter,
@@ -195,40 +70,32 @@ impl CountingProcessor {
         stats: Arc<TelemetryStats>,
     ) -> Result<Self> {
         let (sender, receiver) = channel();
-        let per_handoff = SPANS_PER_HANDOFF.min(settings.max_queue_size / 2).max(1);
-        let batches = Arc::new(Batches {
-            threads: PerThread::new(move || Box::new(ThreadSpans::with_capacity(per_handoff))),
-            spare: Spares::default(),
-            per_handoff,
-            wake_pending: AtomicBool::new(false),
-            asks_waiting: AtomicUsize::new(0),
-            #[cfg(test)]
-            panic_on_take: AtomicBool::new(false),
-            #[cfg(test)]
-            rounds: AtomicUsize::new(0),
-        });
-        let waiting = Arc::new(AtomicUsize::new(0));
-        let waiting_bytes = Arc::new(AtomicUsize::new(0));
-        let worker = Worker {
-            batches: Arc::clone(&batches),
-            waiting: Arc::clone(&waiting),
-            waiting_bytes: Arc::clone(&waiting_bytes),
-            unexported: 0,
-            stats: Arc::clone(&stats),
-            exporter,
-            linger: Linger::new(settings.max_queue_size),
-            spans,
-            batch: export_batch(settings.max_export_batch_size),
-            batch_bytes: 0,
-            settings,
-            exported: Ok(()),
-        };
-        let thread = background::spawn("agent-tel-spans", move || worker.run(&receiver))?;
-        Ok(CountingProcessor {
+        let handoff = Arc::new(Handoff::new(spans_per_handoff(settings)));
+        let span_thread = SpanThread::new(Arc::clone(&handoff), exporter, spans, settings, Arc::clone(&stats));
+        let thread = background::spawn("agent-tel-spans", move || span_thread.run(&receiver))?;
+        Ok(SpanQueue::new(
             sender,
-            batches,
-            waiting,
-            waiting_bytes,
+            handoff,
+            settings,
+            flush_timeout,
+            stats,
+            Some(thread),
+        ))
+    }
+
+    /// The sending side of a queue whose span thread, `thread`, takes from `handoff` and the
+    /// receiver of `sender`.
+    fn new(
+        sender: Sender<Message>,
+        handoff: Arc<Handoff>,
+        settings: BatchSettings,
+        flush_timeout: Duration,
+        stats: Arc<TelemetryStats>,
+        thread: Option<JoinHandle<()>>,
+    ) -> Self {
+        SpanQueue {
+            sender,
+            handoff,
             stats,
             capacity: settings.max_queue_size,
             capacity_bytes: settings.max_queue_bytes,
@@ -236,8 +103,8 @@ impl CountingProcessor {
             shut_down: AtomicBool::new(false),
             warned_full: AtomicBool::new(false),
             warned_shut_down: AtomicBool::new(false),
-            thread: Mutex::new(Some(thread)),
-        })
+            thread: Mutex::new(thread),
+        }
     }
 
     /// Queues an agent span with its text, built on the processor's thread. It waits in the
@@ -264,14 +131,14 @@ impl CountingProcessor {
         if self.shut_down.load(Ordering::Relaxed) {
             return self.dropped_after_shutdown(1);
         }
-        let spans = &self.batches;
+        let spans = &self.handoff;
         // A full batch is handed over under its thread's lock: once the span thread has closed
         // and collected the batches, none is still on its way.
         let queued = spans.threads.with_mine(|mine| {
             add(mine);
             match mine.len() {
                 1 => Queued::First,
-                n if n >= spans.per_handoff => self.hand_over(mem::replace(mine, spans.spare_batch())),
+                n if n >= spans.batch_spans => self.hand_over(mem::replace(mine, spans.spare_batch())),
                 _ => Queued::More,
             }
         });
@@ -295,15 +162,21 @@ impl CountingProcessor {
     /// thread's lock, so it never blocks.
     fn hand_over(&self, batch: Box<ThreadSpans>) -> Queued {
         let (spans, bytes) = (batch.len(), batch.bytes);
-        let too_many = self.waiting.fetch_add(spans, Ordering::Relaxed).saturating_add(spans) > self.capacity;
+        let too_many = self
+            .handoff
+            .waiting
+            .fetch_add(spans, Ordering::Relaxed)
+            .saturating_add(spans)
+            > self.capacity;
         let too_heavy = self
+            .handoff
             .waiting_bytes
             .fetch_add(bytes, Ordering::Relaxed)
             .saturating_add(bytes)
             > self.capacity_bytes;
         let take_back = || {
-            self.waiting.fetch_sub(spans, Ordering::Relaxed);
-            self.waiting_bytes.fetch_sub(bytes, Ordering::Relaxed);
+            self.handoff.waiting.fetch_sub(spans, Ordering::Relaxed);
+            self.handoff.waiting_bytes.fetch_sub(bytes, Ordering::Relaxed);
         };
         if too_many || too_heavy {
             take_back();
@@ -318,7 +191,7 @@ impl CountingProcessor {
 
     /// The span thread is gone: the spans waiting in threads' batches never leave either.
     fn span_thread_gone(&self, mut lost: u64) {
-        lost += self.batches.discard();
+        lost += self.handoff.discard();
         self.count_dropped(lost);
         if !self.shut_down.load(Ordering::Relaxed) {
             if first_time(&self.warned_shut_down) {
@@ -365,9 +238,9 @@ impl CountingProcessor {
     }
 
     /// Sends a control message and waits for its answer.
-    fn ask(&self, message: fn(SyncSender<OTelSdkResult>) -> Message, timeout: Duration) -> OTelSdkResult {
+    pub(super) fn ask(&self, message: fn(SyncSender<OTelSdkResult>) -> Message, timeout: Duration) -> OTelSdkResult {
         let deadline = background::deadline_after(timeout);
-        let asks = &self.batches.asks_waiting;
+        let asks = &self.handoff.asks_waiting;
         while asks.fetch_add(1, Ordering::Relaxed) >= MAX_ASKS_WAITING {
             asks.fetch_sub(1, Ordering::Relaxed);
             if Instant::now() >= deadline {
@@ -389,7 +262,7 @@ impl CountingProcessor {
         }
     }
 
-    fn shutdown(&self, timeout: Duration) -> OTelSdkResult {
+    pub(super) fn shutdown(&self, timeout: Duration) -> OTelSdkResult {
         if self.shut_down.swap(true, Ordering::Relaxed) {
             return Err(OTelSdkError::AlreadyShutdown);
         }
@@ -401,252 +274,12 @@ impl CountingProcessor {
     }
 }
 
-impl std::fmt::Debug for CountingProcessor {
+impl std::fmt::Debug for SpanQueue {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CountingProcessor")
+        f.debug_struct("SpanQueue")
             .field("capacity", &self.capacity)
             .field("shut_down", &self.shut_down)
             .finish_non_exhaustive()
-    }
-}
-
-/// The provider's handle on the one processor the agent spans also use.
-#[derive(Debug)]
-pub(crate) struct SharedProcessor(pub Arc<CountingProcessor>);
-
-impl SpanProcessor for SharedProcessor {
-    fn on_start(&self, _: &mut Span, _: &Context) {}
-
-    fn on_end(&self, span: SpanData) {
-        self.0.queue(span);
-    }
-
-    fn force_flush(&self) -> OTelSdkResult {
-        self.0.ask(Message::Flush, self.0.flush_timeout)
-    }
-
-    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
-        self.0.shutdown(timeout)
-    }
-
-    fn set_resource(&mut self, _: &Resource) {
-        // Set on the exporter before its thread started (see `traces::build`).
-    }
-}
-
-/// The processor's thread: builds, batches and exports.
-struct Worker {
-    batches: Arc<Batches>,
-    waiting: Arc<AtomicUsize>,
-    waiting_bytes: Arc<AtomicUsize>,
-    /// Spans this thread has taken (handed over or collected) and not yet given to the
-    /// exporter, which counts them from then on: the batches being taken, the export batch
-    /// being built. Counted as dropped if this thread panics.
-    unexported: usize,
-    stats: Arc<TelemetryStats>,
-    exporter: CountingExporter,
-    linger: Linger,
-    spans: SpanBuilder,
-    batch: Vec<SpanData>,
-    /// What `batch` weighs: an export holds at most `settings.max_export_bytes`, or one span.
-    batch_bytes: usize,
-    settings: BatchSettings,
-    /// The first failed export of this round, if any.
-    exported: OTelSdkResult,
-}
-
-impl Worker {
-    fn run(mut self, receiver: &Receiver<Message>) {
-        // Whatever exporting emits is not telemetry to export: that would loop.
-        let _suppressed = Context::enter_telemetry_suppressed_scope();
-        let mut next_export = background::deadline_after(self.settings.scheduled_delay);
-        loop {
-            // With nothing to export, nothing is due: wait for spans (their first in a thread's
-            // batch sends a wake-up). An export delay of zero would spin here otherwise.
-            let wait = if self.batch.is_empty() {
-                Duration::MAX
-            } else {
-                next_export.saturating_duration_since(Instant::now())
-            };
-            #[cfg(test)]
-            self.batches.rounds.fetch_add(1, Ordering::Relaxed);
-            let first = match receiver.recv_timeout(wait) {
-                Ok(message) => Some(message),
-                Err(RecvTimeoutError::Timeout) => None,
-                // Every sender is gone: nothing more can come, and nothing asked to shut down.
-                Err(RecvTimeoutError::Disconnected) => {
-                    self.collect();
-                    return self.export();
-                }
-            };
-            let mut next = first;
-            let mut control = None;
-            let mut taken = 0;
-            self.exported = Ok(());
-            // Take what is queued now, without waiting.
-            while let Some(message) = next.take() {
-                match self.take(message) {
-                    Ok(spans) => taken += spans,
-                    Err(control_message) => {
-                        control = Some(control_message);
-                        break;
-                    }
-                }
-                next = receiver.try_recv().ok();
-            }
-            let mut answers = Vec::new();
-            if let Some(Message::Shutdown(_)) = control {
-                // Spans finished after this are counted as dropped, not left in a batch.
-                self.batches.threads.close();
-                self.collect();
-                // Batches are handed over under their thread's lock, which the collection took
-                // after closing: every one handed over is queued by now.
-                while let Ok(message) = receiver.try_recv() {
-                    if let Err(Message::Flush(answer)) = self.take(message) {
-                        answers.push(answer);
-                    }
-                }
-            } else {
-                taken += self.collect();
-            }
-            if control.is_some() || Instant::now() >= next_export {
-                self.export();
-                next_export = background::deadline_after(self.settings.scheduled_delay);
-            }
-            match control {
-                Some(Message::Flush(answer)) => {
-                    let _ = answer.send(mem::replace(&mut self.exported, Ok(())));
-                }
-                Some(Message::Shutdown(answer)) => {
-                    // The exporter reports a failure of its own shutdown (`report_shutdown`):
-                    // the spans were exported before it, which is what the answer says.
-                    let _ = self.exporter.shutdown();
-                    let exported = mem::replace(&mut self.exported, Ok(()));
-                    for flushed in answers {
-                        let copy = match &exported {
-                            Ok(()) => Ok(()),
-                            Err(error) => Err(OTelSdkError::InternalFailure(error.to_string())),
-                        };
-                        let _ = flushed.send(copy);
-                    }
-                    let _ = answer.send(exported);
-                    return;
-                }
-                // Never past the next scheduled export.
-                _ => self
-                    .linger
-                    .sleep(taken, next_export.saturating_duration_since(Instant::now())),
-            }
-        }
-    }
-
-    /// Adds a message's spans to the export batch; returns how many, or gives back a control
-    /// message.
-    fn take(&mut self, message: Message) -> Result<usize, Message> {
-        match message {
-            Message::Spans(batch) => {
-                // Taken: no longer waiting, as a span the SDK's processor receives.
-                self.waiting.fetch_sub(batch.len(), Ordering::Relaxed);
-                self.waiting_bytes.fetch_sub(batch.bytes, Ordering::Relaxed);
-                self.unexported += batch.len();
-                Ok(self.take_batch(batch))
-            }
-            Message::Wake => {
-                // Before the collection that follows: a span added after it sends a new one.
-                self.batches.wake_pending.store(false, Ordering::Release);
-                Ok(0)
-            }
-            control => {
-                self.batches.asks_waiting.fetch_sub(1, Ordering::Relaxed);
-                Err(control)
-            }
-        }
-    }
-
-    /// Takes every thread's batch of spans, each swapped for an empty one (the
-    /// threads' locks are held only for the swap); returns how many.
-    fn collect(&mut self) -> usize {
-        let mut collected = Vec::new();
-        let spans = &self.batches;
-        spans.threads.visit(|batch| {
-            if !batch.is_empty() {
-                collected.push(mem::replace(batch, spans.spare_batch()));
-            }
-        });
-        // All of them, before any is taken: none is lost uncounted if taking one panics.
-        self.unexported += collected.iter().map(|batch| batch.len()).sum::<usize>();
-        collected.into_iter().map(|batch| self.take_batch(batch)).sum()
-    }
-
-    /// Adds a thread's batch to the export batch and gives it back emptied; returns how many
-    /// spans it held.
-    fn take_batch(&mut self, mut spans: Box<ThreadSpans>) -> usize {
-        #[cfg(test)]
-        assert!(
-            !self.batches.panic_on_take.load(Ordering::SeqCst),
-            "the test's panic while taking a batch"
-        );
-        let taken = spans.len();
-        for (span, agent_name, task) in spans.agents.drain() {
-            // Weighed as it was queued, without walking the built span again.
-            let bytes = span.weight() + 2 * agent_name.len() + task.len();
-            let span = self.spans.build(span, agent_name, task);
-            self.add(span, bytes);
-        }
-        for mut span in spans.built.drain(..) {
-            self.spans.scrub_and_cut(&mut span);
-            let bytes = span_size::of_span_data(&span);
-            self.add(span, bytes);
-        }
-        self.batches.recycle(spans);
-        taken
-    }
-
-    /// Adds a span weighing `bytes` to the export batch, exporting it once full in spans or
-    /// bytes; a span that would take the batch past its bytes goes into the next, alone if it
-    /// is that heavy.
-    fn add(&mut self, span: SpanData, bytes: usize) {
-        if !self.batch.is_empty() && self.batch_bytes.saturating_add(bytes) > self.settings.max_export_bytes {
-            self.export();
-        }
-        self.batch.push(span);
-        self.batch_bytes = self.batch_bytes.saturating_add(bytes);
-        if self.batch.len() >= self.settings.max_export_batch_size || self.batch_bytes >= self.settings.max_export_bytes
-        {
-            self.export();
-        }
-    }
-
-    /// Exports the batch; the exporter counts and reports what it delivers and loses, and a
-    /// failure is kept for the flush or shutdown this round answers.
-    fn export(&mut self) {
-        if self.batch.is_empty() {
-            return;
-        }
-        let batch = mem::replace(&mut self.batch, export_batch(self.settings.max_export_batch_size));
-        self.batch_bytes = 0;
-        // The exporter counts them from here, delivered or failed, even if it panics.
-        self.unexported -= batch.len();
-        let result = futures_executor::block_on(self.exporter.export(batch));
-        if self.exported.is_ok() {
-            self.exported = result;
-        }
-    }
-}
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        // A thread that panicked exports no more: count what was handed to it or taken by it,
-        // and what waits in threads' batches; the spans finished from now on are counted as
-        // they come.
-        if std::thread::panicking() {
-            // Threads' batches first: once closed and emptied, none is being handed over.
-            let gathering = self.batches.discard();
-            let handed_over = self.waiting.swap(0, Ordering::Relaxed) + self.unexported;
-            self.waiting_bytes.store(0, Ordering::Relaxed);
-            let lost = gathering + handed_over as u64;
-            TelemetryStats::add(&self.stats.spans_dropped, lost);
-        }
     }
 }
 
@@ -663,8 +296,14 @@ mod tests {
     use crate::execution::Execution;
     use crate::scrub::Scrubber;
     use crate::test_support::{execution, Warnings};
+    use crate::traces::batch::AgentBatch;
     use crate::traces::export::Exporter;
+    use crate::traces::sdk_processor::SharedProcessor;
     use crate::traces::{AgentSpan, AgentTracer};
+    use opentelemetry::Context;
+    use opentelemetry_sdk::trace::{SpanExporter, SpanProcessor};
+    use std::sync::atomic::AtomicBool;
+    use std::sync::mpsc::Receiver;
 
     fn span() -> SpanData {
         SpanData {
@@ -689,7 +328,7 @@ mod tests {
         exporter: InMemorySpanExporter,
         queue: usize,
         delay: Duration,
-    ) -> (Arc<CountingProcessor>, Arc<TelemetryStats>) {
+    ) -> (Arc<SpanQueue>, Arc<TelemetryStats>) {
         let settings = BatchSettings {
             max_queue_size: queue,
             max_export_batch_size: queue.min(512),
@@ -701,13 +340,10 @@ mod tests {
     }
 
     /// A processor exporting into `exporter` with `settings`, with its counts.
-    fn start(
-        exporter: impl SpanExporter + 'static,
-        settings: BatchSettings,
-    ) -> (Arc<CountingProcessor>, Arc<TelemetryStats>) {
+    fn start(exporter: impl SpanExporter + 'static, settings: BatchSettings) -> (Arc<SpanQueue>, Arc<TelemetryStats>) {
         let stats = Arc::new(TelemetryStats::default());
         let exporter = CountingExporter::new(Exporter::Boxed(Box::new(exporter)), Arc::clone(&stats));
-        let processor = CountingProcessor::start(
+        let processor = SpanQueue::start(
             exporter,
             settings,
             SpanBuilder::new(1024, Arc::new(Scrubber::off())),
@@ -802,23 +438,14 @@ mod tests {
     }
 
     #[test]
-    fn an_export_delay_of_zero_exports_spans_as_they_come_and_the_idle_thread_waits() {
+    fn an_export_delay_of_zero_exports_spans_as_they_come() {
+        // That the idle span thread then waits rather than spins: tests/idle_threads.rs.
         let exporter = InMemorySpanExporter::default();
         let (processor, _stats) = processor(exporter.clone(), 2048, Duration::ZERO);
         for round in 1..=3 {
             processor.queue(span());
             assert_eq!(exported_within_10_s(&exporter, round), round);
         }
-        // Time for a spinning thread to go round thousands of times.
-        std::thread::sleep(Duration::from_millis(50));
-        let before = processor.batches.rounds.load(Ordering::Relaxed);
-        std::thread::sleep(Duration::from_millis(200));
-        let idle_rounds = processor.batches.rounds.load(Ordering::Relaxed) - before;
-        // One, if the thread was held off the CPU before the round that found nothing.
-        assert!(
-            idle_rounds <= 1,
-            "the idle span thread waits for spans: {idle_rounds} rounds"
-        );
     }
 
     #[test]
@@ -962,7 +589,7 @@ mod tests {
 
     /// A processor with a queue of `queue` spans and exports of 4, whose exporter holds every
     /// export, holding its first: 4 spans queued and taken. Dropping the sender lets go.
-    fn holding_an_export(queue: usize) -> (Arc<CountingProcessor>, Arc<TelemetryStats>, std::sync::mpsc::Sender<()>) {
+    fn holding_an_export(queue: usize) -> (Arc<SpanQueue>, Arc<TelemetryStats>, std::sync::mpsc::Sender<()>) {
         holding_an_export_with(queue, crate::config::DEFAULT_MAX_QUEUE_BYTES)
     }
 
@@ -970,7 +597,7 @@ mod tests {
     fn holding_an_export_with(
         queue: usize,
         queue_bytes: usize,
-    ) -> (Arc<CountingProcessor>, Arc<TelemetryStats>, std::sync::mpsc::Sender<()>) {
+    ) -> (Arc<SpanQueue>, Arc<TelemetryStats>, std::sync::mpsc::Sender<()>) {
         let (began, export_began) = std::sync::mpsc::channel();
         let (let_go, release) = std::sync::mpsc::channel();
         let held = Held {
@@ -1015,7 +642,7 @@ mod tests {
     #[test]
     fn flushes_that_time_out_behind_a_stalled_export_queue_no_more_than_the_bound() {
         let (processor, _stats, let_go) = holding_an_export(64);
-        let asks = || processor.batches.asks_waiting.load(Ordering::Relaxed);
+        let asks = || processor.handoff.asks_waiting.load(Ordering::Relaxed);
         for _ in 0..MAX_ASKS_WAITING + 20 {
             let flushed = processor.ask(Message::Flush, Duration::from_millis(1));
             assert!(matches!(flushed, Err(OTelSdkError::Timeout(_))), "{flushed:?}");
@@ -1030,10 +657,33 @@ mod tests {
 
     #[test]
     fn a_span_thread_that_panics_counts_every_span_it_held_as_dropped() {
-        let (processor, stats, let_go) = holding_an_export(64);
-        // While the export holds the span thread, three threads leave two spans each in
-        // batches of their own (alive together, so the batches are three), which it then
-        // collects together and panics taking.
+        // The span thread is driven here, on the test's thread: it collects what three
+        // threads left in batches of their own (two spans each, alive together so the batches
+        // are three), then panics before it exports them.
+        let stats = Arc::new(TelemetryStats::default());
+        let settings = BatchSettings {
+            max_queue_size: 64,
+            max_export_batch_size: 64,
+            scheduled_delay: Duration::from_secs(3600),
+            max_queue_bytes: crate::config::DEFAULT_MAX_QUEUE_BYTES,
+            max_export_bytes: crate::config::DEFAULT_MAX_EXPORT_BYTES,
+        };
+        let exporter = CountingExporter::new(
+            Exporter::Boxed(Box::new(InMemorySpanExporter::default())),
+            Arc::clone(&stats),
+        );
+        let (sender, receiver) = channel();
+        let handoff = Arc::new(Handoff::new(spans_per_handoff(settings)));
+        let builder = SpanBuilder::new(1024, Arc::new(Scrubber::off()));
+        let mut span_thread = SpanThread::new(Arc::clone(&handoff), exporter, builder, settings, Arc::clone(&stats));
+        let processor = SpanQueue::new(
+            sender,
+            handoff,
+            settings,
+            Duration::from_secs(5),
+            Arc::clone(&stats),
+            None,
+        );
         let queued = std::sync::Barrier::new(4);
         std::thread::scope(|scope| {
             for _ in 0..3 {
@@ -1045,11 +695,13 @@ mod tests {
             }
             queued.wait();
         });
-        processor.batches.panic_on_take.store(true, Ordering::SeqCst);
-        drop(let_go);
-        let span_thread = processor.thread.lock().unwrap().take().unwrap();
-        assert!(span_thread.join().is_err(), "the span thread panicked");
-        assert_eq!(TelemetryStats::get(&stats.spans_exported), 4);
+        let died = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+            assert_eq!(span_thread.collect(), 6);
+            panic!("the span thread dies holding what it collected");
+        }));
+        assert!(died.is_err());
+        drop(receiver);
+        assert_eq!(TelemetryStats::get(&stats.spans_exported), 0);
         assert_eq!(
             TelemetryStats::get(&stats.spans_dropped),
             6,

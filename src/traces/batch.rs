@@ -1,0 +1,161 @@
+//! What crosses from an agent's thread to the span thread: a thread's finished spans, gathered
+//! in a batch of its own and handed over whole. These types know nothing of queues or threads.
+
+use std::ops::Range;
+use std::time::{Duration, SystemTime};
+
+use opentelemetry::trace::{Event, SpanId, SpanKind, TraceFlags, TraceId, TraceState};
+use opentelemetry::KeyValue;
+use opentelemetry_sdk::trace::SpanData;
+use tracing_core::Metadata;
+
+use super::span_size;
+use crate::execution::{Failure, Status};
+
+/// A closed agent span, as it crosses to the span processor's thread: what building it needs,
+/// in under two cache lines when the span has nothing rare. Every cache line of it is a
+/// transfer between cores that both threads pay for (see `benches/README.md`). Its text (the
+/// agent's name and the task) is in its batch's buffer.
+pub(crate) struct FinishedSpan {
+    pub(super) trace_id: TraceId,
+    pub(super) span_id: SpanId,
+    pub(super) parent_span_id: SpanId,
+    pub(super) flags: TraceFlags,
+    pub(super) parent_is_remote: bool,
+    pub(super) kind: SpanKind,
+    pub(super) status: Status,
+    pub(super) metadata: &'static Metadata<'static>,
+    /// Where the agent's name and then the task are in the batch's text.
+    pub(super) text: Range<usize>,
+    /// Whether the task is captured: without, the span has no `task` attribute.
+    pub(super) has_task: bool,
+    pub(super) agent_name_len: usize,
+    pub(super) end_time: SystemTime,
+    pub(super) duration: Duration,
+    pub(super) rare: Option<Box<RareParts>>,
+}
+
+/// A thread's finished agent spans, with their text in one buffer: no text crosses as an
+/// allocation of the agent's thread that the span thread would free, which would have the two
+/// contend for the allocator's arena on every span (see `benches/README.md`).
+pub(crate) struct AgentBatch {
+    spans: Vec<FinishedSpan>,
+    text: String,
+}
+
+impl AgentBatch {
+    /// Text kept by an emptied batch for reuse; a batch that grew past it is not reused.
+    const KEPT_TEXT_BYTES: usize = 16 * 1024;
+
+    /// Room for `spans` spans with names and tasks of usual length.
+    pub(crate) fn with_capacity(spans: usize) -> Self {
+        AgentBatch {
+            spans: Vec::with_capacity(spans),
+            text: String::with_capacity(spans.saturating_mul(64).min(Self::KEPT_TEXT_BYTES)),
+        }
+    }
+
+    /// Adds a finished span with its text.
+    pub(crate) fn push(&mut self, mut span: FinishedSpan, agent_name: &str, task: &str) {
+        let start = self.text.len();
+        self.text.push_str(agent_name);
+        self.text.push_str(task);
+        span.text = start..self.text.len();
+        span.agent_name_len = agent_name.len();
+        self.spans.push(span);
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.spans.len()
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.spans.is_empty()
+    }
+
+    /// Empties the batch, keeping its room.
+    pub(crate) fn clear(&mut self) {
+        self.spans.clear();
+        self.text.clear();
+    }
+
+    /// Whether the emptied batch is worth keeping for another thread's spans.
+    pub(crate) fn reusable(&self) -> bool {
+        self.is_empty() && self.text.capacity() <= Self::KEPT_TEXT_BYTES
+    }
+
+    /// Takes the spans out, in order, each with its agent's name and task. The text stays
+    /// until [`clear`](Self::clear), which every batch goes through before it is used again.
+    pub(crate) fn drain(&mut self) -> impl Iterator<Item = (FinishedSpan, &str, &str)> + '_ {
+        let text = &self.text;
+        self.spans.drain(..).map(move |span| {
+            // `push` set the ranges in this text, at char boundaries: a range that is not
+            // would be a bug, and gives empty text rather than a panic.
+            let own = text.get(span.text.clone()).unwrap_or_default();
+            let (agent_name, task) = own.split_at_checked(span.agent_name_len).unwrap_or_default();
+            (span, agent_name, task)
+        })
+    }
+}
+
+/// The parts most agent spans do not have, boxed only when one does.
+pub(super) struct RareParts {
+    /// An `otel.name` field's.
+    pub(super) name: Option<String>,
+    pub(super) trace_state: TraceState,
+    pub(super) attributes: Vec<KeyValue>,
+    pub(super) events: Vec<Event>,
+    pub(super) dropped_events: u32,
+    pub(super) failure: Option<Failure>,
+}
+
+impl FinishedSpan {
+    /// What the span weighs besides its agent's name (which it carries twice) and its task
+    /// (`span_size`): the overhead, the keys and values of the attributes the crate sets, the
+    /// code location, and the rare parts.
+    pub(crate) fn weight(&self) -> usize {
+        let location = self.metadata.file().map_or(0, str::len) + self.metadata.module_path().map_or(0, str::len);
+        let rare = self.rare.as_ref().map_or(0, |rare| {
+            rare.name.as_ref().map_or(0, String::len)
+                + span_size::of_attributes(&rare.attributes)
+                + span_size::of_events(&rare.events)
+                + rare.failure.as_ref().map_or(0, |failure| failure.description().len())
+        });
+        256 + location + rare
+    }
+}
+
+/// The spans one thread finished: agent spans as their parts, to be built on the span thread,
+/// and the spans `tracing-opentelemetry` built. They cross together, and no span crosses
+/// alone through the queue every thread writes to.
+pub(crate) struct ThreadSpans {
+    pub(super) agents: AgentBatch,
+    pub(super) built: Vec<SpanData>,
+    /// What the spans weigh (`span_size`), for the queue's bound in bytes.
+    pub(super) bytes: usize,
+}
+
+impl ThreadSpans {
+    pub(super) fn with_capacity(spans: usize) -> Self {
+        ThreadSpans {
+            agents: AgentBatch::with_capacity(spans),
+            // Most threads finish agent spans only: room is made on the first other one.
+            built: Vec::new(),
+            bytes: 0,
+        }
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.agents.len() + self.built.len()
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.agents.is_empty() && self.built.is_empty()
+    }
+
+    pub(super) fn clear(&mut self) {
+        self.agents.clear();
+        self.built.clear();
+        self.bytes = 0;
+    }
+}
