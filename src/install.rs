@@ -20,8 +20,7 @@ use crate::error::{Error, Result};
 use crate::execution::{AgentSpanNames, TextPolicy};
 use crate::filter::{ExecutionFilter, TracedFilter};
 use crate::layer::{ExecutionLayer, Signals};
-use crate::logs::LogLines;
-use crate::logs::Pipeline;
+use crate::logs::LineQueue;
 use crate::metrics::server::{BearerToken, MetricsServer, ServerLimits};
 use crate::metrics::{Metrics, MetricsHandle};
 use crate::panics;
@@ -449,8 +448,7 @@ impl AgentTelemetry {
         let metrics = Arc::new(Metrics::new(&config, resource.clone(), Arc::clone(&stats))?);
         let traces = crate::traces::build(&config, self.span_exporter, &resource, &stats, &scrubber)?;
         let agent_tracer = traces.as_ref().map(|traces| Arc::clone(&traces.agents));
-        let logs = LogLines::new(&config, self.log_writer, Arc::clone(&stats))?;
-        let pipeline = Arc::new(Pipeline::start(logs, config.log_queue_lines, Arc::clone(&stats))?);
+        let lines = Arc::new(crate::logs::start(&config, self.log_writer, &stats)?);
         let server = match config.metrics_addr {
             Some(addr) => {
                 let token = config
@@ -474,7 +472,7 @@ impl AgentTelemetry {
 
         let signals = Signals {
             metrics: Arc::clone(&metrics),
-            pipeline: Arc::clone(&pipeline),
+            lines: Arc::clone(&lines),
             tracer: agent_tracer,
         };
         let layer: TelemetryLayer<S> = match &traces {
@@ -499,7 +497,7 @@ impl AgentTelemetry {
 
         let guard = TelemetryGuard {
             metrics,
-            pipeline,
+            lines,
             tracer_provider: traces.map(|traces| traces.provider),
             server,
             config: Arc::new(config),
@@ -584,7 +582,7 @@ fn resource(config: &Config) -> Resource {
 #[must_use = "dropping the guard shuts the telemetry down at once"]
 pub struct TelemetryGuard {
     metrics: Arc<Metrics>,
-    pipeline: Arc<Pipeline>,
+    lines: Arc<LineQueue>,
     tracer_provider: Option<SdkTracerProvider>,
     server: Option<MetricsServer>,
     config: Arc<Config>,
@@ -619,7 +617,7 @@ impl TelemetryGuard {
     /// [`Error::Shutdown`] naming the signal that could not be flushed within the timeout.
     pub fn flush(&self) -> Result<()> {
         // Lines, then spans: each waits for its own thread.
-        let logs = self.pipeline.flush(self.config.shutdown_timeout, false);
+        let logs = self.lines.flush(self.config.shutdown_timeout);
         let traces = match &self.tracer_provider {
             Some(provider) => provider.force_flush().map_err(|e| Error::Shutdown {
                 signal: "traces",
@@ -673,7 +671,7 @@ impl TelemetryGuard {
         let timeout = self.config.shutdown_timeout;
         // Lines, then spans: each thread finishes what it was handed, and counts what comes
         // after.
-        let logs = self.pipeline.flush(timeout, true);
+        let logs = self.lines.shutdown(timeout);
         let traces = match self.tracer_provider.take() {
             Some(provider) => provider.shutdown_with_timeout(timeout).map_err(|e| Error::Shutdown {
                 signal: "traces",

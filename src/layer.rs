@@ -21,14 +21,14 @@ use tracing_subscriber::layer::{Context, Layer};
 use tracing_subscriber::registry::LookupSpan;
 
 use crate::execution::{ErrorText, Execution, ExecutionState, TextPolicy, UNKNOWN_AGENT};
-use crate::logs::Pipeline;
+use crate::logs::LineQueue;
 use crate::metrics::Metrics;
 use crate::traces::{AgentSpan, AgentTracer};
 
 /// The signals a closed execution goes to; none depends on another.
 pub(crate) struct Signals {
     pub metrics: Arc<Metrics>,
-    pub pipeline: Arc<Pipeline>,
+    pub lines: Arc<LineQueue>,
     /// `None` when traces are off: no ids, no spans.
     pub tracer: Option<Arc<AgentTracer>>,
 }
@@ -274,7 +274,7 @@ where
             trace: span.as_ref().map(AgentSpan::ids),
         };
         self.signals.metrics.record(&execution);
-        self.signals.pipeline.write_line(&execution);
+        self.signals.lines.write_line(&execution);
         if let (Some(tracer), Some(span)) = (&self.signals.tracer, span.filter(AgentSpan::is_sampled)) {
             tracer.export(span, execution);
         }

@@ -294,7 +294,7 @@ mod tests {
         let mut batch = LineBatch::new(Box::new(disk.clone()), Arc::clone(&stats));
         write_lines(&mut batch, 1..=2);
         disk.room.store(usize::MAX, std::sync::atomic::Ordering::Relaxed);
-        // What the pipeline does after each drain of its queue, and on shutdown.
+        // What the log thread does after each drain of its queue, and on shutdown.
         batch.write_out();
         assert_eq!(disk.text(), "{\"n\":1}\n{\"n\"\n");
         assert_eq!(counts(&stats), (1, 1, 1), "the mend is no line");

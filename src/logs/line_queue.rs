@@ -1,6 +1,7 @@
-//! The log pipeline: each agent thread formats its executions' lines into a buffer of its own
-//! (`pending.rs`); one thread collects the buffers and writes them. A full queue drops the
-//! lines that do not fit, never the agent's time, and counts them.
+//! The log queue's sending side, which agent threads feed: a line is formatted into the
+//! thread's buffer (`handoff.rs`), the log thread is woken when a buffer has its first line or
+//! fills, and a full queue drops (and counts) lines, never the agent's time. Flush and shutdown
+//! are asked of the log thread and answered; the log thread (`LogThread`) collects and writes.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
@@ -8,7 +9,9 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::{Appended, FullBuffer, LogLines, PendingLines};
+use super::handoff::{Appended, FullBuffer, Handoff, Message, QUEUE_MESSAGES};
+use super::line::LineFormat;
+use super::writer::LineBatch;
 use crate::background::{self, Linger, Sent};
 use crate::error::{Error, Result};
 use crate::execution::Execution;
@@ -25,22 +28,10 @@ enum Why {
     Gone,
 }
 
-/// Messages the queue holds at once. The lines wait with their threads, so the queue carries
-/// only wake-ups and flushes: a wake-up that finds it full is not needed, as the messages
-/// there wake the thread anyway, and a flush waits for room.
-const QUEUE_MESSAGES: usize = 64;
-
-enum Message {
-    /// A thread's buffer has its first line, or filled: collect.
-    Wake,
-    /// Finish everything queued before this message, then acknowledge (and stop).
-    Flush { ack: SyncSender<()>, stop: bool },
-}
-
-/// The sending side, held by the layer.
-pub(crate) struct Pipeline {
+/// The log queue's sending side, held by the layer.
+pub(crate) struct LineQueue {
     sender: SyncSender<Message>,
-    lines: Arc<PendingLines>,
+    lines: Arc<Handoff>,
     stats: Arc<TelemetryStats>,
     capacity: usize,
     /// Whether the first full-queue drop was reported.
@@ -52,20 +43,20 @@ pub(crate) struct Pipeline {
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
-impl Pipeline {
-    /// `capacity` bounds the lines waiting.
-    pub(crate) fn start(logs: LogLines, capacity: usize, stats: Arc<TelemetryStats>) -> Result<Self> {
+impl LineQueue {
+    /// Starts the log thread, writing to `batch` the lines formatted by `format`; `capacity`
+    /// bounds the lines waiting.
+    pub(crate) fn start(
+        format: LineFormat,
+        batch: LineBatch,
+        capacity: usize,
+        stats: Arc<TelemetryStats>,
+    ) -> Result<Self> {
         let (sender, receiver) = sync_channel(QUEUE_MESSAGES);
-        let lines = Arc::new(PendingLines::new(logs.format().clone(), capacity));
-        let worker = Worker {
-            logs,
-            linger: Linger::new(capacity),
-            lines: Arc::clone(&lines),
-            collected: Vec::new(),
-            stats: Arc::clone(&stats),
-        };
-        let thread = background::spawn("agent-tel-logs", move || worker.run(&receiver))?;
-        Ok(Pipeline {
+        let lines = Arc::new(Handoff::new(format, capacity));
+        let log_thread = LogThread::new(batch, capacity, Arc::clone(&lines), Arc::clone(&stats));
+        let thread = background::spawn("agent-tel-logs", move || log_thread.run(&receiver))?;
+        Ok(LineQueue {
             sender,
             lines,
             stats,
@@ -78,7 +69,7 @@ impl Pipeline {
     }
 
     /// Formats the execution's line on the calling thread; never blocks. Lines a full queue
-    /// or a pipeline whose thread has ended cannot take are dropped and counted.
+    /// or a queue whose log thread has ended cannot take are dropped and counted.
     pub(crate) fn write_line(&self, execution: &Execution) {
         match self.lines.append(execution) {
             Appended::More => {}
@@ -105,7 +96,7 @@ impl Pipeline {
                 tracing::warn!(
                     target: "agent_telemetry::logs",
                     capacity = self.capacity,
-                    "pipeline queue full (with_log_queue_lines): lines are formatted faster than they are written; dropping the ones that do not fit and counting them in agent_telemetry_log_lines_dropped_total"
+                    "log queue full (with_log_queue_lines): lines are formatted faster than they are written; dropping the ones that do not fit and counting them in agent_telemetry_log_lines_dropped_total"
                 );
             }
         } else if first_time(&self.warned_shut_down) {
@@ -123,9 +114,27 @@ impl Pipeline {
         }
     }
 
-    /// Waits until every line formatted so far is written, or `timeout` passes; with `stop`,
-    /// the thread then ends.
-    pub(crate) fn flush(&self, timeout: Duration, stop: bool) -> Result<()> {
+    /// Waits until every line formatted so far is written, or `timeout` passes.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Shutdown`] when the lines were still being written after `timeout`.
+    pub(crate) fn flush(&self, timeout: Duration) -> Result<()> {
+        self.ask(timeout, false)
+    }
+
+    /// Writes every line formatted so far, then stops the log thread, within `timeout`; lines
+    /// formatted after it are dropped and counted.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Shutdown`] when the lines were still being written after `timeout`.
+    pub(crate) fn shutdown(&self, timeout: Duration) -> Result<()> {
+        self.ask(timeout, true)
+    }
+
+    /// Sends a flush, with `stop` a shutdown, and waits for its answer until `timeout`.
+    fn ask(&self, timeout: Duration, stop: bool) -> Result<()> {
         let deadline = background::deadline_after(timeout);
         if stop {
             self.stopping.store(true, Ordering::Relaxed);
@@ -155,17 +164,27 @@ fn timed_out(timeout: Duration) -> Error {
     }
 }
 
-/// The receiving side, on its own thread.
-struct Worker {
-    logs: LogLines,
+/// The log thread: collects the threads' lines and writes them.
+pub(super) struct LogThread {
+    batch: LineBatch,
     linger: Linger,
-    lines: Arc<PendingLines>,
+    lines: Arc<Handoff>,
     /// This round's buffers not yet taken (the `Vec` kept for its room).
     collected: Vec<FullBuffer>,
     stats: Arc<TelemetryStats>,
 }
 
-impl Worker {
+impl LogThread {
+    fn new(batch: LineBatch, capacity: usize, lines: Arc<Handoff>, stats: Arc<TelemetryStats>) -> Self {
+        LogThread {
+            batch,
+            linger: Linger::new(capacity),
+            lines,
+            collected: Vec::new(),
+            stats,
+        }
+    }
+
     fn run(mut self, receiver: &Receiver<Message>) {
         // Whatever writing emits is not telemetry to export.
         let _suppressed = opentelemetry::Context::enter_telemetry_suppressed_scope();
@@ -187,7 +206,7 @@ impl Worker {
                 self.lines.close();
             }
             let taken = self.take_collected();
-            self.logs.write_out();
+            self.batch.write_out();
             match flush {
                 Some((ack, stop)) => {
                     let _ = ack.send(());
@@ -210,7 +229,8 @@ impl Worker {
         self.collected.reverse();
         let mut taken = 0;
         while let Some(buffer) = self.collected.pop() {
-            self.logs.append_lines(&buffer.bytes, buffer.lines);
+            self.batch.next_line().extend_from_slice(&buffer.bytes);
+            self.batch.lines_done(buffer.lines);
             self.lines.recycle(buffer.bytes);
             taken += buffer.lines;
         }
@@ -218,7 +238,7 @@ impl Worker {
     }
 }
 
-impl Drop for Worker {
+impl Drop for LogThread {
     fn drop(&mut self) {
         // A thread that panicked takes no more lines: count the ones it held, the ones
         // waiting, and the ones appended from now on.
@@ -237,19 +257,23 @@ mod tests {
     use crate::config::Config;
     use crate::test_support::{execution, Warnings};
 
-    /// A pipeline writing to `destination` through a queue of `capacity`, sent `executions`.
-    fn send(destination: Box<dyn Write + Send>, capacity: usize, executions: usize) -> (Pipeline, Arc<TelemetryStats>) {
+    /// A queue of `capacity` lines writing to `destination`, sent `executions`.
+    fn send(
+        destination: Box<dyn Write + Send>,
+        capacity: usize,
+        executions: usize,
+    ) -> (LineQueue, Arc<TelemetryStats>) {
         let stats = Arc::new(TelemetryStats::default());
-        let logs = LogLines::new(&Config::default(), Some(destination), Arc::clone(&stats)).unwrap();
-        let pipeline = Pipeline::start(logs, capacity, Arc::clone(&stats)).unwrap();
-        send_more(&pipeline, executions);
-        (pipeline, stats)
+        let batch = LineBatch::new(destination, Arc::clone(&stats));
+        let queue = LineQueue::start(LineFormat::new(&Config::default()), batch, capacity, Arc::clone(&stats)).unwrap();
+        send_more(&queue, executions);
+        (queue, stats)
     }
 
     /// Sends `executions` more closed executions, untraced.
-    fn send_more(pipeline: &Pipeline, executions: usize) {
+    fn send_more(queue: &LineQueue, executions: usize) {
         for _ in 0..executions {
-            pipeline.write_line(&execution());
+            queue.write_line(&execution());
         }
     }
 
@@ -267,29 +291,29 @@ mod tests {
             }
         }
         let warnings = Warnings::with_target("agent_telemetry::logs");
-        let (pipeline, stats) =
+        let (queue, stats) =
             tracing::dispatcher::with_default(&warnings.dispatch(), || send(Box::new(SlowDisk), 4, 1000));
-        pipeline.flush(Duration::from_secs(30), true).unwrap();
+        queue.shutdown(Duration::from_secs(30)).unwrap();
         let written = TelemetryStats::get(&stats.log_lines_written);
         let dropped = TelemetryStats::get(&stats.log_lines_dropped);
         assert_eq!(written + dropped, 1000, "every line is written or counted");
         assert!(dropped > 0, "a 4-execution queue cannot hold 1000");
         let warnings = warnings.messages();
         assert_eq!(warnings.len(), 1, "the first drop warns, once: {warnings:?}");
-        assert!(warnings[0].starts_with("pipeline queue full"), "{warnings:?}");
+        assert!(warnings[0].starts_with("log queue full"), "{warnings:?}");
     }
 
     #[test]
     fn executions_after_shutdown_are_counted_and_the_warning_says_why() {
         let warnings = Warnings::with_target("agent_telemetry::logs");
         let dispatch = warnings.dispatch();
-        let (pipeline, stats) = tracing::dispatcher::with_default(&dispatch, || {
-            let (pipeline, stats) = send(Box::new(std::io::sink()), 64, 2);
-            pipeline.flush(Duration::from_secs(5), true).unwrap();
-            (pipeline, stats)
+        let (queue, stats) = tracing::dispatcher::with_default(&dispatch, || {
+            let (queue, stats) = send(Box::new(std::io::sink()), 64, 2);
+            queue.shutdown(Duration::from_secs(5)).unwrap();
+            (queue, stats)
         });
         tracing::dispatcher::with_default(&dispatch, || {
-            send_more(&pipeline, 3);
+            send_more(&queue, 3);
         });
         assert_eq!(TelemetryStats::get(&stats.log_lines_written), 2);
         assert_eq!(TelemetryStats::get(&stats.log_lines_dropped), 3);
@@ -302,14 +326,14 @@ mod tests {
     #[test]
     fn a_log_thread_that_died_says_so_and_counts_what_was_waiting() {
         let errors = Warnings::with_target("agent_telemetry::logs").at_level(tracing::Level::ERROR);
-        let (mut pipeline, stats) = send(Box::new(std::io::sink()), 64, 1);
-        pipeline.flush(Duration::from_secs(5), false).unwrap();
+        let (mut queue, stats) = send(Box::new(std::io::sink()), 64, 1);
+        queue.flush(Duration::from_secs(5)).unwrap();
         // The thread's queue is gone as if it had crashed: shutdown never asked it to stop
         // (`stopping` unset), and nothing closed the threads' buffers.
         let (dead, _) = sync_channel(1);
-        pipeline.sender = dead;
+        queue.sender = dead;
         tracing::dispatcher::with_default(&errors.dispatch(), || {
-            send_more(&pipeline, 3);
+            send_more(&queue, 3);
         });
         let messages = errors.messages();
         assert_eq!(messages.len(), 1, "one error for the three: {messages:?}");
@@ -338,13 +362,13 @@ mod tests {
             }
         }
         let errors = Warnings::with_target("agent_telemetry::logs").at_level(tracing::Level::ERROR);
-        let (pipeline, stats) = tracing::dispatcher::with_default(&errors.dispatch(), || {
-            let (pipeline, stats) = send(Box::new(Panics), 64, 2);
-            pipeline.flush(Duration::from_secs(5), false).unwrap();
-            send_more(&pipeline, 3);
-            (pipeline, stats)
+        let (queue, stats) = tracing::dispatcher::with_default(&errors.dispatch(), || {
+            let (queue, stats) = send(Box::new(Panics), 64, 2);
+            queue.flush(Duration::from_secs(5)).unwrap();
+            send_more(&queue, 3);
+            (queue, stats)
         });
-        pipeline.flush(Duration::from_secs(5), true).unwrap();
+        queue.shutdown(Duration::from_secs(5)).unwrap();
         assert_eq!(TelemetryStats::get(&stats.log_lines_dropped), 5, "every line counted");
         assert!(
             TelemetryStats::get(&stats.log_write_errors) >= 2,
@@ -371,13 +395,13 @@ mod tests {
         const LINES: usize = 20_000;
         let captured = Captured::default();
         // Room for a few handoffs: the log thread collects while threads fill and hand over.
-        let (pipeline, stats) = send(Box::new(captured.clone()), 1024, 0);
+        let (queue, stats) = send(Box::new(captured.clone()), 1024, 0);
         std::thread::scope(|scope| {
             for thread in 0..THREADS {
-                let pipeline = &pipeline;
+                let queue = &queue;
                 scope.spawn(move || {
                     for line in 0..LINES {
-                        pipeline.write_line(&Execution {
+                        queue.write_line(&Execution {
                             task: Some(format!("{thread}-{line}")),
                             ..execution()
                         });
@@ -385,7 +409,7 @@ mod tests {
                 });
             }
         });
-        pipeline.flush(Duration::from_secs(30), true).unwrap();
+        queue.shutdown(Duration::from_secs(30)).unwrap();
         let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
         let mut last = [None; THREADS];
         let mut written = 0;
@@ -411,9 +435,9 @@ mod tests {
 
     #[test]
     fn flush_writes_everything_queued_before_it() {
-        let (pipeline, stats) = send(Box::new(std::io::sink()), 64, 50);
-        pipeline.flush(Duration::from_secs(5), false).unwrap();
+        let (queue, stats) = send(Box::new(std::io::sink()), 64, 50);
+        queue.flush(Duration::from_secs(5)).unwrap();
         assert_eq!(TelemetryStats::get(&stats.log_lines_written), 50);
-        pipeline.flush(Duration::from_secs(5), true).unwrap();
+        queue.shutdown(Duration::from_secs(5)).unwrap();
     }
 }

@@ -1,15 +1,29 @@
-//! Lines formatted on the agent's thread, into a buffer of that thread's, where the log
-//! thread collects them. Formatting there costs less than handing the execution to another
-//! core (see `benches/README.md`), and no two agent threads share a buffer. A thread's lines
-//! stay with it, full buffers and the one it fills, until the log thread takes them all at
-//! once: written in the order they were formatted.
+//! The state agent threads and the log thread share: each thread's lines, formatted on that
+//! thread into a buffer of its own, where the log thread collects them; and the messages the
+//! log thread's channel carries. A thread's lines stay with it, full buffers and the one it
+//! fills, until the log thread takes them all at once: written in the order they were
+//! formatted.
 
 use std::mem;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use std::sync::mpsc::SyncSender;
+
 use super::line::LineFormat;
 use crate::execution::Execution;
 use crate::per_thread::{PerThread, Spares};
+
+/// Messages the queue holds at once. The lines wait with their threads, so the queue carries
+/// only wake-ups and flushes: a wake-up that finds it full is not needed, as the messages
+/// there wake the thread anyway, and a flush waits for room.
+pub(super) const QUEUE_MESSAGES: usize = 64;
+
+pub(super) enum Message {
+    /// A thread's buffer has its first line, or filled: collect.
+    Wake,
+    /// Finish everything queued before this message, then acknowledge (and stop).
+    Flush { ack: SyncSender<()>, stop: bool },
+}
 
 /// A thread hands its lines over once they fill about this many bytes ...
 const HANDOFF_BYTES: usize = 64 * 1024;
@@ -21,11 +35,11 @@ const HANDOFF_LINES: usize = 256;
 /// text, escaped), so that the line that fills it does not move it.
 const BUFFER_BYTES: usize = HANDOFF_BYTES + 16 * 1024;
 
-/// The lines every agent thread has formatted and the pipeline has not taken yet.
-pub(crate) struct PendingLines {
+/// The lines every agent thread has formatted and the log thread has not taken yet.
+pub(crate) struct Handoff {
     threads: PerThread<ThreadLines>,
     spare: Spares<Vec<u8>>,
-    handoff_lines: usize,
+    lines_per_buffer: usize,
     /// Full buffers waiting in all threads, and how many may.
     full_buffers: AtomicUsize,
     max_full_buffers: usize,
@@ -62,11 +76,11 @@ pub(crate) struct FullBuffer {
     pub lines: u64,
 }
 
-impl PendingLines {
+impl Handoff {
     /// `queue_lines` bounds how many lines wait, in full buffers, for the log thread.
     pub(crate) fn new(format: LineFormat, queue_lines: usize) -> Self {
-        let handoff_lines = HANDOFF_LINES.min(queue_lines).max(1);
-        PendingLines {
+        let lines_per_buffer = HANDOFF_LINES.min(queue_lines).max(1);
+        Handoff {
             threads: PerThread::new(move || ThreadLines {
                 format: format.clone(),
                 buffer: Vec::with_capacity(BUFFER_BYTES),
@@ -74,9 +88,9 @@ impl PendingLines {
                 full: Vec::new(),
             }),
             spare: Spares::default(),
-            handoff_lines,
+            lines_per_buffer,
             full_buffers: AtomicUsize::new(0),
-            max_full_buffers: queue_lines.div_ceil(handoff_lines).max(1),
+            max_full_buffers: queue_lines.div_ceil(lines_per_buffer).max(1),
         }
     }
 
@@ -91,7 +105,7 @@ impl PendingLines {
             } = thread;
             format.write(execution, buffer);
             *lines += 1;
-            if *lines < self.handoff_lines as u64 && buffer.len() < HANDOFF_BYTES {
+            if *lines < self.lines_per_buffer as u64 && buffer.len() < HANDOFF_BYTES {
                 return if *lines == 1 { Appended::First } else { Appended::More };
             }
             let waiting = self.full_buffers.fetch_add(1, Ordering::Relaxed);
@@ -165,7 +179,7 @@ mod tests {
 
     /// Appends lines until one fills the thread's buffer (by lines or bytes): what became of
     /// that one, and how many lines the buffer held.
-    fn fill(pending: &PendingLines) -> (Appended, u64) {
+    fn fill(pending: &Handoff) -> (Appended, u64) {
         let mut lines = 0;
         loop {
             lines += 1;
@@ -179,7 +193,7 @@ mod tests {
     #[test]
     fn full_buffers_wait_up_to_the_bound_and_make_room_once_collected() {
         // Room for two full buffers.
-        let pending = PendingLines::new(LineFormat::new(&Config::default()), 2 * HANDOFF_LINES);
+        let pending = Handoff::new(LineFormat::new(&Config::default()), 2 * HANDOFF_LINES);
         let (first, full) = fill(&pending);
         assert!(matches!(first, Appended::Filled));
         assert!(matches!(fill(&pending), (Appended::Filled, lines) if lines == full));
