@@ -2,7 +2,7 @@
 //! buffer of its own, written in batches on the log thread, never the agent's.
 //!
 //! ```text
-//!  agent threads                                log thread (LogThread, line_queue.rs)
+//!  agent threads                                log thread (LogThread, log_thread.rs)
 //!  ─────────────                                ─────────────────────────────────────
 //!  LineQueue::write_line (line_queue.rs)        on a wake-up, or every few ms while busy:
 //!    LineFormat (line.rs) formats the line        take every thread's buffers, oldest
@@ -28,6 +28,7 @@ mod daily_files;
 mod handoff;
 mod line;
 mod line_queue;
+mod log_thread;
 mod writer;
 
 use std::io::Write;

@@ -1,18 +1,19 @@
 //! The log queue's sending side, which agent threads feed: a line is formatted into the
 //! thread's buffer (`handoff.rs`), the log thread is woken when a buffer has its first line or
 //! fills, and a full queue drops (and counts) lines, never the agent's time. Flush and shutdown
-//! are asked of the log thread and answered; the log thread (`LogThread`) collects and writes.
+//! are asked of the log thread (`log_thread.rs`) and answered.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::mpsc::{sync_channel, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::handoff::{Appended, FullBuffer, Handoff, Message, QUEUE_MESSAGES};
+use super::handoff::{Appended, Handoff, Message, QUEUE_MESSAGES};
 use super::line::LineFormat;
+use super::log_thread::LogThread;
 use super::writer::LineBatch;
-use crate::background::{self, Linger, Sent};
+use crate::background::{self, Sent};
 use crate::error::{Error, Result};
 use crate::execution::Execution;
 use crate::stats::{first_time, TelemetryStats};
@@ -161,91 +162,6 @@ fn timed_out(timeout: Duration) -> Error {
     Error::Shutdown {
         signal: "logs",
         reason: format!("lines were still being written after {timeout:?}"),
-    }
-}
-
-/// The log thread: collects the threads' lines and writes them.
-pub(super) struct LogThread {
-    batch: LineBatch,
-    linger: Linger,
-    lines: Arc<Handoff>,
-    /// This round's buffers not yet taken (the `Vec` kept for its room).
-    collected: Vec<FullBuffer>,
-    stats: Arc<TelemetryStats>,
-}
-
-impl LogThread {
-    fn new(batch: LineBatch, capacity: usize, lines: Arc<Handoff>, stats: Arc<TelemetryStats>) -> Self {
-        LogThread {
-            batch,
-            linger: Linger::new(capacity),
-            lines,
-            collected: Vec::new(),
-            stats,
-        }
-    }
-
-    fn run(mut self, receiver: &Receiver<Message>) {
-        // Whatever writing emits is not telemetry to export.
-        let _suppressed = opentelemetry::Context::enter_telemetry_suppressed_scope();
-        while let Ok(first) = receiver.recv() {
-            let mut next = Some(first);
-            let mut flush = None;
-            // Every wake-up queued now is answered by this round's collection.
-            while let Some(message) = next.take() {
-                if let Message::Flush { ack, stop } = message {
-                    flush = Some((ack, stop));
-                    break;
-                }
-                next = receiver.try_recv().ok();
-            }
-            let stop = matches!(flush, Some((_, true)));
-            if stop {
-                // Lines appended after this are counted as dropped, not left unwritten: a
-                // thread appends under its lock, which the collection takes after closing.
-                self.lines.close();
-            }
-            let taken = self.take_collected();
-            self.batch.write_out();
-            match flush {
-                Some((ack, stop)) => {
-                    let _ = ack.send(());
-                    if stop {
-                        return;
-                    }
-                }
-                None => self
-                    .linger
-                    .sleep(usize::try_from(taken).unwrap_or(usize::MAX), Duration::MAX),
-            }
-        }
-    }
-
-    /// Adds every thread's lines to the batch; returns how many.
-    fn take_collected(&mut self) -> u64 {
-        self.lines.collect(&mut self.collected);
-        // Taken from the end, so that the buffers not yet taken stay in `collected`, for
-        // `drop` to count, should writing panic (a subscriber of the writer's warning may).
-        self.collected.reverse();
-        let mut taken = 0;
-        while let Some(buffer) = self.collected.pop() {
-            self.batch.next_line().extend_from_slice(&buffer.bytes);
-            self.batch.lines_done(buffer.lines);
-            self.lines.recycle(buffer.bytes);
-            taken += buffer.lines;
-        }
-        taken
-    }
-}
-
-impl Drop for LogThread {
-    fn drop(&mut self) {
-        // A thread that panicked takes no more lines: count the ones it held, the ones
-        // waiting, and the ones appended from now on.
-        if std::thread::panicking() {
-            let held: u64 = self.collected.iter().map(|buffer| buffer.lines).sum();
-            TelemetryStats::add(&self.stats.log_lines_dropped, held + self.lines.discard());
-        }
     }
 }
 
