@@ -3,10 +3,9 @@
 //!
 //! Between rounds, parking on the queue would wake a thread for every item, and each wake-up
 //! costs the sending thread a system call; sleeping a fixed time would overflow the queue
-//! under load. So the thread sleeps up to [`LINGER`], and less when the queue filled fast
+//! under load. So the thread sleeps up to [`MAX_PAUSE`], and less when the queue filled fast
 //! enough last time to reach half its capacity before then. (With nothing to do, it parks.)
 
-use std::sync::mpsc::{SyncSender, TrySendError};
 use std::sync::{Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -22,7 +21,7 @@ pub(crate) fn spawn(name: &'static str, run: impl FnOnce() + Send + 'static) -> 
 }
 
 /// Joins a background thread that has answered its last message (a no-op the second time).
-pub(crate) fn reap(thread: &Mutex<Option<JoinHandle<()>>>) {
+pub(crate) fn join_answered(thread: &Mutex<Option<JoinHandle<()>>>) {
     let thread = thread.lock().unwrap_or_else(PoisonError::into_inner).take();
     if let Some(thread) = thread {
         // It has answered: joining only reaps it, and a panic after that changes nothing.
@@ -39,44 +38,19 @@ pub(crate) fn deadline_after(timeout: Duration) -> Instant {
         .unwrap_or(now)
 }
 
-/// What became of a control message (flush, stop) sent to a background thread.
-pub(crate) enum Sent {
-    Yes,
-    /// The thread has stopped.
-    Gone,
-    /// The queue stayed full until the deadline.
-    TimedOut,
-}
-
-/// Sends `message`, waiting for room in a full queue until `deadline`; never waits on a
-/// thread that has stopped.
-pub(crate) fn send_by<T>(sender: &SyncSender<T>, mut message: T, deadline: Instant) -> Sent {
-    loop {
-        match sender.try_send(message) {
-            Ok(()) => return Sent::Yes,
-            Err(TrySendError::Disconnected(_)) => return Sent::Gone,
-            Err(TrySendError::Full(back)) if Instant::now() < deadline => {
-                message = back;
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            Err(TrySendError::Full(_)) => return Sent::TimedOut,
-        }
-    }
-}
-
 /// The longest the thread sleeps: bounds its wake-ups to about 200 a second, and delays an
 /// item by at most this much.
-pub(crate) const LINGER: Duration = Duration::from_millis(5);
+pub(crate) const MAX_PAUSE: Duration = Duration::from_millis(5);
 
 /// The pace of one queue, from one round of taking what it held to the next.
-pub(crate) struct Linger {
+pub(crate) struct Pacing {
     capacity: usize,
     round_started: Instant,
 }
 
-impl Linger {
+impl Pacing {
     pub(crate) fn new(capacity: usize) -> Self {
-        Linger {
+        Pacing {
             capacity: capacity.max(1),
             round_started: Instant::now(),
         }
@@ -89,20 +63,20 @@ impl Linger {
         let now = Instant::now();
         let round = now.saturating_duration_since(self.round_started);
         self.round_started = now;
-        let nap = nap(round, taken, self.capacity).min(limit);
-        if !nap.is_zero() {
-            std::thread::sleep(nap);
+        let pause = pause(round, taken, self.capacity).min(limit);
+        if !pause.is_zero() {
+            std::thread::sleep(pause);
         }
     }
 }
 
-/// [`LINGER`], or less: at the pace of a round that took `taken` items in `round`, the time
+/// [`MAX_PAUSE`], or less: at the pace of a round that took `taken` items in `round`, the time
 /// a queue of `capacity` takes to fill half way.
-fn nap(round: Duration, taken: usize, capacity: usize) -> Duration {
+fn pause(round: Duration, taken: usize, capacity: usize) -> Duration {
     let half = u32::try_from(capacity / 2).unwrap_or(u32::MAX).max(1);
     match u32::try_from(taken) {
-        Ok(0) => LINGER,
-        Ok(taken) => LINGER.min(round * half / taken),
+        Ok(0) => MAX_PAUSE,
+        Ok(taken) => MAX_PAUSE.min(round * half / taken),
         // More than fits a u32 in one round: no time to sleep.
         Err(_) => Duration::ZERO,
     }
@@ -114,10 +88,10 @@ mod tests {
 
     #[test]
     fn a_quiet_queue_sleeps_the_whole_linger() {
-        assert_eq!(nap(Duration::from_millis(5), 0, 2048), LINGER);
+        assert_eq!(pause(Duration::from_millis(5), 0, 2048), MAX_PAUSE);
         assert_eq!(
-            nap(Duration::from_millis(5), 10, 2048),
-            LINGER,
+            pause(Duration::from_millis(5), 10, 2048),
+            MAX_PAUSE,
             "10 items are far from half"
         );
     }
@@ -132,7 +106,10 @@ mod tests {
     #[test]
     fn a_busy_queue_sleeps_until_it_would_be_half_full() {
         // 10,240 items in 5 ms: 1024 (half of 2048) come in 0.5 ms.
-        assert_eq!(nap(Duration::from_millis(5), 10_240, 2048), Duration::from_micros(500));
-        assert_eq!(nap(Duration::from_millis(5), usize::MAX, 2048), Duration::ZERO);
+        assert_eq!(
+            pause(Duration::from_millis(5), 10_240, 2048),
+            Duration::from_micros(500)
+        );
+        assert_eq!(pause(Duration::from_millis(5), usize::MAX, 2048), Duration::ZERO);
     }
 }

@@ -52,11 +52,11 @@ mod install;
 mod layer;
 mod logs;
 mod metrics;
+mod outages;
 mod panics;
 mod per_thread;
 pub mod propagation;
 mod scrub;
-mod spells;
 mod stats;
 #[cfg(test)]
 mod test_support;

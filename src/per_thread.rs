@@ -7,12 +7,13 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, PoisonError};
 
+use crossbeam_utils::CachePadded;
 use thread_local::ThreadLocal;
 
 /// One `S` per thread that uses it, each behind a lock that others take only to visit it,
 /// briefly, a few hundred times a second at most.
 pub(crate) struct PerThread<S: Send> {
-    threads: ThreadLocal<CacheLines<Mutex<S>>>,
+    threads: ThreadLocal<CachePadded<Mutex<S>>>,
     new: Box<dyn Fn() -> S + Send + Sync>,
     /// Set when the background thread stops visiting: from then on nothing is added.
     closed: AtomicBool,
@@ -29,8 +30,8 @@ impl<S: Send> PerThread<S> {
 
     /// Runs `f` on the calling thread's state; `None`, without running it, once closed.
     pub(crate) fn with_mine<R>(&self, f: impl FnOnce(&mut S) -> R) -> Option<R> {
-        let mine = self.threads.get_or(|| CacheLines(Mutex::new((self.new)())));
-        let mut mine = mine.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let mine = self.threads.get_or(|| CachePadded::new(Mutex::new((self.new)())));
+        let mut mine = mine.lock().unwrap_or_else(PoisonError::into_inner);
         // Checked under the lock a last visit also takes: nothing slips in after it.
         if self.closed.load(Ordering::SeqCst) {
             return None;
@@ -41,7 +42,7 @@ impl<S: Send> PerThread<S> {
     /// Runs `f` on every thread's state, threads that have ended included.
     pub(crate) fn visit(&self, mut f: impl FnMut(&mut S)) {
         for state in &self.threads {
-            f(&mut state.0.lock().unwrap_or_else(PoisonError::into_inner));
+            f(&mut state.lock().unwrap_or_else(PoisonError::into_inner));
         }
     }
 
@@ -63,11 +64,11 @@ impl<S: Send> PerThread<S> {
 
 /// Emptied buffers the visiting thread gives back, for threads to take when they hand theirs
 /// over: a new one would be fresh memory to fault in. At most a few are kept.
-pub(crate) struct Spares<T> {
+pub(crate) struct Recycled<T> {
     kept: Mutex<Vec<T>>,
 }
 
-impl<T> Spares<T> {
+impl<T> Recycled<T> {
     const KEPT: usize = 16;
 
     /// A kept buffer, else `new()`.
@@ -85,17 +86,11 @@ impl<T> Spares<T> {
     }
 }
 
-impl<T> Default for Spares<T> {
+impl<T> Default for Recycled<T> {
     fn default() -> Self {
-        Spares { kept: Mutex::default() }
+        Recycled { kept: Mutex::default() }
     }
 }
-
-/// A value on cache lines of its own: `thread_local` stores threads' values side by side, and
-/// two threads writing values that share a line would each wait for the other's core. Two
-/// lines, because a core fetches lines in adjacent pairs.
-#[repr(align(128))]
-struct CacheLines<T>(T);
 
 #[cfg(test)]
 mod tests {

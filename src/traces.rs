@@ -32,6 +32,7 @@
 //!   on the span thread), so export never loops.
 
 mod agent_span;
+mod attributes;
 mod batch;
 mod export;
 mod fields;

@@ -7,11 +7,11 @@
 use std::mem;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use std::sync::mpsc::SyncSender;
+use crossbeam_channel::Sender;
 
 use super::line::LineFormat;
 use crate::execution::Execution;
-use crate::per_thread::{PerThread, Spares};
+use crate::per_thread::{PerThread, Recycled};
 
 /// Messages the queue holds at once. The lines wait with their threads, so the queue carries
 /// only wake-ups and flushes: a wake-up that finds it full is not needed, as the messages
@@ -22,7 +22,7 @@ pub(super) enum Message {
     /// A thread's buffer has its first line, or filled: collect.
     Wake,
     /// Finish everything queued before this message, then acknowledge (and stop).
-    Flush { ack: SyncSender<()>, stop: bool },
+    Flush { ack: Sender<()>, stop: bool },
 }
 
 /// A thread hands its lines over once they fill about this many bytes ...
@@ -38,7 +38,7 @@ const BUFFER_BYTES: usize = HANDOFF_BYTES + 16 * 1024;
 /// The lines every agent thread has formatted and the log thread has not taken yet.
 pub(crate) struct Handoff {
     threads: PerThread<ThreadLines>,
-    spare: Spares<Vec<u8>>,
+    spare: Recycled<Vec<u8>>,
     lines_per_buffer: usize,
     /// Full buffers waiting in all threads, and how many may.
     full_buffers: AtomicUsize,
@@ -87,7 +87,7 @@ impl Handoff {
                 lines: 0,
                 full: Vec::new(),
             }),
-            spare: Spares::default(),
+            spare: Recycled::default(),
             lines_per_buffer,
             full_buffers: AtomicUsize::new(0),
             max_full_buffers: queue_lines.div_ceil(lines_per_buffer).max(1),

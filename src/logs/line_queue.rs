@@ -3,8 +3,8 @@
 //! fills, and a full queue drops (and counts) lines, never the agent's time. Flush and shutdown
 //! are asked of the log thread (`log_thread.rs`) and answered.
 
+use crossbeam_channel::{bounded, RecvTimeoutError, SendTimeoutError, Sender, TrySendError};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{sync_channel, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -13,14 +13,14 @@ use super::handoff::{Appended, Handoff, Message, QUEUE_MESSAGES};
 use super::line::LineFormat;
 use super::log_thread::LogThread;
 use super::writer::LineBatch;
-use crate::background::{self, Sent};
+use crate::background;
 use crate::error::{Error, Result};
 use crate::execution::Execution;
 use crate::stats::{first_time, TelemetryStats};
 
 /// Why lines were lost.
 #[derive(Clone, Copy)]
-enum Why {
+enum LossCause {
     /// The queue was full.
     Full,
     /// The log thread stopped taking lines.
@@ -31,7 +31,7 @@ enum Why {
 
 /// The log queue's sending side, held by the layer.
 pub(crate) struct LineQueue {
-    sender: SyncSender<Message>,
+    sender: Sender<Message>,
     lines: Arc<Handoff>,
     stats: Arc<TelemetryStats>,
     capacity: usize,
@@ -53,7 +53,7 @@ impl LineQueue {
         capacity: usize,
         stats: Arc<TelemetryStats>,
     ) -> Result<Self> {
-        let (sender, receiver) = sync_channel(QUEUE_MESSAGES);
+        let (sender, receiver) = bounded(QUEUE_MESSAGES);
         let lines = Arc::new(Handoff::new(format, capacity));
         let log_thread = LogThread::new(batch, capacity, Arc::clone(&lines), Arc::clone(&stats));
         let thread = background::spawn("agent-tel-logs", move || log_thread.run(&receiver))?;
@@ -77,22 +77,22 @@ impl LineQueue {
             // A full queue holds messages that wake the thread anyway.
             Appended::First | Appended::Filled => {
                 if let Err(TrySendError::Disconnected(_)) = self.sender.try_send(Message::Wake) {
-                    self.lost(0, Why::Gone);
+                    self.lost(0, LossCause::Gone);
                 }
             }
-            Appended::Lost { lines } => self.lost(lines, Why::Full),
-            Appended::Closed => self.lost(1, Why::Closed),
+            Appended::Lost { lines } => self.lost(lines, LossCause::Full),
+            Appended::Closed => self.lost(1, LossCause::Closed),
         }
     }
 
     /// Counts lost lines, and warns the first time, saying why.
-    fn lost(&self, mut lines: u64, why: Why) {
-        if let Why::Gone = why {
+    fn lost(&self, mut lines: u64, cause: LossCause) {
+        if let LossCause::Gone = cause {
             // A thread that has ended takes no more lines: the ones waiting are lost too.
             lines += self.lines.discard();
         }
         TelemetryStats::add(&self.stats.log_lines_dropped, lines);
-        if let Why::Full = why {
+        if let LossCause::Full = cause {
             if first_time(&self.warned_full) {
                 tracing::warn!(
                     target: "agent_telemetry::logs",
@@ -140,17 +140,18 @@ impl LineQueue {
         if stop {
             self.stopping.store(true, Ordering::Relaxed);
         }
-        let (ack, acknowledged) = sync_channel(1);
-        match background::send_by(&self.sender, Message::Flush { ack, stop }, deadline) {
-            Sent::Yes => {}
-            Sent::Gone => return Ok(()), // already shut down
-            Sent::TimedOut => return Err(timed_out(timeout)),
+        let (ack, acknowledged) = bounded(1);
+        match self.sender.send_deadline(Message::Flush { ack, stop }, deadline) {
+            Ok(()) => {}
+            // Already shut down.
+            Err(SendTimeoutError::Disconnected(_)) => return Ok(()),
+            Err(SendTimeoutError::Timeout(_)) => return Err(timed_out(timeout)),
         }
         match acknowledged.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
             Ok(()) if !stop => Ok(()),
             Ok(()) | Err(RecvTimeoutError::Disconnected) => {
                 // The thread has acknowledged; joining only reaps it.
-                background::reap(&self.thread);
+                background::join_answered(&self.thread);
                 Ok(())
             }
             Err(RecvTimeoutError::Timeout) => Err(timed_out(timeout)),
@@ -246,7 +247,7 @@ mod tests {
         queue.flush(Duration::from_secs(5)).unwrap();
         // The thread's queue is gone as if it had crashed: shutdown never asked it to stop
         // (`stopping` unset), and nothing closed the threads' buffers.
-        let (dead, _) = sync_channel(1);
+        let (dead, _) = bounded(1);
         queue.sender = dead;
         tracing::dispatcher::with_default(&errors.dispatch(), || {
             send_more(&queue, 3);

@@ -2,19 +2,20 @@
 //! every thread's lines (oldest first, each thread's lock held only for a swap) and writes them
 //! in batches; answers flushes, and on shutdown writes what is left and ends.
 
-use std::sync::mpsc::Receiver;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crossbeam_channel::Receiver;
+
 use super::handoff::{FullBuffer, Handoff, Message};
 use super::writer::LineBatch;
-use crate::background::Linger;
+use crate::background::Pacing;
 use crate::stats::TelemetryStats;
 
 /// The log thread: collects the threads' lines and writes them.
 pub(super) struct LogThread {
     batch: LineBatch,
-    linger: Linger,
+    linger: Pacing,
     lines: Arc<Handoff>,
     /// This round's buffers not yet taken (the `Vec` kept for its room).
     collected: Vec<FullBuffer>,
@@ -25,7 +26,7 @@ impl LogThread {
     pub(super) fn new(batch: LineBatch, capacity: usize, lines: Arc<Handoff>, stats: Arc<TelemetryStats>) -> Self {
         LogThread {
             batch,
-            linger: Linger::new(capacity),
+            linger: Pacing::new(capacity),
             lines,
             collected: Vec::new(),
             stats,

@@ -3,8 +3,8 @@
 use std::io::{self, Write};
 use std::sync::Arc;
 
+use crate::outages::OutageWarnings;
 use crate::panics;
-use crate::spells::FailureSpells;
 use crate::stats::TelemetryStats;
 
 /// Lines are written in batches of about this many bytes.
@@ -19,7 +19,7 @@ pub(crate) struct LineBatch {
     /// that the next line starts clean.
     mends_torn_line: bool,
     stats: Arc<TelemetryStats>,
-    spells: FailureSpells,
+    outages: OutageWarnings,
 }
 
 impl LineBatch {
@@ -30,7 +30,7 @@ impl LineBatch {
             lines: 0,
             mends_torn_line: false,
             stats,
-            spells: FailureSpells::default(),
+            outages: OutageWarnings::default(),
         }
     }
 
@@ -75,12 +75,12 @@ impl LineBatch {
         TelemetryStats::add(&self.stats.log_lines_written, lines_written);
         match result {
             Ok(()) => {
-                if self.spells.succeeded() {
+                if self.outages.succeeded() {
                     tracing::info!(target: "agent_telemetry::logs", "agent execution log writing recovered");
                 }
             }
             Err(error) => {
-                if self.spells.failed() {
+                if self.outages.failed() {
                     tracing::warn!(target: "agent_telemetry::logs", %error, "cannot write agent execution log lines; counting those not written in agent_telemetry_log_lines_dropped_total until writing recovers");
                 }
                 TelemetryStats::add(&self.stats.log_write_errors, 1);
@@ -187,10 +187,10 @@ mod tests {
         let disk = SmallDisk::default();
         let stats = Arc::new(TelemetryStats::default());
         let mut batch = LineBatch::new(Box::new(disk.clone()), Arc::clone(&stats));
-        // No minute between warnings here (`spells.rs` tests that one).
-        batch.spells = FailureSpells::quiet_for(std::time::Duration::ZERO);
+        // No minute between warnings here (`outages.rs` tests that one).
+        batch.outages = OutageWarnings::quiet_for(std::time::Duration::ZERO);
         tracing::dispatcher::with_default(&dispatch, || {
-            // Two spells of two failing batches each, between batches that are written.
+            // Two outages of two failing batches each, between batches that are written.
             for (n, disk_full) in (1..).zip([false, true, true, false, true, true, false]) {
                 let room = if disk_full { 0 } else { usize::MAX };
                 disk.room.store(room, std::sync::atomic::Ordering::Relaxed);

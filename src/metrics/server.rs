@@ -50,7 +50,7 @@ use tokio::sync::{oneshot, Notify};
 use super::open_connections::{OpenConnections, Progress, Watched};
 use super::MetricsHandle;
 use crate::error::{Error, Result};
-use crate::spells::FailureSpells;
+use crate::outages::OutageWarnings;
 use crate::stats::TelemetryStats;
 
 /// Connections served at once, unless configured otherwise.
@@ -379,7 +379,7 @@ fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
 /// Accepts connections until `stopped`, surviving accept errors.
 async fn accept_loop(listener: &TcpListener, mut stopped: oneshot::Receiver<()>, server: &Arc<Server>) {
     let mut backoff = ACCEPT_BACKOFF_MIN;
-    let mut spells = FailureSpells::default();
+    let mut outages = OutageWarnings::default();
     loop {
         if !server.room(&mut stopped).await {
             return;
@@ -391,7 +391,7 @@ async fn accept_loop(listener: &TcpListener, mut stopped: oneshot::Receiver<()>,
         let error = match accepted {
             Ok((stream, _peer)) => {
                 backoff = ACCEPT_BACKOFF_MIN;
-                if spells.succeeded() {
+                if outages.succeeded() {
                     tracing::info!(target: "agent_telemetry::metrics", "the /metrics server accepts connections again");
                 }
                 server.admit(stream);
@@ -405,7 +405,7 @@ async fn accept_loop(listener: &TcpListener, mut stopped: oneshot::Receiver<()>,
             continue;
         }
         TelemetryStats::add(&server.stats.metrics_accept_errors, 1);
-        if spells.failed() {
+        if outages.failed() {
             tracing::warn!(
                 target: "agent_telemetry::metrics",
                 %error,

@@ -11,8 +11,8 @@ use opentelemetry_sdk::Resource;
 use super::otlp_http::ExactHeaders;
 use crate::config::{Config, OtlpProtocol};
 use crate::error::{Error, Result};
+use crate::outages::OutageWarnings;
 use crate::panics;
-use crate::spells::FailureSpells;
 use crate::stats::TelemetryStats;
 
 /// The largest OTLP request body sent; the span thread cuts export batches well below it
@@ -157,7 +157,7 @@ impl Exporter {
 pub(crate) struct CountingExporter {
     inner: Exporter,
     stats: Arc<TelemetryStats>,
-    spells: Mutex<FailureSpells>,
+    outages: Mutex<OutageWarnings>,
 }
 
 impl CountingExporter {
@@ -165,7 +165,7 @@ impl CountingExporter {
         CountingExporter {
             inner,
             stats,
-            spells: Mutex::default(),
+            outages: Mutex::default(),
         }
     }
 }
@@ -177,17 +177,17 @@ impl SpanExporter for CountingExporter {
             .await
             .unwrap_or_else(|panic| Err(panicked(&panic)));
         // Only the span thread exports: the lock is never contended.
-        let mut spells = self.spells.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut outages = self.outages.lock().unwrap_or_else(PoisonError::into_inner);
         match &result {
             Ok(()) => {
                 TelemetryStats::add(&self.stats.spans_exported, count);
-                if spells.succeeded() {
+                if outages.succeeded() {
                     tracing::info!(target: "agent_telemetry::traces", "span export recovered");
                 }
             }
             Err(error) => {
                 TelemetryStats::add(&self.stats.spans_export_failed, count);
-                if spells.failed() {
+                if outages.failed() {
                     tracing::warn!(target: "agent_telemetry::traces", %error, "span export failed; lost spans are counted in agent_telemetry_spans_export_failed_total until it recovers");
                 }
             }

@@ -10,6 +10,7 @@ use opentelemetry::{KeyValue, Value};
 use tracing_core::field::{Field, Visit};
 use tracing_core::Metadata;
 
+use super::attributes;
 use crate::execution::ExecutionFields;
 use crate::scrub::{Scrubber, REDACTED, SCRUB_MARGIN};
 use crate::text::debug_text;
@@ -17,13 +18,13 @@ use crate::text::debug_text;
 /// `code.*` attributes, as `tracing-opentelemetry` adds them.
 pub(super) fn push_location(attributes: &mut Vec<KeyValue>, metadata: &'static Metadata<'static>) {
     if let Some(file) = metadata.file() {
-        attributes.push(KeyValue::new("code.file.path", file));
+        attributes.push(KeyValue::new(attributes::CODE_FILE_PATH, file));
     }
     if let Some(module) = metadata.module_path() {
-        attributes.push(KeyValue::new("code.module.name", module));
+        attributes.push(KeyValue::new(attributes::CODE_MODULE_NAME, module));
     }
     if let Some(line) = metadata.line() {
-        attributes.push(KeyValue::new("code.line.number", i64::from(line)));
+        attributes.push(KeyValue::new(attributes::CODE_LINE_NUMBER, i64::from(line)));
     }
 }
 
@@ -96,7 +97,8 @@ impl FieldSink for EventFields {
             "message" => self.name = Some(value.as_str().into_owned()),
             "error" => {
                 self.name.get_or_insert_with(|| "exception".to_owned());
-                self.attributes.push(KeyValue::new("exception.message", value));
+                self.attributes
+                    .push(KeyValue::new(attributes::EXCEPTION_MESSAGE, value));
             }
             name if name.starts_with("log.") => {}
             name => self.attributes.push(KeyValue::new(name, value)),

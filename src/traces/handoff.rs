@@ -3,12 +3,13 @@
 //! messages the span thread's channel carries.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize};
-use std::sync::mpsc::SyncSender;
+
+use crossbeam_channel::{bounded, Receiver, Sender};
 
 use opentelemetry_sdk::error::OTelSdkResult;
 
 use super::batch::ThreadSpans;
-use crate::per_thread::{PerThread, Spares};
+use crate::per_thread::{PerThread, Recycled};
 
 /// What the span thread's channel carries. The channel has no bound of its own, and needs
 /// none: the spans in it are counted against `OTEL_BSP_MAX_QUEUE_SIZE`, at most one `Wake` is
@@ -21,9 +22,9 @@ pub(super) enum Message {
     /// already on its way (`Handoff::wake_pending`).
     Wake,
     /// Export everything queued before this message, then answer.
-    Flush(SyncSender<OTelSdkResult>),
+    Flush(Sender<OTelSdkResult>),
     /// Export everything queued before this message, shut the exporter down, answer, stop.
-    Shutdown(SyncSender<OTelSdkResult>),
+    Shutdown(Sender<OTelSdkResult>),
 }
 
 /// Spans a thread gathers before it hands them over at once (fewer for a small queue).
@@ -38,14 +39,16 @@ pub(super) const MAX_ASKS_WAITING: usize = 64;
 /// batches the threads take back.
 pub(super) struct Handoff {
     pub(super) threads: PerThread<Box<ThreadSpans>>,
-    spare: Spares<Box<ThreadSpans>>,
+    spare: Recycled<Box<ThreadSpans>>,
     pub(super) batch_spans: usize,
     /// A `Wake` is on its way: set by the thread that sends it, cleared by the span thread
     /// when it takes it, before it collects. A thread that finds it set sends none, since the
     /// collection that wake-up brings comes after the thread's span.
     pub(super) wake_pending: AtomicBool,
-    /// Flushes and shutdowns queued and not yet taken (at most [`MAX_ASKS_WAITING`]).
-    pub(super) asks_waiting: AtomicUsize,
+    /// One permit per flush or shutdown queued and not yet taken: a flush takes one before it
+    /// is sent, waiting for room until its deadline, and the span thread gives it back as it
+    /// takes the message; so at most [`MAX_ASKS_WAITING`] wait.
+    pub(super) asks: (Sender<()>, Receiver<()>),
     /// Spans handed over and not yet taken by the span thread: never more than the queue's
     /// capacity. As in the SDK's batch processor, `OTEL_BSP_MAX_QUEUE_SIZE` bounds the spans
     /// waiting; the batch being built or exported, and threads' batches still gathering, are
@@ -60,10 +63,10 @@ impl Handoff {
     pub(super) fn new(per_handoff: usize) -> Self {
         Handoff {
             threads: PerThread::new(move || Box::new(ThreadSpans::with_capacity(per_handoff))),
-            spare: Spares::default(),
+            spare: Recycled::default(),
             batch_spans: per_handoff,
             wake_pending: AtomicBool::new(false),
-            asks_waiting: AtomicUsize::new(0),
+            asks: bounded(MAX_ASKS_WAITING),
             waiting: AtomicUsize::new(0),
             waiting_bytes: AtomicUsize::new(0),
         }

@@ -3,9 +3,9 @@
 //! spans are dropped and counted, never the caller's time), and control messages (flush,
 //! shutdown) are asked of the span thread and answered.
 
+use crossbeam_channel::{bounded, unbounded, RecvTimeoutError, SendTimeoutError, Sender};
 use std::mem;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{channel, sync_channel, RecvTimeoutError, Sender, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -15,7 +15,7 @@ use opentelemetry_sdk::trace::SpanData;
 
 use super::batch::{FinishedSpan, ThreadSpans};
 use super::export::CountingExporter;
-use super::handoff::{Handoff, Message, MAX_ASKS_WAITING, SPANS_PER_HANDOFF};
+use super::handoff::{Handoff, Message, SPANS_PER_HANDOFF};
 use super::span_size;
 use super::span_thread::{SpanBuilder, SpanThread};
 use crate::background;
@@ -69,7 +69,7 @@ impl SpanQueue {
         flush_timeout: Duration,
         stats: Arc<TelemetryStats>,
     ) -> Result<Self> {
-        let (sender, receiver) = channel();
+        let (sender, receiver) = unbounded();
         let handoff = Arc::new(Handoff::new(spans_per_handoff(settings)));
         let span_thread = SpanThread::new(Arc::clone(&handoff), exporter, spans, settings, Arc::clone(&stats));
         let thread = background::spawn("agent-tel-spans", move || span_thread.run(&receiver))?;
@@ -238,19 +238,17 @@ impl SpanQueue {
     }
 
     /// Sends a control message and waits for its answer.
-    pub(super) fn ask(&self, message: fn(SyncSender<OTelSdkResult>) -> Message, timeout: Duration) -> OTelSdkResult {
+    pub(super) fn ask(&self, message: fn(Sender<OTelSdkResult>) -> Message, timeout: Duration) -> OTelSdkResult {
         let deadline = background::deadline_after(timeout);
-        let asks = &self.handoff.asks_waiting;
-        while asks.fetch_add(1, Ordering::Relaxed) >= MAX_ASKS_WAITING {
-            asks.fetch_sub(1, Ordering::Relaxed);
-            if Instant::now() >= deadline {
-                return Err(OTelSdkError::Timeout(timeout));
-            }
-            std::thread::sleep(Duration::from_millis(1));
+        let (permits, given_back) = &self.handoff.asks;
+        if let Err(SendTimeoutError::Timeout(()) | SendTimeoutError::Disconnected(())) =
+            permits.send_deadline((), deadline)
+        {
+            return Err(OTelSdkError::Timeout(timeout));
         }
-        let (answer, answered) = sync_channel(1);
+        let (answer, answered) = bounded(1);
         if self.sender.send(message(answer)).is_err() {
-            asks.fetch_sub(1, Ordering::Relaxed);
+            let _ = given_back.try_recv();
             return Err(OTelSdkError::AlreadyShutdown);
         }
         match answered.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
@@ -268,7 +266,7 @@ impl SpanQueue {
         }
         let result = self.ask(Message::Shutdown, timeout);
         if result.is_ok() {
-            background::reap(&self.thread);
+            background::join_answered(&self.thread);
         }
         result
     }
@@ -298,6 +296,7 @@ mod tests {
     use crate::test_support::{execution, Warnings};
     use crate::traces::batch::AgentBatch;
     use crate::traces::export::Exporter;
+    use crate::traces::handoff::MAX_ASKS_WAITING;
     use crate::traces::sdk_processor::SharedProcessor;
     use crate::traces::{AgentSpan, AgentTracer};
     use opentelemetry::Context;
@@ -642,7 +641,7 @@ mod tests {
     #[test]
     fn flushes_that_time_out_behind_a_stalled_export_queue_no_more_than_the_bound() {
         let (processor, _stats, let_go) = holding_an_export(64);
-        let asks = || processor.handoff.asks_waiting.load(Ordering::Relaxed);
+        let asks = || processor.handoff.asks.1.len();
         for _ in 0..MAX_ASKS_WAITING + 20 {
             let flushed = processor.ask(Message::Flush, Duration::from_millis(1));
             assert!(matches!(flushed, Err(OTelSdkError::Timeout(_))), "{flushed:?}");
@@ -672,7 +671,7 @@ mod tests {
             Exporter::Boxed(Box::new(InMemorySpanExporter::default())),
             Arc::clone(&stats),
         );
-        let (sender, receiver) = channel();
+        let (sender, receiver) = unbounded();
         let handoff = Arc::new(Handoff::new(spans_per_handoff(settings)));
         let builder = SpanBuilder::new(1024, Arc::new(Scrubber::off()));
         let mut span_thread = SpanThread::new(Arc::clone(&handoff), exporter, builder, settings, Arc::clone(&stats));

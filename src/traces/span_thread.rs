@@ -5,21 +5,23 @@
 use std::borrow::Cow;
 use std::mem;
 use std::sync::atomic::Ordering;
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError};
 
 use opentelemetry::trace::{SpanContext, Status as SpanStatus, TraceState};
 use opentelemetry::{Context, InstrumentationScope, KeyValue, Value};
 use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
 use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanExporter, SpanLinks};
 
+use super::attributes;
 use super::batch::{FinishedSpan, ThreadSpans};
 use super::export::CountingExporter;
 use super::fields::push_location;
 use super::handoff::{Handoff, Message};
 use super::span_size;
-use crate::background::{self, Linger};
+use crate::background::{self, Pacing};
 use crate::config::BatchSettings;
 use crate::execution::shared_agent_name;
 use crate::scrub::Scrubber;
@@ -71,14 +73,17 @@ impl SpanBuilder {
         let agent_name = Value::String(shared_agent_name(agent_name).into());
         let mut attributes = Vec::with_capacity(10 + extra_attributes);
         attributes.extend([
-            KeyValue::new("agent.name", agent_name.clone()),
-            KeyValue::new("result.status", span.status.as_str()),
-            KeyValue::new("gen_ai.operation.name", "invoke_agent"),
-            KeyValue::new("gen_ai.agent.name", agent_name),
-            KeyValue::new("openinference.span.kind", "AGENT"),
+            KeyValue::new(attributes::AGENT_NAME, agent_name.clone()),
+            KeyValue::new(attributes::RESULT_STATUS, span.status.as_str()),
+            KeyValue::new(attributes::GEN_AI_OPERATION_NAME, attributes::INVOKE_AGENT),
+            KeyValue::new(attributes::GEN_AI_AGENT_NAME, agent_name),
+            KeyValue::new(attributes::OPENINFERENCE_SPAN_KIND, attributes::AGENT_SPAN_KIND),
         ]);
         if span.has_task {
-            attributes.push(KeyValue::new("task", cut(task, self.value_chars).into_owned()));
+            attributes.push(KeyValue::new(
+                attributes::TASK,
+                cut(task, self.value_chars).into_owned(),
+            ));
         }
         push_location(&mut attributes, span.metadata);
         let mut name = Cow::Borrowed(span.metadata.name());
@@ -87,7 +92,7 @@ impl SpanBuilder {
         let mut events = SpanEvents::default();
         if let Some(rare) = rare {
             if let Some(failure) = &rare.failure {
-                attributes.push(KeyValue::new("error.type", failure.error_type().to_owned()));
+                attributes.push(KeyValue::new(attributes::ERROR_TYPE, failure.error_type().to_owned()));
                 status = SpanStatus::error(cut(failure.description(), self.value_chars).into_owned());
             }
             // Ours first: a field that happens to share a key does not make it appear twice.
@@ -131,7 +136,7 @@ pub(super) struct SpanThread {
     unexported: usize,
     stats: Arc<TelemetryStats>,
     exporter: CountingExporter,
-    linger: Linger,
+    linger: Pacing,
     spans: SpanBuilder,
     batch: Vec<SpanData>,
     /// What `batch` weighs: an export holds at most `settings.max_export_bytes`, or one span.
@@ -155,7 +160,7 @@ impl SpanThread {
             unexported: 0,
             stats,
             exporter,
-            linger: Linger::new(settings.max_queue_size),
+            linger: Pacing::new(settings.max_queue_size),
             spans,
             batch: export_batch(settings.max_export_batch_size),
             batch_bytes: 0,
@@ -264,7 +269,8 @@ impl SpanThread {
                 Ok(0)
             }
             control => {
-                self.handoff.asks_waiting.fetch_sub(1, Ordering::Relaxed);
+                // Its permit goes back: room for the next flush.
+                let _ = self.handoff.asks.1.try_recv();
                 Err(control)
             }
         }
