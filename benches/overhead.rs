@@ -28,7 +28,7 @@ use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use agent_telemetry::{AgentTelemetry, TelemetryGuard};
+use agent_telemetry::AgentTelemetry;
 use criterion::Criterion;
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::error::OTelSdkResult;
@@ -153,7 +153,7 @@ enum Stack {
     Hand(Box<HandAssembled>),
     Ours {
         dispatch: Box<Dispatch>,
-        guard: TelemetryGuard,
+        guard: AgentTelemetry,
     },
 }
 
@@ -576,7 +576,7 @@ fn counters_path() -> PathBuf {
 
 /// Our stack's self-metrics after the run, flushed: back to back, executions can outpace the
 /// pipeline thread, and the summary says how many lines and spans that cost.
-fn save_counters(guard: &TelemetryGuard) {
+fn save_counters(guard: &AgentTelemetry) {
     let _ = guard.flush();
     let text = guard.metrics().render().expect("the metrics render");
     let counters: String = text

@@ -83,7 +83,7 @@ fn main() {
     let logs = tempfile::tempdir().expect("temp dir");
     let (layer, guard) = AgentTelemetry::builder()
         .ignore_environment()
-        .with_metrics_addr("127.0.0.1:0".parse().expect("address"))
+        .with_metrics_addr(([127, 0, 0, 1], 0))
         .with_log_dir(logs.path())
         .with_otlp_endpoint(endpoint)
         .build()

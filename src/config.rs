@@ -1,8 +1,7 @@
 //! Settings: their defaults, and how the environment overrides what the builder set.
 //!
 //! The builder gives the application's choices; the environment is applied second so an
-//! operator can change a deployment without a rebuild (the OpenTelemetry convention for
-//! `OTEL_*` variables). Every value is checked here, so a typo becomes an [`Error`] that
+//! operator can change a deployment without a rebuild. Every value is checked here, so a typo becomes an [`Error`] that
 //! names the variable instead of a silent default.
 
 use std::collections::BTreeMap;

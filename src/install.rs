@@ -1,4 +1,4 @@
-//! The builder that wires the layer to the three signals, and the guard that shuts them down.
+//! The builder that wires the layer to the three signals, and the handle that runs them.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -28,13 +28,15 @@ use crate::scrub::Scrubbing;
 use crate::stats::TelemetryStats;
 use crate::traces::BoxedSpanExporter;
 
-/// The layer [`AgentTelemetry::build`] returns, ready for `tracing_subscriber::registry().with(..)`.
+/// The layer [`AgentTelemetryBuilder::build`] returns, ready for `tracing_subscriber::registry().with(..)`.
 pub type TelemetryLayer<S> = Box<dyn Layer<S> + Send + Sync + 'static>;
 
-/// Configures and installs agent telemetry: one `tracing` layer, three signals.
+/// Configures agent telemetry and starts it: one `tracing` layer, three signals. Made by
+/// [`AgentTelemetry::builder`]; [`try_init`](Self::try_init) (or [`build`](Self::build))
+/// gives the running [`AgentTelemetry`].
 ///
-/// Builder values come first; the environment (see the README's table) is applied over them
-/// unless [`ignore_environment`](Self::ignore_environment) is called.
+/// Each setter sets the application's value; the environment is applied over them (see the
+/// crate's documentation) unless [`ignore_environment`](Self::ignore_environment) is called.
 ///
 /// # Examples
 ///
@@ -44,7 +46,7 @@ pub type TelemetryLayer<S> = Box<dyn Layer<S> + Send + Sync + 'static>;
 /// # fn main() -> Result<(), agent_telemetry::Error> {
 /// let telemetry = AgentTelemetry::builder()
 ///     .with_service_name("my-name-is-claude")
-///     .with_metrics_addr("127.0.0.1:0".parse().unwrap())
+///     .with_metrics_addr(([127, 0, 0, 1], 0))
 ///     .with_traces_exporter(TracesExporter::None)
 ///     .ignore_environment()
 ///     .try_init()?;
@@ -61,16 +63,16 @@ pub type TelemetryLayer<S> = Box<dyn Layer<S> + Send + Sync + 'static>;
 /// # Ok(())
 /// # }
 /// ```
-pub struct AgentTelemetry {
+pub struct AgentTelemetryBuilder {
     config: Config,
     read_environment: bool,
     span_exporter: Option<BoxedSpanExporter>,
     log_writer: Option<Box<dyn std::io::Write + Send>>,
 }
 
-impl std::fmt::Debug for AgentTelemetry {
+impl std::fmt::Debug for AgentTelemetryBuilder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AgentTelemetry")
+        f.debug_struct("AgentTelemetryBuilder")
             .field("config", &self.config)
             .field("read_environment", &self.read_environment)
             .field("span_exporter", &self.span_exporter)
@@ -79,18 +81,18 @@ impl std::fmt::Debug for AgentTelemetry {
     }
 }
 
-impl Default for AgentTelemetry {
+impl Default for AgentTelemetryBuilder {
     fn default() -> Self {
-        Self::builder()
+        AgentTelemetryBuilder::new()
     }
 }
 
-impl AgentTelemetry {
-    /// Starts from the defaults of the guide: metrics on `0.0.0.0:8000`, OTLP/HTTP traces to
+impl AgentTelemetryBuilder {
+    /// The defaults of the guide: metrics on `0.0.0.0:8000`, OTLP/HTTP traces to
     /// `localhost:4318`, log lines on stdout.
     #[must_use]
-    pub fn builder() -> Self {
-        AgentTelemetry {
+    pub fn new() -> Self {
+        AgentTelemetryBuilder {
             config: Config::default(),
             read_environment: true,
             span_exporter: None,
@@ -98,88 +100,90 @@ impl AgentTelemetry {
         }
     }
 
-    /// `service.name` of traces and log lines (`OTEL_SERVICE_NAME` overrides it).
+    /// `service.name` of spans and log lines. Default `agents`; `OTEL_SERVICE_NAME`, else
+    /// `service.name` in `OTEL_RESOURCE_ATTRIBUTES`, overrides it.
     #[must_use]
     pub fn with_service_name(mut self, name: impl Into<String>) -> Self {
         self.config.service_name = name.into();
         self
     }
 
-    /// `service.version`, also the `version` label of `framework_info`.
+    /// `service.version` of spans, and the `version` label of `framework_info`. Default: this
+    /// crate's version; `service.version` in `OTEL_RESOURCE_ATTRIBUTES` overrides it.
     #[must_use]
     pub fn with_service_version(mut self, version: impl Into<String>) -> Self {
         self.config.service_version = version.into();
         self
     }
 
-    /// The `environment` label of `framework_info` and `deployment.environment.name`.
+    /// The `environment` label of `framework_info`, and `deployment.environment.name`. Default
+    /// `production`; `AGENT_TELEMETRY_ENVIRONMENT` overrides it.
     #[must_use]
     pub fn with_environment(mut self, environment: impl Into<String>) -> Self {
         self.config.environment = environment.into();
         self
     }
 
-    /// An extra resource attribute on every span (`OTEL_RESOURCE_ATTRIBUTES` adds more), such
-    /// as `openinference.project.name` to choose a Phoenix project.
+    /// An extra resource attribute on every span, such as `openinference.project.name` (a
+    /// Phoenix project). Default: none; `OTEL_RESOURCE_ATTRIBUTES` adds to them.
     #[must_use]
     pub fn with_resource_attribute(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
         self.config.resource_attributes.insert(key.into(), value.into());
         self
     }
 
-    /// The `scale` label of `framework_info`.
+    /// The `scale` label of `framework_info`. Default `enterprise`; `AGENT_TELEMETRY_SCALE`
+    /// overrides it.
     #[must_use]
     pub fn with_scale(mut self, scale: impl Into<String>) -> Self {
         self.config.scale = scale.into();
         self
     }
 
-    /// Where `GET /metrics` is served; port 0 picks a free port
-    /// (see [`TelemetryGuard::metrics_addr`]).
+    /// Where `GET /metrics` is served; port 0 picks a free one
+    /// ([`AgentTelemetry::metrics_addr`] tells which). Default `0.0.0.0:8000`;
+    /// `AGENT_TELEMETRY_METRICS_ADDR` overrides it.
     #[must_use]
-    pub fn with_metrics_addr(mut self, addr: SocketAddr) -> Self {
-        self.config.metrics_addr = Some(addr);
+    pub fn with_metrics_addr(mut self, addr: impl Into<SocketAddr>) -> Self {
+        self.config.metrics_addr = Some(addr.into());
         self
     }
 
     /// Requires `Authorization: Bearer <token>` on `/metrics`, the token read from `path` at
-    /// start (surrounding whitespace trimmed); other requests get 401. Default: no token
-    /// (`AGENT_TELEMETRY_METRICS_TOKEN_FILE` overrides it).
+    /// start. Default: no token; `AGENT_TELEMETRY_METRICS_TOKEN_FILE` overrides it.
     #[must_use]
     pub fn with_metrics_bearer_token_file(mut self, path: impl Into<PathBuf>) -> Self {
         self.config.metrics_token_file = Some(path.into());
         self
     }
 
-    /// How many connections `/metrics` serves at once; the next wait in the accept queue,
-    /// and connections that hold a slot for nothing are closed to make room. Default 64
-    /// (`AGENT_TELEMETRY_METRICS_MAX_CONNECTIONS` overrides it).
+    /// How many connections `/metrics` serves at once. Default 64;
+    /// `AGENT_TELEMETRY_METRICS_MAX_CONNECTIONS` overrides it.
     #[must_use]
     pub fn with_metrics_max_connections(mut self, connections: usize) -> Self {
         self.config.metrics_max_connections = connections;
         self
     }
 
-    /// Serves no `/metrics`; the text is still available from [`TelemetryGuard::metrics`].
+    /// Serves no `/metrics`; [`AgentTelemetry::metrics`] still renders the text. Default:
+    /// served; `AGENT_TELEMETRY_METRICS_ADDR` overrides it.
     #[must_use]
     pub fn without_metrics_server(mut self) -> Self {
         self.config.metrics_addr = None;
         self
     }
 
-    /// Writes log lines to daily files `<prefix>.YYYY-MM-DD.log` in `dir` instead of stdout.
+    /// Writes log lines to daily files `<prefix>.YYYY-MM-DD.log` in `dir`. Default: stdout;
+    /// `AGENT_TELEMETRY_LOG_DIR` overrides it.
     #[must_use]
     pub fn with_log_dir(mut self, dir: impl Into<PathBuf>) -> Self {
         self.config.log_dir = Some(dir.into());
         self
     }
 
-    /// Writes log lines to `writer` (on the log thread) instead of stdout or files: a pipe,
-    /// a socket, or `std::io::sink()` to measure the rest. A write that fails, or panics (with
-    /// `panic = "unwind"`; the panic hook still reports it), loses the lines of its batch the
-    /// writer did not take, counted in `agent_telemetry_log_lines_dropped_total`; later lines
-    /// and all spans go on. Lines it took count as written even when its `flush` then fails. A
-    /// failing spell is warned about once (at most once a minute), and its end logged.
+    /// Writes log lines to `writer`, on the log thread, instead of stdout or files; its
+    /// failures and panics are counted as dropped lines. Default: none; no variable overrides
+    /// it.
     #[must_use]
     pub fn with_log_writer(mut self, writer: impl std::io::Write + Send + 'static) -> Self {
         self.log_writer = Some(Box::new(writer));
@@ -187,91 +191,81 @@ impl AgentTelemetry {
         self
     }
 
-    /// The file name prefix of the daily log files (default `agents`).
+    /// The file name prefix of the daily log files. Default `agents`; no variable overrides it.
     #[must_use]
     pub fn with_log_file_prefix(mut self, prefix: impl Into<String>) -> Self {
         self.config.log_file_prefix = prefix.into();
         self
     }
 
-    /// The permissions of the log files this crate creates, whatever the umask (default
-    /// `0o640`: task text is for the owner and the group only); directories it creates get
-    /// the same with search permission where read is granted (`0o750`). Existing files and
-    /// directories keep theirs. Unix only.
+    /// The permissions of log files this crate creates, whatever the umask; directories get
+    /// search permission where read is granted. Default `0o640`; no variable overrides it.
     #[must_use]
     pub fn with_log_file_mode(mut self, mode: u32) -> Self {
         self.config.log_file_mode = mode;
         self
     }
 
-    /// How many log lines may wait for the log thread before new ones are dropped and
-    /// counted. Each agent thread formats its lines into a buffer of its own, and sets it aside
-    /// for the log thread at 256 lines or 64 KiB; this bounds the full buffers set aside and
-    /// not yet collected (80 KiB each), so a log thread busy writing what it collected may
-    /// hold as many again. Default 8192: at 20,000 executions a second, 400 ms of backlog.
+    /// How many formatted log lines may wait for the log thread before new ones are dropped and
+    /// counted. Default 8192; no variable overrides it.
     #[must_use]
     pub fn with_log_queue_lines(mut self, lines: usize) -> Self {
         self.config.log_queue_lines = lines;
         self
     }
 
-    /// The shape of the log line: the guide's (default) or ECS 8 names.
+    /// The shape of the log line: the guide's, or ECS 8 names. Default [`LogFormat::Guide`];
+    /// `AGENT_TELEMETRY_LOG_FORMAT` overrides it.
     #[must_use]
     pub fn with_log_format(mut self, format: LogFormat) -> Self {
         self.config.log_format = format;
         self
     }
 
-    /// The longest `task` text kept in a log line, in characters (default 1024).
+    /// The longest `task` (and error message) a log line keeps, in characters. Default 1024; no
+    /// variable overrides it.
     #[must_use]
     pub fn with_max_task_chars(mut self, chars: usize) -> Self {
         self.config.max_task_chars = chars;
         self
     }
 
-    /// The longest string attribute or event attribute of a span, in characters; longer
-    /// values are cut, `…` marking the cut. Default: the task limit
-    /// ([`with_max_task_chars`](Self::with_max_task_chars))
-    /// (`OTEL_SPAN_ATTRIBUTE_VALUE_LENGTH_LIMIT`, else `OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT`,
-    /// overrides it).
+    /// The longest span string attribute or event attribute, in characters. Default: the task
+    /// limit; `OTEL_SPAN_ATTRIBUTE_VALUE_LENGTH_LIMIT`, else
+    /// `OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT`, overrides it.
     #[must_use]
     pub fn with_attribute_value_length_limit(mut self, chars: usize) -> Self {
         self.config.attribute_value_chars = Some(chars);
         self
     }
 
-    /// What scrubbing redacts: on by default, sensitive field names and secret patterns in
-    /// every text become `[REDACTED]` ([`Scrubbing`] adds names and patterns, or turns it
-    /// off) (`AGENT_TELEMETRY_SCRUBBING=off` turns it off, `on` back on).
+    /// What scrubbing redacts from every signal: sensitive field names and secret patterns,
+    /// more of them, or nothing. Default: on, the built-in rules;
+    /// `AGENT_TELEMETRY_SCRUBBING=off` (or `on`) overrides it.
     #[must_use]
     pub fn with_scrubbing(mut self, scrubbing: Scrubbing) -> Self {
         self.config.scrubbing = scrubbing;
         self
     }
 
-    /// What of the task the log line and the span carry: the text (default), a short stable
-    /// hash, or nothing (`AGENT_TELEMETRY_TASK_CAPTURE`: `full`, `hash`, `off`, overrides it).
-    /// Metrics never carry the task.
+    /// What of the task the log line and the span carry: the text, a short stable hash, or
+    /// nothing. Default [`TaskCapture::Full`]; `AGENT_TELEMETRY_TASK_CAPTURE` overrides it.
     #[must_use]
     pub fn with_task_capture(mut self, capture: TaskCapture) -> Self {
         self.config.task_capture = capture;
         self
     }
 
-    /// Where spans go (`OTEL_TRACES_EXPORTER` overrides it).
+    /// Where spans go. Default [`TracesExporter::Otlp`]; `OTEL_TRACES_EXPORTER` overrides it.
     #[must_use]
     pub fn with_traces_exporter(mut self, exporter: TracesExporter) -> Self {
         self.config.traces_exporter = exporter;
         self
     }
 
-    /// Sends spans to `exporter` (from the same span thread, counting as for the others)
-    /// instead of the configured one: an in-memory exporter in tests, or a backend this crate
-    /// does not know. An export that fails, or panics (with `panic = "unwind"`; the panic hook
-    /// still reports it), loses its batch, counted in
-    /// `agent_telemetry_spans_export_failed_total`; the next batch is exported as usual. A
-    /// shutdown that fails or panics, after the last export, is warned about, and
-    /// [`TelemetryGuard::shutdown`] still succeeds: the spans went out.
+    /// Sends spans to `exporter` (any OpenTelemetry `SpanExporter`, such as an in-memory one in
+    /// tests) instead of the configured one; its failures and panics are counted. Default:
+    /// none; no variable overrides it.
     #[must_use]
     pub fn with_span_exporter<E>(mut self, exporter: E) -> Self
     where
@@ -281,76 +275,75 @@ impl AgentTelemetry {
         self
     }
 
-    /// The OTLP transport.
+    /// The OTLP transport. Default [`OtlpProtocol::HttpProtobuf`];
+    /// `OTEL_EXPORTER_OTLP_TRACES_PROTOCOL`, else `OTEL_EXPORTER_OTLP_PROTOCOL`, overrides it.
     #[must_use]
     pub fn with_otlp_protocol(mut self, protocol: OtlpProtocol) -> Self {
         self.config.otlp.protocol = protocol;
         self
     }
 
-    /// The OTLP endpoint: the full URL for HTTP (`http://host:4318/v1/traces`), the base URL
-    /// for gRPC (`http://host:4317`).
+    /// The OTLP endpoint: the full URL for HTTP, the base URL for gRPC; user-info is sent as
+    /// HTTP Basic auth. Default `http://localhost:4318/v1/traces`;
+    /// `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`, else `OTEL_EXPORTER_OTLP_ENDPOINT`, overrides it.
     #[must_use]
     pub fn with_otlp_endpoint(mut self, url: impl Into<String>) -> Self {
         self.config.otlp.endpoint = Some(url.into());
         self
     }
 
-    /// A header sent with every OTLP export, such as an API key; a later one with the same
-    /// name replaces it. Its value is never printed. Default: none
-    /// (`OTEL_EXPORTER_OTLP_HEADERS` and `OTEL_EXPORTER_OTLP_TRACES_HEADERS` add theirs over
-    /// them).
+    /// A header sent with every OTLP export, such as an API key, its value never printed.
+    /// Default: none; `OTEL_EXPORTER_OTLP_TRACES_HEADERS`, else `OTEL_EXPORTER_OTLP_HEADERS`,
+    /// adds to them.
     #[must_use]
     pub fn with_otlp_header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
         self.config.otlp.headers.push((name.into(), value.into()));
         self
     }
 
-    /// The OTLP export timeout, per attempt (`OTEL_EXPORTER_OTLP_TIMEOUT` overrides it).
+    /// The OTLP export timeout, per attempt, from 1 ms to 10 minutes. Default 10 s;
+    /// `OTEL_EXPORTER_OTLP_TRACES_TIMEOUT`, else `OTEL_EXPORTER_OTLP_TIMEOUT`, overrides it.
     #[must_use]
     pub fn with_otlp_timeout(mut self, timeout: Duration) -> Self {
         self.config.otlp.timeout = timeout;
         self
     }
 
-    /// How many spans may wait for export; beyond it new spans are dropped and counted in
-    /// `agent_telemetry_spans_dropped_total` (`OTEL_BSP_MAX_QUEUE_SIZE`). Default 8192, not the
-    /// SDK's 2048: at 20,000 executions a second, 400 ms of backlog rather than 100. Spans
-    /// gather in a batch of up to 64 (half the queue, if smaller) on the thread that finished
-    /// them, and count against it from when the batch is handed over until the span thread
-    /// takes it. As in the SDK's batch processor, the export batch being built or exported (up
-    /// to [`with_span_export_batch_size`](Self::with_span_export_batch_size)) comes on top,
-    /// and so do the threads' batches still gathering or being taken. Memory is taken as
-    /// spans wait: a large queue reserves nothing up front.
+    /// How many spans may wait for the span thread before new ones are dropped and counted (it
+    /// is also bounded at 32 MiB). Default 8192; `OTEL_BSP_MAX_QUEUE_SIZE` overrides it.
     #[must_use]
     pub fn with_span_queue_size(mut self, spans: usize) -> Self {
         self.config.batch.max_queue_size = spans;
         self
     }
 
-    /// Spans per export (`OTEL_BSP_MAX_EXPORT_BATCH_SIZE`, default 512).
+    /// The most spans an export request holds (it is also bounded at 4 MiB). Default 512;
+    /// `OTEL_BSP_MAX_EXPORT_BATCH_SIZE` overrides it.
     #[must_use]
     pub fn with_span_export_batch_size(mut self, spans: usize) -> Self {
         self.config.batch.max_export_batch_size = spans;
         self
     }
 
-    /// The longest a span waits before it is exported (`OTEL_BSP_SCHEDULE_DELAY`, default 5 s).
+    /// The longest a span waits before it is exported; zero exports spans as they come. Default
+    /// 5 s; `OTEL_BSP_SCHEDULE_DELAY` overrides it.
     #[must_use]
     pub fn with_span_export_delay(mut self, delay: Duration) -> Self {
         self.config.batch.scheduled_delay = delay;
         self
     }
 
-    /// Which traces are sampled (`OTEL_TRACES_SAMPLER`); agent spans and the spans
-    /// `tracing-opentelemetry` builds both follow it. Default: parent-based, always on.
+    /// Which traces are sampled, agent spans and the spans `tracing-opentelemetry` builds
+    /// alike. Default: parent-based, always on; `OTEL_TRACES_SAMPLER` and
+    /// `OTEL_TRACES_SAMPLER_ARG` override it.
     #[must_use]
     pub fn with_sampler(mut self, sampler: opentelemetry_sdk::trace::Sampler) -> Self {
         self.config.sampler = sampler;
         self
     }
 
-    /// The span names that are agent executions (default `agent_execution`).
+    /// The span names that are agent executions. Default `agent_execution`; no variable
+    /// overrides it.
     #[must_use]
     pub fn with_agent_span_names<I, N>(mut self, names: I) -> Self
     where
@@ -361,7 +354,8 @@ impl AgentTelemetry {
         self
     }
 
-    /// Histogram bucket bounds in seconds (default the guide's 0.1 … 60).
+    /// The duration histogram's bucket bounds, in seconds. Default the guide's 0.1, 0.5, 1, 2,
+    /// 5, 10, 30, 60; no variable overrides it.
     #[must_use]
     pub fn with_duration_buckets(mut self, bounds: impl Into<Vec<f64>>) -> Self {
         self.config.duration_buckets = bounds.into();
@@ -369,28 +363,31 @@ impl AgentTelemetry {
     }
 
     /// How many distinct `agent_name` label values the metrics keep; the rest are folded into
-    /// `__overflow__` (default 256).
+    /// `__overflow__` and counted. Default 256; no variable overrides it.
     #[must_use]
     pub fn with_max_agent_names(mut self, max: usize) -> Self {
         self.config.max_agent_names = max;
         self
     }
 
-    /// Which other spans and events are traced and printed, in `RUST_LOG` syntax (default `info`).
+    /// Which other spans and events are traced and printed, in `RUST_LOG` syntax. Default
+    /// `info`; `RUST_LOG` overrides it.
     #[must_use]
     pub fn with_env_filter(mut self, directives: impl Into<String>) -> Self {
         self.config.env_filter = directives.into();
         self
     }
 
-    /// The bound on each part of shutdown: trace flush, log flush (default 5 s).
+    /// The bound on each part of shutdown and of a flush. Default 5 s; no variable overrides
+    /// it.
     #[must_use]
     pub fn with_shutdown_timeout(mut self, timeout: Duration) -> Self {
         self.config.shutdown_timeout = timeout;
         self
     }
 
-    /// Uses the builder's values only; no environment variable is read.
+    /// Uses the builder's values only: no environment variable is read. Default: the
+    /// environment is read.
     #[must_use]
     pub fn ignore_environment(mut self) -> Self {
         self.read_environment = false;
@@ -398,7 +395,7 @@ impl AgentTelemetry {
     }
 
     /// Starts the signals and returns the layer, for applications that compose their own
-    /// subscriber, with the guard that shuts the signals down.
+    /// subscriber, with the running telemetry that shuts the signals down.
     ///
     /// # Errors
     ///
@@ -412,7 +409,7 @@ impl AgentTelemetry {
     /// use tracing_subscriber::layer::SubscriberExt;
     ///
     /// # fn main() -> Result<(), agent_telemetry::Error> {
-    /// let (layer, guard) = AgentTelemetry::builder()
+    /// let (layer, telemetry) = AgentTelemetry::builder()
     ///     .without_metrics_server()
     ///     .with_traces_exporter(TracesExporter::None)
     ///     .ignore_environment()
@@ -421,11 +418,11 @@ impl AgentTelemetry {
     /// tracing::subscriber::with_default(subscriber, || {
     ///     tracing::info_span!("agent_execution", agent_name = "qa-engineer", task = "Test").in_scope(|| {});
     /// });
-    /// assert!(guard.metrics().render()?.contains(r#"agent_name="qa-engineer""#));
+    /// assert!(telemetry.metrics().render()?.contains(r#"agent_name="qa-engineer""#));
     /// # Ok(())
     /// # }
     /// ```
-    pub fn build<S>(self) -> Result<(TelemetryLayer<S>, TelemetryGuard)>
+    pub fn build<S>(self) -> Result<(TelemetryLayer<S>, AgentTelemetry)>
     where
         S: Subscriber + for<'a> LookupSpan<'a> + Send + Sync,
     {
@@ -495,7 +492,7 @@ impl AgentTelemetry {
             ),
         };
 
-        let guard = TelemetryGuard {
+        let telemetry = AgentTelemetry {
             metrics,
             lines,
             tracer_provider: traces.map(|traces| traces.provider),
@@ -503,7 +500,7 @@ impl AgentTelemetry {
             config: Arc::new(config),
             done: false,
         };
-        Ok((layer, guard))
+        Ok((layer, telemetry))
     }
 
     /// Builds the layer and installs it as the global default subscriber, with a formatter
@@ -513,14 +510,14 @@ impl AgentTelemetry {
     ///
     /// Everything [`build`](Self::build) reports, and [`Error::GlobalSubscriber`] when a
     /// global subscriber is already installed.
-    pub fn try_init(self) -> Result<TelemetryGuard> {
+    pub fn try_init(self) -> Result<AgentTelemetry> {
         let directives = if self.read_environment {
             std::env::var("RUST_LOG").ok().filter(|v| !v.trim().is_empty())
         } else {
             None
         };
         let print_filter = parse_env_filter(directives.as_deref().unwrap_or(&self.config.env_filter))?;
-        let (layer, guard) = self.build()?;
+        let (layer, telemetry) = self.build()?;
         let printer = tracing_subscriber::fmt::layer()
             .with_writer(std::io::stderr)
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -530,7 +527,7 @@ impl AgentTelemetry {
             .with(printer)
             .try_init()
             .map_err(|e| Error::GlobalSubscriber { source: Box::new(e) })?;
-        Ok(guard)
+        Ok(telemetry)
     }
 
     /// Like [`try_init`](Self::try_init), for `main`: panics with the error's message.
@@ -538,9 +535,9 @@ impl AgentTelemetry {
     /// # Panics
     ///
     /// When [`try_init`](Self::try_init) returns an error.
-    pub fn init(self) -> TelemetryGuard {
+    pub fn init(self) -> AgentTelemetry {
         match self.try_init() {
-            Ok(guard) => guard,
+            Ok(telemetry) => telemetry,
             Err(error) => panic!("agent-telemetry could not be installed: {error}"),
         }
     }
@@ -576,11 +573,14 @@ fn resource(config: &Config) -> Resource {
         .build()
 }
 
-/// Keeps the signals running; dropping it (or [`shutdown`](Self::shutdown)) flushes the
-/// queued spans and log lines and stops the `/metrics` server, each within the shutdown
-/// timeout.
-#[must_use = "dropping the guard shuts the telemetry down at once"]
-pub struct TelemetryGuard {
+/// The running telemetry: its metrics, where it sends what, and its shutdown. Dropping it (or
+/// [`shutdown`](Self::shutdown)) flushes the queued spans and log lines and stops the
+/// `/metrics` server, each within the shutdown timeout.
+///
+/// Made by [`AgentTelemetryBuilder::try_init`] or [`AgentTelemetryBuilder::build`], from
+/// [`AgentTelemetry::builder`].
+#[must_use = "dropping the telemetry shuts it down at once"]
+pub struct AgentTelemetry {
     metrics: Arc<Metrics>,
     lines: Arc<LineQueue>,
     tracer_provider: Option<SdkTracerProvider>,
@@ -589,9 +589,9 @@ pub struct TelemetryGuard {
     done: bool,
 }
 
-impl std::fmt::Debug for TelemetryGuard {
+impl std::fmt::Debug for AgentTelemetry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TelemetryGuard")
+        f.debug_struct("AgentTelemetry")
             .field("metrics_addr", &self.metrics_addr())
             .field("traces", &self.config.traces_exporter)
             .field("log_dir", &self.config.log_dir)
@@ -599,7 +599,13 @@ impl std::fmt::Debug for TelemetryGuard {
     }
 }
 
-impl TelemetryGuard {
+impl AgentTelemetry {
+    /// A builder with the defaults of the guide: metrics on `0.0.0.0:8000`, OTLP/HTTP traces
+    /// to `localhost:4318`, log lines on stdout.
+    pub fn builder() -> AgentTelemetryBuilder {
+        AgentTelemetryBuilder::new()
+    }
+
     /// The address `/metrics` is served on (with the real port when port 0 was asked for).
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         self.server.as_ref().map(MetricsServer::local_addr)
@@ -633,7 +639,7 @@ impl TelemetryGuard {
         let config = &self.config;
         let metrics = match self.metrics_addr() {
             Some(addr) => format!("metrics: http://{addr}/metrics"),
-            None => "metrics: not served (TelemetryGuard::metrics renders them)".to_owned(),
+            None => "metrics: not served (AgentTelemetry::metrics renders them)".to_owned(),
         };
         let logs = match &config.log_dir {
             Some(dir) => format!("logs:    {}/{}.YYYY-MM-DD.log", dir.display(), config.log_file_prefix),
@@ -687,7 +693,7 @@ impl TelemetryGuard {
     }
 }
 
-impl Drop for TelemetryGuard {
+impl Drop for AgentTelemetry {
     fn drop(&mut self) {
         if let Err(error) = self.shutdown_all() {
             eprintln!("agent-telemetry: {error}");

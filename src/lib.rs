@@ -1,8 +1,10 @@
 //! # agent-telemetry
 //!
-//! Production monitoring for AI agents from one line of instrumentation. Register one
-//! `tracing` layer at startup, annotate agent functions with
-//! `#[tracing::instrument(name = "agent_execution")]`, and every such span becomes:
+//! Production monitoring for AI agents from one line of instrumentation: the Rust form of the
+//! framework's monitoring guide (Prometheus, Grafana, Alertmanager, ELK and OpenTelemetry), with
+//! the guide's metric names, labels, buckets and log fields. Register one `tracing` layer at startup, annotate agent
+//! functions with [`instrument`] (or `#[tracing::instrument(name = "agent_execution")]`), and
+//! every such span becomes:
 //!
 //! - an OTLP trace span with the guide's `agent.name`, `task` and `result.status` attributes
 //!   plus the GenAI and OpenInference ones, built by this crate on the OpenTelemetry SDK (the
@@ -14,7 +16,7 @@
 //! ```
 //! use agent_telemetry::{AgentTelemetry, TracesExporter};
 //!
-//! #[tracing::instrument(name = "agent_execution", err)]
+//! #[agent_telemetry::instrument]
 //! fn execute_agent(agent_name: &str, task: &str) -> Result<String, std::io::Error> {
 //!     Ok(format!("{agent_name} did {task}"))
 //! }
@@ -22,8 +24,8 @@
 //! # fn main() -> Result<(), agent_telemetry::Error> {
 //! let telemetry = AgentTelemetry::builder()
 //!     .with_service_name("my-name-is-claude")
-//!     .with_metrics_addr("127.0.0.1:0".parse().unwrap()) // the guide's default is 0.0.0.0:8000
-//!     .with_traces_exporter(TracesExporter::None)       // default: OTLP to localhost:4318
+//!     .with_metrics_addr(([127, 0, 0, 1], 0)) // the guide's default is 0.0.0.0:8000
+//!     .with_traces_exporter(TracesExporter::None) // default: OTLP to localhost:4318
 //!     .ignore_environment()
 //!     .try_init()?;
 //!
@@ -36,9 +38,23 @@
 //! # }
 //! ```
 //!
-//! See the README for configuration through the environment and what each signal looks like.
+//! # Configuration: the environment wins
+//!
+//! Each setting has a builder method (on [`AgentTelemetryBuilder`]) and most have an
+//! environment variable, named in the method's documentation. The builder sets the
+//! application's values; the environment is applied over them, so an operator can change a
+//! deployment without a rebuild. [`AgentTelemetryBuilder::ignore_environment`] reads no
+//! variable at all. (opentelemetry-otlp's own builders do the opposite, code over
+//! environment; this crate reads the `OTEL_*` variables itself and passes the result on.) A
+//! bad value is an [`Error`] that names the variable or the method.
+//!
+//! # Async agents
+//!
+//! A timed-out or cancelled `async` execution is reported as `cancelled`, not as a success,
+//! when annotated with [`instrument`] or wrapped with [`AgentInstrument::instrument_agent`];
+//! see [`Status::Cancelled`].
 
-#![deny(missing_docs)]
+#![deny(missing_docs, missing_debug_implementations, rustdoc::broken_intra_doc_links)]
 #![warn(clippy::pedantic)]
 #![allow(clippy::module_name_repetitions, clippy::must_use_candidate)]
 
@@ -68,7 +84,7 @@ pub use cancellation::{AgentInstrument, ReportsCancellation};
 pub use config::{LogFormat, OtlpProtocol, TaskCapture, TracesExporter, DEFAULT_DURATION_BUCKETS};
 pub use error::{Error, Result};
 pub use execution::Status;
-pub use install::{AgentTelemetry, TelemetryGuard, TelemetryLayer};
+pub use install::{AgentTelemetry, AgentTelemetryBuilder, TelemetryLayer};
 pub use metrics::{MetricsHandle, OVERFLOW_AGENT_NAME};
 pub use scrub::{Scrubbing, REDACTED};
 

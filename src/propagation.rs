@@ -37,7 +37,7 @@ use crate::traces::{AgentSpan, AgentTracer};
 /// # use agent_telemetry::{AgentTelemetry, TracesExporter};
 /// # use tracing_subscriber::layer::SubscriberExt;
 /// # fn main() -> Result<(), agent_telemetry::Error> {
-/// # let (layer, _guard) = AgentTelemetry::builder().without_metrics_server()
+/// # let (layer, _telemetry) = AgentTelemetry::builder().without_metrics_server()
 /// #     .with_traces_exporter(TracesExporter::Console).ignore_environment().build()?;
 /// # let _default = tracing::subscriber::set_default(tracing_subscriber::registry().with(layer));
 /// let headers = HashMap::from([(

@@ -148,7 +148,7 @@ const SECRET_PATTERNS: [SecretPattern; 10] = [
     },
 ];
 
-/// What scrubbing does, for [`with_scrubbing`](crate::AgentTelemetry::with_scrubbing): on with
+/// What scrubbing does, for [`with_scrubbing`](crate::AgentTelemetryBuilder::with_scrubbing): on with
 /// the built-in names and patterns by default, more of each added, or off.
 ///
 /// # Examples

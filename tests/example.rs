@@ -158,6 +158,33 @@ fn the_main_job_produces_all_three_signals() {
     );
 }
 
+/// The agents' work decides the main job's exit code, not telemetry: with no collector to flush
+/// to at shutdown it warns and exits 0.
+#[test]
+fn the_main_job_exits_zero_with_a_warning_when_the_collector_is_gone() {
+    let work = tempfile::tempdir().unwrap();
+    let gone = format!("http://127.0.0.1:{}", support::free_port());
+    let output = Command::new(example_binary())
+        .args(["--duration", "2", "--rate", "10"])
+        .current_dir(work.path())
+        .env("AGENT_TELEMETRY_METRICS_ADDR", "127.0.0.1:0")
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", &gone)
+        .env("OTEL_EXPORTER_OTLP_TIMEOUT", "500")
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run the example");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "exit status {}:\n{stderr}", output.status);
+    assert!(
+        stderr.contains("agents: stopped; warning: telemetry not fully flushed"),
+        "{stderr}"
+    );
+    assert!(
+        !support::read_log_lines(&work.path().join("logs")).is_empty(),
+        "the log lines were still written"
+    );
+}
+
 /// Runs the async example, `examples/async_agents.rs`, against a real Phoenix, scrapes it once
 /// every execution has ended, and checks that the three signals agree on every agent's
 /// executions by status: timeouts and lost races `cancelled`, panics failures of type `panic`.

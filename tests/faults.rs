@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU16, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
-use agent_telemetry::AgentTelemetry;
+use agent_telemetry::AgentTelemetryBuilder;
 use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SpanData, SpanExporter};
 use support::{free_port, http, Harness, SharedBuffer};
@@ -214,7 +214,7 @@ fn assert_agents_unaffected(endpoint: &str, fault: &str, warning: &str) {
         "{fault}: the warning names the queue that was full, once, when it was"
     );
     let started = Instant::now();
-    let result = harness.guard.take().unwrap().shutdown();
+    let result = harness.running.take().unwrap().shutdown();
     assert!(
         started.elapsed() < Duration::from_secs(4),
         "{fault}: shutdown took {:?}",
@@ -277,7 +277,7 @@ fn export_resumes_when_the_collector_is_back() {
     }
     collector.status.store(200, Ordering::SeqCst);
     harness.run(|| (0..50).for_each(|i| execute_agent("a", &format!("{i}"))));
-    harness.guard().flush().unwrap();
+    harness.telemetry().flush().unwrap();
     let (dropped, failed, exported) = losses(&harness);
     assert_eq!((dropped, failed, exported), (0.0, 50.0, 50.0));
     assert_eq!(count_warnings(&harness, "span export failed"), 1);
@@ -304,9 +304,9 @@ fn a_span_exporter_that_panics_loses_its_batch_only() {
             .with_span_export_delay(Duration::from_secs(3600))
     });
     harness.run(|| execute_agent("a", "broken batch"));
-    assert!(harness.guard().flush().is_err(), "the broken batch fails its flush");
+    assert!(harness.telemetry().flush().is_err(), "the broken batch fails its flush");
     harness.run(|| execute_agent("a", "next batch"));
-    harness.guard().flush().expect("the export thread lived on");
+    harness.telemetry().flush().expect("the export thread lived on");
     let spans = received.get_finished_spans().unwrap();
     let tasks: Vec<String> = spans
         .iter()
@@ -344,7 +344,7 @@ fn a_span_exporter_that_fails_to_shut_down_is_reported() {
             Err(OTelSdkError::InternalFailure("the socket would not close".into()))
         }
     }
-    type Configure = fn(AgentTelemetry, InMemorySpanExporter) -> AgentTelemetry;
+    type Configure = fn(AgentTelemetryBuilder, InMemorySpanExporter) -> AgentTelemetryBuilder;
     let cases: [(&str, Configure, &str); 2] = [
         (
             "panics",
@@ -365,7 +365,7 @@ fn a_span_exporter_that_fails_to_shut_down_is_reported() {
         // The spans were exported before the exporter's shutdown failed, so shutdown succeeds;
         // the failure is warned about.
         harness
-            .guard
+            .running
             .take()
             .unwrap()
             .shutdown()
@@ -387,7 +387,7 @@ fn log_dir_removed_or_blocked_while_running() {
     let harness = Harness::with(|b| b);
     let dir = harness.dir.path().to_owned();
     harness.run(|| (0..10).for_each(|i| execute_agent("a", &format!("before {i}"))));
-    harness.guard().flush().unwrap();
+    harness.telemetry().flush().unwrap();
 
     // Removed: the directory and today's file come back, nothing is lost.
     std::fs::remove_dir_all(&dir).unwrap();
@@ -401,7 +401,7 @@ fn log_dir_removed_or_blocked_while_running() {
     std::fs::remove_dir_all(&dir).unwrap();
     std::fs::write(&dir, b"not a directory").unwrap();
     harness.run(|| (0..10).for_each(|i| execute_agent("a", &format!("blocked {i}"))));
-    harness.guard().flush().unwrap();
+    harness.telemetry().flush().unwrap();
     let scrape = harness.scrape();
     assert_eq!(scrape.value("agent_telemetry_log_lines_dropped_total", &[]), Some(10.0));
     assert!(scrape.value("agent_telemetry_log_write_errors_total", &[]).unwrap() >= 1.0);
@@ -429,7 +429,7 @@ fn log_dir_removed_or_blocked_while_running() {
 fn slow_and_malformed_metrics_clients_cannot_stall_the_server() {
     let _serial = serial();
     let harness = Harness::new();
-    let addr = harness.guard().metrics_addr().unwrap();
+    let addr = harness.telemetry().metrics_addr().unwrap();
     // Half a request, held open; garbage; a client that sends a request and never reads.
     let mut slow = TcpStream::connect(addr).unwrap();
     slow.write_all(b"GET /metr").unwrap();

@@ -263,7 +263,7 @@ fn an_export_request_never_passes_its_byte_limit() {
             .in_scope(|| {});
         }
     });
-    harness.guard().flush().unwrap();
+    harness.telemetry().flush().unwrap();
     // 400 spans of 32 kB: 13 MB, in requests of at most 4 MiB.
     let requests = collector.requests();
     let bodies: Vec<usize> = requests.iter().map(|(_, length)| *length).collect();
@@ -306,7 +306,7 @@ fn a_symlink_in_place_of_todays_file_is_never_followed() {
     let harness = Harness::new();
     harness.run(|| execute_agent("a", "before", None).unwrap());
     let path = support::log_file(harness.dir.path());
-    harness.guard().flush().unwrap();
+    harness.telemetry().flush().unwrap();
 
     // Replaced by a link to a file: lines are dropped and counted, the target untouched.
     let elsewhere = tempfile::tempdir().unwrap();
@@ -315,7 +315,7 @@ fn a_symlink_in_place_of_todays_file_is_never_followed() {
     std::fs::remove_file(&path).unwrap();
     std::os::unix::fs::symlink(&target, &path).unwrap();
     harness.run(|| (0..5).for_each(|n| execute_agent("a", &format!("linked {n}"), None).unwrap()));
-    harness.guard().flush().unwrap();
+    harness.telemetry().flush().unwrap();
     assert_eq!(std::fs::read_to_string(&target).unwrap(), "root:x:0:0\n");
 
     // A dangling link: its target is never created.
@@ -323,7 +323,7 @@ fn a_symlink_in_place_of_todays_file_is_never_followed() {
     std::fs::remove_file(&path).unwrap();
     std::os::unix::fs::symlink(&dangling, &path).unwrap();
     harness.run(|| execute_agent("a", "dangling", None).unwrap());
-    harness.guard().flush().unwrap();
+    harness.telemetry().flush().unwrap();
     assert!(!dangling.exists());
 
     let scrape = harness.scrape();

@@ -195,14 +195,14 @@ fn spans_and_events_that_are_not_agent_executions_produce_nothing() {
 #[test]
 fn only_get_metrics_is_served() {
     let harness = Harness::new();
-    let addr = harness.guard().metrics_addr().unwrap();
+    let addr = harness.telemetry().metrics_addr().unwrap();
     assert_eq!(addr.ip().to_string(), "127.0.0.1");
     assert_ne!(addr.port(), 0, "the bound port is reported, not 0");
     assert_eq!(http(addr, "POST", "/metrics").0, 405);
     assert_eq!(http(addr, "GET", "/").0, 404);
     assert_eq!(http(addr, "GET", "/metrics?x=1").0, 200);
     // The same text is available without HTTP.
-    let text = harness.guard().metrics().render().unwrap();
+    let text = harness.telemetry().metrics().render().unwrap();
     assert!(text.contains("# TYPE framework_info gauge"));
 }
 

@@ -366,7 +366,7 @@ fn clients_that_never_read_a_large_answer_cannot_hold_every_slot() {
             tracing::info_span!("agent_execution", agent_name = name.as_str(), task = "t").in_scope(|| {});
         }
     });
-    let addr = harness.guard().metrics_addr().unwrap();
+    let addr = harness.telemetry().metrics_addr().unwrap();
     let deaf: Vec<TcpStream> = (0..8)
         .map(|_| {
             let mut stream = TcpStream::connect(addr).unwrap();
@@ -514,7 +514,7 @@ fn a_client_that_does_not_read_a_large_answer_is_dropped_after_the_exchange_time
             tracing::info_span!("agent_execution", agent_name = name.as_str(), task = "t").in_scope(|| {});
         }
     });
-    let addr = harness.guard().metrics_addr().unwrap();
+    let addr = harness.telemetry().metrics_addr().unwrap();
     let mut deaf = TcpStream::connect(addr).unwrap();
     deaf.write_all(scrape_request(addr).as_bytes()).unwrap();
     let timed_out = || {
@@ -582,7 +582,7 @@ fn a_missing_or_empty_token_file_is_an_error_naming_the_variable() {
     for path in [empty, work.path().join("missing.token")] {
         let result = agent_telemetry::AgentTelemetry::builder()
             .ignore_environment()
-            .with_metrics_addr("127.0.0.1:0".parse::<SocketAddr>().unwrap())
+            .with_metrics_addr(([127, 0, 0, 1], 0))
             .with_metrics_bearer_token_file(&path)
             .with_traces_exporter(agent_telemetry::TracesExporter::None)
             .build::<tracing_subscriber::Registry>();

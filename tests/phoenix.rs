@@ -7,7 +7,7 @@ mod support;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use agent_telemetry::AgentTelemetry;
+use agent_telemetry::AgentTelemetryBuilder;
 use serde_json::Value;
 use support::phoenix::Phoenix;
 use support::{json_pairs, Harness};
@@ -40,7 +40,7 @@ fn workload() {
 
 const WORKLOAD_EXECUTIONS: usize = 16;
 
-fn project(builder: AgentTelemetry, name: &str) -> AgentTelemetry {
+fn project(builder: AgentTelemetryBuilder, name: &str) -> AgentTelemetryBuilder {
     builder
         .with_resource_attribute("openinference.project.name", name)
         .with_span_export_delay(Duration::from_millis(200))
@@ -187,7 +187,7 @@ fn load_agrees_exactly_in_all_three_signals(phoenix: &Phoenix) {
         }
     });
     let produced_in = started.elapsed();
-    let _ = harness.guard().flush();
+    let _ = harness.telemetry().flush();
     let scrape = harness.scrape();
     let self_metric = |name: &str| scrape.value(name, &[]).unwrap();
     assert_eq!(

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use agent_telemetry::{AgentTelemetry, TelemetryGuard};
+use agent_telemetry::{AgentTelemetry, AgentTelemetryBuilder};
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SpanData, SpanExporter};
 use tracing::Dispatch;
@@ -21,7 +21,7 @@ pub mod phoenix;
 /// One telemetry instance with an in-memory span exporter and a temporary log directory,
 /// installed as the default subscriber only where a test runs code through it.
 pub struct Harness {
-    pub guard: Option<TelemetryGuard>,
+    pub running: Option<AgentTelemetry>,
     /// What the harness's subscriber printed at WARN and above.
     pub printed: Arc<Mutex<Vec<u8>>>,
     pub exporter: InMemorySpanExporter,
@@ -34,29 +34,32 @@ impl Harness {
         Self::with(|builder| builder)
     }
 
-    pub fn with(configure: impl FnOnce(AgentTelemetry) -> AgentTelemetry) -> Self {
+    pub fn with(configure: impl FnOnce(AgentTelemetryBuilder) -> AgentTelemetryBuilder) -> Self {
         let exporter = InMemorySpanExporter::default();
         let in_memory = KeepOnShutdown(exporter.clone());
         Self::build(exporter, |builder| configure(builder.with_span_exporter(in_memory)))
     }
 
     /// Spans go to a real OTLP/HTTP endpoint (`self.exporter` stays empty).
-    pub fn otlp(endpoint: &str, configure: impl FnOnce(AgentTelemetry) -> AgentTelemetry) -> Self {
+    pub fn otlp(endpoint: &str, configure: impl FnOnce(AgentTelemetryBuilder) -> AgentTelemetryBuilder) -> Self {
         let endpoint = endpoint.to_owned();
         Self::build(InMemorySpanExporter::default(), |builder| {
             configure(builder.with_otlp_endpoint(endpoint))
         })
     }
 
-    fn build(exporter: InMemorySpanExporter, configure: impl FnOnce(AgentTelemetry) -> AgentTelemetry) -> Self {
+    fn build(
+        exporter: InMemorySpanExporter,
+        configure: impl FnOnce(AgentTelemetryBuilder) -> AgentTelemetryBuilder,
+    ) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let builder = AgentTelemetry::builder()
             .ignore_environment()
             .with_service_name("test-service")
-            .with_metrics_addr("127.0.0.1:0".parse().unwrap())
+            .with_metrics_addr(([127, 0, 0, 1], 0))
             .with_log_dir(dir.path())
             .with_log_file_prefix("agents");
-        let (layer, guard) = configure(builder).build().expect("telemetry builds");
+        let (layer, telemetry) = configure(builder).build().expect("telemetry builds");
         let printed = Arc::new(Mutex::new(Vec::new()));
         let printer = tracing_subscriber::fmt::layer()
             .with_ansi(false)
@@ -64,7 +67,7 @@ impl Harness {
             .with_filter(tracing_subscriber::filter::LevelFilter::WARN);
         let dispatch = Dispatch::new(tracing_subscriber::registry().with(layer).with(printer));
         Harness {
-            guard: Some(guard),
+            running: Some(telemetry),
             printed,
             exporter,
             dispatch,
@@ -91,12 +94,12 @@ impl Harness {
             .expect("a tokio runtime")
     }
 
-    pub fn guard(&self) -> &TelemetryGuard {
-        self.guard.as_ref().expect("not shut down yet")
+    pub fn telemetry(&self) -> &AgentTelemetry {
+        self.running.as_ref().expect("not shut down yet")
     }
 
     pub fn scrape(&self) -> Scrape {
-        let addr = self.guard().metrics_addr().expect("metrics are served");
+        let addr = self.telemetry().metrics_addr().expect("metrics are served");
         let (status, body) = http(addr, "GET", "/metrics");
         assert_eq!(status, 200, "{body}");
         Scrape::parse(&body)
@@ -104,15 +107,15 @@ impl Harness {
 
     /// Flushes, then returns the spans the exporter received.
     pub fn spans(&self) -> Vec<SpanData> {
-        self.guard().flush().expect("flush");
+        self.telemetry().flush().expect("flush");
         self.exporter.get_finished_spans().expect("in-memory spans")
     }
 
     /// Flushes, then returns the log file's lines.
     pub fn log_lines(&self) -> Vec<String> {
-        if let Some(guard) = &self.guard {
+        if let Some(telemetry) = &self.running {
             // Both signals are flushed; only a trace flush can fail (a broken collector).
-            let _ = guard.flush();
+            let _ = telemetry.flush();
         }
         read_log_lines(self.dir.path())
     }
@@ -126,7 +129,7 @@ impl Harness {
 
     /// Shuts down (flushing everything) and returns the spans and the log file's bytes.
     pub fn shutdown(&mut self) -> (Vec<SpanData>, String) {
-        self.guard
+        self.running
             .take()
             .expect("shut down once")
             .shutdown()
