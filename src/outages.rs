@@ -46,7 +46,7 @@ impl OutageWarnings {
         let now = Instant::now();
         self.warned = self
             .last_warning
-            .map_or(true, |last| now.saturating_duration_since(last) >= self.quiet_for);
+            .is_none_or(|last| now.saturating_duration_since(last) >= self.quiet_for);
         if self.warned {
             self.last_warning = Some(now);
         }

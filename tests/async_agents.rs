@@ -73,7 +73,7 @@ fn said(harness: &Harness, agent_name: &str) -> Said {
     let counted: Vec<String> = scrape
         .with_name("agent_executions_total")
         .filter(|sample| sample.labels["agent_name"] == agent_name)
-        .flat_map(|sample| std::iter::repeat(sample.labels["status"].clone()).take(sample.value as usize))
+        .flat_map(|sample| std::iter::repeat_n(sample.labels["status"].clone(), sample.value as usize))
         .collect();
     let lines: Vec<serde_json::Value> = harness
         .log_lines()
