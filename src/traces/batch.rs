@@ -12,10 +12,10 @@ use tracing_core::Metadata;
 use super::span_size;
 use crate::execution::{Failure, Status};
 
-/// A closed agent span, as it crosses to the span processor's thread: what building it needs,
-/// in under two cache lines when the span has nothing rare. Every cache line of it is a
-/// transfer between cores that both threads pay for (see `benches/README.md`). Its text (the
-/// agent's name and the task) is in its batch's buffer.
+/// A closed agent span, as it crosses to the span processor's thread: what building it needs.
+/// Keep it under two cache lines when the span has nothing rare: what is rare goes in
+/// [`RareParts`], behind one pointer. Its text (the agent's name and the task) is in its
+/// batch's buffer.
 pub(crate) struct FinishedSpan {
     pub(super) trace_id: TraceId,
     pub(super) span_id: SpanId,
@@ -35,9 +35,9 @@ pub(crate) struct FinishedSpan {
     pub(super) rare: Option<Box<RareParts>>,
 }
 
-/// A thread's finished agent spans, with their text in one buffer: no text crosses as an
-/// allocation of the agent's thread that the span thread would free, which would have the two
-/// contend for the allocator's arena on every span (see `benches/README.md`).
+/// A thread's finished agent spans, with their text in one buffer. Invariant: no text crosses
+/// as an allocation of the agent's thread for the span thread to free; the batch itself goes
+/// back to the agent's thread for reuse.
 pub(crate) struct AgentBatch {
     spans: Vec<FinishedSpan>,
     text: String,
