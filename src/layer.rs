@@ -18,7 +18,7 @@ use tracing_core::dispatcher::WeakDispatch;
 use tracing_core::span::{Attributes, Id, Record};
 use tracing_core::{Dispatch, Event, Level, Subscriber};
 use tracing_subscriber::layer::{Context, Layer};
-use tracing_subscriber::registry::LookupSpan;
+use tracing_subscriber::registry::{LookupSpan, SpanRef};
 
 use crate::execution::{ErrorText, Execution, ExecutionState, TextPolicy, UNKNOWN_AGENT};
 use crate::logs::LineQueue;
@@ -352,14 +352,19 @@ impl AgentSpanHook {
     }
 }
 
+/// The span `id` in the subscriber `dispatch` holds, if that subscriber is an `S`.
+fn lookup<'a, S>(dispatch: &'a Dispatch, id: &Id) -> Option<SpanRef<'a, S>>
+where
+    S: Subscriber + for<'b> LookupSpan<'b>,
+{
+    dispatch.downcast_ref::<S>()?.span(id)
+}
+
 fn cancel_nearest_agent<S>(dispatch: &Dispatch, id: &Id) -> bool
 where
     S: Subscriber + for<'a> LookupSpan<'a>,
 {
-    let Some(subscriber) = dispatch.downcast_ref::<S>() else {
-        return false;
-    };
-    let Some(span) = subscriber.span(id) else {
+    let Some(span) = lookup::<S>(dispatch, id) else {
         return false;
     };
     for span in span.scope() {
@@ -375,10 +380,7 @@ fn with_agent_span<S>(dispatch: &Dispatch, id: &Id, f: &mut dyn FnMut(&mut Agent
 where
     S: Subscriber + for<'a> LookupSpan<'a>,
 {
-    let Some(subscriber) = dispatch.downcast_ref::<S>() else {
-        return false;
-    };
-    let Some(span) = subscriber.span(id) else {
+    let Some(span) = lookup::<S>(dispatch, id) else {
         return false;
     };
     let mut extensions = span.extensions_mut();

@@ -22,6 +22,32 @@ pub(crate) fn execution() -> Execution {
     }
 }
 
+/// A finished `tool_call` span, unsampled and parentless, with these attributes and events.
+pub(crate) fn span_data(
+    attributes: Vec<opentelemetry::KeyValue>,
+    events: Vec<opentelemetry::trace::Event>,
+) -> opentelemetry_sdk::trace::SpanData {
+    use opentelemetry::trace::{SpanContext, SpanId, SpanKind};
+    use opentelemetry_sdk::trace::{SpanEvents, SpanLinks};
+    let mut span_events = SpanEvents::default();
+    span_events.events = events;
+    opentelemetry_sdk::trace::SpanData {
+        span_context: SpanContext::empty_context(),
+        parent_span_id: SpanId::INVALID,
+        parent_span_is_remote: false,
+        span_kind: SpanKind::Internal,
+        name: std::borrow::Cow::Borrowed("tool_call"),
+        start_time: SystemTime::now(),
+        end_time: SystemTime::now(),
+        attributes,
+        dropped_attributes_count: 0,
+        events: span_events,
+        links: SpanLinks::default(),
+        status: opentelemetry::trace::Status::Unset,
+        instrumentation_scope: opentelemetry::InstrumentationScope::builder("test").build(),
+    }
+}
+
 /// A layer that keeps the message of every warning (or another level) with one target,
 /// followed by its other fields as ` name=value`.
 #[derive(Clone)]

@@ -284,11 +284,8 @@ impl std::fmt::Debug for SpanQueue {
 #[cfg(test)]
 mod tests {
     use std::borrow::Cow;
-    use std::time::SystemTime;
 
-    use opentelemetry::trace::{SpanContext, SpanId, SpanKind, Status};
-    use opentelemetry::InstrumentationScope;
-    use opentelemetry_sdk::trace::{InMemorySpanExporter, SpanEvents, SpanLinks};
+    use opentelemetry_sdk::trace::InMemorySpanExporter;
 
     use super::*;
     use crate::execution::Execution;
@@ -305,21 +302,7 @@ mod tests {
     use std::sync::mpsc::Receiver;
 
     fn span() -> SpanData {
-        SpanData {
-            span_context: SpanContext::empty_context(),
-            parent_span_id: SpanId::INVALID,
-            parent_span_is_remote: false,
-            span_kind: SpanKind::Internal,
-            name: Cow::Borrowed("tool_call"),
-            start_time: SystemTime::now(),
-            end_time: SystemTime::now(),
-            attributes: Vec::new(),
-            dropped_attributes_count: 0,
-            events: SpanEvents::default(),
-            links: SpanLinks::default(),
-            status: Status::Unset,
-            instrumentation_scope: InstrumentationScope::builder("test").build(),
-        }
+        crate::test_support::span_data(Vec::new(), Vec::new())
     }
 
     /// A processor exporting into `exporter`, with a queue of `queue` spans.

@@ -127,31 +127,8 @@ fn scrubbed(text: &StringValue, scrubber: &Scrubber, chars: usize) -> Option<Str
 mod tests {
     use std::time::SystemTime;
 
-    use opentelemetry::trace::{SpanContext, SpanId, SpanKind, Status};
-    use opentelemetry::InstrumentationScope;
-    use opentelemetry_sdk::trace::{SpanEvents, SpanLinks};
-
     use super::*;
-
-    fn span(attributes: Vec<KeyValue>, events: Vec<Event>) -> SpanData {
-        let mut span_events = SpanEvents::default();
-        span_events.events = events;
-        SpanData {
-            span_context: SpanContext::empty_context(),
-            parent_span_id: SpanId::INVALID,
-            parent_span_is_remote: false,
-            span_kind: SpanKind::Internal,
-            name: Cow::Borrowed("tool_call"),
-            start_time: SystemTime::now(),
-            end_time: SystemTime::now(),
-            attributes,
-            dropped_attributes_count: 0,
-            events: span_events,
-            links: SpanLinks::default(),
-            status: Status::Unset,
-            instrumentation_scope: InstrumentationScope::builder("test").build(),
-        }
-    }
+    use crate::test_support::span_data as span;
 
     #[test]
     fn long_values_are_cut_and_the_rest_left_alone() {
