@@ -6,7 +6,7 @@ mod support;
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use support::phoenix::Phoenix;
@@ -45,12 +45,7 @@ fn the_main_job_produces_all_three_signals() {
         banner.contains("logs:    logs/my-name-is-claude.YYYY-MM-DD.log"),
         "{banner}"
     );
-    let addr: SocketAddr = banner
-        .lines()
-        .find_map(|l| l.strip_prefix("metrics: http://")?.strip_suffix("/metrics"))
-        .expect("metrics line")
-        .parse()
-        .unwrap();
+    let addr = metrics_addr(&banner);
 
     // Several seconds of work, then a scrape of the real endpoint.
     std::thread::sleep(Duration::from_secs(5));
@@ -82,17 +77,7 @@ fn the_main_job_produces_all_three_signals() {
         .status()
         .unwrap();
     assert!(terminated.success());
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let exit = loop {
-        if let Some(exit) = child.try_wait().unwrap() {
-            break exit;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the example did not stop within 30 s of SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let exit = wait_for_exit(&mut child, Duration::from_secs(30), "within 30 s of SIGTERM");
     assert!(exit.success(), "exit status {exit}");
     let mut rest = String::new();
     std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();
@@ -211,22 +196,10 @@ fn the_async_example_agrees_in_all_three_signals() {
     while !said.contains("every execution has ended") {
         assert_ne!(stdout.read_line(&mut said).unwrap(), 0, "exited early: {said}");
     }
-    let addr: SocketAddr = said
-        .lines()
-        .find_map(|l| l.strip_prefix("metrics: http://")?.strip_suffix("/metrics"))
-        .expect("metrics line")
-        .parse()
-        .unwrap();
+    let addr = metrics_addr(&said);
     let (status, body) = http(addr, "GET", "/metrics");
     assert_eq!(status, 200);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let exit = loop {
-        if let Some(exit) = child.try_wait().unwrap() {
-            break exit;
-        }
-        assert!(Instant::now() < deadline, "the async example did not stop");
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let exit = wait_for_exit(&mut child, Duration::from_secs(60), "after its run");
     assert!(exit.success(), "exit status {exit}");
 
     // (agent_name, status) -> executions, per signal.
@@ -272,4 +245,26 @@ fn the_async_example_agrees_in_all_three_signals() {
         }
     }
     assert_eq!(traced, logged, "the spans Phoenix received and the log lines agree");
+}
+
+/// The `/metrics` address an example printed as `metrics: http://ADDR/metrics`.
+fn metrics_addr(printed: &str) -> SocketAddr {
+    printed
+        .lines()
+        .find_map(|l| l.strip_prefix("metrics: http://")?.strip_suffix("/metrics"))
+        .expect("metrics line")
+        .parse()
+        .unwrap()
+}
+
+/// Waits for `child` to exit, failing the test if it has not within `limit`.
+fn wait_for_exit(child: &mut Child, limit: Duration, when: &str) -> ExitStatus {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(exit) = child.try_wait().unwrap() {
+            return exit;
+        }
+        assert!(Instant::now() < deadline, "the example did not stop {when}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

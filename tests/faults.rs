@@ -4,7 +4,7 @@
 
 mod support;
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
@@ -78,26 +78,7 @@ impl FakeCollector {
 
 fn serve_otlp(mut stream: TcpStream, status: &AtomicU16, requests: &AtomicUsize) {
     stream.set_read_timeout(Some(Duration::from_secs(30))).ok();
-    loop {
-        // Read one request: headers, then Content-Length bytes of body.
-        let mut head = Vec::new();
-        let mut byte = [0u8; 1];
-        while !head.ends_with(b"\r\n\r\n") {
-            match stream.read(&mut byte) {
-                Ok(1) => head.push(byte[0]),
-                _ => return,
-            }
-        }
-        let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
-        let length: usize = head
-            .lines()
-            .find_map(|l| l.strip_prefix("content-length:"))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0);
-        let mut body = vec![0; length];
-        if stream.read_exact(&mut body).is_err() {
-            return;
-        }
+    while support::read_request(&mut stream).is_some() {
         requests.fetch_add(1, Ordering::SeqCst);
         let code = status.load(Ordering::SeqCst);
         let reason = match code {

@@ -625,32 +625,37 @@ impl RecordingCollector {
 
 fn record_requests(mut stream: TcpStream, kept: &Mutex<Vec<(String, usize)>>) {
     stream.set_read_timeout(Some(Duration::from_secs(30))).ok();
-    loop {
-        let mut head = Vec::new();
-        let mut byte = [0u8; 1];
-        while !head.ends_with(b"\r\n\r\n") {
-            match stream.read(&mut byte) {
-                Ok(1) => head.push(byte[0]),
-                _ => return,
-            }
-        }
-        let head = String::from_utf8_lossy(&head).into_owned();
-        let length: usize = head
-            .lines()
-            .find_map(|line| {
-                let (name, value) = line.split_once(':')?;
-                name.eq_ignore_ascii_case("content-length")
-                    .then(|| value.trim().parse().ok())?
-            })
-            .unwrap_or(0);
-        let mut body = vec![0; length];
-        if stream.read_exact(&mut body).is_err() {
-            return;
-        }
-        kept.lock().unwrap().push((head, length));
+    while let Some((head, body)) = read_request(&mut stream) {
+        kept.lock().unwrap().push((head, body.len()));
         let answer = "HTTP/1.1 200 OK\r\nContent-Type: application/x-protobuf\r\nContent-Length: 0\r\n\r\n";
         if stream.write_all(answer.as_bytes()).is_err() {
             return;
         }
     }
+}
+
+/// Reads one HTTP/1.1 request from `stream`: its head as sent (request line and headers) and
+/// its body, `Content-Length` bytes of it. `None` once the client closes, stalls past the
+/// stream's read timeout, or sends less body than it announced.
+pub fn read_request(stream: &mut TcpStream) -> Option<(String, Vec<u8>)> {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match stream.read(&mut byte) {
+            Ok(1) => head.push(byte[0]),
+            _ => return None,
+        }
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    let length: usize = head
+        .lines()
+        .find_map(|line| {
+            let (name, value) = line.split_once(':')?;
+            name.eq_ignore_ascii_case("content-length")
+                .then(|| value.trim().parse().ok())?
+        })
+        .unwrap_or(0);
+    let mut body = vec![0; length];
+    stream.read_exact(&mut body).ok()?;
+    Some((head, body))
 }
