@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use opentelemetry_sdk::trace::Sampler;
@@ -98,6 +98,10 @@ pub(crate) struct Config {
     pub agent_span_names: Vec<String>,
     pub duration_buckets: Vec<f64>,
     pub max_agent_names: usize,
+    /// The most distinct `model` label values the metrics keep.
+    pub max_model_names: usize,
+    /// `None`: no spend is computed.
+    pub model_prices: Option<crate::prices::ModelPrices>,
     pub traces_exporter: TracesExporter,
     pub otlp: OtlpConfig,
     pub batch: BatchSettings,
@@ -147,6 +151,8 @@ impl Default for Config {
             agent_span_names: vec!["agent_execution".to_owned()],
             duration_buckets: DEFAULT_DURATION_BUCKETS.to_vec(),
             max_agent_names: 256,
+            max_model_names: 64,
+            model_prices: None,
             traces_exporter: TracesExporter::Otlp,
             otlp: OtlpConfig::new(),
             batch: BatchSettings {
@@ -229,6 +235,10 @@ impl Config {
                     ))
                 }
             };
+        }
+        if let Some(v) = var("AGENT_TELEMETRY_PRICES") {
+            let prices = crate::prices::ModelPrices::read_file(Path::new(&v), Some("AGENT_TELEMETRY_PRICES"))?;
+            self.model_prices = Some(prices);
         }
         if let Some(v) = var("AGENT_TELEMETRY_ENVIRONMENT") {
             self.environment = v;
@@ -329,6 +339,9 @@ impl Config {
 
     /// Checks the values the builder can set to something unusable.
     pub(crate) fn validate(&self) -> Result<()> {
+        if let Some(prices) = &self.model_prices {
+            prices.check()?;
+        }
         if self.agent_span_names.is_empty() {
             return Err(Error::invalid(
                 "with_agent_span_names",

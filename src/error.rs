@@ -85,6 +85,28 @@ pub enum Error {
         source: Box<dyn std::error::Error + Send + Sync + 'static>,
     },
 
+    /// A price list is not valid: the file (and the variable that named it) or the method,
+    /// and the line.
+    #[error("invalid model prices in {origin}, line {line}: {reason}")]
+    Prices {
+        /// Where the prices came from: a file and the variable that named it, or a method.
+        origin: String,
+        /// The line, from 1.
+        line: usize,
+        /// What is wrong and what is expected instead.
+        reason: String,
+    },
+
+    /// A prices file could not be read.
+    #[error("cannot read the model prices file {origin}: {source}")]
+    PricesFile {
+        /// The file, and the variable that named it.
+        origin: String,
+        /// Why it could not be read.
+        #[source]
+        source: std::io::Error,
+    },
+
     /// Shutting a signal down did not complete cleanly or in time.
     #[error("shutdown of {signal} did not complete: {reason}")]
     Shutdown {

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant, SystemTime};
 use tracing_core::field::{Field, Visit};
 
 use crate::config::{Config, TaskCapture};
+use crate::gen_ai::{Rollup, Usage, UsageFields};
 use crate::scrub::{Scrubber, SCRUB_MARGIN};
 use crate::text::{cut, debug_text, MAX_LABEL_CHARS};
 
@@ -157,6 +158,17 @@ pub(crate) fn task_hash(task: &str) -> String {
     hash
 }
 
+/// What a span the execution layer follows is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SpanRole {
+    /// An agent execution: one of the agent span names.
+    Agent,
+    /// A model call, with its operation ([`crate::gen_ai::MODEL_CALL_OPERATIONS`]).
+    ModelCall(&'static str),
+    /// Another GenAI span (its `gen_ai.operation.name` names no model call): traced only.
+    GenAi,
+}
+
 /// The set of span names that are agent executions.
 #[derive(Debug, Clone)]
 pub(crate) struct AgentSpanNames(Box<[Box<str>]>);
@@ -170,6 +182,13 @@ impl AgentSpanNames {
     pub(crate) fn matches(&self, name: &str) -> bool {
         self.0.iter().any(|n| **n == *name)
     }
+
+    /// Whether the execution layer follows (and builds) spans of this callsite: agent
+    /// executions, and spans that may be GenAI spans ([`crate::gen_ai::may_be_gen_ai`]).
+    #[inline]
+    pub(crate) fn follows(&self, metadata: &tracing_core::Metadata<'_>) -> bool {
+        self.matches(metadata.name()) || crate::gen_ai::may_be_gen_ai(metadata)
+    }
 }
 
 /// The fields of an agent span that the signals use, as recorded so far: the agent's name cut
@@ -180,6 +199,8 @@ pub(crate) struct ExecutionFields {
     pub agent_name: Option<Arc<str>>,
     pub task: Option<String>,
     pub status: Option<String>,
+    /// Model, provider and tokens ([`crate::gen_ai`]).
+    pub usage: UsageFields,
     task_chars: usize,
 }
 
@@ -190,12 +211,19 @@ impl ExecutionFields {
             agent_name: None,
             task: None,
             status: None,
+            usage: UsageFields::default(),
             task_chars,
         }
     }
 
     /// Whether `field` is one of the execution's own (the rest are span attributes only).
+    /// `gen_ai.operation.name` is read here and stays a span attribute.
     pub(crate) fn owns(field: &Field) -> bool {
+        Self::owns_itself(field) || (UsageFields::owns(field.name()) && field.name() != crate::gen_ai::OPERATION_FIELD)
+    }
+
+    /// The guide's fields: the agent's name, the task and the status.
+    fn owns_itself(field: &Field) -> bool {
         matches!(
             field.name(),
             "agent_name" | "agent.name" | "task" | "status" | "result.status"
@@ -216,15 +244,38 @@ impl ExecutionFields {
 
 impl Visit for ExecutionFields {
     fn record_str(&mut self, field: &Field, value: &str) {
+        if UsageFields::owns(field.name()) {
+            return self.usage.record_str(field, value);
+        }
         self.set(field, value);
     }
 
     fn record_bool(&mut self, field: &Field, value: bool) {
+        if UsageFields::owns(field.name()) {
+            return self.usage.record_bool(field, value);
+        }
         self.set(field, if value { "success" } else { "failure" });
     }
 
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        if UsageFields::owns(field.name()) {
+            return self.usage.record_u64(field, value);
+        }
+        self.record_debug(field, &value);
+    }
+
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        if UsageFields::owns(field.name()) {
+            return self.usage.record_i64(field, value);
+        }
+        self.record_debug(field, &value);
+    }
+
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-        if Self::owns(field) {
+        if UsageFields::owns(field.name()) {
+            return self.usage.record_debug(field, value);
+        }
+        if Self::owns_itself(field) {
             // Room for the quotes and an escape per character.
             let max = self.task_chars.max(MAX_LABEL_CHARS).saturating_mul(2).saturating_add(2);
             self.set(field, &unquote_debug(debug_text(value, max)));
@@ -260,7 +311,7 @@ pub(crate) fn shared_agent_name(name: &str) -> Arc<str> {
 }
 
 /// `?name` records `"backend"` with quotes and escapes; the signals want the text itself.
-fn unquote_debug(text: String) -> String {
+pub(crate) fn unquote_debug(text: String) -> String {
     let Some(inner) = text.strip_prefix('"').and_then(|t| t.strip_suffix('"')) else {
         return text;
     };
@@ -342,6 +393,8 @@ pub(crate) struct ExecutionState {
     pub cancelled: bool,
     /// It was entered at least once: it ran.
     pub entered: bool,
+    /// Its model calls' usage, as they end.
+    pub rollup: Rollup,
 }
 
 impl ExecutionState {
@@ -356,6 +409,7 @@ impl ExecutionState {
             panicked: false,
             cancelled: false,
             entered: false,
+            rollup: Rollup::default(),
         }
     }
 
@@ -432,6 +486,8 @@ pub(crate) struct Execution {
     pub failure: Option<Failure>,
     pub finished_at: SystemTime,
     pub trace: Option<TraceIds>,
+    /// Model, provider, tokens and cost, when any was recorded.
+    pub usage: Option<Box<Usage>>,
 }
 
 #[cfg(test)]

@@ -34,7 +34,7 @@ pub(crate) fn on_export_path(target: &str) -> bool {
     })
 }
 
-/// What the execution layer sees: agent spans by name, `ERROR` events (which may fail an
+/// What the execution layer sees: agent spans by name, GenAI spans, `ERROR` events (which may fail an
 /// enclosing agent) and, when traces are on, the events `RUST_LOG` selects (those directly
 /// inside an agent span become its span events).
 ///
@@ -78,7 +78,7 @@ impl ExecutionFilter {
 impl<S: Subscriber> Filter<S> for ExecutionFilter {
     fn enabled(&self, metadata: &Metadata<'_>, ctx: &Context<'_, S>) -> bool {
         if metadata.is_span() {
-            return self.names.matches(metadata.name());
+            return self.names.follows(metadata);
         }
         *metadata.level() == Level::ERROR
             || self.events.as_ref().is_some_and(|events| {
@@ -92,7 +92,7 @@ impl<S: Subscriber> Filter<S> for ExecutionFilter {
                 // Registers the spans its directives name; the answer for events is below.
                 let _ = Filter::<S>::callsite_enabled(filter, metadata);
             }
-            return if self.names.matches(metadata.name()) {
+            return if self.names.follows(metadata) {
                 Interest::always()
             } else {
                 Interest::never()
@@ -146,8 +146,8 @@ impl<S: Subscriber> Filter<S> for ExecutionFilter {
 }
 
 /// For the `tracing-opentelemetry` layer: what `RUST_LOG` selects, off the export path, but no
-/// agent spans (ours) and no events whose innermost span is an agent span (they are its span
-/// events, recorded by us).
+/// agent or GenAI spans (ours) and no events whose innermost span is one of ours (they are its
+/// span events, recorded by us).
 ///
 /// Written out rather than composed with `FilterExt::and`: every agent span goes through this
 /// filter's `enabled` (the execution layer wants it, so the callsite cannot be cached as
@@ -166,7 +166,7 @@ impl TracedFilter {
 impl<S: Subscriber> Filter<S> for TracedFilter {
     fn enabled(&self, metadata: &Metadata<'_>, ctx: &Context<'_, S>) -> bool {
         let is_span = metadata.is_span();
-        if is_span && self.names.matches(metadata.name()) {
+        if is_span && self.names.follows(metadata) {
             return false;
         }
         if on_export_path(metadata.target()) || !Filter::<S>::enabled(&self.filter, metadata, ctx) {
@@ -176,7 +176,7 @@ impl<S: Subscriber> Filter<S> for TracedFilter {
             || !ctx
                 .current_span()
                 .metadata()
-                .is_some_and(|span| self.names.matches(span.name()))
+                .is_some_and(|span| self.names.follows(span))
     }
 
     fn callsite_enabled(&self, metadata: &'static Metadata<'static>) -> Interest {
@@ -185,7 +185,7 @@ impl<S: Subscriber> Filter<S> for TracedFilter {
         if selected.is_never() || on_export_path(metadata.target()) {
             return Interest::never();
         }
-        match (metadata.is_span(), self.names.matches(metadata.name())) {
+        match (metadata.is_span(), self.names.follows(metadata)) {
             (true, true) => Interest::never(),
             (true, false) => selected,
             // An event's answer depends on the span it happens in.

@@ -370,6 +370,23 @@ impl AgentTelemetryBuilder {
         self
     }
 
+    /// How many distinct `model` label values the GenAI metrics keep; the rest are folded into
+    /// `__overflow__` and counted. Default 64; no variable overrides it.
+    #[must_use]
+    pub fn with_max_model_names(mut self, max: usize) -> Self {
+        self.config.max_model_names = max;
+        self
+    }
+
+    /// Prices per model, for `agent_cost_usd_total` and the log line's `cost_usd`. Default
+    /// none (no spend is computed); `AGENT_TELEMETRY_PRICES` names a TOML file that replaces
+    /// them (see [`ModelPrices`](crate::ModelPrices)).
+    #[must_use]
+    pub fn with_model_prices(mut self, prices: crate::ModelPrices) -> Self {
+        self.config.model_prices = Some(prices);
+        self
+    }
+
     /// Which other spans and events are traced and printed, in `RUST_LOG` syntax. Default
     /// `info`; `RUST_LOG` overrides it.
     #[must_use]
@@ -472,13 +489,18 @@ impl AgentTelemetryBuilder {
             lines: Arc::clone(&lines),
             tracer: agent_tracer,
         };
+        let executions = ExecutionLayer::new(
+            signals,
+            TextPolicy::new(&config, Arc::clone(&scrubber)),
+            Arc::clone(&names),
+            config.model_prices.clone(),
+        );
         let layer: TelemetryLayer<S> = match &traces {
             Some(traces) => {
                 // Events `RUST_LOG` selects reach the execution layer too: those directly
                 // inside an agent span become its span events.
                 let filter = ExecutionFilter::new(Arc::clone(&names), Some((traced_events, &config.env_filter)));
-                let executions =
-                    ExecutionLayer::new(signals, TextPolicy::new(&config, Arc::clone(&scrubber))).with_filter(filter);
+                let executions = executions.with_filter(filter);
                 let otel = tracing_opentelemetry::layer()
                     .with_tracer(traces.provider.tracer("agent_telemetry"))
                     .with_threads(false)
@@ -486,10 +508,7 @@ impl AgentTelemetryBuilder {
                     .with_filter(TracedFilter::new(names, traced_spans));
                 Box::new(executions.and_then(otel))
             }
-            None => Box::new(
-                ExecutionLayer::new(signals, TextPolicy::new(&config, Arc::clone(&scrubber)))
-                    .with_filter(ExecutionFilter::new(names, None)),
-            ),
+            None => Box::new(executions.with_filter(ExecutionFilter::new(names, None))),
         };
 
         let telemetry = AgentTelemetry {

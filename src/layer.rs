@@ -16,13 +16,17 @@ use std::time::SystemTime;
 use opentelemetry::ContextGuard;
 use tracing_core::dispatcher::WeakDispatch;
 use tracing_core::span::{Attributes, Id, Record};
-use tracing_core::{Dispatch, Event, Level, Subscriber};
+use tracing_core::{Dispatch, Event, Level, Metadata, Subscriber};
 use tracing_subscriber::layer::{Context, Layer};
 use tracing_subscriber::registry::{LookupSpan, SpanRef};
 
-use crate::execution::{ErrorText, Execution, ExecutionState, TextPolicy, UNKNOWN_AGENT};
+use crate::execution::{
+    shared_agent_name, AgentSpanNames, ErrorText, Execution, ExecutionState, SpanRole, TextPolicy, UNKNOWN_AGENT,
+};
+use crate::gen_ai::{model_call_operation, Rollup, Usage, UsageFields, UNKNOWN_MODEL};
 use crate::logs::LineQueue;
 use crate::metrics::Metrics;
+use crate::prices::ModelPrices;
 use crate::traces::{AgentSpan, AgentTracer};
 
 /// The signals a closed execution goes to; none depends on another.
@@ -33,10 +37,12 @@ pub(crate) struct Signals {
     pub tracer: Option<Arc<AgentTracer>>,
 }
 
-/// An agent span's state from creation to close, in the span's extensions.
+/// The state of a span the layer follows, from creation to close, in the span's extensions:
+/// an agent execution's, a model call's or another GenAI span's.
 struct Running {
     execution: ExecutionState,
     span: Option<AgentSpan>,
+    role: SpanRole,
 }
 
 /// The OpenTelemetry contexts this thread's entered agent spans made current.
@@ -92,6 +98,9 @@ fn make_current(id: &Id, context: opentelemetry::Context) {
 pub(crate) struct ExecutionLayer<S> {
     signals: Signals,
     text: TextPolicy,
+    names: Arc<AgentSpanNames>,
+    /// `None`: no spend is computed.
+    prices: Option<ModelPrices>,
     hook: AgentSpanHook,
     dispatch: OnceLock<WeakDispatch>,
     _subscriber: PhantomData<fn(S)>,
@@ -101,7 +110,12 @@ impl<S> ExecutionLayer<S>
 where
     S: Subscriber + for<'a> LookupSpan<'a>,
 {
-    pub(crate) fn new(signals: Signals, text: TextPolicy) -> Self {
+    pub(crate) fn new(
+        signals: Signals,
+        text: TextPolicy,
+        names: Arc<AgentSpanNames>,
+        prices: Option<ModelPrices>,
+    ) -> Self {
         let hook = AgentSpanHook {
             tracer: signals.tracer.clone(),
             with_span: with_agent_span::<S>,
@@ -110,6 +124,8 @@ where
         ExecutionLayer {
             signals,
             text,
+            names,
+            prices,
             hook,
             dispatch: OnceLock::new(),
             _subscriber: PhantomData,
@@ -141,6 +157,20 @@ where
             // `tracing-opentelemetry`.
             .unwrap_or_default()
     }
+
+    /// What a new span is: an agent execution by its name; else a model call by its
+    /// `gen_ai.operation.name` as created, or without one by its name; else another GenAI
+    /// span.
+    fn role(&self, metadata: &Metadata<'_>, usage: &UsageFields) -> SpanRole {
+        if self.names.matches(metadata.name()) {
+            return SpanRole::Agent;
+        }
+        let operation = match &usage.operation {
+            Some(operation) => model_call_operation(operation),
+            None => model_call_operation(metadata.name()),
+        };
+        operation.map_or(SpanRole::GenAi, SpanRole::ModelCall)
+    }
 }
 
 impl<S> Layer<S> for ExecutionLayer<S>
@@ -162,15 +192,16 @@ where
             attrs.record(&mut execution.fields);
             None
         };
+        let role = self.role(attrs.metadata(), &execution.fields.usage);
         if let Some(registered) = ctx.span(id) {
-            registered.extensions_mut().insert(Running { execution, span });
+            registered.extensions_mut().insert(Running { execution, span, role });
         }
     }
 
     fn on_record(&self, id: &Id, values: &Record<'_>, ctx: Context<'_, S>) {
         let Some(span) = ctx.span(id) else { return };
         let mut extensions = span.extensions_mut();
-        if let Some(Running { execution, span }) = extensions.get_mut::<Running>() {
+        if let Some(Running { execution, span, .. }) = extensions.get_mut::<Running>() {
             match (span, &self.signals.tracer) {
                 (Some(span), Some(tracer)) => tracer.record(span, values, &mut execution.fields),
                 _ => values.record(&mut execution.fields),
@@ -240,14 +271,14 @@ where
     }
 
     fn on_close(&self, id: Id, ctx: Context<'_, S>) {
-        let Some(span) = ctx.span(&id) else { return };
-        let Some(running) = span.extensions_mut().remove::<Running>() else {
+        let Some(closing) = ctx.span(&id) else { return };
+        let Some(running) = closing.extensions_mut().remove::<Running>() else {
             return;
         };
-        drop(span);
         let Running {
             execution: mut state,
             span,
+            role,
         } = running;
         let duration = state.started.elapsed();
         state.panicked |= std::thread::panicking();
@@ -259,24 +290,65 @@ where
         if let Some(text) = &mut state.fields.status {
             *text = self.text.error_text(text);
         }
+        if state.fields.usage.invalid > 0 {
+            self.signals
+                .metrics
+                .count_invalid_usage_fields(state.fields.usage.invalid);
+        }
         let (status, failure) = state.outcome();
-        let execution = Execution {
-            agent_name: state
-                .fields
-                .agent_name
-                .take()
-                .unwrap_or_else(|| Arc::from(UNKNOWN_AGENT)),
-            task: self.text.task(state.fields.task.take()),
+        let (agent_name, task) = match role {
+            SpanRole::Agent => (
+                state
+                    .fields
+                    .agent_name
+                    .take()
+                    .unwrap_or_else(|| Arc::from(UNKNOWN_AGENT)),
+                self.text.task(state.fields.task.take()),
+            ),
+            SpanRole::ModelCall(_) | SpanRole::GenAi => (shared_agent_name(""), None),
+        };
+        let mut execution = Execution {
+            agent_name,
+            task,
             duration,
             status,
             failure,
             finished_at: state.started_at.checked_add(duration).unwrap_or_else(SystemTime::now),
             trace: span.as_ref().map(AgentSpan::ids),
+            usage: None,
         };
-        self.signals.metrics.record(&execution);
-        self.signals.lines.write_line(&execution);
+        match role {
+            SpanRole::Agent => {
+                drop(closing);
+                execution.usage = state.rollup.finish(&state.fields.usage, self.prices.as_ref());
+                self.signals.metrics.record(&execution);
+                self.signals.lines.write_line(&execution);
+            }
+            SpanRole::ModelCall(_) => {
+                let fields = &state.fields.usage;
+                let rolled_up = roll_up(&closing, fields);
+                drop(closing);
+                let in_execution = rolled_up.is_some();
+                let (agent_name, model) = rolled_up.unwrap_or_else(|| {
+                    let model = fields.model.clone();
+                    (
+                        Arc::from(UNKNOWN_AGENT),
+                        model.unwrap_or_else(|| Arc::from(UNKNOWN_MODEL)),
+                    )
+                });
+                execution.agent_name = agent_name;
+                execution.usage = own_usage(Some(model), fields, self.prices.as_ref());
+                // Outside any execution its tokens are counted here, under `unknown`.
+                let uncounted = (!in_execution).then_some(execution.usage.as_deref()).flatten();
+                self.signals.metrics.record_model_call(&execution, uncounted);
+            }
+            SpanRole::GenAi => {
+                drop(closing);
+                execution.usage = own_usage(state.fields.usage.model.clone(), &state.fields.usage, None);
+            }
+        }
         if let (Some(tracer), Some(span)) = (&self.signals.tracer, span.filter(AgentSpan::is_sampled)) {
-            tracer.export(span, execution);
+            tracer.export(span, role, execution);
         }
     }
 
@@ -295,7 +367,8 @@ where
 }
 
 /// The first failure source after an explicit status: an `ERROR` event fails the nearest
-/// enclosing agent span, its text kept to `max_chars` characters.
+/// enclosing agent span or model call (a failed call the agent recovers from does not fail
+/// the execution), its text kept to `max_chars` characters.
 fn fail_nearest_agent<S>(event: &Event<'_>, ctx: &Context<'_, S>, max_chars: usize)
 where
     S: Subscriber + for<'a> LookupSpan<'a>,
@@ -305,7 +378,10 @@ where
     };
     for span in scope {
         let mut extensions = span.extensions_mut();
-        if let Some(running) = extensions.get_mut::<Running>() {
+        if let Some(running) = extensions
+            .get_mut::<Running>()
+            .filter(|running| running.role != SpanRole::GenAi)
+        {
             let state = &mut running.execution;
             if state.error_event.is_none() {
                 let mut text = ErrorText::new(max_chars);
@@ -368,7 +444,11 @@ where
         return false;
     };
     for span in span.scope() {
-        if let Some(running) = span.extensions_mut().get_mut::<Running>() {
+        if let Some(running) = span
+            .extensions_mut()
+            .get_mut::<Running>()
+            .filter(|running| running.role == SpanRole::Agent)
+        {
             running.execution.cancelled = true;
             return true;
         }
@@ -391,4 +471,42 @@ where
         }
         None => false,
     }
+}
+
+/// Adds a model call's usage to the nearest agent execution above `call`: its model
+/// (else the execution's, else `unknown`) and the execution's agent name. `None` when the
+/// call is in no execution.
+fn roll_up<S>(call: &SpanRef<'_, S>, fields: &UsageFields) -> Option<(Arc<str>, Arc<str>)>
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+{
+    for span in call.scope().skip(1) {
+        let mut extensions = span.extensions_mut();
+        let Some(agent) = extensions
+            .get_mut::<Running>()
+            .filter(|running| running.role == SpanRole::Agent)
+        else {
+            continue;
+        };
+        let state = &mut agent.execution;
+        let model = fields
+            .model
+            .clone()
+            .or_else(|| state.fields.usage.model.clone())
+            .unwrap_or_else(|| Arc::from(UNKNOWN_MODEL));
+        state.rollup.add_call(&model, fields.provider.as_ref(), fields);
+        let agent_name = state.fields.agent_name.clone();
+        return Some((agent_name.unwrap_or_else(|| Arc::from(UNKNOWN_AGENT)), model));
+    }
+    None
+}
+
+/// A model call's or GenAI span's own usage under `model`, priced by `prices`.
+fn own_usage(model: Option<Arc<str>>, fields: &UsageFields, prices: Option<&ModelPrices>) -> Option<Box<Usage>> {
+    let mut rollup = Rollup::default();
+    match model {
+        Some(model) => rollup.add_call(&model, fields.provider.as_ref(), fields),
+        None => return rollup.finish(fields, prices),
+    }
+    rollup.finish(&UsageFields::default(), prices)
 }

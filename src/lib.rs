@@ -64,6 +64,7 @@ mod config;
 mod error;
 mod execution;
 mod filter;
+mod gen_ai;
 mod install;
 mod layer;
 mod logs;
@@ -71,6 +72,7 @@ mod metrics;
 mod outages;
 mod panics;
 mod per_thread;
+mod prices;
 pub mod propagation;
 mod scrub;
 mod stats;
@@ -86,6 +88,7 @@ pub use error::{Error, Result};
 pub use execution::Status;
 pub use install::{AgentTelemetry, AgentTelemetryBuilder, TelemetryLayer};
 pub use metrics::{MetricsHandle, OVERFLOW_AGENT_NAME};
+pub use prices::{ModelPrice, ModelPrices};
 pub use scrub::{Scrubbing, REDACTED};
 
 /// What the [`instrument`] attribute expands to refers to; not part of the API.

@@ -3,6 +3,7 @@
 
 mod open_connections;
 pub(crate) mod server;
+mod spend;
 mod thread_series;
 
 use std::collections::HashMap;
@@ -18,9 +19,11 @@ use prometheus::{Encoder, TextEncoder};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::execution::{Execution, Status};
+use crate::gen_ai::{Usage, UNKNOWN_MODEL};
 use crate::per_thread::PerThread;
 use crate::stats::TelemetryStats;
 use crate::text::{cut, MAX_LABEL_CHARS};
+use spend::SpendMetrics;
 use thread_series::{Holding, Instruments, ThreadSeries};
 
 /// The `agent_name` label value that executions beyond the cardinality cap are folded into.
@@ -110,6 +113,7 @@ pub(crate) struct Metrics {
     series: RwLock<HashMap<Box<str>, Arc<AgentSeries>>>,
     overflow: Arc<AgentSeries>,
     max_agent_names: usize,
+    spend: SpendMetrics,
     stats: Arc<TelemetryStats>,
     // Kept so the info series lives as long as the provider.
     _info: Gauge<u64>,
@@ -168,6 +172,12 @@ impl Metrics {
             ],
         );
         register_self_metrics(&meter, &stats);
+        let spend = SpendMetrics::new(
+            &meter,
+            config.max_model_names,
+            config.model_prices.is_some(),
+            Arc::clone(&stats),
+        );
 
         Ok(Metrics {
             provider,
@@ -177,6 +187,7 @@ impl Metrics {
             series: RwLock::new(HashMap::new()),
             overflow: Arc::new(AgentSeries::new(OVERFLOW_AGENT_NAME)),
             max_agent_names: config.max_agent_names,
+            spend,
             stats,
             _info: info,
         })
@@ -187,8 +198,37 @@ impl Metrics {
     }
 
     /// Records an execution in the calling thread's series, which the SDK sees at the latest
-    /// when it next collects.
+    /// when it next collects, and its tokens and spend.
     pub(crate) fn record(&self, execution: &Execution) {
+        self.record_execution(execution);
+        if let Some(usage) = &execution.usage {
+            let agent = self.admitted(&execution.agent_name).name.clone();
+            self.spend.record_usage(&agent, usage);
+        }
+    }
+
+    /// Records a model call, and the tokens and spend of one outside any execution
+    /// (`usage_to_count`).
+    pub(crate) fn record_model_call(&self, call: &Execution, usage_to_count: Option<&Usage>) {
+        let agent = self.admitted(&call.agent_name).name.clone();
+        let model = call
+            .usage
+            .as_ref()
+            .and_then(|usage| usage.model.as_deref())
+            .unwrap_or(UNKNOWN_MODEL);
+        self.spend
+            .record_call(&agent, model, call.status, call.duration.as_secs_f64());
+        if let Some(usage) = usage_to_count {
+            self.spend.record_usage(&agent, usage);
+        }
+    }
+
+    /// Counts token fields that were not non-negative integers.
+    pub(crate) fn count_invalid_usage_fields(&self, fields: u32) {
+        TelemetryStats::add(&self.stats.usage_fields_invalid, u64::from(fields));
+    }
+
+    fn record_execution(&self, execution: &Execution) {
         let (name, status) = (&execution.agent_name, execution.status);
         let seconds = execution.duration.as_secs_f64();
         let Some(_holding) = Holding::take() else {
@@ -213,8 +253,18 @@ impl Metrics {
         }
     }
 
-    /// The series of `agent_name`, or the overflow series once the cap is reached.
+    /// The series of `agent_name`, or the overflow series once the cap is reached: each
+    /// execution folded into it is counted.
     fn series_for(&self, agent_name: &str) -> Arc<AgentSeries> {
+        let series = self.admitted(agent_name);
+        if Arc::ptr_eq(&series, &self.overflow) {
+            TelemetryStats::add(&self.stats.agent_names_overflowed, 1);
+        }
+        series
+    }
+
+    /// The series of `agent_name`, or the overflow series once the cap is reached.
+    fn admitted(&self, agent_name: &str) -> Arc<AgentSeries> {
         // A poisoned lock only means another thread panicked mid-insert; the map is intact.
         if let Some(series) = self
             .series
@@ -229,7 +279,6 @@ impl Metrics {
             return Arc::clone(existing);
         }
         if series.len() >= self.max_agent_names {
-            TelemetryStats::add(&self.stats.agent_names_overflowed, 1);
             return Arc::clone(&self.overflow);
         }
         let new = Arc::new(AgentSeries::new(agent_name));
@@ -264,7 +313,7 @@ fn hand_over_before_collection(meter: &Meter, threads: &Arc<PerThread<ThreadSeri
 
 fn register_self_metrics(meter: &Meter, stats: &Arc<TelemetryStats>) {
     type Read = fn(&TelemetryStats) -> &AtomicU64;
-    let counters: [(&'static str, &'static str, Read); 12] = [
+    let counters: [(&'static str, &'static str, Read); 14] = [
         (
             "agent_telemetry_log_lines_written",
             "JSON log lines written to their destination",
@@ -297,6 +346,16 @@ fn register_self_metrics(meter: &Meter, stats: &Arc<TelemetryStats>) {
             "agent_telemetry_agent_names_overflowed",
             "Executions whose agent_name was folded into __overflow__ by the cardinality cap",
             |s| &s.agent_names_overflowed,
+        ),
+        (
+            "agent_telemetry_model_names_overflowed",
+            "Model calls and executions whose model label was folded into __overflow__ by the cardinality cap",
+            |s| &s.model_names_overflowed,
+        ),
+        (
+            "agent_telemetry_usage_fields_invalid",
+            "Token fields ignored because their value was not a non-negative integer",
+            |s| &s.usage_fields_invalid,
         ),
         (
             "agent_telemetry_metrics_connections_refused",

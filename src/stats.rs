@@ -12,6 +12,8 @@ pub(crate) struct TelemetryStats {
     pub spans_exported: AtomicU64,
     pub spans_export_failed: AtomicU64,
     pub agent_names_overflowed: AtomicU64,
+    pub model_names_overflowed: AtomicU64,
+    pub usage_fields_invalid: AtomicU64,
     pub metrics_connections_refused: AtomicU64,
     pub metrics_connections_timed_out: AtomicU64,
     pub metrics_requests_malformed: AtomicU64,

@@ -19,6 +19,7 @@ pub(crate) fn execution() -> Execution {
         failure: None,
         finished_at: SystemTime::now(),
         trace: None,
+        usage: None,
     }
 }
 

@@ -358,7 +358,7 @@ fn secrets_are_scrubbed_from_the_line_and_the_span_by_default() {
             task,
             api_key = "k-123",
             db.password = "hunter2",
-            input_tokens = 512_u64,
+            gen_ai.request.max_tokens = 512_u64,
             prompt = "use sk-proj-ABCDEFGHIJKLMNOPQRSTUVWX"
         )
         .in_scope(|| tracing::error!("login failed for password=hunter2"));
@@ -380,7 +380,10 @@ fn secrets_are_scrubbed_from_the_line_and_the_span_by_default() {
     assert_eq!(attribute(span, "api_key").as_deref(), Some("[REDACTED]"));
     assert_eq!(attribute(span, "db.password").as_deref(), Some("[REDACTED]"));
     assert_eq!(attribute(span, "prompt").as_deref(), Some("use [REDACTED]"));
-    let tokens = span.attributes.iter().find(|kv| kv.key.as_str() == "input_tokens");
+    let tokens = span
+        .attributes
+        .iter()
+        .find(|kv| kv.key.as_str() == "gen_ai.request.max_tokens");
     assert_eq!(tokens.map(|kv| kv.value.clone()), Some(opentelemetry::Value::I64(512)));
     assert_eq!(
         attribute(span, "task").as_deref(),

@@ -3,7 +3,10 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::config::{Config, LogFormat};
+use std::io::Write as _;
+
 use crate::execution::{Execution, Status, TraceIds};
+use crate::gen_ai::Usage;
 use crate::text::{cut as truncate, MAX_LABEL_CHARS as MAX_AGENT_NAME_CHARS};
 
 /// A line's bytes besides its text fields, with room to spare.
@@ -77,6 +80,9 @@ impl LineFormat {
             Status::Failure => br#","status":"failure""#.as_slice(),
             Status::Cancelled => br#","status":"cancelled""#.as_slice(),
         });
+        if let Some(usage) = &e.usage {
+            write_usage(usage, &GUIDE_USAGE_KEYS, out);
+        }
         self.write_failure(e, out);
     }
 
@@ -112,6 +118,9 @@ impl LineFormat {
             out.extend_from_slice(br#","agent_execution.task":"#);
             write_str(out, truncate(task, self.max_task_chars));
         }
+        if let Some(usage) = &e.usage {
+            write_usage(usage, &ECS_USAGE_KEYS, out);
+        }
         self.write_failure(e, out);
     }
 
@@ -122,6 +131,50 @@ impl LineFormat {
             out.extend_from_slice(br#","error.message":"#);
             write_str(out, truncate(failure.description(), self.max_task_chars));
         }
+    }
+}
+
+/// The keys of the usage fields, in order: model, input, output and cache-read tokens, cost.
+type UsageKeys = [&'static [u8]; 5];
+
+const GUIDE_USAGE_KEYS: UsageKeys = [
+    br#","model":"#,
+    br#","input_tokens":"#,
+    br#","output_tokens":"#,
+    br#","cache_read_tokens":"#,
+    br#","cost_usd":"#,
+];
+
+const ECS_USAGE_KEYS: UsageKeys = [
+    br#","gen_ai.request.model":"#,
+    br#","gen_ai.usage.input_tokens":"#,
+    br#","gen_ai.usage.output_tokens":"#,
+    br#","gen_ai.usage.cache_read.input_tokens":"#,
+    br#","gen_ai.usage.cost_usd":"#,
+];
+
+/// The execution's model, tokens (when any was recorded) and cost (when any was priced),
+/// numbers as numbers; the cost always with a fraction or an exponent, so it maps as a float.
+fn write_usage(usage: &Usage, keys: &UsageKeys, out: &mut Vec<u8>) {
+    if let Some(model) = &usage.model {
+        out.extend_from_slice(keys[0]);
+        write_str(out, truncate(model, MAX_AGENT_NAME_CHARS));
+    }
+    if usage.has_tokens {
+        let tokens = usage.tokens;
+        for (key, count) in [
+            (keys[1], tokens.input),
+            (keys[2], tokens.output),
+            (keys[3], tokens.cache_read),
+        ] {
+            out.extend_from_slice(key);
+            out.extend_from_slice(itoa::Buffer::new().format(count).as_bytes());
+        }
+    }
+    if let Some(cost) = usage.cost_usd {
+        out.extend_from_slice(keys[4]);
+        // Debug of a finite f64: the shortest text that reads back the same, never `1` for 1.0.
+        let _ = write!(out, "{cost:?}");
     }
 }
 
@@ -345,6 +398,7 @@ mod tests {
                 trace_id: opentelemetry::TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").unwrap(),
                 span_id: opentelemetry::SpanId::from_hex("00f067aa0ba902b7").unwrap(),
             }),
+            usage: None,
         };
         let mut out = Vec::new();
         LineFormat::new(&config).write(&execution, &mut out);
@@ -397,6 +451,7 @@ mod tests {
             failure: Some(failure),
             finished_at: UNIX_EPOCH + Duration::from_micros(1_795_000_530_123_456),
             trace: None,
+            usage: None,
         };
         let mut out = Vec::new();
         LineFormat::new(&config).write(&execution, &mut out);
@@ -570,6 +625,7 @@ mod tests {
                     failure: failed.then_some(failure),
                     finished_at: SystemTime::now(),
                     trace: None,
+                    usage: None,
                 };
                 let mut out = Vec::new();
                 LineFormat::new(&config).write(&execution, &mut out);

@@ -10,7 +10,7 @@ use opentelemetry_sdk::trace::SpanData;
 use tracing_core::Metadata;
 
 use super::span_size;
-use crate::execution::{Failure, Status};
+use crate::execution::{Failure, SpanRole, Status};
 
 /// A closed agent span, as it crosses to the span processor's thread: what building it needs.
 /// Keep it under two cache lines when the span has nothing rare: what is rare goes in
@@ -23,6 +23,8 @@ pub(crate) struct FinishedSpan {
     pub(super) flags: TraceFlags,
     pub(super) parent_is_remote: bool,
     pub(super) kind: SpanKind,
+    /// Which fixed attributes it gets: an agent execution's, a model call's, none.
+    pub(super) role: SpanRole,
     pub(super) status: Status,
     pub(super) metadata: &'static Metadata<'static>,
     /// Where the agent's name and then the task are in the batch's text.

@@ -12,6 +12,7 @@ use tracing_core::Metadata;
 
 use super::attributes;
 use crate::execution::ExecutionFields;
+use crate::gen_ai::OPERATION_FIELD;
 use crate::scrub::{Scrubber, REDACTED, SCRUB_MARGIN};
 use crate::text::debug_text;
 
@@ -46,6 +47,10 @@ impl<S: FieldSink> SplitFields<'_, S> {
 
 impl<S: FieldSink> Visit for SplitFields<'_, S> {
     fn record_str(&mut self, field: &Field, value: &str) {
+        // The operation decides the span's role, and stays its attribute.
+        if field.name() == OPERATION_FIELD {
+            self.execution.record_str(field, value);
+        }
         self.visitor(field).record_str(field, value);
     }
 
@@ -70,6 +75,9 @@ impl<S: FieldSink> Visit for SplitFields<'_, S> {
     }
 
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        if field.name() == OPERATION_FIELD {
+            self.execution.record_debug(field, value);
+        }
         self.visitor(field).record_debug(field, value);
     }
 }

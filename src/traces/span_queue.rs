@@ -289,6 +289,7 @@ mod tests {
 
     use super::*;
     use crate::execution::Execution;
+    use crate::execution::SpanRole;
     use crate::scrub::Scrubber;
     use crate::test_support::{execution, Warnings};
     use crate::traces::batch::AgentBatch;
@@ -700,7 +701,7 @@ mod tests {
     /// Exports an agent span of `tracer`'s, with `agent_name` and `task`.
     fn export_agent_span(tracer: &AgentTracer, agent_name: &str, task: String) {
         let (span, execution) = agent_span(tracer, agent_name, task);
-        tracer.export(span, execution);
+        tracer.export(span, SpanRole::Agent, execution);
     }
 
     /// An agent span of `tracer`'s, and its execution, with `agent_name` and `task`.
@@ -769,7 +770,7 @@ mod tests {
             let (span, mut execution) = agent_span(&tracer, "a", task);
             let mut batch = AgentBatch::with_capacity(4);
             batch.push(
-                span.finish(&mut execution),
+                span.finish(SpanRole::Agent, &mut execution),
                 &execution.agent_name,
                 execution.task.as_deref().unwrap_or_default(),
             );

@@ -23,7 +23,7 @@ use super::handoff::{Handoff, Message};
 use super::span_size;
 use crate::background::{self, Pacing};
 use crate::config::BatchSettings;
-use crate::execution::shared_agent_name;
+use crate::execution::{shared_agent_name, SpanRole};
 use crate::scrub::Scrubber;
 use crate::stats::TelemetryStats;
 use crate::text::cut;
@@ -65,20 +65,30 @@ impl SpanBuilder {
         span_size::scrub_and_cut(span, &self.scrubber, self.value_chars);
     }
 
-    /// The finished span, with the guide's, GenAI and OpenInference attributes. The name is
-    /// this thread's shared copy, so the span thread frees only what it allocated.
+    /// The finished span, with the guide's, GenAI and OpenInference attributes of its role.
+    /// The agent's name is this thread's shared copy, so the span thread frees only what it
+    /// allocated.
     pub(crate) fn build(&self, span: FinishedSpan, agent_name: &str, task: &str) -> SpanData {
         let rare = span.rare.map(|rare| *rare);
         let extra_attributes = rare.as_ref().map_or(0, |rare| rare.attributes.len());
-        let agent_name = Value::String(shared_agent_name(agent_name).into());
         let mut attributes = Vec::with_capacity(10 + extra_attributes);
-        attributes.extend([
-            KeyValue::new(attributes::AGENT_NAME, agent_name.clone()),
-            KeyValue::new(attributes::RESULT_STATUS, span.status.as_str()),
-            KeyValue::new(attributes::GEN_AI_OPERATION_NAME, attributes::INVOKE_AGENT),
-            KeyValue::new(attributes::GEN_AI_AGENT_NAME, agent_name),
-            KeyValue::new(attributes::OPENINFERENCE_SPAN_KIND, attributes::AGENT_SPAN_KIND),
-        ]);
+        match span.role {
+            SpanRole::Agent => {
+                let agent_name = Value::String(shared_agent_name(agent_name).into());
+                attributes.extend([
+                    KeyValue::new(attributes::AGENT_NAME, agent_name.clone()),
+                    KeyValue::new(attributes::RESULT_STATUS, span.status.as_str()),
+                    KeyValue::new(attributes::GEN_AI_OPERATION_NAME, attributes::INVOKE_AGENT),
+                    KeyValue::new(attributes::GEN_AI_AGENT_NAME, agent_name),
+                    KeyValue::new(attributes::OPENINFERENCE_SPAN_KIND, attributes::AGENT_SPAN_KIND),
+                ]);
+            }
+            SpanRole::ModelCall(operation) => attributes.extend([
+                KeyValue::new(attributes::GEN_AI_OPERATION_NAME, operation),
+                KeyValue::new(attributes::OPENINFERENCE_SPAN_KIND, attributes::LLM_SPAN_KIND),
+            ]),
+            SpanRole::GenAi => {}
+        }
         if span.has_task {
             attributes.push(KeyValue::new(
                 attributes::TASK,

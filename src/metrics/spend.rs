@@ -1,0 +1,213 @@
+//! The GenAI metrics: tokens, model calls and spend per agent and model.
+//!
+//! Each `(agent_name, model)` pair has its series bound on first use, so recording is an
+//! atomic add (a histogram update under its series' lock), with no attribute lookup. Both
+//! labels are capped: `agent_name` by the executions' cap, `model` by its own; values past a
+//! cap are folded into `__overflow__` and counted.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, OnceLock, PoisonError, RwLock};
+
+use opentelemetry::metrics::{BoundCounter, BoundHistogram, Counter, Histogram, Meter};
+use opentelemetry::KeyValue;
+
+use super::OVERFLOW_AGENT_NAME;
+use crate::execution::Status;
+use crate::gen_ai::{ModelUsage, Usage};
+use crate::stats::TelemetryStats;
+
+/// The GenAI conventions' bucket bounds for `gen_ai.client.operation.duration`, in seconds.
+pub(crate) const MODEL_CALL_DURATION_BUCKETS: [f64; 14] = [
+    0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92,
+];
+
+struct SpendInstruments {
+    tokens: Counter<u64>,
+    calls: Counter<u64>,
+    call_duration: Histogram<f64>,
+    cost: Counter<f64>,
+    unpriced: Counter<u64>,
+}
+
+/// The series of one agent and one model, each bound on first use.
+struct ModelSeries {
+    labels: [KeyValue; 2],
+    input: OnceLock<BoundCounter<u64>>,
+    output: OnceLock<BoundCounter<u64>>,
+    cache_read: OnceLock<BoundCounter<u64>>,
+    cost: OnceLock<BoundCounter<f64>>,
+    succeeded: OnceLock<BoundCounter<u64>>,
+    failed: OnceLock<BoundCounter<u64>>,
+    cancelled: OnceLock<BoundCounter<u64>>,
+    duration: OnceLock<BoundHistogram<f64>>,
+}
+
+impl ModelSeries {
+    fn new(agent_name: KeyValue, model: &str) -> Self {
+        ModelSeries {
+            labels: [agent_name, KeyValue::new("model", model.to_owned())],
+            input: OnceLock::new(),
+            output: OnceLock::new(),
+            cache_read: OnceLock::new(),
+            cost: OnceLock::new(),
+            succeeded: OnceLock::new(),
+            failed: OnceLock::new(),
+            cancelled: OnceLock::new(),
+            duration: OnceLock::new(),
+        }
+    }
+
+    fn add_tokens(&self, to: &Counter<u64>, slot: &OnceLock<BoundCounter<u64>>, kind: &'static str, tokens: u64) {
+        if tokens > 0 {
+            slot.get_or_init(|| to.bind(&self.with(KeyValue::new("type", kind))))
+                .add(tokens);
+        }
+    }
+
+    fn with(&self, third: KeyValue) -> [KeyValue; 3] {
+        [self.labels[0].clone(), self.labels[1].clone(), third]
+    }
+}
+
+/// One agent's series, by model.
+type ByModel = HashMap<Box<str>, Arc<ModelSeries>>;
+
+/// Tokens, model calls and spend, by agent and model.
+pub(crate) struct SpendMetrics {
+    instruments: SpendInstruments,
+    /// By agent name, then model.
+    series: RwLock<HashMap<Box<str>, ByModel>>,
+    /// The model names admitted under the cap.
+    models: RwLock<HashSet<Box<str>>>,
+    max_models: usize,
+    /// Whether prices are configured: only then are unpriced tokens counted.
+    priced: bool,
+    stats: Arc<TelemetryStats>,
+}
+
+impl SpendMetrics {
+    pub(crate) fn new(meter: &Meter, max_models: usize, priced: bool, stats: Arc<TelemetryStats>) -> Self {
+        let instruments = SpendInstruments {
+            tokens: meter
+                .u64_counter("agent_tokens")
+                .with_description(
+                    "Tokens used by agent executions, by type: input (cache reads included), output, cache_read",
+                )
+                .build(),
+            calls: meter
+                .u64_counter("agent_model_calls")
+                .with_description("Model calls made by agent executions")
+                .build(),
+            call_duration: meter
+                .f64_histogram("agent_model_call_duration")
+                .with_description("Model call duration")
+                .with_unit("s")
+                .with_boundaries(MODEL_CALL_DURATION_BUCKETS.to_vec())
+                .build(),
+            cost: meter
+                .f64_counter("agent_cost_usd")
+                .with_description("Spend of agent executions in USD, at the configured model prices")
+                .build(),
+            unpriced: meter
+                .u64_counter("agent_telemetry_unpriced_tokens")
+                .with_description("Tokens (input and output) of models without a configured price")
+                .build(),
+        };
+        SpendMetrics {
+            instruments,
+            series: RwLock::new(HashMap::new()),
+            models: RwLock::new(HashSet::new()),
+            max_models,
+            priced,
+            stats,
+        }
+    }
+
+    /// Counts an execution's tokens and spend under `agent_name` (already capped).
+    pub(crate) fn record_usage(&self, agent_name: &KeyValue, usage: &Usage) {
+        let to = &self.instruments;
+        for ModelUsage {
+            model,
+            tokens,
+            cost_usd,
+        } in &usage.by_model
+        {
+            let (series, model_label) = self.series(agent_name, model);
+            series.add_tokens(&to.tokens, &series.input, "input", tokens.input);
+            series.add_tokens(&to.tokens, &series.output, "output", tokens.output);
+            series.add_tokens(&to.tokens, &series.cache_read, "cache_read", tokens.cache_read);
+            match cost_usd {
+                Some(cost) => series.cost.get_or_init(|| to.cost.bind(&series.labels)).add(*cost),
+                None if self.priced && tokens.total() > 0 => {
+                    to.unpriced
+                        .add(tokens.total(), &[KeyValue::new("model", model_label.to_owned())]);
+                }
+                None => {}
+            }
+        }
+    }
+
+    /// Counts a model call that ended with `status` after `seconds`.
+    pub(crate) fn record_call(&self, agent_name: &KeyValue, model: &str, status: Status, seconds: f64) {
+        let to = &self.instruments;
+        let (series, _) = self.series(agent_name, model);
+        let slot = match status {
+            Status::Success => &series.succeeded,
+            Status::Failure => &series.failed,
+            Status::Cancelled => &series.cancelled,
+        };
+        slot.get_or_init(|| to.calls.bind(&series.with(KeyValue::new("status", status.as_str()))))
+            .add(1);
+        series
+            .duration
+            .get_or_init(|| to.call_duration.bind(&series.labels))
+            .record(seconds);
+    }
+
+    /// The series of `agent_name` and `model`, and the model's label: `model` itself, or
+    /// [`OVERFLOW_AGENT_NAME`] past the cap.
+    fn series<'m>(&self, agent_name: &KeyValue, model: &'m str) -> (Arc<ModelSeries>, &'m str) {
+        let model = self.model_label(model);
+        let agent = agent_name.value.as_str();
+        // A poisoned lock only means another thread panicked mid-insert; the map is intact.
+        let found = self
+            .series
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(agent.as_ref())
+            .and_then(|models| models.get(model))
+            .map(Arc::clone);
+        let series = found.unwrap_or_else(|| {
+            let mut series = self.series.write().unwrap_or_else(PoisonError::into_inner);
+            let models = series.entry(agent.as_ref().into()).or_default();
+            Arc::clone(
+                models
+                    .entry(model.into())
+                    .or_insert_with(|| Arc::new(ModelSeries::new(agent_name.clone(), model))),
+            )
+        });
+        (series, model)
+    }
+
+    /// `model`, or [`OVERFLOW_AGENT_NAME`] once `max_models` other names were admitted.
+    fn model_label<'a>(&self, model: &'a str) -> &'a str {
+        if self
+            .models
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains(model)
+        {
+            return model;
+        }
+        let mut models = self.models.write().unwrap_or_else(PoisonError::into_inner);
+        if models.contains(model) {
+            return model;
+        }
+        if models.len() >= self.max_models {
+            TelemetryStats::add(&self.stats.model_names_overflowed, 1);
+            return OVERFLOW_AGENT_NAME;
+        }
+        models.insert(model.into());
+        model
+    }
+}

@@ -1,0 +1,313 @@
+//! Tokens, models and spend (issue #24) through the real outputs: the scraped `/metrics`, the
+//! log file's lines and the spans the exporter received, all agreeing.
+
+mod support;
+
+use std::collections::BTreeMap;
+
+use agent_telemetry::{Error, LogFormat, ModelPrice, ModelPrices};
+use opentelemetry::trace::Status as SpanStatus;
+use opentelemetry::Value;
+use opentelemetry_sdk::trace::SpanData;
+use support::{json_pairs, Harness};
+
+fn prices() -> ModelPrices {
+    ModelPrices::new()
+        .with_model(
+            "gpt-4o",
+            ModelPrice::per_million_tokens(2.5, 10.0).with_cache_read(1.25),
+        )
+        .with_model("claude-sonnet", ModelPrice::per_million_tokens(3.0, 15.0))
+}
+
+/// A model call the way an agent framework would annotate it.
+#[tracing::instrument(name = "chat", fields(gen_ai.request.model = model, gen_ai.provider.name = provider, gen_ai.usage.input_tokens, gen_ai.usage.output_tokens), err)]
+fn chat(model: &str, provider: &str, input: u64, output: u64, fail: bool) -> Result<(), String> {
+    if fail {
+        return Err("rate limited".to_owned());
+    }
+    let span = tracing::Span::current();
+    span.record("gen_ai.usage.input_tokens", input);
+    span.record("gen_ai.usage.output_tokens", output);
+    Ok(())
+}
+
+#[tracing::instrument(name = "agent_execution", fields(cache_read_tokens = tracing::field::Empty))]
+fn planner(agent_name: &str, task: &str) {
+    chat("gpt-4o", "openai", 1200, 300, false).unwrap();
+    // Failed and retried: the call fails, the execution does not.
+    chat("gpt-4o", "openai", 0, 0, true).unwrap_err();
+    chat("claude-sonnet", "anthropic", 800, 200, false).unwrap();
+    // Cache reads of the first call, recorded on the execution itself, and a call by
+    // `gen_ai.operation.name` rather than by name.
+    tracing::Span::current().record("cache_read_tokens", 1000_u64);
+    let call = tracing::info_span!(
+        "llm request",
+        gen_ai.operation.name = "chat",
+        model = "gpt-4o",
+        input_tokens = 100_u64,
+        output_tokens = 50_u64
+    );
+    call.in_scope(|| {});
+    // A nested agent: its tokens are its own.
+    coder("coder", "Write it");
+}
+
+#[tracing::instrument(
+    name = "agent_execution",
+    fields(model = "gpt-4o-mini", input_tokens = 40_u64, output_tokens = 10_u64)
+)]
+fn coder(agent_name: &str, task: &str) {}
+
+fn attribute<'a>(span: &'a SpanData, key: &str) -> Option<&'a Value> {
+    span.attributes
+        .iter()
+        .find(|kv| kv.key.as_str() == key)
+        .map(|kv| &kv.value)
+}
+
+fn int(span: &SpanData, key: &str) -> i64 {
+    match attribute(span, key) {
+        Some(Value::I64(value)) => *value,
+        other => panic!("{key} of {}: {other:?}", span.name),
+    }
+}
+
+fn text(span: &SpanData, key: &str) -> String {
+    attribute(span, key)
+        .map(|v| v.as_str().into_owned())
+        .unwrap_or_default()
+}
+
+#[test]
+fn tokens_and_spend_agree_in_metrics_log_lines_and_spans() {
+    let mut harness = Harness::with(|builder| builder.with_model_prices(prices()));
+    harness.run(|| planner("planner", "Plan the release"));
+    let scrape = harness.scrape();
+    let tokens = |agent, model, kind| {
+        scrape.value(
+            "agent_tokens_total",
+            &[("agent_name", agent), ("model", model), ("type", kind)],
+        )
+    };
+    // gpt-4o: 1200 + 100 input, 300 + 50 output; the execution's own 1000 cache reads count
+    // under its model, which it did not name: `unknown`.
+    assert_eq!(tokens("planner", "gpt-4o", "input"), Some(1300.0));
+    assert_eq!(tokens("planner", "gpt-4o", "output"), Some(350.0));
+    assert_eq!(tokens("planner", "claude-sonnet", "input"), Some(800.0));
+    assert_eq!(tokens("planner", "unknown", "cache_read"), Some(1000.0));
+    assert_eq!(tokens("coder", "gpt-4o-mini", "input"), Some(40.0));
+    assert_eq!(
+        tokens("planner", "gpt-4o-mini", "input"),
+        None,
+        "a nested agent's tokens are not its parent's"
+    );
+    let calls = |model, status| {
+        scrape.value(
+            "agent_model_calls_total",
+            &[("agent_name", "planner"), ("model", model), ("status", status)],
+        )
+    };
+    assert_eq!(calls("gpt-4o", "success"), Some(2.0));
+    assert_eq!(calls("gpt-4o", "failure"), Some(1.0));
+    assert_eq!(calls("claude-sonnet", "success"), Some(1.0));
+    assert_eq!(
+        scrape.value(
+            "agent_executions_total",
+            &[("agent_name", "planner"), ("status", "success")]
+        ),
+        Some(1.0),
+        "a failed call the agent recovered from does not fail the execution"
+    );
+    assert_eq!(
+        scrape.value(
+            "agent_model_call_duration_seconds_count",
+            &[("agent_name", "planner"), ("model", "gpt-4o")]
+        ),
+        Some(3.0)
+    );
+    assert!(scrape
+        .value(
+            "agent_model_call_duration_seconds_bucket",
+            &[("agent_name", "planner"), ("model", "gpt-4o"), ("le", "81.92")]
+        )
+        .is_some());
+    let cost = |agent, model| scrape.value("agent_cost_usd_total", &[("agent_name", agent), ("model", model)]);
+    let gpt = (1300.0 * 2.5 + 350.0 * 10.0) / 1e6;
+    let claude = (800.0 * 3.0 + 200.0 * 15.0) / 1e6;
+    assert!((cost("planner", "gpt-4o").unwrap() - gpt).abs() < 1e-12);
+    assert!((cost("planner", "claude-sonnet").unwrap() - claude).abs() < 1e-12);
+    assert_eq!(cost("coder", "gpt-4o-mini"), None, "no price");
+    // Unpriced: coder's 40 + 10, and the 1000 cache reads under `unknown` (input of none).
+    assert_eq!(
+        scrape.value("agent_telemetry_unpriced_tokens_total", &[("model", "gpt-4o-mini")]),
+        Some(50.0)
+    );
+
+    // The log lines: the same totals, numbers as numbers.
+    let lines = harness.log_lines();
+    let line = |agent: &str| -> BTreeMap<String, serde_json::Value> {
+        let line = lines
+            .iter()
+            .find(|line| line.contains(&format!(r#""agent_name":"{agent}""#)))
+            .unwrap();
+        json_pairs(line).into_iter().collect()
+    };
+    let planner_line = line("planner");
+    assert_eq!(planner_line["model"], "gpt-4o", "its first call's");
+    assert_eq!(planner_line["input_tokens"], 2100);
+    assert_eq!(planner_line["output_tokens"], 550);
+    assert_eq!(planner_line["cache_read_tokens"], 1000);
+    let logged_cost = planner_line["cost_usd"].as_f64().unwrap();
+    assert!((logged_cost - (gpt + claude)).abs() < 1e-12, "{logged_cost}");
+    let keys: Vec<String> = json_pairs(lines.iter().find(|l| l.contains("planner")).unwrap())
+        .into_iter()
+        .map(|(key, _)| key)
+        .collect();
+    let after_status = &keys[keys.iter().position(|k| k == "status").unwrap() + 1..][..5];
+    assert_eq!(
+        after_status,
+        [
+            "model",
+            "input_tokens",
+            "output_tokens",
+            "cache_read_tokens",
+            "cost_usd"
+        ]
+    );
+    let coder_line = line("coder");
+    assert_eq!(coder_line["input_tokens"], 40);
+    assert!(!coder_line.contains_key("cost_usd"), "unpriced");
+
+    // The spans: the agent's totals, the calls as LLM spans under it.
+    let (spans, _) = harness.shutdown();
+    let agent = spans.iter().find(|s| text(s, "agent.name") == "planner").unwrap();
+    assert_eq!(int(agent, "gen_ai.usage.input_tokens"), 2100);
+    assert_eq!(int(agent, "llm.token_count.prompt"), 2100);
+    assert_eq!(int(agent, "llm.token_count.completion"), 550);
+    assert_eq!(int(agent, "llm.token_count.total"), 2650);
+    assert_eq!(int(agent, "gen_ai.usage.cache_read.input_tokens"), 1000);
+    assert_eq!(text(agent, "gen_ai.request.model"), "gpt-4o");
+    assert_eq!(text(agent, "gen_ai.provider.name"), "openai");
+    let calls: Vec<&SpanData> = spans
+        .iter()
+        .filter(|s| text(s, "openinference.span.kind") == "LLM")
+        .collect();
+    assert_eq!(calls.len(), 4);
+    for call in &calls {
+        assert_eq!(call.parent_span_id, agent.span_context.span_id(), "{}", call.name);
+        assert_eq!(call.span_context.trace_id(), agent.span_context.trace_id());
+        assert_eq!(text(call, "gen_ai.operation.name"), "chat");
+        assert_eq!(text(call, "llm.model_name"), text(call, "gen_ai.request.model"));
+    }
+    let failed: Vec<_> = calls
+        .iter()
+        .filter(|s| matches!(s.status, SpanStatus::Error { .. }))
+        .collect();
+    assert_eq!(failed.len(), 1);
+    assert_eq!(text(failed[0], "error.type"), "error");
+    let call_tokens: i64 = calls
+        .iter()
+        .filter(|s| attribute(s, "llm.token_count.prompt").is_some())
+        .map(|s| int(s, "llm.token_count.prompt"))
+        .sum();
+    assert_eq!(
+        call_tokens,
+        int(agent, "llm.token_count.prompt"),
+        "the calls' input is the agent's"
+    );
+}
+
+#[test]
+fn token_fields_that_are_not_non_negative_integers_are_ignored_and_counted() {
+    let harness = Harness::new();
+    harness.run(|| {
+        tracing::info_span!(
+            "agent_execution",
+            agent_name = "odd",
+            input_tokens = -5_i64,
+            output_tokens = "many",
+            cache_read_tokens = 1.5,
+            model = "m"
+        )
+        .in_scope(|| {});
+    });
+    let scrape = harness.scrape();
+    assert_eq!(
+        scrape.value("agent_telemetry_usage_fields_invalid_total", &[]),
+        Some(3.0)
+    );
+    assert_eq!(scrape.with_name("agent_tokens_total").count(), 0);
+    let line = harness.log_lines().pop().unwrap();
+    assert!(line.contains(r#""model":"m""#), "{line}");
+    assert!(!line.contains("input_tokens"), "{line}");
+}
+
+#[test]
+fn model_labels_are_capped_and_the_overflow_counted() {
+    let harness = Harness::with(|builder| builder.with_max_model_names(2));
+    harness.run(|| {
+        for model in ["a", "b", "c", "d"] {
+            tracing::info_span!("agent_execution", agent_name = "x", model, input_tokens = 1_u64).in_scope(|| {});
+        }
+    });
+    let scrape = harness.scrape();
+    let input = |model| {
+        scrape.value(
+            "agent_tokens_total",
+            &[("agent_name", "x"), ("model", model), ("type", "input")],
+        )
+    };
+    assert_eq!((input("a"), input("b")), (Some(1.0), Some(1.0)));
+    assert_eq!(input("__overflow__"), Some(2.0));
+    assert_eq!(input("c"), None);
+    assert_eq!(
+        scrape.value("agent_telemetry_model_names_overflowed_total", &[]),
+        Some(2.0)
+    );
+}
+
+#[test]
+fn the_ecs_profile_puts_usage_under_gen_ai() {
+    let harness = Harness::with(|builder| builder.with_log_format(LogFormat::Ecs).with_model_prices(prices()));
+    harness.run(|| coder("coder", "Write it"));
+    harness.run(|| {
+        tracing::info_span!(
+            "agent_execution",
+            agent_name = "x",
+            model = "gpt-4o",
+            output_tokens = 1_000_000_u64
+        )
+        .in_scope(|| {});
+    });
+    let lines = harness.log_lines();
+    let line: BTreeMap<String, serde_json::Value> = json_pairs(&lines[1]).into_iter().collect();
+    assert_eq!(line["gen_ai.request.model"], "gpt-4o");
+    assert_eq!(line["gen_ai.usage.output_tokens"], 1_000_000);
+    assert_eq!(line["gen_ai.usage.input_tokens"], 0);
+    assert_eq!(line["gen_ai.usage.cost_usd"].as_f64(), Some(10.0));
+    assert!(
+        lines[1].contains(r#""gen_ai.usage.cost_usd":10.0"#),
+        "a float: {}",
+        lines[1]
+    );
+}
+
+#[test]
+fn a_malformed_prices_file_is_an_error_naming_the_variable_and_the_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("prices.toml");
+    std::fs::write(&file, "[models.\"gpt-4o\"]\ninput = 2.5\noutput = \"ten\"\n").unwrap();
+    // Read by `build`; the other tests of this file ignore the environment.
+    std::env::set_var("AGENT_TELEMETRY_PRICES", &file);
+    let built = agent_telemetry::AgentTelemetry::builder()
+        .without_metrics_server()
+        .with_traces_exporter(agent_telemetry::TracesExporter::None)
+        .build::<tracing_subscriber::Registry>();
+    std::env::remove_var("AGENT_TELEMETRY_PRICES");
+    let error = built.err().expect("refused");
+    let message = error.to_string();
+    assert!(matches!(error, Error::Prices { line: 3, .. }), "{message}");
+    assert!(message.contains("AGENT_TELEMETRY_PRICES"), "{message}");
+    assert!(message.contains("line 3"), "{message}");
+}
