@@ -2,10 +2,17 @@
 //!
 //! ```text
 //! cargo run --example agents -- [--duration SECS] [--rate N] [--failure-burst START:SECS]
+//!                               [--prices FILE]
 //! ```
 //!
 //! `--failure-burst 60:120` makes 80% of executions fail from the 60th to the 180th second,
 //! to see the failure alerts fire.
+//!
+//! Each execution calls a model one to three times (two providers, three models, token
+//! counts of realistic size, a failed call now and then, retried), so tokens and spend show
+//! per agent and model. Spend is priced from `--prices`, by default `examples/prices.toml`
+//! beside this file: illustrative prices, not any provider's (`AGENT_TELEMETRY_PRICES`
+//! overrides both).
 //!
 //! Serves `/metrics` on :8000, writes log files to `./logs/`, sends traces to
 //! `OTEL_EXPORTER_OTLP_ENDPOINT` when set and prints them on stdout otherwise. Ctrl-C or
@@ -16,7 +23,7 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use agent_telemetry::{AgentTelemetry, TracesExporter};
+use agent_telemetry::{AgentTelemetry, ModelPrices, TracesExporter};
 
 /// The framework's team, with the tasks each one takes.
 const TEAM: [(&str, &[&str]); 8] = [
@@ -57,6 +64,16 @@ const DURATIONS: [(f64, f64, f64); 8] = [
     (0.025, 10.0, 30.0),
     (0.005, 30.0, 60.0),
 ];
+
+/// The models the agents call: two providers, three models.
+const MODELS: [(&str, &str); 3] = [
+    ("gpt-4o", "openai"),
+    ("gpt-4o-mini", "openai"),
+    ("claude-sonnet-4", "anthropic"),
+];
+
+/// A model call fails now and then (rate limits, timeouts); the agent retries it once.
+const MODEL_CALL_FAILURE_RATE: f64 = 0.03;
 
 /// A few percent of executions fail in normal operation.
 const FAILURE_RATE: f64 = 0.02;
@@ -128,10 +145,63 @@ fn work_duration() -> Duration {
     Duration::from_millis(50)
 }
 
+/// One model call, annotated with the GenAI conventions' fields; the usage is recorded when
+/// the answer comes, as a client library reports it. `false` if stopped first.
+#[tracing::instrument(
+    name = "chat",
+    skip_all,
+    fields(
+        gen_ai.request.model = model,
+        gen_ai.provider.name = provider,
+        gen_ai.usage.input_tokens = tracing::field::Empty,
+        gen_ai.usage.output_tokens = tracing::field::Empty,
+        gen_ai.usage.cache_read.input_tokens = tracing::field::Empty,
+    ),
+    err
+)]
+fn call_model(model: &str, provider: &str, duration: Duration, stop: &Stop) -> Result<bool, AgentError> {
+    if !stop.wait(duration) {
+        return Ok(false);
+    }
+    if fastrand::f64() < MODEL_CALL_FAILURE_RATE {
+        return Err(AgentError(format!("{provider} returned 429 for {model}")));
+    }
+    let input = fastrand::u64(400..6_000);
+    // Half the calls reuse a cached prompt prefix; cache reads are part of the input.
+    let cache_read = if fastrand::bool() {
+        input * fastrand::u64(10..60) / 100
+    } else {
+        0
+    };
+    let span = tracing::Span::current();
+    span.record("gen_ai.usage.input_tokens", input);
+    span.record("gen_ai.usage.output_tokens", fastrand::u64(50..1_200));
+    span.record("gen_ai.usage.cache_read.input_tokens", cache_read);
+    Ok(true)
+}
+
+/// The agent's work: one to three model calls with one model, a failed call retried once.
+/// `false` if stopped first.
+fn think(stop: &Stop) -> bool {
+    let (model, provider) = pick(&MODELS);
+    let calls = fastrand::u32(1..=3);
+    let each = work_duration() / calls;
+    for _ in 0..calls {
+        let answered = match call_model(model, provider, each, stop) {
+            Ok(answered) => answered,
+            Err(_) => matches!(call_model(model, provider, Duration::ZERO, stop), Ok(true)),
+        };
+        if !answered && !stop.wait(Duration::ZERO) {
+            return false;
+        }
+    }
+    true
+}
+
 /// One agent doing one task: waits for its work, fails now and then, stops when asked.
 #[tracing::instrument(name = "agent_execution", skip(stop, failure_rate), fields(status = tracing::field::Empty), err)]
 fn execute_agent(agent_name: &str, task: &str, stop: &Stop, failure_rate: f64) -> Result<(), AgentError> {
-    if !stop.wait(work_duration()) {
+    if !think(stop) {
         // Shut down mid-task: an explicit status, so it is not mistaken for a crash.
         tracing::Span::current().record("status", "cancelled");
         return Ok(());
@@ -147,6 +217,9 @@ fn execute_agent(agent_name: &str, task: &str, stop: &Stop, failure_rate: f64) -
 /// A lead splits its task and delegates the parts: nested agent spans in one trace.
 #[tracing::instrument(name = "agent_execution", skip(stop, failure_rate), err)]
 fn lead_agent(agent_name: &str, task: &str, stop: &Stop, failure_rate: f64) -> Result<(), AgentError> {
+    // Plans with a model of its own: those tokens are the lead's, its members' are theirs.
+    let (model, provider) = pick(&MODELS);
+    let _ = call_model(model, provider, Duration::from_millis(fastrand::u64(50..500)), stop);
     let mut failed = 0;
     for _ in 0..fastrand::usize(2..=3) {
         let (member, tasks) = pick(&TEAM);
@@ -162,6 +235,7 @@ struct Options {
     duration: Option<Duration>,
     rate: f64,
     burst: Option<(Duration, Duration)>,
+    prices: std::path::PathBuf,
 }
 
 fn parse_options() -> Result<Options, String> {
@@ -169,6 +243,7 @@ fn parse_options() -> Result<Options, String> {
         duration: None,
         rate: 2.0,
         burst: None,
+        prices: concat!(env!("CARGO_MANIFEST_DIR"), "/examples/prices.toml").into(),
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -201,9 +276,10 @@ fn parse_options() -> Result<Options, String> {
                     _ => return Err("--failure-burst takes START:SECS, such as 60:120".into()),
                 }
             }
+            "--prices" => options.prices = value("--prices")?.into(),
             "--help" | "-h" => {
                 return Err(
-                    "usage: agents [--duration SECS] [--rate EXECUTIONS_PER_SECOND] [--failure-burst START:SECS]"
+                    "usage: agents [--duration SECS] [--rate EXECUTIONS_PER_SECOND] [--failure-burst START:SECS] [--prices FILE]"
                         .into(),
                 );
             }
@@ -224,7 +300,15 @@ fn main() -> ExitCode {
     let has_collector = ["OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"]
         .iter()
         .any(|name| std::env::var_os(name).is_some_and(|v| !v.is_empty()));
+    let prices = match ModelPrices::from_file(&options.prices) {
+        Ok(prices) => prices,
+        Err(error) => {
+            eprintln!("{error}");
+            return ExitCode::from(2);
+        }
+    };
     let telemetry = AgentTelemetry::builder()
+        .with_model_prices(prices)
         .with_service_name("my-name-is-claude")
         .with_service_version("3.3.0")
         .with_log_dir("logs")
