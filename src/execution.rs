@@ -163,8 +163,8 @@ pub(crate) fn task_hash(task: &str) -> String {
 pub(crate) enum SpanRole {
     /// An agent execution: one of the agent span names.
     Agent,
-    /// A model call, with its operation ([`crate::gen_ai::MODEL_CALL_OPERATIONS`]).
-    ModelCall(&'static str),
+    /// A model call, with its operation.
+    ModelCall(crate::gen_ai::ModelCallOperation),
     /// Another GenAI span (its `gen_ai.operation.name` names no model call): traced only.
     GenAi,
 }

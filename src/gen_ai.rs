@@ -29,14 +29,38 @@ pub(crate) const OPERATION_FIELD: &str = "gen_ai.operation.name";
 
 /// The operations that are model calls: a span whose [`OPERATION_FIELD`] (or, without one,
 /// whose name) is one of these.
-pub(crate) const MODEL_CALL_OPERATIONS: [&str; 4] = ["chat", "text_completion", "generate_content", "embeddings"];
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ModelCallOperation {
+    Chat,
+    TextCompletion,
+    GenerateContent,
+    Embeddings,
+}
 
-/// The recognised model-call operation `text` names, if it names one.
-pub(crate) fn model_call_operation(text: &str) -> Option<&'static str> {
-    MODEL_CALL_OPERATIONS
-        .iter()
-        .copied()
-        .find(|operation| *operation == text)
+impl ModelCallOperation {
+    const ALL: [ModelCallOperation; 4] = [
+        ModelCallOperation::Chat,
+        ModelCallOperation::TextCompletion,
+        ModelCallOperation::GenerateContent,
+        ModelCallOperation::Embeddings,
+    ];
+
+    /// The conventions' value of [`OPERATION_FIELD`].
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            ModelCallOperation::Chat => "chat",
+            ModelCallOperation::TextCompletion => "text_completion",
+            ModelCallOperation::GenerateContent => "generate_content",
+            ModelCallOperation::Embeddings => "embeddings",
+        }
+    }
+}
+
+/// The model-call operation `text` names, if it names one.
+pub(crate) fn model_call_operation(text: &str) -> Option<ModelCallOperation> {
+    ModelCallOperation::ALL
+        .into_iter()
+        .find(|operation| operation.as_str() == text)
 }
 
 /// Whether spans of this callsite may be GenAI spans: named as a model-call operation, or

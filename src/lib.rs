@@ -13,6 +13,10 @@
 //!   `framework_memory_usage_bytes` and `framework_info`, served on `/metrics`;
 //! - one Filebeat-ready JSON log line carrying the span's `trace.id`.
 //!
+//! Beyond the guide, the model, provider and tokens an execution and its model calls record
+//! (in the OpenTelemetry GenAI conventions' names) become tokens, model calls and spend per
+//! agent and model in all three signals; spend needs [`ModelPrices`].
+//!
 //! ```
 //! use agent_telemetry::{AgentTelemetry, TracesExporter};
 //!

@@ -161,3 +161,17 @@ impl ThreadSpans {
         self.bytes = 0;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::FinishedSpan;
+
+    #[test]
+    fn a_finished_span_fits_two_cache_lines() {
+        assert!(
+            std::mem::size_of::<FinishedSpan>() <= 128,
+            "{}",
+            std::mem::size_of::<FinishedSpan>()
+        );
+    }
+}

@@ -84,7 +84,7 @@ impl SpanBuilder {
                 ]);
             }
             SpanRole::ModelCall(operation) => attributes.extend([
-                KeyValue::new(attributes::GEN_AI_OPERATION_NAME, operation),
+                KeyValue::new(attributes::GEN_AI_OPERATION_NAME, operation.as_str()),
                 KeyValue::new(attributes::OPENINFERENCE_SPAN_KIND, attributes::LLM_SPAN_KIND),
             ]),
             SpanRole::GenAi => {}
