@@ -153,6 +153,99 @@ fn round_trips_through_a_real_receiver() {
     }
 
     load_agrees_exactly_in_all_three_signals(&phoenix);
+    tokens_agree_exactly_in_all_three_signals(&phoenix);
+}
+
+/// A model call: a `chat` span with the GenAI fields, its usage recorded as it answers.
+#[tracing::instrument(
+    name = "chat",
+    skip_all,
+    fields(gen_ai.request.model = model, gen_ai.usage.input_tokens = tracing::field::Empty, gen_ai.usage.output_tokens = tracing::field::Empty),
+    err
+)]
+fn chat(model: &str, input: u64, output: u64) -> Result<(), String> {
+    if input == 0 {
+        return Err("rate limited".to_owned());
+    }
+    let span = tracing::Span::current();
+    span.record("gen_ai.usage.input_tokens", input);
+    span.record("gen_ai.usage.output_tokens", output);
+    Ok(())
+}
+
+#[tracing::instrument(name = "agent_execution")]
+fn thinking_agent(agent_name: &str, task: &str, seed: u64) {
+    let model = ["gpt-4o", "claude-sonnet-4"][(seed % 2) as usize];
+    let _ = chat(model, 500 + seed * 7, 100 + seed * 3);
+    let _ = chat(model, if seed.is_multiple_of(5) { 0 } else { 1_000 + seed }, 250);
+}
+
+/// Tokens: what Phoenix stores on the agent spans equals the counters and the log lines.
+fn tokens_agree_exactly_in_all_three_signals(phoenix: &Phoenix) {
+    let endpoint = format!("{}/v1/traces", phoenix.otlp_http_endpoint());
+    let prices = agent_telemetry::ModelPrices::new()
+        .with_model("gpt-4o", agent_telemetry::ModelPrice::per_million_tokens(2.5, 10.0));
+    let mut harness = Harness::otlp(&endpoint, |b| project(b, "spend").with_model_prices(prices));
+    const AGENTS: u64 = 20;
+    harness.run(|| {
+        for seed in 0..AGENTS {
+            thinking_agent(["planner", "coder"][(seed % 2) as usize], "Think", seed);
+        }
+    });
+    let _ = harness.telemetry().flush();
+    let scrape = harness.scrape();
+    let counted = |kind: &str| -> u64 {
+        scrape
+            .with_name("agent_tokens_total")
+            .filter(|sample| sample.labels.get("type").map(String::as_str) == Some(kind))
+            .map(|sample| sample.value as u64)
+            .sum()
+    };
+    let calls = scrape.sum("agent_model_calls_total") as usize;
+    let cost = scrape.sum("agent_cost_usd_total");
+    let (_, log_text) = harness.shutdown();
+    let lines: Vec<BTreeMap<String, Value>> = log_text.lines().map(|l| json_pairs(l).into_iter().collect()).collect();
+    let logged = |key: &str| -> u64 { lines.iter().map(|line| line[key].as_u64().unwrap()).sum() };
+    let logged_cost: f64 = lines.iter().filter_map(|line| line.get("cost_usd")?.as_f64()).sum();
+
+    let spans = phoenix.wait_for_project_spans("spend", AGENTS as usize * 3, Duration::from_secs(60));
+    assert_eq!(spans.len(), AGENTS as usize * 3, "agents and their calls");
+    let of_kind = |kind: &str| -> Vec<&Value> { spans.iter().filter(|s| s["span_kind"] == kind).collect() };
+    let (agents, llm) = (of_kind("AGENT"), of_kind("LLM"));
+    let stored =
+        |spans: &[&Value], key: &str| -> u64 { spans.iter().filter_map(|s| s["attributes"][key].as_u64()).sum() };
+    for (kind, key, log_key) in [
+        ("input", "llm.token_count.prompt", "input_tokens"),
+        ("output", "llm.token_count.completion", "output_tokens"),
+    ] {
+        let (stored_agents, stored_calls) = (stored(&agents, key), stored(&llm, key));
+        assert!(stored_agents > 0, "{key} stored");
+        assert_eq!(stored_agents, counted(kind), "{key}: Phoenix and /metrics");
+        assert_eq!(stored_agents, logged(log_key), "{key}: Phoenix and the log lines");
+        assert_eq!(stored_calls, stored_agents, "{key}: the calls add up to their agents");
+    }
+    assert_eq!(
+        stored(&agents, "llm.token_count.total"),
+        counted("input") + counted("output")
+    );
+    assert_eq!(llm.len(), calls, "every model call is an LLM span");
+    for call in &llm {
+        let parent = agents
+            .iter()
+            .find(|agent| agent["context"]["span_id"] == call["parent_id"])
+            .expect("an LLM span under its agent");
+        assert_eq!(parent["context"]["trace_id"], call["context"]["trace_id"]);
+        assert_eq!(
+            call["attributes"]["llm.model_name"],
+            call["attributes"]["gen_ai.request.model"]
+        );
+    }
+    let failed = llm.iter().filter(|s| s["status_code"] == "ERROR").count();
+    assert_eq!(failed, 4, "seeds 0, 5, 10, 15 fail their second call");
+    assert!(
+        cost > 0.0 && (cost - logged_cost).abs() < 1e-9,
+        "{cost} vs {logged_cost}"
+    );
 }
 
 const THREADS: usize = 4;
