@@ -145,6 +145,23 @@ fn agent_with_child() {
     black_box(&child);
 }
 
+/// An agent execution with two model calls, each a `chat` span with its model and usage.
+#[inline(never)]
+fn agent_with_model_calls() {
+    let span = tracing::info_span!("agent_execution", agent_name = "planner", task = "Plan the release");
+    let _entered = span.enter();
+    for (input, output) in [(1_200_u64, 300_u64), (800, 200)] {
+        let call = tracing::info_span!(
+            "chat",
+            gen_ai.request.model = "gpt-4o",
+            gen_ai.usage.input_tokens = input,
+            gen_ai.usage.output_tokens = output
+        );
+        let _call = call.enter();
+        black_box(&call);
+    }
+}
+
 // ---- the stacks ---------------------------------------------------------------------------
 
 enum Stack {
@@ -210,10 +227,13 @@ mod hand {
     use tracing_subscriber::registry::LookupSpan;
     use tracing_subscriber::Layer;
 
-    /// What a user writes: observe a histogram and a counter when an agent span closes.
+    /// What a user writes: observe a histogram and a counter when an agent span closes, and
+    /// count a model call's tokens under its agent when it closes.
     pub struct PrometheusLayer {
         pub duration: HistogramVec,
         pub executions: IntCounterVec,
+        pub tokens: IntCounterVec,
+        pub calls: IntCounterVec,
     }
 
     impl PrometheusLayer {
@@ -229,9 +249,26 @@ mod hand {
                 &["agent_name", "status"],
             )
             .unwrap();
+            let tokens = IntCounterVec::new(
+                Opts::new("agent_tokens_total", "Tokens"),
+                &["agent_name", "model", "type"],
+            )
+            .unwrap();
+            let calls = IntCounterVec::new(
+                Opts::new("agent_model_calls_total", "Model calls"),
+                &["agent_name", "model", "status"],
+            )
+            .unwrap();
             registry.register(Box::new(duration.clone())).unwrap();
             registry.register(Box::new(executions.clone())).unwrap();
-            PrometheusLayer { duration, executions }
+            registry.register(Box::new(tokens.clone())).unwrap();
+            registry.register(Box::new(calls.clone())).unwrap();
+            PrometheusLayer {
+                duration,
+                executions,
+                tokens,
+                calls,
+            }
         }
     }
 
@@ -256,8 +293,37 @@ mod hand {
         }
     }
 
+    #[derive(Default)]
+    struct Usage {
+        model: String,
+        input: u64,
+        output: u64,
+    }
+
+    impl Visit for Usage {
+        fn record_u64(&mut self, field: &Field, value: u64) {
+            match field.name() {
+                "gen_ai.usage.input_tokens" => self.input = value,
+                "gen_ai.usage.output_tokens" => self.output = value,
+                _ => {}
+            }
+        }
+        fn record_str(&mut self, field: &Field, value: &str) {
+            if field.name() == "gen_ai.request.model" {
+                self.model = value.to_owned();
+            }
+        }
+        fn record_debug(&mut self, _: &Field, _: &dyn std::fmt::Debug) {}
+    }
+
     impl<S: Subscriber + for<'a> LookupSpan<'a>> Layer<S> for PrometheusLayer {
         fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: Context<'_, S>) {
+            if attrs.metadata().name() == "chat" {
+                let mut usage = Usage::default();
+                attrs.record(&mut usage);
+                ctx.span(id).unwrap().extensions_mut().insert(usage);
+                return;
+            }
             if attrs.metadata().name() != "agent_execution" {
                 return;
             }
@@ -272,6 +338,23 @@ mod hand {
 
         fn on_close(&self, id: Id, ctx: Context<'_, S>) {
             let span = ctx.span(&id).unwrap();
+            let usage = span.extensions_mut().remove::<Usage>();
+            if let Some(usage) = usage {
+                let agent = span
+                    .scope()
+                    .skip(1)
+                    .find_map(|parent| parent.extensions().get::<Timing>().map(|t| t.agent_name.clone()))
+                    .unwrap_or_else(|| "unknown".into());
+                let model = usage.model.as_str();
+                self.tokens
+                    .with_label_values(&[agent.as_str(), model, "input"])
+                    .inc_by(usage.input);
+                self.tokens
+                    .with_label_values(&[agent.as_str(), model, "output"])
+                    .inc_by(usage.output);
+                self.calls.with_label_values(&[agent.as_str(), model, "success"]).inc();
+                return;
+            }
             let Some(timing) = span.extensions_mut().remove::<Timing>() else {
                 return;
             };
@@ -307,8 +390,9 @@ fn hand_assembled() -> Stack {
 
 // ---- measuring ----------------------------------------------------------------------------
 
-const WORKLOADS: [(&str, fn()); 6] = [
+const WORKLOADS: [(&str, fn()); 7] = [
     ("agent_execution", agent_execution),
+    ("agent_with_model_calls", agent_with_model_calls),
     ("unselected_span", unselected_span),
     ("agent_with_child", agent_with_child),
     ("agent_with_secret", agent_with_secret),
@@ -386,8 +470,9 @@ const INTERLEAVED_STACKS: [&str; 3] = ["none", "hand-assembled", "ours"];
 
 /// The one-thread targets: workload, the stack ours is compared with (and how the summary
 /// names it), and the most ours may cost as a share of it.
-const ONE_THREAD_TARGETS: [(&str, &str, &str, f64); 4] = [
+const ONE_THREAD_TARGETS: [(&str, &str, &str, f64); 5] = [
     ("agent_execution", "hand-assembled", "hand-assembled", 0.20),
+    ("agent_with_model_calls", "hand-assembled", "hand-assembled", 0.20),
     ("agent_with_child", "hand-assembled", "hand-assembled", 0.20),
     ("unselected_span", "none", "no subscriber", 1.20),
     ("async_agent_execution", "hand-assembled", "hand-assembled", 0.20),
