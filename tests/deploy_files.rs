@@ -81,7 +81,7 @@ fn the_glob_matcher_is_a_glob() {
 // ------------------------------------------------------------------------------------------
 
 /// Every series name the crate exposes (README, "What each signal looks like").
-const METRICS: [&str; 18] = [
+const METRICS: [&str; 27] = [
     "agent_executions_total",
     "agent_execution_duration_seconds_bucket",
     "agent_execution_duration_seconds_sum",
@@ -100,12 +100,23 @@ const METRICS: [&str; 18] = [
     "agent_telemetry_metrics_requests_malformed_total",
     "agent_telemetry_metrics_requests_unauthorized_total",
     "agent_telemetry_metrics_accept_errors_total",
+    "agent_tokens_total",
+    "agent_model_calls_total",
+    "agent_model_call_duration_seconds_bucket",
+    "agent_model_call_duration_seconds_sum",
+    "agent_model_call_duration_seconds_count",
+    "agent_cost_usd_total",
+    "agent_telemetry_unpriced_tokens_total",
+    "agent_telemetry_model_names_overflowed_total",
+    "agent_telemetry_usage_fields_invalid_total",
 ];
 
 /// Labels the series carry: the crate's, and what Prometheus adds.
-const LABELS: [&str; 9] = [
+const LABELS: [&str; 11] = [
     "agent_name",
     "status",
+    "model",
+    "type",
     "le",
     "version",
     "environment",
