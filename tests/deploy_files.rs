@@ -81,7 +81,7 @@ fn the_glob_matcher_is_a_glob() {
 // ------------------------------------------------------------------------------------------
 
 /// Every series name the crate exposes (README, "What each signal looks like").
-const METRICS: [&str; 18] = [
+const METRICS: [&str; 27] = [
     "agent_executions_total",
     "agent_execution_duration_seconds_bucket",
     "agent_execution_duration_seconds_sum",
@@ -100,12 +100,23 @@ const METRICS: [&str; 18] = [
     "agent_telemetry_metrics_requests_malformed_total",
     "agent_telemetry_metrics_requests_unauthorized_total",
     "agent_telemetry_metrics_accept_errors_total",
+    "agent_tokens_total",
+    "agent_model_calls_total",
+    "agent_model_call_duration_seconds_bucket",
+    "agent_model_call_duration_seconds_sum",
+    "agent_model_call_duration_seconds_count",
+    "agent_cost_usd_total",
+    "agent_telemetry_unpriced_tokens_total",
+    "agent_telemetry_model_names_overflowed_total",
+    "agent_telemetry_usage_fields_invalid_total",
 ];
 
 /// Labels the series carry: the crate's, and what Prometheus adds.
-const LABELS: [&str; 9] = [
+const LABELS: [&str; 11] = [
     "agent_name",
     "status",
+    "model",
+    "type",
     "le",
     "version",
     "environment",
@@ -523,6 +534,29 @@ fn check_output(path: &str, config: &Yaml) {
         Some("float"),
         "{path}"
     );
+    // What an execution used: typed, so that no first value decides (an integer cost_usd
+    // would make the field long for the day).
+    for (field, kind) in [
+        ("model", "keyword"),
+        ("input_tokens", "long"),
+        ("output_tokens", "long"),
+        ("cache_read_tokens", "long"),
+        ("cost_usd", "double"),
+        ("gen_ai.usage.cost_usd", "double"),
+    ] {
+        assert_eq!(fields.get(field).map(String::as_str), Some(kind), "{path}: {field}");
+    }
+    // ECS defines these (recent versions): a field defined twice makes Filebeat refuse the
+    // template.
+    for ecs in [
+        "gen_ai.agent.name",
+        "gen_ai.operation.name",
+        "gen_ai.request.model",
+        "gen_ai.usage.input_tokens",
+        "gen_ai.usage.output_tokens",
+    ] {
+        assert!(!fields.contains_key(ecs), "{path}: {ecs} is an ECS field");
+    }
 }
 
 fn append_fields(config: &Yaml) -> BTreeMap<String, String> {
@@ -781,6 +815,100 @@ fn check_line_for_filebeat(line: &str) -> BTreeMap<String, Value> {
     fields
 }
 
+/// What an execution used, in the guide's line: after `status`, in this order, each only
+/// when present.
+const GUIDE_USAGE_KEYS: [&str; 5] = [
+    "model",
+    "input_tokens",
+    "output_tokens",
+    "cache_read_tokens",
+    "cost_usd",
+];
+
+/// The same in the ECS profile.
+const ECS_USAGE_KEYS: [&str; 5] = [
+    "gen_ai.request.model",
+    "gen_ai.usage.input_tokens",
+    "gen_ai.usage.output_tokens",
+    "gen_ai.usage.cache_read.input_tokens",
+    "gen_ai.usage.cost_usd",
+];
+
+/// The usage fields `keys` (model, input, output, cache reads, cost) of a line, where
+/// present, have the JSON types the template maps them to: the model a string, token counts
+/// non-negative integers with the cache reads part of input, the cost a non-negative number.
+/// With `after`, they follow that key in the order of `keys`.
+fn check_usage_fields(line: &str, keys: [&str; 5], after: Option<&str>) {
+    let pairs = json_pairs(line);
+    let fields: BTreeMap<&str, &Value> = pairs.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    if let Some(model) = fields.get(keys[0]) {
+        assert!(model.as_str().is_some_and(|m| !m.is_empty()), "{}: {line}", keys[0]);
+    }
+    for key in &keys[1..4] {
+        if let Some(count) = fields.get(key) {
+            assert!(count.is_u64(), "{key} is not a non-negative integer: {line}");
+        }
+    }
+    if let (Some(input), Some(cached)) = (
+        fields.get(keys[1]).and_then(|v| v.as_u64()),
+        fields.get(keys[3]).and_then(|v| v.as_u64()),
+    ) {
+        assert!(cached <= input, "cache reads are part of input: {line}");
+    }
+    if let Some(cost) = fields.get(keys[4]) {
+        assert!(
+            cost.as_f64().is_some_and(|c| c.is_finite() && c >= 0.0),
+            "{} is not a non-negative number: {line}",
+            keys[4]
+        );
+    }
+    let positions: Vec<usize> = keys
+        .iter()
+        .filter_map(|key| pairs.iter().position(|(k, _)| k == key))
+        .collect();
+    if let Some(after) = after {
+        let at = pairs
+            .iter()
+            .position(|(k, _)| k == after)
+            .unwrap_or_else(|| panic!("{after} missing: {line}"));
+        assert!(
+            positions.windows(2).all(|w| w[0] < w[1]) && positions.iter().all(|&p| p > at),
+            "{keys:?} must follow {after}, in that order: {line}"
+        );
+    }
+}
+
+#[test]
+fn the_usage_field_check_rejects_what_it_should() {
+    let guide = |usage: &str| {
+        format!(
+            r#"{{"@timestamp":"2026-11-25T22:18:12.647Z","event":"agent_execution","agent_name":"a","task":"t","duration_seconds":0.5,"status":"success"{usage},"service.name":"s"}}"#
+        )
+    };
+    let ok = r#","model":"m","input_tokens":1834,"output_tokens":412,"cache_read_tokens":1024,"cost_usd":0.011682"#;
+    check_usage_fields(&guide(ok), GUIDE_USAGE_KEYS, Some("status"));
+    check_usage_fields(&guide(""), GUIDE_USAGE_KEYS, Some("status"));
+    let ecs = r#"{"@timestamp":"2026-11-25T22:18:12.647Z","gen_ai.request.model":"m","gen_ai.usage.input_tokens":10,"gen_ai.usage.cache_read.input_tokens":10,"gen_ai.usage.cost_usd":0}"#;
+    check_usage_fields(ecs, ECS_USAGE_KEYS, None);
+    for bad in [
+        r#","model":"","input_tokens":1"#,
+        r#","input_tokens":"1834""#,
+        r#","input_tokens":-1"#,
+        r#","output_tokens":4.5"#,
+        r#","input_tokens":10,"cache_read_tokens":11"#,
+        r#","cost_usd":"0.01""#,
+        r#","cost_usd":-0.01"#,
+        r#","output_tokens":1,"input_tokens":1"#,
+    ] {
+        let line = guide(bad);
+        let rejected = std::panic::catch_unwind(|| check_usage_fields(&line, GUIDE_USAGE_KEYS, Some("status")));
+        assert!(rejected.is_err(), "accepted {line}");
+    }
+    // Before status.
+    let early = guide("").replace(r#""status":"success""#, r#""model":"m","status":"success""#);
+    assert!(std::panic::catch_unwind(|| check_usage_fields(&early, GUIDE_USAGE_KEYS, Some("status"))).is_err());
+}
+
 /// The fingerprint that applies to a line under a configuration, and its value's inputs.
 fn fingerprint_key(path: &str, input: &Yaml, line: &str, fields: &BTreeMap<String, Value>) -> String {
     let keys: BTreeSet<String> = fields.keys().cloned().collect();
@@ -857,6 +985,10 @@ fn the_guide_lines_fit_the_filebeat_settings() {
                     traced,
                     "{line}"
                 );
+                check_usage_fields(line, GUIDE_USAGE_KEYS, Some("status"));
+                for ecs_key in ECS_USAGE_KEYS {
+                    assert!(!fields.contains_key(ecs_key), "{ecs_key} in the guide's line: {line}");
+                }
                 // Deduplication never merges two executions.
                 let id = fingerprint_key(path, input, line, &fields);
                 assert!(ids.insert(id.clone()), "{path}: two lines with _id of {id}");
@@ -926,9 +1058,13 @@ fn check_ecs_line(line: &str, traced: bool) {
         traced,
         "{line}"
     );
-    for guide_key in ["event", "duration_seconds", "agent_name", "status"] {
+    for guide_key in ["event", "duration_seconds", "agent_name", "status"]
+        .into_iter()
+        .chain(GUIDE_USAGE_KEYS)
+    {
         assert!(!fields.contains_key(guide_key), "{guide_key} in ECS: {line}");
     }
+    check_usage_fields(line, ECS_USAGE_KEYS, None);
 }
 
 // ------------------------------------------------------------------------------------------
