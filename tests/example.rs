@@ -109,8 +109,29 @@ fn the_main_job_produces_all_three_signals() {
     // Every execution reached the receiver, as an AGENT span with the guide's attributes,
     // under the ids its log line carries.
     let Some(phoenix) = phoenix else { return };
-    let spans = phoenix.wait_for_spans(lines.len(), Duration::from_secs(60));
+    // Beside the agents' spans, their model calls' LLM spans.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (spans, calls) = loop {
+        let (agents, others): (Vec<serde_json::Value>, Vec<serde_json::Value>) = phoenix
+            .spans()
+            .into_iter()
+            .partition(|span| span["span_kind"] == "AGENT");
+        if agents.len() >= lines.len() || Instant::now() > deadline {
+            break (agents, others);
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
     assert_eq!(spans.len(), lines.len(), "every span arrives, none twice");
+    assert!(!calls.is_empty(), "the agents' model calls arrive");
+    for call in &calls {
+        assert_eq!(call["span_kind"], "LLM", "{call}");
+        assert!(
+            spans
+                .iter()
+                .any(|agent| agent["context"]["span_id"] == call["parent_id"]),
+            "a model call under its agent: {call}"
+        );
+    }
     let received: BTreeSet<(String, String)> = spans
         .iter()
         .map(|s| {
