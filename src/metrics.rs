@@ -202,24 +202,25 @@ impl Metrics {
     pub(crate) fn record(&self, execution: &Execution) {
         self.record_execution(execution);
         if let Some(usage) = &execution.usage {
-            let agent = self.admitted(&execution.agent_name).name.clone();
-            self.spend.record_usage(&agent, usage);
+            self.spend
+                .record_usage(&execution.agent_name, &|name| self.agent_label(name), usage);
         }
     }
 
     /// Records a model call, and the tokens and spend of one outside any execution
     /// (`usage_to_count`).
     pub(crate) fn record_model_call(&self, call: &Execution, usage_to_count: Option<&Usage>) {
-        let agent = self.admitted(&call.agent_name).name.clone();
+        let admit = |name: &str| self.agent_label(name);
         let model = call
             .usage
             .as_ref()
             .and_then(|usage| usage.model.as_deref())
             .unwrap_or(UNKNOWN_MODEL);
+        let seconds = call.duration.as_secs_f64();
         self.spend
-            .record_call(&agent, model, call.status, call.duration.as_secs_f64());
+            .record_call(&call.agent_name, &admit, model, call.status, seconds);
         if let Some(usage) = usage_to_count {
-            self.spend.record_usage(&agent, usage);
+            self.spend.record_usage(&call.agent_name, &admit, usage);
         }
     }
 
@@ -261,6 +262,12 @@ impl Metrics {
             TelemetryStats::add(&self.stats.agent_names_overflowed, 1);
         }
         series
+    }
+
+    /// The `agent_name` label of `agent_name`: itself, or `__overflow__` once the cap is
+    /// reached.
+    fn agent_label(&self, agent_name: &str) -> KeyValue {
+        self.admitted(agent_name).name.clone()
     }
 
     /// The series of `agent_name`, or the overflow series once the cap is reached.

@@ -5,8 +5,11 @@
 //! labels are capped: `agent_name` by the executions' cap, `model` by its own; values past a
 //! cap are folded into `__overflow__` and counted.
 
+use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, OnceLock, PoisonError, RwLock};
+
+use thread_local::ThreadLocal;
 
 use opentelemetry::metrics::{BoundCounter, BoundHistogram, Counter, Histogram, Meter};
 use opentelemetry::KeyValue;
@@ -72,9 +75,24 @@ impl ModelSeries {
 /// One agent's series, by model.
 type ByModel = HashMap<Box<str>, Arc<ModelSeries>>;
 
+/// A series a thread used lately, by the agent name and model it was asked for.
+struct Recent {
+    agent: Box<str>,
+    model: Box<str>,
+    series: Arc<ModelSeries>,
+}
+
+/// How many series each thread keeps at hand.
+const RECENT: usize = 16;
+
+/// Turns an agent name into its label, capped.
+pub(crate) type AdmitAgent<'a> = &'a dyn Fn(&str) -> KeyValue;
+
 /// Tokens, model calls and spend, by agent and model.
 pub(crate) struct SpendMetrics {
     instruments: SpendInstruments,
+    /// Agents and models are few and repeat: each thread finds its series here without a lock.
+    recent: ThreadLocal<RefCell<Vec<Recent>>>,
     /// By agent name, then model.
     series: RwLock<HashMap<Box<str>, ByModel>>,
     /// The model names admitted under the cap.
@@ -115,6 +133,7 @@ impl SpendMetrics {
         };
         SpendMetrics {
             instruments,
+            recent: ThreadLocal::new(),
             series: RwLock::new(HashMap::new()),
             models: RwLock::new(HashSet::new()),
             max_models,
@@ -123,8 +142,8 @@ impl SpendMetrics {
         }
     }
 
-    /// Counts an execution's tokens and spend under `agent_name` (already capped).
-    pub(crate) fn record_usage(&self, agent_name: &KeyValue, usage: &Usage) {
+    /// Counts an execution's tokens and spend under `agent_name`, its label made by `admit`.
+    pub(crate) fn record_usage(&self, agent_name: &str, admit: AdmitAgent<'_>, usage: &Usage) {
         let to = &self.instruments;
         for ModelUsage {
             model,
@@ -132,15 +151,14 @@ impl SpendMetrics {
             cost_usd,
         } in &usage.by_model
         {
-            let (series, model_label) = self.series(agent_name, model);
+            let series = self.recent_series(agent_name, model, admit);
             series.add_tokens(&to.tokens, &series.input, "input", tokens.input);
             series.add_tokens(&to.tokens, &series.output, "output", tokens.output);
             series.add_tokens(&to.tokens, &series.cache_read, "cache_read", tokens.cache_read);
             match cost_usd {
                 Some(cost) => series.cost.get_or_init(|| to.cost.bind(&series.labels)).add(*cost),
                 None if self.priced && tokens.total() > 0 => {
-                    to.unpriced
-                        .add(tokens.total(), &[KeyValue::new("model", model_label.to_owned())]);
+                    to.unpriced.add(tokens.total(), &series.labels[1..]);
                 }
                 None => {}
             }
@@ -148,9 +166,16 @@ impl SpendMetrics {
     }
 
     /// Counts a model call that ended with `status` after `seconds`.
-    pub(crate) fn record_call(&self, agent_name: &KeyValue, model: &str, status: Status, seconds: f64) {
+    pub(crate) fn record_call(
+        &self,
+        agent_name: &str,
+        admit: AdmitAgent<'_>,
+        model: &str,
+        status: Status,
+        seconds: f64,
+    ) {
         let to = &self.instruments;
-        let (series, _) = self.series(agent_name, model);
+        let series = self.recent_series(agent_name, model, admit);
         let slot = match status {
             Status::Success => &series.succeeded,
             Status::Failure => &series.failed,
@@ -164,9 +189,40 @@ impl SpendMetrics {
             .record(seconds);
     }
 
-    /// The series of `agent_name` and `model`, and the model's label: `model` itself, or
-    /// [`OVERFLOW_AGENT_NAME`] past the cap.
-    fn series<'m>(&self, agent_name: &KeyValue, model: &'m str) -> (Arc<ModelSeries>, &'m str) {
+    /// The series of `agent_name` and `model`, from those the calling thread used lately.
+    fn recent_series(&self, agent_name: &str, model: &str, admit: AdmitAgent<'_>) -> Arc<ModelSeries> {
+        let recent = self.recent.get_or_default();
+        // Not borrowed: recording never calls back into itself.
+        if let Ok(recent) = recent.try_borrow() {
+            let found = recent
+                .iter()
+                .find(|known| *known.agent == *agent_name && *known.model == *model);
+            if let Some(known) = found {
+                return Arc::clone(&known.series);
+            }
+        }
+        let series = self.series(&admit(agent_name), model);
+        // Folded models are not kept: `model_label` counts each of their recordings.
+        let folded = series.labels[1].value.as_str() == OVERFLOW_AGENT_NAME && model != OVERFLOW_AGENT_NAME;
+        if folded {
+            return series;
+        }
+        if let Ok(mut recent) = recent.try_borrow_mut() {
+            if recent.len() == RECENT {
+                recent.remove(0);
+            }
+            recent.push(Recent {
+                agent: agent_name.into(),
+                model: model.into(),
+                series: Arc::clone(&series),
+            });
+        }
+        series
+    }
+
+    /// The series of `agent_name` (its label) and `model`; past the model cap, the model's
+    /// label is [`OVERFLOW_AGENT_NAME`].
+    fn series(&self, agent_name: &KeyValue, model: &str) -> Arc<ModelSeries> {
         let model = self.model_label(model);
         let agent = agent_name.value.as_str();
         // A poisoned lock only means another thread panicked mid-insert; the map is intact.
@@ -177,7 +233,7 @@ impl SpendMetrics {
             .get(agent.as_ref())
             .and_then(|models| models.get(model))
             .map(Arc::clone);
-        let series = found.unwrap_or_else(|| {
+        found.unwrap_or_else(|| {
             let mut series = self.series.write().unwrap_or_else(PoisonError::into_inner);
             let models = series.entry(agent.as_ref().into()).or_default();
             Arc::clone(
@@ -185,8 +241,7 @@ impl SpendMetrics {
                     .entry(model.into())
                     .or_insert_with(|| Arc::new(ModelSeries::new(agent_name.clone(), model))),
             )
-        });
-        (series, model)
+        })
     }
 
     /// `model`, or [`OVERFLOW_AGENT_NAME`] once `max_models` other names were admitted.
