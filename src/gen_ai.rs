@@ -237,7 +237,8 @@ pub(crate) struct Usage {
 /// An agent execution's usage as its model calls end, by model.
 #[derive(Debug, Default)]
 pub(crate) struct Rollup {
-    calls: Vec<(Arc<str>, Tokens)>,
+    /// By model, priced when finished.
+    calls: Vec<ModelUsage>,
     first_model: Option<Arc<str>>,
     first_provider: Option<Arc<str>>,
     has_tokens: bool,
@@ -279,36 +280,32 @@ impl Rollup {
         }
         let mut tokens = Tokens::default();
         let mut cost_usd = None::<f64>;
-        let by_model = calls
-            .into_iter()
-            .map(|(model, used)| {
-                tokens.add(used);
-                let cost = prices.and_then(|prices| prices.cost_usd(&model, used));
-                if let Some(cost) = cost {
-                    *cost_usd.get_or_insert(0.0) += cost;
-                }
-                ModelUsage {
-                    model,
-                    tokens: used,
-                    cost_usd: cost,
-                }
-            })
-            .collect();
+        for used in &mut calls {
+            tokens.add(used.tokens);
+            used.cost_usd = prices.and_then(|prices| prices.cost_usd(&used.model, used.tokens));
+            if let Some(cost) = used.cost_usd {
+                *cost_usd.get_or_insert(0.0) += cost;
+            }
+        }
         Some(Box::new(Usage {
             model,
             provider,
             has_tokens,
             tokens,
-            by_model,
+            by_model: calls,
             cost_usd,
         }))
     }
 }
 
-fn add_to(calls: &mut Vec<(Arc<str>, Tokens)>, model: &Arc<str>, tokens: Tokens) {
-    match calls.iter_mut().find(|(known, _)| known == model) {
-        Some((_, sum)) => sum.add(tokens),
-        None => calls.push((Arc::clone(model), tokens)),
+fn add_to(calls: &mut Vec<ModelUsage>, model: &Arc<str>, tokens: Tokens) {
+    match calls.iter_mut().find(|known| known.model == *model) {
+        Some(known) => known.tokens.add(tokens),
+        None => calls.push(ModelUsage {
+            model: Arc::clone(model),
+            tokens,
+            cost_usd: None,
+        }),
     }
 }
 
