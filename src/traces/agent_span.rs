@@ -18,12 +18,10 @@ use tracing_core::field::Field;
 use tracing_core::Metadata;
 use tracing_subscriber::field::RecordFields;
 
-use super::attributes;
-use super::batch::{FinishedSpan, RareParts};
+use super::batch::{FinishedSpan, RareParts, UsageText};
 use super::fields::{push_location, span_kind, EventFields, FieldSink, OtelValues, SplitFields};
 use super::span_queue::SpanQueue;
 use crate::execution::{Execution, ExecutionFields, SpanRole, TraceIds};
-use crate::gen_ai::Usage;
 use crate::scrub::Scrubber;
 
 /// Events kept per span, as the SDK's default span limits; the rest are counted as dropped.
@@ -182,10 +180,17 @@ impl AgentTracer {
     /// has an empty agent name and no task.
     pub(crate) fn export(&self, span: AgentSpan, role: SpanRole, mut execution: Execution) {
         let finished = span.finish(role, &mut execution);
+        let usage = execution.usage.as_deref().map(|usage| UsageText {
+            model: usage.model.as_deref().unwrap_or_default(),
+            provider: usage.provider.as_deref().unwrap_or_default(),
+            tokens: usage.tokens,
+            has_tokens: usage.has_tokens,
+        });
         self.queue.queue_agent(
             finished,
             &execution.agent_name,
             execution.task.as_deref().unwrap_or_default(),
+            usage,
         );
     }
 }
@@ -194,10 +199,7 @@ impl AgentSpan {
     /// The span's parts for building it elsewhere, with the execution's (its failure taken)
     /// but for its text, which [`AgentBatch::push`] adds. Its parent context is dropped here,
     /// on the thread that made it.
-    pub(crate) fn finish(mut self, role: SpanRole, execution: &mut Execution) -> FinishedSpan {
-        if let Some(usage) = &execution.usage {
-            self.set_usage(role, usage);
-        }
+    pub(crate) fn finish(self, role: SpanRole, execution: &mut Execution) -> FinishedSpan {
         let AgentSpan {
             parent: _,
             span_context,
@@ -244,6 +246,7 @@ impl AgentSpan {
             metadata,
             text: 0..0,
             has_task: execution.task.is_some(),
+            has_usage: false,
             agent_name_len: 0,
             end_time: execution.finished_at,
             duration: execution.duration,
@@ -271,39 +274,6 @@ impl AgentSpan {
 
     pub(crate) fn is_sampled(&self) -> bool {
         self.span_context.is_sampled()
-    }
-
-    /// The GenAI and OpenInference attributes of `usage`: an agent's totals, a model call's
-    /// own.
-    fn set_usage(&mut self, role: SpanRole, usage: &Usage) {
-        let name = |name: &Arc<str>| Value::String(Arc::clone(name).into());
-        if let Some(model) = &usage.model {
-            self.set_attribute(attributes::GEN_AI_REQUEST_MODEL, name(model));
-            if matches!(role, SpanRole::ModelCall(_)) {
-                self.set_attribute(attributes::LLM_MODEL_NAME, name(model));
-            }
-        }
-        if let Some(provider) = &usage.provider {
-            self.set_attribute(attributes::GEN_AI_PROVIDER_NAME, name(provider));
-            if matches!(role, SpanRole::ModelCall(_)) {
-                self.set_attribute(attributes::LLM_PROVIDER, name(provider));
-            }
-        }
-        if usage.has_tokens {
-            let count = |tokens: u64| Value::I64(i64::try_from(tokens).unwrap_or(i64::MAX));
-            let tokens = usage.tokens;
-            for (key, value) in [
-                (attributes::GEN_AI_USAGE_INPUT_TOKENS, tokens.input),
-                (attributes::GEN_AI_USAGE_OUTPUT_TOKENS, tokens.output),
-                (attributes::GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS, tokens.cache_read),
-                (attributes::LLM_TOKEN_COUNT_PROMPT, tokens.input),
-                (attributes::LLM_TOKEN_COUNT_COMPLETION, tokens.output),
-                (attributes::LLM_TOKEN_COUNT_TOTAL, tokens.total()),
-                (attributes::LLM_TOKEN_COUNT_PROMPT_CACHE_READ, tokens.cache_read),
-            ] {
-                self.set_attribute(key, count(value));
-            }
-        }
     }
 
     fn set_attribute(&mut self, key: &'static str, value: Value) {

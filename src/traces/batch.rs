@@ -11,6 +11,7 @@ use tracing_core::Metadata;
 
 use super::span_size;
 use crate::execution::{Failure, SpanRole, Status};
+use crate::gen_ai::Tokens;
 
 /// A closed agent span, as it crosses to the span processor's thread: what building it needs.
 /// Keep it under two cache lines when the span has nothing rare: what is rare goes in
@@ -31,10 +32,39 @@ pub(crate) struct FinishedSpan {
     pub(super) text: Range<usize>,
     /// Whether the task is captured: without, the span has no `task` attribute.
     pub(super) has_task: bool,
+    /// Whether its GenAI usage is in its batch's usages, in the order of the spans that have
+    /// one.
+    pub(super) has_usage: bool,
     pub(super) agent_name_len: usize,
     pub(super) end_time: SystemTime,
     pub(super) duration: Duration,
     pub(super) rare: Option<Box<RareParts>>,
+}
+
+/// A span's GenAI usage as the agent's thread gives it: the model and provider (empty when
+/// none was recorded) and the tokens.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct UsageText<'a> {
+    pub(crate) model: &'a str,
+    pub(crate) provider: &'a str,
+    pub(crate) tokens: Tokens,
+    /// Whether any token field was recorded (zero tokens are still shown then).
+    pub(crate) has_tokens: bool,
+}
+
+impl UsageText<'_> {
+    /// What the usage adds to a span: its names and the attributes' keys and numbers.
+    fn weight(&self) -> usize {
+        2 * (self.model.len() + self.provider.len()) + 256
+    }
+}
+
+/// A usage in a batch: its numbers, its names' lengths in the batch's text.
+struct UsageParts {
+    model_len: usize,
+    provider_len: usize,
+    tokens: Tokens,
+    has_tokens: bool,
 }
 
 /// A thread's finished agent spans, with their text in one buffer. Invariant: no text crosses
@@ -42,6 +72,8 @@ pub(crate) struct FinishedSpan {
 /// back to the agent's thread for reuse.
 pub(crate) struct AgentBatch {
     spans: Vec<FinishedSpan>,
+    /// The usages of the spans that have one, in their order.
+    usages: Vec<UsageParts>,
     text: String,
 }
 
@@ -53,17 +85,29 @@ impl AgentBatch {
     pub(crate) fn with_capacity(spans: usize) -> Self {
         AgentBatch {
             spans: Vec::with_capacity(spans),
+            usages: Vec::new(),
             text: String::with_capacity(spans.saturating_mul(64).min(Self::KEPT_TEXT_BYTES)),
         }
     }
 
-    /// Adds a finished span with its text.
-    pub(crate) fn push(&mut self, mut span: FinishedSpan, agent_name: &str, task: &str) {
+    /// Adds a finished span with its text and its usage.
+    pub(crate) fn push(&mut self, mut span: FinishedSpan, agent_name: &str, task: &str, usage: Option<UsageText<'_>>) {
         let start = self.text.len();
         self.text.push_str(agent_name);
         self.text.push_str(task);
+        if let Some(usage) = usage {
+            self.text.push_str(usage.model);
+            self.text.push_str(usage.provider);
+            self.usages.push(UsageParts {
+                model_len: usage.model.len(),
+                provider_len: usage.provider.len(),
+                tokens: usage.tokens,
+                has_tokens: usage.has_tokens,
+            });
+        }
         span.text = start..self.text.len();
         span.agent_name_len = agent_name.len();
+        span.has_usage = usage.is_some();
         self.spans.push(span);
     }
 
@@ -78,6 +122,7 @@ impl AgentBatch {
     /// Empties the batch, keeping its room.
     pub(crate) fn clear(&mut self) {
         self.spans.clear();
+        self.usages.clear();
         self.text.clear();
     }
 
@@ -86,18 +131,44 @@ impl AgentBatch {
         self.is_empty() && self.text.capacity() <= Self::KEPT_TEXT_BYTES
     }
 
-    /// Takes the spans out, in order, each with its agent's name and task. The text stays
-    /// until [`clear`](Self::clear), which every batch goes through before it is used again.
-    pub(crate) fn drain(&mut self) -> impl Iterator<Item = (FinishedSpan, &str, &str)> + '_ {
+    /// Takes the spans out, in order, each with its agent's name, task and usage. The text
+    /// and usages stay until [`clear`](Self::clear), which every batch goes through before it
+    /// is used again.
+    pub(crate) fn drain(&mut self) -> impl Iterator<Item = Drained<'_>> + '_ {
         let text = &self.text;
+        let mut usages = self.usages.iter();
         self.spans.drain(..).map(move |span| {
             // `push` set the ranges in this text, at char boundaries: a range that is not
             // would be a bug, and gives empty text rather than a panic.
             let own = text.get(span.text.clone()).unwrap_or_default();
-            let (agent_name, task) = own.split_at_checked(span.agent_name_len).unwrap_or_default();
-            (span, agent_name, task)
+            let (agent_name, rest) = own.split_at_checked(span.agent_name_len).unwrap_or_default();
+            let parts = if span.has_usage { usages.next() } else { None };
+            let Some(parts) = parts else {
+                return (span, agent_name, rest, None);
+            };
+            let names = parts.model_len + parts.provider_len;
+            let (task, names) = rest
+                .split_at_checked(rest.len().saturating_sub(names))
+                .unwrap_or_default();
+            let (model, provider) = names.split_at_checked(parts.model_len).unwrap_or_default();
+            let usage = UsageText {
+                model,
+                provider,
+                tokens: parts.tokens,
+                has_tokens: parts.has_tokens,
+            };
+            (span, agent_name, task, Some(usage))
         })
     }
+}
+
+/// A span taken out of its batch: the span, its agent's name, its task and its usage.
+pub(crate) type Drained<'a> = (FinishedSpan, &'a str, &'a str, Option<UsageText<'a>>);
+
+/// What a span weighs as queued: [`FinishedSpan::weight`], its agent's name (which it carries
+/// twice), its task and its usage.
+pub(crate) fn queued_weight(span: &FinishedSpan, agent_name: &str, task: &str, usage: Option<&UsageText<'_>>) -> usize {
+    span.weight() + 2 * agent_name.len() + task.len() + usage.map_or(0, UsageText::weight)
 }
 
 /// The parts most agent spans do not have, boxed only when one does.

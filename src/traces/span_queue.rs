@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
 use opentelemetry_sdk::trace::SpanData;
 
-use super::batch::{FinishedSpan, ThreadSpans};
+use super::batch::{queued_weight, FinishedSpan, ThreadSpans, UsageText};
 use super::export::CountingExporter;
 use super::handoff::{Handoff, Message, SPANS_PER_HANDOFF};
 use super::span_size;
@@ -109,10 +109,10 @@ impl SpanQueue {
 
     /// Queues an agent span with its text, built on the processor's thread. It waits in the
     /// calling thread's batch until the batch is full or the processor collects it.
-    pub(crate) fn queue_agent(&self, span: FinishedSpan, agent_name: &str, task: &str) {
+    pub(crate) fn queue_agent(&self, span: FinishedSpan, agent_name: &str, task: &str, usage: Option<UsageText<'_>>) {
         self.queue_mine(|mine| {
-            mine.bytes += span.weight() + 2 * agent_name.len() + task.len();
-            mine.agents.push(span, agent_name, task);
+            mine.bytes += queued_weight(&span, agent_name, task, usage.as_ref());
+            mine.agents.push(span, agent_name, task, usage);
         });
     }
 
@@ -293,6 +293,7 @@ mod tests {
     use crate::scrub::Scrubber;
     use crate::test_support::{execution, Warnings};
     use crate::traces::batch::AgentBatch;
+    use crate::traces::batch::UsageText;
     use crate::traces::export::Exporter;
     use crate::traces::handoff::MAX_ASKS_WAITING;
     use crate::traces::sdk_processor::SharedProcessor;
@@ -773,6 +774,7 @@ mod tests {
                 span.finish(SpanRole::Agent, &mut execution),
                 &execution.agent_name,
                 execution.task.as_deref().unwrap_or_default(),
+                None,
             );
             batch.clear();
             assert_eq!(
@@ -782,6 +784,44 @@ mod tests {
                 execution.task.as_deref().map_or(0, str::len)
             );
         }
+    }
+
+    #[test]
+    fn usages_cross_in_the_batch_each_with_its_own_span() {
+        let _subscriber = tracing::subscriber::set_default(tracing_subscriber::registry());
+        let (processor, _) = processor(InMemorySpanExporter::default(), 16, Duration::from_secs(3600));
+        let tracer = AgentTracer::new(
+            Arc::clone(&processor),
+            opentelemetry_sdk::trace::Sampler::AlwaysOn,
+            1024,
+            Arc::new(Scrubber::off()),
+        );
+        let usage = |model, provider, input| UsageText {
+            model,
+            provider,
+            tokens: crate::gen_ai::Tokens {
+                input,
+                output: 2,
+                cache_read: 1,
+            },
+            has_tokens: true,
+        };
+        let pushed = [
+            ("planner", "Plan", Some(usage("gpt-4o", "openai", 10))),
+            ("coder", "Code ü", None),
+            ("", "", Some(usage("claude-sonnet-4", "", 7))),
+            ("reviewer", "", Some(usage("", "", 0))),
+        ];
+        let mut batch = AgentBatch::with_capacity(4);
+        for (agent_name, task, usage) in pushed {
+            let (span, mut execution) = agent_span(&tracer, agent_name, task.to_owned());
+            batch.push(span.finish(SpanRole::Agent, &mut execution), agent_name, task, usage);
+        }
+        let drained: Vec<_> = batch
+            .drain()
+            .map(|(_, agent_name, task, usage)| (agent_name, task, usage))
+            .collect();
+        assert_eq!(drained, pushed);
     }
 
     #[test]

@@ -16,7 +16,7 @@ use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
 use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanExporter, SpanLinks};
 
 use super::attributes;
-use super::batch::{FinishedSpan, ThreadSpans};
+use super::batch::{queued_weight, FinishedSpan, ThreadSpans, UsageText};
 use super::export::CountingExporter;
 use super::fields::push_location;
 use super::handoff::{Handoff, Message};
@@ -68,10 +68,17 @@ impl SpanBuilder {
     /// The finished span, with the guide's, GenAI and OpenInference attributes of its role.
     /// The agent's name is this thread's shared copy, so the span thread frees only what it
     /// allocated.
-    pub(crate) fn build(&self, span: FinishedSpan, agent_name: &str, task: &str) -> SpanData {
+    pub(crate) fn build(
+        &self,
+        span: FinishedSpan,
+        agent_name: &str,
+        task: &str,
+        usage: Option<UsageText<'_>>,
+    ) -> SpanData {
         let rare = span.rare.map(|rare| *rare);
         let extra_attributes = rare.as_ref().map_or(0, |rare| rare.attributes.len());
-        let mut attributes = Vec::with_capacity(10 + extra_attributes);
+        let usage_attributes = if usage.is_some() { 11 } else { 0 };
+        let mut attributes = Vec::with_capacity(10 + extra_attributes + usage_attributes);
         match span.role {
             SpanRole::Agent => {
                 let agent_name = Value::String(shared_agent_name(agent_name).into());
@@ -88,6 +95,9 @@ impl SpanBuilder {
                 KeyValue::new(attributes::OPENINFERENCE_SPAN_KIND, attributes::LLM_SPAN_KIND),
             ]),
             SpanRole::GenAi => {}
+        }
+        if let Some(usage) = usage {
+            push_usage(&mut attributes, span.role, &usage);
         }
         if span.has_task {
             attributes.push(KeyValue::new(
@@ -134,6 +144,43 @@ impl SpanBuilder {
             status,
             instrumentation_scope: self.scope.clone(),
         }
+    }
+}
+
+/// The GenAI and OpenInference attributes of a span's usage: an agent's totals, a model call's
+/// own. The names are this thread's shared copies.
+fn push_usage(attributes: &mut Vec<KeyValue>, role: SpanRole, usage: &UsageText<'_>) {
+    let call = matches!(role, SpanRole::ModelCall(_));
+    let name = |text: &str| Value::String(shared_agent_name(text).into());
+    if !usage.model.is_empty() {
+        let model = name(usage.model);
+        if call {
+            attributes.push(KeyValue::new(attributes::LLM_MODEL_NAME, model.clone()));
+        }
+        attributes.push(KeyValue::new(attributes::GEN_AI_REQUEST_MODEL, model));
+    }
+    if !usage.provider.is_empty() {
+        let provider = name(usage.provider);
+        if call {
+            attributes.push(KeyValue::new(attributes::LLM_PROVIDER, provider.clone()));
+        }
+        attributes.push(KeyValue::new(attributes::GEN_AI_PROVIDER_NAME, provider));
+    }
+    if usage.has_tokens {
+        let count = |tokens: u64| Value::I64(i64::try_from(tokens).unwrap_or(i64::MAX));
+        let tokens = usage.tokens;
+        attributes.extend(
+            [
+                (attributes::GEN_AI_USAGE_INPUT_TOKENS, tokens.input),
+                (attributes::GEN_AI_USAGE_OUTPUT_TOKENS, tokens.output),
+                (attributes::GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS, tokens.cache_read),
+                (attributes::LLM_TOKEN_COUNT_PROMPT, tokens.input),
+                (attributes::LLM_TOKEN_COUNT_COMPLETION, tokens.output),
+                (attributes::LLM_TOKEN_COUNT_TOTAL, tokens.total()),
+                (attributes::LLM_TOKEN_COUNT_PROMPT_CACHE_READ, tokens.cache_read),
+            ]
+            .map(|(key, value)| KeyValue::new(key, count(value))),
+        );
     }
 }
 
@@ -305,10 +352,10 @@ impl SpanThread {
     /// spans it held.
     fn take_batch(&mut self, mut spans: Box<ThreadSpans>) -> usize {
         let taken = spans.len();
-        for (span, agent_name, task) in spans.agents.drain() {
+        for (span, agent_name, task, usage) in spans.agents.drain() {
             // Weighed as it was queued, without walking the built span again.
-            let bytes = span.weight() + 2 * agent_name.len() + task.len();
-            let span = self.spans.build(span, agent_name, task);
+            let bytes = queued_weight(&span, agent_name, task, usage.as_ref());
+            let span = self.spans.build(span, agent_name, task, usage);
             self.add(span, bytes);
         }
         for mut span in spans.built.drain(..) {
