@@ -151,7 +151,10 @@ fn panel_queries() -> Vec<(String, String)> {
                 let Some(expr) = target["expr"].as_str() else {
                     continue;
                 };
-                let expr = expr.replace("$agent_name", ".*").replace("$__rate_interval", "1m");
+                let expr = expr
+                    .replace("$agent_name", ".*")
+                    .replace("$__rate_interval", "1m")
+                    .replace("$__range", "1h");
                 assert!(!expr.contains('$'), "unknown variable in {expr}");
                 let name = format!("{} / {}", file.file_name().unwrap().to_string_lossy(), panel["title"]);
                 queries.push((name, expr));

@@ -240,8 +240,9 @@ fn promql_tokens(expr: &str) -> Vec<Token> {
     tokens
 }
 
-/// What makes an expression acceptable in a panel: known names only, `$__rate_interval` as
-/// the only variable outside label matchers, `$agent_name` only as `agent_name=~"$agent_name"`.
+/// What makes an expression acceptable in a panel: known names only, `$__rate_interval` and
+/// `$__range` (a panel's own time range, such as "today so far") as the only variables outside
+/// label matchers, `$agent_name` only as `agent_name=~"$agent_name"`.
 /// Returns what is wrong with it.
 fn expr_problem(expr: &str) -> Option<String> {
     let mut names = 0;
@@ -258,9 +259,9 @@ fn expr_problem(expr: &str) -> Option<String> {
                     return Some(format!("unknown name {name:?}"));
                 }
             }
-            Token::Var(var) if var != "$__rate_interval" => {
+            Token::Var(var) if var != "$__rate_interval" && var != "$__range" => {
                 return Some(format!(
-                    "{var}: only $__rate_interval may appear outside a label matcher"
+                    "{var}: only $__rate_interval and $__range may appear outside a label matcher"
                 ));
             }
             Token::Str(text) if text.contains('$') && text != "$agent_name" => {
