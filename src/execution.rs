@@ -2,7 +2,7 @@
 //! decided, and the record each closed execution becomes.
 
 use std::borrow::Cow;
-use std::cell::{Cell, RefCell};
+use std::cell::Cell;
 use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -12,7 +12,7 @@ use tracing_core::field::{Field, Visit};
 use crate::config::{Config, TaskCapture};
 use crate::gen_ai::{Rollup, Usage, UsageFields};
 use crate::scrub::{Scrubber, SCRUB_MARGIN};
-use crate::text::{cut, debug_text, MAX_LABEL_CHARS};
+use crate::text::{cut, debug_text, shared_name, unquote_debug, MAX_LABEL_CHARS};
 
 /// The `agent_name` recorded when a span carries none: the execution is still counted.
 pub(crate) const UNKNOWN_AGENT: &str = "unknown";
@@ -233,7 +233,7 @@ impl ExecutionFields {
     fn set(&mut self, field: &Field, value: &str) {
         match field.name() {
             "agent_name" | "agent.name" => {
-                self.agent_name = Some(shared_agent_name(&cut(value, MAX_LABEL_CHARS)));
+                self.agent_name = Some(shared_name(&cut(value, MAX_LABEL_CHARS)));
             }
             "task" => self.task = Some(cut(value, self.task_chars).into_owned()),
             "status" | "result.status" => self.status = Some(cut(value, MAX_LABEL_CHARS).into_owned()),
@@ -281,62 +281,6 @@ impl Visit for ExecutionFields {
             self.set(field, &unquote_debug(debug_text(value, max)));
         }
     }
-}
-
-/// Agent names are few and repeat: each thread keeps the ones it saw last and hands out a
-/// shared copy, so an execution costs no allocation for its name. The copies are the calling
-/// thread's own: no other thread's core writes their reference counts.
-pub(crate) fn shared_agent_name(name: &str) -> Arc<str> {
-    const KEPT: usize = 32;
-    thread_local! {
-        static RECENT: RefCell<Vec<Arc<str>>> = const { RefCell::new(Vec::new()) };
-    }
-    // Not `with`: during the thread's thread-local destructors the list may be gone.
-    RECENT
-        .try_with(|recent| {
-            let mut recent = recent.try_borrow_mut().ok()?;
-            if let Some(known) = recent.iter().find(|known| ***known == *name) {
-                return Some(Arc::clone(known));
-            }
-            let new: Arc<str> = Arc::from(name);
-            if recent.len() == KEPT {
-                recent.remove(0);
-            }
-            recent.push(Arc::clone(&new));
-            Some(new)
-        })
-        .ok()
-        .flatten()
-        .unwrap_or_else(|| Arc::from(name))
-}
-
-/// `?name` records `"backend"` with quotes and escapes; the signals want the text itself.
-pub(crate) fn unquote_debug(text: String) -> String {
-    let Some(inner) = text.strip_prefix('"').and_then(|t| t.strip_suffix('"')) else {
-        return text;
-    };
-    let mut out = String::with_capacity(inner.len());
-    let mut chars = inner.chars();
-    while let Some(c) = chars.next() {
-        if c != '\\' {
-            out.push(c);
-            continue;
-        }
-        match chars.next() {
-            Some('n') => out.push('\n'),
-            Some('t') => out.push('\t'),
-            Some('r') => out.push('\r'),
-            Some('0') => out.push('\0'),
-            Some('u') => {
-                // `\u{1f600}`: hex digits between braces.
-                let hex: String = chars.by_ref().skip(1).take_while(|&c| c != '}').collect();
-                out.extend(u32::from_str_radix(&hex, 16).ok().and_then(char::from_u32));
-            }
-            Some(other) => out.push(other),
-            None => out.push('\\'),
-        }
-    }
-    out
 }
 
 /// The text of an `ERROR` event: its `error` field (what `#[instrument(err)]` writes), else

@@ -17,9 +17,8 @@ use std::sync::Arc;
 use tracing_core::field::{Field, Visit};
 use tracing_core::Metadata;
 
-use crate::execution::{shared_agent_name, unquote_debug};
 use crate::prices::ModelPrices;
-use crate::text::{cut, debug_text, MAX_LABEL_CHARS};
+use crate::text::{cut, debug_text, shared_name, unquote_debug, MAX_LABEL_CHARS};
 
 /// The model label and field value when a span with tokens names no model.
 pub(crate) const UNKNOWN_MODEL: &str = "unknown";
@@ -69,26 +68,7 @@ pub(crate) fn may_be_gen_ai(metadata: &Metadata<'_>) -> bool {
     model_call_operation(metadata.name()).is_some() || metadata.fields().field(OPERATION_FIELD).is_some()
 }
 
-/// Token counts. `cache_read` is part of `input`.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Tokens {
-    pub input: u64,
-    pub output: u64,
-    pub cache_read: u64,
-}
-
-impl Tokens {
-    pub(crate) fn add(&mut self, other: Tokens) {
-        self.input = self.input.saturating_add(other.input);
-        self.output = self.output.saturating_add(other.output);
-        self.cache_read = self.cache_read.saturating_add(other.cache_read);
-    }
-
-    /// Input plus output: cache reads are already in the input.
-    pub(crate) fn total(self) -> u64 {
-        self.input.saturating_add(self.output)
-    }
-}
+pub(crate) use crate::prices::Tokens;
 
 /// The GenAI fields of a span, as recorded so far: model and provider cut at
 /// [`MAX_LABEL_CHARS`], tokens as the last valid value recorded.
@@ -177,7 +157,7 @@ impl UsageFields {
 
     /// A field's text value: a name, or an invalid token count.
     fn record_text(&mut self, field: &Field, text: &str) {
-        let label = || shared_agent_name(&cut(text, MAX_LABEL_CHARS));
+        let label = || shared_name(&cut(text, MAX_LABEL_CHARS));
         match field.name() {
             "model" | "gen_ai.request.model" => self.model = Some(label()),
             "provider" | "gen_ai.provider.name" => self.provider = Some(label()),

@@ -20,13 +20,12 @@ use tracing_core::{Dispatch, Event, Level, Metadata, Subscriber};
 use tracing_subscriber::layer::{Context, Layer};
 use tracing_subscriber::registry::{LookupSpan, SpanRef};
 
-use crate::execution::{
-    shared_agent_name, AgentSpanNames, ErrorText, Execution, ExecutionState, SpanRole, TextPolicy, UNKNOWN_AGENT,
-};
+use crate::execution::{AgentSpanNames, ErrorText, Execution, ExecutionState, SpanRole, TextPolicy, UNKNOWN_AGENT};
 use crate::gen_ai::{model_call_operation, Rollup, Usage, UsageFields, UNKNOWN_MODEL};
 use crate::logs::LineQueue;
 use crate::metrics::Metrics;
 use crate::prices::ModelPrices;
+use crate::text::shared_name;
 use crate::traces::{AgentSpan, AgentTracer};
 
 /// The signals a closed execution goes to; none depends on another.
@@ -305,7 +304,7 @@ where
                     .unwrap_or_else(|| Arc::from(UNKNOWN_AGENT)),
                 self.text.task(state.fields.task.take()),
             ),
-            SpanRole::ModelCall(_) | SpanRole::GenAi => (shared_agent_name(""), None),
+            SpanRole::ModelCall(_) | SpanRole::GenAi => (shared_name(""), None),
         };
         let mut execution = Execution {
             agent_name,

@@ -18,11 +18,31 @@ use toml::de::{DeTable, DeValue};
 use toml::Spanned;
 
 use crate::error::{Error, Result};
-use crate::gen_ai::Tokens;
 use crate::text::MAX_LABEL_CHARS;
 
 /// The largest prices file read: a price list of thousands of models fits many times over.
 const MAX_FILE_BYTES: u64 = 1024 * 1024;
+
+/// Token counts, as priced (and counted by `crate::gen_ai`). `cache_read` is part of `input`.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Tokens {
+    pub input: u64,
+    pub output: u64,
+    pub cache_read: u64,
+}
+
+impl Tokens {
+    pub(crate) fn add(&mut self, other: Tokens) {
+        self.input = self.input.saturating_add(other.input);
+        self.output = self.output.saturating_add(other.output);
+        self.cache_read = self.cache_read.saturating_add(other.cache_read);
+    }
+
+    /// Input plus output: cache reads are already in the input.
+    pub(crate) fn total(self) -> u64 {
+        self.input.saturating_add(self.output)
+    }
+}
 
 /// The price of one model's tokens, in USD per million.
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -2,7 +2,9 @@
 //! attributes and log fields are cut at a character boundary, `…` marking the cut.
 
 use std::borrow::Cow;
+use std::cell::RefCell;
 use std::fmt;
+use std::sync::Arc;
 
 /// The most characters a metric label value keeps (`agent_name`, the `framework_info`
 /// labels), and the log line's `agent_name` and `error.type`.
@@ -59,6 +61,62 @@ pub(crate) fn debug_text(value: &dyn fmt::Debug, max: usize) -> String {
         bounded.text.push('…');
     }
     bounded.text
+}
+
+/// Names (agents', models', providers') are few and repeat: each thread keeps the ones it
+/// saw last and hands out a shared copy, so a span costs no allocation for its names. The copies are the calling
+/// thread's own: no other thread's core writes their reference counts.
+pub(crate) fn shared_name(name: &str) -> Arc<str> {
+    const KEPT: usize = 32;
+    thread_local! {
+        static RECENT: RefCell<Vec<Arc<str>>> = const { RefCell::new(Vec::new()) };
+    }
+    // Not `with`: during the thread's thread-local destructors the list may be gone.
+    RECENT
+        .try_with(|recent| {
+            let mut recent = recent.try_borrow_mut().ok()?;
+            if let Some(known) = recent.iter().find(|known| ***known == *name) {
+                return Some(Arc::clone(known));
+            }
+            let new: Arc<str> = Arc::from(name);
+            if recent.len() == KEPT {
+                recent.remove(0);
+            }
+            recent.push(Arc::clone(&new));
+            Some(new)
+        })
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| Arc::from(name))
+}
+
+/// `?name` records `"backend"` with quotes and escapes; the signals want the text itself.
+pub(crate) fn unquote_debug(text: String) -> String {
+    let Some(inner) = text.strip_prefix('"').and_then(|t| t.strip_suffix('"')) else {
+        return text;
+    };
+    let mut out = String::with_capacity(inner.len());
+    let mut chars = inner.chars();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('n') => out.push('\n'),
+            Some('t') => out.push('\t'),
+            Some('r') => out.push('\r'),
+            Some('0') => out.push('\0'),
+            Some('u') => {
+                // `\u{1f600}`: hex digits between braces.
+                let hex: String = chars.by_ref().skip(1).take_while(|&c| c != '}').collect();
+                out.extend(u32::from_str_radix(&hex, 16).ok().and_then(char::from_u32));
+            }
+            Some(other) => out.push(other),
+            None => out.push('\\'),
+        }
+    }
+    out
 }
 
 #[cfg(test)]

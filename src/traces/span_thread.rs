@@ -23,10 +23,10 @@ use super::handoff::{Handoff, Message};
 use super::span_size;
 use crate::background::{self, Pacing};
 use crate::config::BatchSettings;
-use crate::execution::{shared_agent_name, SpanRole};
+use crate::execution::SpanRole;
 use crate::scrub::Scrubber;
 use crate::stats::TelemetryStats;
-use crate::text::cut;
+use crate::text::{cut, shared_name};
 
 /// Room made for an export batch before its spans come: the default batch (512) and more,
 /// but not whatever `OTEL_BSP_MAX_EXPORT_BATCH_SIZE` says (a batch of millions, or an
@@ -81,7 +81,7 @@ impl SpanBuilder {
         let mut attributes = Vec::with_capacity(10 + extra_attributes + usage_attributes);
         match span.role {
             SpanRole::Agent => {
-                let agent_name = Value::String(shared_agent_name(agent_name).into());
+                let agent_name = Value::String(shared_name(agent_name).into());
                 attributes.extend([
                     KeyValue::new(attributes::AGENT_NAME, agent_name.clone()),
                     KeyValue::new(attributes::RESULT_STATUS, span.status.as_str()),
@@ -151,7 +151,7 @@ impl SpanBuilder {
 /// own. The names are this thread's shared copies.
 fn push_usage(attributes: &mut Vec<KeyValue>, role: SpanRole, usage: &UsageText<'_>) {
     let call = matches!(role, SpanRole::ModelCall(_));
-    let name = |text: &str| Value::String(shared_agent_name(text).into());
+    let name = |text: &str| Value::String(shared_name(text).into());
     if !usage.model.is_empty() {
         let model = name(usage.model);
         if call {
