@@ -705,6 +705,16 @@ mod tests {
         tracer.export(span, SpanRole::Agent, execution);
     }
 
+    /// A tracer that samples every span into `queue`, with no scrubbing.
+    fn tracer_of(queue: &Arc<SpanQueue>) -> AgentTracer {
+        AgentTracer::new(
+            Arc::clone(queue),
+            opentelemetry_sdk::trace::Sampler::AlwaysOn,
+            1024,
+            Arc::new(Scrubber::off()),
+        )
+    }
+
     /// An agent span of `tracer`'s, and its execution, with `agent_name` and `task`.
     fn agent_span(tracer: &AgentTracer, agent_name: &str, task: String) -> (AgentSpan, Execution) {
         let span = tracing::info_span!("agent_execution");
@@ -721,12 +731,7 @@ mod tests {
     fn every_span_queued_while_the_processor_shuts_down_is_exported_or_counted() {
         let _subscriber = tracing::subscriber::set_default(tracing_subscriber::registry());
         let (processor, stats) = processor(InMemorySpanExporter::default(), 2048, Duration::from_secs(3600));
-        let tracer = AgentTracer::new(
-            Arc::clone(&processor),
-            opentelemetry_sdk::trace::Sampler::AlwaysOn,
-            1024,
-            Arc::new(Scrubber::off()),
-        );
+        let tracer = tracer_of(&processor);
         let (threads, per_thread) = (4, 50_000);
         std::thread::scope(|scope| {
             for thread in 0..threads {
@@ -761,12 +766,7 @@ mod tests {
     fn a_batch_whose_text_grew_past_its_room_is_not_kept() {
         let _subscriber = tracing::subscriber::set_default(tracing_subscriber::registry());
         let (processor, _) = processor(InMemorySpanExporter::default(), 16, Duration::from_secs(3600));
-        let tracer = AgentTracer::new(
-            Arc::clone(&processor),
-            opentelemetry_sdk::trace::Sampler::AlwaysOn,
-            1024,
-            Arc::new(Scrubber::off()),
-        );
+        let tracer = tracer_of(&processor);
         for (task, kept) in [("usual".to_owned(), true), ("long".repeat(10_000), false)] {
             let (span, mut execution) = agent_span(&tracer, "a", task);
             let mut batch = AgentBatch::with_capacity(4);
@@ -790,12 +790,7 @@ mod tests {
     fn usages_cross_in_the_batch_each_with_its_own_span() {
         let _subscriber = tracing::subscriber::set_default(tracing_subscriber::registry());
         let (processor, _) = processor(InMemorySpanExporter::default(), 16, Duration::from_secs(3600));
-        let tracer = AgentTracer::new(
-            Arc::clone(&processor),
-            opentelemetry_sdk::trace::Sampler::AlwaysOn,
-            1024,
-            Arc::new(Scrubber::off()),
-        );
+        let tracer = tracer_of(&processor);
         let usage = |model, provider, input| UsageText {
             model,
             provider,
@@ -830,12 +825,7 @@ mod tests {
         let _subscriber = tracing::subscriber::set_default(tracing_subscriber::registry());
         let exporter = InMemorySpanExporter::default();
         let (processor, stats) = processor(exporter.clone(), 2048, Duration::from_secs(3600));
-        let tracer = AgentTracer::new(
-            Arc::clone(&processor),
-            opentelemetry_sdk::trace::Sampler::AlwaysOn,
-            1024,
-            Arc::new(Scrubber::off()),
-        );
+        let tracer = tracer_of(&processor);
         // Fewer than a batch on some threads, several batches on others, agent spans and
         // every third iteration a built span among them; every thread has ended before the
         // flush.
