@@ -12,55 +12,11 @@ use tracing_core::field::{Field, Visit};
 use crate::config::{Config, TaskCapture};
 use crate::gen_ai::{Rollup, Usage, UsageFields};
 use crate::scrub::{Scrubber, SCRUB_MARGIN};
+pub(crate) use crate::status::Status;
 use crate::text::{cut, debug_text, shared_name, unquote_debug, MAX_LABEL_CHARS};
 
 /// The `agent_name` recorded when a span carries none: the execution is still counted.
 pub(crate) const UNKNOWN_AGENT: &str = "unknown";
-
-/// The outcome of one agent execution.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum Status {
-    /// The agent finished its task.
-    Success,
-    /// The agent failed: an explicit status, an `ERROR` event, or a panic.
-    Failure,
-    /// The agent's future was dropped before it completed: a timeout that ran out, a
-    /// `select!` branch that lost, an aborted task, a runtime shut down with it in flight (see
-    /// [`instrument`](crate::instrument)); or an explicit `cancelled` status.
-    Cancelled,
-}
-
-impl Status {
-    /// The label value: `success`, `failure` or `cancelled`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Status::Success => "success",
-            Status::Failure => "failure",
-            Status::Cancelled => "cancelled",
-        }
-    }
-
-    /// Normalises a user's status text: the usual words for success, `cancelled` (or
-    /// `canceled`), anything else failure.
-    pub(crate) fn from_text(text: &str) -> Status {
-        const SUCCESS: [&str; 7] = ["success", "succeeded", "successful", "ok", "completed", "done", "true"];
-        let text = text.trim();
-        if SUCCESS.iter().any(|s| text.eq_ignore_ascii_case(s)) {
-            Status::Success
-        } else if text.eq_ignore_ascii_case("cancelled") || text.eq_ignore_ascii_case("canceled") {
-            Status::Cancelled
-        } else {
-            Status::Failure
-        }
-    }
-}
-
-impl fmt::Display for Status {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
 
 /// Why an execution failed, in the order DESIGN.md ranks the sources.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -437,19 +393,6 @@ pub(crate) struct Execution {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn status_words() {
-        for s in ["success", "OK", " Completed ", "true"] {
-            assert_eq!(Status::from_text(s), Status::Success, "{s}");
-        }
-        for s in ["failure", "error", "timeout", ""] {
-            assert_eq!(Status::from_text(s), Status::Failure, "{s}");
-        }
-        for s in ["cancelled", "Canceled "] {
-            assert_eq!(Status::from_text(s), Status::Cancelled, "{s}");
-        }
-    }
 
     #[test]
     fn debug_strings_are_unquoted() {

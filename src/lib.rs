@@ -80,6 +80,7 @@ mod prices;
 pub mod propagation;
 mod scrub;
 mod stats;
+mod status;
 #[cfg(test)]
 mod test_support;
 mod text;
@@ -89,11 +90,11 @@ pub use agent_telemetry_macros::instrument;
 pub use cancellation::{AgentInstrument, ReportsCancellation};
 pub use config::{LogFormat, OtlpProtocol, TaskCapture, TracesExporter, DEFAULT_DURATION_BUCKETS};
 pub use error::{Error, Result};
-pub use execution::Status;
 pub use install::{AgentTelemetry, AgentTelemetryBuilder, TelemetryLayer};
 pub use metrics::{MetricsHandle, OVERFLOW_AGENT_NAME};
 pub use prices::{ModelPrice, ModelPrices};
 pub use scrub::{Scrubbing, REDACTED};
+pub use status::Status;
 
 /// What the [`instrument`] attribute expands to refers to; not part of the API.
 #[doc(hidden)]
