@@ -18,7 +18,12 @@ use tracing_core::field::{Field, Visit};
 use tracing_core::Metadata;
 
 use crate::prices::ModelPrices;
+use crate::status::Status;
 use crate::text::{cut, debug_text, shared_name, unquote_debug, MAX_LABEL_CHARS};
+
+/// The largest token count a field may carry: past 2^53 a Prometheus sample (a float) is no
+/// longer exact. A larger one is ignored and counted, as any invalid value.
+pub(crate) const MAX_TOKENS: u64 = 1 << 53;
 
 /// The model label and field value when a span with tokens names no model.
 pub(crate) const UNKNOWN_MODEL: &str = "unknown";
@@ -144,7 +149,7 @@ impl UsageFields {
             }
             return;
         };
-        let Some(value) = value else {
+        let Some(value) = value.filter(|value| *value <= MAX_TOKENS) else {
             self.invalid = self.invalid.saturating_add(1);
             return;
         };
@@ -201,7 +206,7 @@ pub(crate) struct ModelUsage {
 }
 
 /// What a closed agent execution used: its own fields plus its model calls'.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub(crate) struct Usage {
     /// The execution's own model, else its first model call's.
     pub model: Option<Arc<str>>,
@@ -212,80 +217,190 @@ pub(crate) struct Usage {
     pub by_model: Vec<ModelUsage>,
     /// The cost of the priced models' tokens; `None` when none was priced.
     pub cost_usd: Option<f64>,
+    /// The model calls that ended inside the execution, under their model as resolved when
+    /// it ended: counted then, under its final agent name.
+    pub calls: Vec<EndedCall<Arc<str>>>,
 }
 
-/// An agent execution's usage as its model calls end, by model.
+/// A model call that ended: its model (`M` is `Option` until resolved), its outcome and its
+/// duration.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct EndedCall<M> {
+    pub model: M,
+    pub status: Status,
+    pub seconds: f64,
+}
+
+/// The most model calls an execution holds until it ends; later ones are counted as they
+/// end, under the execution's name and model as recorded by then.
+pub(crate) const MAX_HELD_CALLS: usize = 4096;
+
+/// Tokens under a model; `None` until the enclosing span's model decides.
+type Part = (Option<Arc<str>>, Tokens);
+
+/// What an agent execution, or a model call with calls inside it, gathers from the model
+/// calls inside it as they end.
 #[derive(Debug, Default)]
 pub(crate) struct Rollup {
-    /// By model, priced when finished.
-    calls: Vec<ModelUsage>,
+    parts: Vec<Part>,
     first_model: Option<Arc<str>>,
     first_provider: Option<Arc<str>>,
     has_tokens: bool,
+    calls: Vec<EndedCall<Option<Arc<str>>>>,
+}
+
+/// What a model call hands to the span it ends in: its model and provider, and its tokens by
+/// model (its own when it recorded any, else those of the calls inside it).
+#[derive(Debug, Default)]
+pub(crate) struct CallUsage {
+    pub model: Option<Arc<str>>,
+    pub provider: Option<Arc<str>>,
+    pub has_tokens: bool,
+    parts: Vec<Part>,
+}
+
+impl CallUsage {
+    /// The call's usage for its own span, and for the metrics when it ends in no execution
+    /// (no model: `unknown`), priced by `prices`; `None` when it recorded nothing GenAI.
+    pub(crate) fn to_usage(&self, prices: Option<&ModelPrices>) -> Option<Box<Usage>> {
+        if !self.has_tokens && self.model.is_none() && self.provider.is_none() {
+            return None;
+        }
+        let mut rollup = Rollup::default();
+        rollup.add(self);
+        let fields = UsageFields {
+            model: self.model.clone(),
+            provider: self.provider.clone(),
+            ..UsageFields::default()
+        };
+        let mut usage = rollup.finish(&fields, prices)?;
+        usage.model.clone_from(&self.model);
+        Some(usage)
+    }
 }
 
 impl Rollup {
-    /// Adds a model call's usage under `model` (already resolved).
-    pub(crate) fn add_call(&mut self, model: &Arc<str>, provider: Option<&Arc<str>>, fields: &UsageFields) {
-        self.first_model.get_or_insert_with(|| Arc::clone(model));
-        if let Some(provider) = provider {
+    /// Adds what a model call inside it hands over.
+    pub(crate) fn add(&mut self, call: &CallUsage) {
+        if let Some(model) = &call.model {
+            self.first_model.get_or_insert_with(|| Arc::clone(model));
+        }
+        if let Some(provider) = &call.provider {
             self.first_provider.get_or_insert_with(|| Arc::clone(provider));
         }
-        if !fields.has_tokens() {
-            return;
+        self.has_tokens |= call.has_tokens;
+        for (model, tokens) in &call.parts {
+            add_to(&mut self.parts, model.as_ref(), *tokens);
         }
-        self.has_tokens = true;
-        add_to(&mut self.calls, model, fields.tokens());
     }
 
-    /// The execution's usage: its own `fields` (under its model, else `unknown`) plus its
-    /// calls', priced by `prices`. `None` when nothing GenAI was recorded.
+    /// Holds a model call that ended inside it until it ends itself; gives the call back when
+    /// [`MAX_HELD_CALLS`] are held.
+    pub(crate) fn hold(&mut self, call: EndedCall<Option<Arc<str>>>) -> Option<EndedCall<Option<Arc<str>>>> {
+        if self.calls.len() >= MAX_HELD_CALLS {
+            return Some(call);
+        }
+        self.calls.push(call);
+        None
+    }
+
+    /// What a model call with these `fields` hands over as it ends: its own tokens when it
+    /// recorded any (the calls inside it then reported the same request), else what the calls
+    /// inside it gathered, under its model where they named none.
+    pub(crate) fn into_call(self, fields: &UsageFields) -> CallUsage {
+        let model = fields.model.clone().or(self.first_model);
+        let provider = fields.provider.clone().or(self.first_provider);
+        if fields.has_tokens() {
+            return CallUsage {
+                parts: vec![(fields.model.clone(), fields.tokens())],
+                model,
+                provider,
+                has_tokens: true,
+            };
+        }
+        let mut parts = self.parts;
+        for (unnamed, _) in parts.iter_mut().filter(|(model, _)| model.is_none()) {
+            unnamed.clone_from(&fields.model);
+        }
+        CallUsage {
+            model,
+            provider,
+            has_tokens: self.has_tokens,
+            parts,
+        }
+    }
+
+    /// The execution's usage: its own `fields` plus its calls', each under its model, else the
+    /// execution's, else `unknown`; priced by `prices`. `None` when nothing GenAI was recorded.
     pub(crate) fn finish(self, fields: &UsageFields, prices: Option<&ModelPrices>) -> Option<Box<Usage>> {
         let Rollup {
-            mut calls,
+            mut parts,
             first_model,
             first_provider,
             has_tokens,
+            calls,
         } = self;
-        let own_model = fields.model.clone();
         if fields.has_tokens() {
-            let model = own_model.clone().unwrap_or_else(|| Arc::from(UNKNOWN_MODEL));
-            add_to(&mut calls, &model, fields.tokens());
+            add_to(&mut parts, None, fields.tokens());
         }
         let has_tokens = has_tokens || fields.has_tokens();
-        let model = own_model.or(first_model);
+        let own_model = fields.model.clone();
+        let model = own_model.clone().or(first_model);
         let provider = fields.provider.clone().or(first_provider);
-        if !has_tokens && model.is_none() && provider.is_none() {
+        if !has_tokens && model.is_none() && provider.is_none() && calls.is_empty() {
             return None;
         }
-        let mut tokens = Tokens::default();
-        let mut cost_usd = None::<f64>;
-        for used in &mut calls {
-            tokens.add(used.tokens);
-            used.cost_usd = prices.and_then(|prices| prices.cost_usd(&used.model, used.tokens));
-            if let Some(cost) = used.cost_usd {
-                *cost_usd.get_or_insert(0.0) += cost;
+        let resolve = |model: Option<Arc<str>>| {
+            model
+                .or_else(|| own_model.clone())
+                .unwrap_or_else(|| Arc::from(UNKNOWN_MODEL))
+        };
+        let mut by_model: Vec<ModelUsage> = Vec::with_capacity(parts.len());
+        for (model, tokens) in parts {
+            let model = resolve(model);
+            match by_model.iter_mut().find(|known| known.model == model) {
+                Some(known) => known.tokens.add(tokens),
+                None => by_model.push(ModelUsage {
+                    model,
+                    tokens,
+                    cost_usd: None,
+                }),
             }
         }
+        let mut total = Tokens::default();
+        let mut cost_usd = None::<f64>;
+        for used in &mut by_model {
+            total.add(used.tokens);
+            used.cost_usd = prices.and_then(|prices| prices.cost_usd(&used.model, used.tokens));
+            if let Some(cost) = used.cost_usd {
+                let sum = cost_usd.get_or_insert(0.0);
+                *sum = (*sum + cost).min(f64::MAX);
+            }
+        }
+        let calls = calls
+            .into_iter()
+            .map(|call| EndedCall {
+                model: resolve(call.model),
+                status: call.status,
+                seconds: call.seconds,
+            })
+            .collect();
         Some(Box::new(Usage {
             model,
             provider,
             has_tokens,
-            tokens,
-            by_model: calls,
+            tokens: total,
+            by_model,
             cost_usd,
+            calls,
         }))
     }
 }
 
-fn add_to(calls: &mut Vec<ModelUsage>, model: &Arc<str>, tokens: Tokens) {
-    match calls.iter_mut().find(|known| known.model == *model) {
-        Some(known) => known.tokens.add(tokens),
-        None => calls.push(ModelUsage {
-            model: Arc::clone(model),
-            tokens,
-            cost_usd: None,
-        }),
+fn add_to(parts: &mut Vec<Part>, model: Option<&Arc<str>>, tokens: Tokens) {
+    match parts.iter_mut().find(|(known, _)| known.as_ref() == model) {
+        Some((_, sum)) => sum.add(tokens),
+        None => parts.push((model.cloned(), tokens)),
     }
 }
 
@@ -334,27 +449,32 @@ mod tests {
         fields.record_i64(&field("input_tokens"), -1);
         fields.record_str(&field("output_tokens"), "12");
         fields.record_f64(&field("cache_read_tokens"), 1.5);
+        fields.record_u64(&field("input_tokens"), MAX_TOKENS + 1);
         fields.record_debug(&field("model"), &"gpt-4o");
         assert_eq!(fields.model.as_deref(), Some("gpt-4o"), "unquoted");
         assert!(!fields.has_tokens());
-        assert_eq!(fields.invalid, 3);
+        assert_eq!(fields.invalid, 4);
     }
 
     #[test]
     fn usage_rolls_up_by_model_and_is_priced() {
-        let (gpt, claude): (Arc<str>, Arc<str>) = (Arc::from("gpt-4o"), Arc::from("claude"));
-        let mut call = UsageFields::default();
-        call.record_count(&field("input_tokens"), Some(1_000_000));
-        call.record_count(&field("output_tokens"), Some(10));
-        call.record_count(&field("cache_read_tokens"), Some(400_000));
+        let call = |model: &str| {
+            let mut fields = UsageFields::default();
+            fields.record_text(&field("model"), model);
+            fields.record_count(&field("input_tokens"), Some(1_000_000));
+            fields.record_count(&field("output_tokens"), Some(10));
+            fields.record_count(&field("cache_read_tokens"), Some(400_000));
+            Rollup::default().into_call(&fields)
+        };
         let mut rollup = Rollup::default();
-        rollup.add_call(&gpt, None, &call);
-        rollup.add_call(&gpt, None, &call);
-        rollup.add_call(&claude, None, &call);
-        let own = UsageFields::default();
+        for model in ["gpt-4o", "gpt-4o", "claude"] {
+            rollup.add(&call(model));
+        }
         let prices =
             ModelPrices::new().with_model("gpt-4o", ModelPrice::per_million_tokens(2.0, 8.0).with_cache_read(1.0));
-        let usage = rollup.finish(&own, Some(&prices)).expect("usage was recorded");
+        let usage = rollup
+            .finish(&UsageFields::default(), Some(&prices))
+            .expect("usage was recorded");
         assert_eq!(usage.model.as_deref(), Some("gpt-4o"), "the first call's");
         assert_eq!(usage.tokens.input, 3_000_000);
         assert_eq!(usage.tokens.total(), 3_000_030, "cache reads are part of the input");
@@ -363,6 +483,60 @@ mod tests {
         let cost = 2.0 * (0.6 * 2.0 + 0.4 * 1.0 + 10.0 * 8.0 / 1e6);
         assert!((usage.cost_usd.unwrap() - cost).abs() < 1e-12, "{usage:?}");
         assert_eq!(usage.by_model[1].cost_usd, None, "claude has no price");
+    }
+
+    #[test]
+    fn a_call_inside_a_call_is_part_of_it_and_counted_once() {
+        let tokens = |input| {
+            let mut fields = UsageFields::default();
+            fields.record_count(&field("input_tokens"), Some(input));
+            fields
+        };
+        // The outer call recorded its tokens: the inner one's are the same request.
+        let mut outer = Rollup::default();
+        outer.add(&Rollup::default().into_call(&tokens(100)));
+        let reported = outer.into_call(&tokens(100));
+        // It recorded none: the inner one's are its own, under its model.
+        let mut quiet = Rollup::default();
+        quiet.add(&Rollup::default().into_call(&tokens(70)));
+        let mut named = UsageFields::default();
+        named.record_text(&field("model"), "gpt-4o");
+        let quiet = quiet.into_call(&named);
+        let mut agent = Rollup::default();
+        agent.add(&reported);
+        agent.add(&quiet);
+        let usage = agent.finish(&UsageFields::default(), None).unwrap();
+        assert_eq!(usage.tokens.input, 170);
+        let by_model: Vec<(&str, u64)> = usage
+            .by_model
+            .iter()
+            .map(|used| (&*used.model, used.tokens.input))
+            .collect();
+        assert_eq!(by_model, [(UNKNOWN_MODEL, 100), ("gpt-4o", 70)]);
+    }
+
+    #[test]
+    fn calls_are_held_until_the_execution_ends_and_resolved_to_its_model() {
+        let mut agent = Rollup::default();
+        for _ in 0..MAX_HELD_CALLS {
+            let held = agent.hold(EndedCall {
+                model: None,
+                status: Status::Success,
+                seconds: 0.5,
+            });
+            assert!(held.is_none());
+        }
+        let full = EndedCall {
+            model: None,
+            status: Status::Failure,
+            seconds: 1.0,
+        };
+        assert_eq!(agent.hold(full.clone()), Some(full), "given back once full");
+        let mut own = UsageFields::default();
+        own.record_text(&field("model"), "recorded-late");
+        let usage = agent.finish(&own, None).unwrap();
+        assert_eq!(usage.calls.len(), MAX_HELD_CALLS);
+        assert_eq!(&*usage.calls[0].model, "recorded-late");
     }
 
     #[test]

@@ -21,7 +21,7 @@ use tracing_subscriber::layer::{Context, Layer};
 use tracing_subscriber::registry::{LookupSpan, SpanRef};
 
 use crate::execution::{AgentSpanNames, ErrorText, Execution, ExecutionState, SpanRole, TextPolicy, UNKNOWN_AGENT};
-use crate::gen_ai::{model_call_operation, Rollup, Usage, UsageFields, UNKNOWN_MODEL};
+use crate::gen_ai::{model_call_operation, CallUsage, EndedCall, UsageFields, UNKNOWN_MODEL};
 use crate::logs::LineQueue;
 use crate::metrics::Metrics;
 use crate::prices::ModelPrices;
@@ -324,26 +324,34 @@ where
                 self.signals.lines.write_line(&execution);
             }
             SpanRole::ModelCall(_) => {
-                let fields = &state.fields.usage;
-                let rolled_up = roll_up(&closing, fields);
+                let call = std::mem::take(&mut state.rollup).into_call(&state.fields.usage);
+                let ended = EndedCall {
+                    model: call.model.clone(),
+                    status,
+                    seconds: duration.as_secs_f64(),
+                };
+                let handed = hand_over(&closing, &call, ended);
                 drop(closing);
-                let in_execution = rolled_up.is_some();
-                let (agent_name, model) = rolled_up.unwrap_or_else(|| {
-                    let model = fields.model.clone();
-                    (
-                        Arc::from(UNKNOWN_AGENT),
-                        model.unwrap_or_else(|| Arc::from(UNKNOWN_MODEL)),
-                    )
-                });
-                execution.agent_name = agent_name;
-                execution.usage = own_usage(Some(model), fields, self.prices.as_ref());
-                // Outside any execution its tokens are counted here, under `unknown`.
-                let uncounted = (!in_execution).then_some(execution.usage.as_deref()).flatten();
-                self.signals.metrics.record_model_call(&execution, uncounted);
+                let metrics = &self.signals.metrics;
+                match handed {
+                    HandedOver::Held | HandedOver::IntoCall => execution.usage = call.to_usage(None),
+                    HandedOver::Full { agent_name, model } => {
+                        execution.usage = call.to_usage(None);
+                        metrics.record_model_call(&agent_name, &model, status, duration, None);
+                    }
+                    // Outside any execution: counted now, under `unknown`, tokens and all.
+                    HandedOver::Nowhere => {
+                        execution.usage = call.to_usage(self.prices.as_ref());
+                        let model = call.model.as_deref().unwrap_or(UNKNOWN_MODEL);
+                        let usage = execution.usage.as_deref();
+                        metrics.record_model_call(UNKNOWN_AGENT, model, status, duration, usage);
+                    }
+                }
             }
             SpanRole::GenAi => {
                 drop(closing);
-                execution.usage = own_usage(state.fields.usage.model.clone(), &state.fields.usage, None);
+                let own = std::mem::take(&mut state.rollup).into_call(&state.fields.usage);
+                execution.usage = own.to_usage(None);
             }
         }
         if let (Some(tracer), Some(span)) = (&self.signals.tracer, span.filter(AgentSpan::is_sampled)) {
@@ -446,7 +454,7 @@ where
         if let Some(running) = span
             .extensions_mut()
             .get_mut::<Running>()
-            .filter(|running| running.role == SpanRole::Agent)
+            .filter(|running| running.role != SpanRole::GenAi)
         {
             running.execution.cancelled = true;
             return true;
@@ -472,40 +480,56 @@ where
     }
 }
 
-/// Adds a model call's usage to the nearest agent execution above `call`: its model
-/// (else the execution's, else `unknown`) and the execution's agent name. `None` when the
-/// call is in no execution.
-fn roll_up<S>(call: &SpanRef<'_, S>, fields: &UsageFields) -> Option<(Arc<str>, Arc<str>)>
+/// Where a model call's usage went as it ended.
+enum HandedOver {
+    /// To the nearest agent execution above it, which counts the call when it ends.
+    Held,
+    /// To a model call it was made inside, as part of that call.
+    IntoCall,
+    /// To its execution, which holds [`MAX_HELD_CALLS`](crate::gen_ai::MAX_HELD_CALLS) already: the call is counted now, under
+    /// the execution's name and model as recorded so far.
+    Full { agent_name: Arc<str>, model: Arc<str> },
+    /// Nowhere: it ended in no execution.
+    Nowhere,
+}
+
+/// Hands a model call's usage to the nearest agent execution or model call above `call_span`
+/// (other GenAI spans are passed by).
+fn hand_over<S>(call_span: &SpanRef<'_, S>, call: &CallUsage, ended: EndedCall<Option<Arc<str>>>) -> HandedOver
 where
     S: Subscriber + for<'a> LookupSpan<'a>,
 {
-    for span in call.scope().skip(1) {
+    for span in call_span.scope().skip(1) {
         let mut extensions = span.extensions_mut();
-        let Some(agent) = extensions
-            .get_mut::<Running>()
-            .filter(|running| running.role == SpanRole::Agent)
-        else {
+        let Some(running) = extensions.get_mut::<Running>() else {
             continue;
         };
-        let state = &mut agent.execution;
-        let model = fields
-            .model
-            .clone()
-            .or_else(|| state.fields.usage.model.clone())
-            .unwrap_or_else(|| Arc::from(UNKNOWN_MODEL));
-        state.rollup.add_call(&model, fields.provider.as_ref(), fields);
-        let agent_name = state.fields.agent_name.clone();
-        return Some((agent_name.unwrap_or_else(|| Arc::from(UNKNOWN_AGENT)), model));
+        let state = &mut running.execution;
+        match running.role {
+            SpanRole::GenAi => {}
+            SpanRole::ModelCall(_) => {
+                state.rollup.add(call);
+                return HandedOver::IntoCall;
+            }
+            SpanRole::Agent => {
+                state.rollup.add(call);
+                let Some(ended) = state.rollup.hold(ended) else {
+                    return HandedOver::Held;
+                };
+                let unknown = |name: &str| Arc::from(name);
+                return HandedOver::Full {
+                    agent_name: state
+                        .fields
+                        .agent_name
+                        .clone()
+                        .unwrap_or_else(|| unknown(UNKNOWN_AGENT)),
+                    model: ended
+                        .model
+                        .or_else(|| state.fields.usage.model.clone())
+                        .unwrap_or_else(|| unknown(UNKNOWN_MODEL)),
+                };
+            }
+        }
     }
-    None
-}
-
-/// A model call's or GenAI span's own usage under `model`, priced by `prices`.
-fn own_usage(model: Option<Arc<str>>, fields: &UsageFields, prices: Option<&ModelPrices>) -> Option<Box<Usage>> {
-    let mut rollup = Rollup::default();
-    match model {
-        Some(model) => rollup.add_call(&model, fields.provider.as_ref(), fields),
-        None => return rollup.finish(fields, prices),
-    }
-    rollup.finish(&UsageFields::default(), prices)
+    HandedOver::Nowhere
 }

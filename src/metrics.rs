@@ -9,6 +9,7 @@ mod thread_series;
 use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, OnceLock, PoisonError, RwLock};
+use std::time::Duration;
 
 use opentelemetry::metrics::{BoundCounter, BoundHistogram, Gauge, Meter, MeterProvider as _};
 use opentelemetry::KeyValue;
@@ -19,7 +20,7 @@ use prometheus::{Encoder, TextEncoder};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::execution::{Execution, Status};
-use crate::gen_ai::{Usage, UNKNOWN_MODEL};
+use crate::gen_ai::Usage;
 use crate::per_thread::PerThread;
 use crate::stats::TelemetryStats;
 use crate::text::{cut, MAX_LABEL_CHARS};
@@ -202,25 +203,30 @@ impl Metrics {
     pub(crate) fn record(&self, execution: &Execution) {
         self.record_execution(execution);
         if let Some(usage) = &execution.usage {
-            self.spend
-                .record_usage(&execution.agent_name, &|name| self.agent_label(name), usage);
+            let (agent_name, admit) = (&execution.agent_name, &|name: &str| self.agent_label(name));
+            self.spend.record_usage(agent_name, admit, usage);
+            for call in &usage.calls {
+                self.spend
+                    .record_call(agent_name, admit, &call.model, call.status, call.seconds);
+            }
         }
     }
 
-    /// Records a model call, and the tokens and spend of one outside any execution
-    /// (`usage_to_count`).
-    pub(crate) fn record_model_call(&self, call: &Execution, usage_to_count: Option<&Usage>) {
+    /// Records a model call counted as it ended (not by its execution), and, for one
+    /// outside any execution, its tokens and spend (`usage_to_count`).
+    pub(crate) fn record_model_call(
+        &self,
+        agent_name: &str,
+        model: &str,
+        status: Status,
+        duration: Duration,
+        usage_to_count: Option<&Usage>,
+    ) {
         let admit = |name: &str| self.agent_label(name);
-        let model = call
-            .usage
-            .as_ref()
-            .and_then(|usage| usage.model.as_deref())
-            .unwrap_or(UNKNOWN_MODEL);
-        let seconds = call.duration.as_secs_f64();
         self.spend
-            .record_call(&call.agent_name, &admit, model, call.status, seconds);
+            .record_call(agent_name, &admit, model, status, duration.as_secs_f64());
         if let Some(usage) = usage_to_count {
-            self.spend.record_usage(&call.agent_name, &admit, usage);
+            self.spend.record_usage(agent_name, &admit, usage);
         }
     }
 

@@ -311,3 +311,103 @@ fn a_malformed_prices_file_is_an_error_naming_the_variable_and_the_line() {
     assert!(message.contains("AGENT_TELEMETRY_PRICES"), "{message}");
     assert!(message.contains("line 3"), "{message}");
 }
+
+#[test]
+fn calls_count_under_the_names_their_execution_records_last() {
+    let harness = Harness::new();
+    harness.run(|| {
+        let agent = tracing::info_span!(
+            "agent_execution",
+            agent_name = tracing::field::Empty,
+            model = tracing::field::Empty
+        );
+        agent.in_scope(|| {
+            // Before the execution names itself or its model.
+            tracing::info_span!("chat", input_tokens = 10_u64).in_scope(|| {});
+        });
+        agent.record("agent_name", "late-namer");
+        agent.record("model", "gpt-4o");
+    });
+    let scrape = harness.scrape();
+    let labels = [("agent_name", "late-namer"), ("model", "gpt-4o")];
+    assert_eq!(
+        scrape.value(
+            "agent_model_calls_total",
+            &[labels[0], labels[1], ("status", "success")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        scrape.value("agent_tokens_total", &[labels[0], labels[1], ("type", "input")]),
+        Some(10.0)
+    );
+    assert_eq!(
+        scrape.with_name("agent_model_calls_total").count(),
+        1,
+        "no `unknown` series"
+    );
+}
+
+#[test]
+fn a_call_made_inside_a_call_is_counted_once() {
+    let harness = Harness::new();
+    harness.run(|| {
+        tracing::info_span!("agent_execution", agent_name = "wrapper", model = "gpt-4o").in_scope(|| {
+            // An application's call span around a client library's own, both with the usage.
+            tracing::info_span!("chat", input_tokens = 300_u64, output_tokens = 20_u64).in_scope(|| {
+                tracing::info_span!(
+                    "chat",
+                    gen_ai.usage.input_tokens = 300_u64,
+                    gen_ai.usage.output_tokens = 20_u64
+                )
+                .in_scope(|| {});
+            });
+        });
+    });
+    let scrape = harness.scrape();
+    let labels = [("agent_name", "wrapper"), ("model", "gpt-4o")];
+    assert_eq!(
+        scrape.value("agent_tokens_total", &[labels[0], labels[1], ("type", "input")]),
+        Some(300.0)
+    );
+    assert_eq!(scrape.sum("agent_model_calls_total"), 1.0);
+    assert!(harness.log_lines()[0].contains(r#""input_tokens":300,"output_tokens":20"#));
+}
+
+/// A model call annotated like an agent, so that a dropped one is reported as cancelled.
+#[agent_telemetry::instrument(name = "chat", skip_all, fields(model = "gpt-4o"))]
+async fn slow_chat() -> Result<(), String> {
+    tokio::time::sleep(std::time::Duration::from_secs(30)).await;
+    Ok(())
+}
+
+#[agent_telemetry::instrument]
+async fn impatient(agent_name: &str) -> Result<(), String> {
+    let timed_out = tokio::time::timeout(std::time::Duration::from_millis(20), slow_chat()).await;
+    assert!(timed_out.is_err());
+    Ok(())
+}
+
+#[test]
+fn a_model_call_that_times_out_is_cancelled_and_its_execution_is_not() {
+    let harness = Harness::new();
+    let runtime = harness.runtime(2);
+    harness.run(|| runtime.block_on(impatient("impatient")).unwrap());
+    drop(runtime);
+    let scrape = harness.scrape();
+    let labels = [("agent_name", "impatient"), ("model", "gpt-4o")];
+    assert_eq!(
+        scrape.value(
+            "agent_model_calls_total",
+            &[labels[0], labels[1], ("status", "cancelled")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        scrape.value(
+            "agent_executions_total",
+            &[("agent_name", "impatient"), ("status", "success")]
+        ),
+        Some(1.0)
+    );
+}

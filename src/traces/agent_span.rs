@@ -177,7 +177,7 @@ impl AgentTracer {
 
     /// Queues the finished span for export, built on the span thread. Only sampled
     /// spans come here: the layer sends no other. A model call's or GenAI span's `execution`
-    /// has an empty agent name and no task.
+    /// has no task, and its agent name is not used.
     pub(crate) fn export(&self, span: AgentSpan, role: SpanRole, mut execution: Execution) {
         let finished = span.finish(role, &mut execution);
         let usage = execution.usage.as_deref().map(|usage| UsageText {
