@@ -260,10 +260,35 @@ pub(crate) struct CallUsage {
 }
 
 impl CallUsage {
-    /// The call's usage for its own span, and for the metrics when it ends in no execution
-    /// (no model: `unknown`), priced by `prices`; `None` when it recorded nothing GenAI.
-    pub(crate) fn to_usage(&self, prices: Option<&ModelPrices>) -> Option<Box<Usage>> {
-        if !self.has_tokens && self.model.is_none() && self.provider.is_none() {
+    /// Whether the call recorded anything GenAI.
+    fn is_empty(&self) -> bool {
+        !self.has_tokens && self.model.is_none() && self.provider.is_none()
+    }
+
+    /// The call's usage for its own span: its model, provider and total tokens. `None` when
+    /// it recorded nothing GenAI.
+    pub(crate) fn span_usage(&self) -> Option<Box<Usage>> {
+        if self.is_empty() {
+            return None;
+        }
+        let mut tokens = Tokens::default();
+        for (_, part) in &self.parts {
+            tokens.add(*part);
+        }
+        Some(Box::new(Usage {
+            model: self.model.clone(),
+            provider: self.provider.clone(),
+            has_tokens: self.has_tokens,
+            tokens,
+            ..Usage::default()
+        }))
+    }
+
+    /// The call's usage for its span and for the metrics, by model (no model: `unknown`) and
+    /// priced by `prices`: for a call that ended in no execution. `None` when it recorded
+    /// nothing GenAI.
+    pub(crate) fn counted_usage(&self, prices: Option<&ModelPrices>) -> Option<Box<Usage>> {
+        if self.is_empty() {
             return None;
         }
         let mut rollup = Rollup::default();

@@ -334,14 +334,14 @@ where
                 drop(closing);
                 let metrics = &self.signals.metrics;
                 match handed {
-                    HandedOver::Held | HandedOver::IntoCall => execution.usage = call.to_usage(None),
+                    HandedOver::Held | HandedOver::IntoCall => execution.usage = call.span_usage(),
                     HandedOver::Full { agent_name, model } => {
-                        execution.usage = call.to_usage(None);
+                        execution.usage = call.span_usage();
                         metrics.record_model_call(&agent_name, &model, status, duration, None);
                     }
                     // Outside any execution: counted now, under `unknown`, tokens and all.
                     HandedOver::Nowhere => {
-                        execution.usage = call.to_usage(self.prices.as_ref());
+                        execution.usage = call.counted_usage(self.prices.as_ref());
                         let model = call.model.as_deref().unwrap_or(UNKNOWN_MODEL);
                         let usage = execution.usage.as_deref();
                         metrics.record_model_call(UNKNOWN_AGENT, model, status, duration, usage);
@@ -351,7 +351,7 @@ where
             SpanRole::GenAi => {
                 drop(closing);
                 let own = std::mem::take(&mut state.rollup).into_call(&state.fields.usage);
-                execution.usage = own.to_usage(None);
+                execution.usage = own.span_usage();
             }
         }
         if let (Some(tracer), Some(span)) = (&self.signals.tracer, span.filter(AgentSpan::is_sampled)) {

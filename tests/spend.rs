@@ -411,3 +411,32 @@ fn a_model_call_that_times_out_is_cancelled_and_its_execution_is_not() {
         Some(1.0)
     );
 }
+
+#[test]
+fn a_call_outside_any_execution_counts_as_it_ends_under_unknown() {
+    let harness = Harness::with(|builder| builder.with_model_prices(prices()));
+    harness.run(|| {
+        tracing::info_span!("chat", model = "gpt-4o", input_tokens = 1_000_000_u64).in_scope(|| {});
+        tracing::info_span!("embeddings", input_tokens = 5_u64).in_scope(|| {});
+    });
+    let scrape = harness.scrape();
+    let value = |name, model, extra: Option<(&'static str, &'static str)>| {
+        let mut labels = vec![("agent_name", "unknown"), ("model", model)];
+        labels.extend(extra);
+        scrape.value(name, &labels)
+    };
+    assert_eq!(
+        value("agent_tokens_total", "gpt-4o", Some(("type", "input"))),
+        Some(1e6)
+    );
+    assert_eq!(value("agent_cost_usd_total", "gpt-4o", None), Some(2.5));
+    assert_eq!(
+        value("agent_tokens_total", "unknown", Some(("type", "input"))),
+        Some(5.0)
+    );
+    assert_eq!(
+        value("agent_model_calls_total", "unknown", Some(("status", "success"))),
+        Some(1.0)
+    );
+    assert!(harness.log_lines().is_empty(), "no execution, no line");
+}
