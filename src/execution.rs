@@ -155,8 +155,9 @@ pub(crate) struct ExecutionFields {
     pub agent_name: Option<Arc<str>>,
     pub task: Option<String>,
     pub status: Option<String>,
-    /// Model, provider and tokens ([`crate::gen_ai`]).
-    pub usage: UsageFields,
+    /// Model, provider and tokens ([`crate::gen_ai`]), out of line: most executions have none,
+    /// and the state is moved several times on its way.
+    usage: Option<Box<UsageFields>>,
     task_chars: usize,
 }
 
@@ -167,7 +168,7 @@ impl ExecutionFields {
             agent_name: None,
             task: None,
             status: None,
-            usage: UsageFields::default(),
+            usage: None,
             task_chars,
         }
     }
@@ -176,6 +177,15 @@ impl ExecutionFields {
     /// `gen_ai.operation.name` is read here and stays a span attribute.
     pub(crate) fn owns(field: &Field) -> bool {
         Self::owns_itself(field) || (UsageFields::owns(field.name()) && field.name() != crate::gen_ai::OPERATION_FIELD)
+    }
+
+    /// The GenAI fields recorded so far.
+    pub(crate) fn usage(&self) -> &UsageFields {
+        self.usage.as_deref().unwrap_or(&UsageFields::NONE)
+    }
+
+    fn usage_mut(&mut self) -> &mut UsageFields {
+        self.usage.get_or_insert_with(Box::default)
     }
 
     /// The guide's fields: the agent's name, the task and the status.
@@ -201,35 +211,35 @@ impl ExecutionFields {
 impl Visit for ExecutionFields {
     fn record_str(&mut self, field: &Field, value: &str) {
         if UsageFields::owns(field.name()) {
-            return self.usage.record_str(field, value);
+            return self.usage_mut().record_str(field, value);
         }
         self.set(field, value);
     }
 
     fn record_bool(&mut self, field: &Field, value: bool) {
         if UsageFields::owns(field.name()) {
-            return self.usage.record_bool(field, value);
+            return self.usage_mut().record_bool(field, value);
         }
         self.set(field, if value { "success" } else { "failure" });
     }
 
     fn record_u64(&mut self, field: &Field, value: u64) {
         if UsageFields::owns(field.name()) {
-            return self.usage.record_u64(field, value);
+            return self.usage_mut().record_u64(field, value);
         }
         self.record_debug(field, &value);
     }
 
     fn record_i64(&mut self, field: &Field, value: i64) {
         if UsageFields::owns(field.name()) {
-            return self.usage.record_i64(field, value);
+            return self.usage_mut().record_i64(field, value);
         }
         self.record_debug(field, &value);
     }
 
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
         if UsageFields::owns(field.name()) {
-            return self.usage.record_debug(field, value);
+            return self.usage_mut().record_debug(field, value);
         }
         if Self::owns_itself(field) {
             // Room for the quotes and an escape per character.
@@ -293,8 +303,8 @@ pub(crate) struct ExecutionState {
     pub cancelled: bool,
     /// It was entered at least once: it ran.
     pub entered: bool,
-    /// Its model calls' usage, as they end.
-    pub rollup: Rollup,
+    /// Its model calls' usage, as they end; out of line as the fields' usage is.
+    rollup: Option<Box<Rollup>>,
 }
 
 impl ExecutionState {
@@ -309,8 +319,18 @@ impl ExecutionState {
             panicked: false,
             cancelled: false,
             entered: false,
-            rollup: Rollup::default(),
+            rollup: None,
         }
+    }
+
+    /// What the model calls inside it gathered, for adding more.
+    pub(crate) fn rollup_mut(&mut self) -> &mut Rollup {
+        self.rollup.get_or_insert_with(Box::default)
+    }
+
+    /// What the model calls inside it gathered, taken as it ends.
+    pub(crate) fn take_rollup(&mut self) -> Rollup {
+        self.rollup.take().map(|rollup| *rollup).unwrap_or_default()
     }
 
     /// First match wins: explicit field, cancellation, `ERROR` event, panic, else success.

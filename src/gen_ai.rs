@@ -99,6 +99,17 @@ enum TokenField {
 }
 
 impl UsageFields {
+    /// No field recorded.
+    pub(crate) const NONE: UsageFields = UsageFields {
+        model: None,
+        provider: None,
+        operation: None,
+        input: None,
+        output: None,
+        cache_read: None,
+        invalid: 0,
+    };
+
     /// Whether `field` is one of the GenAI fields this module reads.
     pub(crate) fn owns(name: &str) -> bool {
         matches!(

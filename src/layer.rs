@@ -191,7 +191,7 @@ where
             attrs.record(&mut execution.fields);
             None
         };
-        let role = self.role(attrs.metadata(), &execution.fields.usage);
+        let role = self.role(attrs.metadata(), execution.fields.usage());
         if let Some(registered) = ctx.span(id) {
             registered.extensions_mut().insert(Running { execution, span, role });
         }
@@ -289,10 +289,9 @@ where
         if let Some(text) = &mut state.fields.status {
             *text = self.text.error_text(text);
         }
-        if state.fields.usage.invalid > 0 {
-            self.signals
-                .metrics
-                .count_invalid_usage_fields(state.fields.usage.invalid);
+        let invalid = state.fields.usage().invalid;
+        if invalid > 0 {
+            self.signals.metrics.count_invalid_usage_fields(invalid);
         }
         let (status, failure) = state.outcome();
         let (agent_name, task) = match role {
@@ -319,12 +318,13 @@ where
         match role {
             SpanRole::Agent => {
                 drop(closing);
-                execution.usage = state.rollup.finish(&state.fields.usage, self.prices.as_ref());
+                let rollup = state.take_rollup();
+                execution.usage = rollup.finish(state.fields.usage(), self.prices.as_ref());
                 self.signals.metrics.record(&execution);
                 self.signals.lines.write_line(&execution);
             }
             SpanRole::ModelCall(_) => {
-                let call = std::mem::take(&mut state.rollup).into_call(&state.fields.usage);
+                let call = state.take_rollup().into_call(state.fields.usage());
                 let ended = EndedCall {
                     model: call.model.clone(),
                     status,
@@ -350,7 +350,7 @@ where
             }
             SpanRole::GenAi => {
                 drop(closing);
-                let own = std::mem::take(&mut state.rollup).into_call(&state.fields.usage);
+                let own = state.take_rollup().into_call(state.fields.usage());
                 execution.usage = own.span_usage();
             }
         }
@@ -508,12 +508,13 @@ where
         match running.role {
             SpanRole::GenAi => {}
             SpanRole::ModelCall(_) => {
-                state.rollup.add(call);
+                state.rollup_mut().add(call);
                 return HandedOver::IntoCall;
             }
             SpanRole::Agent => {
-                state.rollup.add(call);
-                let Some(ended) = state.rollup.hold(ended) else {
+                let rollup = state.rollup_mut();
+                rollup.add(call);
+                let Some(ended) = rollup.hold(ended) else {
                     return HandedOver::Held;
                 };
                 let unknown = |name: &str| Arc::from(name);
@@ -525,7 +526,7 @@ where
                         .unwrap_or_else(|| unknown(UNKNOWN_AGENT)),
                     model: ended
                         .model
-                        .or_else(|| state.fields.usage.model.clone())
+                        .or_else(|| state.fields.usage().model.clone())
                         .unwrap_or_else(|| unknown(UNKNOWN_MODEL)),
                 };
             }
