@@ -83,11 +83,7 @@ impl ModelPrice {
 
     fn check(&self) -> std::result::Result<(), &'static str> {
         let prices = [Some(self.input), Some(self.output), self.cache_read];
-        if prices
-            .into_iter()
-            .flatten()
-            .all(|price| price.is_finite() && price >= 0.0)
-        {
+        if prices.into_iter().flatten().all(is_price) {
             Ok(())
         } else {
             Err("prices are finite non-negative numbers of USD per million tokens")
@@ -288,7 +284,12 @@ fn usd(value: &Spanned<DeValue<'_>>) -> Option<f64> {
         DeValue::Integer(integer) if integer.radix() == 10 => integer.as_str().replace('_', ""),
         _ => return None,
     };
-    text.parse::<f64>().ok().filter(|usd| usd.is_finite() && *usd >= 0.0)
+    text.parse::<f64>().ok().filter(|usd| is_price(*usd))
+}
+
+/// Whether `usd` can be a price: finite and not negative.
+fn is_price(usd: f64) -> bool {
+    usd.is_finite() && usd >= 0.0
 }
 
 #[cfg(test)]
