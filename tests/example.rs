@@ -6,6 +6,7 @@ mod support;
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
+use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
@@ -16,20 +17,12 @@ use support::{example_binary, http, json_pairs, Scrape};
 fn the_main_job_produces_all_three_signals() {
     let phoenix = Phoenix::start();
     let work = tempfile::tempdir().unwrap();
-    let mut command = Command::new(example_binary());
-    command
-        .args(["--duration", "120", "--rate", "25"])
-        .current_dir(work.path())
-        .env("AGENT_TELEMETRY_METRICS_ADDR", "127.0.0.1:0")
-        .env("OTEL_BSP_SCHEDULE_DELAY", "200")
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
-    match &phoenix {
-        Some(phoenix) => command.env("OTEL_EXPORTER_OTLP_ENDPOINT", phoenix.otlp_http_endpoint()),
-        None => command.env("OTEL_TRACES_EXPORTER", "none"),
-    };
-    let mut child = command.spawn().expect("start the example");
+    let mut child = against_phoenix(
+        &example_binary(),
+        &["--duration", "120", "--rate", "25"],
+        work.path(),
+        phoenix.as_ref(),
+    );
 
     // It says where each signal goes.
     let mut stdout = BufReader::new(child.stdout.take().unwrap());
@@ -198,20 +191,12 @@ fn the_main_job_exits_zero_with_a_warning_when_the_collector_is_gone() {
 fn the_async_example_agrees_in_all_three_signals() {
     let phoenix = Phoenix::start();
     let work = tempfile::tempdir().unwrap();
-    let mut command = Command::new(support::example_binary_named("async_agents"));
-    command
-        .args(["--duration", "6", "--rate", "30", "--linger", "3"])
-        .current_dir(work.path())
-        .env("AGENT_TELEMETRY_METRICS_ADDR", "127.0.0.1:0")
-        .env("OTEL_BSP_SCHEDULE_DELAY", "200")
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
-    match &phoenix {
-        Some(phoenix) => command.env("OTEL_EXPORTER_OTLP_ENDPOINT", phoenix.otlp_http_endpoint()),
-        None => command.env("OTEL_TRACES_EXPORTER", "none"),
-    };
-    let mut child = command.spawn().expect("start the async example");
+    let mut child = against_phoenix(
+        &support::example_binary_named("async_agents"),
+        &["--duration", "6", "--rate", "30", "--linger", "3"],
+        work.path(),
+        phoenix.as_ref(),
+    );
     let mut stdout = BufReader::new(child.stdout.take().unwrap());
     let mut said = String::new();
     while !said.contains("every execution has ended") {
@@ -269,6 +254,27 @@ fn the_async_example_agrees_in_all_three_signals() {
 }
 
 /// The `/metrics` address an example printed as `metrics: http://ADDR/metrics`.
+/// Starts an example with `args` in `work`, its `/metrics` on a free port, its stdout piped,
+/// sending spans to `phoenix` every 200 ms (none without one).
+fn against_phoenix(binary: &Path, args: &[&str], work: &Path, phoenix: Option<&Phoenix>) -> Child {
+    let mut command = Command::new(binary);
+    command
+        .args(args)
+        .current_dir(work)
+        .env("AGENT_TELEMETRY_METRICS_ADDR", "127.0.0.1:0")
+        .env("OTEL_BSP_SCHEDULE_DELAY", "200")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    match phoenix {
+        Some(phoenix) => command.env("OTEL_EXPORTER_OTLP_ENDPOINT", phoenix.otlp_http_endpoint()),
+        None => command.env("OTEL_TRACES_EXPORTER", "none"),
+    };
+    command
+        .spawn()
+        .unwrap_or_else(|e| panic!("start {}: {e}", binary.display()))
+}
+
 fn metrics_addr(printed: &str) -> SocketAddr {
     printed
         .lines()
