@@ -294,6 +294,7 @@ where
             self.signals.metrics.count_invalid_usage_fields(invalid);
         }
         let (status, failure) = state.outcome();
+        let exported = self.signals.tracer.is_some() && span.as_ref().is_some_and(AgentSpan::is_sampled);
         let (agent_name, task) = match role {
             SpanRole::Agent => (
                 state
@@ -334,9 +335,8 @@ where
                 drop(closing);
                 let metrics = &self.signals.metrics;
                 match handed {
-                    HandedOver::Held | HandedOver::IntoCall => execution.usage = call.span_usage(),
+                    HandedOver::Held | HandedOver::IntoCall => {}
                     HandedOver::Full { agent_name, model } => {
-                        execution.usage = call.span_usage();
                         metrics.record_model_call(&agent_name, &model, status, duration, None);
                     }
                     // Outside any execution: counted now, under `unknown`, tokens and all.
@@ -347,14 +347,20 @@ where
                         metrics.record_model_call(UNKNOWN_AGENT, model, status, duration, usage);
                     }
                 }
+                if exported && execution.usage.is_none() {
+                    execution.usage = call.span_usage();
+                }
             }
             SpanRole::GenAi => {
                 drop(closing);
-                let own = state.take_rollup().into_call(state.fields.usage());
-                execution.usage = own.span_usage();
+                // Its usage is for its span only.
+                if exported {
+                    let own = state.take_rollup().into_call(state.fields.usage());
+                    execution.usage = own.span_usage();
+                }
             }
         }
-        if let (Some(tracer), Some(span)) = (&self.signals.tracer, span.filter(AgentSpan::is_sampled)) {
+        if let (Some(tracer), Some(span)) = (&self.signals.tracer, span.filter(|_| exported)) {
             tracer.export(span, role, execution);
         }
     }
