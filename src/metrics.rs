@@ -1,14 +1,14 @@
 //! Prometheus metrics with the guide's names, through the OpenTelemetry SDK and
 //! `opentelemetry-prometheus` on a [`prometheus::Registry`].
 
+mod capped_names;
 mod open_connections;
 pub(crate) mod server;
 mod spend;
 mod thread_series;
 
-use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, OnceLock, PoisonError, RwLock};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use opentelemetry::metrics::{BoundCounter, BoundHistogram, Gauge, Meter, MeterProvider as _};
@@ -24,6 +24,7 @@ use crate::gen_ai::Usage;
 use crate::per_thread::PerThread;
 use crate::stats::TelemetryStats;
 use crate::text::{cut, MAX_LABEL_CHARS};
+use capped_names::CappedNames;
 use spend::SpendMetrics;
 use thread_series::{Holding, Instruments, ThreadSeries};
 
@@ -111,9 +112,8 @@ pub(crate) struct Metrics {
     handle: MetricsHandle,
     instruments: Arc<Instruments>,
     threads: Arc<PerThread<ThreadSeries>>,
-    series: RwLock<HashMap<Box<str>, Arc<AgentSeries>>>,
+    series: CappedNames<Arc<AgentSeries>>,
     overflow: Arc<AgentSeries>,
-    max_agent_names: usize,
     spend: SpendMetrics,
     stats: Arc<TelemetryStats>,
     // Kept so the info series lives as long as the provider.
@@ -185,9 +185,8 @@ impl Metrics {
             handle: MetricsHandle { registry },
             instruments,
             threads,
-            series: RwLock::new(HashMap::new()),
+            series: CappedNames::new(config.max_agent_names),
             overflow: Arc::new(AgentSeries::new(OVERFLOW_AGENT_NAME)),
-            max_agent_names: config.max_agent_names,
             spend,
             stats,
             _info: info,
@@ -278,25 +277,9 @@ impl Metrics {
 
     /// The series of `agent_name`, or the overflow series once the cap is reached.
     fn admitted(&self, agent_name: &str) -> Arc<AgentSeries> {
-        // A poisoned lock only means another thread panicked mid-insert; the map is intact.
-        if let Some(series) = self
-            .series
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(agent_name)
-        {
-            return Arc::clone(series);
-        }
-        let mut series = self.series.write().unwrap_or_else(PoisonError::into_inner);
-        if let Some(existing) = series.get(agent_name) {
-            return Arc::clone(existing);
-        }
-        if series.len() >= self.max_agent_names {
-            return Arc::clone(&self.overflow);
-        }
-        let new = Arc::new(AgentSeries::new(agent_name));
-        series.insert(agent_name.into(), Arc::clone(&new));
-        new
+        self.series
+            .get_or_admit(agent_name, || Arc::new(AgentSeries::new(agent_name)))
+            .unwrap_or_else(|| Arc::clone(&self.overflow))
     }
 
     pub(crate) fn shutdown(&self) -> Result<()> {

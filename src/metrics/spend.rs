@@ -6,7 +6,7 @@
 //! cap are folded into `__overflow__` and counted.
 
 use std::cell::RefCell;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::{Arc, OnceLock, PoisonError, RwLock};
 
 use thread_local::ThreadLocal;
@@ -14,6 +14,7 @@ use thread_local::ThreadLocal;
 use opentelemetry::metrics::{BoundCounter, BoundHistogram, Counter, Histogram, Meter};
 use opentelemetry::KeyValue;
 
+use super::capped_names::CappedNames;
 use super::OVERFLOW_AGENT_NAME;
 use crate::execution::Status;
 use crate::gen_ai::{ModelUsage, Usage};
@@ -96,8 +97,7 @@ pub(crate) struct SpendMetrics {
     /// By agent name, then model.
     series: RwLock<HashMap<Box<str>, ByModel>>,
     /// The model names admitted under the cap.
-    models: RwLock<HashSet<Box<str>>>,
-    max_models: usize,
+    models: CappedNames<()>,
     /// Whether prices are configured: only then are unpriced tokens counted.
     priced: bool,
     stats: Arc<TelemetryStats>,
@@ -135,8 +135,7 @@ impl SpendMetrics {
             instruments,
             recent: ThreadLocal::new(),
             series: RwLock::new(HashMap::new()),
-            models: RwLock::new(HashSet::new()),
-            max_models,
+            models: CappedNames::new(max_models),
             priced,
             stats,
         }
@@ -246,23 +245,10 @@ impl SpendMetrics {
 
     /// `model`, or [`OVERFLOW_AGENT_NAME`] once `max_models` other names were admitted.
     fn model_label<'a>(&self, model: &'a str) -> &'a str {
-        if self
-            .models
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .contains(model)
-        {
+        if self.models.get_or_admit(model, || ()).is_some() {
             return model;
         }
-        let mut models = self.models.write().unwrap_or_else(PoisonError::into_inner);
-        if models.contains(model) {
-            return model;
-        }
-        if models.len() >= self.max_models {
-            TelemetryStats::add(&self.stats.model_names_overflowed, 1);
-            return OVERFLOW_AGENT_NAME;
-        }
-        models.insert(model.into());
-        model
+        TelemetryStats::add(&self.stats.model_names_overflowed, 1);
+        OVERFLOW_AGENT_NAME
     }
 }
