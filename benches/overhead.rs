@@ -459,7 +459,8 @@ fn save_scaling(stack: &str, workers: &Workers) {
 }
 
 /// Set, with `STACK_VAR`, in a process that times the one-thread workloads briefly for
-/// [`interleaved`] and prints them, instead of running criterion.
+/// [`interleaved`] and prints them, instead of running criterion; set to a workload's name,
+/// it times that workload alone (for a profiler).
 const BRIEF_VAR: &str = "AGENT_TELEMETRY_BENCH_BRIEF";
 
 /// Rounds of [`interleaved`]: each runs one brief process of each stack it compares.
@@ -488,7 +489,11 @@ const BRIEF_RUN: Duration = Duration::from_millis(120);
 /// Times each one-thread workload for [`BRIEF_RUN`] after a warm-up, printing
 /// `workload nanoseconds-per-execution` lines.
 fn time_briefly() {
+    let only = std::env::var(BRIEF_VAR).ok().filter(|value| value != "1");
     for (workload, run) in WORKLOADS {
+        if only.as_deref().is_some_and(|only| only != workload) {
+            continue;
+        }
         time_for(run, BRIEF_WARM_UP);
         println!("{workload} {}", time_for(run, BRIEF_RUN));
     }
