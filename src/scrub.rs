@@ -20,7 +20,7 @@
 
 use std::borrow::Cow;
 
-use aho_corasick::AhoCorasick;
+use aho_corasick::{packed, AhoCorasick};
 use regex::Regex;
 
 use crate::error::{Error, Result};
@@ -227,16 +227,15 @@ impl Scrubbing {
         }
         let compile =
             |pattern: &str| Regex::new(pattern).map_err(|e| Error::invalid("with_scrubbing", pattern, e.to_string()));
-        let mut built_in = Vec::with_capacity(SECRET_PATTERNS.len());
-        let (mut triggers, mut trigger_pattern): (Vec<&str>, Vec<usize>) = (Vec::new(), Vec::new());
-        for (index, secret) in SECRET_PATTERNS.iter().enumerate() {
-            built_in.push(Compiled {
-                regex: compile(secret.pattern)?,
-                keep: secret.keep.map(compile).transpose()?,
-            });
-            triggers.extend(secret.triggers);
-            trigger_pattern.extend(secret.triggers.iter().map(|_| index));
-        }
+        let built_in = SECRET_PATTERNS
+            .iter()
+            .map(|secret| {
+                Ok(Compiled {
+                    regex: compile(secret.pattern)?,
+                    keep: secret.keep.map(compile).transpose()?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
         let added = self
             .patterns
             .iter()
@@ -247,14 +246,11 @@ impl Scrubbing {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let triggers = AhoCorasick::builder()
-            .ascii_case_insensitive(true)
-            .build(triggers)
-            .map_err(|e| Error::invalid("with_scrubbing", "built-in triggers", e.to_string()))?;
+        let triggers =
+            Triggers::built_in().map_err(|e| Error::invalid("with_scrubbing", "built-in triggers", e.to_string()))?;
         Ok(Scrubber {
             rules: Some(Rules {
                 triggers,
-                trigger_pattern,
                 built_in,
                 added,
                 field_names: self.field_names.iter().map(|name| segments(name)).collect(),
@@ -271,14 +267,76 @@ pub(crate) struct Scrubber {
 
 #[derive(Debug)]
 struct Rules {
-    /// Every built-in pattern's triggers, ...
-    triggers: AhoCorasick,
-    /// ... and for each, the index of its pattern in `built_in`.
-    trigger_pattern: Vec<usize>,
+    triggers: Triggers,
     built_in: Vec<Compiled>,
     added: Vec<Compiled>,
     /// The added names, each as its segments.
     field_names: Vec<Vec<String>>,
+}
+
+/// The built-in patterns' triggers, found ASCII case-insensitively.
+#[derive(Debug)]
+struct Triggers {
+    /// Every trigger, any case: for short texts, and for every text where `lowercase` could
+    /// not be built.
+    any_case: AhoCorasick,
+    /// Every trigger (lowercase already), searched in a lowercase copy of the text: a
+    /// vectorised searcher (Teddy), where the CPU has the instructions it needs.
+    lowercase: Option<packed::Searcher>,
+    /// For each trigger, the index of its pattern in [`SECRET_PATTERNS`].
+    pattern_of: Vec<usize>,
+}
+
+impl Triggers {
+    /// Texts shorter than this are searched by `any_case`: a lowercase copy costs more than
+    /// it saves.
+    const COPY_FROM_LEN: usize = 32;
+
+    /// The triggers of [`SECRET_PATTERNS`].
+    fn built_in() -> std::result::Result<Self, aho_corasick::BuildError> {
+        let triggers = || SECRET_PATTERNS.iter().flat_map(|secret| secret.triggers);
+        let pattern_of = SECRET_PATTERNS
+            .iter()
+            .enumerate()
+            .flat_map(|(index, secret)| secret.triggers.iter().map(move |_| index))
+            .collect();
+        let any_case = AhoCorasick::builder().ascii_case_insensitive(true).build(triggers())?;
+        let lowercase = packed::Config::new()
+            .match_kind(packed::MatchKind::LeftmostFirst)
+            .builder()
+            .extend(triggers())
+            .build();
+        Ok(Triggers {
+            any_case,
+            lowercase,
+            pattern_of,
+        })
+    }
+
+    /// Which of [`SECRET_PATTERNS`] have a trigger in `text`.
+    fn patterns_in(&self, text: &str) -> [bool; SECRET_PATTERNS.len()] {
+        let mut found = [false; SECRET_PATTERNS.len()];
+        match &self.lowercase {
+            Some(lowercase) if text.len() >= Self::COPY_FROM_LEN => {
+                let text = text.to_ascii_lowercase();
+                let text = text.as_bytes();
+                // Leftmost-first finds one trigger per start, so each search resumes one
+                // byte after the last match's start: no two patterns' triggers share a start
+                // (`no_trigger_starts_another_patterns_trigger`).
+                let mut from = 0;
+                while let Some(hit) = lowercase.find_in(text, aho_corasick::Span::from(from..text.len())) {
+                    found[self.pattern_of[hit.pattern().as_usize()]] = true;
+                    from = hit.start() + 1;
+                }
+            }
+            _ => {
+                for hit in self.any_case.find_overlapping_iter(text) {
+                    found[self.pattern_of[hit.pattern().as_usize()]] = true;
+                }
+            }
+        }
+        found
+    }
 }
 
 /// A compiled secret pattern.
@@ -318,12 +376,8 @@ impl Scrubber {
         let Some(rules) = &self.rules else {
             return text.into();
         };
+        let searched = rules.triggers.patterns_in(text);
         let mut text = Cow::Borrowed(text);
-        // The patterns whose triggers the text holds, each once, in order.
-        let mut searched = [false; SECRET_PATTERNS.len()];
-        for found in rules.triggers.find_overlapping_iter(text.as_ref()) {
-            searched[rules.trigger_pattern[found.pattern().as_usize()]] = true;
-        }
         for (pattern, searched) in rules.built_in.iter().zip(searched) {
             if searched {
                 text = replace(pattern, text);
@@ -656,5 +710,103 @@ mod tests {
         );
         assert_eq!(segments("HTTPHeader"), ["httpheader"]);
         assert_eq!(segments("oauth2Token"), ["oauth2", "token"]);
+    }
+
+    #[test]
+    fn triggers_are_lowercase_ascii() {
+        for trigger in SECRET_PATTERNS.iter().flat_map(|secret| secret.triggers) {
+            assert!(trigger.is_ascii(), "{trigger:?}");
+            assert_eq!(*trigger, trigger.to_ascii_lowercase(), "{trigger:?}");
+        }
+    }
+
+    /// The lowercase search finds one trigger per start: a trigger that began another
+    /// pattern's would hide that pattern.
+    #[test]
+    fn no_trigger_starts_another_patterns_trigger() {
+        for (index, secret) in SECRET_PATTERNS.iter().enumerate() {
+            for (other_index, other) in SECRET_PATTERNS.iter().enumerate() {
+                if index == other_index {
+                    continue;
+                }
+                for trigger in secret.triggers {
+                    for longer in other.triggers {
+                        assert!(!longer.starts_with(trigger), "{trigger:?} starts {longer:?}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn long_texts_are_searched_for_triggers_in_any_case() {
+        let triggers = Triggers::built_in().unwrap();
+        let filler = "x".repeat(Triggers::COPY_FROM_LEN);
+        for (text, pattern) in [
+            ("Authorization: Basic", 9),
+            ("BEARER", 0),
+            ("eYj", 1),
+            ("Private Key", 7),
+            ("PassPhrase", 8),
+            ("GITHUB_PAT_", 4),
+        ] {
+            let found = triggers.patterns_in(&format!("{filler}{text}{filler}"));
+            let expected: Vec<bool> = (0..SECRET_PATTERNS.len()).map(|index| index == pattern).collect();
+            assert_eq!(found.as_slice(), expected, "{text:?}");
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn long_texts_get_the_vectorised_search_on_x86_64() {
+        if std::is_x86_feature_detected!("ssse3") {
+            assert!(Triggers::built_in().unwrap().lowercase.is_some());
+        }
+    }
+
+    mod both_searches {
+        use proptest::prelude::*;
+
+        use super::super::{Triggers, SECRET_PATTERNS};
+
+        /// Texts of triggers and their tails (so that triggers overlap: `akia` + `iza`), in
+        /// mixed case, with filler.
+        fn text() -> impl Strategy<Value = String> {
+            let pieces: Vec<&'static str> = SECRET_PATTERNS
+                .iter()
+                .flat_map(|secret| secret.triggers.iter().copied())
+                .flat_map(|trigger| (0..trigger.len()).map(move |from| &trigger[from..]))
+                .chain([" ", "é"])
+                .collect();
+            proptest::collection::vec((proptest::sample::select(pieces), any::<u64>()), 0..24).prop_map(|parts| {
+                parts
+                    .into_iter()
+                    .map(|(piece, cases)| {
+                        piece
+                            .chars()
+                            .enumerate()
+                            .map(|(at, c)| {
+                                if cases >> (at % 64) & 1 == 1 {
+                                    c.to_ascii_uppercase()
+                                } else {
+                                    c
+                                }
+                            })
+                            .collect::<String>()
+                    })
+                    .collect()
+            })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+            #[test]
+            fn the_lowercase_search_finds_what_the_any_case_search_finds(text in text()) {
+                let triggers = Triggers::built_in().unwrap();
+                let any_case = Triggers { lowercase: None, ..Triggers::built_in().unwrap() };
+                let padded = format!("{text}{}", " ".repeat(Triggers::COPY_FROM_LEN));
+                prop_assert_eq!(triggers.patterns_in(&padded), any_case.patterns_in(&padded));
+            }
+        }
     }
 }
