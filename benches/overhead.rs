@@ -9,8 +9,9 @@
 //! signals: log lines to a sink, spans to a discarding exporter, metrics on a registry).
 //!
 //! Workloads: one agent execution (create, enter, exit, close, with `agent_name` and `task`);
-//! a span no signal selects; an agent execution with one child span; one whose task carries a
-//! bearer token (ours scrubs it, on by default); agent executions from two threads at once;
+//! a span no signal selects; an agent execution with one child span; one whose task is a
+//! prompt of about 1,000 characters; one whose task carries a bearer token (ours scrubs it, on
+//! by default); agent executions from two threads at once;
 //! async agent executions, 100 to a task on a two-worker tokio runtime, annotated with
 //! `agent_telemetry::instrument` (and, in ours, with `tracing::instrument` alone, for what
 //! reporting cancellation costs). `cargo bench` ends with one line per ratio, each judged against its
@@ -71,6 +72,30 @@ fn agent_with_secret() {
         agent_name = "devops-engineer",
         task = "Rotate the key, then call with Authorization: Bearer 3f9a1c77e2b44f0d9a1c3f9a"
     );
+    let _entered = span.enter();
+    black_box(&span);
+}
+
+/// A task as agents get them: a prompt of about 1,000 characters, with no secret in it
+/// (within the 1,024 characters ours keeps of a task by default).
+const PROMPT: &str = "Review the pull request that moves the billing service to the new queue. \
+    Check that every consumer acknowledges messages only after the write to the ledger has \
+    committed, that retries are idempotent, and that the dead-letter queue keeps the original \
+    headers. Summarise the risks for the on-call engineer, list the tests that are missing, and \
+    propose a rollout plan with a canary stage, a metric to watch and a rollback step. Keep the \
+    answer under four hundred words and cite the files you looked at by path. The customer asked \
+    for this by Friday, so flag anything that would block the release, and say which parts of the \
+    change you could not verify from the diff alone. Compare the new consumer's batching with the \
+    old one's: the batch size, the flush interval, and what happens to a half-full batch when the \
+    process stops. Note any place where an exception is swallowed or logged without context, any \
+    configuration value that differs between staging and production, and any migration that \
+    cannot be rolled back.";
+
+/// An agent execution whose task is a prompt of realistic length: what scrubbing and the
+/// line's escaping cost per character.
+#[inline(never)]
+fn agent_with_prompt() {
+    let span = tracing::info_span!("agent_execution", agent_name = "reviewer", task = PROMPT);
     let _entered = span.enter();
     black_box(&span);
 }
@@ -390,8 +415,9 @@ fn hand_assembled() -> Stack {
 
 // ---- measuring ----------------------------------------------------------------------------
 
-const WORKLOADS: [(&str, fn()); 7] = [
+const WORKLOADS: [(&str, fn()); 8] = [
     ("agent_execution", agent_execution),
+    ("agent_with_prompt", agent_with_prompt),
     ("agent_with_model_calls", agent_with_model_calls),
     ("unselected_span", unselected_span),
     ("agent_with_child", agent_with_child),
@@ -480,7 +506,10 @@ const ONE_THREAD_TARGETS: [(&str, &str, &str, f64); 5] = [
 ];
 
 /// One-thread ratios measured in the interleaved rounds too, printed for reference.
-const ONE_THREAD_REFERENCES: [(&str, &str); 1] = [("agent_with_secret", "hand-assembled")];
+const ONE_THREAD_REFERENCES: [(&str, &str); 2] = [
+    ("agent_with_prompt", "hand-assembled"),
+    ("agent_with_secret", "hand-assembled"),
+];
 
 /// How long a brief process warms each workload up, and then times it.
 const BRIEF_WARM_UP: Duration = Duration::from_millis(60);
@@ -778,6 +807,13 @@ fn summary(interleaved: &InterleavedRatios) {
         ratio(("ours", "unselected_span"), ("registry", "unselected_span")),
         Target::Reference(""),
         "",
+    );
+    let (prompt, note) = one_thread("agent_with_prompt", "hand-assembled");
+    line(
+        "agent_with_prompt: ours (scrubbing the prompt) / hand-assembled",
+        prompt,
+        Target::Reference(""),
+        &note,
     );
     let (secret, note) = one_thread("agent_with_secret", "hand-assembled");
     line(
