@@ -284,7 +284,8 @@ struct Triggers {
     /// Every trigger (lowercase already), searched in a lowercase copy of the text: a
     /// vectorised searcher (Teddy), where the CPU has the instructions it needs.
     lowercase: Option<packed::Searcher>,
-    /// For each trigger, the index of its pattern in [`SECRET_PATTERNS`].
+    /// For each trigger, the index of its pattern in [`SECRET_PATTERNS`]; both searchers
+    /// number the triggers in the order they were given, this one's.
     pattern_of: Vec<usize>,
 }
 
