@@ -20,9 +20,11 @@
 //! regular expression.
 
 use std::borrow::Cow;
+use std::ops::Range;
 
 use aho_corasick::{packed, AhoCorasick};
 use regex::Regex;
+use regex_automata::{meta, Anchored, Input};
 
 use crate::error::{Error, Result};
 use crate::text::cut;
@@ -63,11 +65,13 @@ pub(crate) const SENSITIVE_SEGMENTS: [&str; 22] = [
 pub(crate) const SENSITIVE_PAIRS: [&str; 4] = ["apikey", "privatekey", "accesskey", "creditcard"];
 
 /// A secret pattern: what it matches, the literals every match contains (compared ASCII
-/// case-insensitively), and the start of a match that is kept (`Bearer `, `password=`), an
-/// anchored pattern; the rest of the match is replaced.
+/// case-insensitively), how many bytes before its trigger a match may start (where a word
+/// begins), and the start of a match that is kept (`Bearer `, `password=`), an anchored
+/// pattern; the rest of the match is replaced.
 struct SecretPattern {
     pattern: &'static str,
     triggers: &'static [&'static str],
+    before_trigger: usize,
     keep: Option<&'static str>,
 }
 
@@ -78,18 +82,21 @@ const SECRET_PATTERNS: [SecretPattern; 10] = [
     SecretPattern {
         pattern: r"(?i-u)\bbearer\s+[A-Za-z0-9\-._~+/]{16,}=*",
         triggers: &["bearer"],
+        before_trigger: 0,
         keep: Some(r"(?i-u)^bearer\s+"),
     },
     // JWTs: three base64url parts, the header's JSON starting `{"`.
     SecretPattern {
         pattern: r"(?-u)\beyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*",
         triggers: &["eyj"],
+        before_trigger: 0,
         keep: None,
     },
     // OpenAI, Anthropic, Stripe style keys: sk-…, sk-proj-…, sk-ant-…, pk_live_…, rk_test_….
     SecretPattern {
         pattern: r"(?-u)\b(?:sk|pk|rk)[-_][A-Za-z0-9_-]{16,}",
         triggers: &["sk-", "sk_", "pk-", "pk_", "rk-", "rk_"],
+        before_trigger: 0,
         keep: None,
     },
     // AWS access key ids.
@@ -98,31 +105,36 @@ const SECRET_PATTERNS: [SecretPattern; 10] = [
         triggers: &[
             "akia", "asia", "abia", "acca", "agpa", "aida", "aipa", "anpa", "anva", "apka", "aroa", "asca",
         ],
+        before_trigger: 0,
         keep: None,
     },
     // GitHub tokens.
     SecretPattern {
         pattern: r"(?-u)\b(?:gh[pousr]_[A-Za-z0-9]{30,}|github_pat_[A-Za-z0-9_]{30,})",
         triggers: &["ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_"],
+        before_trigger: 0,
         keep: None,
     },
     // Slack tokens.
     SecretPattern {
         pattern: r"(?-u)\bxox[abposr]-[A-Za-z0-9-]{10,}",
         triggers: &["xox"],
+        before_trigger: 0,
         keep: None,
     },
     // Google API keys.
     SecretPattern {
         pattern: r"(?-u)\bAIza[0-9A-Za-z_-]{35}",
         triggers: &["aiza"],
+        before_trigger: 0,
         keep: None,
     },
     // PEM private key blocks, to their end or the end of the text (a Unicode pattern, so
     // that `.` is any character).
     SecretPattern {
         pattern: r"-----BEGIN[A-Z0-9 ]*PRIVATE KEY-----(?s:.*?)(?:-----END[A-Z0-9 ]*PRIVATE KEY-----|\z)",
-        triggers: &["private key"],
+        triggers: &["-----begin"],
+        before_trigger: 0,
         keep: None,
     },
     // `password=…`, `api_key: …`, `token=…`: the value.
@@ -139,12 +151,15 @@ const SECRET_PATTERNS: [SecretPattern; 10] = [
             "apikey",
             "token",
         ],
+        // `refresh_` before `token`; `client_`, `access_` and `auth_` are shorter.
+        before_trigger: 8,
         keep: Some(r"(?i-u)^[a-z_-]+\s*[=:]\s*"),
     },
     // `Authorization: Basic …` and the like: the credentials.
     SecretPattern {
         pattern: r"(?i-u)\bauthorization\s*[:=]\s*(?:(?:basic|bearer|digest|token)\s+)?(?u:[^\s,;]+)",
         triggers: &["authorization"],
+        before_trigger: 0,
         keep: Some(r"(?i-u)^authorization\s*[:=]\s*(?:(?:basic|bearer|digest|token)\s+)?"),
     },
 ];
@@ -231,21 +246,18 @@ impl Scrubbing {
         let built_in = SECRET_PATTERNS
             .iter()
             .map(|secret| {
-                Ok(Compiled {
-                    regex: compile(secret.pattern)?,
+                Ok(BuiltIn {
+                    regex: meta::Regex::new(secret.pattern)
+                        .map_err(|e| Error::invalid("with_scrubbing", secret.pattern, e.to_string()))?,
                     keep: secret.keep.map(compile).transpose()?,
+                    before_trigger: secret.before_trigger,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
         let added = self
             .patterns
             .iter()
-            .map(|pattern| {
-                Ok(Compiled {
-                    regex: compile(pattern)?,
-                    keep: None,
-                })
-            })
+            .map(|pattern| compile(pattern))
             .collect::<Result<Vec<_>>>()?;
         let triggers =
             Triggers::built_in().map_err(|e| Error::invalid("with_scrubbing", "built-in triggers", e.to_string()))?;
@@ -269,8 +281,9 @@ pub(crate) struct Scrubber {
 #[derive(Debug)]
 struct Rules {
     triggers: Triggers,
-    built_in: Vec<Compiled>,
-    added: Vec<Compiled>,
+    built_in: Vec<BuiltIn>,
+    /// The added patterns, searched in every text, their whole matches replaced.
+    added: Vec<Regex>,
     /// The added names, each as its segments.
     field_names: Vec<Vec<String>>,
 }
@@ -315,9 +328,17 @@ impl Triggers {
         })
     }
 
-    /// Which of [`SECRET_PATTERNS`] have a trigger in `text`.
-    fn patterns_in(&self, text: &str) -> [bool; SECRET_PATTERNS.len()] {
-        let mut found = [false; SECRET_PATTERNS.len()];
+    /// Where triggers start in `text`: for each, the index of its pattern in
+    /// [`SECRET_PATTERNS`] and its start, in the order of the starts.
+    fn hits(&self, text: &str) -> Vec<(usize, usize)> {
+        // Empty, and unallocated, for most texts; room for a few words when there are any.
+        let mut hits = Vec::new();
+        let mut push = |hit| {
+            if hits.capacity() == 0 {
+                hits.reserve(8);
+            }
+            hits.push(hit);
+        };
         match &self.lowercase {
             Some(lowercase) if text.len() >= Self::COPY_FROM_LEN => {
                 let text = text.to_ascii_lowercase();
@@ -327,26 +348,78 @@ impl Triggers {
                 // (`no_trigger_starts_another_patterns_trigger`).
                 let mut from = 0;
                 while let Some(hit) = lowercase.find_in(text, aho_corasick::Span::from(from..text.len())) {
-                    found[self.pattern_of[hit.pattern().as_usize()]] = true;
+                    push((self.pattern_of[hit.pattern().as_usize()], hit.start()));
                     from = hit.start() + 1;
                 }
             }
             _ => {
                 for hit in self.any_case.find_overlapping_iter(text) {
-                    found[self.pattern_of[hit.pattern().as_usize()]] = true;
+                    push((self.pattern_of[hit.pattern().as_usize()], hit.start()));
                 }
+                // Overlapping hits come in the order they end.
+                hits.sort_unstable_by_key(|&(_, start)| start);
             }
+        }
+        hits
+    }
+}
+
+#[cfg(test)]
+impl Triggers {
+    /// Which of [`SECRET_PATTERNS`] have a trigger in `text`.
+    fn patterns_in(&self, text: &str) -> [bool; SECRET_PATTERNS.len()] {
+        let mut found = [false; SECRET_PATTERNS.len()];
+        for (pattern, _) in self.hits(text) {
+            found[pattern] = true;
         }
         found
     }
 }
 
-/// A compiled secret pattern.
+/// A compiled built-in secret pattern.
 #[derive(Debug)]
-struct Compiled {
-    regex: Regex,
-    /// The start of a match that is kept.
+struct BuiltIn {
+    regex: meta::Regex,
     keep: Option<Regex>,
+    before_trigger: usize,
+}
+
+impl BuiltIn {
+    /// `text` with this pattern's matches redacted, `None` when it has none, found by
+    /// trying the pattern only where a match can start: at each of its triggers' `starts`
+    /// (ascending), and where a word begins up to [`SecretPattern::before_trigger`] bytes
+    /// before. Every match contains a trigger, so these are all the matches a search of the
+    /// whole text finds.
+    fn redact_at(&self, text: &str, starts: impl Iterator<Item = usize>) -> Option<String> {
+        let bytes = text.as_bytes();
+        let mut free_from = 0;
+        let matches = starts
+            .flat_map(|start| {
+                (start.saturating_sub(self.before_trigger)..=start)
+                    .filter(move |&at| at == start || begins_ascii_word(bytes, at))
+            })
+            .filter_map(|at| {
+                if at < free_from || !text.is_char_boundary(at) {
+                    return None;
+                }
+                // Anchored at `at`, the text before it still seen by `\b`.
+                let input = Input::new(text).range(at..).anchored(Anchored::Yes);
+                let found = self.regex.search(&input)?;
+                free_from = found.end();
+                Some(found.range())
+            });
+        redact(text, self.keep.as_ref(), matches)
+    }
+
+    /// `text` with this pattern's matches redacted, `None` when it has none, found by a
+    /// search of the whole text.
+    fn redact_all(&self, text: &str) -> Option<String> {
+        redact(
+            text,
+            self.keep.as_ref(),
+            self.regex.find_iter(text).map(|found| found.range()),
+        )
+    }
 }
 
 impl Scrubber {
@@ -378,15 +451,33 @@ impl Scrubber {
         let Some(rules) = &self.rules else {
             return text.into();
         };
-        let searched = rules.triggers.patterns_in(text);
+        let hits = rules.triggers.hits(text);
         let mut text = Cow::Borrowed(text);
-        for (pattern, searched) in rules.built_in.iter().zip(searched) {
-            if searched {
-                text = replace(pattern, text);
+        if !hits.is_empty() {
+            for (index, pattern) in rules.built_in.iter().enumerate() {
+                let mut starts = hits
+                    .iter()
+                    .filter(|&&(hit, _)| hit == index)
+                    .map(|&(_, start)| start)
+                    .peekable();
+                if starts.peek().is_none() {
+                    continue;
+                }
+                let redacted = match &text {
+                    Cow::Borrowed(original) => pattern.redact_at(original, starts),
+                    // The starts are the original text's; a redaction has moved them.
+                    Cow::Owned(redacted) => pattern.redact_all(redacted),
+                };
+                if let Some(redacted) = redacted {
+                    text = Cow::Owned(redacted);
+                }
             }
         }
         for pattern in &rules.added {
-            text = replace(pattern, text);
+            let matches = pattern.find_iter(&text).map(|found| found.range());
+            if let Some(redacted) = redact(&text, None, matches) {
+                text = Cow::Owned(redacted);
+            }
         }
         text
     }
@@ -405,25 +496,30 @@ impl Scrubber {
     }
 }
 
-/// Replaces every match of `pattern` in `text` but its kept start.
-fn replace<'a>(pattern: &Compiled, text: Cow<'a, str>) -> Cow<'a, str> {
-    if !pattern.regex.is_match(&text) {
-        return text;
-    }
-    let mut scrubbed = String::with_capacity(text.len());
+/// Whether an ASCII word (`[0-9A-Za-z_]`, as `(?-u)\b` sees words) begins at `at`, a
+/// position inside `bytes`.
+fn begins_ascii_word(bytes: &[u8], at: usize) -> bool {
+    let word = |byte: &u8| byte.is_ascii_alphanumeric() || *byte == b'_';
+    bytes.get(at).is_some_and(word) && !at.checked_sub(1).and_then(|before| bytes.get(before)).is_some_and(word)
+}
+
+/// `text` with each of `matches` (ascending, apart) replaced by [`REDACTED`] but the start
+/// `keep` finds in it; `None` when there are none.
+fn redact(text: &str, keep: Option<&Regex>, matches: impl Iterator<Item = Range<usize>>) -> Option<String> {
+    let mut redacted: Option<String> = None;
     let mut copied = 0;
-    for found in pattern.regex.find_iter(&text) {
-        let kept = pattern
-            .keep
-            .as_ref()
-            .and_then(|keep| keep.find(found.as_str()))
+    for found in matches {
+        let out = redacted.get_or_insert_with(|| String::with_capacity(text.len()));
+        let kept = keep
+            .and_then(|keep| keep.find(&text[found.clone()]))
             .map_or(0, |kept| kept.end());
-        scrubbed.push_str(&text[copied..found.start() + kept]);
-        scrubbed.push_str(REDACTED);
-        copied = found.end();
+        out.push_str(&text[copied..found.start + kept]);
+        out.push_str(REDACTED);
+        copied = found.end;
     }
-    scrubbed.push_str(&text[copied..]);
-    Cow::Owned(scrubbed)
+    let mut out = redacted?;
+    out.push_str(&text[copied..]);
+    Some(out)
 }
 
 /// Whether a segment of `name` is one of [`SENSITIVE_SEGMENTS`], or two adjacent ones join
@@ -722,6 +818,19 @@ mod tests {
         }
     }
 
+    /// A match may start before its trigger only where an ASCII word begins: the search
+    /// tries no other place there.
+    #[test]
+    fn patterns_that_start_before_their_triggers_start_at_a_word() {
+        for secret in &SECRET_PATTERNS {
+            assert!(
+                secret.before_trigger == 0 || secret.pattern.starts_with(r"(?i-u)\b(?:"),
+                "{}",
+                secret.pattern
+            );
+        }
+    }
+
     /// The lowercase search finds one trigger per start: a trigger that began another
     /// pattern's would hide that pattern.
     #[test]
@@ -748,7 +857,7 @@ mod tests {
             ("Authorization: Basic", 9),
             ("BEARER", 0),
             ("eYj", 1),
-            ("Private Key", 7),
+            ("-----Begin", 7),
             ("PassPhrase", 8),
             ("GITHUB_PAT_", 4),
         ] {
@@ -766,6 +875,142 @@ mod tests {
     fn long_texts_get_the_vectorised_search_on_x86_64() {
         if std::is_x86_feature_detected!("ssse3") {
             assert!(Triggers::built_in().unwrap().lowercase.is_some());
+        }
+    }
+
+    mod against_whole_text_search {
+        use std::sync::LazyLock;
+
+        use proptest::prelude::*;
+        use regex::Regex;
+
+        use super::super::{Scrubber, Scrubbing, REDACTED, SECRET_PATTERNS};
+
+        /// Every built-in pattern, compiled, with its kept start.
+        static PATTERNS: LazyLock<Vec<(Regex, Option<Regex>)>> = LazyLock::new(|| {
+            SECRET_PATTERNS
+                .iter()
+                .map(|secret| {
+                    (
+                        Regex::new(secret.pattern).unwrap(),
+                        secret.keep.map(|keep| Regex::new(keep).unwrap()),
+                    )
+                })
+                .collect()
+        });
+
+        static SCRUBBER: LazyLock<Scrubber> = LazyLock::new(|| Scrubbing::default().build().unwrap());
+
+        /// What scrubbing must give: every pattern in turn, searched in the whole text.
+        fn whole_text_scrubbed(text: &str) -> String {
+            let mut text = text.to_owned();
+            for (regex, keep) in PATTERNS.iter() {
+                let mut out = String::new();
+                let mut copied = 0;
+                for found in regex.find_iter(&text) {
+                    let kept = keep
+                        .as_ref()
+                        .and_then(|keep| keep.find(found.as_str()))
+                        .map_or(0, |kept| kept.end());
+                    out.push_str(&text[copied..found.start() + kept]);
+                    out.push_str(REDACTED);
+                    copied = found.end();
+                }
+                out.push_str(&text[copied..]);
+                text = out;
+            }
+            text
+        }
+
+        /// Secrets of every kind, near misses, triggers alone, and what may stand before a
+        /// secret (a word character, which `\b` must see), in mixed case.
+        fn text() -> impl Strategy<Value = String> {
+            let pieces = vec![
+                "Bearer abcdefghijklmnop0123",
+                "bearer  ABCdef1234567890xyz==",
+                "Bearer short",
+                "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.sig_nature-x",
+                "eyJ",
+                "sk-proj-abcdefghijklmnop1234",
+                "pk_live_ABCDEFGHIJKLMNOP12",
+                "rk_test_0123456789abcdefgh",
+                "task-force",
+                "AKIAIOSFODNN7EXAMPLE",
+                "ASIA1234567890ABCDEF",
+                "ghp_abcdefghijklmnopqrstuvwxyz0123456789",
+                "github_pat_11ABCDEFG0123456789abcdefghijklmnop",
+                "xoxb-1234567890-abcdef",
+                "AIzaSyA1234567890abcdefghijklmnopqrstuv",
+                "-----BEGIN RSA PRIVATE KEY-----\nMIIEabc\n-----END RSA PRIVATE KEY-----",
+                "-----BEGIN PRIVATE KEY-----",
+                "-----BEGIN CERTIFICATE-----",
+                "password=hunter2",
+                "client_secret: 's3cr3t'",
+                "clientsecret=abc",
+                "refresh-token = abc.def",
+                "access_token=xyz",
+                "auth_token:\"q w\"",
+                "api-key: k1",
+                "apikey=K",
+                "pwd=x",
+                "passphrase: \"a long one\"",
+                "Authorization: Basic dXNlcjpwYXNz",
+                "authorization=Bearer abc",
+                "secret",
+                "tokens",
+                "Token:",
+                "x",
+                "_",
+                " ",
+                "\n",
+                "=",
+                "é",
+                "日本",
+            ];
+            let piece = (proptest::sample::select(pieces), any::<u64>()).prop_map(|(piece, cases): (&str, u64)| {
+                piece
+                    .chars()
+                    .enumerate()
+                    .map(|(at, c)| {
+                        if cases >> (at % 64) & 1 == 1 {
+                            if c.is_ascii_lowercase() {
+                                c.to_ascii_uppercase()
+                            } else {
+                                c.to_ascii_lowercase()
+                            }
+                        } else {
+                            c
+                        }
+                    })
+                    .collect::<String>()
+            });
+            // Pieces kept as written half the time: a mixed-case secret rarely matches.
+            let piece = prop_oneof![
+                proptest::sample::select(vec![
+                    "Bearer abcdefghijklmnop0123",
+                    "client_secret: 's3cr3t'",
+                    "refresh-token = abc.def",
+                    "-----BEGIN RSA PRIVATE KEY-----\nMIIEabc\n-----END RSA PRIVATE KEY-----",
+                    "sk-proj-abcdefghijklmnop1234",
+                    "x",
+                    " "
+                ])
+                .prop_map(str::to_owned),
+                piece,
+            ];
+            (proptest::collection::vec(piece, 0..16), any::<bool>()).prop_map(|(pieces, long)| {
+                // Long texts take the vectorised trigger search, short ones the other.
+                let padding = if long { " ".repeat(40) } else { String::new() };
+                format!("{padding}{}", pieces.concat())
+            })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(1024))]
+            #[test]
+            fn scrubbing_redacts_what_a_whole_text_search_finds(text in text()) {
+                prop_assert_eq!(SCRUBBER.scrub(&text).into_owned(), whole_text_scrubbed(&text));
+            }
         }
     }
 
