@@ -385,6 +385,10 @@ struct BuiltIn {
 }
 
 impl BuiltIn {
+    /// Above this many of its triggers in a text, a pattern searches the whole text rather
+    /// than try where each trigger is.
+    const MAX_TRIED_TRIGGERS: usize = 16;
+
     /// `text` with this pattern's matches redacted, `None` when it has none, found by
     /// trying the pattern only where a match can start: at each of its triggers' `starts`
     /// (ascending), and where a word begins up to [`SecretPattern::before_trigger`] bytes
@@ -392,20 +396,22 @@ impl BuiltIn {
     /// whole text finds.
     fn redact_at(&self, text: &str, starts: impl Iterator<Item = usize>) -> Option<String> {
         let bytes = text.as_bytes();
-        let mut free_from = 0;
+        // Positions below this were tried already, or are inside the last match.
+        let mut untried = 0;
         let matches = starts
             .flat_map(|start| {
                 (start.saturating_sub(self.before_trigger)..=start)
                     .filter(move |&at| at == start || begins_ascii_word(bytes, at))
             })
             .filter_map(|at| {
-                if at < free_from || !text.is_char_boundary(at) {
+                if at < untried || !text.is_char_boundary(at) {
                     return None;
                 }
+                untried = at + 1;
                 // Anchored at `at`, the text before it still seen by `\b`.
                 let input = Input::new(text).range(at..).anchored(Anchored::Yes);
                 let found = self.regex.search(&input)?;
-                free_from = found.end();
+                untried = found.end();
                 Some(found.range())
             });
         redact(text, self.keep.as_ref(), matches)
@@ -455,18 +461,15 @@ impl Scrubber {
         let mut text = Cow::Borrowed(text);
         if !hits.is_empty() {
             for (index, pattern) in rules.built_in.iter().enumerate() {
-                let mut starts = hits
-                    .iter()
-                    .filter(|&&(hit, _)| hit == index)
-                    .map(|&(_, start)| start)
-                    .peekable();
-                if starts.peek().is_none() {
-                    continue;
-                }
-                let redacted = match &text {
-                    Cow::Borrowed(original) => pattern.redact_at(original, starts),
+                let starts = hits.iter().filter(|&&(hit, _)| hit == index).map(|&(_, start)| start);
+                let redacted = match (starts.clone().count(), &text) {
+                    (0, _) => continue,
+                    (1..=BuiltIn::MAX_TRIED_TRIGGERS, Cow::Borrowed(original)) => pattern.redact_at(original, starts),
+                    // Many triggers (a text that repeats one cheaply, say): one search of
+                    // the whole text costs less than a try at each.
+                    (_, Cow::Borrowed(original)) => pattern.redact_all(original),
                     // The starts are the original text's; a redaction has moved them.
-                    Cow::Owned(redacted) => pattern.redact_all(redacted),
+                    (_, Cow::Owned(redacted)) => pattern.redact_all(redacted),
                 };
                 if let Some(redacted) = redacted {
                     text = Cow::Owned(redacted);
@@ -816,6 +819,17 @@ mod tests {
             assert!(trigger.is_ascii(), "{trigger:?}");
             assert_eq!(*trigger, trigger.to_ascii_lowercase(), "{trigger:?}");
         }
+    }
+
+    #[test]
+    fn a_text_of_repeated_triggers_is_scrubbed_whole() {
+        let scrubber = on();
+        let text = format!("{}password=hunter2 {}", "pwd ".repeat(1_280), "token ".repeat(20));
+        let kept = scrubber.scrub(&text);
+        assert!(kept.contains("password=[REDACTED]"), "{kept}");
+        assert!(!kept.contains("hunter2"));
+        let few = format!("{}password=hunter2", "pwd ".repeat(3));
+        assert_eq!(scrubber.scrub(&few), format!("{}password=[REDACTED]", "pwd ".repeat(3)));
     }
 
     /// A match may start before its trigger only where an ASCII word begins: the search
