@@ -9,7 +9,7 @@ use agent_telemetry::{Error, LogFormat, ModelPrice, ModelPrices};
 use opentelemetry::trace::Status as SpanStatus;
 use opentelemetry::Value;
 use opentelemetry_sdk::trace::SpanData;
-use support::{json_pairs, Harness};
+use support::{json_pairs, Harness, Scrape};
 
 fn prices() -> ModelPrices {
     ModelPrices::new()
@@ -59,6 +59,27 @@ fn planner(agent_name: &str, task: &str) {
 )]
 fn coder(agent_name: &str, task: &str) {}
 
+/// `agent_tokens_total` of one agent, model and token type.
+fn tokens(scrape: &Scrape, agent: &str, model: &str, kind: &str) -> Option<f64> {
+    scrape.value(
+        "agent_tokens_total",
+        &[("agent_name", agent), ("model", model), ("type", kind)],
+    )
+}
+
+/// `agent_model_calls_total` of one agent, model and status.
+fn calls(scrape: &Scrape, agent: &str, model: &str, status: &str) -> Option<f64> {
+    scrape.value(
+        "agent_model_calls_total",
+        &[("agent_name", agent), ("model", model), ("status", status)],
+    )
+}
+
+/// `agent_cost_usd_total` of one agent and model.
+fn cost(scrape: &Scrape, agent: &str, model: &str) -> Option<f64> {
+    scrape.value("agent_cost_usd_total", &[("agent_name", agent), ("model", model)])
+}
+
 fn attribute<'a>(span: &'a SpanData, key: &str) -> Option<&'a Value> {
     span.attributes
         .iter()
@@ -84,33 +105,21 @@ fn tokens_and_spend_agree_in_metrics_log_lines_and_spans() {
     let mut harness = Harness::with(|builder| builder.with_model_prices(prices()));
     harness.run(|| planner("planner", "Plan the release"));
     let scrape = harness.scrape();
-    let tokens = |agent, model, kind| {
-        scrape.value(
-            "agent_tokens_total",
-            &[("agent_name", agent), ("model", model), ("type", kind)],
-        )
-    };
     // gpt-4o: 1200 + 100 input, 300 + 50 output; the execution's own 1000 cache reads count
     // under its model, which it did not name: `unknown`.
-    assert_eq!(tokens("planner", "gpt-4o", "input"), Some(1300.0));
-    assert_eq!(tokens("planner", "gpt-4o", "output"), Some(350.0));
-    assert_eq!(tokens("planner", "claude-sonnet", "input"), Some(800.0));
-    assert_eq!(tokens("planner", "unknown", "cache_read"), Some(1000.0));
-    assert_eq!(tokens("coder", "gpt-4o-mini", "input"), Some(40.0));
+    assert_eq!(tokens(&scrape, "planner", "gpt-4o", "input"), Some(1300.0));
+    assert_eq!(tokens(&scrape, "planner", "gpt-4o", "output"), Some(350.0));
+    assert_eq!(tokens(&scrape, "planner", "claude-sonnet", "input"), Some(800.0));
+    assert_eq!(tokens(&scrape, "planner", "unknown", "cache_read"), Some(1000.0));
+    assert_eq!(tokens(&scrape, "coder", "gpt-4o-mini", "input"), Some(40.0));
     assert_eq!(
-        tokens("planner", "gpt-4o-mini", "input"),
+        tokens(&scrape, "planner", "gpt-4o-mini", "input"),
         None,
         "a nested agent's tokens are not its parent's"
     );
-    let calls = |model, status| {
-        scrape.value(
-            "agent_model_calls_total",
-            &[("agent_name", "planner"), ("model", model), ("status", status)],
-        )
-    };
-    assert_eq!(calls("gpt-4o", "success"), Some(2.0));
-    assert_eq!(calls("gpt-4o", "failure"), Some(1.0));
-    assert_eq!(calls("claude-sonnet", "success"), Some(1.0));
+    assert_eq!(calls(&scrape, "planner", "gpt-4o", "success"), Some(2.0));
+    assert_eq!(calls(&scrape, "planner", "gpt-4o", "failure"), Some(1.0));
+    assert_eq!(calls(&scrape, "planner", "claude-sonnet", "success"), Some(1.0));
     assert_eq!(
         scrape.value(
             "agent_executions_total",
@@ -132,12 +141,11 @@ fn tokens_and_spend_agree_in_metrics_log_lines_and_spans() {
             &[("agent_name", "planner"), ("model", "gpt-4o"), ("le", "81.92")]
         )
         .is_some());
-    let cost = |agent, model| scrape.value("agent_cost_usd_total", &[("agent_name", agent), ("model", model)]);
     let gpt = (1300.0 * 2.5 + 350.0 * 10.0) / 1e6;
     let claude = (800.0 * 3.0 + 200.0 * 15.0) / 1e6;
-    assert!((cost("planner", "gpt-4o").unwrap() - gpt).abs() < 1e-12);
-    assert!((cost("planner", "claude-sonnet").unwrap() - claude).abs() < 1e-12);
-    assert_eq!(cost("coder", "gpt-4o-mini"), None, "no price");
+    assert!((cost(&scrape, "planner", "gpt-4o").unwrap() - gpt).abs() < 1e-12);
+    assert!((cost(&scrape, "planner", "claude-sonnet").unwrap() - claude).abs() < 1e-12);
+    assert_eq!(cost(&scrape, "coder", "gpt-4o-mini"), None, "no price");
     // Unpriced: coder's 40 + 10, and the 1000 cache reads under `unknown` (input of none).
     assert_eq!(
         scrape.value("agent_telemetry_unpriced_tokens_total", &[("model", "gpt-4o-mini")]),
@@ -252,15 +260,12 @@ fn model_labels_are_capped_and_the_overflow_counted() {
         }
     });
     let scrape = harness.scrape();
-    let input = |model| {
-        scrape.value(
-            "agent_tokens_total",
-            &[("agent_name", "x"), ("model", model), ("type", "input")],
-        )
-    };
-    assert_eq!((input("a"), input("b")), (Some(1.0), Some(1.0)));
-    assert_eq!(input("__overflow__"), Some(2.0));
-    assert_eq!(input("c"), None);
+    assert_eq!(
+        (tokens(&scrape, "x", "a", "input"), tokens(&scrape, "x", "b", "input")),
+        (Some(1.0), Some(1.0))
+    );
+    assert_eq!(tokens(&scrape, "x", "__overflow__", "input"), Some(2.0));
+    assert_eq!(tokens(&scrape, "x", "c", "input"), None);
     assert_eq!(
         scrape.value("agent_telemetry_model_names_overflowed_total", &[]),
         Some(2.0)
@@ -329,18 +334,8 @@ fn calls_count_under_the_names_their_execution_records_last() {
         agent.record("model", "gpt-4o");
     });
     let scrape = harness.scrape();
-    let labels = [("agent_name", "late-namer"), ("model", "gpt-4o")];
-    assert_eq!(
-        scrape.value(
-            "agent_model_calls_total",
-            &[labels[0], labels[1], ("status", "success")]
-        ),
-        Some(1.0)
-    );
-    assert_eq!(
-        scrape.value("agent_tokens_total", &[labels[0], labels[1], ("type", "input")]),
-        Some(10.0)
-    );
+    assert_eq!(calls(&scrape, "late-namer", "gpt-4o", "success"), Some(1.0));
+    assert_eq!(tokens(&scrape, "late-namer", "gpt-4o", "input"), Some(10.0));
     assert_eq!(
         scrape.with_name("agent_model_calls_total").count(),
         1,
@@ -365,11 +360,7 @@ fn a_call_made_inside_a_call_is_counted_once() {
         });
     });
     let scrape = harness.scrape();
-    let labels = [("agent_name", "wrapper"), ("model", "gpt-4o")];
-    assert_eq!(
-        scrape.value("agent_tokens_total", &[labels[0], labels[1], ("type", "input")]),
-        Some(300.0)
-    );
+    assert_eq!(tokens(&scrape, "wrapper", "gpt-4o", "input"), Some(300.0));
     assert_eq!(scrape.sum("agent_model_calls_total"), 1.0);
     assert!(harness.log_lines()[0].contains(r#""input_tokens":300,"output_tokens":20"#));
 }
@@ -395,14 +386,7 @@ fn a_model_call_that_times_out_is_cancelled_and_its_execution_is_not() {
     harness.run(|| runtime.block_on(impatient("impatient")).unwrap());
     drop(runtime);
     let scrape = harness.scrape();
-    let labels = [("agent_name", "impatient"), ("model", "gpt-4o")];
-    assert_eq!(
-        scrape.value(
-            "agent_model_calls_total",
-            &[labels[0], labels[1], ("status", "cancelled")]
-        ),
-        Some(1.0)
-    );
+    assert_eq!(calls(&scrape, "impatient", "gpt-4o", "cancelled"), Some(1.0));
     assert_eq!(
         scrape.value(
             "agent_executions_total",
@@ -420,23 +404,9 @@ fn a_call_outside_any_execution_counts_as_it_ends_under_unknown() {
         tracing::info_span!("embeddings", input_tokens = 5_u64).in_scope(|| {});
     });
     let scrape = harness.scrape();
-    let value = |name, model, extra: Option<(&'static str, &'static str)>| {
-        let mut labels = vec![("agent_name", "unknown"), ("model", model)];
-        labels.extend(extra);
-        scrape.value(name, &labels)
-    };
-    assert_eq!(
-        value("agent_tokens_total", "gpt-4o", Some(("type", "input"))),
-        Some(1e6)
-    );
-    assert_eq!(value("agent_cost_usd_total", "gpt-4o", None), Some(2.5));
-    assert_eq!(
-        value("agent_tokens_total", "unknown", Some(("type", "input"))),
-        Some(5.0)
-    );
-    assert_eq!(
-        value("agent_model_calls_total", "unknown", Some(("status", "success"))),
-        Some(1.0)
-    );
+    assert_eq!(tokens(&scrape, "unknown", "gpt-4o", "input"), Some(1e6));
+    assert_eq!(cost(&scrape, "unknown", "gpt-4o"), Some(2.5));
+    assert_eq!(tokens(&scrape, "unknown", "unknown", "input"), Some(5.0));
+    assert_eq!(calls(&scrape, "unknown", "unknown", "success"), Some(1.0));
     assert!(harness.log_lines().is_empty(), "no execution, no line");
 }
