@@ -12,7 +12,7 @@ use tracing_core::field::{Field, Visit};
 use crate::config::{Config, TaskCapture};
 use crate::gen_ai::{Rollup, Usage, UsageFields};
 use crate::scrub::{Scrubber, SCRUB_MARGIN};
-pub(crate) use crate::status::Status;
+use crate::status::Status;
 use crate::text::{cut, debug_text, shared_name, unquote_debug, MAX_LABEL_CHARS};
 
 /// The `agent_name` recorded when a span carries none: the execution is still counted.

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use tracing_core::field::{Field, Visit};
 use tracing_core::Metadata;
 
-use crate::prices::ModelPrices;
+use crate::prices::{ModelPrices, Tokens};
 use crate::status::Status;
 use crate::text::{cut, debug_text, shared_name, unquote_debug, MAX_LABEL_CHARS};
 
@@ -72,8 +72,6 @@ pub(crate) fn model_call_operation(text: &str) -> Option<ModelCallOperation> {
 pub(crate) fn may_be_gen_ai(metadata: &Metadata<'_>) -> bool {
     model_call_operation(metadata.name()).is_some() || metadata.fields().field(OPERATION_FIELD).is_some()
 }
-
-pub(crate) use crate::prices::Tokens;
 
 /// The GenAI fields of a span, as recorded so far: model and provider cut at
 /// [`MAX_LABEL_CHARS`], tokens as the last valid value recorded.

@@ -19,10 +19,11 @@ use prometheus::{Encoder, TextEncoder};
 
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::execution::{Execution, Status};
+use crate::execution::Execution;
 use crate::gen_ai::Usage;
 use crate::per_thread::PerThread;
 use crate::stats::TelemetryStats;
+use crate::status::Status;
 use crate::text::{cut, MAX_LABEL_CHARS};
 use capped_names::CappedNames;
 use spend::SpendMetrics;

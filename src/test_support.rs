@@ -7,7 +7,8 @@ use tracing::span::{Attributes, Id, Record};
 use tracing::subscriber::Interest;
 use tracing::{Dispatch, Event, Metadata, Subscriber};
 
-use crate::execution::{Execution, Status};
+use crate::execution::Execution;
+use crate::status::Status;
 
 /// A successful, untraced execution of agent `a` on task `t` that took 1 ms.
 pub(crate) fn execution() -> Execution {

@@ -5,8 +5,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use crate::config::{Config, LogFormat};
 use std::io::Write as _;
 
-use crate::execution::{Execution, Status, TraceIds};
+use crate::execution::{Execution, TraceIds};
 use crate::gen_ai::Usage;
+use crate::status::Status;
 use crate::text::{cut as truncate, MAX_LABEL_CHARS as MAX_AGENT_NAME_CHARS};
 
 /// A line's bytes besides its text fields, with room to spare.

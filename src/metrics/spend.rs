@@ -16,9 +16,9 @@ use opentelemetry::KeyValue;
 
 use super::capped_names::CappedNames;
 use super::OVERFLOW_AGENT_NAME;
-use crate::execution::Status;
 use crate::gen_ai::{ModelUsage, Usage};
 use crate::stats::TelemetryStats;
+use crate::status::Status;
 
 /// The GenAI conventions' bucket bounds for `gen_ai.client.operation.duration`, in seconds.
 pub(crate) const MODEL_CALL_DURATION_BUCKETS: [f64; 14] = [

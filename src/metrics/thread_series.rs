@@ -8,7 +8,7 @@ use std::sync::Arc;
 use opentelemetry::metrics::{Counter, Histogram};
 
 use super::AgentSeries;
-use crate::execution::Status;
+use crate::status::Status;
 
 /// The instruments executions are recorded into.
 pub(super) struct Instruments {

@@ -10,8 +10,9 @@ use opentelemetry_sdk::trace::SpanData;
 use tracing_core::Metadata;
 
 use super::span_size;
-use crate::execution::{Failure, SpanRole, Status};
-use crate::gen_ai::Tokens;
+use crate::execution::{Failure, SpanRole};
+use crate::prices::Tokens;
+use crate::status::Status;
 
 /// A closed agent span, as it crosses to the span processor's thread: what building it needs.
 /// Keep it under two cache lines when the span has nothing rare: what is rare goes in

@@ -794,7 +794,7 @@ mod tests {
         let usage = |model, provider, input| UsageText {
             model,
             provider,
-            tokens: crate::gen_ai::Tokens {
+            tokens: crate::prices::Tokens {
                 input,
                 output: 2,
                 cache_read: 1,
