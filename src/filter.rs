@@ -1,6 +1,7 @@
-//! Per-layer filters: what reaches the execution layer and what reaches
-//! `tracing-opentelemetry`. Everything no signal selects is rejected at the callsite, so it
-//! costs what it costs without a subscriber.
+//! The per-layer filter in front of the crate's layer: what reaches it, and which side of it
+//! (the execution layer's or `tracing-opentelemetry`'s) each span and event is for.
+//! Everything no side selects is rejected at the callsite, so it costs what it costs without
+//! a subscriber.
 
 use std::sync::Arc;
 
@@ -9,6 +10,7 @@ use tracing_core::subscriber::Interest;
 use tracing_core::{Event, Level, LevelFilter, Metadata, Subscriber};
 use tracing_subscriber::filter::EnvFilter;
 use tracing_subscriber::layer::{Context, Filter};
+use tracing_subscriber::registry::LookupSpan;
 
 use crate::execution::AgentSpanNames;
 
@@ -34,24 +36,167 @@ pub(crate) fn on_export_path(target: &str) -> bool {
     })
 }
 
-/// What the execution layer sees: agent spans by name, GenAI spans, `ERROR` events (which may fail an
-/// enclosing agent) and, when traces are on, the events `RUST_LOG` selects (those directly
-/// inside an agent span become its span events).
+/// What reaches the crate's layer: what either side selects.
 ///
-/// Written out rather than composed with `FilterExt::or`: a combinator hands every span
-/// callback to both sides, and `EnvFilter` takes a shared read lock in each, which two
-/// threads running agents would contend for on every enter, exit and close.
-pub(crate) struct ExecutionFilter {
-    names: Arc<AgentSpanNames>,
-    events: Option<SelectedEvents>,
+/// Invariants:
+/// - a span is for exactly one side: the execution layer's when the names follow it
+///   ([`AgentSpanNames::follows`]), else `tracing-opentelemetry`'s;
+/// - an event may be for both ([`LayerFilter::event_sides`]);
+/// - each side's `EnvFilter` sees the span callbacks of its own side's spans only, and only
+///   when its directives name spans (`[agent_execution]=debug`): without such directives it
+///   has nothing to learn from them.
+///
+/// One filter for both sides, not one per side: a per-layer filter looks the span up on
+/// every enter, exit and close, whichever side the span is for.
+pub(crate) struct LayerFilter {
+    execution: ExecutionFilter,
+    /// `None` when traces are off.
+    traced: Option<TracedFilter>,
+    /// Whether either side's `EnvFilter` follows spans.
+    follows_spans: bool,
 }
 
-/// The events `RUST_LOG` selects, off the export path.
-struct SelectedEvents {
+impl LayerFilter {
+    pub(crate) fn new(execution: ExecutionFilter, traced: Option<TracedFilter>) -> Self {
+        let follows_spans =
+            execution.span_follower().is_some() || traced.as_ref().is_some_and(|t| t.span_follower().is_some());
+        LayerFilter {
+            execution,
+            traced,
+            follows_spans,
+        }
+    }
+
+    /// Which sides an event that reached the layer is for: the execution layer's, and
+    /// `tracing-opentelemetry`'s.
+    pub(crate) fn event_sides<S>(&self, event: &Event<'_>, ctx: &Context<'_, S>) -> (bool, bool)
+    where
+        S: Subscriber + for<'a> LookupSpan<'a>,
+    {
+        let metadata = event.metadata();
+        let execution = self.execution.enabled(metadata, ctx);
+        let traced = self
+            .traced
+            .as_ref()
+            .is_some_and(|traced| traced.enabled(metadata, ctx) && traced.event_enabled(event, ctx));
+        (execution, traced)
+    }
+
+    /// The `EnvFilter` to hand a span's callbacks to: its side's, when that one follows
+    /// spans. `metadata` is looked up only then.
+    #[inline]
+    fn follower(&self, metadata: impl FnOnce() -> Option<&'static Metadata<'static>>) -> Option<&EnvFilter> {
+        if !self.follows_spans {
+            return None;
+        }
+        if self.execution.names.follows(metadata()?) {
+            self.execution.span_follower()
+        } else {
+            self.traced.as_ref().and_then(TracedFilter::span_follower)
+        }
+    }
+}
+
+/// [`LayerFilter`], shared with the layer, which routes events by it.
+#[derive(Clone)]
+pub(crate) struct SharedFilter(pub(crate) Arc<LayerFilter>);
+
+impl<S> Filter<S> for SharedFilter
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+{
+    fn enabled(&self, metadata: &Metadata<'_>, ctx: &Context<'_, S>) -> bool {
+        let filter = &self.0;
+        filter.execution.enabled(metadata, ctx)
+            || filter
+                .traced
+                .as_ref()
+                .is_some_and(|traced| traced.enabled(metadata, ctx))
+    }
+
+    fn callsite_enabled(&self, metadata: &'static Metadata<'static>) -> Interest {
+        let filter = &self.0;
+        // Both sides see every callsite: their `EnvFilter`s register the spans their
+        // directives name.
+        let execution = filter.execution.callsite_enabled::<S>(metadata);
+        let traced = filter
+            .traced
+            .as_ref()
+            .map_or(Interest::never(), |traced| traced.callsite_enabled::<S>(metadata));
+        if execution.is_always() || traced.is_always() {
+            Interest::always()
+        } else if execution.is_never() && traced.is_never() {
+            Interest::never()
+        } else {
+            Interest::sometimes()
+        }
+    }
+
+    fn max_level_hint(&self) -> Option<LevelFilter> {
+        // Agent spans are selected by name, at any level; and `EnvFilter`'s hint (`OFF` for
+        // `RUST_LOG=off`) would also turn off the agent spans the execution side wants.
+        None
+    }
+
+    fn event_enabled(&self, _event: &Event<'_>, _ctx: &Context<'_, S>) -> bool {
+        // Decided per side where the event is handed on: `LayerFilter::event_sides`.
+        true
+    }
+
+    fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: Context<'_, S>) {
+        if let Some(follower) = self.0.follower(|| Some(attrs.metadata())) {
+            Filter::on_new_span(follower, attrs, id, ctx);
+        }
+    }
+
+    fn on_record(&self, id: &Id, values: &Record<'_>, ctx: Context<'_, S>) {
+        if let Some(follower) = self.0.follower(|| ctx.metadata(id)) {
+            Filter::on_record(follower, id, values, ctx);
+        }
+    }
+
+    fn on_enter(&self, id: &Id, ctx: Context<'_, S>) {
+        if let Some(follower) = self.0.follower(|| ctx.metadata(id)) {
+            Filter::on_enter(follower, id, ctx);
+        }
+    }
+
+    fn on_exit(&self, id: &Id, ctx: Context<'_, S>) {
+        if let Some(follower) = self.0.follower(|| ctx.metadata(id)) {
+            Filter::on_exit(follower, id, ctx);
+        }
+    }
+
+    fn on_close(&self, id: Id, ctx: Context<'_, S>) {
+        if let Some(follower) = self.0.follower(|| ctx.metadata(&id)) {
+            Filter::on_close(follower, id, ctx);
+        }
+    }
+}
+
+/// The `EnvFilter` of `RUST_LOG`'s directives, and whether it needs span callbacks: only
+/// directives that name a span (`[agent_execution]=debug`) follow the spans entered; without
+/// them the filter has nothing to learn from span callbacks.
+struct Directives {
     filter: EnvFilter,
-    /// Directives that name a span (`[agent_execution]=debug`) need to follow the spans
-    /// entered; without them the filter has nothing to learn from span callbacks.
     follows_spans: bool,
+}
+
+impl Directives {
+    fn new(filter: EnvFilter, directives: &str) -> Self {
+        Directives {
+            filter,
+            follows_spans: directives.contains('['),
+        }
+    }
+}
+
+/// The execution layer's side: agent spans by name, GenAI spans, `ERROR` events (which may
+/// fail an enclosing agent) and, when traces are on, the events `RUST_LOG` selects (those
+/// directly inside an agent span become its span events).
+pub(crate) struct ExecutionFilter {
+    names: Arc<AgentSpanNames>,
+    events: Option<Directives>,
 }
 
 impl ExecutionFilter {
@@ -59,10 +204,7 @@ impl ExecutionFilter {
     pub(crate) fn new(names: Arc<AgentSpanNames>, events: Option<(EnvFilter, &str)>) -> Self {
         ExecutionFilter {
             names,
-            events: events.map(|(filter, directives)| SelectedEvents {
-                filter,
-                follows_spans: directives.contains('['),
-            }),
+            events: events.map(|(filter, directives)| Directives::new(filter, directives)),
         }
     }
 
@@ -73,10 +215,8 @@ impl ExecutionFilter {
             .filter(|events| events.follows_spans)
             .map(|events| &events.filter)
     }
-}
 
-impl<S: Subscriber> Filter<S> for ExecutionFilter {
-    fn enabled(&self, metadata: &Metadata<'_>, ctx: &Context<'_, S>) -> bool {
+    fn enabled<S: Subscriber>(&self, metadata: &Metadata<'_>, ctx: &Context<'_, S>) -> bool {
         if metadata.is_span() {
             return self.names.follows(metadata);
         }
@@ -86,7 +226,7 @@ impl<S: Subscriber> Filter<S> for ExecutionFilter {
             })
     }
 
-    fn callsite_enabled(&self, metadata: &'static Metadata<'static>) -> Interest {
+    fn callsite_enabled<S: Subscriber>(&self, metadata: &'static Metadata<'static>) -> Interest {
         if metadata.is_span() {
             if let Some(filter) = self.span_follower() {
                 // Registers the spans its directives name; the answer for events is below.
@@ -108,68 +248,35 @@ impl<S: Subscriber> Filter<S> for ExecutionFilter {
             _ => Interest::never(),
         }
     }
-
-    fn max_level_hint(&self) -> Option<LevelFilter> {
-        // Agent spans are selected by name, at any level.
-        None
-    }
-
-    fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: Context<'_, S>) {
-        if let Some(filter) = self.span_follower() {
-            Filter::on_new_span(filter, attrs, id, ctx);
-        }
-    }
-
-    fn on_record(&self, id: &Id, values: &Record<'_>, ctx: Context<'_, S>) {
-        if let Some(filter) = self.span_follower() {
-            Filter::on_record(filter, id, values, ctx);
-        }
-    }
-
-    fn on_enter(&self, id: &Id, ctx: Context<'_, S>) {
-        if let Some(filter) = self.span_follower() {
-            Filter::on_enter(filter, id, ctx);
-        }
-    }
-
-    fn on_exit(&self, id: &Id, ctx: Context<'_, S>) {
-        if let Some(filter) = self.span_follower() {
-            Filter::on_exit(filter, id, ctx);
-        }
-    }
-
-    fn on_close(&self, id: Id, ctx: Context<'_, S>) {
-        if let Some(filter) = self.span_follower() {
-            Filter::on_close(filter, id, ctx);
-        }
-    }
 }
 
-/// For the `tracing-opentelemetry` layer: what `RUST_LOG` selects, off the export path, but no
-/// agent or GenAI spans (ours) and no events whose innermost span is one of ours (they are its
-/// span events, recorded by us).
-///
-/// Written out rather than composed with `FilterExt::and`: every agent span goes through this
-/// filter's `enabled` (the execution layer wants it, so the callsite cannot be cached as
-/// never), and the name check rejects it before `EnvFilter` and the target are looked at.
+/// `tracing-opentelemetry`'s side: what `RUST_LOG` selects, off the export path, but no agent
+/// or GenAI spans (the execution layer's) and no events whose innermost span is one of those
+/// (they are its span events, recorded by the execution layer).
 pub(crate) struct TracedFilter {
     names: Arc<AgentSpanNames>,
-    filter: EnvFilter,
+    directives: Directives,
 }
 
 impl TracedFilter {
-    pub(crate) fn new(names: Arc<AgentSpanNames>, filter: EnvFilter) -> Self {
-        TracedFilter { names, filter }
+    pub(crate) fn new(names: Arc<AgentSpanNames>, filter: EnvFilter, directives: &str) -> Self {
+        TracedFilter {
+            names,
+            directives: Directives::new(filter, directives),
+        }
     }
-}
 
-impl<S: Subscriber> Filter<S> for TracedFilter {
-    fn enabled(&self, metadata: &Metadata<'_>, ctx: &Context<'_, S>) -> bool {
+    /// The filter to hand span callbacks to, when it needs them.
+    fn span_follower(&self) -> Option<&EnvFilter> {
+        Some(&self.directives.filter).filter(|_| self.directives.follows_spans)
+    }
+
+    fn enabled<S: Subscriber>(&self, metadata: &Metadata<'_>, ctx: &Context<'_, S>) -> bool {
         let is_span = metadata.is_span();
         if is_span && self.names.follows(metadata) {
             return false;
         }
-        if on_export_path(metadata.target()) || !Filter::<S>::enabled(&self.filter, metadata, ctx) {
+        if on_export_path(metadata.target()) || !Filter::<S>::enabled(&self.directives.filter, metadata, ctx) {
             return false;
         }
         is_span
@@ -179,51 +286,27 @@ impl<S: Subscriber> Filter<S> for TracedFilter {
                 .is_some_and(|span| self.names.follows(span))
     }
 
-    fn callsite_enabled(&self, metadata: &'static Metadata<'static>) -> Interest {
+    fn callsite_enabled<S: Subscriber>(&self, metadata: &'static Metadata<'static>) -> Interest {
         // `EnvFilter` sees every callsite, as it registers the spans its directives name.
-        let selected = Filter::<S>::callsite_enabled(&self.filter, metadata);
+        let selected = Filter::<S>::callsite_enabled(&self.directives.filter, metadata);
         if selected.is_never() || on_export_path(metadata.target()) {
             return Interest::never();
         }
         match (metadata.is_span(), self.names.follows(metadata)) {
             (true, true) => Interest::never(),
+            // `EnvFilter` says `always` for every span a span directive names, at any level:
+            // its `enabled` still decides by the level.
+            (true, false) if self.directives.follows_spans && selected.is_always() => Interest::sometimes(),
             (true, false) => selected,
             // An event's answer depends on the span it happens in.
             (false, _) => Interest::sometimes(),
         }
     }
 
-    fn max_level_hint(&self) -> Option<LevelFilter> {
-        // No hint, as the combinators this filter replaces gave none: `EnvFilter`'s (`OFF` for
-        // `RUST_LOG=off`) would also turn off the agent spans the execution layer wants.
-        None
-    }
-
-    fn event_enabled(&self, event: &Event<'_>, ctx: &Context<'_, S>) -> bool {
-        Filter::<S>::event_enabled(&self.filter, event, ctx)
-    }
-
-    fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: Context<'_, S>) {
-        Filter::on_new_span(&self.filter, attrs, id, ctx);
-    }
-
-    fn on_record(&self, id: &Id, values: &Record<'_>, ctx: Context<'_, S>) {
-        Filter::on_record(&self.filter, id, values, ctx);
-    }
-
-    fn on_enter(&self, id: &Id, ctx: Context<'_, S>) {
-        Filter::on_enter(&self.filter, id, ctx);
-    }
-
-    fn on_exit(&self, id: &Id, ctx: Context<'_, S>) {
-        Filter::on_exit(&self.filter, id, ctx);
-    }
-
-    fn on_close(&self, id: Id, ctx: Context<'_, S>) {
-        Filter::on_close(&self.filter, id, ctx);
+    fn event_enabled<S: Subscriber>(&self, event: &Event<'_>, ctx: &Context<'_, S>) -> bool {
+        Filter::<S>::event_enabled(&self.directives.filter, event, ctx)
     }
 }
-
 #[cfg(test)]
 mod tests {
     use super::on_export_path;

@@ -18,7 +18,7 @@ use tracing_subscriber::util::SubscriberInitExt;
 use crate::config::{Config, LogFormat, OtlpProtocol, TaskCapture, TracesExporter};
 use crate::error::{Error, Result};
 use crate::execution::{AgentSpanNames, TextPolicy};
-use crate::filter::{ExecutionFilter, TracedFilter};
+use crate::filter::{ExecutionFilter, LayerFilter, SharedFilter, TracedFilter};
 use crate::layer::{ExecutionLayer, Signals};
 use crate::logs::LineQueue;
 use crate::metrics::server::{BearerToken, MetricsServer, ServerLimits};
@@ -489,27 +489,34 @@ impl AgentTelemetryBuilder {
             lines: Arc::clone(&lines),
             tracer: agent_tracer,
         };
+        let (execution_filter, otel) = match &traces {
+            Some(traces) => {
+                // Events `RUST_LOG` selects reach the execution side too: those directly
+                // inside an agent span become its span events.
+                let events = Some((traced_events, config.env_filter.as_str()));
+                let otel_layer = tracing_opentelemetry::layer()
+                    .with_tracer(traces.provider.tracer("agent_telemetry"))
+                    .with_threads(false)
+                    .with_tracked_inactivity(false);
+                let otel_filter = TracedFilter::new(Arc::clone(&names), traced_spans, &config.env_filter);
+                (
+                    ExecutionFilter::new(Arc::clone(&names), events),
+                    Some((otel_layer, otel_filter)),
+                )
+            }
+            None => (ExecutionFilter::new(Arc::clone(&names), None), None),
+        };
+        let (otel_layer, otel_filter) = otel.unzip();
+        let filter = Arc::new(LayerFilter::new(execution_filter, otel_filter));
         let executions = ExecutionLayer::new(
             signals,
             TextPolicy::new(&config, Arc::clone(&scrubber)),
-            Arc::clone(&names),
+            names,
             config.model_prices.clone(),
+            otel_layer,
+            Arc::clone(&filter),
         );
-        let layer: TelemetryLayer<S> = match &traces {
-            Some(traces) => {
-                // Events `RUST_LOG` selects reach the execution layer too: those directly
-                // inside an agent span become its span events.
-                let filter = ExecutionFilter::new(Arc::clone(&names), Some((traced_events, &config.env_filter)));
-                let executions = executions.with_filter(filter);
-                let otel = tracing_opentelemetry::layer()
-                    .with_tracer(traces.provider.tracer("agent_telemetry"))
-                    .with_threads(false)
-                    .with_tracked_inactivity(false)
-                    .with_filter(TracedFilter::new(names, traced_spans));
-                Box::new(executions.and_then(otel))
-            }
-            None => Box::new(executions.with_filter(ExecutionFilter::new(names, None))),
-        };
+        let layer: TelemetryLayer<S> = Box::new(executions.with_filter(SharedFilter(filter)));
 
         let telemetry = AgentTelemetry {
             metrics,

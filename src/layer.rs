@@ -1,11 +1,22 @@
-//! The `tracing` layer that recognises agent executions and hands each closed one to the
-//! signals, plus the per-layer filters that keep everything else off its path.
+//! The `tracing` layer the crate installs: it recognises agent executions and hands each
+//! closed one to the signals, and hands every other span it is given to
+//! `tracing-opentelemetry`'s layer, which it holds.
 //!
 //! On the agent's thread it does only what must happen there, and what costs less there than
 //! handing it over: the fields, the span's ids, the metrics, the log line into a buffer of the
 //! thread's own, and the span's parts into a batch of the thread's own. Lines are written on
 //! the log thread, spans built and exported on the span thread.
-//! What reaches it is chosen in `filter.rs`.
+//! What reaches it, and which side each span and event is for, is chosen in `filter.rs`.
+//!
+//! Invariants a change must keep:
+//! - a span is the execution side's when the layer made its state ([`Running`]) as it
+//!   opened; every other span it is given is `tracing-opentelemetry`'s, and each callback of
+//!   such a span is handed to that layer, once;
+//! - both sides share one per-layer filter, so what `Context` finds (`span`, `scope`,
+//!   `lookup_current`) includes the other side's spans: check for [`Running`] before taking a
+//!   span for an execution's, and find the thread's innermost entered execution span with
+//!   `innermost_entered`, as a filter of the execution side's own would;
+//! - a span's status, events and parent do not depend on whether traces are on.
 
 use std::any::TypeId;
 use std::cell::{Cell, RefCell};
@@ -17,10 +28,12 @@ use opentelemetry::ContextGuard;
 use tracing_core::dispatcher::WeakDispatch;
 use tracing_core::span::{Attributes, Id, Record};
 use tracing_core::{Dispatch, Event, Level, Metadata, Subscriber};
+use tracing_opentelemetry::OpenTelemetryLayer;
 use tracing_subscriber::layer::{Context, Layer};
 use tracing_subscriber::registry::{LookupSpan, SpanRef};
 
 use crate::execution::{AgentSpanNames, ErrorText, Execution, ExecutionState, SpanRole, TextPolicy, UNKNOWN_AGENT};
+use crate::filter::LayerFilter;
 use crate::gen_ai::{model_call_operation, CallUsage, EndedCall, UsageFields, UNKNOWN_MODEL};
 use crate::logs::LineQueue;
 use crate::metrics::Metrics;
@@ -72,6 +85,57 @@ thread_local! {
     static ACTIVE: Active = const { Active(RefCell::new(Vec::new())) };
     /// Nothing to drop: readable to the end.
     static CONTEXTS: Cell<Contexts> = const { Cell::new(Contexts::Unused) };
+    /// Nothing to drop: readable to the end.
+    static LATE_ENTERED: Cell<LateEntered> = const { Cell::new(LateEntered::EMPTY) };
+}
+
+/// The agent spans entered on this thread once `ACTIVE` is gone (the thread is ending), in
+/// entry order, innermost last: their ids only, in a fixed array, so that reading and
+/// writing it needs nothing dropped. Past [`LateEntered::CAPACITY`] spans are not recorded.
+#[derive(Clone, Copy)]
+struct LateEntered {
+    ids: [u64; LateEntered::CAPACITY],
+    len: usize,
+}
+
+impl LateEntered {
+    const CAPACITY: usize = 16;
+    const EMPTY: Self = LateEntered {
+        ids: [0; Self::CAPACITY],
+        len: 0,
+    };
+
+    fn entered(id: &Id) {
+        let mut late = LATE_ENTERED.get();
+        if let Some(slot) = late.ids.get_mut(late.len) {
+            *slot = id.into_u64();
+            late.len += 1;
+            LATE_ENTERED.set(late);
+        }
+    }
+
+    /// Whether `id` was entered here, forgetting its last entry.
+    fn exited(id: &Id) -> bool {
+        let mut late = LATE_ENTERED.get();
+        let recorded = &late.ids[..late.len];
+        let Some(at) = recorded.iter().rposition(|&entered| entered == id.into_u64()) else {
+            return false;
+        };
+        late.ids.copy_within(at + 1..late.len, at);
+        late.len -= 1;
+        LATE_ENTERED.set(late);
+        true
+    }
+
+    /// The innermost span entered, counting one entered again where it was first entered.
+    fn innermost() -> Option<Id> {
+        let late = LATE_ENTERED.get();
+        let recorded = &late.ids[..late.len];
+        (0..recorded.len())
+            .rev()
+            .find(|&at| !recorded[..at].contains(&recorded[at]))
+            .map(|at| Id::from_u64(recorded[at]))
+    }
 }
 
 /// Whether OpenTelemetry's current context may be used on this thread.
@@ -83,7 +147,7 @@ fn contexts_usable() -> bool {
 /// span is recorded all the same, its context not made current.
 fn make_current(id: &Id, context: opentelemetry::Context) {
     if !contexts_usable() {
-        return;
+        return LateEntered::entered(id);
     }
     let guard = context.attach();
     let _ = ACTIVE.try_with(|active| match active.0.try_borrow_mut() {
@@ -93,9 +157,14 @@ fn make_current(id: &Id, context: opentelemetry::Context) {
     CONTEXTS.set(Contexts::InUse);
 }
 
-/// Turns agent spans into executions for the signals.
+/// Turns agent spans into executions for the signals, and hands the spans and events that are
+/// not its own to `tracing-opentelemetry`.
 pub(crate) struct ExecutionLayer<S> {
     signals: Signals,
+    /// `tracing-opentelemetry`'s layer, for every other span: `None` when traces are off.
+    traced: Option<OpenTelemetryLayer<S, opentelemetry_sdk::trace::SdkTracer>>,
+    /// The filter in front of this layer, which says which side an event is for.
+    filter: Arc<LayerFilter>,
     text: TextPolicy,
     names: Arc<AgentSpanNames>,
     /// `None`: no spend is computed.
@@ -114,6 +183,8 @@ where
         text: TextPolicy,
         names: Arc<AgentSpanNames>,
         prices: Option<ModelPrices>,
+        traced: Option<OpenTelemetryLayer<S, opentelemetry_sdk::trace::SdkTracer>>,
+        filter: Arc<LayerFilter>,
     ) -> Self {
         let hook = AgentSpanHook {
             tracer: signals.tracer.clone(),
@@ -122,6 +193,8 @@ where
         };
         ExecutionLayer {
             signals,
+            traced,
+            filter,
             text,
             names,
             prices,
@@ -157,6 +230,97 @@ where
             .unwrap_or_default()
     }
 
+    /// The span an event of the execution side is in, among the execution side's own spans:
+    /// its explicit parent if that is one; else the innermost one entered on this thread.
+    fn event_execution_span<'a>(&self, event: &Event<'_>, ctx: &'a Context<'_, S>) -> Option<SpanRef<'a, S>> {
+        match event.parent() {
+            Some(parent) => ctx.span(parent).filter(is_execution_span),
+            None if event.is_contextual() => self.innermost_entered(ctx),
+            None => None,
+        }
+    }
+
+    /// The innermost of the execution side's spans entered on this thread, as a filter of
+    /// its own finds it in the thread's stack of entered spans: a span entered again while
+    /// entered counts where it was first entered. With traces off the layer's filter is the
+    /// execution side's, and so is `lookup_current`; with traces on the entered spans are on
+    /// `ACTIVE`, each with its context.
+    fn innermost_entered<'a>(&self, ctx: &'a Context<'_, S>) -> Option<SpanRef<'a, S>> {
+        if self.signals.tracer.is_none() {
+            return ctx.lookup_current();
+        }
+        match CONTEXTS.get() {
+            Contexts::Unused => None,
+            Contexts::InUse => {
+                let id = ACTIVE
+                    .try_with(|active| {
+                        let active = active.0.try_borrow().ok()?;
+                        let entered = |(at, (id, _)): &(usize, &(Id, ContextGuard))| {
+                            !active[..*at].iter().any(|(below, _)| below == id)
+                        };
+                        active
+                            .iter()
+                            .enumerate()
+                            .rev()
+                            .find(entered)
+                            .map(|(_, (id, _))| id.clone())
+                    })
+                    .ok()
+                    .flatten()?;
+                ctx.span(&id)
+            }
+            Contexts::Gone => ctx.span(&LateEntered::innermost()?),
+        }
+    }
+
+    /// An event for the execution side: an `ERROR` fails the nearest enclosing agent span or
+    /// model call; an event directly inside an agent span is one of the span's events (the
+    /// `tracing-opentelemetry` side is not given these).
+    fn execution_event(&self, event: &Event<'_>, ctx: &Context<'_, S>) {
+        if *event.metadata().level() == Level::ERROR {
+            if let Some(start) = self.event_execution_span(event, ctx) {
+                fail_nearest_agent(event, &start, self.text.held_chars());
+            }
+        }
+        let innermost = match event.parent() {
+            Some(parent) => Some(parent.clone()),
+            None if event.is_contextual() => ctx.current_span().id().cloned(),
+            None => None,
+        };
+        if let Some(span) = innermost.and_then(|id| ctx.span(&id)) {
+            self.add_span_event(&span, event);
+        }
+    }
+
+    /// Whether an event for the `tracing-opentelemetry` side is the execution side's after all,
+    /// and recorded as such: that layer puts an event on the innermost span of the thread that
+    /// it sees, which, behind this layer's filter, may be one of the execution side's.
+    fn is_execution_span_event(&self, event: &Event<'_>, ctx: &Context<'_, S>) -> bool {
+        if !event.is_contextual() {
+            return false;
+        }
+        match ctx.lookup_current().filter(is_execution_span) {
+            Some(span) => {
+                self.add_span_event(&span, event);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Records `event` on `span`, when that is a sampled span of the execution side.
+    fn add_span_event(&self, span: &SpanRef<'_, S>, event: &Event<'_>) {
+        let Some(tracer) = &self.signals.tracer else {
+            return;
+        };
+        let mut extensions = span.extensions_mut();
+        if let Some(agent_span) = extensions.get_mut::<Running>().and_then(|r| r.span.as_mut()) {
+            if agent_span.is_sampled() {
+                tracer.add_event(agent_span, event);
+            }
+        }
+    }
+
     /// What a new span is: an agent execution by its name; else a model call by its
     /// `gen_ai.operation.name` as created, or without one by its name; else another GenAI
     /// span.
@@ -179,9 +343,24 @@ where
     fn on_register_dispatch(&self, subscriber: &Dispatch) {
         // The first dispatch is ours; a layer is registered with one subscriber.
         let _ = self.dispatch.set(subscriber.downgrade());
+        if let Some(traced) = &self.traced {
+            traced.on_register_dispatch(subscriber);
+        }
+    }
+
+    fn on_layer(&mut self, subscriber: &mut S) {
+        if let Some(traced) = &mut self.traced {
+            traced.on_layer(subscriber);
+        }
     }
 
     fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: Context<'_, S>) {
+        if !self.names.follows(attrs.metadata()) {
+            if let Some(traced) = &self.traced {
+                traced.on_new_span(attrs, id, ctx);
+            }
+            return;
+        }
         let mut execution = ExecutionState::new(self.text.held_chars());
         let span = if let Some(tracer) = &self.signals.tracer {
             let mut span = tracer.start(&self.parent_context(attrs, &ctx), attrs.metadata());
@@ -205,40 +384,48 @@ where
                 (Some(span), Some(tracer)) => tracer.record(span, values, &mut execution.fields),
                 _ => values.record(&mut execution.fields),
             }
+            return;
+        }
+        drop(extensions);
+        drop(span);
+        if let Some(traced) = &self.traced {
+            traced.on_record(id, values, ctx);
+        }
+    }
+
+    fn on_follows_from(&self, id: &Id, follows: &Id, ctx: Context<'_, S>) {
+        // Agent spans take no links; `tracing-opentelemetry` passes by spans it did not open.
+        if let Some(traced) = &self.traced {
+            traced.on_follows_from(id, follows, ctx);
         }
     }
 
     fn on_event(&self, event: &Event<'_>, ctx: Context<'_, S>) {
-        if *event.metadata().level() == Level::ERROR {
-            fail_nearest_agent(event, &ctx, self.text.held_chars());
+        let (for_execution, for_traced) = self.filter.event_sides(event, &ctx);
+        if for_execution {
+            self.execution_event(event, &ctx);
         }
-        let Some(tracer) = &self.signals.tracer else {
-            return;
-        };
-        // An event directly inside an agent span is one of the span's events; the filter of
-        // the `tracing-opentelemetry` layer leaves these to us.
-        let innermost = match event.parent() {
-            Some(parent) => Some(parent.clone()),
-            None if event.is_contextual() => ctx.current_span().id().cloned(),
-            None => None,
-        };
-        let Some(span) = innermost.and_then(|id| ctx.span(&id)) else {
-            return;
-        };
-        let mut extensions = span.extensions_mut();
-        if let Some(agent_span) = extensions.get_mut::<Running>().and_then(|r| r.span.as_mut()) {
-            if agent_span.is_sampled() {
-                tracer.add_event(agent_span, event);
+        if let Some(traced) = self.traced.as_ref().filter(|_| for_traced) {
+            if !self.is_execution_span_event(event, &ctx) {
+                traced.on_event(event, ctx);
             }
         }
     }
 
     fn on_enter(&self, id: &Id, ctx: Context<'_, S>) {
         let Some(span) = ctx.span(id) else { return };
-        let context = span.extensions_mut().get_mut::<Running>().and_then(|running| {
-            running.execution.entered = true;
-            running.span.as_mut().map(AgentSpan::enter)
-        });
+        let mut extensions = span.extensions_mut();
+        let Some(running) = extensions.get_mut::<Running>() else {
+            drop(extensions);
+            drop(span);
+            if let Some(traced) = &self.traced {
+                traced.on_enter(id, ctx);
+            }
+            return;
+        };
+        running.execution.entered = true;
+        let context = running.span.as_mut().map(AgentSpan::enter);
+        drop(extensions);
         drop(span);
         if let Some(context) = context {
             make_current(id, context);
@@ -254,24 +441,36 @@ where
                 }
             }
         }
+        let Some(traced) = &self.traced else { return };
         // Not before a context was attached here: `ACTIVE` is set up after OpenTelemetry's.
-        if self.signals.tracer.is_some() && CONTEXTS.get() == Contexts::InUse {
-            let guard = ACTIVE
+        let guard = match CONTEXTS.get() {
+            Contexts::InUse => ACTIVE
                 .try_with(|active| {
                     let mut active = active.0.try_borrow_mut().ok()?;
                     let position = active.iter().rposition(|(entered, _)| entered == id)?;
                     Some(active.remove(position))
                 })
                 .ok()
-                .flatten();
+                .flatten(),
+            Contexts::Gone if LateEntered::exited(id) => return,
+            Contexts::Unused | Contexts::Gone => None,
+        };
+        match guard {
             // Dropped outside the borrow: restoring the context may emit events.
-            drop(guard);
+            Some(guard) => drop(guard),
+            // Not an agent span entered here: `tracing-opentelemetry`'s, or an agent span whose
+            // context was not made current, which it passes by.
+            None => traced.on_exit(id, ctx),
         }
     }
 
     fn on_close(&self, id: Id, ctx: Context<'_, S>) {
         let Some(closing) = ctx.span(&id) else { return };
         let Some(running) = closing.extensions_mut().remove::<Running>() else {
+            drop(closing);
+            if let Some(traced) = &self.traced {
+                traced.on_close(id, ctx);
+            }
             return;
         };
         let Running {
@@ -374,22 +573,22 @@ where
         } else if id == TypeId::of::<AgentSpanHook>() {
             Some(std::ptr::from_ref(&self.hook).cast())
         } else {
-            None
+            // SAFETY: `tracing-opentelemetry`'s layer answers for its own types, as above.
+            self.traced
+                .as_ref()
+                .and_then(|traced| unsafe { traced.downcast_raw(id) })
         }
     }
 }
 
 /// The first failure source after an explicit status: an `ERROR` event fails the nearest
-/// enclosing agent span or model call (a failed call the agent recovers from does not fail
-/// the execution), its text kept to `max_chars` characters.
-fn fail_nearest_agent<S>(event: &Event<'_>, ctx: &Context<'_, S>, max_chars: usize)
+/// agent span or model call at or above `start` (a failed call the agent recovers from does
+/// not fail the execution), its text kept to `max_chars` characters.
+fn fail_nearest_agent<S>(event: &Event<'_>, start: &SpanRef<'_, S>, max_chars: usize)
 where
     S: Subscriber + for<'a> LookupSpan<'a>,
 {
-    let Some(scope) = ctx.event_scope(event) else {
-        return;
-    };
-    for span in scope {
+    for span in start.scope() {
         let mut extensions = span.extensions_mut();
         if let Some(running) = extensions
             .get_mut::<Running>()
@@ -404,6 +603,14 @@ where
             return;
         }
     }
+}
+
+/// Whether `span` is one of the execution side's: the layer made its state as it opened.
+fn is_execution_span<S>(span: &SpanRef<'_, S>) -> bool
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+{
+    span.extensions().get::<Running>().is_some()
 }
 
 /// Reaches an agent span's trace state from outside the layer (the `propagation` module),

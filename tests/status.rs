@@ -200,3 +200,63 @@ fn a_missing_agent_name_is_counted_as_unknown() {
     harness.run(|| tracing::info_span!("agent_execution", task = "orphan").in_scope(|| {}));
     assert_outcome(&harness, "unknown", "success", None);
 }
+
+/// The status each of four agents ends with, by its log line, each with an `ERROR` event
+/// placed differently against it.
+fn statuses_of_errors_placed_around_agents(harness: &Harness) -> Vec<(String, String)> {
+    let agent = |name: &str| tracing::info_span!("agent_execution", agent_name = name, task = "t");
+    harness.run(|| {
+        agent("explicit-parent-in-a-tool").in_scope(|| {
+            let tool = tracing::info_span!("tool_call");
+            tracing::error!(parent: &tool, "tool failed");
+        });
+        let tool = agent("tool-entered-after-it").in_scope(|| tracing::info_span!("tool_call"));
+        tool.in_scope(|| tracing::error!("tool failed"));
+        drop(tool);
+        let span = agent("tool-entered-on-a-worker");
+        let tool = span.in_scope(|| tracing::info_span!("tool_call"));
+        std::thread::scope(|s| {
+            s.spawn(|| harness.run(|| tool.in_scope(|| tracing::error!("tool failed on a worker"))));
+        });
+        drop((tool, span));
+        let connection = tracing::info_span!("connection");
+        agent("span-from-outside-entered-in-it")
+            .in_scope(|| connection.in_scope(|| tracing::error!("connection failed")));
+    });
+    harness.telemetry().flush().unwrap();
+    let mut statuses: Vec<(String, String)> = harness
+        .log_lines()
+        .iter()
+        .map(|line| {
+            let line: serde_json::Value = serde_json::from_str(line).unwrap();
+            let text = |key: &str| line[key].as_str().unwrap_or_default().to_owned();
+            (text("agent_name"), text("status"))
+        })
+        .collect();
+    statuses.sort();
+    statuses
+}
+
+#[test]
+fn an_error_fails_the_agent_entered_where_it_happens_whether_traces_are_on_or_off() {
+    let expected = [
+        ("explicit-parent-in-a-tool", "success"),
+        ("span-from-outside-entered-in-it", "failure"),
+        ("tool-entered-after-it", "success"),
+        ("tool-entered-on-a-worker", "success"),
+    ]
+    .map(|(agent, status)| (agent.to_owned(), status.to_owned()));
+    let traced = Harness::new();
+    assert_eq!(statuses_of_errors_placed_around_agents(&traced), expected, "traces on");
+    let untraced = Harness::untraced();
+    assert_eq!(
+        statuses_of_errors_placed_around_agents(&untraced),
+        expected,
+        "traces off"
+    );
+    let lines = untraced.log_lines();
+    assert!(
+        lines.iter().all(|line| !line.contains("trace.id")),
+        "traces are off: {lines:?}"
+    );
+}

@@ -11,13 +11,33 @@ use support::Harness;
 #[tracing::instrument(name = "agent_execution")]
 fn execute_agent(agent_name: &str, task: &str) {}
 
-/// Runs an agent execution when dropped.
-struct ExecutesOnDrop(&'static str);
+/// Runs agent executions when dropped.
+struct ExecutesOnDrop(fn());
 
 impl Drop for ExecutesOnDrop {
     fn drop(&mut self) {
-        execute_agent(self.0, "at thread exit");
+        (self.0)();
     }
+}
+
+fn late_agent_with_context() {
+    execute_agent("late-with-context", "at thread exit");
+}
+
+fn late_agent_without_context() {
+    execute_agent("late-without-context", "at thread exit");
+}
+
+/// Two `ERROR`s placed as in `tests/status.rs`: one in a traced span from outside entered in
+/// the agent, which fails it; one in a traced span made in the agent and entered after it,
+/// which does not.
+fn late_agents_with_errors() {
+    let agent = |name: &'static str| tracing::info_span!("agent_execution", agent_name = name, task = "at thread exit");
+    let connection = tracing::info_span!(target: "tools", "connection");
+    agent("late-span-from-outside-entered-in-it")
+        .in_scope(|| connection.in_scope(|| tracing::error!("connection failed")));
+    let tool = agent("late-tool-entered-after-it").in_scope(|| tracing::info_span!(target: "tools", "tool_call"));
+    tool.in_scope(|| tracing::error!("tool failed"));
 }
 
 thread_local! {
@@ -28,12 +48,14 @@ thread_local! {
 /// are dropped last set up first: the registry's, set up by the first span, outlives `LATE`,
 /// and the crate's own, set up by the first execution, are gone when `LATE` drops. So is
 /// OpenTelemetry's current context, unless `context_first` sets it up before `LATE`.
-fn thread_with_a_late_agent(late_agent: &'static str, context_first: bool) {
+fn thread_with_a_late_agent(late_agent: fn(), context_first: bool) {
     std::thread::spawn(move || {
         // Printed at WARN by the harness, not traced: OpenTelemetry is not used yet.
         tracing::warn_span!("warm_up").in_scope(|| {});
         if context_first {
             drop(opentelemetry::Context::current());
+            // The harness prints `ERROR`s: its printer's buffer outlives `LATE` too.
+            tracing::warn!("warm up the printer");
         }
         LATE.with(|late| *late.borrow_mut() = Some(ExecutesOnDrop(late_agent)));
         execute_agent("agent", "while running");
@@ -44,10 +66,12 @@ fn thread_with_a_late_agent(late_agent: &'static str, context_first: bool) {
 
 #[test]
 fn agent_executions_while_their_thread_ends_are_recorded_without_a_panic() {
-    let mut harness = Harness::with(|b| b.with_env_filter("off"));
+    // Only the `tools` spans are traced besides agents.
+    let mut harness = Harness::with(|b| b.with_env_filter("off,tools=info"));
     tracing::dispatcher::set_global_default(harness.dispatch.clone()).expect("the only subscriber in this binary");
-    thread_with_a_late_agent("late-with-context", true);
-    thread_with_a_late_agent("late-without-context", false);
+    thread_with_a_late_agent(late_agent_with_context, true);
+    thread_with_a_late_agent(late_agent_without_context, false);
+    thread_with_a_late_agent(late_agents_with_errors, true);
     let (spans, log) = harness.shutdown();
     let mut names: Vec<String> = spans
         .iter()
@@ -56,7 +80,27 @@ fn agent_executions_while_their_thread_ends_are_recorded_without_a_panic() {
         .map(|kv| kv.value.as_str().into_owned())
         .collect();
     names.sort();
-    assert_eq!(names, ["agent", "agent", "late-with-context", "late-without-context"]);
-    assert_eq!(log.lines().count(), 4, "{log}");
-    assert_eq!(log.matches(r#""task":"at thread exit""#).count(), 2, "{log}");
+    assert_eq!(
+        names,
+        [
+            "agent",
+            "agent",
+            "agent",
+            "late-span-from-outside-entered-in-it",
+            "late-tool-entered-after-it",
+            "late-with-context",
+            "late-without-context"
+        ]
+    );
+    assert_eq!(log.lines().count(), 7, "{log}");
+    assert_eq!(log.matches(r#""task":"at thread exit""#).count(), 4, "{log}");
+    let status = |agent: &str| {
+        let line = log
+            .lines()
+            .find(|line| line.contains(&format!(r#""agent_name":"{agent}""#)));
+        let line: serde_json::Value = serde_json::from_str(line.unwrap_or_else(|| panic!("{agent}: {log}"))).unwrap();
+        line["status"].as_str().unwrap_or_default().to_owned()
+    };
+    assert_eq!(status("late-span-from-outside-entered-in-it"), "failure");
+    assert_eq!(status("late-tool-entered-after-it"), "success");
 }

@@ -6,6 +6,7 @@ use opentelemetry::trace::Status;
 use opentelemetry::Value;
 use opentelemetry_sdk::trace::SpanData;
 use support::Harness;
+use tracing_subscriber::layer::SubscriberExt;
 
 #[tracing::instrument(name = "agent_execution", err)]
 fn execute_agent(agent_name: &str, task: &str, fail: bool) -> Result<(), String> {
@@ -251,6 +252,94 @@ fn directives_that_name_the_agent_span_select_its_span_events() {
     let agent = spans.iter().find(|s| s.name == "agent_execution").unwrap();
     let names: Vec<&str> = agent.events.iter().map(|e| e.name.as_ref()).collect();
     assert_eq!(names, ["inside the agent"], "debug inside the agent span only");
+}
+
+#[test]
+fn directives_that_name_a_traced_span_select_its_span_events() {
+    let harness = Harness::with(|b| b.with_env_filter("warn,[tool_call]=debug"));
+    harness.run(|| {
+        tracing::info_span!("agent_execution", agent_name = "qa-engineer", task = "Test").in_scope(|| {
+            tracing::warn_span!("tool_call", tool = "search").in_scope(|| tracing::debug!("inside the tool"));
+            tracing::debug!("inside the agent");
+        });
+    });
+    let spans = harness.spans();
+    let by_name = |name: &str| spans.iter().find(|s| s.name == name).unwrap();
+    let events = |span: &SpanData| -> Vec<String> { span.events.iter().map(|e| e.name.to_string()).collect() };
+    assert_eq!(events(by_name("tool_call")), ["inside the tool"]);
+    assert!(
+        events(by_name("agent_execution")).is_empty(),
+        "debug is selected inside the tool call only"
+    );
+}
+
+#[test]
+fn traced_spans_inside_an_agent_take_recorded_fields_and_links() {
+    let harness = Harness::new();
+    harness.run(|| {
+        let request = tracing::info_span!("handle_request");
+        tracing::info_span!("agent_execution", agent_name = "tech-lead", task = "Plan").in_scope(|| {
+            let tool = tracing::info_span!("tool_call", tool = "search", hits = tracing::field::Empty);
+            tool.follows_from(&request);
+            tool.in_scope(|| {});
+            tool.record("hits", 3_i64);
+        });
+    });
+    let spans = harness.spans();
+    let by_name = |name: &str| spans.iter().find(|s| s.name == name).unwrap();
+    let (request, agent, tool) = (
+        by_name("handle_request"),
+        by_name("agent_execution"),
+        by_name("tool_call"),
+    );
+    assert_eq!(tool.parent_span_id, agent.span_context.span_id());
+    assert_eq!(attr(tool, "hits"), Some(Value::I64(3)), "recorded after it was entered");
+    let links: Vec<_> = tool.links.iter().map(|link| link.span_context.span_id()).collect();
+    assert_eq!(links, [request.span_context.span_id()]);
+}
+
+#[test]
+fn an_event_in_a_span_only_another_layer_selects_inside_an_agent_is_the_agents() {
+    // `noisy` spans are off here, but the harness's own WARN layer makes them: they are
+    // between the agent and the event, and traced nowhere.
+    let harness = Harness::with(|b| b.with_env_filter("info,noisy=off"));
+    harness.run(|| {
+        tracing::info_span!("handle_request").in_scope(|| {
+            tracing::info_span!("agent_execution", agent_name = "a", task = "t").in_scope(|| {
+                tracing::warn_span!(target: "noisy", "parse").in_scope(|| tracing::info!("parsed"));
+            });
+        });
+    });
+    let spans = harness.spans();
+    let by_name = |name: &str| spans.iter().find(|s| s.name == name).unwrap();
+    let events = |span: &SpanData| -> Vec<String> { span.events.iter().map(|e| e.name.to_string()).collect() };
+    assert_eq!(events(by_name("agent_execution")), ["parsed"]);
+    assert!(events(by_name("handle_request")).is_empty());
+    assert!(spans.iter().all(|s| s.name != "parse"));
+}
+
+#[test]
+fn a_span_directive_selects_the_spans_it_names_at_its_level_only() {
+    let exporter = opentelemetry_sdk::trace::InMemorySpanExporter::default();
+    let dir = tempfile::tempdir().unwrap();
+    let (layer, telemetry) = agent_telemetry::AgentTelemetry::builder()
+        .ignore_environment()
+        .without_metrics_server()
+        .with_log_dir(dir.path())
+        .with_env_filter("info,[tool_call]=debug")
+        .with_span_exporter(support::KeepOnShutdown(exporter.clone()))
+        .build()
+        .unwrap();
+    // This crate's layer alone: no other layer's interest hides what its filter answers.
+    let dispatch = tracing::Dispatch::new(tracing_subscriber::registry().with(layer));
+    tracing::dispatcher::with_default(&dispatch, || {
+        tracing::trace_span!("tool_call", step = 1).in_scope(|| {});
+        tracing::debug_span!("tool_call", step = 2).in_scope(|| {});
+    });
+    telemetry.flush().unwrap();
+    let spans = exporter.get_finished_spans().unwrap();
+    let steps: Vec<Option<Value>> = spans.iter().map(|span| attr(span, "step")).collect();
+    assert_eq!(steps, [Some(Value::I64(2))], "the debug span, not the trace one");
 }
 
 #[test]

@@ -40,6 +40,14 @@ impl Harness {
         Self::build(exporter, |builder| configure(builder.with_span_exporter(in_memory)))
     }
 
+    /// Traces off: no span exporter at all (`self.exporter` stays empty). `with` cannot turn
+    /// them off: its in-memory exporter is used whatever `with_traces_exporter` says.
+    pub fn untraced() -> Self {
+        Self::build(InMemorySpanExporter::default(), |builder| {
+            builder.with_traces_exporter(agent_telemetry::TracesExporter::None)
+        })
+    }
+
     /// Spans go to a real OTLP/HTTP endpoint (`self.exporter` stays empty).
     pub fn otlp(endpoint: &str, configure: impl FnOnce(AgentTelemetryBuilder) -> AgentTelemetryBuilder) -> Self {
         let endpoint = endpoint.to_owned();
