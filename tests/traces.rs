@@ -34,6 +34,19 @@ fn string(span: &SpanData, key: &str) -> Option<String> {
     attr(span, key).map(|v| v.as_str().into_owned())
 }
 
+/// The span named `name`.
+fn named<'a>(spans: &'a [SpanData], name: &str) -> &'a SpanData {
+    spans
+        .iter()
+        .find(|span| span.name == name)
+        .unwrap_or_else(|| panic!("no span named {name}"))
+}
+
+/// The names of `span`'s events, in order.
+fn event_names(span: &SpanData) -> Vec<&str> {
+    span.events.iter().map(|event| event.name.as_ref()).collect()
+}
+
 #[test]
 fn agent_span_carries_the_guides_genai_and_openinference_attributes() {
     let harness = Harness::new();
@@ -179,11 +192,10 @@ fn spans_traced_inside_an_agent_are_its_children_and_it_is_theirs() {
         });
     });
     let spans = harness.spans();
-    let by_name = |name: &str| spans.iter().find(|s| s.name == name).unwrap();
     let (request, agent, tool) = (
-        by_name("handle_request"),
-        by_name("agent_execution"),
-        by_name("tool_call"),
+        named(&spans, "handle_request"),
+        named(&spans, "agent_execution"),
+        named(&spans, "tool_call"),
     );
     assert_eq!(
         agent.parent_span_id,
@@ -216,16 +228,16 @@ fn events_inside_an_agent_are_its_span_events_and_other_fields_its_attributes() 
         });
     });
     let spans = harness.spans();
-    let agent = spans.iter().find(|s| s.name == "agent_execution").unwrap();
-    let request = spans.iter().find(|s| s.name == "handle_request").unwrap();
-    let names: Vec<&str> = agent.events.iter().map(|e| e.name.as_ref()).collect();
+    let agent = named(&spans, "agent_execution");
+    let request = named(&spans, "handle_request");
+    let names = event_names(agent);
     assert_eq!(names, ["ran the suite"], "the event is on the agent span, once");
     let event = &agent.events[0];
     assert!(event
         .attributes
         .iter()
         .any(|kv| kv.key.as_str() == "tests" && kv.value == Value::I64(12)));
-    let request_events: Vec<&str> = request.events.iter().map(|e| e.name.as_ref()).collect();
+    let request_events = event_names(request);
     assert_eq!(
         request_events,
         ["back in the request"],
@@ -249,8 +261,8 @@ fn directives_that_name_the_agent_span_select_its_span_events() {
         tracing::debug!("outside any agent");
     });
     let spans = harness.spans();
-    let agent = spans.iter().find(|s| s.name == "agent_execution").unwrap();
-    let names: Vec<&str> = agent.events.iter().map(|e| e.name.as_ref()).collect();
+    let agent = named(&spans, "agent_execution");
+    let names = event_names(agent);
     assert_eq!(names, ["inside the agent"], "debug inside the agent span only");
 }
 
@@ -264,11 +276,9 @@ fn directives_that_name_a_traced_span_select_its_span_events() {
         });
     });
     let spans = harness.spans();
-    let by_name = |name: &str| spans.iter().find(|s| s.name == name).unwrap();
-    let events = |span: &SpanData| -> Vec<String> { span.events.iter().map(|e| e.name.to_string()).collect() };
-    assert_eq!(events(by_name("tool_call")), ["inside the tool"]);
+    assert_eq!(event_names(named(&spans, "tool_call")), ["inside the tool"]);
     assert!(
-        events(by_name("agent_execution")).is_empty(),
+        event_names(named(&spans, "agent_execution")).is_empty(),
         "debug is selected inside the tool call only"
     );
 }
@@ -286,11 +296,10 @@ fn traced_spans_inside_an_agent_take_recorded_fields_and_links() {
         });
     });
     let spans = harness.spans();
-    let by_name = |name: &str| spans.iter().find(|s| s.name == name).unwrap();
     let (request, agent, tool) = (
-        by_name("handle_request"),
-        by_name("agent_execution"),
-        by_name("tool_call"),
+        named(&spans, "handle_request"),
+        named(&spans, "agent_execution"),
+        named(&spans, "tool_call"),
     );
     assert_eq!(tool.parent_span_id, agent.span_context.span_id());
     assert_eq!(attr(tool, "hits"), Some(Value::I64(3)), "recorded after it was entered");
@@ -311,10 +320,8 @@ fn an_event_in_a_span_only_another_layer_selects_inside_an_agent_is_the_agents()
         });
     });
     let spans = harness.spans();
-    let by_name = |name: &str| spans.iter().find(|s| s.name == name).unwrap();
-    let events = |span: &SpanData| -> Vec<String> { span.events.iter().map(|e| e.name.to_string()).collect() };
-    assert_eq!(events(by_name("agent_execution")), ["parsed"]);
-    assert!(events(by_name("handle_request")).is_empty());
+    assert_eq!(event_names(named(&spans, "agent_execution")), ["parsed"]);
+    assert!(event_names(named(&spans, "handle_request")).is_empty());
     assert!(spans.iter().all(|s| s.name != "parse"));
 }
 
