@@ -16,7 +16,7 @@
 //!   `lookup_current`) includes the other side's spans: check for [`Running`] before taking a
 //!   span for an execution's, and find the thread's innermost entered execution span with
 //!   `innermost_entered`, as a filter of the execution side's own would;
-//! - a span's status, events and parent do not depend on whether traces are on.
+//! - an execution's status does not depend on whether traces are on.
 
 use std::any::TypeId;
 use std::cell::{Cell, RefCell};
@@ -89,9 +89,10 @@ thread_local! {
     static LATE_ENTERED: Cell<LateEntered> = const { Cell::new(LateEntered::EMPTY) };
 }
 
-/// The agent spans entered on this thread once `ACTIVE` is gone (the thread is ending), in
-/// entry order, innermost last: their ids only, in a fixed array, so that reading and
-/// writing it needs nothing dropped. Past [`LateEntered::CAPACITY`] spans are not recorded.
+/// The execution side's spans entered on this thread once `ACTIVE` is gone (the thread is
+/// ending), in entry order, innermost last: their ids only, in a fixed array, so that reading
+/// and writing it needs nothing dropped. Past [`LateEntered::CAPACITY`] spans are not
+/// recorded.
 #[derive(Clone, Copy)]
 struct LateEntered {
     ids: [u64; LateEntered::CAPACITY],
