@@ -189,6 +189,11 @@ impl Directives {
             follows_spans: directives.contains('['),
         }
     }
+
+    /// The filter to hand span callbacks to, when it needs them.
+    fn span_follower(&self) -> Option<&EnvFilter> {
+        self.follows_spans.then_some(&self.filter)
+    }
 }
 
 /// The execution layer's side: agent spans by name, GenAI spans, `ERROR` events (which may
@@ -210,10 +215,7 @@ impl ExecutionFilter {
 
     /// The filter to hand span callbacks to, when one needs them.
     fn span_follower(&self) -> Option<&EnvFilter> {
-        self.events
-            .as_ref()
-            .filter(|events| events.follows_spans)
-            .map(|events| &events.filter)
+        self.events.as_ref().and_then(Directives::span_follower)
     }
 
     fn enabled<S: Subscriber>(&self, metadata: &Metadata<'_>, ctx: &Context<'_, S>) -> bool {
@@ -268,7 +270,7 @@ impl TracedFilter {
 
     /// The filter to hand span callbacks to, when it needs them.
     fn span_follower(&self) -> Option<&EnvFilter> {
-        Some(&self.directives.filter).filter(|_| self.directives.follows_spans)
+        self.directives.span_follower()
     }
 
     fn enabled<S: Subscriber>(&self, metadata: &Metadata<'_>, ctx: &Context<'_, S>) -> bool {
