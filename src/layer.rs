@@ -131,12 +131,20 @@ impl LateEntered {
     /// The innermost span entered, counting one entered again where it was first entered.
     fn innermost() -> Option<Id> {
         let late = LATE_ENTERED.get();
-        let recorded = &late.ids[..late.len];
-        (0..recorded.len())
-            .rev()
-            .find(|&at| !recorded[..at].contains(&recorded[at]))
-            .map(|at| Id::from_u64(recorded[at]))
+        innermost_first_entry(&late.ids[..late.len], |id| id).map(|&id| Id::from_u64(id))
     }
+}
+
+/// Of `entered`, spans in entry order, the innermost entry of a span not entered already
+/// below it: a span entered again while entered counts where it was first entered, as the
+/// registry counts it. `span` gives an entry's span.
+fn innermost_first_entry<T, K: PartialEq>(entered: &[T], span: impl Fn(&T) -> &K) -> Option<&T> {
+    entered
+        .iter()
+        .enumerate()
+        .rev()
+        .find(|&(at, entry)| !entered[..at].iter().any(|below| span(below) == span(entry)))
+        .map(|(_, entry)| entry)
 }
 
 /// Whether OpenTelemetry's current context may be used on this thread.
@@ -256,15 +264,7 @@ where
                 let id = ACTIVE
                     .try_with(|active| {
                         let active = active.0.try_borrow().ok()?;
-                        let entered = |(at, (id, _)): &(usize, &(Id, ContextGuard))| {
-                            !active[..*at].iter().any(|(below, _)| below == id)
-                        };
-                        active
-                            .iter()
-                            .enumerate()
-                            .rev()
-                            .find(entered)
-                            .map(|(_, (id, _))| id.clone())
+                        innermost_first_entry(&active, |(id, _)| id).map(|(id, _)| id.clone())
                     })
                     .ok()
                     .flatten()?;
@@ -747,4 +747,20 @@ where
         }
     }
     HandedOver::Nowhere
+}
+
+#[cfg(test)]
+mod tests {
+    use super::innermost_first_entry;
+
+    #[test]
+    fn a_span_entered_again_counts_where_it_was_first_entered() {
+        let first = |entered: &[u64]| innermost_first_entry(entered, |id| id).copied();
+        assert_eq!(first(&[]), None);
+        assert_eq!(first(&[1, 2]), Some(2));
+        // 1 entered, then 2, then 1 again: the registry's current span is 2.
+        assert_eq!(first(&[1, 2, 1]), Some(2));
+        assert_eq!(first(&[1, 1]), Some(1));
+        assert_eq!(first(&[1, 2, 2, 1]), Some(2));
+    }
 }
