@@ -892,6 +892,19 @@ mod tests {
         }
     }
 
+    /// `text` with the case of its ASCII letters flipped where `cases` has a bit set (bit
+    /// `n % 64` for the `n`th character).
+    fn flip_ascii_case(text: &str, cases: u64) -> String {
+        text.chars()
+            .enumerate()
+            .map(|(at, c)| match cases >> (at % 64) & 1 {
+                1 if c.is_ascii_lowercase() => c.to_ascii_uppercase(),
+                1 => c.to_ascii_lowercase(),
+                _ => c,
+            })
+            .collect()
+    }
+
     mod against_whole_text_search {
         use std::sync::LazyLock;
 
@@ -899,6 +912,7 @@ mod tests {
         use regex::Regex;
 
         use super::super::{Scrubber, Scrubbing, REDACTED, SECRET_PATTERNS};
+        use super::flip_ascii_case;
 
         /// Every built-in pattern, compiled, with its kept start.
         static PATTERNS: LazyLock<Vec<(Regex, Option<Regex>)>> = LazyLock::new(|| {
@@ -981,23 +995,8 @@ mod tests {
                 "é",
                 "日本",
             ];
-            let piece = (proptest::sample::select(pieces), any::<u64>()).prop_map(|(piece, cases): (&str, u64)| {
-                piece
-                    .chars()
-                    .enumerate()
-                    .map(|(at, c)| {
-                        if cases >> (at % 64) & 1 == 1 {
-                            if c.is_ascii_lowercase() {
-                                c.to_ascii_uppercase()
-                            } else {
-                                c.to_ascii_lowercase()
-                            }
-                        } else {
-                            c
-                        }
-                    })
-                    .collect::<String>()
-            });
+            let piece = (proptest::sample::select(pieces), any::<u64>())
+                .prop_map(|(piece, cases): (&str, u64)| flip_ascii_case(piece, cases));
             // Pieces kept as written half the time: a mixed-case secret rarely matches.
             let piece = prop_oneof![
                 proptest::sample::select(vec![
@@ -1032,6 +1031,7 @@ mod tests {
         use proptest::prelude::*;
 
         use super::super::{Triggers, SECRET_PATTERNS};
+        use super::flip_ascii_case;
 
         /// Texts of triggers, their tails (so that triggers overlap: `akia` + `iza`) and
         /// their heads (near misses: `passwor`), in mixed case, with filler.
@@ -1048,19 +1048,7 @@ mod tests {
             proptest::collection::vec((proptest::sample::select(pieces), any::<u64>()), 0..24).prop_map(|parts| {
                 parts
                     .into_iter()
-                    .map(|(piece, cases)| {
-                        piece
-                            .chars()
-                            .enumerate()
-                            .map(|(at, c)| {
-                                if cases >> (at % 64) & 1 == 1 {
-                                    c.to_ascii_uppercase()
-                                } else {
-                                    c
-                                }
-                            })
-                            .collect::<String>()
-                    })
+                    .map(|(piece, cases)| flip_ascii_case(piece, cases))
                     .collect()
             })
         }
