@@ -188,6 +188,12 @@ impl ExecutionFields {
         self.usage.get_or_insert_with(Box::default)
     }
 
+    /// The most characters of a value's `Debug` text these fields format, the GenAI ones'
+    /// included: room for the quotes and an escape per character kept.
+    pub(crate) fn formatted_chars(&self) -> usize {
+        self.task_chars.max(MAX_LABEL_CHARS).saturating_mul(2).saturating_add(2)
+    }
+
     /// The guide's fields: the agent's name, the task and the status.
     fn owns_itself(field: &Field) -> bool {
         matches!(
@@ -242,9 +248,7 @@ impl Visit for ExecutionFields {
             return self.usage_mut().record_debug(field, value);
         }
         if Self::owns_itself(field) {
-            // Room for the quotes and an escape per character.
-            let max = self.task_chars.max(MAX_LABEL_CHARS).saturating_mul(2).saturating_add(2);
-            self.set(field, &unquote_debug(debug_text(value, max)));
+            self.set(field, &unquote_debug(debug_text(value, self.formatted_chars())));
         }
     }
 }

@@ -16,7 +16,11 @@
 //!   `lookup_current`) includes the other side's spans: check for [`Running`] before taking a
 //!   span for an execution's, and find the thread's innermost entered execution span with
 //!   `innermost_entered`, as a filter of the execution side's own would;
-//! - an execution's status does not depend on whether traces are on.
+//! - an execution's status does not depend on whether traces are on;
+//! - no application code runs while a span's extensions are locked: a field's `Debug` or
+//!   `Display` may emit events or record on that very span, so values are formatted first
+//!   (`RecordedValues`, `AgentTracer::event`, `ErrorText`) and the span locked after, as
+//!   `tracing-opentelemetry` does.
 
 use std::any::TypeId;
 use std::cell::{Cell, RefCell};
@@ -30,7 +34,7 @@ use tracing_core::span::{Attributes, Id, Record};
 use tracing_core::{Dispatch, Event, Level, Metadata, Subscriber};
 use tracing_opentelemetry::OpenTelemetryLayer;
 use tracing_subscriber::layer::{Context, Layer};
-use tracing_subscriber::registry::{LookupSpan, SpanRef};
+use tracing_subscriber::registry::{ExtensionsMut, LookupSpan, SpanRef};
 
 use crate::execution::{AgentSpanNames, ErrorText, Execution, ExecutionState, SpanRole, TextPolicy, UNKNOWN_AGENT};
 use crate::filter::LayerFilter;
@@ -38,6 +42,7 @@ use crate::gen_ai::{model_call_operation, CallUsage, EndedCall, UsageFields, UNK
 use crate::logs::LineQueue;
 use crate::metrics::Metrics;
 use crate::prices::ModelPrices;
+use crate::recorded::RecordedValues;
 use crate::text::shared_name;
 use crate::traces::{AgentSpan, AgentTracer};
 
@@ -309,17 +314,31 @@ where
         }
     }
 
-    /// Records `event` on `span`, when that is a sampled span of the execution side.
+    /// Records `event` on `span`, when that is a sampled span of the execution side with room
+    /// for it. The event is made unlocked: its fields may emit events into the span as they
+    /// format themselves.
     fn add_span_event(&self, span: &SpanRef<'_, S>, event: &Event<'_>) {
         let Some(tracer) = &self.signals.tracer else {
             return;
         };
-        let mut extensions = span.extensions_mut();
-        if let Some(agent_span) = extensions.get_mut::<Running>().and_then(|r| r.span.as_mut()) {
-            if agent_span.is_sampled() {
-                tracer.add_event(agent_span, event);
-            }
+        if !agent_span(&mut span.extensions_mut()).is_some_and(AgentSpan::takes_events) {
+            return;
         }
+        let event = tracer.event(event);
+        if let Some(agent_span) = agent_span(&mut span.extensions_mut()) {
+            agent_span.add_event(event);
+        }
+    }
+
+    /// The most characters of a value's `Debug` text the visitors of `running`'s fields
+    /// format.
+    fn formatted_chars(&self, running: &Running) -> usize {
+        let traced = self
+            .signals
+            .tracer
+            .as_ref()
+            .map_or(0, |tracer| tracer.formatted_chars());
+        running.execution.fields.formatted_chars().max(traced)
     }
 
     /// What a new span is: an agent execution by its name; else a model call by its
@@ -365,7 +384,7 @@ where
         let mut execution = ExecutionState::new(self.text.held_chars());
         let span = if let Some(tracer) = &self.signals.tracer {
             let mut span = tracer.start(&self.parent_context(attrs, &ctx), attrs.metadata());
-            tracer.record(&mut span, attrs, &mut execution.fields);
+            tracer.record(&mut span, &mut execution.fields, |visitor| attrs.record(visitor));
             Some(span)
         } else {
             attrs.record(&mut execution.fields);
@@ -379,18 +398,28 @@ where
 
     fn on_record(&self, id: &Id, values: &Record<'_>, ctx: Context<'_, S>) {
         let Some(span) = ctx.span(id) else { return };
+        let formatted_chars = span
+            .extensions()
+            .get::<Running>()
+            .map(|running| self.formatted_chars(running));
+        let Some(formatted_chars) = formatted_chars else {
+            drop(span);
+            if let Some(traced) = &self.traced {
+                traced.on_record(id, values, ctx);
+            }
+            return;
+        };
+        // Taken unlocked: a value may record on this span, or emit an event in it, as it
+        // formats itself.
+        let recorded = RecordedValues::take(formatted_chars, |visitor| values.record(visitor));
         let mut extensions = span.extensions_mut();
         if let Some(Running { execution, span, .. }) = extensions.get_mut::<Running>() {
             match (span, &self.signals.tracer) {
-                (Some(span), Some(tracer)) => tracer.record(span, values, &mut execution.fields),
-                _ => values.record(&mut execution.fields),
+                (Some(span), Some(tracer)) => {
+                    tracer.record(span, &mut execution.fields, |visitor| recorded.replay(visitor));
+                }
+                _ => recorded.replay(&mut execution.fields),
             }
-            return;
-        }
-        drop(extensions);
-        drop(span);
-        if let Some(traced) = &self.traced {
-            traced.on_record(id, values, ctx);
         }
     }
 
@@ -589,21 +618,31 @@ fn fail_nearest_agent<S>(event: &Event<'_>, start: &SpanRef<'_, S>, max_chars: u
 where
     S: Subscriber + for<'a> LookupSpan<'a>,
 {
-    for span in start.scope() {
-        let mut extensions = span.extensions_mut();
-        if let Some(running) = extensions
-            .get_mut::<Running>()
-            .filter(|running| running.role != SpanRole::GenAi)
-        {
-            let state = &mut running.execution;
-            if state.error_event.is_none() {
-                let mut text = ErrorText::new(max_chars);
-                event.record(&mut text);
-                state.error_event = Some(text.into_text());
-            }
-            return;
-        }
+    // For the execution side's agent spans and model calls: whether one failed already.
+    let already_failed = |span: &SpanRef<'_, S>| {
+        let extensions = span.extensions();
+        let running = extensions
+            .get::<Running>()
+            .filter(|running| running.role != SpanRole::GenAi)?;
+        Some(running.execution.error_event.is_some())
+    };
+    let nearest = start.scope().find_map(|span| Some((already_failed(&span)?, span)));
+    let Some((false, nearest)) = nearest else {
+        return;
+    };
+    // Taken unlocked: a field may emit events into the span as it formats itself.
+    let mut text = ErrorText::new(max_chars);
+    event.record(&mut text);
+    let mut extensions = nearest.extensions_mut();
+    if let Some(running) = extensions.get_mut::<Running>() {
+        // An error raised while the fields formatted came first.
+        running.execution.error_event.get_or_insert_with(|| text.into_text());
     }
+}
+
+/// The trace span of an execution side's span, when traces are on.
+fn agent_span<'a>(extensions: &'a mut ExtensionsMut<'_>) -> Option<&'a mut AgentSpan> {
+    extensions.get_mut::<Running>()?.span.as_mut()
 }
 
 /// Whether `span` is one of the execution side's: the layer made its state as it opened.
@@ -685,7 +724,7 @@ where
         return false;
     };
     let mut extensions = span.extensions_mut();
-    match extensions.get_mut::<Running>().and_then(|r| r.span.as_mut()) {
+    match agent_span(&mut extensions) {
         Some(span) => {
             f(span);
             true

@@ -78,6 +78,7 @@ mod panics;
 mod per_thread;
 mod prices;
 pub mod propagation;
+mod recorded;
 mod scrub;
 mod stats;
 mod status;

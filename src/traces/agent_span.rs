@@ -14,12 +14,11 @@ use std::time::SystemTime;
 use opentelemetry::trace::{Event, SpanContext, SpanId, SpanKind, TraceContextExt, TraceFlags, TraceState};
 use opentelemetry::{Context, KeyValue, Value};
 use opentelemetry_sdk::trace::{IdGenerator, RandomIdGenerator, Sampler, SamplingDecision, ShouldSample};
-use tracing_core::field::Field;
+use tracing_core::field::{Field, Visit};
 use tracing_core::Metadata;
-use tracing_subscriber::field::RecordFields;
 
 use super::batch::{FinishedSpan, RareParts, UsageText};
-use super::fields::{push_location, span_kind, EventFields, FieldSink, OtelValues, SplitFields};
+use super::fields::{formatted_chars, push_location, span_kind, EventFields, FieldSink, OtelValues, SplitFields};
 use super::span_queue::SpanQueue;
 use crate::execution::{Execution, ExecutionFields, SpanRole, TraceIds};
 use crate::scrub::Scrubber;
@@ -82,11 +81,16 @@ impl AgentTracer {
         }
     }
 
-    /// Records `span`'s fields, when it opens and when they are recorded later, in one walk:
-    /// the execution's own into `execution`, the others as the span's attributes (scrubbed,
-    /// cut).
-    pub(crate) fn record(&self, span: &mut AgentSpan, fields: &impl RecordFields, execution: &mut ExecutionFields) {
-        fields.record(&mut SplitFields {
+    /// Records `span`'s fields, when it opens and when they are recorded later, in one walk
+    /// (`fields` visits them): the execution's own into `execution`, the others as the span's
+    /// attributes (scrubbed, cut).
+    pub(crate) fn record(
+        &self,
+        span: &mut AgentSpan,
+        execution: &mut ExecutionFields,
+        fields: impl FnOnce(&mut dyn Visit),
+    ) {
+        fields(&mut SplitFields {
             execution,
             span: OtelValues {
                 sink: &mut FieldAttributes(span),
@@ -96,13 +100,15 @@ impl AgentTracer {
         });
     }
 
-    /// Adds an event that happened inside `span`, named and shaped as `tracing-opentelemetry`
-    /// shapes span events (its fields scrubbed and cut).
-    pub(crate) fn add_event(&self, span: &mut AgentSpan, event: &tracing_core::Event<'_>) {
-        if span.events.len() >= MAX_EVENTS {
-            span.dropped_events = span.dropped_events.saturating_add(1);
-            return;
-        }
+    /// The most characters of a value's `Debug` text that [`record`](Self::record) formats.
+    pub(crate) fn formatted_chars(&self) -> usize {
+        formatted_chars(self.value_chars)
+    }
+
+    /// An event that happened inside an agent span, named and shaped as `tracing-opentelemetry`
+    /// shapes span events (its fields scrubbed and cut), for [`AgentSpan::add_event`]. Made
+    /// before the span is locked: its fields' `Debug` may emit events into that same span.
+    pub(crate) fn event(&self, event: &tracing_core::Event<'_>) -> Event {
         let metadata = event.metadata();
         let mut fields = EventFields {
             name: None,
@@ -118,8 +124,7 @@ impl AgentTracer {
         });
         push_location(&mut fields.attributes, metadata);
         let name = fields.name.map_or(Cow::Borrowed(metadata.name()), Cow::Owned);
-        span.events
-            .push(Event::new(name, SystemTime::now(), fields.attributes, 0));
+        Event::new(name, SystemTime::now(), fields.attributes, 0)
     }
 
     /// Opens a span under `parent` (an empty context for a root).
@@ -274,6 +279,27 @@ impl AgentSpan {
 
     pub(crate) fn is_sampled(&self) -> bool {
         self.span_context.is_sampled()
+    }
+
+    /// Whether the span takes another event: it is sampled and holds fewer than it keeps (an
+    /// event past those is counted as dropped).
+    pub(crate) fn takes_events(&mut self) -> bool {
+        if !self.is_sampled() {
+            return false;
+        }
+        if self.events.len() >= MAX_EVENTS {
+            self.dropped_events = self.dropped_events.saturating_add(1);
+            return false;
+        }
+        true
+    }
+
+    /// Adds an event made by [`AgentTracer::event`], if the span [takes](Self::takes_events)
+    /// it.
+    pub(crate) fn add_event(&mut self, event: Event) {
+        if self.takes_events() {
+            self.events.push(event);
+        }
     }
 
     fn set_attribute(&mut self, key: &'static str, value: Value) {

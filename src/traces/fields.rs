@@ -29,6 +29,12 @@ pub(super) fn push_location(attributes: &mut Vec<KeyValue>, metadata: &'static M
     }
 }
 
+/// The most characters of a value's `Debug` text formatted for an attribute kept to `chars`:
+/// scrubbing looks [`SCRUB_MARGIN`] past the cut.
+pub(super) fn formatted_chars(chars: usize) -> usize {
+    chars.saturating_add(SCRUB_MARGIN)
+}
+
 /// A span's fields, each to the execution or to the span.
 pub(super) struct SplitFields<'a, S> {
     pub(super) execution: &'a mut ExecutionFields,
@@ -153,7 +159,7 @@ impl<S: FieldSink> OtelValues<'_, S> {
 
     fn formatted(&mut self, field: &Field, value: &dyn fmt::Debug) {
         if !self.redacted(field) {
-            let text = debug_text(value, self.chars.saturating_add(SCRUB_MARGIN));
+            let text = debug_text(value, formatted_chars(self.chars));
             let kept = self.scrubber.scrub_and_cut(&text, self.chars).into_owned();
             self.sink.set(field, Value::from(kept));
         }

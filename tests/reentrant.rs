@@ -1,0 +1,145 @@
+//! Field values whose `Debug` emits events or records on spans, as a value that logs while it
+//! formats itself does: the layer formats them without holding a span's lock, so nothing
+//! hangs, and what they say about the execution is kept. A test binary of its own, since it
+//! installs the global default subscriber: a scoped one would drop the nested calls itself.
+
+mod support;
+
+use std::fmt;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use support::Harness;
+use tracing::field::debug;
+
+/// A value that, formatted, emits an event in the current span and records on it and opens
+/// a span in it (`Event`), or emits an `ERROR` (`Error`).
+#[derive(Clone, Copy)]
+enum Noisy {
+    Event,
+    Error,
+}
+
+impl fmt::Debug for Noisy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Noisy::Event => {
+                tracing::info!(detail = "inner", "formatting");
+                tracing::Span::current().record("status", "partial");
+                tracing::info_span!(target: "tools", "formatting_span").in_scope(|| {});
+            }
+            Noisy::Error => tracing::error!("formatting failed"),
+        }
+        f.write_str("noisy")
+    }
+}
+
+/// Runs `f` on a thread of its own, failing the test if it has not returned within 20 s.
+fn within_time(what: &str, f: impl FnOnce() + Send + 'static) {
+    let (done, finished) = mpsc::channel();
+    std::thread::spawn(move || {
+        f();
+        let _ = done.send(());
+    });
+    finished
+        .recv_timeout(Duration::from_secs(20))
+        .unwrap_or_else(|_| panic!("{what}: hung (a span's lock held while a value formatted itself)"));
+}
+
+fn agent(name: &'static str) -> tracing::Span {
+    tracing::info_span!(
+        "agent_execution",
+        agent_name = name,
+        task = "format",
+        status = tracing::field::Empty
+    )
+}
+
+#[test]
+fn values_that_log_while_formatting_neither_hang_nor_lose_the_execution() {
+    let mut harness = Harness::with(|b| b.with_env_filter("info"));
+    tracing::dispatcher::set_global_default(harness.dispatch.clone()).expect("the only subscriber in this binary");
+
+    within_time("an event's field", || {
+        agent("event-field").in_scope(|| tracing::info!(value = ?Noisy::Event, "an event"));
+    });
+    within_time("an ERROR event's field", || {
+        agent("error-field").in_scope(|| tracing::error!(value = ?Noisy::Error, "it failed"));
+    });
+    within_time("a recorded field", || {
+        let span = agent("recorded-field");
+        span.in_scope(|| span.record("task", debug(Noisy::Event)));
+    });
+    within_time("a recorded field that logs an ERROR", || {
+        let span = agent("recorded-error");
+        span.in_scope(|| span.record("task", debug(Noisy::Error)));
+    });
+    within_time("a model call's recorded field", || {
+        agent("model-call").in_scope(|| {
+            let call = tracing::info_span!("chat", gen_ai.request.model = tracing::field::Empty);
+            call.in_scope(|| call.record("gen_ai.request.model", debug(Noisy::Event)));
+        });
+    });
+
+    let (spans, log) = harness.shutdown();
+    let lines: Vec<&str> = log.lines().collect();
+    let line_of = |name: &str| {
+        lines
+            .iter()
+            .find(|line| line.contains(&format!("\"agent_name\":\"{name}\"")))
+            .unwrap_or_else(|| panic!("a log line for {name} in {log}"))
+    };
+    // A status recorded while a value formatted is kept; so is the first error taken: the
+    // event's own, whose text is taken before its other fields are formatted.
+    let partial = |line: &str| line.contains("\"status\":\"failure\"") && line.contains("\"error.type\":\"partial\"");
+    let failed = "\"error.message\":\"formatting failed\"";
+    assert!(partial(line_of("event-field")), "{log}");
+    assert!(
+        line_of("error-field").contains("\"error.message\":\"it failed\""),
+        "{log}"
+    );
+    assert!(line_of("recorded-field").contains("\"task\":\"noisy\""), "{log}");
+    assert!(partial(line_of("recorded-field")), "{log}");
+    assert!(line_of("recorded-error").contains("\"task\":\"noisy\""), "{log}");
+    assert!(line_of("recorded-error").contains(failed), "{log}");
+    assert!(line_of("model-call").contains("\"model\":\"noisy\""), "{log}");
+
+    let agent_span = |name: &str| {
+        spans
+            .iter()
+            .find(|span| {
+                span.attributes
+                    .iter()
+                    .any(|kv| kv.key.as_str() == "agent.name" && kv.value.as_str() == name)
+            })
+            .unwrap_or_else(|| panic!("a span for {name}"))
+    };
+    let events = |name: &str| -> Vec<String> {
+        agent_span(name)
+            .events
+            .iter()
+            .map(|event| event.name.to_string())
+            .collect()
+    };
+    // Each event once, the value's own first: it is emitted while the outer event is made.
+    // (The harness's printer may format the value once more after: `tracing-subscriber`'s
+    // per-layer filters lose an event's state to an event emitted inside it.)
+    let outer_after_inner = |events: Vec<String>, inner: &str, outer: &str| {
+        let at = |wanted: &str| events.iter().position(|name| name == wanted);
+        assert_eq!(events.iter().filter(|name| *name == outer).count(), 1, "{events:?}");
+        assert!(at(inner).is_some() && at(inner) < at(outer), "{events:?}");
+    };
+    outer_after_inner(events("event-field"), "formatting", "an event");
+    outer_after_inner(events("error-field"), "formatting failed", "it failed");
+    let call = spans
+        .iter()
+        .find(|span| span.name == "chat")
+        .expect("the model call's span");
+    assert!(
+        call.attributes
+            .iter()
+            .any(|kv| kv.key.as_str() == "gen_ai.request.model" && kv.value.as_str() == "noisy"),
+        "{:?}",
+        call.attributes
+    );
+}
