@@ -1,11 +1,13 @@
 //! Field values whose `Debug` emits events or records on spans, as a value that logs while it
-//! formats itself does: the layer formats them without holding a span's lock, so nothing
-//! hangs, and what they say about the execution is kept. A test binary of its own, since it
-//! installs the global default subscriber: a scoped one would drop the nested calls itself.
+//! formats itself does, or panics: the layer formats them without holding a span's lock, so
+//! nothing hangs or aborts, and what they say about the execution is kept. A test binary of
+//! its own, since it installs the global default subscriber: a scoped one would drop the
+//! nested calls itself.
 
 mod support;
 
 use std::fmt;
+use std::panic::AssertUnwindSafe;
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -13,11 +15,12 @@ use support::Harness;
 use tracing::field::debug;
 
 /// A value that, formatted, emits an event in the current span and records on it and opens
-/// a span in it (`Event`), or emits an `ERROR` (`Error`).
+/// a span in it (`Event`), emits an `ERROR` (`Error`), or panics (`Panic`).
 #[derive(Clone, Copy)]
 enum Noisy {
     Event,
     Error,
+    Panic,
 }
 
 impl fmt::Debug for Noisy {
@@ -29,6 +32,7 @@ impl fmt::Debug for Noisy {
                 tracing::info_span!(target: "tools", "formatting_span").in_scope(|| {});
             }
             Noisy::Error => tracing::error!("formatting failed"),
+            Noisy::Panic => panic!("formatting panicked"),
         }
         f.write_str("noisy")
     }
@@ -80,6 +84,18 @@ fn values_that_log_while_formatting_neither_hang_nor_lose_the_execution() {
             call.in_scope(|| call.record("gen_ai.request.model", debug(Noisy::Event)));
         });
     });
+    // A panic in a value's `Debug` leaves no span's lock poisoned: the agent span still closes,
+    // as a failure, rather than panicking again as it unwinds (which would abort).
+    within_time("a value that panics", || {
+        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            agent("panicking-value").in_scope(|| tracing::info!(value = ?Noisy::Panic, "an event"));
+        }));
+        assert!(outcome.is_err(), "the value's panic reaches its caller");
+        let span = agent("panicking-record");
+        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| span.record("task", debug(Noisy::Panic))));
+        assert!(outcome.is_err(), "the value's panic reaches its caller");
+        span.in_scope(|| {});
+    });
 
     let (spans, log) = harness.shutdown();
     let lines: Vec<&str> = log.lines().collect();
@@ -103,6 +119,8 @@ fn values_that_log_while_formatting_neither_hang_nor_lose_the_execution() {
     assert!(line_of("recorded-error").contains("\"task\":\"noisy\""), "{log}");
     assert!(line_of("recorded-error").contains(failed), "{log}");
     assert!(line_of("model-call").contains("\"model\":\"noisy\""), "{log}");
+    assert!(line_of("panicking-value").contains("\"error.type\":\"panic\""), "{log}");
+    assert!(line_of("panicking-record").contains("\"status\":\"success\""), "{log}");
 
     let agent_span = |name: &str| {
         spans
