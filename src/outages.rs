@@ -65,7 +65,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_outage_is_told_when_it_starts_and_ends() {
+    fn an_outage_is_told_when_it_starts_and_ends() {
         let mut outages = OutageWarnings::quiet_for(Duration::ZERO);
         assert!(!outages.succeeded(), "nothing failed yet");
         assert!(outages.failed());
@@ -76,7 +76,7 @@ mod tests {
     }
 
     #[test]
-    fn a_outage_that_began_within_the_quiet_time_is_warned_about_when_it_outlasts_it() {
+    fn an_outage_that_began_within_the_quiet_time_is_warned_about_when_it_outlasts_it() {
         let quiet = Duration::from_millis(50);
         let mut outages = OutageWarnings::quiet_for(quiet);
         assert!(outages.failed());
