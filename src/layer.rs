@@ -25,6 +25,7 @@
 use std::any::TypeId;
 use std::cell::{Cell, RefCell};
 use std::marker::PhantomData;
+use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, OnceLock};
 use std::time::SystemTime;
 
@@ -76,10 +77,11 @@ impl Drop for Active {
 /// context is attached, which sets up OpenTelemetry's, so it goes first, and then
 /// OpenTelemetry's may be gone. OpenTelemetry reads its own with `with`, which panics once it
 /// is gone, and a panic in a thread-local's destructor (an instrumented future dropped as its
-/// thread ends, say) aborts the process.
+/// thread ends, say) aborts the process. [`with_current_contexts`] uses it accordingly.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Contexts {
-    /// No agent span's context made current here yet: `ACTIVE` is not set up.
+    /// No agent span's context made current here yet: `ACTIVE` is not set up, and
+    /// OpenTelemetry's, if another layer or the application set it up, may be gone.
     Unused,
     InUse,
     /// `ACTIVE` is gone: the thread is ending.
@@ -152,18 +154,27 @@ fn innermost_first_entry<T, K: PartialEq>(entered: &[T], span: impl Fn(&T) -> &K
         .map(|(_, entry)| entry)
 }
 
-/// Whether OpenTelemetry's current context may be used on this thread.
-fn contexts_usable() -> bool {
-    CONTEXTS.get() != Contexts::Gone
+/// Runs `use_context`, which uses OpenTelemetry's current context; `None` when that is gone
+/// as the thread ends. Before this thread's first agent context is made current, whether
+/// OpenTelemetry's is still there cannot be asked (another layer or the application may have
+/// set it up after the thread-local whose destructor runs this), so its panic is caught: in a
+/// thread-local's destructor it would abort the process.
+fn with_current_contexts<T>(use_context: impl FnOnce() -> T) -> Option<T> {
+    match CONTEXTS.get() {
+        Contexts::InUse => Some(use_context()),
+        Contexts::Gone => None,
+        Contexts::Unused => std::panic::catch_unwind(AssertUnwindSafe(use_context))
+            .map_err(|_| CONTEXTS.set(Contexts::Gone))
+            .ok(),
+    }
 }
 
 /// Makes an entered agent span's context current until it exits; as the thread ends, the
 /// span is recorded all the same, its context not made current.
 fn make_current(id: &Id, context: opentelemetry::Context) {
-    if !contexts_usable() {
+    let Some(guard) = with_current_contexts(|| context.attach()) else {
         return LateEntered::entered(id);
-    }
-    let guard = context.attach();
+    };
     let _ = ACTIVE.try_with(|active| match active.0.try_borrow_mut() {
         Ok(mut active) => active.push((id.clone(), guard)),
         Err(_) => drop(guard),
@@ -223,11 +234,11 @@ where
     /// the spans `tracing-opentelemetry` builds both make current).
     fn parent_context(&self, attrs: &Attributes<'_>, ctx: &Context<'_, S>) -> opentelemetry::Context {
         let Some(parent) = attrs.parent() else {
-            return if attrs.is_contextual() && contexts_usable() {
-                opentelemetry::Context::current()
-            } else {
-                opentelemetry::Context::new()
-            };
+            return attrs
+                .is_contextual()
+                .then(|| with_current_contexts(opentelemetry::Context::current))
+                .flatten()
+                .unwrap_or_default();
         };
         let agent_parent = ctx.span(parent).and_then(|span| {
             let extensions = span.extensions();

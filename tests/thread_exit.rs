@@ -44,11 +44,37 @@ thread_local! {
     static LATE: RefCell<Option<ExecutesOnDrop>> = const { RefCell::new(None) };
 }
 
-/// A thread that runs an agent, with `late_agent` run as it ends. A thread's thread-locals
-/// are dropped last set up first: the registry's, set up by the first span, outlives `LATE`,
-/// and the crate's own, set up by the first execution, are gone when `LATE` drops. So is
-/// OpenTelemetry's current context, unless `context_first` sets it up before `LATE`.
+fn late_root_agent() {
+    tracing::info_span!(parent: None, "agent_execution", agent_name = "late-root", task = "at thread exit")
+        .in_scope(|| {});
+}
+
+fn run_an_agent() {
+    execute_agent("agent", "while running");
+}
+
+/// A traced span, whose context `tracing-opentelemetry` makes current: it sets up
+/// OpenTelemetry's current context, and no agent span is entered on the thread.
+fn enter_a_traced_span() {
+    tracing::info_span!(target: "tools", "tool_call").in_scope(|| {});
+}
+
+/// The application reads the current context (to pass it on, say): it sets it up.
+fn read_the_current_context() {
+    drop(opentelemetry::Context::current());
+}
+
+/// A thread that runs `while_running` (an agent, say), with `late_agent` run as it ends. A
+/// thread's thread-locals are dropped last set up first: the registry's, set up by the first
+/// span, outlives `LATE`, and the crate's own, set up by the first execution, are gone when
+/// `LATE` drops. So is OpenTelemetry's current context, unless `context_first` sets it up
+/// before `LATE`; when `while_running` sets it up and runs no agent, the crate cannot know
+/// it is gone.
 fn thread_with_a_late_agent(late_agent: fn(), context_first: bool) {
+    thread_with_a_late_agent_after(late_agent, context_first, run_an_agent);
+}
+
+fn thread_with_a_late_agent_after(late_agent: fn(), context_first: bool, while_running: fn()) {
     std::thread::spawn(move || {
         // Printed at WARN by the harness, not traced: OpenTelemetry is not used yet.
         tracing::warn_span!("warm_up").in_scope(|| {});
@@ -58,7 +84,7 @@ fn thread_with_a_late_agent(late_agent: fn(), context_first: bool) {
             tracing::warn!("warm up the printer");
         }
         LATE.with(|late| *late.borrow_mut() = Some(ExecutesOnDrop(late_agent)));
-        execute_agent("agent", "while running");
+        while_running();
     })
     .join()
     .expect("the thread ends without a panic");
@@ -72,6 +98,10 @@ fn agent_executions_while_their_thread_ends_are_recorded_without_a_panic() {
     thread_with_a_late_agent(late_agent_with_context, true);
     thread_with_a_late_agent(late_agent_without_context, false);
     thread_with_a_late_agent(late_agents_with_errors, true);
+    // A panic reading a context that is gone, in `LATE`'s destructor, would abort.
+    thread_with_a_late_agent_after(late_agent_with_context, false, enter_a_traced_span);
+    thread_with_a_late_agent_after(late_root_agent, false, enter_a_traced_span);
+    thread_with_a_late_agent_after(late_agent_without_context, false, read_the_current_context);
     let (spans, log) = harness.shutdown();
     let mut names: Vec<String> = spans
         .iter()
@@ -86,14 +116,17 @@ fn agent_executions_while_their_thread_ends_are_recorded_without_a_panic() {
             "agent",
             "agent",
             "agent",
+            "late-root",
             "late-span-from-outside-entered-in-it",
             "late-tool-entered-after-it",
             "late-with-context",
+            "late-with-context",
+            "late-without-context",
             "late-without-context"
         ]
     );
-    assert_eq!(log.lines().count(), 7, "{log}");
-    assert_eq!(log.matches(r#""task":"at thread exit""#).count(), 4, "{log}");
+    assert_eq!(log.lines().count(), 10, "{log}");
+    assert_eq!(log.matches(r#""task":"at thread exit""#).count(), 7, "{log}");
     let status = |agent: &str| {
         let line = log
             .lines()
