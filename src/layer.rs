@@ -20,7 +20,9 @@
 //! - no application code runs while a span's extensions are locked: a field's `Debug` or
 //!   `Display` may emit events or record on that very span, so values are formatted first
 //!   (`RecordedValues`, `AgentTracer::event`, `ErrorText`) and the span locked after, as
-//!   `tracing-opentelemetry` does.
+//!   `tracing-opentelemetry` does;
+//! - no panic in a value's `Debug` leaves the layer (`debug_text` formats every value and
+//!   stops it there): out of `on_new_span`, it would leave the span open for ever.
 
 use std::any::TypeId;
 use std::cell::{Cell, RefCell};

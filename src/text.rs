@@ -4,6 +4,7 @@
 use std::borrow::Cow;
 use std::cell::RefCell;
 use std::fmt;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
 /// The most characters a metric label value keeps (`agent_name`, the `framework_info`
@@ -23,8 +24,10 @@ pub(crate) fn cut(text: &str, max: usize) -> Cow<'_, str> {
 }
 
 /// `value`'s `Debug` text, at most `max` characters of it then `…` where it was cut; or as
-/// much as it wrote before it failed. Formatting stops at the cut, so a value whose text would
-/// be huge costs no more than the kept part (`format!` would also panic on an `Err`).
+/// much as it wrote before it failed or panicked. Formatting stops at the cut, so a value whose
+/// text would be huge costs no more than the kept part (`format!` would also panic on an
+/// `Err`). A panic in the value's `Debug` (the application's code) goes no further: out of a
+/// layer's callback it would leave a span that was opening open for ever, its parents with it.
 pub(crate) fn debug_text(value: &dyn fmt::Debug, max: usize) -> String {
     /// Takes characters until it has `left` none left to take, then refuses the rest.
     struct Bounded {
@@ -56,7 +59,9 @@ pub(crate) fn debug_text(value: &dyn fmt::Debug, max: usize) -> String {
         left: max,
         cut: false,
     };
-    let _ = fmt::Write::write_fmt(&mut bounded, format_args!("{value:?}"));
+    let _ = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        fmt::Write::write_fmt(&mut bounded, format_args!("{value:?}"))
+    }));
     if bounded.cut {
         bounded.text.push('…');
     }

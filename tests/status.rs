@@ -2,6 +2,7 @@
 
 mod support;
 
+use std::fmt;
 use std::time::Duration;
 
 use opentelemetry::trace::Status as SpanStatus;
@@ -128,6 +129,42 @@ fn a_panic_is_a_failure() {
         assert!(result.is_err());
     });
     assert_outcome(&harness, "panicking-agent", "failure", Some("panic"));
+}
+
+/// A value whose `Debug` panics after it wrote `half`.
+struct PanicsHalfway;
+
+impl fmt::Debug for PanicsHalfway {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("half")?;
+        panic!("formatting panicked")
+    }
+}
+
+#[test]
+fn a_field_value_that_panics_is_cut_there_and_fails_nothing_whether_traces_are_on_or_off() {
+    for (harness, traced) in [(Harness::new(), true), (Harness::untraced(), false)] {
+        harness.run(|| {
+            tracing::info_span!("agent_execution", agent_name = "value-panics", task = ?PanicsHalfway).in_scope(|| {
+                let model = PanicsHalfway;
+                tracing::info_span!("chat", gen_ai.usage.input_tokens = 5u64, gen_ai.request.model = ?model)
+                    .in_scope(|| tracing::info!(value = ?PanicsHalfway, "an event"));
+            });
+        });
+        if traced {
+            assert_outcome(&harness, "value-panics", "success", None);
+        }
+        let series = [("agent_name", "value-panics"), ("status", "success")];
+        assert_eq!(harness.scrape().value("agent_executions_total", &series), Some(1.0));
+        let lines = harness.log_lines();
+        let line = lines
+            .iter()
+            .find(|line| line.contains(r#""agent_name":"value-panics""#))
+            .expect("the agent's line");
+        for kept in [r#""task":"half""#, r#""model":"half""#, r#""input_tokens":5"#] {
+            assert!(line.contains(kept), "{kept} in {line}");
+        }
+    }
 }
 
 #[tracing::instrument(name = "agent_execution", err)]
