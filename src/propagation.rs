@@ -59,7 +59,8 @@ pub fn continue_trace(span: &tracing::Span, headers: &dyn Extractor) -> Result<b
         tracer.continue_remote(agent_span, &parent)
     });
     match joined {
-        Some(Ok(())) => Ok(true),
+        // The replaced parent is dropped here, the span's lock released.
+        Some(Ok(_replaced)) => Ok(true),
         Some(Err(already_started)) => Err(Error::Propagation {
             source: Box::new(already_started),
         }),

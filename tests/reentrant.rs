@@ -1,13 +1,15 @@
-//! Field values whose `Debug` emits events or records on spans, as a value that logs while it
-//! formats itself does, or panics: the layer formats them without holding a span's lock, so
-//! nothing hangs or aborts, and what they say about the execution is kept. A test binary of
-//! its own, since it installs the global default subscriber: a scoped one would drop the
-//! nested calls itself.
+//! The application's code run inside the layer: field values whose `Debug` emits events or
+//! records on spans, as a value that logs while it formats itself does, or panics; a value in
+//! an OpenTelemetry context that records as the context drops. The layer runs none of it while
+//! it holds a span's lock, so nothing hangs or aborts, and what it says about the execution is
+//! kept. A test binary of its own, since it installs the global default subscriber: a scoped
+//! one would drop the nested calls itself.
 
 mod support;
 
+use std::collections::HashMap;
 use std::fmt;
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
 use support::Harness;
@@ -40,6 +42,18 @@ impl fmt::Debug for Noisy {
     }
 }
 
+/// An application's value carried in the OpenTelemetry context: dropped, it records a
+/// status on the span it holds.
+struct RecordsOnDrop(Arc<Mutex<Option<tracing::Span>>>);
+
+impl Drop for RecordsOnDrop {
+    fn drop(&mut self) {
+        if let Some(span) = self.0.lock().unwrap().take() {
+            span.record("status", "partial");
+        }
+    }
+}
+
 /// Runs `f` on a thread of its own, failing the test if it has not returned within 20 s.
 fn within_time(what: &str, f: impl FnOnce() + Send + 'static) {
     let (done, finished) = mpsc::channel();
@@ -49,7 +63,7 @@ fn within_time(what: &str, f: impl FnOnce() + Send + 'static) {
     });
     finished
         .recv_timeout(Duration::from_secs(20))
-        .unwrap_or_else(|_| panic!("{what}: hung (a span's lock held while a value formatted itself)"));
+        .unwrap_or_else(|_| panic!("{what}: hung (a span's lock held while the application's code ran)"));
 }
 
 fn agent(name: &'static str) -> tracing::Span {
@@ -95,6 +109,22 @@ fn values_that_log_while_formatting_neither_hang_nor_lose_the_execution() {
             tracing::Span::current().record("task", debug(Noisy::Panic));
         });
     });
+    // The application's value in the context an agent span opened under, dropped when
+    // `continue_trace` replaces that context with the caller's, may record on the span.
+    within_time("a context value dropped as the trace is continued", || {
+        let holder = Arc::new(Mutex::new(None));
+        let attached = opentelemetry::Context::current_with_value(RecordsOnDrop(Arc::clone(&holder))).attach();
+        let span = agent("continued");
+        // The span's parent context holds the value's last reference now.
+        drop(attached);
+        *holder.lock().unwrap() = Some(span.clone());
+        let headers = HashMap::from([(
+            "traceparent".to_owned(),
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".to_owned(),
+        )]);
+        assert!(agent_telemetry::propagation::continue_trace(&span, &headers).expect("continued"));
+        span.in_scope(|| {});
+    });
 
     let (spans, log) = harness.shutdown();
     let lines: Vec<&str> = log.lines().collect();
@@ -119,6 +149,11 @@ fn values_that_log_while_formatting_neither_hang_nor_lose_the_execution() {
     assert!(line_of("recorded-error").contains(failed), "{log}");
     assert!(line_of("model-call").contains("\"model\":\"noisy\""), "{log}");
     assert!(line_of("panicking-value").contains("\"status\":\"success\""), "{log}");
+    let continued = line_of("continued");
+    assert!(
+        partial(continued) && continued.contains("4bf92f3577b34da6a3ce929d0e0e4736"),
+        "{log}"
+    );
     let recorded = line_of("panicking-record");
     assert!(
         recorded.contains("\"task\":\"half\"") && recorded.contains("\"status\":\"success\""),

@@ -147,17 +147,18 @@ impl AgentTracer {
     }
 
     /// Moves a span that has not started yet under a parent from another process.
-    pub(crate) fn continue_remote(&self, span: &mut AgentSpan, remote: &Context) -> Result<(), AlreadyStarted> {
+    /// Gives back the parent it replaced, for the caller to drop once it no longer holds the
+    /// span's lock: the application's values in that context run their `Drop` then.
+    pub(crate) fn continue_remote(&self, span: &mut AgentSpan, remote: &Context) -> Result<Context, AlreadyStarted> {
         if span.entered {
             return Err(AlreadyStarted);
         }
         let span_id = span.span_context.span_id();
-        self.place_under(span, remote, span_id);
-        Ok(())
+        Ok(self.place_under(span, remote, span_id))
     }
 
-    /// Sets the span's parent, trace and sampling decision.
-    fn place_under(&self, span: &mut AgentSpan, parent: &Context, span_id: SpanId) {
+    /// Sets the span's parent, trace and sampling decision; gives back the parent it replaced.
+    fn place_under(&self, span: &mut AgentSpan, parent: &Context, span_id: SpanId) -> Context {
         let parent_span = parent.span();
         let parent_context = parent_span.span_context();
         let trace_id = if parent.has_active_span() && parent_context.is_valid() {
@@ -177,7 +178,7 @@ impl AgentTracer {
             SamplingDecision::Drop | SamplingDecision::RecordOnly => TraceFlags::default(),
         };
         span.span_context = SpanContext::new(trace_id, span_id, flags, false, decision.trace_state);
-        span.parent = parent.clone();
+        std::mem::replace(&mut span.parent, parent.clone())
     }
 
     /// Queues the finished span for export, built on the span thread. Only sampled
