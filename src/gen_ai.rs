@@ -19,7 +19,7 @@ use tracing_core::Metadata;
 
 use crate::prices::{ModelPrices, Tokens};
 use crate::status::Status;
-use crate::text::{cut, debug_text, shared_name, unquote_debug, MAX_LABEL_CHARS};
+use crate::text::{cut, debug_text, shared_name, unquote_debug, MAX_LABEL_CHARS, OVERFLOW_AGENT_NAME};
 
 /// The largest token count a field may carry: past 2^53 a Prometheus sample (a float) is no
 /// longer exact. A larger one is ignored and counted, as any invalid value.
@@ -244,6 +244,10 @@ pub(crate) struct EndedCall<M> {
 /// end, under the execution's name and model as recorded by then.
 pub(crate) const MAX_HELD_CALLS: usize = 4096;
 
+/// The most models an execution, or a model call with calls inside it, keeps tokens of
+/// apart; the tokens of further models are kept under [`OVERFLOW_AGENT_NAME`], unpriced.
+pub(crate) const MAX_MODELS_APART: usize = 256;
+
 /// Tokens under a model; `None` until the enclosing span's model decides.
 type Part = (Option<Arc<str>>, Tokens);
 
@@ -431,10 +435,20 @@ impl Rollup {
     }
 }
 
+/// Adds `tokens` under `model` to `parts`: under [`OVERFLOW_AGENT_NAME`] once
+/// [`MAX_MODELS_APART`] models are kept (the part without a model is not counted among them).
 fn add_to(parts: &mut Vec<Part>, model: Option<&Arc<str>>, tokens: Tokens) {
-    match parts.iter_mut().find(|(known, _)| known.as_ref() == model) {
+    if let Some((_, sum)) = parts.iter_mut().find(|(known, _)| known.as_ref() == model) {
+        return sum.add(tokens);
+    }
+    let named = parts.iter().filter(|(known, _)| known.is_some()).count();
+    if model.is_none() || named < MAX_MODELS_APART {
+        return parts.push((model.cloned(), tokens));
+    }
+    let overflow = |(known, _): &&mut Part| known.as_deref() == Some(OVERFLOW_AGENT_NAME);
+    match parts.iter_mut().find(overflow) {
         Some((_, sum)) => sum.add(tokens),
-        None => parts.push((model.cloned(), tokens)),
+        None => parts.push((Some(Arc::from(OVERFLOW_AGENT_NAME)), tokens)),
     }
 }
 
@@ -571,6 +585,44 @@ mod tests {
         let usage = agent.finish(&own, None).unwrap();
         assert_eq!(usage.calls.len(), MAX_HELD_CALLS);
         assert_eq!(&*usage.calls[0].model, "recorded-late");
+    }
+
+    #[test]
+    fn tokens_of_models_past_the_cap_are_kept_under_overflow_and_the_totals_stay_exact() {
+        let call = |model: String, input: u64| {
+            let mut fields = UsageFields::default();
+            fields.record_text(&field("model"), &model);
+            fields.record_count(&field("input_tokens"), Some(input));
+            Rollup::default().into_call(&fields)
+        };
+        let mut agent = Rollup::default();
+        for round in 0..2 {
+            for n in 0..MAX_MODELS_APART + 10 {
+                agent.add(&call(format!("model-{n}"), 1 + round));
+            }
+        }
+        // Without a model, the agent's own: not counted among the kept models.
+        agent.add(&Rollup::default().into_call(&{
+            let mut fields = UsageFields::default();
+            fields.record_count(&field("input_tokens"), Some(1000));
+            fields
+        }));
+        let prices = ModelPrices::new().with_model("model-0", ModelPrice::per_million_tokens(1.0, 1.0));
+        let usage = agent.finish(&UsageFields::default(), Some(&prices)).unwrap();
+        assert_eq!(usage.tokens.input, 3 * (MAX_MODELS_APART as u64 + 10) + 1000);
+        assert_eq!(
+            usage.by_model.len(),
+            MAX_MODELS_APART + 2,
+            "the kept, unknown and overflow"
+        );
+        let input = |model: &str| {
+            let used = usage.by_model.iter().find(|used| &*used.model == model).unwrap();
+            (used.tokens.input, used.cost_usd)
+        };
+        assert_eq!(input("model-0"), (3, Some(3.0 / 1e6)));
+        assert_eq!(input(&format!("model-{}", MAX_MODELS_APART - 1)), (3, None));
+        assert_eq!(input(UNKNOWN_MODEL), (1000, None));
+        assert_eq!(input(OVERFLOW_AGENT_NAME), (30, None));
     }
 
     #[test]

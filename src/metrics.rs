@@ -29,8 +29,7 @@ use capped_names::CappedNames;
 use spend::SpendMetrics;
 use thread_series::{Holding, Instruments, ThreadSeries};
 
-/// The `agent_name` label value that executions beyond the cardinality cap are folded into.
-pub const OVERFLOW_AGENT_NAME: &str = "__overflow__";
+pub use crate::text::OVERFLOW_AGENT_NAME;
 
 /// A cheap, cloneable handle that renders the Prometheus text exposition of the telemetry's
 /// registry: what `GET /metrics` serves, for applications that mount it in their own server.

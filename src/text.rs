@@ -7,6 +7,10 @@ use std::fmt;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
+/// The `agent_name` label value that executions beyond the cardinality cap are folded into;
+/// `model` folds into it likewise.
+pub const OVERFLOW_AGENT_NAME: &str = "__overflow__";
+
 /// The most characters a metric label value keeps (`agent_name`, the `framework_info`
 /// labels), and the log line's `agent_name` and `error.type`.
 pub(crate) const MAX_LABEL_CHARS: usize = 256;
