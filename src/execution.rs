@@ -194,6 +194,12 @@ impl ExecutionFields {
         self.task_chars.max(MAX_LABEL_CHARS).saturating_mul(2).saturating_add(2)
     }
 
+    /// Whether these fields read `field`'s value when given it: their own, and the GenAI
+    /// ones (`gen_ai.operation.name` too).
+    pub(crate) fn reads(field: &Field) -> bool {
+        Self::owns_itself(field) || UsageFields::owns(field.name())
+    }
+
     /// The guide's fields: the agent's name, the task and the status.
     fn owns_itself(field: &Field) -> bool {
         matches!(

@@ -33,13 +33,16 @@ use std::time::SystemTime;
 
 use opentelemetry::ContextGuard;
 use tracing_core::dispatcher::WeakDispatch;
+use tracing_core::field::Field;
 use tracing_core::span::{Attributes, Id, Record};
 use tracing_core::{Dispatch, Event, Level, Metadata, Subscriber};
 use tracing_opentelemetry::OpenTelemetryLayer;
 use tracing_subscriber::layer::{Context, Layer};
 use tracing_subscriber::registry::{ExtensionsMut, LookupSpan, SpanRef};
 
-use crate::execution::{AgentSpanNames, ErrorText, Execution, ExecutionState, SpanRole, TextPolicy, UNKNOWN_AGENT};
+use crate::execution::{
+    AgentSpanNames, ErrorText, Execution, ExecutionFields, ExecutionState, SpanRole, TextPolicy, UNKNOWN_AGENT,
+};
 use crate::filter::LayerFilter;
 use crate::gen_ai::{model_call_operation, CallUsage, EndedCall, UsageFields, UNKNOWN_MODEL};
 use crate::logs::LineQueue;
@@ -343,17 +346,6 @@ where
         }
     }
 
-    /// The most characters of a value's `Debug` text the visitors of `running`'s fields
-    /// format.
-    fn formatted_chars(&self, running: &Running) -> usize {
-        let traced = self
-            .signals
-            .tracer
-            .as_ref()
-            .map_or(0, |tracer| tracer.formatted_chars());
-        running.execution.fields.formatted_chars().max(traced)
-    }
-
     /// What a new span is: an agent execution by its name; else a model call by its
     /// `gen_ai.operation.name` as created, or without one by its name; else another GenAI
     /// span.
@@ -411,11 +403,11 @@ where
 
     fn on_record(&self, id: &Id, values: &Record<'_>, ctx: Context<'_, S>) {
         let Some(span) = ctx.span(id) else { return };
-        let formatted_chars = span
+        let execution_chars = span
             .extensions()
             .get::<Running>()
-            .map(|running| self.formatted_chars(running));
-        let Some(formatted_chars) = formatted_chars else {
+            .map(|running| running.execution.fields.formatted_chars());
+        let Some(execution_chars) = execution_chars else {
             drop(span);
             if let Some(traced) = &self.traced {
                 traced.on_record(id, values, ctx);
@@ -424,7 +416,16 @@ where
         };
         // Taken unlocked: a value may record on this span, or emit an event in it, as it
         // formats itself.
-        let recorded = RecordedValues::take(formatted_chars, |visitor| values.record(visitor));
+        let chars_for = |field: &Field| {
+            let execution = ExecutionFields::reads(field).then_some(execution_chars);
+            let traced = self
+                .signals
+                .tracer
+                .as_ref()
+                .and_then(|tracer| tracer.formatted_chars_for(field));
+            execution.max(traced)
+        };
+        let recorded = RecordedValues::take(&chars_for, |visitor| values.record(visitor));
         let mut extensions = span.extensions_mut();
         if let Some(Running { execution, span, .. }) = extensions.get_mut::<Running>() {
             match (span, &self.signals.tracer) {

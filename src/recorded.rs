@@ -18,8 +18,13 @@ use crate::text::debug_text;
 /// The values of one `Span::record`, taken.
 pub(crate) struct RecordedValues {
     values: Vec<(Field, Recorded)>,
-    /// The most characters of a value's `Debug` text any visitor of the replay formats.
-    formatted_chars: usize,
+}
+
+/// Takes values: `chars_for` says how many characters of a field's `Debug` text a visitor of
+/// the replay formats, `None` when none reads it.
+struct Taking<'a> {
+    values: Vec<(Field, Recorded)>,
+    chars_for: &'a dyn Fn(&Field) -> Option<usize>,
 }
 
 /// One value, as its visitor call carried it.
@@ -38,15 +43,17 @@ enum Recorded {
 }
 
 impl RecordedValues {
-    /// Takes the values `record` visits, formatting each `Debug` or error value to at most
-    /// `formatted_chars` characters: at least as many as any visitor of the replay keeps.
-    pub(crate) fn take(formatted_chars: usize, record: impl FnOnce(&mut dyn Visit)) -> Self {
-        let mut taken = RecordedValues {
+    /// Takes the values `record` visits. A `Debug` or error value is formatted to at most
+    /// `chars_for(field)` characters, at least as many as any visitor of the replay keeps; one
+    /// no visitor reads (`None`: a sensitive name's, say) is not formatted at all, and is
+    /// replayed as empty text.
+    pub(crate) fn take(chars_for: &dyn Fn(&Field) -> Option<usize>, record: impl FnOnce(&mut dyn Visit)) -> Self {
+        let mut taking = Taking {
             values: Vec::new(),
-            formatted_chars,
+            chars_for,
         };
-        record(&mut taken);
-        taken
+        record(&mut taking);
+        RecordedValues { values: taking.values }
     }
 
     /// Makes on `visitor` the calls the values were taken from, in their order.
@@ -65,13 +72,20 @@ impl RecordedValues {
             }
         }
     }
+}
 
+impl Taking<'_> {
     fn push(&mut self, field: &Field, value: Recorded) {
         self.values.push((field.clone(), value));
     }
+
+    /// `value`'s text as the visitors that read `field` need it; empty when none does.
+    fn text(&self, field: &Field, value: &dyn fmt::Debug) -> String {
+        (self.chars_for)(field).map_or_else(String::new, |chars| debug_text(value, chars))
+    }
 }
 
-impl Visit for RecordedValues {
+impl Visit for Taking<'_> {
     fn record_str(&mut self, field: &Field, value: &str) {
         self.push(field, Recorded::Str(value.to_owned()));
     }
@@ -101,12 +115,12 @@ impl Visit for RecordedValues {
     }
 
     fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
-        let text = debug_text(&format_args!("{value}"), self.formatted_chars);
+        let text = self.text(field, &format_args!("{value}"));
         self.push(field, Recorded::Error(text));
     }
 
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-        let text = debug_text(value, self.formatted_chars);
+        let text = self.text(field, value);
         self.push(field, Recorded::Debug(text));
     }
 }
@@ -135,6 +149,7 @@ impl std::error::Error for TextError {}
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::{Arc, Mutex};
 
     use tracing_subscriber::layer::{Context, SubscriberExt};
@@ -201,7 +216,8 @@ mod tests {
                 chars: self.chars,
                 seen: Vec::new(),
             };
-            RecordedValues::take(self.taken_chars, |visitor| attrs.record(visitor)).replay(&mut replayed);
+            let taken_chars = |_: &Field| Some(self.taken_chars);
+            RecordedValues::take(&taken_chars, |visitor| attrs.record(visitor)).replay(&mut replayed);
             self.seen.lock().unwrap().push((direct.seen, replayed.seen));
         }
     }
@@ -256,6 +272,46 @@ mod tests {
             direct.contains(&"error error=the model refused the request".to_owned()),
             "{direct:?}"
         );
+    }
+
+    /// Counts how often it is formatted.
+    struct Counted(&'static AtomicUsize);
+
+    impl fmt::Debug for Counted {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            self.0.fetch_add(1, Ordering::Relaxed);
+            f.write_str("hunter2")
+        }
+    }
+
+    /// Takes a new span's values as if only its `password` went unread, and checks the
+    /// replay.
+    struct PasswordUnread;
+
+    impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for PasswordUnread {
+        fn on_new_span(&self, attrs: &tracing::span::Attributes<'_>, _: &tracing::span::Id, _: Context<'_, S>) {
+            let read = |field: &Field| (field.name() != "password").then_some(100);
+            let taken = RecordedValues::take(&read, |visitor| attrs.record(visitor));
+            let mut calls = Calls {
+                chars: 100,
+                seen: Vec::new(),
+            };
+            taken.replay(&mut calls);
+            assert_eq!(calls.seen, ["debug password=", "debug model=hunter2"]);
+        }
+    }
+
+    #[test]
+    fn a_value_no_visitor_reads_is_not_formatted() {
+        static FORMATTED: AtomicUsize = AtomicUsize::new(0);
+        tracing::subscriber::with_default(tracing_subscriber::registry().with(PasswordUnread), || {
+            let _span = tracing::info_span!(
+                "agent_execution",
+                password = ?Counted(&FORMATTED),
+                model = ?Counted(&FORMATTED)
+            );
+        });
+        assert_eq!(FORMATTED.load(Ordering::Relaxed), 1, "only the value a visitor reads");
     }
 
     #[test]

@@ -455,6 +455,44 @@ fn the_task_is_captured_in_full_as_a_hash_or_not_at_all() {
 }
 
 /// A secret of one of the kinds scrubbing knows, and the part of it that must never leave.
+/// A secret whose `Debug` counts how often it runs.
+struct CountedSecret;
+
+static SECRET_FORMATTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+impl std::fmt::Debug for CountedSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        SECRET_FORMATTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        f.write_str("hunter2")
+    }
+}
+
+#[test]
+fn a_recorded_value_no_signal_keeps_is_never_formatted() {
+    use tracing::field::{debug, Empty};
+    // Traces on: a sensitive name is sent as `[REDACTED]`. Traces off: no signal keeps a field
+    // that is not the execution's.
+    for (harness, unkept) in [
+        (Harness::new(), &["api_key"][..]),
+        (Harness::untraced(), &["api_key", "payload"]),
+    ] {
+        harness.run(|| {
+            let span = tracing::info_span!(
+                "agent_execution",
+                agent_name = "a",
+                task = "t",
+                api_key = Empty,
+                payload = Empty
+            );
+            for field in unkept {
+                span.record(*field, debug(CountedSecret));
+            }
+        });
+        assert_eq!(harness.log_lines().len(), 1);
+    }
+    assert_eq!(SECRET_FORMATTED.load(std::sync::atomic::Ordering::Relaxed), 0);
+}
+
 fn secret() -> impl Strategy<Value = (String, String)> {
     let token = "[A-Za-z0-9]{20,40}";
     prop_oneof![

@@ -100,9 +100,12 @@ impl AgentTracer {
         });
     }
 
-    /// The most characters of a value's `Debug` text that [`record`](Self::record) formats.
-    pub(crate) fn formatted_chars(&self) -> usize {
-        formatted_chars(self.value_chars)
+    /// The most characters of `field`'s `Debug` text that [`record`](Self::record) formats as
+    /// a span attribute: `None` for the execution's own fields, which it does not make
+    /// attributes, and for a name it sends as `[REDACTED]` without reading the value.
+    pub(crate) fn formatted_chars_for(&self, field: &Field) -> Option<usize> {
+        let attribute = !ExecutionFields::owns(field) && !self.scrubber.redacts_field(field.name());
+        attribute.then(|| formatted_chars(self.value_chars))
     }
 
     /// An event that happened inside an agent span, named and shaped as `tracing-opentelemetry`
