@@ -649,8 +649,8 @@ where
     event.record(&mut text);
     let mut extensions = nearest.extensions_mut();
     if let Some(running) = extensions.get_mut::<Running>() {
-        // An error raised while the fields formatted came first.
-        running.execution.error_event.get_or_insert_with(|| text.into_text());
+        // The event's own error, over one its fields raised as they formatted.
+        running.execution.error_event = Some(text.into_text());
     }
 }
 

@@ -83,6 +83,9 @@ fn values_that_log_while_formatting_neither_hang_nor_lose_the_execution() {
     within_time("an event's field", || {
         agent("event-field").in_scope(|| tracing::info!(value = ?Noisy::Event, "an event"));
     });
+    within_time("an ERROR event's message", || {
+        agent("error-message").in_scope(|| tracing::error!("outer failed: {:?}", Noisy::Error));
+    });
     within_time("an ERROR event's field", || {
         agent("error-field").in_scope(|| tracing::error!(value = ?Noisy::Error, "it failed"));
     });
@@ -134,11 +137,16 @@ fn values_that_log_while_formatting_neither_hang_nor_lose_the_execution() {
             .find(|line| line.contains(&format!("\"agent_name\":\"{name}\"")))
             .unwrap_or_else(|| panic!("a log line for {name} in {log}"))
     };
-    // A status recorded while a value formatted is kept; so is the first error taken: the
-    // event's own, whose text is taken before its other fields are formatted.
+    // A status recorded while a value formatted is kept. An `ERROR`'s own text is the
+    // execution's error, over one its message or fields raised as they formatted; an `ERROR`
+    // raised by a value recorded on the span is the span's error.
     let partial = |line: &str| line.contains("\"status\":\"failure\"") && line.contains("\"error.type\":\"partial\"");
     let failed = "\"error.message\":\"formatting failed\"";
     assert!(partial(line_of("event-field")), "{log}");
+    assert!(
+        line_of("error-message").contains("\"error.message\":\"outer failed: noisy\""),
+        "{log}"
+    );
     assert!(
         line_of("error-field").contains("\"error.message\":\"it failed\""),
         "{log}"
