@@ -24,7 +24,7 @@
 //! - no panic in a value's `Debug` leaves the layer (`debug_text` formats every value and
 //!   stops it there): out of `on_new_span`, it would leave the span open for ever.
 
-use std::any::TypeId;
+use std::any::{Any, TypeId};
 use std::cell::{Cell, RefCell};
 use std::marker::PhantomData;
 use std::panic::AssertUnwindSafe;
@@ -162,16 +162,30 @@ fn innermost_first_entry<T, K: PartialEq>(entered: &[T], span: impl Fn(&T) -> &K
 /// Runs `use_context`, which uses OpenTelemetry's current context; `None` when that is gone
 /// as the thread ends. Before this thread's first agent context is made current, whether
 /// OpenTelemetry's is still there cannot be asked (another layer or the application may have
-/// set it up after the thread-local whose destructor runs this), so its panic is caught: in a
-/// thread-local's destructor it would abort the process.
+/// set it up after the thread-local whose destructor runs this), so that panic is caught: in a
+/// thread-local's destructor it would abort the process. Any other goes on.
 fn with_current_contexts<T>(use_context: impl FnOnce() -> T) -> Option<T> {
     match CONTEXTS.get() {
         Contexts::InUse => Some(use_context()),
         Contexts::Gone => None,
-        Contexts::Unused => std::panic::catch_unwind(AssertUnwindSafe(use_context))
-            .map_err(|_| CONTEXTS.set(Contexts::Gone))
-            .ok(),
+        Contexts::Unused => match std::panic::catch_unwind(AssertUnwindSafe(use_context)) {
+            Ok(used) => Some(used),
+            Err(panic) if is_thread_local_gone(&*panic) => {
+                CONTEXTS.set(Contexts::Gone);
+                None
+            }
+            Err(panic) => std::panic::resume_unwind(panic),
+        },
     }
+}
+
+/// Whether `panic` is the one `LocalKey::with` raises for a thread-local already dropped.
+fn is_thread_local_gone(panic: &(dyn Any + Send)) -> bool {
+    let text = panic
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| panic.downcast_ref::<&str>().copied());
+    text.is_some_and(|text| text.contains("during or after destruction"))
 }
 
 /// Makes an entered agent span's context current until it exits; as the thread ends, the
