@@ -61,9 +61,13 @@ fn within_time(what: &str, f: impl FnOnce() + Send + 'static) {
         f();
         let _ = done.send(());
     });
-    finished
-        .recv_timeout(Duration::from_secs(20))
-        .unwrap_or_else(|_| panic!("{what}: hung (a span's lock held while the application's code ran)"));
+    match finished.recv_timeout(Duration::from_secs(20)) {
+        Ok(()) => {}
+        Err(mpsc::RecvTimeoutError::Timeout) => {
+            panic!("{what}: hung (a span's lock held while the application's code ran)")
+        }
+        Err(mpsc::RecvTimeoutError::Disconnected) => panic!("{what}: panicked"),
+    }
 }
 
 fn agent(name: &'static str) -> tracing::Span {
