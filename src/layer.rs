@@ -21,8 +21,10 @@
 //!   `Display` may emit events or record on that very span, so values are formatted first
 //!   (`RecordedValues`, `AgentTracer::event`, `ErrorText`) and the span locked after, as
 //!   `tracing-opentelemetry` does;
-//! - no panic in a value's `Debug` leaves the layer (`debug_text` formats every value and
-//!   stops it there): out of `on_new_span`, it would leave the span open for ever.
+//! - no panic in a value's `Debug` leaves the execution side (`debug_text` formats every
+//!   value it reads and stops it there): out of `on_new_span`, it would leave the span open
+//!   for ever, and its parents with it. The spans handed over are `tracing-opentelemetry`'s
+//!   to format.
 
 use std::any::{Any, TypeId};
 use std::cell::{Cell, RefCell};
