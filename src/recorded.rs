@@ -330,4 +330,53 @@ mod tests {
         let (direct, replayed) = calls_directly_and_replayed(30, 10);
         assert_ne!(replayed, direct);
     }
+    /// Records a new span's fields into the execution's own visitor, directly and replayed
+    /// from values taken as the layer takes them.
+    struct IntoExecutionFields(Arc<Mutex<Vec<String>>>);
+
+    impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for IntoExecutionFields {
+        fn on_new_span(&self, attrs: &tracing::span::Attributes<'_>, _: &tracing::span::Id, _: Context<'_, S>) {
+            use crate::execution::ExecutionFields;
+            let mut direct = ExecutionFields::new(8);
+            attrs.record(&mut direct);
+            let mut replayed = ExecutionFields::new(8);
+            let chars = replayed.formatted_chars();
+            let chars_for = |field: &Field| ExecutionFields::reads(field).then_some(chars);
+            RecordedValues::take(&chars_for, |visitor| attrs.record(visitor)).replay(&mut replayed);
+            let mut seen = self.0.lock().unwrap();
+            seen.push(format!("{direct:?}"));
+            seen.push(format!("{replayed:?}"));
+        }
+    }
+
+    #[test]
+    fn the_execution_keeps_the_same_fields_replayed_as_recorded_directly() {
+        let seen = Arc::default();
+        let layer = IntoExecutionFields(Arc::clone(&seen));
+        let long = "a task in many words ".repeat(30);
+        tracing::subscriber::with_default(tracing_subscriber::registry().with(layer), || {
+            let _span = tracing::info_span!(
+                "agent_execution",
+                agent_name = ?"reviewer",
+                task = ?long,
+                status = false,
+                gen_ai.request.model = ?"gpt-4o",
+                gen_ai.usage.input_tokens = 12u64,
+                gen_ai.usage.output_tokens = ?"many",
+                payload = ?long,
+            );
+        });
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen[1], seen[0]);
+        for kept in [
+            "reviewer",
+            "a task …",
+            "failure",
+            "gpt-4o",
+            "input: Some(12)",
+            "invalid: 1",
+        ] {
+            assert!(seen[0].contains(kept), "{kept} in {}", seen[0]);
+        }
+    }
 }
