@@ -49,6 +49,7 @@ use crate::filter::LayerFilter;
 use crate::gen_ai::{model_call_operation, CallUsage, EndedCall, UsageFields, UNKNOWN_MODEL};
 use crate::logs::LineQueue;
 use crate::metrics::Metrics;
+use crate::panics;
 use crate::prices::ModelPrices;
 use crate::recorded::RecordedValues;
 use crate::text::shared_name;
@@ -183,11 +184,7 @@ fn with_current_contexts<T>(use_context: impl FnOnce() -> T) -> Option<T> {
 
 /// Whether `panic` is the one `LocalKey::with` raises for a thread-local already dropped.
 fn is_thread_local_gone(panic: &(dyn Any + Send)) -> bool {
-    let text = panic
-        .downcast_ref::<String>()
-        .map(String::as_str)
-        .or_else(|| panic.downcast_ref::<&str>().copied());
-    text.is_some_and(|text| text.contains("during or after destruction"))
+    panics::message(panic).contains("during or after destruction")
 }
 
 /// Makes an entered agent span's context current until it exits; as the thread ends, the

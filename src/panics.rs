@@ -2,7 +2,8 @@
 //! panic. Such a panic fails the batch in hand, counted as any failed write or export is,
 //! and the thread goes on: one bad batch must not end every later line or span. (Only with
 //! `panic = "unwind"`, the default; the panic hook still reports each panic.) A panic in a
-//! dependency's parsing of a setting becomes that setting's error.
+//! dependency's parsing of a setting becomes that setting's error, and one in a field value's
+//! `Debug`, formatted in the layer, ends its text where it panicked (`text::debug_text`).
 
 use std::any::Any;
 use std::future::Future;
@@ -10,7 +11,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::task::Poll;
 
 /// The text a panic was raised with.
-fn message(payload: &(dyn Any + Send)) -> &str {
+pub(crate) fn message(payload: &(dyn Any + Send)) -> &str {
     payload
         .downcast_ref::<&str>()
         .copied()
@@ -22,7 +23,8 @@ fn message(payload: &(dyn Any + Send)) -> &str {
 pub(crate) fn catching<T>(f: impl FnOnce() -> T) -> Result<T, String> {
     // Unwind safety: the callers use what `f` touched again only through calls that may fail
     // (a writer's `write`, an exporter's `export`), and count such failures; a future that
-    // panicked is dropped, never polled again.
+    // panicked is dropped, never polled again; `debug_text` keeps the text its writer took,
+    // which is whole between two writes.
     catch_unwind(AssertUnwindSafe(f)).map_err(|payload| message(payload.as_ref()).to_owned())
 }
 

@@ -4,7 +4,6 @@
 use std::borrow::Cow;
 use std::cell::RefCell;
 use std::fmt;
-use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
 /// The `agent_name` label value that executions beyond the cardinality cap are folded into;
@@ -63,9 +62,7 @@ pub(crate) fn debug_text(value: &dyn fmt::Debug, max: usize) -> String {
         left: max,
         cut: false,
     };
-    let _ = std::panic::catch_unwind(AssertUnwindSafe(|| {
-        fmt::Write::write_fmt(&mut bounded, format_args!("{value:?}"))
-    }));
+    let _ = crate::panics::catching(|| fmt::Write::write_fmt(&mut bounded, format_args!("{value:?}")));
     if bounded.cut {
         bounded.text.push('…');
     }
