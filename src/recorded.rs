@@ -4,14 +4,14 @@
 //! on spans as it formats itself: on the very span whose fields are being recorded, whose
 //! extensions would then be locked twice on one thread, and the thread would wait on itself.
 //! So the layer never formats a value while it holds a span's extensions:
-//! [`RecordedValues`] takes every value first, with no lock held, formatting each that must
-//! be formatted to at most the characters its visitors keep, and
+//! [`RecordedValues`] takes every value first, with no lock held, formatting each that a
+//! visitor reads to at most the characters its visitors keep (and none no visitor reads), and
 //! [`replay`](RecordedValues::replay) then makes the same calls on the span's visitors with
 //! the taken values, which they treat exactly as the originals.
 
 use std::fmt;
 
-use tracing_core::field::{Field, Visit};
+use tracing_core::field::{display, Field, Visit};
 
 use crate::text::debug_text;
 
@@ -67,7 +67,8 @@ impl RecordedValues {
                 Recorded::I128(value) => visitor.record_i128(field, *value),
                 Recorded::U128(value) => visitor.record_u128(field, *value),
                 Recorded::F64(value) => visitor.record_f64(field, *value),
-                Recorded::Debug(text) => visitor.record_debug(field, &Verbatim(text)),
+                // `display`: a `Debug` that writes the taken text as it is.
+                Recorded::Debug(text) => visitor.record_debug(field, &display(text)),
                 Recorded::Error(text) => visitor.record_error(field, &TextError(text.clone())),
             }
         }
@@ -122,15 +123,6 @@ impl Visit for Taking<'_> {
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
         let text = self.text(field, value);
         self.push(field, Recorded::Debug(text));
-    }
-}
-
-/// Text whose `Debug` is itself.
-struct Verbatim<'a>(&'a str);
-
-impl fmt::Debug for Verbatim<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.0)
     }
 }
 
