@@ -12,7 +12,7 @@ use std::fmt;
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
-use support::Harness;
+use support::{agent_line, Harness};
 use tracing::field::debug;
 
 /// A value that, formatted, emits an event in the current span and records on it and opens
@@ -135,12 +135,7 @@ fn values_that_log_while_formatting_neither_hang_nor_lose_the_execution() {
 
     let (spans, log) = harness.shutdown();
     let lines: Vec<&str> = log.lines().collect();
-    let line_of = |name: &str| {
-        lines
-            .iter()
-            .find(|line| line.contains(&format!("\"agent_name\":\"{name}\"")))
-            .unwrap_or_else(|| panic!("a log line for {name} in {log}"))
-    };
+    let line_of = |name: &str| agent_line(&lines, name);
     // A status recorded while a value formatted is kept. An `ERROR`'s own text is the
     // execution's error, over one its message or fields raised as they formatted; an `ERROR`
     // raised by a value recorded on the span is the span's error.

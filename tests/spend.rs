@@ -9,7 +9,7 @@ use agent_telemetry::{Error, LogFormat, ModelPrice, ModelPrices};
 use opentelemetry::trace::Status as SpanStatus;
 use opentelemetry::Value;
 use opentelemetry_sdk::trace::SpanData;
-use support::{json_pairs, Harness, Scrape};
+use support::{agent_line, json_pairs, Harness, Scrape};
 
 fn prices() -> ModelPrices {
     ModelPrices::new()
@@ -155,11 +155,7 @@ fn tokens_and_spend_agree_in_metrics_log_lines_and_spans() {
     // The log lines: the same totals, numbers as numbers.
     let lines = harness.log_lines();
     let line = |agent: &str| -> BTreeMap<String, serde_json::Value> {
-        let line = lines
-            .iter()
-            .find(|line| line.contains(&format!(r#""agent_name":"{agent}""#)))
-            .unwrap();
-        json_pairs(line).into_iter().collect()
+        json_pairs(agent_line(&lines, agent)).into_iter().collect()
     };
     let planner_line = line("planner");
     assert_eq!(planner_line["model"], "gpt-4o", "its first call's");

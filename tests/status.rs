@@ -6,7 +6,7 @@ use std::fmt;
 use std::time::Duration;
 
 use opentelemetry::trace::Status as SpanStatus;
-use support::{json_pairs, Harness};
+use support::{agent_line, json_pairs, Harness};
 
 /// Asserts `agent` ended with `status` in the counter, its log line and its span.
 fn assert_outcome(harness: &Harness, agent: &str, status: &str, error_type: Option<&str>) {
@@ -157,10 +157,7 @@ fn a_field_value_that_panics_is_cut_there_and_fails_nothing_whether_traces_are_o
         let series = [("agent_name", "value-panics"), ("status", "success")];
         assert_eq!(harness.scrape().value("agent_executions_total", &series), Some(1.0));
         let lines = harness.log_lines();
-        let line = lines
-            .iter()
-            .find(|line| line.contains(r#""agent_name":"value-panics""#))
-            .expect("the agent's line");
+        let line = agent_line(&lines, "value-panics");
         for kept in [r#""task":"half""#, r#""model":"half""#, r#""input_tokens":5"#] {
             assert!(line.contains(kept), "{kept} in {line}");
         }

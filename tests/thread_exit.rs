@@ -6,7 +6,7 @@ mod support;
 
 use std::cell::RefCell;
 
-use support::Harness;
+use support::{agent_line, Harness};
 
 #[tracing::instrument(name = "agent_execution")]
 fn execute_agent(agent_name: &str, task: &str) {}
@@ -127,11 +127,9 @@ fn agent_executions_while_their_thread_ends_are_recorded_without_a_panic() {
     );
     assert_eq!(log.lines().count(), 10, "{log}");
     assert_eq!(log.matches(r#""task":"at thread exit""#).count(), 7, "{log}");
+    let lines: Vec<&str> = log.lines().collect();
     let status = |agent: &str| {
-        let line = log
-            .lines()
-            .find(|line| line.contains(&format!(r#""agent_name":"{agent}""#)));
-        let line: serde_json::Value = serde_json::from_str(line.unwrap_or_else(|| panic!("{agent}: {log}"))).unwrap();
+        let line: serde_json::Value = serde_json::from_str(agent_line(&lines, agent)).unwrap();
         line["status"].as_str().unwrap_or_default().to_owned()
     };
     assert_eq!(status("late-span-from-outside-entered-in-it"), "failure");

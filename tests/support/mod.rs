@@ -200,6 +200,17 @@ pub fn read_log_lines(dir: &Path) -> Vec<String> {
 }
 
 /// The top-level keys and values of a JSON object line, in order, duplicates kept.
+/// The log line, among `lines`, of the execution of agent `agent`; panics, showing them all,
+/// when none is.
+pub fn agent_line<'a, L: AsRef<str>>(lines: &'a [L], agent: &str) -> &'a str {
+    let key = format!(r#""agent_name":"{agent}""#);
+    let lines = lines.iter().map(AsRef::as_ref);
+    lines
+        .clone()
+        .find(|line| line.contains(&key))
+        .unwrap_or_else(|| panic!("no log line for {agent} in {:?}", lines.collect::<Vec<_>>()))
+}
+
 pub fn json_pairs(line: &str) -> Vec<(String, serde_json::Value)> {
     use serde::de::{Deserializer, MapAccess, Visitor};
     struct Pairs;
