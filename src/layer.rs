@@ -200,12 +200,43 @@ fn make_current(id: &Id, context: opentelemetry::Context) {
     CONTEXTS.set(Contexts::InUse);
 }
 
+/// `tracing-opentelemetry`'s layer, which traces every span that is not an agent span or a
+/// model call.
+type Traced<S> = OpenTelemetryLayer<S, opentelemetry_sdk::trace::SdkTracer>;
+
+/// The OpenTelemetry context of `id` if it is an agent span or model call this layer traces.
+fn own_context<S>(id: &Id, ctx: &Context<'_, S>) -> Option<opentelemetry::Context>
+where
+    S: Subscriber + for<'lookup> LookupSpan<'lookup>,
+{
+    let span = ctx.span(id)?;
+    let extensions = span.extensions();
+    extensions.get::<Running>()?.span.as_ref().map(AgentSpan::context)
+}
+
+/// Hands a span to `tracing-opentelemetry`. That layer does not know agent spans and model
+/// calls, so a span whose explicit parent is one would start a trace of its own there: it
+/// is handed as a contextual span, opened with the parent's context current.
+fn new_traced_span<S>(traced: &Traced<S>, attrs: &Attributes<'_>, id: &Id, ctx: Context<'_, S>)
+where
+    S: Subscriber + for<'lookup> LookupSpan<'lookup>,
+{
+    let Some(context) = attrs.parent().and_then(|parent| own_context(parent, &ctx)) else {
+        return traced.on_new_span(attrs, id, ctx);
+    };
+    match with_current_contexts(|| context.attach()) {
+        Some(_current) => traced.on_new_span(&Attributes::new(attrs.metadata(), attrs.values()), id, ctx),
+        // The thread is ending and no context can be made current: a trace of its own.
+        None => traced.on_new_span(attrs, id, ctx),
+    }
+}
+
 /// Turns agent spans into executions for the signals, and hands the spans and events that are
 /// not its own to `tracing-opentelemetry`.
 pub(crate) struct ExecutionLayer<S> {
     signals: Signals,
     /// `tracing-opentelemetry`'s layer, for every other span: `None` when traces are off.
-    traced: Option<OpenTelemetryLayer<S, opentelemetry_sdk::trace::SdkTracer>>,
+    traced: Option<Traced<S>>,
     /// The filter in front of this layer, which says which side an event is for.
     filter: Arc<LayerFilter>,
     text: TextPolicy,
@@ -226,7 +257,7 @@ where
         text: TextPolicy,
         names: Arc<AgentSpanNames>,
         prices: Option<ModelPrices>,
-        traced: Option<OpenTelemetryLayer<S, opentelemetry_sdk::trace::SdkTracer>>,
+        traced: Option<Traced<S>>,
         filter: Arc<LayerFilter>,
     ) -> Self {
         let hook = AgentSpanHook {
@@ -258,12 +289,7 @@ where
                 .flatten()
                 .unwrap_or_default();
         };
-        let agent_parent = ctx.span(parent).and_then(|span| {
-            let extensions = span.extensions();
-            let running = extensions.get::<Running>()?;
-            running.span.as_ref().map(AgentSpan::context)
-        });
-        agent_parent
+        own_context(parent, ctx)
             .or_else(|| {
                 let dispatch = self.dispatch.get()?.upgrade()?;
                 tracing_opentelemetry::get_otel_context(parent, &dispatch)
@@ -395,7 +421,7 @@ where
     fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: Context<'_, S>) {
         if !self.names.follows(attrs.metadata()) {
             if let Some(traced) = &self.traced {
-                traced.on_new_span(attrs, id, ctx);
+                new_traced_span(traced, attrs, id, ctx);
             }
             return;
         }

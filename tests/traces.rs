@@ -411,3 +411,51 @@ fn fields_whose_formatting_fails_keep_what_they_wrote_and_panic_nothing() {
     assert_eq!(log.lines().count(), 1, "{log}");
     assert!(log.contains(r#""agent_name":"half""#), "{log}");
 }
+
+#[test]
+fn spans_whose_explicit_parent_is_an_agent_or_model_call_are_its_children() {
+    let harness = Harness::new();
+    harness.run(|| {
+        let agent = tracing::info_span!("agent_execution", agent_name = "tech-lead", task = "Plan");
+        let chat = tracing::info_span!(parent: &agent, "chat", gen_ai.request.model = "gpt-4o");
+        // Made on another thread, where neither was ever entered: the parent is explicit.
+        let dispatch = tracing::dispatcher::get_default(Clone::clone);
+        let (tool, stream) = std::thread::scope(|scope| {
+            let made = || {
+                let tool = tracing::info_span!(parent: &agent, "tool_call", tool = "search");
+                let stream = tracing::info_span!(parent: &chat, "read_stream");
+                (tool, stream)
+            };
+            let made = scope.spawn(move || tracing::dispatcher::with_default(&dispatch, made));
+            made.join().unwrap()
+        });
+        tool.in_scope(|| {});
+        drop((tool, stream, chat, agent));
+    });
+    let spans = harness.spans();
+    let (agent, chat) = (named(&spans, "agent_execution"), named(&spans, "chat"));
+    let (tool, stream) = (named(&spans, "tool_call"), named(&spans, "read_stream"));
+    assert_eq!(
+        chat.parent_span_id,
+        agent.span_context.span_id(),
+        "model call under agent"
+    );
+    assert_eq!(
+        tool.parent_span_id,
+        agent.span_context.span_id(),
+        "tool call under agent"
+    );
+    assert_eq!(
+        stream.parent_span_id,
+        chat.span_context.span_id(),
+        "stream under model call"
+    );
+    for span in [chat, tool, stream] {
+        assert_eq!(
+            span.span_context.trace_id(),
+            agent.span_context.trace_id(),
+            "{}",
+            span.name
+        );
+    }
+}
