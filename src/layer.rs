@@ -33,6 +33,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, OnceLock};
 use std::time::SystemTime;
 
+use opentelemetry::trace::TraceContextExt as _;
 use opentelemetry::ContextGuard;
 use tracing_core::dispatcher::WeakDispatch;
 use tracing_core::field::Field;
@@ -289,14 +290,17 @@ where
                 .flatten()
                 .unwrap_or_default();
         };
-        own_context(parent, ctx)
-            .or_else(|| {
-                let dispatch = self.dispatch.get()?.upgrade()?;
-                tracing_opentelemetry::get_otel_context(parent, &dispatch)
-            })
-            // A parent nothing traces: the span starts a trace, as it would in
-            // `tracing-opentelemetry`.
-            .unwrap_or_default()
+        // A parent nothing traces: the span starts a trace, as it would in
+        // `tracing-opentelemetry`.
+        self.traced_context(parent, ctx).unwrap_or_default()
+    }
+
+    /// The OpenTelemetry context of a span either side traces; `None` for one neither does.
+    fn traced_context(&self, id: &Id, ctx: &Context<'_, S>) -> Option<opentelemetry::Context> {
+        own_context(id, ctx).or_else(|| {
+            let dispatch = self.dispatch.get()?.upgrade()?;
+            tracing_opentelemetry::get_otel_context(id, &dispatch)
+        })
     }
 
     /// The span an event of the execution side is in, among the execution side's own spans:
@@ -477,9 +481,22 @@ where
     }
 
     fn on_follows_from(&self, id: &Id, follows: &Id, ctx: Context<'_, S>) {
-        // Agent spans take no links; `tracing-opentelemetry` passes by spans it did not open.
-        if let Some(traced) = &self.traced {
-            traced.on_follows_from(id, follows, ctx);
+        let Some(span) = ctx.span(id) else { return };
+        if !is_execution_span(&span) {
+            drop(span);
+            // It links only spans it opened: one that follows an agent span gets no link.
+            if let Some(traced) = &self.traced {
+                traced.on_follows_from(id, follows, ctx);
+            }
+            return;
+        }
+        // Taken before this span is locked: `follows` may be this span.
+        let Some(follows) = self.traced_context(follows, &ctx) else {
+            return;
+        };
+        let mut extensions = span.extensions_mut();
+        if let Some(agent_span) = agent_span(&mut extensions) {
+            agent_span.add_link(follows.span().span_context().clone());
         }
     }
 

@@ -459,3 +459,38 @@ fn spans_whose_explicit_parent_is_an_agent_or_model_call_are_its_children() {
         );
     }
 }
+
+#[test]
+fn agent_spans_link_the_spans_they_follow_from() {
+    let harness = Harness::new();
+    harness.run(|| {
+        let request = tracing::info_span!("handle_request");
+        let planner = tracing::info_span!("agent_execution", agent_name = "planner", task = "Plan");
+        let coder = tracing::info_span!("agent_execution", agent_name = "coder", task = "Code");
+        coder.follows_from(&request);
+        coder.follows_from(&planner);
+        coder.in_scope(|| {});
+        // Past the SDK's default of 128 links, links are counted as dropped.
+        let busy = tracing::info_span!("agent_execution", agent_name = "busy", task = "Merge");
+        for _ in 0..130 {
+            busy.follows_from(&request);
+        }
+    });
+    let spans = harness.spans();
+    let request = named(&spans, "handle_request");
+    let agent = |name: &str| {
+        spans
+            .iter()
+            .find(|span| string(span, "agent.name").as_deref() == Some(name))
+            .unwrap_or_else(|| panic!("no agent {name}"))
+    };
+    let (planner, coder, busy) = (agent("planner"), agent("coder"), agent("busy"));
+    let links: Vec<_> = coder.links.iter().map(|link| link.span_context.span_id()).collect();
+    assert_eq!(
+        links,
+        [request.span_context.span_id(), planner.span_context.span_id()],
+        "a traced span and an agent"
+    );
+    assert_eq!(coder.links.dropped_count, 0);
+    assert_eq!((busy.links.len(), busy.links.dropped_count), (128, 2));
+}

@@ -11,7 +11,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use opentelemetry::trace::{Event, SpanContext, SpanId, SpanKind, TraceContextExt, TraceFlags, TraceState};
+use opentelemetry::trace::{Event, Link, SpanContext, SpanId, SpanKind, TraceContextExt, TraceFlags, TraceState};
 use opentelemetry::{Context, KeyValue, Value};
 use opentelemetry_sdk::trace::{IdGenerator, RandomIdGenerator, Sampler, SamplingDecision, ShouldSample};
 use tracing_core::field::{Field, Visit};
@@ -25,6 +25,9 @@ use crate::scrub::Scrubber;
 
 /// Events kept per span, as the SDK's default span limits; the rest are counted as dropped.
 const MAX_EVENTS: usize = 128;
+
+/// Links kept per span, as the SDK's default span limits; the rest are counted as dropped.
+const MAX_LINKS: usize = 128;
 
 /// Starts agent spans and hands the finished ones to the span queue.
 #[derive(Debug)]
@@ -55,6 +58,9 @@ pub(crate) struct AgentSpan {
     attributes: Vec<KeyValue>,
     events: Vec<Event>,
     dropped_events: u32,
+    /// The spans it follows from.
+    links: Vec<Link>,
+    dropped_links: u32,
     entered: bool,
 }
 
@@ -143,6 +149,8 @@ impl AgentTracer {
             attributes: Vec::new(),
             events: Vec::new(),
             dropped_events: 0,
+            links: Vec::new(),
+            dropped_links: 0,
             entered: false,
         };
         self.place_under(&mut span, parent, self.ids.new_span_id());
@@ -220,6 +228,8 @@ impl AgentSpan {
             attributes,
             events,
             dropped_events,
+            links,
+            dropped_links,
             entered: _,
         } = self;
         let name = match name {
@@ -232,6 +242,8 @@ impl AgentSpan {
             || !attributes.is_empty()
             || !events.is_empty()
             || dropped_events > 0
+            || !links.is_empty()
+            || dropped_links > 0
             || execution.failure.is_some())
         .then(|| {
             Box::new(RareParts {
@@ -240,6 +252,8 @@ impl AgentSpan {
                 attributes,
                 events,
                 dropped_events,
+                links,
+                dropped_links,
                 failure: execution.failure.take(),
             })
         });
@@ -304,6 +318,19 @@ impl AgentSpan {
         if self.takes_events() {
             self.events.push(event);
         }
+    }
+
+    /// Links the span to one it follows from, unless that is invalid (a span nothing
+    /// traces); past the links it keeps, the link is counted as dropped.
+    pub(crate) fn add_link(&mut self, follows: SpanContext) {
+        if !follows.is_valid() {
+            return;
+        }
+        if self.links.len() >= MAX_LINKS {
+            self.dropped_links = self.dropped_links.saturating_add(1);
+            return;
+        }
+        self.links.push(Link::with_context(follows));
     }
 
     fn set_attribute(&mut self, key: &'static str, value: Value) {

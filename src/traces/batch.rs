@@ -4,7 +4,7 @@
 use std::ops::Range;
 use std::time::{Duration, SystemTime};
 
-use opentelemetry::trace::{Event, SpanId, SpanKind, TraceFlags, TraceId, TraceState};
+use opentelemetry::trace::{Event, Link, SpanId, SpanKind, TraceFlags, TraceId, TraceState};
 use opentelemetry::KeyValue;
 use opentelemetry_sdk::trace::SpanData;
 use tracing_core::Metadata;
@@ -180,6 +180,8 @@ pub(super) struct RareParts {
     pub(super) attributes: Vec<KeyValue>,
     pub(super) events: Vec<Event>,
     pub(super) dropped_events: u32,
+    pub(super) links: Vec<Link>,
+    pub(super) dropped_links: u32,
     pub(super) failure: Option<Failure>,
 }
 
@@ -193,6 +195,7 @@ impl FinishedSpan {
             rare.name.as_ref().map_or(0, String::len)
                 + span_size::of_attributes(&rare.attributes)
                 + span_size::of_events(&rare.events)
+                + span_size::of_links(&rare.links)
                 + rare.failure.as_ref().map_or(0, |failure| failure.description().len())
         });
         256 + location + rare

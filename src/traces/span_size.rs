@@ -5,7 +5,7 @@
 //! Weights are estimates of the OTLP protobuf encoding from above: every string's bytes, plus
 //! a fixed overhead per span, attribute and event that exceeds what protobuf adds for them.
 
-use opentelemetry::trace::Event;
+use opentelemetry::trace::{Event, Link};
 use opentelemetry::{Array, KeyValue, StringValue, Value};
 use opentelemetry_sdk::trace::SpanData;
 
@@ -28,19 +28,13 @@ pub(crate) fn of_span_data(span: &SpanData) -> usize {
         opentelemetry::trace::Status::Error { description } => description.len(),
         _ => 0,
     };
-    let links: usize = span
-        .links
-        .links
-        .iter()
-        .map(|link| SPAN_OVERHEAD + of_attributes(&link.attributes))
-        .sum();
     SPAN_OVERHEAD
         + span.name.len()
         + status
         + span.instrumentation_scope.name().len()
         + of_attributes(&span.attributes)
         + of_events(&span.events.events)
-        + links
+        + of_links(&span.links.links)
 }
 
 /// What `attributes` weigh.
@@ -48,6 +42,14 @@ pub(crate) fn of_attributes(attributes: &[KeyValue]) -> usize {
     attributes
         .iter()
         .map(|kv| ATTRIBUTE_OVERHEAD + kv.key.as_str().len() + of_value(&kv.value))
+        .sum()
+}
+
+/// What `links` weigh.
+pub(crate) fn of_links(links: &[Link]) -> usize {
+    links
+        .iter()
+        .map(|link| SPAN_OVERHEAD + of_attributes(&link.attributes))
         .sum()
 }
 

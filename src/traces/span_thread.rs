@@ -110,6 +110,7 @@ impl SpanBuilder {
         let mut trace_state = TraceState::default();
         let mut status = SpanStatus::Unset;
         let mut events = SpanEvents::default();
+        let mut links = SpanLinks::default();
         if let Some(rare) = rare {
             if let Some(failure) = &rare.failure {
                 attributes.push(KeyValue::new(attributes::ERROR_TYPE, failure.error_type().to_owned()));
@@ -128,6 +129,8 @@ impl SpanBuilder {
             trace_state = rare.trace_state;
             events.events = rare.events;
             events.dropped_count = rare.dropped_events;
+            links.links = rare.links;
+            links.dropped_count = rare.dropped_links;
         }
         SpanData {
             span_context: SpanContext::new(span.trace_id, span.span_id, span.flags, false, trace_state),
@@ -140,7 +143,7 @@ impl SpanBuilder {
             attributes,
             dropped_attributes_count: 0,
             events,
-            links: SpanLinks::default(),
+            links,
             status,
             instrumentation_scope: self.scope.clone(),
         }
