@@ -343,14 +343,15 @@ impl Rollup {
     }
 
     /// What a model call with these `fields` hands over as it ends: its own tokens when it
-    /// recorded any (the calls inside it then reported the same request), else what the calls
-    /// inside it gathered, under its model where they named none.
+    /// recorded any (the calls inside it then reported the same request), under its model,
+    /// else the first the calls inside it named; else what the calls inside it gathered,
+    /// under its model where they named none.
     pub(crate) fn into_call(self, fields: &UsageFields) -> CallUsage {
         let model = fields.model.clone().or(self.first_model);
         let provider = fields.provider.clone().or(self.first_provider);
         if fields.has_tokens() {
             return CallUsage {
-                parts: vec![(fields.model.clone(), fields.tokens())],
+                parts: vec![(model.clone(), fields.tokens())],
                 model,
                 provider,
                 has_tokens: true,

@@ -361,6 +361,29 @@ fn a_call_made_inside_a_call_is_counted_once() {
     assert!(harness.log_lines()[0].contains(r#""input_tokens":300,"output_tokens":20"#));
 }
 
+#[test]
+fn a_calls_tokens_count_under_the_model_a_call_inside_it_names() {
+    let harness = Harness::with(|builder| builder.with_model_prices(prices()));
+    harness.run(|| {
+        tracing::info_span!("agent_execution", agent_name = "nester", task = "Ask").in_scope(|| {
+            // The application's span has the usage; the client library's inside it, the model.
+            tracing::info_span!("chat", input_tokens = 1_000_000_u64).in_scope(|| {
+                tracing::info_span!("chat", model = "gpt-4o", input_tokens = 1_000_000_u64).in_scope(|| {});
+            });
+        });
+    });
+    let scrape = harness.scrape();
+    assert_eq!(calls(&scrape, "nester", "gpt-4o", "success"), Some(1.0));
+    assert_eq!(tokens(&scrape, "nester", "gpt-4o", "input"), Some(1e6));
+    assert_eq!(tokens(&scrape, "nester", "unknown", "input"), None);
+    assert_eq!(cost(&scrape, "nester", "gpt-4o"), Some(2.5));
+    let lines = harness.log_lines();
+    let line: serde_json::Value = serde_json::from_str(agent_line(&lines, "nester")).unwrap();
+    assert_eq!(line["model"], "gpt-4o");
+    assert_eq!(line["input_tokens"], 1_000_000);
+    assert_eq!(line["cost_usd"], 2.5);
+}
+
 /// A model call annotated like an agent, so that a dropped one is reported as cancelled.
 #[agent_telemetry::instrument(name = "chat", skip_all, fields(model = "gpt-4o"))]
 async fn slow_chat() -> Result<(), String> {
