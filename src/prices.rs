@@ -23,7 +23,12 @@ use crate::text::MAX_LABEL_CHARS;
 /// The largest prices file read: a price list of thousands of models fits many times over.
 const MAX_FILE_BYTES: u64 = 1024 * 1024;
 
+/// The most tokens a sum keeps: what every signal carries as an integer (a span attribute is
+/// an `i64`).
+const MAX_TOKEN_SUM: u64 = i64::MAX as u64;
+
 /// Token counts, as priced (and counted by `crate::gen_ai`). `cache_read` is part of `input`.
+/// Sums stop at `i64::MAX`.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Tokens {
     pub input: u64,
@@ -33,15 +38,20 @@ pub(crate) struct Tokens {
 
 impl Tokens {
     pub(crate) fn add(&mut self, other: Tokens) {
-        self.input = self.input.saturating_add(other.input);
-        self.output = self.output.saturating_add(other.output);
-        self.cache_read = self.cache_read.saturating_add(other.cache_read);
+        self.input = sum(self.input, other.input);
+        self.output = sum(self.output, other.output);
+        self.cache_read = sum(self.cache_read, other.cache_read);
     }
 
     /// Input plus output: cache reads are already in the input.
     pub(crate) fn total(self) -> u64 {
-        self.input.saturating_add(self.output)
+        sum(self.input, self.output)
     }
+}
+
+/// `a + b`, up to [`MAX_TOKEN_SUM`].
+fn sum(a: u64, b: u64) -> u64 {
+    a.saturating_add(b).min(MAX_TOKEN_SUM)
 }
 
 /// The price of one model's tokens, in USD per million.
@@ -301,6 +311,25 @@ mod tests {
             Err(Error::Prices { line, reason, .. }) => (line, reason),
             other => panic!("{text:?} was not refused: {other:?}"),
         }
+    }
+
+    #[test]
+    fn sums_stop_where_every_signal_still_carries_them() {
+        let mut tokens = Tokens {
+            input: u64::MAX - 1,
+            output: MAX_TOKEN_SUM,
+            cache_read: 1,
+        };
+        tokens.add(Tokens {
+            input: 5,
+            output: 1,
+            cache_read: 2,
+        });
+        assert_eq!(
+            (tokens.input, tokens.output, tokens.cache_read),
+            (MAX_TOKEN_SUM, MAX_TOKEN_SUM, 3)
+        );
+        assert_eq!(tokens.total(), MAX_TOKEN_SUM);
     }
 
     #[test]

@@ -384,6 +384,31 @@ fn a_calls_tokens_count_under_the_model_a_call_inside_it_names() {
     assert_eq!(line["cost_usd"], 2.5);
 }
 
+#[test]
+fn sums_past_what_a_span_carries_agree_in_the_line_and_the_span() {
+    let harness = Harness::new();
+    let most = 1_u64 << 53;
+    harness.run(|| {
+        tracing::info_span!("agent_execution", agent_name = "hoarder", task = "Read").in_scope(|| {
+            for _ in 0..1025 {
+                tracing::info_span!("chat", model = "m", input_tokens = most, output_tokens = most).in_scope(|| {});
+            }
+        });
+    });
+    let lines = harness.log_lines();
+    let line: serde_json::Value = serde_json::from_str(agent_line(&lines, "hoarder")).unwrap();
+    let spans = harness.spans();
+    let agent = spans.iter().find(|span| text(span, "agent.name") == "hoarder").unwrap();
+    for (logged, attribute) in [
+        ("input_tokens", "gen_ai.usage.input_tokens"),
+        ("output_tokens", "gen_ai.usage.output_tokens"),
+    ] {
+        assert_eq!(line[logged].as_i64(), Some(i64::MAX), "{line}");
+        assert_eq!(int(agent, attribute), i64::MAX);
+    }
+    assert_eq!(int(agent, "llm.token_count.total"), i64::MAX);
+}
+
 /// A model call annotated like an agent, so that a dropped one is reported as cancelled.
 #[agent_telemetry::instrument(name = "chat", skip_all, fields(model = "gpt-4o"))]
 async fn slow_chat() -> Result<(), String> {
