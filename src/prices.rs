@@ -18,7 +18,7 @@ use toml::de::{DeTable, DeValue};
 use toml::Spanned;
 
 use crate::error::{Error, Result};
-use crate::text::MAX_LABEL_CHARS;
+use crate::text::{MAX_LABEL_CHARS, OVERFLOW_AGENT_NAME};
 
 /// The largest prices file read: a price list of thousands of models fits many times over.
 const MAX_FILE_BYTES: u64 = 1024 * 1024;
@@ -198,8 +198,13 @@ impl ModelPrices {
         parse(&text).map_err(|(line, reason)| Error::Prices { origin, line, reason })
     }
 
-    /// What `tokens` of `model` cost in USD; `None` when the model has no price.
+    /// What `tokens` of `model` cost in USD; `None` when the model has no price, and for the
+    /// tokens of models past those an execution keeps apart (`__overflow__`), whatever the
+    /// prices say.
     pub(crate) fn cost_usd(&self, model: &str, tokens: Tokens) -> Option<f64> {
+        if model == OVERFLOW_AGENT_NAME {
+            return None;
+        }
         self.models.get(model).map(|price| price.cost_usd(tokens))
     }
 
@@ -330,6 +335,16 @@ mod tests {
             (MAX_TOKEN_SUM, MAX_TOKEN_SUM, 3)
         );
         assert_eq!(tokens.total(), MAX_TOKEN_SUM);
+    }
+
+    #[test]
+    fn overflowed_models_are_never_priced() {
+        let prices = ModelPrices::new().with_model(OVERFLOW_AGENT_NAME, ModelPrice::per_million_tokens(1.0, 1.0));
+        let million = Tokens {
+            input: 1_000_000,
+            ..Tokens::default()
+        };
+        assert_eq!(prices.cost_usd(OVERFLOW_AGENT_NAME, million), None);
     }
 
     #[test]

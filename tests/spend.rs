@@ -409,6 +409,25 @@ fn sums_past_what_a_span_carries_agree_in_the_line_and_the_span() {
     assert_eq!(int(agent, "llm.token_count.total"), i64::MAX);
 }
 
+#[test]
+fn tokens_of_models_past_those_kept_apart_are_unpriced_whatever_the_prices_say() {
+    let prices = ModelPrices::new().with_model("__overflow__", ModelPrice::per_million_tokens(1.0, 1.0));
+    let harness = Harness::with(|builder| builder.with_model_prices(prices).with_max_model_names(1000));
+    harness.run(|| {
+        tracing::info_span!("agent_execution", agent_name = "many", task = "Compare").in_scope(|| {
+            for n in 0..257 {
+                tracing::info_span!("chat", model = format!("model-{n}"), input_tokens = 1_000_000_u64).in_scope(|| {});
+            }
+        });
+    });
+    let scrape = harness.scrape();
+    assert_eq!(tokens(&scrape, "many", "__overflow__", "input"), Some(1e6));
+    assert_eq!(cost(&scrape, "many", "__overflow__"), None);
+    let lines = harness.log_lines();
+    let line: serde_json::Value = serde_json::from_str(agent_line(&lines, "many")).unwrap();
+    assert!(line.get("cost_usd").is_none(), "{line}");
+}
+
 /// A model call annotated like an agent, so that a dropped one is reported as cancelled.
 #[agent_telemetry::instrument(name = "chat", skip_all, fields(model = "gpt-4o"))]
 async fn slow_chat() -> Result<(), String> {
