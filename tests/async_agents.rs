@@ -53,6 +53,25 @@ fn plain_sync_agent(agent_name: &str, task: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Agents behind a trait, as frameworks define them: `#[async_trait]` turns each `async fn`
+/// into a function returning `Box::pin(async move { .. })` before the attribute sees it.
+#[async_trait::async_trait]
+trait Agent {
+    async fn run(&self, agent_name: &str, task: &str) -> Result<usize, String>;
+}
+
+/// An agent of the trait that works for its `Duration`.
+struct Worker(Duration);
+
+#[async_trait::async_trait]
+impl Agent for Worker {
+    #[agent_telemetry::instrument(skip(self))]
+    async fn run(&self, agent_name: &str, task: &str) -> Result<usize, String> {
+        tokio::time::sleep(self.0).await;
+        Ok(task.len())
+    }
+}
+
 fn attribute(span: &SpanData, key: &str) -> Option<String> {
     span.attributes
         .iter()
@@ -264,4 +283,25 @@ fn synchronous_agents_are_never_taken_for_cancelled_ones() {
         assert_eq!(said.counted, ["success"], "{agent}");
         assert_eq!(said.line["status"], "success");
     }
+}
+
+#[test]
+fn an_async_trait_agent_that_times_out_is_cancelled_and_one_that_completes_a_success() {
+    let harness = Harness::new();
+    let runtime = harness.runtime(2);
+    harness.run(|| {
+        runtime.block_on(async {
+            let slow = Worker(Duration::from_secs(30));
+            let timed_out = tokio::time::timeout(Duration::from_millis(50), slow.run("trait-slow", "Wait")).await;
+            assert!(timed_out.is_err(), "the timeout ran out");
+            let quick = Worker(Duration::from_millis(5));
+            assert_eq!(quick.run("trait-quick", "Wait").await, Ok(4));
+        })
+    });
+    drop(runtime);
+    assert_cancelled(&said(&harness, "trait-slow"), Duration::from_millis(50));
+    let quick = said(&harness, "trait-quick");
+    assert_eq!(quick.counted, ["success"]);
+    assert_eq!(quick.line["status"], "success");
+    assert_eq!(attribute(&quick.span, "result.status").as_deref(), Some("success"));
 }

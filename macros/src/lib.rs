@@ -10,7 +10,9 @@ use quote::quote;
 /// Instruments a function as an agent execution: `tracing`'s `#[instrument]` with
 /// `name = "agent_execution"` and `err` (when the function returns a `Result`) unless given,
 /// and, on an `async fn`, a body that reports the execution as cancelled when its future is
-/// dropped before it completed. Every argument `tracing::instrument` takes is passed on.
+/// dropped before it completed. So does a function that returns an `async` block, as it is or
+/// in `Box::pin` (what `#[async_trait]` makes of an `async fn`, which runs before this
+/// attribute). Every argument `tracing::instrument` takes is passed on.
 #[proc_macro_attribute]
 pub fn instrument(args: TokenStream, item: TokenStream) -> TokenStream {
     let args = TokenStream2::from(args);
@@ -38,12 +40,47 @@ pub fn instrument(args: TokenStream, item: TokenStream) -> TokenStream {
         *function.block = syn::parse_quote!({
             ::agent_telemetry::__private::ReportsCancellation::new(async move #block).await
         });
+    } else if let Some(body) = returned_async_block(&mut function.block) {
+        let block = &body.block;
+        body.block = syn::parse_quote!({
+            ::agent_telemetry::__private::ReportsCancellation::new(async move #block).await
+        });
     }
     quote!(
         #[::tracing::instrument(#args)]
         #function
     )
     .into()
+}
+
+/// The `async` block a function that is not `async` returns as its last expression, as it
+/// is or in `Box::pin(...)`: what `#[async_trait]` makes of an `async fn`, and what
+/// `tracing::instrument` instruments in such a function.
+fn returned_async_block(block: &mut syn::Block) -> Option<&mut syn::ExprAsync> {
+    let last = block.stmts.iter_mut().rev().find_map(|stmt| match stmt {
+        syn::Stmt::Expr(expr, _) => Some(expr),
+        _ => None,
+    })?;
+    match last {
+        syn::Expr::Async(body) => Some(body),
+        syn::Expr::Call(call) if is_box_pin(&call.func) => match call.args.first_mut()? {
+            syn::Expr::Async(body) => Some(body),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// Whether `func` is a path ending in `Box::pin`.
+fn is_box_pin(func: &syn::Expr) -> bool {
+    let syn::Expr::Path(path) = func else {
+        return false;
+    };
+    let mut segments = path.path.segments.iter().rev();
+    matches!(
+        (segments.next(), segments.next()),
+        (Some(pin), Some(boxed)) if pin.ident == "pin" && boxed.ident == "Box"
+    )
 }
 
 /// Whether the arguments name the span (`name = ...`) and ask for `err` already.
