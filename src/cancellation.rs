@@ -2,8 +2,8 @@
 //!
 //! A dropped future looks like a finished one to a `tracing` layer: its span is entered,
 //! exited and closed either way. So the future itself says so: [`ReportsCancellation`] wraps
-//! an execution's future and, when it is dropped before it completed (and not because it
-//! panicked), marks the nearest agent execution of its span as cancelled. The layer then
+//! an execution's future and, when it is dropped before it completed (and not by a panic out
+//! of its own poll), marks the nearest agent execution of its span as cancelled. The layer then
 //! reports the execution with status `cancelled`.
 //!
 //! [`instrument`](crate::instrument) (the attribute) wraps an `async fn`'s body in it;
@@ -28,19 +28,22 @@ pin_project! {
     /// the nearest agent span at or above the span given to
     /// [`AgentInstrument::instrument_agent`], else the span current when the future is
     /// dropped: inside `#[instrument]`'s future, which enters its span to drop what it holds.
+    /// Dropped while a panic unwinds out of its own poll, it reports nothing: the panic is
+    /// reported as one. Dropped while a panic that began elsewhere unwinds (a sibling in
+    /// `join!` panicked), it is cancelled.
     #[must_use = "futures do nothing unless polled"]
     pub struct ReportsCancellation<F> {
         #[pin]
         inner: F,
         span: Option<Span>,
-        completed: bool,
+        progress: Progress,
     }
 
     impl<F> PinnedDrop for ReportsCancellation<F> {
         fn drop(this: Pin<&mut Self>) {
             let this = this.project();
-            // A panic is reported as one; a completed future has nothing to report.
-            if *this.completed || std::thread::panicking() {
+            // `Polling` here: a panic unwound out of the inner future's poll.
+            if *this.progress != Progress::Pending {
                 return;
             }
             match this.span.take() {
@@ -51,13 +54,22 @@ pin_project! {
     }
 }
 
+/// How far the inner future got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Progress {
+    Pending,
+    /// Inside the inner future's poll: still so when a panic unwinds out of it.
+    Polling,
+    Completed,
+}
+
 impl<F> ReportsCancellation<F> {
     /// Wraps `inner`, whose execution is the agent span current when it is dropped.
     pub fn new(inner: F) -> Self {
         ReportsCancellation {
             inner,
             span: None,
-            completed: false,
+            progress: Progress::Pending,
         }
     }
 
@@ -66,7 +78,7 @@ impl<F> ReportsCancellation<F> {
         ReportsCancellation {
             inner,
             span: Some(span),
-            completed: false,
+            progress: Progress::Pending,
         }
     }
 }
@@ -76,10 +88,13 @@ impl<F: Future> Future for ReportsCancellation<F> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = self.project();
+        *this.progress = Progress::Polling;
         let polled = this.inner.poll(cx);
-        if polled.is_ready() {
-            *this.completed = true;
-        }
+        *this.progress = if polled.is_ready() {
+            Progress::Completed
+        } else {
+            Progress::Pending
+        };
         polled
     }
 }

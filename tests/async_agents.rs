@@ -72,6 +72,18 @@ impl Agent for Worker {
     }
 }
 
+/// A lead whose own code panics while a nested agent is in flight beside it.
+#[agent_telemetry::instrument]
+async fn lead_that_panics_beside_a_helper(agent_name: &str, task: &str) -> usize {
+    let helper = execute_agent("bystander", "Wait", Duration::from_secs(30), false);
+    let own_code = async {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        panic!("{agent_name}'s own code fell over");
+    };
+    let (helped, ()) = futures::join!(helper, own_code);
+    helped.unwrap()
+}
+
 fn attribute(span: &SpanData, key: &str) -> Option<String> {
     span.attributes
         .iter()
@@ -304,4 +316,21 @@ fn an_async_trait_agent_that_times_out_is_cancelled_and_one_that_completes_a_suc
     assert_eq!(quick.counted, ["success"]);
     assert_eq!(quick.line["status"], "success");
     assert_eq!(attribute(&quick.span, "result.status").as_deref(), Some("success"));
+}
+
+#[test]
+fn a_nested_agent_dropped_as_its_lead_panics_is_cancelled_and_the_lead_a_panic() {
+    let harness = Harness::new();
+    let runtime = harness.runtime(2);
+    harness.run(|| {
+        runtime.block_on(async {
+            let joined = tokio::spawn(lead_that_panics_beside_a_helper("panicking-lead", "Lead")).await;
+            assert!(joined.unwrap_err().is_panic());
+        })
+    });
+    drop(runtime);
+    let lead = said(&harness, "panicking-lead");
+    assert_eq!(lead.counted, ["failure"]);
+    assert_eq!(lead.line["error.type"], "panic");
+    assert_cancelled(&said(&harness, "bystander"), Duration::from_millis(20));
 }
