@@ -309,8 +309,9 @@ pub(crate) struct ExecutionState {
     pub fields: ExecutionFields,
     pub error_event: Option<String>,
     pub panicked: bool,
-    /// Its future was dropped before it completed (`cancellation.rs`).
-    pub cancelled: bool,
+    /// Its future was dropped before it completed (`cancellation.rs`), this long after it
+    /// started.
+    pub cancelled_after: Option<Duration>,
     /// It was entered at least once: it ran.
     pub entered: bool,
     /// Its model calls' usage, as they end; out of line as the fields' usage is.
@@ -327,10 +328,22 @@ impl ExecutionState {
             fields: ExecutionFields::new(task_chars),
             error_event: None,
             panicked: false,
-            cancelled: false,
+            cancelled_after: None,
             entered: false,
             rollup: None,
         }
+    }
+
+    /// Marks it cancelled now, unless it was already.
+    pub(crate) fn cancel(&mut self) {
+        if self.cancelled_after.is_none() {
+            self.cancelled_after = Some(self.started.elapsed());
+        }
+    }
+
+    /// How long it ran: until it was cancelled, else until now.
+    pub(crate) fn duration(&self) -> Duration {
+        self.cancelled_after.unwrap_or_else(|| self.started.elapsed())
     }
 
     /// What the model calls inside it gathered, for adding more.
@@ -351,7 +364,7 @@ impl ExecutionState {
                 other => (other, Some(Failure::Explicit(text.trim().to_owned()))),
             };
         }
-        if self.cancelled {
+        if self.cancelled_after.is_some() {
             return (Status::Cancelled, Some(Failure::Cancelled));
         }
         if let Some(message) = &self.error_event {
@@ -481,7 +494,7 @@ mod tests {
         assert_eq!(state.outcome(), (Status::Failure, Some(Failure::Panic)));
         state.error_event = Some("boom".into());
         assert_eq!(state.outcome().1, Some(Failure::ErrorEvent("boom".into())));
-        state.cancelled = true;
+        state.cancel();
         assert_eq!(
             state.outcome(),
             (Status::Cancelled, Some(Failure::Cancelled)),

@@ -578,10 +578,12 @@ where
             span,
             role,
         } = running;
-        let duration = state.started.elapsed();
         state.panicked |= std::thread::panicking();
         // Never entered: its future was dropped before it was ever polled.
-        state.cancelled |= !state.entered;
+        if !state.entered {
+            state.cancel();
+        }
+        let duration = state.duration();
         if let Some(text) = &mut state.error_event {
             *text = self.text.error_text(text);
         }
@@ -739,7 +741,7 @@ type CancelExecution = fn(&Dispatch, &Id) -> bool;
 
 impl AgentSpanHook {
     /// Marks the nearest agent execution at or above span `id` as cancelled: its future was
-    /// dropped before it completed. `false` when `id` is in no agent execution.
+    /// dropped before it completed, now. `false` when `id` is in no agent execution.
     pub(crate) fn cancel(&self, dispatch: &Dispatch, id: &Id) -> bool {
         (self.cancel)(dispatch, id)
     }
@@ -779,7 +781,7 @@ where
             .get_mut::<Running>()
             .filter(|running| running.role != SpanRole::GenAi)
         {
-            running.execution.cancelled = true;
+            running.execution.cancel();
             return true;
         }
     }

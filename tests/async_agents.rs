@@ -12,6 +12,7 @@ use agent_telemetry::AgentInstrument;
 use opentelemetry::trace::Status as SpanStatus;
 use opentelemetry_sdk::trace::SpanData;
 use support::Harness;
+use tracing::Instrument;
 
 /// An agent that works for `work`, then fails or not.
 #[agent_telemetry::instrument(skip(work, fail))]
@@ -333,4 +334,33 @@ fn a_nested_agent_dropped_as_its_lead_panics_is_cancelled_and_the_lead_a_panic()
     assert_eq!(lead.counted, ["failure"]);
     assert_eq!(lead.line["error.type"], "panic");
     assert_cancelled(&said(&harness, "bystander"), Duration::from_millis(20));
+}
+
+#[test]
+fn a_cancelled_agent_lasts_until_it_was_dropped_though_a_call_outlives_it() {
+    let harness = Harness::new();
+    let runtime = harness.runtime(2);
+    harness.run(|| {
+        runtime.block_on(async {
+            let span = tracing::info_span!("agent_execution", agent_name = "outlived", task = "Ask");
+            let agent = async {
+                // The call's span keeps the agent's open until it closes, 600 ms in.
+                let call = tracing::info_span!("chat", gen_ai.request.model = "gpt-4o");
+                tokio::spawn(tokio::time::sleep(Duration::from_millis(600)).instrument(call));
+                tokio::time::sleep(Duration::from_secs(30)).await;
+            }
+            .instrument_agent(span);
+            assert!(tokio::time::timeout(Duration::from_millis(20), agent).await.is_err());
+            tokio::time::sleep(Duration::from_millis(700)).await;
+        })
+    });
+    drop(runtime);
+    let outlived = said(&harness, "outlived");
+    assert_cancelled(&outlived, Duration::from_millis(20));
+    let seconds = outlived.line["duration_seconds"].as_f64().unwrap();
+    assert!(seconds < 0.5, "dropped 20 ms in, closed 600 ms in: {seconds} s");
+    let span_seconds = (outlived.span.end_time.duration_since(outlived.span.start_time))
+        .unwrap()
+        .as_secs_f64();
+    assert!(span_seconds < 0.5, "the span's end too: {span_seconds} s");
 }
