@@ -3,8 +3,8 @@
 //! A dropped future looks like a finished one to a `tracing` layer: its span is entered,
 //! exited and closed either way. So the future itself says so: [`ReportsCancellation`] wraps
 //! an execution's future and, when it is dropped before it completed (and not by a panic out
-//! of its own poll), marks the nearest agent execution of its span as cancelled. The layer then
-//! reports the execution with status `cancelled`.
+//! of its own poll), marks its execution as cancelled, with the time it was dropped. The
+//! layer then reports the execution with status `cancelled`, lasting until then.
 //!
 //! [`instrument`](crate::instrument) (the attribute) wraps an `async fn`'s body in it;
 //! [`AgentInstrument::instrument_agent`] wraps a future and instruments it with an agent span.
@@ -24,18 +24,15 @@ use crate::layer::AgentSpanHook;
 pin_project! {
     /// A future that, dropped before it completed, marks its agent execution cancelled.
     ///
-    /// Made by [`instrument`](crate::instrument) and [`AgentInstrument`]. The execution is
-    /// the nearest agent span at or above the span given to
-    /// [`AgentInstrument::instrument_agent`], else the span current when the future is
-    /// dropped: inside `#[instrument]`'s future, which enters its span to drop what it holds.
-    /// Dropped while a panic unwinds out of its own poll, it reports nothing: the panic is
-    /// reported as one. Dropped while a panic that began elsewhere unwinds (a sibling in
-    /// `join!` panicked), it is cancelled.
+    /// Made by [`instrument`](crate::instrument) and [`AgentInstrument`]; which execution it
+    /// marks, each constructor says. Dropped while a panic unwinds out of its own poll, it
+    /// reports nothing: the panic is reported as one. Dropped while a panic that began
+    /// elsewhere unwinds (a sibling in `join!` panicked), it is cancelled.
     #[must_use = "futures do nothing unless polled"]
     pub struct ReportsCancellation<F> {
         #[pin]
         inner: F,
-        span: Option<Span>,
+        execution: Execution,
         progress: Progress,
     }
 
@@ -43,15 +40,23 @@ pin_project! {
         fn drop(this: Pin<&mut Self>) {
             let this = this.project();
             // `Polling` here: a panic unwound out of the inner future's poll.
-            if *this.progress != Progress::Pending {
-                return;
-            }
-            match this.span.take() {
-                Some(span) => report_cancelled(&span),
-                None => report_cancelled(&Span::current()),
+            if *this.progress == Progress::Pending {
+                this.execution.report_cancelled();
             }
         }
     }
+}
+
+/// Which execution a dropped [`ReportsCancellation`] reports.
+#[derive(Debug)]
+enum Execution {
+    /// The nearest agent span or model call at or above this span.
+    AtOrAbove(Span),
+    /// The nearest agent span or model call at or above the span current when dropped.
+    AtOrAboveCurrent,
+    /// The span current when dropped, if it has this name (else the function's span was not
+    /// enabled) and is an agent span or model call.
+    CurrentNamed(&'static str),
 }
 
 /// How far the inner future got.
@@ -64,20 +69,28 @@ enum Progress {
 }
 
 impl<F> ReportsCancellation<F> {
-    /// Wraps `inner`, whose execution is the agent span current when it is dropped.
+    /// Wraps `inner`, whose execution is the nearest agent span or model call at or above the
+    /// span current when it is dropped.
     pub fn new(inner: F) -> Self {
-        ReportsCancellation {
-            inner,
-            span: None,
-            progress: Progress::Pending,
-        }
+        Self::reporting(inner, Execution::AtOrAboveCurrent)
     }
 
     /// Wraps `inner`, whose execution is `span` (or the agent span above it).
     pub fn in_span(inner: F, span: Span) -> Self {
+        Self::reporting(inner, Execution::AtOrAbove(span))
+    }
+
+    /// Wraps the body of a function `#[instrument]` instruments with a span named `name`,
+    /// which is current when the body is dropped: that span is the execution, when it is an
+    /// agent span or a model call; a dropped tool call or other step cancels nothing.
+    pub fn of_span_named(inner: F, name: &'static str) -> Self {
+        Self::reporting(inner, Execution::CurrentNamed(name))
+    }
+
+    fn reporting(inner: F, execution: Execution) -> Self {
         ReportsCancellation {
             inner,
-            span: Some(span),
+            execution,
             progress: Progress::Pending,
         }
     }
@@ -99,11 +112,27 @@ impl<F: Future> Future for ReportsCancellation<F> {
     }
 }
 
-/// Marks the agent execution of `span` cancelled, through the layer that traces it.
-fn report_cancelled(span: &Span) {
+impl Execution {
+    fn report_cancelled(&self) {
+        match self {
+            Execution::AtOrAbove(span) => report_cancelled(span, true),
+            Execution::AtOrAboveCurrent => report_cancelled(&Span::current(), true),
+            Execution::CurrentNamed(name) => {
+                let current = Span::current();
+                if current.metadata().is_some_and(|metadata| metadata.name() == *name) {
+                    report_cancelled(&current, false);
+                }
+            }
+        }
+    }
+}
+
+/// Marks `span` cancelled if it is an agent span or model call, else with `or_above` the
+/// nearest one above it, through the layer that traces it.
+fn report_cancelled(span: &Span, or_above: bool) {
     span.with_subscriber(|(id, dispatch)| {
         if let Some(hook) = dispatch.downcast_ref::<AgentSpanHook>() {
-            hook.cancel(dispatch, id);
+            hook.cancel(dispatch, id, or_above);
         }
     });
 }

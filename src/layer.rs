@@ -264,7 +264,7 @@ where
         let hook = AgentSpanHook {
             tracer: signals.tracer.clone(),
             with_span: with_agent_span::<S>,
-            cancel: cancel_nearest_agent::<S>,
+            cancel: cancel_execution::<S>,
         };
         ExecutionLayer {
             signals,
@@ -736,14 +736,16 @@ pub(crate) struct AgentSpanHook {
 /// Finds the agent span `id` in the subscriber the layer was built for.
 type WithAgentSpan = fn(&Dispatch, &Id, &mut dyn FnMut(&mut AgentSpan)) -> bool;
 
-/// Marks the agent execution `id` is in, or is, as cancelled; `false` when there is none.
-type CancelExecution = fn(&Dispatch, &Id) -> bool;
+/// Marks span `id` cancelled when it is an agent span or model call, else with `or_above` the
+/// nearest one above it; `false` when there is none.
+type CancelExecution = fn(&Dispatch, &Id, bool) -> bool;
 
 impl AgentSpanHook {
-    /// Marks the nearest agent execution at or above span `id` as cancelled: its future was
-    /// dropped before it completed, now. `false` when `id` is in no agent execution.
-    pub(crate) fn cancel(&self, dispatch: &Dispatch, id: &Id) -> bool {
-        (self.cancel)(dispatch, id)
+    /// Marks span `id` cancelled when it is an agent span or model call, else with `or_above`
+    /// the nearest one above it: its future was dropped before it completed, now. `false`
+    /// when there is none.
+    pub(crate) fn cancel(&self, dispatch: &Dispatch, id: &Id, or_above: bool) -> bool {
+        (self.cancel)(dispatch, id, or_above)
     }
 
     /// Runs `f` on the agent span `id`; `false` when `id` is not a traced agent span.
@@ -768,14 +770,15 @@ where
     dispatch.downcast_ref::<S>()?.span(id)
 }
 
-fn cancel_nearest_agent<S>(dispatch: &Dispatch, id: &Id) -> bool
+fn cancel_execution<S>(dispatch: &Dispatch, id: &Id, or_above: bool) -> bool
 where
     S: Subscriber + for<'a> LookupSpan<'a>,
 {
     let Some(span) = lookup::<S>(dispatch, id) else {
         return false;
     };
-    for span in span.scope() {
+    let reach = if or_above { usize::MAX } else { 1 };
+    for span in span.scope().take(reach) {
         if let Some(running) = span
             .extensions_mut()
             .get_mut::<Running>()

@@ -73,6 +73,21 @@ impl Agent for Worker {
     }
 }
 
+/// A tool step, annotated with the crate's attribute for its `Err`: not an execution.
+#[agent_telemetry::instrument(name = "execute_tool", skip_all)]
+async fn slow_tool() -> Result<(), String> {
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    Ok(())
+}
+
+/// An agent that times its tool out and answers without it.
+#[agent_telemetry::instrument]
+async fn agent_with_fallback(agent_name: &str, task: &str) -> Result<(), String> {
+    let timed_out = tokio::time::timeout(Duration::from_millis(20), slow_tool()).await;
+    assert!(timed_out.is_err(), "the tool timed out");
+    Ok(())
+}
+
 /// A lead whose own code panics while a nested agent is in flight beside it.
 #[agent_telemetry::instrument]
 async fn lead_that_panics_beside_a_helper(agent_name: &str, task: &str) -> usize {
@@ -317,6 +332,19 @@ fn an_async_trait_agent_that_times_out_is_cancelled_and_one_that_completes_a_suc
     assert_eq!(quick.counted, ["success"]);
     assert_eq!(quick.line["status"], "success");
     assert_eq!(attribute(&quick.span, "result.status").as_deref(), Some("success"));
+}
+
+#[test]
+fn a_timed_out_step_cancels_no_agent_that_goes_on() {
+    let harness = Harness::new();
+    let runtime = harness.runtime(2);
+    let done = harness.run(|| runtime.block_on(agent_with_fallback("fallback", "Answer")));
+    assert_eq!(done, Ok(()));
+    drop(runtime);
+    let fallback = said(&harness, "fallback");
+    assert_eq!(fallback.counted, ["success"]);
+    assert_eq!(fallback.line["status"], "success");
+    assert_eq!(attribute(&fallback.span, "result.status").as_deref(), Some("success"));
 }
 
 #[test]

@@ -20,11 +20,12 @@ pub fn instrument(args: TokenStream, item: TokenStream) -> TokenStream {
         Ok(function) => function,
         Err(error) => return error.to_compile_error().into(),
     };
-    let (named, errs) = scan(&args);
+    let (name, errs) = scan(&args);
     let mut added = Vec::new();
-    if !named {
+    let name = name.unwrap_or_else(|| {
         added.push(quote!(name = "agent_execution"));
-    }
+        quote!("agent_execution")
+    });
     if !errs && returns_result(&function.sig.output) {
         added.push(quote!(err));
     }
@@ -38,12 +39,12 @@ pub fn instrument(args: TokenStream, item: TokenStream) -> TokenStream {
     if function.sig.asyncness.is_some() {
         let block = &function.block;
         *function.block = syn::parse_quote!({
-            ::agent_telemetry::__private::ReportsCancellation::new(async move #block).await
+            ::agent_telemetry::__private::ReportsCancellation::of_span_named(async move #block, #name).await
         });
     } else if let Some(body) = returned_async_block(&mut function.block) {
         let block = &body.block;
         body.block = syn::parse_quote!({
-            ::agent_telemetry::__private::ReportsCancellation::new(async move #block).await
+            ::agent_telemetry::__private::ReportsCancellation::of_span_named(async move #block, #name).await
         });
     }
     quote!(
@@ -83,16 +84,18 @@ fn is_box_pin(func: &syn::Expr) -> bool {
     )
 }
 
-/// Whether the arguments name the span (`name = ...`) and ask for `err` already.
-fn scan(args: &TokenStream2) -> (bool, bool) {
-    let (mut named, mut errs) = (false, false);
+/// The span's name if the arguments give it (`name = ...`), and whether they ask for `err`.
+fn scan(args: &TokenStream2) -> (Option<TokenStream2>, bool) {
+    let (mut name, mut errs) = (None, false);
     let mut at_start = true;
     let mut first = None;
+    let mut naming = false;
     for token in args.clone() {
         match &token {
             TokenTree::Punct(punct) if punct.as_char() == ',' => {
                 at_start = true;
                 first = None;
+                naming = false;
                 continue;
             }
             TokenTree::Ident(ident) if at_start => {
@@ -100,13 +103,15 @@ fn scan(args: &TokenStream2) -> (bool, bool) {
                 errs |= ident == "err";
             }
             TokenTree::Punct(punct) if punct.as_char() == '=' && first.as_deref() == Some("name") => {
-                named = true;
+                naming = true;
+                name = Some(TokenStream2::new());
             }
+            _ if naming => name.get_or_insert_with(TokenStream2::new).extend([token.clone()]),
             _ => {}
         }
         at_start = false;
     }
-    (named, errs)
+    (name, errs)
 }
 
 /// Whether the function returns a `Result` (the last segment of its return type's path).
