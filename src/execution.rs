@@ -309,9 +309,10 @@ pub(crate) struct ExecutionState {
     pub fields: ExecutionFields,
     pub error_event: Option<String>,
     pub panicked: bool,
-    /// Its future was dropped before it completed (`cancellation.rs`), this long after it
-    /// started.
-    pub cancelled_after: Option<Duration>,
+    /// Its future was dropped before it completed (`cancellation.rs`).
+    pub cancelled: bool,
+    /// When its own future was dropped, this long after it started: its end.
+    pub dropped_after: Option<Duration>,
     /// It was entered at least once: it ran.
     pub entered: bool,
     /// Its model calls' usage, as they end; out of line as the fields' usage is.
@@ -328,22 +329,25 @@ impl ExecutionState {
             fields: ExecutionFields::new(task_chars),
             error_event: None,
             panicked: false,
-            cancelled_after: None,
+            cancelled: false,
+            dropped_after: None,
             entered: false,
             rollup: None,
         }
     }
 
-    /// Marks it cancelled now, unless it was already.
-    pub(crate) fn cancel(&mut self) {
-        if self.cancelled_after.is_none() {
-            self.cancelled_after = Some(self.started.elapsed());
+    /// Marks it cancelled. `dropped`: its own future was dropped now, which ends it (the first
+    /// drop counts); else a future inside it was, and it ends when it closes.
+    pub(crate) fn cancel(&mut self, dropped: bool) {
+        self.cancelled = true;
+        if dropped && self.dropped_after.is_none() {
+            self.dropped_after = Some(self.started.elapsed());
         }
     }
 
-    /// How long it ran: until it was cancelled, else until now.
+    /// How long it ran: until its own future was dropped, else until now.
     pub(crate) fn duration(&self) -> Duration {
-        self.cancelled_after.unwrap_or_else(|| self.started.elapsed())
+        self.dropped_after.unwrap_or_else(|| self.started.elapsed())
     }
 
     /// What the model calls inside it gathered, for adding more.
@@ -364,7 +368,7 @@ impl ExecutionState {
                 other => (other, Some(Failure::Explicit(text.trim().to_owned()))),
             };
         }
-        if self.cancelled_after.is_some() {
+        if self.cancelled {
             return (Status::Cancelled, Some(Failure::Cancelled));
         }
         if let Some(message) = &self.error_event {
@@ -494,7 +498,7 @@ mod tests {
         assert_eq!(state.outcome(), (Status::Failure, Some(Failure::Panic)));
         state.error_event = Some("boom".into());
         assert_eq!(state.outcome().1, Some(Failure::ErrorEvent("boom".into())));
-        state.cancel();
+        state.cancelled = true;
         assert_eq!(
             state.outcome(),
             (Status::Cancelled, Some(Failure::Cancelled)),
@@ -502,5 +506,21 @@ mod tests {
         );
         state.fields.status = Some("success".into());
         assert_eq!(state.outcome(), (Status::Success, None));
+    }
+
+    #[test]
+    fn its_own_drop_ends_a_cancelled_execution() {
+        let mut inner = ExecutionState::new(1024);
+        inner.cancel(false);
+        assert!(inner.cancelled);
+        assert_eq!(inner.dropped_after, None, "ends as it closes");
+
+        let mut own = ExecutionState::new(1024);
+        own.cancel(true);
+        let dropped = own.dropped_after.expect("ends at the drop");
+        std::thread::sleep(Duration::from_millis(5));
+        own.cancel(true);
+        assert_eq!(own.dropped_after, Some(dropped), "the first drop counts");
+        assert_eq!(own.duration(), dropped);
     }
 }

@@ -581,7 +581,7 @@ where
         state.panicked |= std::thread::panicking();
         // Never entered: its future was dropped before it was ever polled.
         if !state.entered {
-            state.cancel();
+            state.cancel(false);
         }
         let duration = state.duration();
         if let Some(text) = &mut state.error_event {
@@ -742,8 +742,8 @@ type CancelExecution = fn(&Dispatch, &Id, bool) -> bool;
 
 impl AgentSpanHook {
     /// Marks span `id` cancelled when it is an agent span or model call, else with `or_above`
-    /// the nearest one above it: its future was dropped before it completed, now. `false`
-    /// when there is none.
+    /// the nearest one above it: its future (or one inside it) was dropped before it
+    /// completed, now. `false` when there is none.
     pub(crate) fn cancel(&self, dispatch: &Dispatch, id: &Id, or_above: bool) -> bool {
         (self.cancel)(dispatch, id, or_above)
     }
@@ -778,13 +778,14 @@ where
         return false;
     };
     let reach = if or_above { usize::MAX } else { 1 };
-    for span in span.scope().take(reach) {
+    for (depth, span) in span.scope().take(reach).enumerate() {
         if let Some(running) = span
             .extensions_mut()
             .get_mut::<Running>()
             .filter(|running| running.role != SpanRole::GenAi)
         {
-            running.execution.cancel();
+            // Its own future's drop ends it; one inside it cancels it as it closes.
+            running.execution.cancel(depth == 0);
             return true;
         }
     }

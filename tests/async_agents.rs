@@ -100,6 +100,16 @@ async fn lead_that_panics_beside_a_helper(agent_name: &str, task: &str) -> usize
     helped.unwrap()
 }
 
+/// An agent whose step, wrapped with `instrument_agent` in a span that is not an agent's,
+/// times out: the agent is cancelled, as documented, and goes on for 400 ms.
+#[agent_telemetry::instrument]
+async fn agent_that_goes_on_after_its_step(agent_name: &str, task: &str) -> Result<(), String> {
+    let step = tokio::time::sleep(Duration::from_secs(30)).instrument_agent(tracing::info_span!("tool_call"));
+    assert!(tokio::time::timeout(Duration::from_millis(20), step).await.is_err());
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    Ok(())
+}
+
 fn attribute(span: &SpanData, key: &str) -> Option<String> {
     span.attributes
         .iter()
@@ -391,4 +401,14 @@ fn a_cancelled_agent_lasts_until_it_was_dropped_though_a_call_outlives_it() {
         .unwrap()
         .as_secs_f64();
     assert!(span_seconds < 0.5, "the span's end too: {span_seconds} s");
+}
+
+#[test]
+fn an_agent_cancelled_by_a_step_inside_it_lasts_until_it_closes() {
+    let harness = Harness::new();
+    let runtime = harness.runtime(2);
+    let done = harness.run(|| runtime.block_on(agent_that_goes_on_after_its_step("goes-on", "Work")));
+    assert_eq!(done, Ok(()));
+    drop(runtime);
+    assert_cancelled(&said(&harness, "goes-on"), Duration::from_millis(420));
 }
