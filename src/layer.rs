@@ -743,7 +743,8 @@ type CancelExecution = fn(&Dispatch, &Id, bool) -> bool;
 impl AgentSpanHook {
     /// Marks span `id` cancelled when it is an agent span or model call, else with `or_above`
     /// the nearest one above it: its future (or one inside it) was dropped before it
-    /// completed, now. `false` when there is none.
+    /// completed, now. An execution a panic went through stays a panic. `false` when there is
+    /// none.
     pub(crate) fn cancel(&self, dispatch: &Dispatch, id: &Id, or_above: bool) -> bool {
         (self.cancel)(dispatch, id, or_above)
     }

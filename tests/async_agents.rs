@@ -100,6 +100,18 @@ async fn lead_that_panics_beside_a_helper(agent_name: &str, task: &str) -> usize
     helped.unwrap()
 }
 
+/// A lead whose own code panics beside a step of its own that reports cancellation.
+#[agent_telemetry::instrument]
+async fn lead_that_panics_beside_a_guarded_step(agent_name: &str, task: &str) -> usize {
+    let step = tokio::time::sleep(Duration::from_secs(30)).reports_cancellation();
+    let own_code = async {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        panic!("{agent_name}'s own code fell over");
+    };
+    futures::join!(step, own_code);
+    0
+}
+
 /// An agent whose step, wrapped with `instrument_agent` in a span that is not an agent's,
 /// times out: the agent is cancelled, as documented, and goes on for 400 ms.
 #[agent_telemetry::instrument]
@@ -411,4 +423,21 @@ fn an_agent_cancelled_by_a_step_inside_it_lasts_until_it_closes() {
     assert_eq!(done, Ok(()));
     drop(runtime);
     assert_cancelled(&said(&harness, "goes-on"), Duration::from_millis(420));
+}
+
+#[test]
+fn a_lead_that_panics_beside_a_step_reporting_cancellation_is_a_panic() {
+    let harness = Harness::new();
+    let runtime = harness.runtime(2);
+    harness.run(|| {
+        runtime.block_on(async {
+            let joined = tokio::spawn(lead_that_panics_beside_a_guarded_step("guarded-lead", "Lead")).await;
+            assert!(joined.unwrap_err().is_panic());
+        })
+    });
+    drop(runtime);
+    let lead = said(&harness, "guarded-lead");
+    assert_eq!(lead.counted, ["failure"]);
+    assert_eq!(lead.line["error.type"], "panic");
+    assert_eq!(attribute(&lead.span, "error.type").as_deref(), Some("panic"));
 }
