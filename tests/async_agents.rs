@@ -61,15 +61,31 @@ trait Agent {
     async fn run(&self, agent_name: &str, task: &str) -> Result<usize, String>;
 }
 
-/// An agent of the trait that works for its `Duration`.
-struct Worker(Duration);
+/// An agent of the trait that works for its `Duration`, then fails or not.
+struct Worker(Duration, bool);
 
 #[async_trait::async_trait]
 impl Agent for Worker {
     #[agent_telemetry::instrument(skip(self))]
     async fn run(&self, agent_name: &str, task: &str) -> Result<usize, String> {
         tokio::time::sleep(self.0).await;
-        Ok(task.len())
+        if self.1 {
+            Err(format!("{agent_name} could not {task}"))
+        } else {
+            Ok(task.len())
+        }
+    }
+}
+
+/// The same shape written by hand: a function returning a future of a `Result`.
+#[agent_telemetry::instrument]
+fn failing_future<'a>(
+    agent_name: &'a str,
+    task: &'a str,
+) -> impl std::future::Future<Output = Result<(), String>> + 'a {
+    async move {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        Err(format!("{agent_name} could not {task}"))
     }
 }
 
@@ -336,16 +352,19 @@ fn synchronous_agents_are_never_taken_for_cancelled_ones() {
 }
 
 #[test]
-fn an_async_trait_agent_that_times_out_is_cancelled_and_one_that_completes_a_success() {
+fn async_trait_agents_and_functions_returning_futures_tell_each_outcome_apart() {
     let harness = Harness::new();
     let runtime = harness.runtime(2);
     harness.run(|| {
         runtime.block_on(async {
-            let slow = Worker(Duration::from_secs(30));
+            let slow = Worker(Duration::from_secs(30), false);
             let timed_out = tokio::time::timeout(Duration::from_millis(50), slow.run("trait-slow", "Wait")).await;
             assert!(timed_out.is_err(), "the timeout ran out");
-            let quick = Worker(Duration::from_millis(5));
+            let quick = Worker(Duration::from_millis(5), false);
             assert_eq!(quick.run("trait-quick", "Wait").await, Ok(4));
+            let failing = Worker(Duration::from_millis(5), true);
+            assert!(failing.run("trait-failing", "Wait").await.is_err());
+            assert!(failing_future("future-failing", "Wait").await.is_err());
         })
     });
     drop(runtime);
@@ -354,6 +373,12 @@ fn an_async_trait_agent_that_times_out_is_cancelled_and_one_that_completes_a_suc
     assert_eq!(quick.counted, ["success"]);
     assert_eq!(quick.line["status"], "success");
     assert_eq!(attribute(&quick.span, "result.status").as_deref(), Some("success"));
+    for agent in ["trait-failing", "future-failing"] {
+        let failing = said(&harness, agent);
+        assert_eq!(failing.counted, ["failure"], "{agent}");
+        assert_eq!(failing.line["error.type"], "error");
+        assert_eq!(failing.line["error.message"], format!("{agent} could not Wait"));
+    }
 }
 
 #[test]
@@ -416,16 +441,6 @@ fn a_cancelled_agent_lasts_until_it_was_dropped_though_a_call_outlives_it() {
 }
 
 #[test]
-fn an_agent_cancelled_by_a_step_inside_it_lasts_until_it_closes() {
-    let harness = Harness::new();
-    let runtime = harness.runtime(2);
-    let done = harness.run(|| runtime.block_on(agent_that_goes_on_after_its_step("goes-on", "Work")));
-    assert_eq!(done, Ok(()));
-    drop(runtime);
-    assert_cancelled(&said(&harness, "goes-on"), Duration::from_millis(420));
-}
-
-#[test]
 fn a_lead_that_panics_beside_a_step_reporting_cancellation_is_a_panic() {
     let harness = Harness::new();
     let runtime = harness.runtime(2);
@@ -440,4 +455,14 @@ fn a_lead_that_panics_beside_a_step_reporting_cancellation_is_a_panic() {
     assert_eq!(lead.counted, ["failure"]);
     assert_eq!(lead.line["error.type"], "panic");
     assert_eq!(attribute(&lead.span, "error.type").as_deref(), Some("panic"));
+}
+
+#[test]
+fn an_agent_cancelled_by_a_step_inside_it_lasts_until_it_closes() {
+    let harness = Harness::new();
+    let runtime = harness.runtime(2);
+    let done = harness.run(|| runtime.block_on(agent_that_goes_on_after_its_step("goes-on", "Work")));
+    assert_eq!(done, Ok(()));
+    drop(runtime);
+    assert_cancelled(&said(&harness, "goes-on"), Duration::from_millis(420));
 }

@@ -114,10 +114,62 @@ fn scan(args: &TokenStream2) -> (Option<TokenStream2>, bool) {
     (name, errs)
 }
 
-/// Whether the function returns a `Result` (the last segment of its return type's path).
+/// Whether the function returns a `Result` (the last segment of its return type's path), or
+/// a future of one: `impl Future<Output = Result<..>>`, or `Pin<Box<dyn Future<Output =
+/// Result<..>> + ..>>` as `#[async_trait]` writes it.
 fn returns_result(output: &syn::ReturnType) -> bool {
     let syn::ReturnType::Type(_, ty) = output else {
         return false;
     };
-    matches!(&**ty, syn::Type::Path(path) if path.path.segments.last().is_some_and(|last| last.ident == "Result"))
+    is_result(ty) || is_future_of_result(ty)
+}
+
+/// Whether `ty` is a `Result`, by the last segment of its path.
+fn is_result(ty: &syn::Type) -> bool {
+    matches!(ty, syn::Type::Path(path) if path.path.segments.last().is_some_and(|last| last.ident == "Result"))
+}
+
+/// Whether `ty` is a future of a `Result`: `impl Future<..>` or `dyn Future<..>`, in any
+/// number of `Pin<..>` and `Box<..>`.
+fn is_future_of_result(ty: &syn::Type) -> bool {
+    match ty {
+        syn::Type::ImplTrait(bounds) => future_of_result(&bounds.bounds),
+        syn::Type::TraitObject(bounds) => future_of_result(&bounds.bounds),
+        syn::Type::Paren(inner) => is_future_of_result(&inner.elem),
+        syn::Type::Group(inner) => is_future_of_result(&inner.elem),
+        syn::Type::Path(path) => {
+            let Some(last) = path.path.segments.last() else {
+                return false;
+            };
+            let syn::PathArguments::AngleBracketed(arguments) = &last.arguments else {
+                return false;
+            };
+            (last.ident == "Pin" || last.ident == "Box")
+                && arguments.args.iter().any(|argument| match argument {
+                    syn::GenericArgument::Type(inner) => is_future_of_result(inner),
+                    _ => false,
+                })
+        }
+        _ => false,
+    }
+}
+
+/// Whether `bounds` has a `Future<Output = ..>` whose output is a `Result`.
+fn future_of_result(bounds: &syn::punctuated::Punctuated<syn::TypeParamBound, syn::Token![+]>) -> bool {
+    bounds.iter().any(|bound| {
+        let syn::TypeParamBound::Trait(bound) = bound else {
+            return false;
+        };
+        let Some(last) = bound.path.segments.last() else {
+            return false;
+        };
+        let syn::PathArguments::AngleBracketed(arguments) = &last.arguments else {
+            return false;
+        };
+        last.ident == "Future"
+            && arguments.args.iter().any(|argument| match argument {
+                syn::GenericArgument::AssocType(output) => output.ident == "Output" && is_result(&output.ty),
+                _ => false,
+            })
+    })
 }
