@@ -55,8 +55,7 @@ enum Execution {
     AtOrAbove(Span),
     /// The nearest agent span or model call at or above the span current when dropped.
     AtOrAboveCurrent,
-    /// The span current when dropped, if it has this name (else the function's span was not
-    /// enabled) and is an agent span or model call.
+    /// The span current when dropped, if it has this name and is an agent span or model call.
     CurrentNamed(&'static str),
 }
 
@@ -84,7 +83,10 @@ impl<F> ReportsCancellation<F> {
 
     /// Wraps the body of a function `#[instrument]` instruments with a span named `name`,
     /// which is current when the body is dropped: that span is the execution, when it is an
-    /// agent span or a model call; a dropped tool call or other step cancels nothing.
+    /// agent span or a model call; a dropped tool call or other step cancels nothing. The span
+    /// is known by its name: when the function's own span is not enabled (a level filter in
+    /// front of the layer), the span around it is current instead, and is taken for the
+    /// function's if it has the same name.
     pub fn of_span_named(inner: F, name: &'static str) -> Self {
         Self::reporting(inner, Execution::CurrentNamed(name))
     }

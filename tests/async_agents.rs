@@ -25,6 +25,13 @@ async fn execute_agent(agent_name: &str, task: &str, work: Duration, fail: bool)
     }
 }
 
+/// [`execute_agent`], its span named as `tracing::instrument` also takes it.
+#[agent_telemetry::instrument("agent_execution", skip(work))]
+async fn named_positionally(agent_name: &str, task: &str, work: Duration) -> Result<(), String> {
+    tokio::time::sleep(work).await;
+    Ok(())
+}
+
 /// An agent that panics after a little work.
 #[agent_telemetry::instrument]
 async fn panicking_agent(agent_name: &str, task: &str) -> usize {
@@ -214,8 +221,16 @@ fn a_timeout_that_runs_out_is_cancelled_not_a_success() {
         })
     });
     assert!(outcome.is_err(), "the timeout ran out");
+    let named = harness.run(|| {
+        runtime.block_on(async {
+            let work = named_positionally("named", "Summarise", Duration::from_secs(30));
+            tokio::time::timeout(Duration::from_millis(100), work).await
+        })
+    });
+    assert!(named.is_err(), "the timeout ran out");
     drop(runtime);
     assert_cancelled(&said(&harness, "slow"), Duration::from_millis(100));
+    assert_cancelled(&said(&harness, "named"), Duration::from_millis(100));
 }
 
 #[test]

@@ -84,7 +84,8 @@ fn is_box_pin(func: &syn::Expr) -> bool {
     )
 }
 
-/// The span's name if the arguments give it (`name = ...`), and whether they ask for `err`.
+/// The span's name if the arguments give it (`name = ...`, or a string literal alone), and
+/// whether they ask for `err`.
 fn scan(args: &TokenStream2) -> (Option<TokenStream2>, bool) {
     let (mut name, mut errs) = (None, false);
     let mut at_start = true;
@@ -102,6 +103,8 @@ fn scan(args: &TokenStream2) -> (Option<TokenStream2>, bool) {
                 first = Some(ident.to_string());
                 errs |= ident == "err";
             }
+            // `#[instrument("name", ..)]`: the name, unnamed.
+            TokenTree::Literal(_) if at_start => name = Some(TokenStream2::from(token.clone())),
             TokenTree::Punct(punct) if punct.as_char() == '=' && first.as_deref() == Some("name") => {
                 naming = true;
                 name = Some(TokenStream2::new());
