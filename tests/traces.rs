@@ -42,6 +42,21 @@ fn named<'a>(spans: &'a [SpanData], name: &str) -> &'a SpanData {
         .unwrap_or_else(|| panic!("no span named {name}"))
 }
 
+/// Asserts that `child` is `parent`'s child, in its trace.
+fn assert_child_of(child: &SpanData, parent: &SpanData) {
+    let (name, parent_name) = (&child.name, &parent.name);
+    assert_eq!(
+        child.parent_span_id,
+        parent.span_context.span_id(),
+        "{name} under {parent_name}"
+    );
+    assert_eq!(
+        child.span_context.trace_id(),
+        parent.span_context.trace_id(),
+        "{name}'s trace"
+    );
+}
+
 /// The names of `span`'s events, in order.
 fn event_names(span: &SpanData) -> Vec<&str> {
     span.events.iter().map(|event| event.name.as_ref()).collect()
@@ -100,8 +115,7 @@ fn nested_agents_keep_parent_and_child() {
             .iter()
             .find(|s| string(s, "agent.name").as_deref() == Some(child_name))
             .unwrap();
-        assert_eq!(child.parent_span_id, parent.span_context.span_id(), "{child_name}");
-        assert_eq!(child.span_context.trace_id(), parent.span_context.trace_id());
+        assert_child_of(child, parent);
     }
 }
 
@@ -197,18 +211,8 @@ fn spans_traced_inside_an_agent_are_its_children_and_it_is_theirs() {
         named(&spans, "agent_execution"),
         named(&spans, "tool_call"),
     );
-    assert_eq!(
-        agent.parent_span_id,
-        request.span_context.span_id(),
-        "agent under request"
-    );
-    assert_eq!(
-        tool.parent_span_id,
-        agent.span_context.span_id(),
-        "tool call under agent"
-    );
-    assert_eq!(tool.span_context.trace_id(), request.span_context.trace_id());
-    assert_eq!(agent.span_context.trace_id(), request.span_context.trace_id());
+    assert_child_of(agent, request);
+    assert_child_of(tool, agent);
 }
 
 #[test]
@@ -435,29 +439,9 @@ fn spans_whose_explicit_parent_is_an_agent_or_model_call_are_its_children() {
     let spans = harness.spans();
     let (agent, chat) = (named(&spans, "agent_execution"), named(&spans, "chat"));
     let (tool, stream) = (named(&spans, "tool_call"), named(&spans, "read_stream"));
-    assert_eq!(
-        chat.parent_span_id,
-        agent.span_context.span_id(),
-        "model call under agent"
-    );
-    assert_eq!(
-        tool.parent_span_id,
-        agent.span_context.span_id(),
-        "tool call under agent"
-    );
-    assert_eq!(
-        stream.parent_span_id,
-        chat.span_context.span_id(),
-        "stream under model call"
-    );
-    for span in [chat, tool, stream] {
-        assert_eq!(
-            span.span_context.trace_id(),
-            agent.span_context.trace_id(),
-            "{}",
-            span.name
-        );
-    }
+    assert_child_of(chat, agent);
+    assert_child_of(tool, agent);
+    assert_child_of(stream, chat);
 }
 
 #[test]
