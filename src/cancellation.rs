@@ -3,8 +3,8 @@
 //! A dropped future looks like a finished one to a `tracing` layer: its span is entered,
 //! exited and closed either way. So the future itself says so: [`ReportsCancellation`] wraps
 //! an execution's future and, when it is dropped before it completed (and not by a panic out
-//! of its own poll), marks its execution as cancelled, with the time it was dropped. The
-//! layer then reports the execution with status `cancelled`, lasting until then.
+//! of its own poll), marks its execution as cancelled. The layer then reports the execution
+//! with status `cancelled`; one whose own future was dropped lasts until that drop.
 //!
 //! [`instrument`](crate::instrument) (the attribute) wraps an `async fn`'s body in it;
 //! [`AgentInstrument::instrument_agent`] wraps a future and instruments it with an agent span.
