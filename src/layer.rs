@@ -578,9 +578,11 @@ where
             span,
             role,
         } = running;
-        state.panicked |= std::thread::panicking();
-        // Never entered: its future was dropped before it was ever polled.
-        if !state.entered {
+        if state.entered {
+            state.panicked |= std::thread::panicking();
+        } else {
+            // Never entered: its future was dropped before it was ever polled, so no panic
+            // went through it, whenever it closes.
             state.cancel(false);
         }
         let duration = state.duration();

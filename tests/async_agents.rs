@@ -126,6 +126,9 @@ async fn lead_that_panics_beside_a_helper(agent_name: &str, task: &str) -> usize
 /// A lead whose own code panics beside a step of its own that reports cancellation.
 #[agent_telemetry::instrument]
 async fn lead_that_panics_beside_a_guarded_step(agent_name: &str, task: &str) -> usize {
+    // Never polled: dropped as the panic unwinds, it never ran.
+    let span = tracing::info_span!("agent_execution", agent_name = "never-started", task = "Wait");
+    let _never_started = tokio::time::sleep(Duration::from_secs(30)).instrument_agent(span);
     let step = tokio::time::sleep(Duration::from_secs(30)).reports_cancellation();
     let own_code = async {
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -470,6 +473,7 @@ fn a_lead_that_panics_beside_a_step_reporting_cancellation_is_a_panic() {
     assert_eq!(lead.counted, ["failure"]);
     assert_eq!(lead.line["error.type"], "panic");
     assert_eq!(attribute(&lead.span, "error.type").as_deref(), Some("panic"));
+    assert_cancelled(&said(&harness, "never-started"), Duration::ZERO);
 }
 
 #[test]
@@ -480,4 +484,17 @@ fn an_agent_cancelled_by_a_step_inside_it_lasts_until_it_closes() {
     assert_eq!(done, Ok(()));
     drop(runtime);
     assert_cancelled(&said(&harness, "goes-on"), Duration::from_millis(420));
+}
+
+#[test]
+fn an_agent_span_never_entered_is_cancelled_though_a_panic_drops_it() {
+    let harness = Harness::new();
+    let unwound = harness.run(|| {
+        std::panic::catch_unwind(|| {
+            let _never_entered = tracing::info_span!("agent_execution", agent_name = "unentered", task = "Wait");
+            panic!("the code around it fell over");
+        })
+    });
+    assert!(unwound.is_err());
+    assert_cancelled(&said(&harness, "unentered"), Duration::ZERO);
 }
