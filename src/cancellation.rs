@@ -19,7 +19,7 @@ use pin_project_lite::pin_project;
 use tracing::instrument::Instrumented;
 use tracing::{Instrument, Span};
 
-use crate::layer::AgentSpanHook;
+use crate::layer::{AgentSpanHook, Dropped};
 
 pin_project! {
     /// A future that, dropped before it completed, marks its agent execution cancelled.
@@ -27,8 +27,9 @@ pin_project! {
     /// Made by [`instrument`](crate::instrument) and [`AgentInstrument`]; which execution it
     /// marks, each constructor says. Dropped while a panic unwinds out of its own poll, it
     /// reports nothing: the panic is reported as one. Dropped while a panic that began
-    /// elsewhere unwinds (a sibling in `join!` panicked), it marks its span's own execution
-    /// only, never one above: the panic may be unwinding through that one.
+    /// elsewhere unwinds (a sibling in `join!` panicked), it marks an execution only if the
+    /// panic is not unwinding through that one: an execution the panic unwinds through is a
+    /// panic.
     #[must_use = "futures do nothing unless polled"]
     pub struct ReportsCancellation<F> {
         #[pin]
@@ -70,13 +71,12 @@ enum Progress {
 
 impl<F> ReportsCancellation<F> {
     /// Wraps `inner`, whose execution is the nearest agent span or model call at or above the
-    /// span current when it is dropped; dropped while a panic unwinds, it marks none.
+    /// span current when it is dropped.
     pub fn new(inner: F) -> Self {
         Self::reporting(inner, Execution::AtOrAboveCurrent)
     }
 
-    /// Wraps `inner`, whose execution is `span` (or the agent span above it; dropped while a
-    /// panic unwinds, `span` only).
+    /// Wraps `inner`, whose execution is `span` (or the agent span above it).
     pub fn in_span(inner: F, span: Span) -> Self {
         Self::reporting(inner, Execution::AtOrAbove(span))
     }
@@ -117,30 +117,26 @@ impl<F: Future> Future for ReportsCancellation<F> {
 }
 
 impl Execution {
-    /// While a panic unwinds, only a span's own execution is marked: the one above it may be
-    /// what the panic is unwinding through, which is then a panic.
     fn report_cancelled(&self) {
-        let panicking = std::thread::panicking();
         match self {
-            Execution::AtOrAbove(span) => report_cancelled(span, !panicking),
-            Execution::AtOrAboveCurrent if panicking => {}
-            Execution::AtOrAboveCurrent => report_cancelled(&Span::current(), true),
+            Execution::AtOrAbove(span) => report_cancelled(span, Dropped::OwnOrAbove),
+            Execution::AtOrAboveCurrent => report_cancelled(&Span::current(), Dropped::Inside),
             Execution::CurrentNamed(name) => {
                 let current = Span::current();
                 if current.metadata().is_some_and(|metadata| metadata.name() == *name) {
-                    report_cancelled(&current, false);
+                    report_cancelled(&current, Dropped::Own);
                 }
             }
         }
     }
 }
 
-/// Marks `span` cancelled if it is an agent span or model call, else with `or_above` the
-/// nearest one above it, through the layer that traces it.
-fn report_cancelled(span: &Span, or_above: bool) {
+/// Marks the execution of `span` cancelled, as `dropped` says, through the layer that traces
+/// it.
+fn report_cancelled(span: &Span, dropped: Dropped) {
     span.with_subscriber(|(id, dispatch)| {
         if let Some(hook) = dispatch.downcast_ref::<AgentSpanHook>() {
-            hook.cancel(dispatch, id, or_above);
+            hook.cancel(dispatch, id, dropped);
         }
     });
 }

@@ -31,6 +31,7 @@ use std::cell::{Cell, RefCell};
 use std::marker::PhantomData;
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, OnceLock};
+use std::thread::LocalKey;
 use std::time::SystemTime;
 
 use opentelemetry::trace::TraceContextExt as _;
@@ -101,53 +102,64 @@ thread_local! {
     static ACTIVE: Active = const { Active(RefCell::new(Vec::new())) };
     /// Nothing to drop: readable to the end.
     static CONTEXTS: Cell<Contexts> = const { Cell::new(Contexts::Unused) };
-    /// Nothing to drop: readable to the end.
-    static LATE_ENTERED: Cell<LateEntered> = const { Cell::new(LateEntered::EMPTY) };
+    /// The execution side's spans entered once `ACTIVE` is gone (the thread is ending).
+    static LATE_ENTERED: Cell<EnteredIds> = const { Cell::new(EnteredIds::EMPTY) };
+    /// The execution side's spans entered while a panic unwinds, as a future is dropped: the
+    /// panic is not unwinding through them.
+    static ENTERED_IN_UNWIND: Cell<EnteredIds> = const { Cell::new(EnteredIds::EMPTY) };
 }
 
-/// The execution side's spans entered on this thread once `ACTIVE` is gone (the thread is
-/// ending), in entry order, innermost last: their ids only, in a fixed array, so that reading
-/// and writing it needs nothing dropped. Past [`LateEntered::CAPACITY`] spans are not
-/// recorded.
+/// Spans entered on this thread, in entry order, innermost last: their ids only, in a fixed
+/// array, so that reading and writing it needs nothing dropped (it is readable to the end of
+/// the thread). Past [`EnteredIds::CAPACITY`] spans are not recorded.
 #[derive(Clone, Copy)]
-struct LateEntered {
-    ids: [u64; LateEntered::CAPACITY],
+struct EnteredIds {
+    ids: [u64; EnteredIds::CAPACITY],
     len: usize,
 }
 
-impl LateEntered {
+/// One of this thread's [`EnteredIds`].
+type EnteredList = LocalKey<Cell<EnteredIds>>;
+
+impl EnteredIds {
     const CAPACITY: usize = 16;
-    const EMPTY: Self = LateEntered {
+    const EMPTY: Self = EnteredIds {
         ids: [0; Self::CAPACITY],
         len: 0,
     };
 
-    fn entered(id: &Id) {
-        let mut late = LATE_ENTERED.get();
-        if let Some(slot) = late.ids.get_mut(late.len) {
+    fn entered(list: &'static EnteredList, id: &Id) {
+        let mut entered = list.get();
+        if let Some(slot) = entered.ids.get_mut(entered.len) {
             *slot = id.into_u64();
-            late.len += 1;
-            LATE_ENTERED.set(late);
+            entered.len += 1;
+            list.set(entered);
         }
     }
 
-    /// Whether `id` was entered here, forgetting its last entry.
-    fn exited(id: &Id) -> bool {
-        let mut late = LATE_ENTERED.get();
-        let recorded = &late.ids[..late.len];
-        let Some(at) = recorded.iter().rposition(|&entered| entered == id.into_u64()) else {
+    /// Whether `id` was entered, forgetting its last entry.
+    fn exited(list: &'static EnteredList, id: &Id) -> bool {
+        let mut entered = list.get();
+        let recorded = &entered.ids[..entered.len];
+        let Some(at) = recorded.iter().rposition(|&span| span == id.into_u64()) else {
             return false;
         };
-        late.ids.copy_within(at + 1..late.len, at);
-        late.len -= 1;
-        LATE_ENTERED.set(late);
+        entered.ids.copy_within(at + 1..entered.len, at);
+        entered.len -= 1;
+        list.set(entered);
         true
     }
 
+    /// Whether `id` is entered.
+    fn contains(list: &'static EnteredList, id: &Id) -> bool {
+        let entered = list.get();
+        entered.ids[..entered.len].contains(&id.into_u64())
+    }
+
     /// The innermost span entered, counting one entered again where it was first entered.
-    fn innermost() -> Option<Id> {
-        let late = LATE_ENTERED.get();
-        innermost_first_entry(&late.ids[..late.len], |id| id).map(|&id| Id::from_u64(id))
+    fn innermost(list: &'static EnteredList) -> Option<Id> {
+        let entered = list.get();
+        innermost_first_entry(&entered.ids[..entered.len], |id| id).map(|&id| Id::from_u64(id))
     }
 }
 
@@ -192,7 +204,7 @@ fn is_thread_local_gone(panic: &(dyn Any + Send)) -> bool {
 /// span is recorded all the same, its context not made current.
 fn make_current(id: &Id, context: opentelemetry::Context) {
     let Some(guard) = with_current_contexts(|| context.attach()) else {
-        return LateEntered::entered(id);
+        return EnteredIds::entered(&LATE_ENTERED, id);
     };
     let _ = ACTIVE.try_with(|active| match active.0.try_borrow_mut() {
         Ok(mut active) => active.push((id.clone(), guard)),
@@ -334,7 +346,7 @@ where
                     .flatten()?;
                 ctx.span(&id)
             }
-            Contexts::Gone => ctx.span(&LateEntered::innermost()?),
+            Contexts::Gone => ctx.span(&EnteredIds::innermost(&LATE_ENTERED)?),
         }
     }
 
@@ -527,14 +539,18 @@ where
         let context = running.span.as_mut().map(AgentSpan::enter);
         drop(extensions);
         drop(span);
+        if std::thread::panicking() {
+            EnteredIds::entered(&ENTERED_IN_UNWIND, id);
+        }
         if let Some(context) = context {
             make_current(id, context);
         }
     }
 
     fn on_exit(&self, id: &Id, ctx: Context<'_, S>) {
-        // An async agent's span may close later, on another thread: note the panic now.
-        if std::thread::panicking() {
+        // An async agent's span may close later, on another thread: note the panic now. One
+        // entered as the panic unwinds (to drop a future) is not what it unwinds through.
+        if std::thread::panicking() && !EnteredIds::exited(&ENTERED_IN_UNWIND, id) {
             if let Some(span) = ctx.span(id) {
                 if let Some(running) = span.extensions_mut().get_mut::<Running>() {
                     running.execution.panicked = true;
@@ -552,7 +568,7 @@ where
                 })
                 .ok()
                 .flatten(),
-            Contexts::Gone if LateEntered::exited(id) => return,
+            Contexts::Gone if EnteredIds::exited(&LATE_ENTERED, id) => return,
             Contexts::Unused | Contexts::Gone => None,
         };
         match guard {
@@ -578,11 +594,9 @@ where
             span,
             role,
         } = running;
-        if state.entered {
-            state.panicked |= std::thread::panicking();
-        } else {
-            // Never entered: its future was dropped before it was ever polled, so no panic
-            // went through it, whenever it closes.
+        // Never entered: its future was dropped before it was ever polled. (A panic through
+        // it was noted as it exited.)
+        if !state.entered {
             state.cancel(false);
         }
         let duration = state.duration();
@@ -738,17 +752,30 @@ pub(crate) struct AgentSpanHook {
 /// Finds the agent span `id` in the subscriber the layer was built for.
 type WithAgentSpan = fn(&Dispatch, &Id, &mut dyn FnMut(&mut AgentSpan)) -> bool;
 
-/// Marks span `id` cancelled when it is an agent span or model call, else with `or_above` the
-/// nearest one above it; `false` when there is none.
-type CancelExecution = fn(&Dispatch, &Id, bool) -> bool;
+/// Marks the execution of span `id` cancelled, as [`Dropped`] says; `false` when there is none.
+type CancelExecution = fn(&Dispatch, &Id, Dropped) -> bool;
+
+/// Which future was dropped before it completed, from its span: which execution it cancels,
+/// and whether the drop ends it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Dropped {
+    /// The span's own future: the span, when it is an agent span or model call. The drop
+    /// ends it.
+    Own,
+    /// The span's own future, which cancels the nearest execution at or above the span; the
+    /// drop ends the span's own.
+    OwnOrAbove,
+    /// A future inside the span: the nearest execution at or above it.
+    Inside,
+}
 
 impl AgentSpanHook {
-    /// Marks span `id` cancelled when it is an agent span or model call, else with `or_above`
-    /// the nearest one above it: its future (or one inside it) was dropped before it
-    /// completed, now. An execution a panic went through stays a panic. `false` when there is
-    /// none.
-    pub(crate) fn cancel(&self, dispatch: &Dispatch, id: &Id, or_above: bool) -> bool {
-        (self.cancel)(dispatch, id, or_above)
+    /// Marks the execution of span `id` cancelled, as `dropped` says: a future was dropped
+    /// before it completed, now. While a panic unwinds, only an execution entered since it
+    /// began (to drop what it holds) is cancelled: one the panic unwinds through is a panic.
+    /// `false` when none is marked.
+    pub(crate) fn cancel(&self, dispatch: &Dispatch, id: &Id, dropped: Dropped) -> bool {
+        (self.cancel)(dispatch, id, dropped)
     }
 
     /// Runs `f` on the agent span `id`; `false` when `id` is not a traced agent span.
@@ -773,24 +800,28 @@ where
     dispatch.downcast_ref::<S>()?.span(id)
 }
 
-fn cancel_execution<S>(dispatch: &Dispatch, id: &Id, or_above: bool) -> bool
+fn cancel_execution<S>(dispatch: &Dispatch, id: &Id, dropped: Dropped) -> bool
 where
     S: Subscriber + for<'a> LookupSpan<'a>,
 {
     let Some(span) = lookup::<S>(dispatch, id) else {
         return false;
     };
-    let reach = if or_above { usize::MAX } else { 1 };
+    let reach = if dropped == Dropped::Own { 1 } else { usize::MAX };
+    let unwinding = std::thread::panicking();
     for (depth, span) in span.scope().take(reach).enumerate() {
-        if let Some(running) = span
-            .extensions_mut()
+        let mut extensions = span.extensions_mut();
+        let Some(running) = extensions
             .get_mut::<Running>()
             .filter(|running| running.role != SpanRole::GenAi)
-        {
-            // Its own future's drop ends it; one inside it cancels it as it closes.
-            running.execution.cancel(depth == 0);
-            return true;
+        else {
+            continue;
+        };
+        if unwinding && !EnteredIds::contains(&ENTERED_IN_UNWIND, &span.id()) {
+            return false;
         }
+        running.execution.cancel(depth == 0);
+        return true;
     }
     false
 }

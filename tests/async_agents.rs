@@ -148,6 +148,62 @@ async fn agent_that_goes_on_after_its_step(agent_name: &str, task: &str) -> Resu
     Ok(())
 }
 
+/// A lead whose own code panics beside nested agents of every kind, in flight and never polled.
+#[agent_telemetry::instrument]
+async fn lead_that_panics_beside_nested_agents(agent_name: &str, task: &str) -> usize {
+    let nested = |name: &'static str| tracing::info_span!("agent_execution", agent_name = name, task = "Wait");
+    let long = Duration::from_secs(30);
+    let by_attribute = execute_agent("n-attribute", "Wait", long, false);
+    let by_instrument_agent = tokio::time::sleep(long).instrument_agent(nested("n-instrument-agent"));
+    let by_reports = tokio::time::sleep(long)
+        .reports_cancellation()
+        .instrument(nested("n-reports"));
+    let _never_attribute = execute_agent("n-attribute-unpolled", "Wait", long, false);
+    let _never_instrument_agent = tokio::time::sleep(long).instrument_agent(nested("n-instrument-agent-unpolled"));
+    let _never_reports = tokio::time::sleep(long)
+        .reports_cancellation()
+        .instrument(nested("n-reports-unpolled"));
+    let own_code = async {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        panic!("{agent_name}'s own code fell over");
+    };
+    let (done, (), (), ()) = futures::join!(by_attribute, by_instrument_agent, by_reports, own_code);
+    done.unwrap()
+}
+
+/// A lead that panics after two nested agents it still holds completed.
+#[agent_telemetry::instrument]
+async fn lead_that_panics_holding_completed_agents(agent_name: &str, task: &str) -> usize {
+    let done = execute_agent("held-attribute", "Quick", Duration::from_millis(5), false);
+    tokio::pin!(done);
+    let n = (&mut done).await.unwrap();
+    let span = tracing::info_span!("agent_execution", agent_name = "held-instrument-agent", task = "Quick");
+    let by_instrument_agent = tokio::time::sleep(Duration::from_millis(5)).instrument_agent(span);
+    tokio::pin!(by_instrument_agent);
+    (&mut by_instrument_agent).await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    panic!("{agent_name} fell over after {n}");
+}
+
+/// A cleanup that runs two agents to completion as a panic unwinds past it.
+struct Cleanup;
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        sync_agent("cleanup", "Clean").unwrap();
+        plain_sync_agent("cleanup-plain", "Clean").unwrap();
+    }
+}
+
+/// An agent whose sub-task, in the agent's own span, panics; it handles that and works on.
+#[agent_telemetry::instrument]
+async fn agent_whose_subtask_panics(agent_name: &str, task: &str) -> Result<(), String> {
+    let sub = tokio::spawn(async { panic!("the sub-task fell over") }.in_current_span());
+    assert!(sub.await.unwrap_err().is_panic());
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    Ok(())
+}
+
 fn attribute(span: &SpanData, key: &str) -> Option<String> {
     span.attributes
         .iter()
@@ -497,4 +553,75 @@ fn an_agent_span_never_entered_is_cancelled_though_a_panic_drops_it() {
     });
     assert!(unwound.is_err());
     assert_cancelled(&said(&harness, "unentered"), Duration::ZERO);
+}
+
+#[test]
+fn a_lead_that_panics_beside_nested_agents_of_every_kind_is_the_only_panic() {
+    let harness = Harness::new();
+    let runtime = harness.runtime(2);
+    harness.run(|| {
+        runtime.block_on(async {
+            let joined = tokio::spawn(lead_that_panics_beside_nested_agents("panicking-lead-2", "Lead")).await;
+            assert!(joined.unwrap_err().is_panic());
+        })
+    });
+    drop(runtime);
+    let lead = said(&harness, "panicking-lead-2");
+    assert_eq!(lead.counted, ["failure"]);
+    assert_eq!(lead.line["error.type"], "panic");
+    for nested in [
+        "n-attribute",
+        "n-instrument-agent",
+        "n-reports",
+        "n-instrument-agent-unpolled",
+        "n-reports-unpolled",
+    ] {
+        assert_cancelled(&said(&harness, nested), Duration::ZERO);
+    }
+    let lines = harness.log_lines();
+    assert!(
+        !lines.iter().any(|line| line.contains("n-attribute-unpolled")),
+        "an attribute's span opens at its first poll"
+    );
+}
+
+#[test]
+fn agents_that_completed_before_a_panic_unwound_past_them_are_successes() {
+    let harness = Harness::new();
+    let runtime = harness.runtime(2);
+    harness.run(|| {
+        runtime.block_on(async {
+            let joined = tokio::spawn(lead_that_panics_holding_completed_agents("holding-lead", "Lead")).await;
+            assert!(joined.unwrap_err().is_panic());
+        });
+        let unwound = std::panic::catch_unwind(|| {
+            let _cleanup = Cleanup;
+            panic!("the code around the cleanup fell over");
+        });
+        assert!(unwound.is_err());
+    });
+    drop(runtime);
+    assert_eq!(said(&harness, "holding-lead").line["error.type"], "panic");
+    for agent in ["held-attribute", "held-instrument-agent", "cleanup", "cleanup-plain"] {
+        let said = said(&harness, agent);
+        assert_eq!(said.counted, ["success"], "{agent}");
+        assert_eq!(said.line["status"], "success", "{agent}");
+    }
+}
+
+#[test]
+fn an_agent_whose_subtask_panicked_and_that_then_timed_out_is_cancelled() {
+    let harness = Harness::new();
+    let runtime = harness.runtime(2);
+    harness.run(|| {
+        runtime.block_on(async {
+            let timed = tokio::time::timeout(
+                Duration::from_millis(100),
+                agent_whose_subtask_panics("sub-panicked", "Work"),
+            );
+            assert!(timed.await.is_err());
+        })
+    });
+    drop(runtime);
+    assert_cancelled(&said(&harness, "sub-panicked"), Duration::from_millis(100));
 }
