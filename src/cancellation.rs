@@ -71,12 +71,14 @@ enum Progress {
 
 impl<F> ReportsCancellation<F> {
     /// Wraps `inner`, whose execution is the nearest agent span or model call at or above the
-    /// span current when it is dropped.
+    /// span current when it is dropped: a future inside that execution, which ends as it
+    /// closes.
     pub fn new(inner: F) -> Self {
         Self::reporting(inner, Execution::AtOrAboveCurrent)
     }
 
-    /// Wraps `inner`, whose execution is `span` (or the agent span above it).
+    /// Wraps `inner`, whose execution is `span`, ended by the drop (or else the agent span
+    /// above it, which ends as it closes).
     pub fn in_span(inner: F, span: Span) -> Self {
         Self::reporting(inner, Execution::AtOrAbove(span))
     }

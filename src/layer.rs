@@ -765,7 +765,8 @@ pub(crate) enum Dropped {
     /// The span's own future, which cancels the nearest execution at or above the span; the
     /// drop ends the span's own.
     OwnOrAbove,
-    /// A future inside the span: the nearest execution at or above it.
+    /// A future inside the span: the nearest execution at or above it, which ends as it
+    /// closes.
     Inside,
 }
 
@@ -820,7 +821,7 @@ where
         if unwinding && !EnteredIds::contains(&ENTERED_IN_UNWIND, &span.id()) {
             return false;
         }
-        running.execution.cancel(depth == 0);
+        running.execution.cancel(depth == 0 && dropped != Dropped::Inside);
         return true;
     }
     false

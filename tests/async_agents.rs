@@ -195,6 +195,16 @@ impl Drop for Cleanup {
     }
 }
 
+/// An agent whose step, wrapped with `reports_cancellation()`, times out; it goes on for
+/// `then`.
+#[agent_telemetry::instrument(skip(then))]
+async fn agent_that_goes_on_after_a_reporting_step(agent_name: &str, task: &str, then: Duration) -> Result<(), String> {
+    let step = tokio::time::sleep(Duration::from_secs(30)).reports_cancellation();
+    assert!(tokio::time::timeout(Duration::from_millis(20), step).await.is_err());
+    tokio::time::sleep(then).await;
+    Ok(())
+}
+
 /// An agent whose sub-task, in the agent's own span, panics; it handles that and works on.
 #[agent_telemetry::instrument]
 async fn agent_whose_subtask_panics(agent_name: &str, task: &str) -> Result<(), String> {
@@ -607,6 +617,30 @@ fn agents_that_completed_before_a_panic_unwound_past_them_are_successes() {
         assert_eq!(said.counted, ["success"], "{agent}");
         assert_eq!(said.line["status"], "success", "{agent}");
     }
+}
+
+#[test]
+fn an_agent_cancelled_from_a_future_inside_it_ends_at_its_own_drop_or_close() {
+    let harness = Harness::new();
+    let runtime = harness.runtime(2);
+    harness.run(|| {
+        runtime.block_on(async {
+            let goes_on =
+                agent_that_goes_on_after_a_reporting_step("reported-goes-on", "Work", Duration::from_millis(400));
+            assert_eq!(goes_on.await, Ok(()));
+            let dropped_later =
+                agent_that_goes_on_after_a_reporting_step("reported-then-dropped", "Work", Duration::from_secs(30));
+            assert!(tokio::time::timeout(Duration::from_millis(300), dropped_later)
+                .await
+                .is_err());
+        })
+    });
+    drop(runtime);
+    assert_cancelled(&said(&harness, "reported-goes-on"), Duration::from_millis(420));
+    let dropped = said(&harness, "reported-then-dropped");
+    assert_cancelled(&dropped, Duration::from_millis(300));
+    let seconds = dropped.line["duration_seconds"].as_f64().unwrap();
+    assert!(seconds < 1.0, "dropped 300 ms in: {seconds} s");
 }
 
 #[test]
