@@ -27,9 +27,8 @@ pin_project! {
     /// Made by [`instrument`](crate::instrument) and [`AgentInstrument`]; which execution it
     /// marks, each constructor says. Dropped while a panic unwinds out of its own poll, it
     /// reports nothing: the panic is reported as one. Dropped while a panic that began
-    /// elsewhere unwinds (a sibling in `join!` panicked), it marks an execution only if the
-    /// panic is not unwinding through that one: an execution the panic unwinds through is a
-    /// panic.
+    /// elsewhere unwinds (a sibling in `join!` panicked), it marks its span's own execution
+    /// only, never one above: the panic may be unwinding through that one.
     #[must_use = "futures do nothing unless polled"]
     pub struct ReportsCancellation<F> {
         #[pin]
@@ -72,13 +71,13 @@ enum Progress {
 impl<F> ReportsCancellation<F> {
     /// Wraps `inner`, whose execution is the nearest agent span or model call at or above the
     /// span current when it is dropped: a future inside that execution, which ends as it
-    /// closes.
+    /// closes. Dropped while a panic unwinds, it marks none.
     pub fn new(inner: F) -> Self {
         Self::reporting(inner, Execution::AtOrAboveCurrent)
     }
 
     /// Wraps `inner`, whose execution is `span`, ended by the drop (or else the agent span
-    /// above it, which ends as it closes).
+    /// above it, which ends as it closes; dropped while a panic unwinds, `span` only).
     pub fn in_span(inner: F, span: Span) -> Self {
         Self::reporting(inner, Execution::AtOrAbove(span))
     }
@@ -119,9 +118,14 @@ impl<F: Future> Future for ReportsCancellation<F> {
 }
 
 impl Execution {
+    /// While a panic unwinds, only a span's own execution is marked: the one above it may be
+    /// what the panic is unwinding through, which is then a panic.
     fn report_cancelled(&self) {
+        let panicking = std::thread::panicking();
         match self {
+            Execution::AtOrAbove(span) if panicking => report_cancelled(span, Dropped::Own),
             Execution::AtOrAbove(span) => report_cancelled(span, Dropped::OwnOrAbove),
+            Execution::AtOrAboveCurrent if panicking => {}
             Execution::AtOrAboveCurrent => report_cancelled(&Span::current(), Dropped::Inside),
             Execution::CurrentNamed(name) => {
                 let current = Span::current();

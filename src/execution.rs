@@ -336,9 +336,13 @@ impl ExecutionState {
         }
     }
 
-    /// Marks it cancelled. `dropped`: its own future was dropped now, which ends it (the first
-    /// drop counts); else a future inside it was, and it ends when it closes.
+    /// Marks it cancelled, unless a panic through it is its outcome already. `dropped`: its
+    /// own future was dropped now, which ends it (the first drop counts); else a future inside
+    /// it was, and it ends when it closes.
     pub(crate) fn cancel(&mut self, dropped: bool) {
+        if self.panicked {
+            return;
+        }
         self.cancelled = true;
         if dropped && self.dropped_after.is_none() {
             self.dropped_after = Some(self.started.elapsed());
@@ -509,7 +513,7 @@ mod tests {
     }
 
     #[test]
-    fn its_own_drop_ends_a_cancelled_execution() {
+    fn its_own_drop_ends_a_cancelled_execution_and_a_panic_stays_its_outcome() {
         let mut inner = ExecutionState::new(1024);
         inner.cancel(false);
         assert!(inner.cancelled);
@@ -522,5 +526,11 @@ mod tests {
         own.cancel(true);
         assert_eq!(own.dropped_after, Some(dropped), "the first drop counts");
         assert_eq!(own.duration(), dropped);
+
+        let mut panicked = ExecutionState::new(1024);
+        panicked.panicked = true;
+        panicked.cancel(true);
+        assert!(!panicked.cancelled);
+        assert_eq!(panicked.outcome(), (Status::Failure, Some(Failure::Panic)));
     }
 }

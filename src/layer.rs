@@ -31,7 +31,6 @@ use std::cell::{Cell, RefCell};
 use std::marker::PhantomData;
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, OnceLock};
-use std::thread::LocalKey;
 use std::time::SystemTime;
 
 use opentelemetry::trace::TraceContextExt as _;
@@ -102,64 +101,53 @@ thread_local! {
     static ACTIVE: Active = const { Active(RefCell::new(Vec::new())) };
     /// Nothing to drop: readable to the end.
     static CONTEXTS: Cell<Contexts> = const { Cell::new(Contexts::Unused) };
-    /// The execution side's spans entered once `ACTIVE` is gone (the thread is ending).
-    static LATE_ENTERED: Cell<EnteredIds> = const { Cell::new(EnteredIds::EMPTY) };
-    /// The execution side's spans entered while a panic unwinds, as a future is dropped: the
-    /// panic is not unwinding through them.
-    static ENTERED_IN_UNWIND: Cell<EnteredIds> = const { Cell::new(EnteredIds::EMPTY) };
+    /// Nothing to drop: readable to the end.
+    static LATE_ENTERED: Cell<LateEntered> = const { Cell::new(LateEntered::EMPTY) };
 }
 
-/// Spans entered on this thread, in entry order, innermost last: their ids only, in a fixed
-/// array, so that reading and writing it needs nothing dropped (it is readable to the end of
-/// the thread). Past [`EnteredIds::CAPACITY`] spans are not recorded.
+/// The execution side's spans entered on this thread once `ACTIVE` is gone (the thread is
+/// ending), in entry order, innermost last: their ids only, in a fixed array, so that reading
+/// and writing it needs nothing dropped. Past [`LateEntered::CAPACITY`] spans are not
+/// recorded.
 #[derive(Clone, Copy)]
-struct EnteredIds {
-    ids: [u64; EnteredIds::CAPACITY],
+struct LateEntered {
+    ids: [u64; LateEntered::CAPACITY],
     len: usize,
 }
 
-/// One of this thread's [`EnteredIds`].
-type EnteredList = LocalKey<Cell<EnteredIds>>;
-
-impl EnteredIds {
+impl LateEntered {
     const CAPACITY: usize = 16;
-    const EMPTY: Self = EnteredIds {
+    const EMPTY: Self = LateEntered {
         ids: [0; Self::CAPACITY],
         len: 0,
     };
 
-    fn entered(list: &'static EnteredList, id: &Id) {
-        let mut entered = list.get();
-        if let Some(slot) = entered.ids.get_mut(entered.len) {
+    fn entered(id: &Id) {
+        let mut late = LATE_ENTERED.get();
+        if let Some(slot) = late.ids.get_mut(late.len) {
             *slot = id.into_u64();
-            entered.len += 1;
-            list.set(entered);
+            late.len += 1;
+            LATE_ENTERED.set(late);
         }
     }
 
-    /// Whether `id` was entered, forgetting its last entry.
-    fn exited(list: &'static EnteredList, id: &Id) -> bool {
-        let mut entered = list.get();
-        let recorded = &entered.ids[..entered.len];
-        let Some(at) = recorded.iter().rposition(|&span| span == id.into_u64()) else {
+    /// Whether `id` was entered here, forgetting its last entry.
+    fn exited(id: &Id) -> bool {
+        let mut late = LATE_ENTERED.get();
+        let recorded = &late.ids[..late.len];
+        let Some(at) = recorded.iter().rposition(|&entered| entered == id.into_u64()) else {
             return false;
         };
-        entered.ids.copy_within(at + 1..entered.len, at);
-        entered.len -= 1;
-        list.set(entered);
+        late.ids.copy_within(at + 1..late.len, at);
+        late.len -= 1;
+        LATE_ENTERED.set(late);
         true
     }
 
-    /// Whether `id` is entered.
-    fn contains(list: &'static EnteredList, id: &Id) -> bool {
-        let entered = list.get();
-        entered.ids[..entered.len].contains(&id.into_u64())
-    }
-
     /// The innermost span entered, counting one entered again where it was first entered.
-    fn innermost(list: &'static EnteredList) -> Option<Id> {
-        let entered = list.get();
-        innermost_first_entry(&entered.ids[..entered.len], |id| id).map(|&id| Id::from_u64(id))
+    fn innermost() -> Option<Id> {
+        let late = LATE_ENTERED.get();
+        innermost_first_entry(&late.ids[..late.len], |id| id).map(|&id| Id::from_u64(id))
     }
 }
 
@@ -204,7 +192,7 @@ fn is_thread_local_gone(panic: &(dyn Any + Send)) -> bool {
 /// span is recorded all the same, its context not made current.
 fn make_current(id: &Id, context: opentelemetry::Context) {
     let Some(guard) = with_current_contexts(|| context.attach()) else {
-        return EnteredIds::entered(&LATE_ENTERED, id);
+        return LateEntered::entered(id);
     };
     let _ = ACTIVE.try_with(|active| match active.0.try_borrow_mut() {
         Ok(mut active) => active.push((id.clone(), guard)),
@@ -346,7 +334,7 @@ where
                     .flatten()?;
                 ctx.span(&id)
             }
-            Contexts::Gone => ctx.span(&EnteredIds::innermost(&LATE_ENTERED)?),
+            Contexts::Gone => ctx.span(&LateEntered::innermost()?),
         }
     }
 
@@ -539,18 +527,14 @@ where
         let context = running.span.as_mut().map(AgentSpan::enter);
         drop(extensions);
         drop(span);
-        if std::thread::panicking() {
-            EnteredIds::entered(&ENTERED_IN_UNWIND, id);
-        }
         if let Some(context) = context {
             make_current(id, context);
         }
     }
 
     fn on_exit(&self, id: &Id, ctx: Context<'_, S>) {
-        // An async agent's span may close later, on another thread: note the panic now. One
-        // entered as the panic unwinds (to drop a future) is not what it unwinds through.
-        if std::thread::panicking() && !EnteredIds::exited(&ENTERED_IN_UNWIND, id) {
+        // An async agent's span may close later, on another thread: note the panic now.
+        if std::thread::panicking() {
             if let Some(span) = ctx.span(id) {
                 if let Some(running) = span.extensions_mut().get_mut::<Running>() {
                     running.execution.panicked = true;
@@ -568,7 +552,7 @@ where
                 })
                 .ok()
                 .flatten(),
-            Contexts::Gone if EnteredIds::exited(&LATE_ENTERED, id) => return,
+            Contexts::Gone if LateEntered::exited(id) => return,
             Contexts::Unused | Contexts::Gone => None,
         };
         match guard {
@@ -594,9 +578,11 @@ where
             span,
             role,
         } = running;
-        // Never entered: its future was dropped before it was ever polled. (A panic through
-        // it was noted as it exited.)
-        if !state.entered {
+        if state.entered {
+            state.panicked |= std::thread::panicking();
+        } else {
+            // Never entered: its future was dropped before it was ever polled, so no panic
+            // went through it, whenever it closes.
             state.cancel(false);
         }
         let duration = state.duration();
@@ -772,9 +758,8 @@ pub(crate) enum Dropped {
 
 impl AgentSpanHook {
     /// Marks the execution of span `id` cancelled, as `dropped` says: a future was dropped
-    /// before it completed, now. While a panic unwinds, only an execution entered since it
-    /// began (to drop what it holds) is cancelled: one the panic unwinds through is a panic.
-    /// `false` when none is marked.
+    /// before it completed, now. An execution a panic went through stays a panic. `false`
+    /// when there is none.
     pub(crate) fn cancel(&self, dispatch: &Dispatch, id: &Id, dropped: Dropped) -> bool {
         (self.cancel)(dispatch, id, dropped)
     }
@@ -809,20 +794,16 @@ where
         return false;
     };
     let reach = if dropped == Dropped::Own { 1 } else { usize::MAX };
-    let unwinding = std::thread::panicking();
     for (depth, span) in span.scope().take(reach).enumerate() {
-        let mut extensions = span.extensions_mut();
-        let Some(running) = extensions
+        if let Some(running) = span
+            .extensions_mut()
             .get_mut::<Running>()
             .filter(|running| running.role != SpanRole::GenAi)
-        else {
-            continue;
-        };
-        if unwinding && !EnteredIds::contains(&ENTERED_IN_UNWIND, &span.id()) {
-            return false;
+        {
+            // Its own future's drop ends it; one inside it cancels it as it closes.
+            running.execution.cancel(depth == 0 && dropped != Dropped::Inside);
+            return true;
         }
-        running.execution.cancel(depth == 0 && dropped != Dropped::Inside);
-        return true;
     }
     false
 }
