@@ -8,8 +8,8 @@
 //!
 //! [`instrument`](crate::instrument) (the attribute) wraps an `async fn`'s body in it;
 //! [`AgentInstrument::instrument_agent`] wraps a future and instruments it with an agent span.
-//! An agent span that closes without ever having been entered (its future dropped before its
-//! first poll) is cancelled too.
+//! An agent span that closes without ever having been entered never ran, and is cancelled
+//! too (a future dropped unpolled is entered to be dropped: its `ReportsCancellation` tells).
 
 use std::future::Future;
 use std::pin::Pin;
