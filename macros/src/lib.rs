@@ -36,15 +36,14 @@ pub fn instrument(args: TokenStream, item: TokenStream) -> TokenStream {
     } else {
         quote!(#(#added,)* #args)
     };
-    if function.sig.asyncness.is_some() {
-        let block = &function.block;
-        *function.block = syn::parse_quote!({
-            ::agent_telemetry::__private::ReportsCancellation::of_span_named(async move #block, #name).await
-        });
-    } else if let Some(body) = returned_async_block(&mut function.block) {
-        let block = &body.block;
-        body.block = syn::parse_quote!({
-            ::agent_telemetry::__private::ReportsCancellation::of_span_named(async move #block, #name).await
+    let body = if function.sig.asyncness.is_some() {
+        Some(&mut *function.block)
+    } else {
+        returned_async_block(&mut function.block).map(|body| &mut body.block)
+    };
+    if let Some(body) = body {
+        *body = syn::parse_quote!({
+            ::agent_telemetry::__private::ReportsCancellation::of_span_named(async move #body, #name).await
         });
     }
     quote!(
