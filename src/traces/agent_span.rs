@@ -302,14 +302,7 @@ impl AgentSpan {
     /// Whether the span takes another event: it is sampled and holds fewer than it keeps (an
     /// event past those is counted as dropped).
     pub(crate) fn takes_events(&mut self) -> bool {
-        if !self.is_sampled() {
-            return false;
-        }
-        if self.events.len() >= MAX_EVENTS {
-            self.dropped_events = self.dropped_events.saturating_add(1);
-            return false;
-        }
-        true
+        self.is_sampled() && has_room(self.events.len(), MAX_EVENTS, &mut self.dropped_events)
     }
 
     /// Adds an event made by [`AgentTracer::event`], if the span [takes](Self::takes_events)
@@ -323,14 +316,9 @@ impl AgentSpan {
     /// Links the span to one it follows from, unless that is invalid (a span nothing
     /// traces); past the links it keeps, the link is counted as dropped.
     pub(crate) fn add_link(&mut self, follows: SpanContext) {
-        if !follows.is_valid() {
-            return;
+        if follows.is_valid() && has_room(self.links.len(), MAX_LINKS, &mut self.dropped_links) {
+            self.links.push(Link::with_context(follows));
         }
-        if self.links.len() >= MAX_LINKS {
-            self.dropped_links = self.dropped_links.saturating_add(1);
-            return;
-        }
-        self.links.push(Link::with_context(follows));
     }
 
     fn set_attribute(&mut self, key: &'static str, value: Value) {
@@ -339,6 +327,16 @@ impl AgentSpan {
             None => self.attributes.push(KeyValue::new(key, value)),
         }
     }
+}
+
+/// Whether a list of `len` items has room for one more under `max`; if not, that one is
+/// counted in `dropped`.
+fn has_room(len: usize, max: usize, dropped: &mut u32) -> bool {
+    let room = len < max;
+    if !room {
+        *dropped = dropped.saturating_add(1);
+    }
+    room
 }
 
 /// Span fields as attributes; `otel.name` and `otel.kind` rename the span and set its kind.
