@@ -46,8 +46,7 @@ pub(crate) struct AgentTracer {
 pub(crate) struct AgentSpan {
     /// The parent's context (its span, baggage and the rest) ...
     parent: Context,
-    /// ... and this span's: together they are the context current while it is entered, made
-    /// on each entry, on the thread that then drops it (a cross-thread free contends).
+    /// ... and this span's: together they are the context current while it is entered.
     span_context: SpanContext,
     parent_span_id: SpanId,
     parent_is_remote: bool,
@@ -61,7 +60,9 @@ pub(crate) struct AgentSpan {
     /// The spans it follows from.
     links: Vec<Link>,
     dropped_links: u32,
-    entered: bool,
+    /// The context current while it is entered, made on its first entry (`None` before):
+    /// its parent and trace are fixed from then on.
+    entered: Option<Context>,
 }
 
 /// Why a span cannot join an incoming trace.
@@ -151,7 +152,7 @@ impl AgentTracer {
             dropped_events: 0,
             links: Vec::new(),
             dropped_links: 0,
-            entered: false,
+            entered: None,
         };
         self.place_under(&mut span, parent, self.ids.new_span_id());
         span
@@ -161,7 +162,7 @@ impl AgentTracer {
     /// Gives back the parent it replaced, for the caller to drop once it no longer holds the
     /// span's lock: the application's values in that context run their `Drop` then.
     pub(crate) fn continue_remote(&self, span: &mut AgentSpan, remote: &Context) -> Result<Context, AlreadyStarted> {
-        if span.entered {
+        if span.entered.is_some() {
             return Err(AlreadyStarted);
         }
         let span_id = span.span_context.span_id();
@@ -214,8 +215,8 @@ impl AgentTracer {
 
 impl AgentSpan {
     /// The span's parts for building it elsewhere, with the execution's (its failure taken)
-    /// but for its text, which [`AgentBatch::push`] adds. Its parent context is dropped here,
-    /// on the thread that made it.
+    /// but for its text, which [`AgentBatch::push`] adds. Its contexts are dropped here, on
+    /// the thread that closes it, not on the span thread.
     pub(crate) fn finish(self, role: SpanRole, execution: &mut Execution) -> FinishedSpan {
         let AgentSpan {
             parent: _,
@@ -279,13 +280,23 @@ impl AgentSpan {
 
     /// The context that is current while the span is entered; marks the span started.
     pub(crate) fn enter(&mut self) -> Context {
-        self.entered = true;
-        self.context()
+        let AgentSpan {
+            parent,
+            span_context,
+            entered,
+            ..
+        } = self;
+        entered
+            .get_or_insert_with(|| parent.with_remote_span_context(span_context.clone()))
+            .clone()
     }
 
     /// The span's context: for its children, and to pass on to another process.
     pub(crate) fn context(&self) -> Context {
-        self.parent.with_remote_span_context(self.span_context.clone())
+        match &self.entered {
+            Some(context) => context.clone(),
+            None => self.parent.with_remote_span_context(self.span_context.clone()),
+        }
     }
 
     pub(crate) fn ids(&self) -> TraceIds {
