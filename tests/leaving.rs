@@ -9,6 +9,7 @@ mod support;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use agent_telemetry::propagation::continue_trace;
 use agent_telemetry::{AgentTelemetry, Scrubbing, TaskCapture, TracesExporter};
 use opentelemetry_sdk::trace::SpanData;
 use proptest::prelude::*;
@@ -271,6 +272,138 @@ fn an_export_request_never_passes_its_byte_limit() {
     assert!(bodies.iter().all(|&length| length <= 4 << 20), "{bodies:?}");
     let exported = harness.scrape().value("agent_telemetry_spans_exported_total", &[]);
     assert_eq!(exported, Some(400.0));
+}
+
+/// A caller's `traceparent` and the largest `tracestate` W3C allows: 32 members of 256-byte
+/// keys and values, about 16 kB that every span of the trace below it carries.
+fn incoming_with_a_full_tracestate() -> std::collections::HashMap<String, String> {
+    let tracestate = (0..32)
+        .map(|i| format!("k{}={}", format!("{i:03}").repeat(85), "v".repeat(256)))
+        .collect::<Vec<_>>()
+        .join(",");
+    std::collections::HashMap::from([
+        (
+            "traceparent".to_owned(),
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".to_owned(),
+        ),
+        ("tracestate".to_owned(), tracestate),
+    ])
+}
+
+#[test]
+fn a_callers_tracestate_counts_toward_an_export_requests_byte_limit() {
+    let collector = RecordingCollector::start();
+    let harness = Harness::otlp(&collector.traces_url(), |b| b.with_span_export_batch_size(512));
+    let incoming = incoming_with_a_full_tracestate();
+    harness.run(|| {
+        for _ in 0..512 {
+            let span = tracing::info_span!("agent_execution", agent_name = "a", task = "t");
+            assert!(continue_trace(&span, &incoming).unwrap());
+            span.in_scope(|| {});
+        }
+    });
+    harness.telemetry().flush().unwrap();
+    // 512 spans of 16 kB: 8.4 MB, in requests of at most 4 MiB.
+    let bodies: Vec<usize> = collector.requests().iter().map(|(_, length)| *length).collect();
+    assert!(bodies.len() >= 3, "{bodies:?}");
+    assert!(bodies.iter().all(|&length| length <= 4 << 20), "{bodies:?}");
+    let exported = harness.scrape().value("agent_telemetry_spans_exported_total", &[]);
+    assert_eq!(exported, Some(512.0));
+}
+
+#[test]
+fn links_to_spans_with_a_full_tracestate_take_no_other_span_down() {
+    let collector = RecordingCollector::start();
+    let harness = Harness::otlp(&collector.traces_url(), |b| b.with_span_export_batch_size(512));
+    let incoming = incoming_with_a_full_tracestate();
+    harness.run(|| {
+        let requests: Vec<tracing::Span> = (0..128)
+            .map(|n| {
+                let span = tracing::info_span!("agent_execution", agent_name = "request", task = n);
+                assert!(continue_trace(&span, &incoming).unwrap());
+                span
+            })
+            .collect();
+        // Ten agents, each following all of them: 128 links of 16 kB, 2 MB a span.
+        for _ in 0..10 {
+            let batch = tracing::info_span!("agent_execution", agent_name = "batcher", task = "t");
+            for request in &requests {
+                batch.follows_from(request);
+            }
+            batch.in_scope(|| {});
+        }
+        tracing::info_span!("agent_execution", agent_name = "bystander", task = "t").in_scope(|| {});
+    });
+    harness.telemetry().flush().unwrap();
+    // Together over the 16 MiB the OTLP client refuses; in requests of at most 4 MiB, all go.
+    let bodies: Vec<usize> = collector.requests().iter().map(|(_, length)| *length).collect();
+    assert!(bodies.iter().all(|&length| length <= 4 << 20), "{bodies:?}");
+    let scrape = harness.scrape();
+    assert_eq!(
+        scrape.value("agent_telemetry_spans_exported_total", &[]),
+        Some(139.0),
+        "{bodies:?}"
+    );
+    assert_eq!(
+        scrape.value("agent_telemetry_spans_export_failed_total", &[]),
+        Some(0.0)
+    );
+}
+
+#[test]
+fn a_callers_tracestate_counts_toward_the_span_queues_32_mib() {
+    use std::sync::mpsc::{channel, Receiver, Sender};
+    use std::sync::Mutex;
+
+    use opentelemetry_sdk::error::OTelSdkResult;
+    use opentelemetry_sdk::trace::SpanExporter;
+
+    /// A collector that stalls: its first export waits until the test lets it go.
+    #[derive(Debug)]
+    struct Stalled {
+        began: Mutex<Sender<()>>,
+        release: Mutex<Receiver<()>>,
+    }
+    impl SpanExporter for Stalled {
+        async fn export(&self, _: Vec<SpanData>) -> OTelSdkResult {
+            let _ = self.began.lock().unwrap().send(());
+            let _ = self.release.lock().unwrap().recv();
+            Ok(())
+        }
+    }
+    let (began, export_began) = channel();
+    let (let_go, release) = channel::<()>();
+    let harness = Harness::with(|b| {
+        b.with_span_exporter(Stalled {
+            began: Mutex::new(began),
+            release: Mutex::new(release),
+        })
+        .with_span_queue_size(1_000_000)
+        .with_span_export_batch_size(64)
+        .with_span_export_delay(Duration::ZERO)
+    });
+    let incoming = incoming_with_a_full_tracestate();
+    let run = |count: usize| {
+        harness.run(|| {
+            for _ in 0..count {
+                let span = tracing::info_span!("agent_execution", agent_name = "a", task = "t");
+                continue_trace(&span, &incoming).unwrap();
+                span.in_scope(|| {});
+            }
+        })
+    };
+    run(64);
+    export_began
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the first export stalls");
+    // 4,096 spans of 16 kB wait behind it: 67 MB, twice the queue's 32 MiB.
+    run(4096);
+    let dropped = harness
+        .scrape()
+        .value("agent_telemetry_spans_dropped_total", &[])
+        .unwrap();
+    drop(let_go);
+    assert!(dropped >= 1_000.0, "{dropped} of 4,096 spans dropped");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -53,10 +53,18 @@ pub(crate) struct UsageText<'a> {
     pub(crate) has_tokens: bool,
 }
 
+/// What an agent span's ids, times and the attributes the crate sets weigh with their
+/// framing, from above, besides their text that varies.
+const AGENT_SPAN_OVERHEAD: usize = 512;
+
+/// What a usage's attributes weigh with their framing and numbers, from above, besides the
+/// names.
+const USAGE_OVERHEAD: usize = 512;
+
 impl UsageText<'_> {
     /// What the usage adds to a span: its names and the attributes' keys and numbers.
     fn weight(&self) -> usize {
-        2 * (self.model.len() + self.provider.len()) + 256
+        2 * (self.model.len() + self.provider.len()) + USAGE_OVERHEAD
     }
 }
 
@@ -193,12 +201,13 @@ impl FinishedSpan {
         let location = self.metadata.file().map_or(0, str::len) + self.metadata.module_path().map_or(0, str::len);
         let rare = self.rare.as_ref().map_or(0, |rare| {
             rare.name.as_ref().map_or(0, String::len)
+                + span_size::of_trace_state(&rare.trace_state)
                 + span_size::of_attributes(&rare.attributes)
                 + span_size::of_events(&rare.events)
                 + span_size::of_links(&rare.links)
                 + rare.failure.as_ref().map_or(0, |failure| failure.description().len())
         });
-        256 + location + rare
+        AGENT_SPAN_OVERHEAD + location + rare
     }
 }
 

@@ -5,7 +5,7 @@
 //! Weights are estimates of the OTLP protobuf encoding from above: every string's bytes, plus
 //! a fixed overhead per span, attribute and event that exceeds what protobuf adds for them.
 
-use opentelemetry::trace::{Event, Link};
+use opentelemetry::trace::{Event, Link, TraceState};
 use opentelemetry::{Array, KeyValue, StringValue, Value};
 use opentelemetry_sdk::trace::SpanData;
 
@@ -35,6 +35,16 @@ pub(crate) fn of_span_data(span: &SpanData) -> usize {
         + of_attributes(&span.attributes)
         + of_events(&span.events.events)
         + of_links(&span.links.links)
+        + of_trace_state(span.span_context.trace_state())
+}
+
+/// What a `tracestate` weighs: a caller's, up to 32 members of 512 bytes each, that every
+/// span of the trace below it carries.
+pub(crate) fn of_trace_state(trace_state: &TraceState) -> usize {
+    if *trace_state == TraceState::NONE {
+        return 0;
+    }
+    trace_state.header().len()
 }
 
 /// What `attributes` weigh.
@@ -49,7 +59,7 @@ pub(crate) fn of_attributes(attributes: &[KeyValue]) -> usize {
 pub(crate) fn of_links(links: &[Link]) -> usize {
     links
         .iter()
-        .map(|link| SPAN_OVERHEAD + of_attributes(&link.attributes))
+        .map(|link| SPAN_OVERHEAD + of_attributes(&link.attributes) + of_trace_state(link.span_context.trace_state()))
         .sum()
 }
 
