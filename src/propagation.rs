@@ -22,8 +22,10 @@ use crate::traces::{AgentSpan, AgentTracer};
 /// Makes `span` a child of the trace named by the `traceparent` (and `tracestate`) headers of
 /// an incoming request. Call it after creating the span and before entering it.
 ///
-/// Returns `Ok(false)` when the headers carry no valid `traceparent`: the span then starts a
-/// new trace, as it would have without this call.
+/// Returns `Ok(false)` when the headers carry no valid `traceparent` (as W3C Trace Context
+/// writes it: two lowercase hex digits of version, then 32 of trace id, 16 of parent id and
+/// 2 of flags, joined by `-`; ids not all zero): the span then starts a new trace, as it would
+/// have without this call.
 ///
 /// # Errors
 ///
@@ -51,6 +53,9 @@ use crate::traces::{AgentSpan, AgentTracer};
 /// # }
 /// ```
 pub fn continue_trace(span: &tracing::Span, headers: &dyn Extractor) -> Result<bool> {
+    if !headers.get(TRACEPARENT).is_some_and(is_w3c_traceparent) {
+        return Ok(false);
+    }
     let parent = TraceContextPropagator::new().extract(headers);
     if !parent.span().span_context().is_valid() {
         return Ok(false);
@@ -91,6 +96,36 @@ pub fn trace_headers(span: &tracing::Span) -> HashMap<String, String> {
     let mut headers = HashMap::new();
     inject_trace(span, &mut headers);
     headers
+}
+
+/// The header that names the trace and parent a request continues.
+const TRACEPARENT: &str = "traceparent";
+
+/// Whether `value` is a `traceparent` as W3C Trace Context writes it: version `00` with
+/// exactly its four fields, or a later version (not `ff`) whose first four fields have
+/// version 00's form, followed by the end or a `-`; every digit lowercase hex. The SDK's
+/// parser reads ids of any length (`1` for `00…01`), which would join unrelated callers in
+/// one trace. All-zero ids are left to it (a context that is not valid).
+fn is_w3c_traceparent(value: &str) -> bool {
+    const LEN: usize = 55;
+    let value = value.trim().as_bytes();
+    let is_hex = |range: std::ops::Range<usize>| {
+        value[range]
+            .iter()
+            .all(|byte| byte.is_ascii_digit() || (b'a'..=b'f').contains(byte))
+    };
+    value.len() >= LEN
+        && is_hex(0..2)
+        && &value[0..2] != b"ff"
+        && [2, 35, 52].iter().all(|&dash| value[dash] == b'-')
+        && is_hex(3..35)
+        && is_hex(36..52)
+        && is_hex(53..LEN)
+        && match (&value[0..2], value.get(LEN)) {
+            (_, None) => true,
+            (b"00", Some(_)) => false,
+            (_, Some(next)) => *next == b'-',
+        }
 }
 
 /// Runs `f` on `span`'s agent span state; `None` when it is not a traced agent span.

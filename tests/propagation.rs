@@ -70,3 +70,49 @@ fn joining_after_the_span_started_is_an_error() {
         });
     });
 }
+
+#[test]
+fn only_a_traceparent_written_as_w3c_writes_it_is_joined() {
+    let harness = Harness::new();
+    let traceparent = |value: &str| HashMap::from([("traceparent".to_owned(), value.to_owned())]);
+    let not_w3c = [
+        "00-1-1-01",
+        "0-1-1-1",
+        "00-+4bf92f3577b34da6a3ce929d0e0e473-+0f067aa0ba902b7-01",
+        "00-00000000000000004bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-001",
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+        "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+        "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-0١",
+    ];
+    // A later version is read by version 00's first four fields, as W3C asks.
+    let later_version = format!("cc-{TRACE_ID}-{PARENT_ID}-01-what-comes-next");
+    let joined: Vec<bool> = harness.run(|| {
+        not_w3c
+            .iter()
+            .chain([&later_version.as_str()])
+            .map(|value| {
+                let span = tracing::info_span!("agent_execution", agent_name = "a", task = *value);
+                let joined = continue_trace(&span, &traceparent(value)).unwrap();
+                span.in_scope(|| {});
+                joined
+            })
+            .collect()
+    });
+    assert_eq!(joined[..not_w3c.len()], [false; 11], "{not_w3c:?}");
+    assert!(joined[not_w3c.len()], "{later_version}");
+    let spans = harness.spans();
+    let remote: Vec<String> = spans
+        .iter()
+        .filter(|span| span.parent_span_is_remote)
+        .map(|span| format!("{}-{}", span.span_context.trace_id(), span.parent_span_id))
+        .collect();
+    assert_eq!(
+        remote,
+        [format!("{TRACE_ID}-{PARENT_ID}")],
+        "only the later version joined"
+    );
+}
