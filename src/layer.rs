@@ -205,14 +205,15 @@ fn make_current(id: &Id, context: opentelemetry::Context) {
 /// model call.
 type Traced<S> = OpenTelemetryLayer<S, opentelemetry_sdk::trace::SdkTracer>;
 
-/// The OpenTelemetry context of `id` if it is an agent span or model call this layer traces.
+/// The OpenTelemetry context of `id` if it is an agent span or model call this layer traces,
+/// handed on: the span's trace is fixed from here.
 fn own_context<S>(id: &Id, ctx: &Context<'_, S>) -> Option<opentelemetry::Context>
 where
     S: Subscriber + for<'lookup> LookupSpan<'lookup>,
 {
     let span = ctx.span(id)?;
-    let extensions = span.extensions();
-    extensions.get::<Running>()?.span.as_ref().map(AgentSpan::context)
+    let mut extensions = span.extensions_mut();
+    extensions.get_mut::<Running>()?.span.as_mut().map(AgentSpan::context)
 }
 
 /// Hands a span to `tracing-opentelemetry`. That layer does not know agent spans and model
@@ -524,7 +525,7 @@ where
             return;
         };
         running.execution.entered = true;
-        let context = running.span.as_mut().map(AgentSpan::enter);
+        let context = running.span.as_mut().map(AgentSpan::context);
         drop(extensions);
         drop(span);
         if let Some(context) = context {

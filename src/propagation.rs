@@ -20,7 +20,7 @@ use crate::layer::AgentSpanHook;
 use crate::traces::{AgentSpan, AgentTracer};
 
 /// Makes `span` a child of the trace named by the `traceparent` (and `tracestate`) headers of
-/// an incoming request. Call it after creating the span and before entering it.
+/// an incoming request. Call it after creating the span and before anything uses its context.
 ///
 /// Returns `Ok(false)` when the headers carry no valid `traceparent` (as W3C Trace Context
 /// writes it: two lowercase hex digits of version, then 32 of trace id, 16 of parent id and
@@ -29,8 +29,11 @@ use crate::traces::{AgentSpan, AgentTracer};
 ///
 /// # Errors
 ///
-/// [`Error::Propagation`] when the span was already entered (its trace is fixed by then), is
-/// not traced, or the telemetry layer is not installed.
+/// [`Error::Propagation`] when the span's trace is fixed already: an agent span's is once it
+/// was entered or its context was handed on (to a child made with `parent: &span`, a
+/// `follows_from` link, or [`context`], [`inject_trace`], [`trace_headers`]), whose spans and
+/// headers would otherwise name a trace it left; another span's, once `tracing-opentelemetry`
+/// started it. Also when the span is not traced, or the telemetry layer is not installed.
 ///
 /// # Examples
 ///
@@ -66,8 +69,8 @@ pub fn continue_trace(span: &tracing::Span, headers: &dyn Extractor) -> Result<b
     match joined {
         // The replaced parent is dropped here, the span's lock released.
         Some(Ok(_replaced)) => Ok(true),
-        Some(Err(already_started)) => Err(Error::Propagation {
-            source: Box::new(already_started),
+        Some(Err(trace_fixed)) => Err(Error::Propagation {
+            source: Box::new(trace_fixed),
         }),
         // Not an agent span: one `tracing-opentelemetry` traces, if any.
         None => span
@@ -80,7 +83,8 @@ pub fn continue_trace(span: &tracing::Span, headers: &dyn Extractor) -> Result<b
 }
 
 /// The OpenTelemetry context of `span`, agent spans included: what a child in another
-/// process must continue. Empty when the span is not traced.
+/// process must continue. Empty when the span is not traced. An agent span's trace is fixed
+/// from then on ([`continue_trace`] refuses it).
 pub fn context(span: &tracing::Span) -> opentelemetry::Context {
     with_agent_span(span, &mut |_, agent_span| agent_span.context()).unwrap_or_else(|| span.context())
 }

@@ -116,3 +116,61 @@ fn only_a_traceparent_written_as_w3c_writes_it_is_joined() {
         "only the later version joined"
     );
 }
+
+#[test]
+fn joining_after_the_spans_context_was_handed_on_is_an_error() {
+    let harness = Harness::new();
+    let refused = |error: Error| {
+        assert!(matches!(error, Error::Propagation { .. }), "{error:?}");
+        assert!(error.to_string().contains("handed on"), "{error}");
+    };
+    let sent = harness.run(|| {
+        // To a nested agent prepared before the lead starts.
+        let lead = tracing::info_span!("agent_execution", agent_name = "lead", task = "t");
+        let helper = tracing::info_span!(parent: &lead, "agent_execution", agent_name = "helper", task = "t");
+        refused(continue_trace(&lead, &incoming()).unwrap_err());
+        lead.in_scope(|| helper.in_scope(|| {}));
+
+        // To an agent that follows from it.
+        let followed = tracing::info_span!("agent_execution", agent_name = "followed", task = "t");
+        let follower = tracing::info_span!("agent_execution", agent_name = "follower", task = "t");
+        follower.follows_from(&followed);
+        refused(continue_trace(&followed, &incoming()).unwrap_err());
+        followed.in_scope(|| {});
+        follower.in_scope(|| {});
+
+        // To another process.
+        let caller = tracing::info_span!("agent_execution", agent_name = "caller", task = "t");
+        let sent = trace_headers(&caller);
+        refused(continue_trace(&caller, &incoming()).unwrap_err());
+        caller.in_scope(|| {});
+        sent
+    });
+    let spans = harness.spans();
+    let agent = |name: &str| {
+        spans
+            .iter()
+            .find(|span| {
+                span.attributes
+                    .iter()
+                    .any(|kv| kv.key.as_str() == "agent.name" && kv.value.as_str() == name)
+            })
+            .unwrap_or_else(|| panic!("no span of {name}"))
+    };
+    // Each kept the trace it had handed on, and none joined the caller's.
+    let (lead, helper) = (agent("lead"), agent("helper"));
+    assert_eq!(helper.parent_span_id, lead.span_context.span_id());
+    assert_eq!(helper.span_context.trace_id(), lead.span_context.trace_id());
+    let (followed, follower) = (agent("followed"), agent("follower"));
+    assert_eq!(follower.links.links[0].span_context, followed.span_context);
+    let caller = agent("caller");
+    let exported = format!(
+        "00-{}-{}-01",
+        caller.span_context.trace_id(),
+        caller.span_context.span_id()
+    );
+    assert_eq!(sent["traceparent"], exported);
+    assert!(spans
+        .iter()
+        .all(|span| span.span_context.trace_id().to_string() != TRACE_ID));
+}

@@ -60,22 +60,25 @@ pub(crate) struct AgentSpan {
     /// The spans it follows from.
     links: Vec<Link>,
     dropped_links: u32,
-    /// The context current while it is entered, made on its first entry (`None` before):
-    /// its parent and trace are fixed from then on.
-    entered: Option<Context>,
+    /// Its context, made the first time it is handed on (current while the span is entered,
+    /// a child's parent, a link's target or outgoing headers; `None` before): its parent and
+    /// trace are fixed from then on.
+    handed_on: Option<Context>,
 }
 
-/// Why a span cannot join an incoming trace.
+/// Why a span cannot join an incoming trace: its trace is fixed.
 #[derive(Debug)]
-pub(crate) struct AlreadyStarted;
+pub(crate) struct TraceFixed;
 
-impl fmt::Display for AlreadyStarted {
+impl fmt::Display for TraceFixed {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("the span was already entered, and its trace is fixed once it starts")
+        f.write_str(
+            "the span's trace is fixed: it was already entered, or its context handed on to a child, a link or outgoing headers",
+        )
     }
 }
 
-impl std::error::Error for AlreadyStarted {}
+impl std::error::Error for TraceFixed {}
 
 impl AgentTracer {
     pub(crate) fn new(queue: Arc<SpanQueue>, sampler: Sampler, value_chars: usize, scrubber: Arc<Scrubber>) -> Self {
@@ -152,18 +155,18 @@ impl AgentTracer {
             dropped_events: 0,
             links: Vec::new(),
             dropped_links: 0,
-            entered: None,
+            handed_on: None,
         };
         self.place_under(&mut span, parent, self.ids.new_span_id());
         span
     }
 
-    /// Moves a span that has not started yet under a parent from another process.
+    /// Moves a span whose context was not handed on yet under a parent from another process.
     /// Gives back the parent it replaced, for the caller to drop once it no longer holds the
     /// span's lock: the application's values in that context run their `Drop` then.
-    pub(crate) fn continue_remote(&self, span: &mut AgentSpan, remote: &Context) -> Result<Context, AlreadyStarted> {
-        if span.entered.is_some() {
-            return Err(AlreadyStarted);
+    pub(crate) fn continue_remote(&self, span: &mut AgentSpan, remote: &Context) -> Result<Context, TraceFixed> {
+        if span.handed_on.is_some() {
+            return Err(TraceFixed);
         }
         let span_id = span.span_context.span_id();
         Ok(self.place_under(span, remote, span_id))
@@ -231,7 +234,7 @@ impl AgentSpan {
             dropped_events,
             links,
             dropped_links,
-            entered: _,
+            handed_on: _,
         } = self;
         let name = match name {
             Cow::Owned(name) => Some(name),
@@ -278,25 +281,19 @@ impl AgentSpan {
         }
     }
 
-    /// The context that is current while the span is entered; marks the span started.
-    pub(crate) fn enter(&mut self) -> Context {
+    /// The span's context: current while it is entered, the parent of its children, the
+    /// target of links, and what another process continues. Handing it on fixes the span's
+    /// trace: it can no longer [continue a remote one](AgentTracer::continue_remote).
+    pub(crate) fn context(&mut self) -> Context {
         let AgentSpan {
             parent,
             span_context,
-            entered,
+            handed_on,
             ..
         } = self;
-        entered
+        handed_on
             .get_or_insert_with(|| parent.with_remote_span_context(span_context.clone()))
             .clone()
-    }
-
-    /// The span's context: for its children, and to pass on to another process.
-    pub(crate) fn context(&self) -> Context {
-        match &self.entered {
-            Some(context) => context.clone(),
-            None => self.parent.with_remote_span_context(self.span_context.clone()),
-        }
     }
 
     pub(crate) fn ids(&self) -> TraceIds {
