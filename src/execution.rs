@@ -2,11 +2,12 @@
 //! decided, and the record each closed execution becomes.
 
 use std::borrow::Cow;
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use thread_local::ThreadLocal;
 use tracing_core::field::{Field, Visit};
 
 use crate::config::{Config, TaskCapture};
@@ -54,13 +55,27 @@ impl Failure {
 }
 
 /// What the layer keeps of an execution's text, the same for every signal.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub(crate) struct TextPolicy {
     /// The most characters of a task or an error message any signal keeps: the log line's
     /// limit or the span attributes', whichever is larger. Each signal cuts to its own.
     pub task_chars: usize,
     pub scrubber: Arc<Scrubber>,
     pub task_capture: TaskCapture,
+    names: ScrubbedNames,
+}
+
+/// The names each thread scrubbed last, with what scrubbing made of them (`None`: left as
+/// they were). Names repeat, so a name is scrubbed once per thread, not per execution.
+#[derive(Debug, Default)]
+struct ScrubbedNames(ThreadLocal<RefCell<NamesScrubbed>>);
+
+/// Names as they came, each with what scrubbing made of it.
+type NamesScrubbed = Vec<(Arc<str>, Option<Arc<str>>)>;
+
+impl ScrubbedNames {
+    /// How many names each thread remembers.
+    const KEPT: usize = 32;
 }
 
 impl TextPolicy {
@@ -70,6 +85,54 @@ impl TextPolicy {
             task_chars: config.max_task_chars.max(config.attribute_value_chars()),
             scrubber,
             task_capture: config.task_capture,
+            names: ScrubbedNames::default(),
+        }
+    }
+
+    /// Scrubs `name` (an agent's, a model's or a provider's, cut to a label already) as
+    /// every string value is scrubbed.
+    pub(crate) fn scrub_name(&self, name: &mut Arc<str>) {
+        if !self.scrubber.is_on() {
+            return;
+        }
+        let scrub = |name: &str| match self.scrubber.scrub(name) {
+            Cow::Borrowed(_) => None,
+            Cow::Owned(scrubbed) => Some(Arc::<str>::from(scrubbed)),
+        };
+        let memo = self.names.0.get_or_default();
+        let Ok(mut memo) = memo.try_borrow_mut() else {
+            if let Some(scrubbed) = scrub(name) {
+                *name = scrubbed;
+            }
+            return;
+        };
+        let known = memo
+            .iter()
+            .rfind(|(seen, _)| Arc::ptr_eq(seen, name) || **seen == **name);
+        let scrubbed = if let Some((_, scrubbed)) = known {
+            scrubbed.clone()
+        } else {
+            let scrubbed = scrub(name);
+            if memo.len() == ScrubbedNames::KEPT {
+                memo.remove(0);
+            }
+            memo.push((Arc::clone(name), scrubbed.clone()));
+            scrubbed
+        };
+        if let Some(scrubbed) = scrubbed {
+            *name = scrubbed;
+        }
+    }
+
+    /// Scrubs the names in `usage`, if any: its model and provider, and each model's it
+    /// counts.
+    pub(crate) fn scrub_usage_names(&self, usage: Option<&mut Usage>) {
+        let Some(usage) = usage else { return };
+        let names = usage.model.iter_mut().chain(usage.provider.iter_mut());
+        let by_model = usage.by_model.iter_mut().map(|part| &mut part.model);
+        let calls = usage.calls.iter_mut().map(|call| &mut call.model);
+        for name in names.chain(by_model).chain(calls) {
+            self.scrub_name(name);
         }
     }
 

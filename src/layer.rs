@@ -339,6 +339,52 @@ where
         }
     }
 
+    /// Counts a model call as it closes: held by its execution, which counts it as it ends;
+    /// part of a model call around it; or counted now when its execution holds too many or
+    /// it is in none. An exported call's span carries its own usage.
+    fn close_model_call(
+        &self,
+        closing: SpanRef<'_, S>,
+        state: &mut ExecutionState,
+        execution: &mut Execution,
+        exported: bool,
+    ) {
+        let (status, duration) = (execution.status, execution.duration);
+        let call = state.take_rollup().into_call(state.fields.usage());
+        let ended = EndedCall {
+            model: call.model.clone(),
+            status,
+            seconds: duration.as_secs_f64(),
+        };
+        let handed = hand_over(&closing, &call, ended);
+        drop(closing);
+        let metrics = &self.signals.metrics;
+        match handed {
+            HandedOver::Held | HandedOver::IntoCall => {}
+            HandedOver::Full {
+                mut agent_name,
+                mut model,
+            } => {
+                self.text.scrub_name(&mut agent_name);
+                self.text.scrub_name(&mut model);
+                metrics.record_model_call(&agent_name, &model, status, duration, None);
+            }
+            // Outside any execution: counted now, under `unknown`, tokens and all.
+            HandedOver::Nowhere => {
+                execution.usage = call.counted_usage(self.prices.as_ref());
+                self.text.scrub_usage_names(execution.usage.as_deref_mut());
+                let mut model = call.model.clone().unwrap_or_else(|| Arc::from(UNKNOWN_MODEL));
+                self.text.scrub_name(&mut model);
+                let usage = execution.usage.as_deref();
+                metrics.record_model_call(UNKNOWN_AGENT, &model, status, duration, usage);
+            }
+        }
+        if exported && execution.usage.is_none() {
+            execution.usage = call.span_usage();
+            self.text.scrub_usage_names(execution.usage.as_deref_mut());
+        }
+    }
+
     /// An event for the execution side: an `ERROR` fails the nearest enclosing agent span or
     /// model call; an event directly inside an agent span is one of the span's events (the
     /// `tracing-opentelemetry` side is not given these).
@@ -600,14 +646,15 @@ where
         let (status, failure) = state.outcome();
         let exported = self.signals.tracer.is_some() && span.as_ref().is_some_and(AgentSpan::is_sampled);
         let (agent_name, task) = match role {
-            SpanRole::Agent => (
-                state
+            SpanRole::Agent => {
+                let mut agent_name = state
                     .fields
                     .agent_name
                     .take()
-                    .unwrap_or_else(|| Arc::from(UNKNOWN_AGENT)),
-                self.text.task(state.fields.task.take()),
-            ),
+                    .unwrap_or_else(|| Arc::from(UNKNOWN_AGENT));
+                self.text.scrub_name(&mut agent_name);
+                (agent_name, self.text.task(state.fields.task.take()))
+            }
             SpanRole::ModelCall(_) | SpanRole::GenAi => (shared_name(""), None),
         };
         let mut execution = Execution {
@@ -625,42 +672,18 @@ where
                 drop(closing);
                 let rollup = state.take_rollup();
                 execution.usage = rollup.finish(state.fields.usage(), self.prices.as_ref());
+                self.text.scrub_usage_names(execution.usage.as_deref_mut());
                 self.signals.metrics.record(&execution);
                 self.signals.lines.write_line(&execution);
             }
-            SpanRole::ModelCall(_) => {
-                let call = state.take_rollup().into_call(state.fields.usage());
-                let ended = EndedCall {
-                    model: call.model.clone(),
-                    status,
-                    seconds: duration.as_secs_f64(),
-                };
-                let handed = hand_over(&closing, &call, ended);
-                drop(closing);
-                let metrics = &self.signals.metrics;
-                match handed {
-                    HandedOver::Held | HandedOver::IntoCall => {}
-                    HandedOver::Full { agent_name, model } => {
-                        metrics.record_model_call(&agent_name, &model, status, duration, None);
-                    }
-                    // Outside any execution: counted now, under `unknown`, tokens and all.
-                    HandedOver::Nowhere => {
-                        execution.usage = call.counted_usage(self.prices.as_ref());
-                        let model = call.model.as_deref().unwrap_or(UNKNOWN_MODEL);
-                        let usage = execution.usage.as_deref();
-                        metrics.record_model_call(UNKNOWN_AGENT, model, status, duration, usage);
-                    }
-                }
-                if exported && execution.usage.is_none() {
-                    execution.usage = call.span_usage();
-                }
-            }
+            SpanRole::ModelCall(_) => self.close_model_call(closing, &mut state, &mut execution, exported),
             SpanRole::GenAi => {
                 drop(closing);
                 // Its usage is for its span only.
                 if exported {
                     let own = state.take_rollup().into_call(state.fields.usage());
                     execution.usage = own.span_usage();
+                    self.text.scrub_usage_names(execution.usage.as_deref_mut());
                 }
             }
         }

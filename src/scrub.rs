@@ -434,6 +434,11 @@ impl Scrubber {
         Scrubber { rules: None }
     }
 
+    /// Whether it scrubs anything.
+    pub(crate) fn is_on(&self) -> bool {
+        self.rules.is_some()
+    }
+
     /// Whether a field named `name` is sent as [`REDACTED`].
     pub(crate) fn redacts_field(&self, name: &str) -> bool {
         let Some(rules) = &self.rules else {

@@ -529,6 +529,89 @@ fn secrets_are_scrubbed_from_the_line_and_the_span_by_default() {
 }
 
 #[test]
+fn a_secret_in_an_agents_model_or_providers_name_is_scrubbed_in_every_signal() {
+    let key = "sk-proj-abcdefghijklmnopqrstuvwxyz0123456789ABCD";
+    let run = |harness: &Harness| {
+        harness.run(|| {
+            // Twice: the second finds the name scrubbed already on this thread.
+            for _ in 0..2 {
+                tracing::info_span!("agent_execution", agent_name = key, task = "t").in_scope(|| {
+                    tracing::info_span!(
+                        "chat",
+                        gen_ai.request.model = key,
+                        gen_ai.provider.name = key,
+                        gen_ai.usage.input_tokens = 5_u64
+                    )
+                    .in_scope(|| {});
+                });
+            }
+            // A model call in no execution is counted as it ends.
+            tracing::info_span!("chat", gen_ai.request.model = key, gen_ai.usage.input_tokens = 5_u64).in_scope(|| {});
+        });
+        let spans = harness.spans();
+        let lines = harness.log_lines();
+        let (status, metrics) = support::http(harness.telemetry().metrics_addr().unwrap(), "GET", "/metrics");
+        assert_eq!(status, 200);
+        (spans, lines, metrics)
+    };
+
+    let (spans, lines, metrics) = run(&Harness::new());
+    assert_eq!((spans.len(), lines.len()), (5, 2));
+    for span in &spans {
+        for kv in &span.attributes {
+            assert!(!kv.value.as_str().contains(key), "{} = {}", kv.key, kv.value);
+        }
+    }
+    let operation = |span: &&SpanData| attribute(span, "gen_ai.operation.name");
+    let agents: Vec<&SpanData> = spans
+        .iter()
+        .filter(|span| operation(span).as_deref() == Some("invoke_agent"))
+        .collect();
+    let calls: Vec<&SpanData> = spans
+        .iter()
+        .filter(|span| operation(span).as_deref() == Some("chat"))
+        .collect();
+    assert_eq!((agents.len(), calls.len()), (2, 3));
+    for agent in &agents {
+        for name in [
+            "agent.name",
+            "gen_ai.agent.name",
+            "gen_ai.request.model",
+            "gen_ai.provider.name",
+        ] {
+            assert_eq!(attribute(agent, name).as_deref(), Some("[REDACTED]"), "{name}");
+        }
+    }
+    for call in &calls {
+        for name in ["gen_ai.request.model", "llm.model_name"] {
+            assert_eq!(attribute(call, name).as_deref(), Some("[REDACTED]"), "{name}");
+        }
+    }
+    for line in &lines {
+        assert!(!line.contains(key), "{line}");
+        assert_eq!(field(line, "agent_name").unwrap(), "[REDACTED]");
+        assert_eq!(field(line, "model").unwrap(), "[REDACTED]");
+    }
+    assert!(!metrics.contains(key), "{metrics}");
+    assert!(
+        metrics.contains(r#"agent_executions_total{agent_name="[REDACTED]",status="success"} 2"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"agent_model_calls_total{agent_name="unknown",model="[REDACTED]",status="success"} 1"#),
+        "{metrics}"
+    );
+
+    // Names are kept as they are when scrubbing is off.
+    let (spans, lines, metrics) = run(&Harness::with(|b| b.with_scrubbing(Scrubbing::off())));
+    assert!(spans
+        .iter()
+        .any(|span| attribute(span, "agent.name").as_deref() == Some(key)));
+    assert_eq!(field(&lines[0], "model").unwrap(), key);
+    assert!(metrics.contains(key));
+}
+
+#[test]
 fn scrubbing_can_be_extended_or_turned_off() {
     let harness = Harness::with(|b| {
         b.with_scrubbing(
