@@ -13,6 +13,7 @@ use opentelemetry_sdk::trace::Sampler;
 
 use crate::error::{Error, Result};
 
+pub(crate) mod file;
 mod otlp;
 
 pub(crate) use otlp::OtlpConfig;

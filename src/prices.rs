@@ -10,7 +10,6 @@
 //! ```
 
 use std::collections::HashMap;
-use std::io::Read;
 use std::ops::Range;
 use std::path::Path;
 
@@ -183,18 +182,9 @@ impl ModelPrices {
             origin: origin.clone(),
             source,
         };
-        let file = std::fs::File::open(path).map_err(failed)?;
-        // Not a FIFO or a device, which could block or never end.
-        if !file.metadata().map_err(failed)?.is_file() {
-            return Err(failed(std::io::Error::other("not a regular file")));
-        }
-        let mut text = String::new();
-        file.take(MAX_FILE_BYTES + 1)
-            .read_to_string(&mut text)
-            .map_err(failed)?;
-        if text.len() as u64 > MAX_FILE_BYTES {
-            return Err(failed(std::io::Error::other("larger than 1 MiB")));
-        }
+        let bytes = crate::config::file::read_regular(path, MAX_FILE_BYTES).map_err(failed)?;
+        let text = String::from_utf8(bytes)
+            .map_err(|_| failed(std::io::Error::new(std::io::ErrorKind::InvalidData, "not UTF-8")))?;
         parse(&text).map_err(|(line, reason)| Error::Prices { origin, line, reason })
     }
 

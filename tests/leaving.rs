@@ -138,6 +138,69 @@ fn nonsense_in_the_environment_stops_the_start_naming_the_variable() {
     }
 }
 
+/// Runs the example for a second with `env`; its stderr, or a panic when it took a minute.
+fn example_within_a_minute(env: &[(&str, std::ffi::OsString)]) -> (bool, String) {
+    use std::io::Read;
+    let mut child = Command::new(support::example_binary())
+        .args(["--duration", "1"])
+        .env("AGENT_TELEMETRY_METRICS_ADDR", "127.0.0.1:0")
+        .env("OTEL_TRACES_EXPORTER", "none")
+        .envs(env.iter().map(|(name, value)| (name, value)))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            panic!("{env:?}: the start hung");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    (status.success(), stderr)
+}
+
+#[cfg(unix)]
+#[test]
+fn a_file_the_environment_names_that_is_not_regular_stops_the_start_at_once() {
+    let work = tempfile::tempdir().unwrap();
+    let fifo = |name: &str| {
+        let path = work.path().join(name);
+        assert!(Command::new("mkfifo").arg(&path).status().unwrap().success());
+        path.into_os_string()
+    };
+    let logs = work.path().join("logs");
+    std::fs::create_dir(&logs).unwrap();
+    let today = time::OffsetDateTime::now_utc().date();
+    for day in [today, today.next_day().unwrap()] {
+        let name = format!(
+            "my-name-is-claude.{:04}-{:02}-{:02}.log",
+            day.year(),
+            u8::from(day.month()),
+            day.day()
+        );
+        fifo(&format!("logs/{name}"));
+    }
+    // A FIFO without a writer, or a file that never ends: each would hold the start.
+    for (name, value) in [
+        ("AGENT_TELEMETRY_METRICS_TOKEN_FILE", fifo("token-fifo")),
+        ("AGENT_TELEMETRY_METRICS_TOKEN_FILE", "/dev/zero".into()),
+        ("AGENT_TELEMETRY_PRICES", fifo("prices-fifo")),
+        ("AGENT_TELEMETRY_LOG_DIR", logs.into_os_string()),
+    ] {
+        let (success, stderr) = example_within_a_minute(&[(name, value.clone())]);
+        assert!(!success, "{name}={value:?} was accepted");
+        assert!(stderr.contains(name), "{name}={value:?}: {stderr}");
+    }
+}
+
 /// Set by the parent for the child run of
 /// `ignore_environment_ignores_the_header_variables_child`: the collector's URL.
 const CHILD_COLLECTOR: &str = "AGENT_TELEMETRY_TEST_COLLECTOR";

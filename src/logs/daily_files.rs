@@ -5,6 +5,8 @@
 //! - lines never go through a symbolic link: today's file is opened with `O_NOFOLLOW`, and a
 //!   symlink in its place is an error (counted and warned about by the writer's caller); its
 //!   target is never touched, a dangling one never created;
+//! - lines only go to a regular file: a FIFO or a device in its place is an error, a FIFO
+//!   found without waiting for a reader (`O_NONBLOCK`);
 //! - lines never go to a file that is no longer at its path: before each batch the file at
 //!   the path is compared (device and inode) with the one open, and reopened when they differ
 //!   or it is gone (a removed directory or file comes back);
@@ -89,6 +91,12 @@ impl DailyFiles {
                 .map_err(|error| explain(&path, error))?,
             Err(error) => return Err(explain(&path, error)),
         };
+        if !file.metadata()?.is_file() {
+            return Err(io::Error::other(format!(
+                "{} is not a regular file; log lines are only written to one",
+                path.display()
+            )));
+        }
         let identity = Identity::of(&file)?;
         Ok(OpenFile { path, file, identity })
     }
@@ -107,14 +115,17 @@ impl Write for DailyFiles {
     }
 }
 
-/// Options that append, never following a symbolic link, and create with `mode`.
+/// Options that append, never following a symbolic link nor waiting for a FIFO's reader
+/// (writes to a regular file ignore `O_NONBLOCK`), and create with `mode`.
 fn options(mode: u32) -> OpenOptions {
     let mut options = OpenOptions::new();
     options.append(true);
     #[cfg(unix)]
     {
         use std::os::unix::fs::OpenOptionsExt;
-        options.custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC).mode(mode);
+        options
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .mode(mode);
     }
     #[cfg(not(unix))]
     let _ = mode;
@@ -222,7 +233,7 @@ impl Identity {
 
 #[cfg(all(test, unix))]
 mod tests {
-    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 
     use super::*;
 
@@ -267,5 +278,28 @@ mod tests {
         std::os::unix::fs::symlink(&dangling, &path).unwrap();
         assert!(files.write(b"line\n").is_err());
         assert!(!dangling.exists(), "a dangling link's target is not created");
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_fifo_in_place_of_todays_file_is_an_error_at_once() {
+        let root = tempfile::tempdir().unwrap();
+        let mut files = DailyFiles::open(root.path(), "agents", crate::config::DEFAULT_LOG_FILE_MODE).unwrap();
+        let path = files.todays_path();
+        std::fs::remove_file(&path).unwrap();
+        let made = std::process::Command::new("mkfifo").arg(&path).status().unwrap();
+        assert!(made.success());
+        // No reader: a blocking open would wait here for ever.
+        assert!(files.write(b"line\n").is_err());
+        assert!(DailyFiles::open(root.path(), "agents", crate::config::DEFAULT_LOG_FILE_MODE).is_err());
+        // A reader: the open succeeds, and the FIFO is refused all the same.
+        let reader = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&path)
+            .unwrap();
+        let error = files.write(b"line\n").unwrap_err();
+        assert!(error.to_string().contains("not a regular file"), "{error}");
+        drop(reader);
     }
 }

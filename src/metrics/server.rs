@@ -89,6 +89,9 @@ pub(crate) struct MetricsServer {
 #[derive(Clone)]
 pub(crate) struct BearerToken(Arc<[u8; 32]>);
 
+/// The largest token file read: a token is a line, not a document.
+const MAX_TOKEN_FILE_BYTES: u64 = 64 * 1024;
+
 impl std::fmt::Debug for BearerToken {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("BearerToken([REDACTED])")
@@ -101,7 +104,8 @@ impl BearerToken {
     /// carries it. Errors never contain the file's contents.
     pub(crate) fn from_file(path: &Path, setting: &str) -> Result<Self> {
         let invalid = |reason: String| Error::invalid(setting, path.display().to_string(), reason);
-        let bytes = std::fs::read(path).map_err(|e| invalid(format!("cannot read the token file: {e}")))?;
+        let bytes = crate::config::file::read_regular(path, MAX_TOKEN_FILE_BYTES)
+            .map_err(|e| invalid(format!("cannot read the token file: {e}")))?;
         let token = bytes.trim_ascii();
         if token.is_empty() {
             return Err(invalid("the token file is empty".to_owned()));
