@@ -4,7 +4,9 @@
 //! operator can change a deployment without a rebuild. Every value is checked here, so a typo becomes an [`Error`] that
 //! names the variable instead of a silent default.
 
+use std::cell::RefCell;
 use std::collections::BTreeMap;
+use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -178,15 +180,27 @@ impl Config {
         self.attribute_value_chars.unwrap_or(self.max_task_chars)
     }
 
-    /// Applies the environment over the builder's values, then checks the result.
-    pub(crate) fn apply_env(&mut self, env: &dyn Fn(&str) -> Option<String>) -> Result<()> {
+    /// Applies the environment over the builder's values, then checks the result. A variable
+    /// whose value is not UTF-8 is an error naming it, never an unset one: a token file's
+    /// path left unread would serve `/metrics` to anyone.
+    pub(crate) fn apply_env(&mut self, env: &dyn Fn(&str) -> Option<OsString>) -> Result<()> {
+        let not_unicode = RefCell::new(None);
         // An empty variable is an unset one, as the OpenTelemetry specification says.
-        let var = |name: &str| env(name).filter(|v| !v.trim().is_empty());
+        let var = |name: &str| {
+            let Ok(value) = env(name)?.into_string() else {
+                not_unicode.borrow_mut().get_or_insert_with(|| name.to_owned());
+                return None;
+            };
+            Some(value).filter(|v| !v.trim().is_empty())
+        };
         self.apply_agent_telemetry_env(&var)?;
         self.apply_resource_env(&var)?;
         self.apply_traces_env(&var)?;
         if let Some(v) = var("RUST_LOG") {
             self.env_filter = v;
+        }
+        if let Some(name) = not_unicode.into_inner() {
+            return Err(Error::invalid(name, "[not UTF-8]", "the value is not valid UTF-8"));
         }
         self.validate()
     }
@@ -557,7 +571,7 @@ mod tests {
     fn apply(vars: &[(&str, &str)]) -> Result<Config> {
         let vars: BTreeMap<String, String> = vars.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
         let mut config = Config::default();
-        config.apply_env(&|name| vars.get(name).cloned())?;
+        config.apply_env(&|name| vars.get(name).map(OsString::from))?;
         Ok(config)
     }
 

@@ -445,7 +445,7 @@ impl AgentTelemetryBuilder {
     {
         let mut config = self.config;
         if self.read_environment {
-            config.apply_env(&|name| std::env::var(name).ok())?;
+            config.apply_env(&|name| std::env::var_os(name))?;
         } else {
             config.validate()?;
         }

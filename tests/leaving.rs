@@ -201,6 +201,29 @@ fn a_file_the_environment_names_that_is_not_regular_stops_the_start_at_once() {
     }
 }
 
+#[cfg(unix)]
+#[test]
+fn a_value_that_is_not_utf8_stops_the_start_naming_the_variable() {
+    use std::os::unix::ffi::{OsStrExt, OsStringExt};
+    let work = tempfile::tempdir().unwrap();
+    // A token file at a path that is not UTF-8: left unread, /metrics would be open to anyone.
+    let mut token = work.path().join("token-").into_os_string().into_vec();
+    token.push(0xff);
+    std::fs::write(std::ffi::OsStr::from_bytes(&token), "s3cret-token\n").unwrap();
+    for (name, value) in [
+        ("AGENT_TELEMETRY_METRICS_TOKEN_FILE", token),
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", b"\xff\xfe".to_vec()),
+    ] {
+        let value = std::ffi::OsString::from_vec(value);
+        let (success, stderr) = example_within_a_minute(&[(name, value.clone())]);
+        assert!(!success, "{name}={value:?} was accepted");
+        assert!(
+            stderr.contains(name) && stderr.contains("not valid UTF-8"),
+            "{name}={value:?}: {stderr}"
+        );
+    }
+}
+
 /// Set by the parent for the child run of
 /// `ignore_environment_ignores_the_header_variables_child`: the collector's URL.
 const CHILD_COLLECTOR: &str = "AGENT_TELEMETRY_TEST_COLLECTOR";
