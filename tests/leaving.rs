@@ -123,6 +123,10 @@ fn nonsense_in_the_environment_stops_the_start_naming_the_variable() {
         ("OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT", "0"),
         ("AGENT_TELEMETRY_SCRUBBING", "maybe"),
         ("AGENT_TELEMETRY_TASK_CAPTURE", "some"),
+        // Credentials that do not parse as such: never printed.
+        ("OTEL_EXPORTER_OTLP_HEADERS", "Authorization: Basic hunter2aHVudGVy="),
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://agent:hunter2#x@collector:4318"),
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://agent:hunter2/x@collector:4318"),
     ] {
         let output = Command::new(support::example_binary())
             .args(["--duration", "1"])

@@ -156,13 +156,20 @@ pub(crate) fn parse_url(setting: &str, value: &str) -> Result<url::Url> {
 }
 
 /// `value` with its user-info and query replaced by `[REDACTED]`, whether or not it parses.
+/// Everything before the last `@` counts as user-info: a password may hold an unencoded `/`,
+/// `?` or `#`, which would otherwise end the authority before it.
 pub(crate) fn redact_url(value: &str) -> String {
     let (scheme, rest) = value.split_once("://").unwrap_or(("", value));
+    let (user_info, rest) = match rest.rfind('@') {
+        Some(at) => (true, &rest[at + 1..]),
+        None => (false, rest),
+    };
     let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
     let (authority, path) = rest.split_at(authority_end);
-    let host = match authority.rfind('@') {
-        Some(at) => format!("[REDACTED]@{}", &authority[at + 1..]),
-        None => authority.to_owned(),
+    let host = if user_info {
+        format!("[REDACTED]@{authority}")
+    } else {
+        authority.to_owned()
     };
     let path = match path.find('?') {
         Some(query) => format!("{}?[REDACTED]", &path[..query]),
@@ -203,13 +210,14 @@ pub(crate) fn parse_headers(variable: &str, text: &str) -> Result<Vec<(String, S
 }
 
 /// Checks that `name` is an HTTP header name and `value` a header value; errors name
-/// `setting` and the header's name (names are not secret), never the value.
+/// `setting` and a valid header's name (names are not secret), never the value, nor a name
+/// that is not one (`Authorization: Basic …` written as a name is all credential).
 pub(crate) fn check_header(setting: &str, name: &str, value: &str) -> Result<()> {
     if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
         return Err(Error::invalid(
             setting,
             "[REDACTED]",
-            format!("{name:?} is not an HTTP header name"),
+            "a header name is not an HTTP header name (`name=value`, with no space, `:` or other separator in the name)",
         ));
     }
     // Visible ASCII, spaces and tabs only: no CR, LF or other control characters.
@@ -297,6 +305,10 @@ mod tests {
             "http://user:hunter2@host:port",
             "ftp://user:hunter2@x",
             "http://user:hunter2@",
+            // A password with an unencoded `#`, `?` or `/` does not parse.
+            "http://agent:hunter2#x@collector:4318",
+            "http://agent:hunter2?x@collector:4318",
+            "http://agent:hunter2/x@collector:4318",
         ] {
             let error = config(bad)
                 .target("OTEL_EXPORTER_OTLP_ENDPOINT")
@@ -348,6 +360,8 @@ mod tests {
             "k=hunter2%zz",
             "k=hunter2%ff",
             "a=1,,b=hunter2",
+            // Written as an HTTP header: all of it before the base64 padding is the "name".
+            "Authorization: Basic hunter2aHVudGVy=",
         ] {
             let error = parse_headers("OTEL_EXPORTER_OTLP_HEADERS", bad)
                 .unwrap_err()

@@ -42,7 +42,7 @@ impl ExactHeaders {
         let mut map = HeaderMap::new();
         for (name, value) in headers {
             let name = HeaderName::from_bytes(name.as_bytes())
-                .map_err(|_| failed(format!("{name:?} is not an HTTP header name")))?;
+                .map_err(|_| failed("a header name is not an HTTP header name".to_owned()))?;
             let mut value = HeaderValue::from_str(value)
                 .map_err(|_| failed(format!("the value of header {name:?} is not a header value")))?;
             value.set_sensitive(true);
