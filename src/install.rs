@@ -572,10 +572,12 @@ impl AgentTelemetryBuilder {
 /// Parses `RUST_LOG`-style directives, each trimmed first: `tracing-subscriber` splits on
 /// commas as is, so it rejects `info, app=debug` (tokio-rs/tracing#2452) and panics on a space
 /// before a non-ASCII target (`info, é=debug`). A panic left in its parser is an error too.
+/// A field filter's value is matched as the field's text, never compiled as a regular
+/// expression: the filter compiles one into a full DFA, exponential in the pattern.
 fn parse_env_filter(directives: &str) -> Result<EnvFilter> {
     let trimmed: Vec<&str> = directives.split(',').map(str::trim).filter(|d| !d.is_empty()).collect();
     let trimmed = trimmed.join(",");
-    match panics::catching(|| EnvFilter::builder().parse(&trimmed)) {
+    match panics::catching(|| EnvFilter::builder().with_regex(false).parse(&trimmed)) {
         Ok(Ok(filter)) => Ok(filter),
         Ok(Err(error)) => Err(Error::invalid("RUST_LOG", directives, error.to_string())),
         Err(panic) => Err(Error::invalid(

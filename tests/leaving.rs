@@ -228,6 +228,15 @@ fn a_value_that_is_not_utf8_stops_the_start_naming_the_variable() {
     }
 }
 
+#[cfg(unix)]
+#[test]
+fn a_rust_log_field_filter_is_matched_as_text_not_compiled() {
+    // As a regular expression, `[ab]*a[ab][ab]…` needs a DFA of 2^24 states.
+    let exponential = format!("info,[{{x=[ab]*a{}}}]=debug", "[ab]".repeat(24));
+    let (success, stderr) = example_within_a_minute(&[("RUST_LOG", exponential.into())]);
+    assert!(success, "{stderr}");
+}
+
 /// Set by the parent for the child run of
 /// `ignore_environment_ignores_the_header_variables_child`: the collector's URL.
 const CHILD_COLLECTOR: &str = "AGENT_TELEMETRY_TEST_COLLECTOR";
