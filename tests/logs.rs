@@ -54,14 +54,7 @@ fn one_line_per_execution_in_the_contract_shape() {
 
     // Each line names its own exported span.
     for (line, name) in [(&success, "backend-engineer"), (&failure, "qa-engineer")] {
-        let span = spans
-            .iter()
-            .find(|s| {
-                s.attributes
-                    .iter()
-                    .any(|kv| kv.key.as_str() == "agent.name" && kv.value.as_str() == name)
-            })
-            .unwrap();
+        let span = support::agent_span(&spans, name);
         assert_eq!(value(line, "trace.id"), span.span_context.trace_id().to_string());
         assert_eq!(value(line, "span.id"), span.span_context.span_id().to_string());
     }

@@ -147,16 +147,7 @@ fn joining_after_the_spans_context_was_handed_on_is_an_error() {
         sent
     });
     let spans = harness.spans();
-    let agent = |name: &str| {
-        spans
-            .iter()
-            .find(|span| {
-                span.attributes
-                    .iter()
-                    .any(|kv| kv.key.as_str() == "agent.name" && kv.value.as_str() == name)
-            })
-            .unwrap_or_else(|| panic!("no span of {name}"))
-    };
+    let agent = |name: &str| support::agent_span(&spans, name);
     // Each kept the trace it had handed on, and none joined the caller's.
     let (lead, helper) = (agent("lead"), agent("helper"));
     assert_eq!(helper.parent_span_id, lead.span_context.span_id());

@@ -167,16 +167,7 @@ fn values_that_log_while_formatting_neither_hang_nor_lose_the_execution() {
         "{log}"
     );
 
-    let agent_span = |name: &str| {
-        spans
-            .iter()
-            .find(|span| {
-                span.attributes
-                    .iter()
-                    .any(|kv| kv.key.as_str() == "agent.name" && kv.value.as_str() == name)
-            })
-            .unwrap_or_else(|| panic!("a span for {name}"))
-    };
+    let agent_span = |name: &str| support::agent_span(&spans, name);
     let events = |name: &str| -> Vec<String> {
         agent_span(name)
             .events

@@ -42,14 +42,7 @@ fn assert_outcome(harness: &Harness, agent: &str, status: &str, error_type: Opti
     );
 
     let spans = harness.spans();
-    let span = spans
-        .iter()
-        .find(|s| {
-            s.attributes
-                .iter()
-                .any(|kv| kv.key.as_str() == "agent.name" && kv.value.as_str() == agent)
-        })
-        .unwrap_or_else(|| panic!("{agent}: no span"));
+    let span = support::agent_span(&spans, agent);
     let attr = |key: &str| {
         span.attributes
             .iter()

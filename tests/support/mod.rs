@@ -199,7 +199,6 @@ pub fn read_log_lines(dir: &Path) -> Vec<String> {
     read_log_text(dir).lines().map(str::to_owned).collect()
 }
 
-/// The top-level keys and values of a JSON object line, in order, duplicates kept.
 /// The log line, among `lines`, of the execution of agent `agent`; panics, showing them all,
 /// when none is.
 pub fn agent_line<'a, L: AsRef<str>>(lines: &'a [L], agent: &str) -> &'a str {
@@ -211,6 +210,19 @@ pub fn agent_line<'a, L: AsRef<str>>(lines: &'a [L], agent: &str) -> &'a str {
         .unwrap_or_else(|| panic!("no log line for {agent} in {:?}", lines.collect::<Vec<_>>()))
 }
 
+/// The exported span, among `spans`, of the execution of agent `agent`; panics when none is.
+pub fn agent_span<'a>(spans: &'a [SpanData], agent: &str) -> &'a SpanData {
+    spans
+        .iter()
+        .find(|span| {
+            span.attributes
+                .iter()
+                .any(|kv| kv.key.as_str() == "agent.name" && kv.value.as_str() == agent)
+        })
+        .unwrap_or_else(|| panic!("no span for {agent}"))
+}
+
+/// The top-level keys and values of a JSON object line, in order, duplicates kept.
 pub fn json_pairs(line: &str) -> Vec<(String, serde_json::Value)> {
     use serde::de::{Deserializer, MapAccess, Visitor};
     struct Pairs;
