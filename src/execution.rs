@@ -12,7 +12,7 @@ use tracing_core::field::{Field, Visit};
 
 use crate::config::{Config, TaskCapture};
 use crate::gen_ai::{Rollup, Usage, UsageFields};
-use crate::scrub::{Scrubber, SCRUB_MARGIN};
+use crate::scrub::{Scrubber, HELD_LABEL_CHARS, SCRUB_MARGIN};
 use crate::status::Status;
 use crate::text::{cut, debug_text, shared_name, unquote_debug, MAX_LABEL_CHARS};
 
@@ -89,16 +89,22 @@ impl TextPolicy {
         }
     }
 
-    /// Scrubs `name` (an agent's, a model's or a provider's, cut to a label already) as
-    /// every string value is scrubbed.
+    /// `name` (an agent's, a model's or a provider's, held to [`HELD_LABEL_CHARS`]) as the
+    /// signals carry it: scrubbed as every string value is, then cut to [`MAX_LABEL_CHARS`].
     pub(crate) fn scrub_name(&self, name: &mut Arc<str>) {
-        if !self.scrubber.is_on() {
-            return;
-        }
-        let scrub = |name: &str| match self.scrubber.scrub(name) {
+        let scrub = |name: &str| match self.scrubber.scrub_and_cut(name, MAX_LABEL_CHARS) {
             Cow::Borrowed(_) => None,
             Cow::Owned(scrubbed) => Some(Arc::<str>::from(scrubbed)),
         };
+        if !self.scrubber.is_on() {
+            // Nothing to remember: a name within the limit in bytes is within it in characters.
+            if name.len() > MAX_LABEL_CHARS {
+                if let Some(cut) = scrub(name) {
+                    *name = cut;
+                }
+            }
+            return;
+        }
         let memo = self.names.0.get_or_default();
         let Ok(mut memo) = memo.try_borrow_mut() else {
             if let Some(scrubbed) = scrub(name) {
@@ -124,8 +130,8 @@ impl TextPolicy {
         }
     }
 
-    /// Scrubs the names in `usage`, if any: its model and provider, and each model's it
-    /// counts.
+    /// Scrubs and cuts the names in `usage`, if any ([`scrub_name`](Self::scrub_name)): its
+    /// model and provider, and each model's it counts.
     pub(crate) fn scrub_usage_names(&self, usage: Option<&mut Usage>) {
         let Some(usage) = usage else { return };
         let names = usage.model.iter_mut().chain(usage.provider.iter_mut());
@@ -157,6 +163,11 @@ impl TextPolicy {
     }
 
     /// An error message the signals carry, from the text held: scrubbed and cut.
+    /// An explicit status as the signals carry it (a label: `error.type`), from the text held.
+    pub(crate) fn status_text(&self, held: &str) -> String {
+        self.scrubber.scrub_and_cut(held, MAX_LABEL_CHARS).into_owned()
+    }
+
     pub(crate) fn error_text(&self, held: &str) -> String {
         self.scrubber.scrub_and_cut(held, self.task_chars).into_owned()
     }
@@ -210,9 +221,9 @@ impl AgentSpanNames {
     }
 }
 
-/// The fields of an agent span that the signals use, as recorded so far: the agent's name cut
-/// at [`MAX_LABEL_CHARS`], the task at `task_chars` characters, so that no signal holds more
-/// of them than it keeps.
+/// The fields of an agent span that the signals use, as recorded so far: the agent's name and
+/// the status held to [`HELD_LABEL_CHARS`], the task to `task_chars` characters, so that no
+/// signal holds more of them than it keeps and scrubs before it cuts.
 #[derive(Debug)]
 pub(crate) struct ExecutionFields {
     pub agent_name: Option<Arc<str>>,
@@ -254,7 +265,10 @@ impl ExecutionFields {
     /// The most characters of a value's `Debug` text these fields format, the GenAI ones'
     /// included: room for the quotes and an escape per character kept.
     pub(crate) fn formatted_chars(&self) -> usize {
-        self.task_chars.max(MAX_LABEL_CHARS).saturating_mul(2).saturating_add(2)
+        self.task_chars
+            .max(HELD_LABEL_CHARS)
+            .saturating_mul(2)
+            .saturating_add(2)
     }
 
     /// Whether these fields read `field`'s value when given it: their own, and the GenAI
@@ -274,10 +288,10 @@ impl ExecutionFields {
     fn set(&mut self, field: &Field, value: &str) {
         match field.name() {
             "agent_name" | "agent.name" => {
-                self.agent_name = Some(shared_name(&cut(value, MAX_LABEL_CHARS)));
+                self.agent_name = Some(shared_name(&cut(value, HELD_LABEL_CHARS)));
             }
             "task" => self.task = Some(cut(value, self.task_chars).into_owned()),
-            "status" | "result.status" => self.status = Some(cut(value, MAX_LABEL_CHARS).into_owned()),
+            "status" | "result.status" => self.status = Some(cut(value, HELD_LABEL_CHARS).into_owned()),
             _ => {}
         }
     }

@@ -18,6 +18,7 @@ use tracing_core::field::{Field, Visit};
 use tracing_core::Metadata;
 
 use crate::prices::{ModelPrices, Tokens};
+use crate::scrub::HELD_LABEL_CHARS;
 use crate::status::Status;
 use crate::text::{cut, debug_text, shared_name, unquote_debug, MAX_LABEL_CHARS, OVERFLOW_AGENT_NAME};
 
@@ -73,8 +74,9 @@ pub(crate) fn may_be_gen_ai(metadata: &Metadata<'_>) -> bool {
     model_call_operation(metadata.name()).is_some() || metadata.fields().field(OPERATION_FIELD).is_some()
 }
 
-/// The GenAI fields of a span, as recorded so far: model and provider cut at
-/// [`MAX_LABEL_CHARS`], tokens as the last valid value recorded.
+/// The GenAI fields of a span, as recorded so far: model and provider held to
+/// [`HELD_LABEL_CHARS`] (scrubbed and cut to a label as the execution closes), tokens as the
+/// last valid value recorded.
 #[derive(Debug, Default)]
 pub(crate) struct UsageFields {
     pub model: Option<Arc<str>>,
@@ -171,7 +173,7 @@ impl UsageFields {
 
     /// A field's text value: a name, or an invalid token count.
     fn record_text(&mut self, field: &Field, text: &str) {
-        let label = || shared_name(&cut(text, MAX_LABEL_CHARS));
+        let label = || shared_name(&cut(text, HELD_LABEL_CHARS));
         match field.name() {
             "model" | "gen_ai.request.model" => self.model = Some(label()),
             "provider" | "gen_ai.provider.name" => self.provider = Some(label()),
@@ -199,7 +201,7 @@ impl Visit for UsageFields {
         if Self::token_field(field).is_some() {
             self.invalid = self.invalid.saturating_add(1);
         } else {
-            let text = debug_text(value, MAX_LABEL_CHARS.saturating_mul(2).saturating_add(2));
+            let text = debug_text(value, HELD_LABEL_CHARS.saturating_mul(2).saturating_add(2));
             self.record_text(field, &unquote_debug(text));
         }
     }

@@ -637,7 +637,7 @@ where
             *text = self.text.error_text(text);
         }
         if let Some(text) = &mut state.fields.status {
-            *text = self.text.error_text(text);
+            *text = self.text.status_text(text);
         }
         let invalid = state.fields.usage().invalid;
         if invalid > 0 {

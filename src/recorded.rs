@@ -362,7 +362,7 @@ mod tests {
         assert_eq!(seen[1], seen[0]);
         for kept in [
             "reviewer",
-            "a task …",
+            "a task i…",
             "failure",
             "gpt-4o",
             "input: Some(12)",

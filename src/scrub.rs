@@ -27,13 +27,17 @@ use regex::Regex;
 use regex_automata::{meta, Anchored, Input};
 
 use crate::error::{Error, Result};
-use crate::text::cut;
+use crate::text::{cut, MAX_LABEL_CHARS};
 
 /// What a scrubbed value or name becomes.
 pub const REDACTED: &str = "[REDACTED]";
 
 /// How many characters past its limit a text is scrubbed before it is cut.
 pub(crate) const SCRUB_MARGIN: usize = 4096;
+
+/// How many characters of a name (an agent's, a model's, a provider's, a status) are held
+/// until it is scrubbed and cut to [`MAX_LABEL_CHARS`].
+pub(crate) const HELD_LABEL_CHARS: usize = MAX_LABEL_CHARS + SCRUB_MARGIN;
 
 /// Field name segments that make a field sensitive.
 pub(crate) const SENSITIVE_SEGMENTS: [&str; 22] = [

@@ -711,6 +711,41 @@ fn a_secret_in_an_agents_model_or_providers_name_is_scrubbed_in_every_signal() {
 }
 
 #[test]
+fn a_secret_across_the_cut_of_a_name_or_status_is_scrubbed_whole() {
+    let harness = Harness::new();
+    // The label limit is 256 characters: the key starts at 241 and ends past it.
+    let name = format!("{} sk-proj-abcdefghijklmnopqrstuvwxyz0123456789", "x".repeat(240));
+    harness.run(|| {
+        let agent = tracing::info_span!(
+            "agent_execution",
+            agent_name = name.as_str(),
+            task = "t",
+            status = name.as_str()
+        );
+        agent.in_scope(|| {
+            tracing::info_span!(
+                "chat",
+                gen_ai.request.model = name.as_str(),
+                gen_ai.usage.input_tokens = 5_u64
+            )
+            .in_scope(|| {});
+        });
+    });
+    let expected = format!("{} [REDACTED]", "x".repeat(240));
+    let spans = harness.spans();
+    let agent = support::agent_span(&spans, &expected);
+    for key in ["gen_ai.agent.name", "gen_ai.request.model", "error.type"] {
+        assert_eq!(attribute(agent, key).as_deref(), Some(expected.as_str()), "{key}");
+    }
+    let line = &harness.log_lines()[0];
+    assert!(!line.contains("sk-proj"), "{line}");
+    assert_eq!(field(line, "agent_name").unwrap(), expected.as_str());
+    let (_, metrics) = support::http(harness.telemetry().metrics_addr().unwrap(), "GET", "/metrics");
+    assert!(!metrics.contains("sk-proj"), "{metrics}");
+    assert!(metrics.contains(&format!(r#"agent_name="{expected}""#)), "{metrics}");
+}
+
+#[test]
 fn scrubbing_can_be_extended_or_turned_off() {
     let harness = Harness::with(|b| {
         b.with_scrubbing(
