@@ -572,12 +572,13 @@ impl AgentTelemetryBuilder {
 /// Parses `RUST_LOG`-style directives, each trimmed first: `tracing-subscriber` splits on
 /// commas as is, so it rejects `info, app=debug` (tokio-rs/tracing#2452) and panics on a space
 /// before a non-ASCII target (`info, é=debug`). A panic left in its parser is an error too.
-/// A field filter's value is matched as the field's text, never compiled as a regular
-/// expression: the filter compiles one into a full DFA, exponential in the pattern.
+/// A field filter's value matches the field's text exactly (a string field's, or another's
+/// `Debug` text), never as a regular expression: the filter compiles one into a full DFA,
+/// exponential in the pattern, so each is escaped into a literal first.
 fn parse_env_filter(directives: &str) -> Result<EnvFilter> {
     let trimmed: Vec<&str> = directives.split(',').map(str::trim).filter(|d| !d.is_empty()).collect();
-    let trimmed = trimmed.join(",");
-    match panics::catching(|| EnvFilter::builder().with_regex(false).parse(&trimmed)) {
+    let literal = literal_field_values(&trimmed.join(","));
+    match panics::catching(|| EnvFilter::builder().parse(&literal)) {
         Ok(Ok(filter)) => Ok(filter),
         Ok(Err(error)) => Err(Error::invalid("RUST_LOG", directives, error.to_string())),
         Err(panic) => Err(Error::invalid(
@@ -586,6 +587,44 @@ fn parse_env_filter(directives: &str) -> Result<EnvFilter> {
             format!("the filter's parser panicked: {panic}"),
         )),
     }
+}
+
+/// `directives` with every field filter's value (`[span{field=value}]`) that is not a number or
+/// a boolean escaped into a regular expression matching exactly its text.
+fn literal_field_values(directives: &str) -> String {
+    let literal = |field: &str| match field.split_once('=') {
+        Some((name, value))
+            if value.parse::<bool>().is_err() && value.parse::<i64>().is_err() && value.parse::<f64>().is_err() =>
+        {
+            format!("{name}={}", regex::escape(value))
+        }
+        _ => field.to_owned(),
+    };
+    let mut out = String::with_capacity(directives.len());
+    // The field being read, while inside `{…}`.
+    let mut field: Option<String> = None;
+    for c in directives.chars() {
+        match (field.as_mut(), c) {
+            (None, '{') => {
+                out.push(c);
+                field = Some(String::new());
+            }
+            (None, c) => out.push(c),
+            (Some(text), ',' | '}') => {
+                out.push_str(&literal(text));
+                out.push(c);
+                if c == '}' {
+                    field = None;
+                } else {
+                    text.clear();
+                }
+            }
+            (Some(text), c) => text.push(c),
+        }
+    }
+    // An unclosed `{`: left to the parser to refuse.
+    out.push_str(field.as_deref().unwrap_or_default());
+    out
 }
 
 fn resource(config: &Config) -> Resource {
@@ -726,5 +765,22 @@ impl Drop for AgentTelemetry {
         if let Err(error) = self.shutdown_all() {
             eprintln!("agent-telemetry: {error}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::literal_field_values;
+
+    #[test]
+    fn field_filter_values_become_literals_and_the_rest_is_kept() {
+        assert_eq!(literal_field_values("info,app=debug"), "info,app=debug");
+        assert_eq!(
+            literal_field_values("warn,app[request{user=a.b*,id=42,ok=true,ratio=0.5}]=debug"),
+            r"warn,app[request{user=a\.b\*,id=42,ok=true,ratio=0.5}]=debug"
+        );
+        assert_eq!(literal_field_values("[{x=[ab]*}]=info"), r"[{x=\[ab\]\*}]=info");
+        assert_eq!(literal_field_values("[{present}]=info"), "[{present}]=info");
+        assert_eq!(literal_field_values("[{unclosed=a.b"), "[{unclosed=a.b");
     }
 }

@@ -478,3 +478,29 @@ fn agent_spans_link_the_spans_they_follow_from() {
     assert_eq!(coder.links.dropped_count, 0);
     assert_eq!((busy.links.len(), busy.links.dropped_count), (128, 2));
 }
+
+#[test]
+fn a_field_filter_selects_a_string_field_by_its_text_exactly() {
+    let harness = Harness::with(|b| b.with_env_filter("warn,[{user=alice}]=debug,[{path=a.b}]=debug"));
+    harness.run(|| {
+        for (user, path) in [("alice", "x"), ("bob", "a.b"), ("bob", "axb")] {
+            tracing::info_span!(target: "app", "request", user, path).in_scope(|| {
+                tracing::debug!(target: "app", "looked up");
+            });
+        }
+    });
+    let spans = harness.spans();
+    let selected: Vec<String> = spans
+        .iter()
+        .filter(|span| span.name == "request" && !span.events.events.is_empty())
+        .map(|span| {
+            let value = |key: &str| {
+                let kv = span.attributes.iter().find(|kv| kv.key.as_str() == key).unwrap();
+                kv.value.as_str().into_owned()
+            };
+            format!("{}/{}", value("user"), value("path"))
+        })
+        .collect();
+    // `a.b` is the text, not a pattern that `axb` matches.
+    assert_eq!(selected, ["alice/x", "bob/a.b"]);
+}
