@@ -118,7 +118,7 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Warnings {
 /// subscriber could cache "never" for a callsite another test is capturing, and its warning
 /// would be lost. Two inert dispatchers that stay registered, each "sometimes" interested,
 /// make every callsite ask the current thread's dispatcher at each event.
-fn keep_interest_dynamic() {
+pub(crate) fn keep_interest_dynamic() {
     static ANCHORS: OnceLock<[Dispatch; 2]> = OnceLock::new();
     ANCHORS.get_or_init(|| [Dispatch::new(Inert), Dispatch::new(Inert)]);
 }

@@ -56,7 +56,9 @@ impl LineBatch {
     /// One write for the whole batch, so a line is never split between writes of ours. The
     /// lines the writer took count as written (even when its `flush` then fails: a buffering
     /// writer still holds them), the rest of a failed batch as dropped. A writer that panics
-    /// fails this batch only: the lines after it, and every span, still go out.
+    /// fails this batch only: the lines after it, and every span, still go out. The batch is
+    /// counted and emptied before the outage is warned about, so a subscriber that panics on
+    /// the warning loses no count.
     pub(crate) fn write_out(&mut self) {
         // A pending mend goes out on its own too, so that the cut line is ended before a
         // quiet spell or shutdown (the next process appends to the same file).
@@ -73,6 +75,19 @@ impl LineBatch {
             self.lines_in(written)
         };
         TelemetryStats::add(&self.stats.log_lines_written, lines_written);
+        if result.is_err() {
+            TelemetryStats::add(&self.stats.log_write_errors, 1);
+            TelemetryStats::add(&self.stats.log_lines_dropped, self.lines.saturating_sub(lines_written));
+        }
+        // A cut line stays cut until a `\n` after it is written. (A writer that panics inside
+        // `write` may have taken bytes it never reported; those cannot be known.)
+        let cut = written > 0 && self.buffer[written - 1] != b'\n';
+        self.mends_torn_line = cut || (self.mends_torn_line && written == 0);
+        self.buffer.clear();
+        self.lines = 0;
+        if self.mends_torn_line {
+            self.buffer.push(b'\n');
+        }
         match result {
             Ok(()) => {
                 if self.outages.succeeded() {
@@ -83,18 +98,7 @@ impl LineBatch {
                 if self.outages.failed() {
                     tracing::warn!(target: "agent_telemetry::logs", %error, "cannot write agent execution log lines; counting those not written in agent_telemetry_log_lines_dropped_total until writing recovers");
                 }
-                TelemetryStats::add(&self.stats.log_write_errors, 1);
-                TelemetryStats::add(&self.stats.log_lines_dropped, self.lines.saturating_sub(lines_written));
             }
-        }
-        // A cut line stays cut until a `\n` after it is written. (A writer that panics inside
-        // `write` may have taken bytes it never reported; those cannot be known.)
-        let cut = written > 0 && self.buffer[written - 1] != b'\n';
-        self.mends_torn_line = cut || (self.mends_torn_line && written == 0);
-        self.buffer.clear();
-        self.lines = 0;
-        if self.mends_torn_line {
-            self.buffer.push(b'\n');
         }
     }
 
@@ -142,6 +146,37 @@ mod tests {
         assert_eq!(TelemetryStats::get(&stats.log_lines_dropped), 10);
         assert_eq!(TelemetryStats::get(&stats.log_lines_written), 0);
         assert_eq!(TelemetryStats::get(&stats.log_write_errors), 1);
+    }
+
+    #[test]
+    fn a_subscriber_that_panics_on_the_warning_loses_no_count() {
+        use tracing_subscriber::layer::{Context, SubscriberExt};
+        /// An alerting hook that breaks on the outage warning.
+        struct PanicsOnWarnings;
+        impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for PanicsOnWarnings {
+            fn on_event(&self, event: &tracing::Event<'_>, _: Context<'_, S>) {
+                assert!(
+                    *event.metadata().level() != tracing::Level::WARN,
+                    "the alerting hook broke"
+                );
+            }
+        }
+        crate::test_support::keep_interest_dynamic();
+        let dispatch = tracing::Dispatch::new(tracing_subscriber::registry().with(PanicsOnWarnings));
+        let stats = Arc::new(TelemetryStats::default());
+        let mut batch = LineBatch::new(Box::new(SmallDisk::default()), Arc::clone(&stats));
+        for _ in 0..10 {
+            batch.next_line().extend_from_slice(b"{}\n");
+            batch.line_done();
+        }
+        let panicked = tracing::dispatcher::with_default(&dispatch, || {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| batch.write_out())).is_err()
+        });
+        assert!(panicked, "the warning was emitted");
+        assert_eq!(TelemetryStats::get(&stats.log_lines_dropped), 10);
+        assert_eq!(TelemetryStats::get(&stats.log_write_errors), 1);
+        // Emptied before the warning: nothing is counted twice by whoever holds it next.
+        assert_eq!((batch.lines, batch.buffer.len()), (0, 0));
     }
 
     #[test]
