@@ -147,3 +147,26 @@ fn an_unwritable_log_dir_is_an_error_that_names_the_setting() {
     };
     assert!(error.to_string().contains("AGENT_TELEMETRY_LOG_DIR"), "{error}");
 }
+
+#[test]
+fn a_line_cut_short_by_an_earlier_writer_never_swallows_the_next() {
+    let dir = tempfile::tempdir().unwrap();
+    let today = time::OffsetDateTime::now_utc().date();
+    let name = format!(
+        "agents.{:04}-{:02}-{:02}.log",
+        today.year(),
+        u8::from(today.month()),
+        today.day()
+    );
+    // A process killed mid-write, or stopped while the disk was full, leaves this behind.
+    let cut = r#"{"@timestamp":"2026-12-07T10:00:00.000Z","task":"cut off by a full disk"#;
+    std::fs::write(dir.path().join(&name), cut).unwrap();
+    let harness = Harness::with(|b| b.with_log_dir(dir.path()));
+    harness.run(|| execute_agent("survivor", "after the restart", false).unwrap());
+    harness.telemetry().flush().unwrap();
+    let lines = support::read_log_lines(dir.path());
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert_eq!(lines[0], cut);
+    let survivor: serde_json::Value = serde_json::from_str(&lines[1]).unwrap();
+    assert_eq!(survivor["agent_name"], "survivor", "{}", lines[1]);
+}

@@ -7,6 +7,8 @@
 //!   target is never touched, a dangling one never created;
 //! - lines only go to a regular file: a FIFO or a device in its place is an error, a FIFO
 //!   found without waiting for a reader (`O_NONBLOCK`);
+//! - a line never runs into one cut short before: an existing file that does not end in `\n`
+//!   (its writer killed mid-write, or stopped while the disk was full) gets one first;
 //! - lines never go to a file that is no longer at its path: before each batch the file at
 //!   the path is compared (device and inode) with the one open, and reopened when they differ
 //!   or it is gone (a removed directory or file comes back);
@@ -81,14 +83,17 @@ impl DailyFiles {
     fn open_file(&self, path: PathBuf) -> io::Result<OpenFile> {
         create_dir(&self.dir, directory_mode(self.file_mode))?;
         let created = options(self.file_mode).create_new(true).open(&path);
-        let file = match created {
+        let (mut file, existed) = match created {
             Ok(file) => {
                 set_mode(&file, self.file_mode)?;
-                file
+                (file, false)
             }
-            Err(error) if error.kind() == io::ErrorKind::AlreadyExists => options(self.file_mode)
-                .open(&path)
-                .map_err(|error| explain(&path, error))?,
+            Err(error) if error.kind() == io::ErrorKind::AlreadyExists => {
+                let file = options(self.file_mode)
+                    .open(&path)
+                    .map_err(|error| explain(&path, error))?;
+                (file, true)
+            }
             Err(error) => return Err(explain(&path, error)),
         };
         if !file.metadata()?.is_file() {
@@ -96,6 +101,9 @@ impl DailyFiles {
                 "{} is not a regular file; log lines are only written to one",
                 path.display()
             )));
+        }
+        if existed && ends_mid_line(&path) {
+            file.write_all(b"\n")?;
         }
         let identity = Identity::of(&file)?;
         Ok(OpenFile { path, file, identity })
@@ -130,6 +138,29 @@ fn options(mode: u32) -> OpenOptions {
     #[cfg(not(unix))]
     let _ = mode;
     options
+}
+
+/// Whether the file at `path` ends in a line cut short (a writer killed mid-write, or stopped
+/// while the disk was full): the next line must not run into it. A file that cannot be read
+/// is taken as ending well.
+fn ends_mid_line(path: &Path) -> bool {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut options = OpenOptions::new();
+    options.read(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC);
+    }
+    let mut last = [b'\n'];
+    let Ok(mut file) = options.open(path) else { return false };
+    if file.metadata().map_or(true, |metadata| metadata.len() == 0) {
+        return false;
+    }
+    file.seek(SeekFrom::End(-1))
+        .and_then(|_| file.read_exact(&mut last))
+        .is_ok()
+        && last[0] != b'\n'
 }
 
 /// A clearer error for a symbolic link in the file's place.
@@ -278,6 +309,33 @@ mod tests {
         std::os::unix::fs::symlink(&dangling, &path).unwrap();
         assert!(files.write(b"line\n").is_err());
         assert!(!dangling.exists(), "a dangling link's target is not created");
+    }
+
+    #[test]
+    fn a_line_cut_short_before_is_ended_before_the_next() {
+        let root = tempfile::tempdir().unwrap();
+        let files = DailyFiles::open(root.path(), "agents", crate::config::DEFAULT_LOG_FILE_MODE).unwrap();
+        let path = files.todays_path();
+        drop(files);
+        // As a writer killed mid-line, or stopped while the disk was full, leaves it.
+        std::fs::write(&path, "{\"whole\":1}\n{\"cut\":").unwrap();
+        let mut files = DailyFiles::open(root.path(), "agents", crate::config::DEFAULT_LOG_FILE_MODE).unwrap();
+        files.write_all(b"{\"next\":2}\n").unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            "{\"whole\":1}\n{\"cut\":\n{\"next\":2}\n"
+        );
+        // A file that ends well, or is empty, is appended to as it is.
+        drop(files);
+        let mut files = DailyFiles::open(root.path(), "agents", crate::config::DEFAULT_LOG_FILE_MODE).unwrap();
+        files.write_all(b"{\"last\":3}\n").unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.ends_with("{\"next\":2}\n{\"last\":3}\n"), "{text:?}");
+        std::fs::write(&path, "").unwrap();
+        drop(files);
+        let mut files = DailyFiles::open(root.path(), "agents", crate::config::DEFAULT_LOG_FILE_MODE).unwrap();
+        files.write_all(b"{}\n").unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "{}\n");
     }
 
     #[cfg(unix)]
