@@ -510,6 +510,29 @@ fn a_callers_tracestate_counts_toward_the_span_queues_32_mib() {
 
 #[cfg(unix)]
 #[test]
+fn a_log_file_at_the_file_size_limit_drops_lines_and_never_ends_the_process() {
+    use std::os::unix::process::ExitStatusExt;
+    let work = tempfile::tempdir().unwrap();
+    // 16 blocks: a few kB, reached within the first second of lines.
+    let output = Command::new("sh")
+        .arg("-c")
+        .arg("ulimit -f 16 && exec \"$0\" --duration 1 --rate 2000")
+        .arg(support::example_binary())
+        .current_dir(work.path())
+        .env("AGENT_TELEMETRY_METRICS_ADDR", "off")
+        .env("OTEL_TRACES_EXPORTER", "none")
+        .stdout(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    // SIGXFSZ (25) would end it; the write fails with EFBIG instead, warned about.
+    assert_eq!(output.status.signal(), None, "{stderr}");
+    assert!(output.status.success(), "{stderr}");
+    assert!(stderr.contains("cannot write agent execution log lines"), "{stderr}");
+}
+
+#[cfg(unix)]
+#[test]
 fn log_files_are_created_0640_and_directories_0750_whatever_the_umask() {
     use std::os::unix::fs::PermissionsExt;
     let work = tempfile::tempdir().unwrap();

@@ -36,6 +36,7 @@ impl LogThread {
     pub(super) fn run(mut self, receiver: &Receiver<Message>) {
         // Whatever writing emits is not telemetry to export.
         let _suppressed = opentelemetry::Context::enter_telemetry_suppressed_scope();
+        block_file_size_signal();
         while let Ok(first) = receiver.recv() {
             let mut next = Some(first);
             let mut flush = None;
@@ -85,6 +86,26 @@ impl LogThread {
         taken
     }
 }
+
+/// Blocks `SIGXFSZ` on the calling thread: a write past the process's file-size limit
+/// (`ulimit -f`) then fails with `EFBIG`, counted and warned about as a full disk is, where
+/// the signal's default action would end the whole process.
+#[cfg(unix)]
+#[allow(unsafe_code)]
+fn block_file_size_signal() {
+    // SAFETY: `set` is a plain C struct, zeroed then initialised by `sigemptyset` before use;
+    // `pthread_sigmask` reads it and changes the calling thread's mask only. A failure (none
+    // is possible with these arguments) leaves the default, as before.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&raw mut set);
+        libc::sigaddset(&raw mut set, libc::SIGXFSZ);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &raw const set, std::ptr::null_mut());
+    }
+}
+
+#[cfg(not(unix))]
+fn block_file_size_signal() {}
 
 impl Drop for LogThread {
     fn drop(&mut self) {
