@@ -7,7 +7,7 @@ mod support;
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -28,6 +28,8 @@ fn target() -> ExampleProcess {
 /// Scrapes every `interval` until finished, as Prometheus would, each scrape bounded by 5 s.
 struct Scraper {
     stop: Arc<AtomicBool>,
+    /// Scrapes done so far.
+    done: Arc<AtomicUsize>,
     thread: JoinHandle<Vec<Result<(), String>>>,
 }
 
@@ -35,6 +37,8 @@ impl Scraper {
     fn start(addr: SocketAddr, interval: Duration) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let stopped = Arc::clone(&stop);
+        let done = Arc::new(AtomicUsize::new(0));
+        let counted = Arc::clone(&done);
         let thread = std::thread::spawn(move || {
             let mut results = Vec::new();
             while !stopped.load(Ordering::Relaxed) {
@@ -44,16 +48,22 @@ impl Scraper {
                     Err(error) => Err(error),
                 };
                 results.push(result);
+                counted.fetch_add(1, Ordering::Relaxed);
                 std::thread::sleep(interval);
             }
             results
         });
-        Scraper { stop, thread }
+        Scraper { stop, done, thread }
     }
 
-    /// Stops scraping; asserts that there were at least `at_least` scrapes and that every one
-    /// was answered.
+    /// Lets scraping go on until there were at least `at_least` scrapes (a loaded machine
+    /// makes each slower; each is bounded all the same), then stops; asserts that there were
+    /// and that every one was answered.
     fn every_scrape_answered(self, at_least: usize) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.done.load(Ordering::Relaxed) < at_least && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
         self.stop.store(true, Ordering::Relaxed);
         let results = self.thread.join().expect("the scraper thread");
         let failures: Vec<&String> = results.iter().filter_map(|r| r.as_ref().err()).collect();
