@@ -66,7 +66,8 @@ pub(crate) struct TextPolicy {
 }
 
 /// The names each thread scrubbed last, with what scrubbing made of them (`None`: left as
-/// they were). Names repeat, so a name is scrubbed once per thread, not per execution.
+/// they were). Names repeat, so a name is scrubbed once per thread, not per execution. Only
+/// names within the label limit in bytes are remembered: a slot outlives its thread.
 #[derive(Debug, Default)]
 struct ScrubbedNames(ThreadLocal<RefCell<NamesScrubbed>>);
 
@@ -96,11 +97,13 @@ impl TextPolicy {
             Cow::Borrowed(_) => None,
             Cow::Owned(scrubbed) => Some(Arc::<str>::from(scrubbed)),
         };
-        if !self.scrubber.is_on() {
-            // Nothing to remember: a name within the limit in bytes is within it in characters.
-            if name.len() > MAX_LABEL_CHARS {
-                if let Some(cut) = scrub(name) {
-                    *name = cut;
+        let long = name.len() > MAX_LABEL_CHARS;
+        if long || !self.scrubber.is_on() {
+            // A long name (rare) is scrubbed and cut each time, not remembered; with scrubbing
+            // off, a name within the limit in bytes is within it in characters.
+            if long {
+                if let Some(scrubbed) = scrub(name) {
+                    *name = scrubbed;
                 }
             }
             return;

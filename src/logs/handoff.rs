@@ -48,7 +48,8 @@ pub(crate) struct Handoff {
 /// One thread's lines.
 struct ThreadLines {
     format: LineFormat,
-    /// The buffer being filled ...
+    /// The buffer being filled (without room until the thread's next line: a thread that
+    /// has ended holds none) ...
     buffer: Vec<u8>,
     lines: u64,
     /// ... after the buffers it filled before, oldest first.
@@ -83,7 +84,7 @@ impl Handoff {
         Handoff {
             threads: PerThread::new(move || ThreadLines {
                 format: format.clone(),
-                buffer: Vec::with_capacity(BUFFER_BYTES),
+                buffer: Vec::new(),
                 lines: 0,
                 full: Vec::new(),
             }),
@@ -103,6 +104,9 @@ impl Handoff {
                 lines,
                 full,
             } = thread;
+            if buffer.capacity() == 0 {
+                *buffer = self.spare_buffer();
+            }
             format.write(execution, buffer);
             *lines += 1;
             if *lines < self.lines_per_buffer as u64 && buffer.len() < HANDOFF_BYTES {
@@ -117,7 +121,7 @@ impl Handoff {
                 };
             }
             full.push(FullBuffer {
-                bytes: mem::replace(buffer, self.spare_buffer()),
+                bytes: mem::take(buffer),
                 lines: mem::take(lines),
             });
             Appended::Filled
@@ -138,15 +142,15 @@ impl Handoff {
     }
 
     /// Takes every thread's lines into `collected`, each thread's in the order they were
-    /// formatted, its buffer swapped for an empty one: the threads' locks are held only for
-    /// the swap, never while lines are written.
+    /// formatted, its buffer taken whole (the thread takes a spare one with its next line):
+    /// the threads' locks are held only for the swap, never while lines are written.
     pub(crate) fn collect(&self, collected: &mut Vec<FullBuffer>) {
         self.threads.visit(|thread| {
             self.full_buffers.fetch_sub(thread.full.len(), Ordering::Relaxed);
             collected.append(&mut thread.full);
             if thread.lines > 0 {
                 collected.push(FullBuffer {
-                    bytes: mem::replace(&mut thread.buffer, self.spare_buffer()),
+                    bytes: mem::take(&mut thread.buffer),
                     lines: mem::take(&mut thread.lines),
                 });
             }
@@ -165,7 +169,7 @@ impl Handoff {
         self.threads.discard(|thread| {
             self.full_buffers.fetch_sub(thread.full.len(), Ordering::Relaxed);
             let full: u64 = thread.full.drain(..).map(|buffer| buffer.lines).sum();
-            thread.buffer.clear();
+            thread.buffer = Vec::new();
             full + mem::take(&mut thread.lines)
         })
     }

@@ -38,7 +38,9 @@ pub(super) const MAX_ASKS_WAITING: usize = 64;
 /// The spans each thread has finished and the span thread has not taken yet, and the emptied
 /// batches the threads take back.
 pub(super) struct Handoff {
-    pub(super) threads: PerThread<Box<ThreadSpans>>,
+    /// Each thread's batch being filled; `None` until the thread's next span (a thread that
+    /// has ended holds none).
+    pub(super) threads: PerThread<Option<Box<ThreadSpans>>>,
     spare: Recycled<Box<ThreadSpans>>,
     pub(super) batch_spans: usize,
     /// A `Wake` is on its way: set by the thread that sends it, cleared by the span thread
@@ -62,7 +64,7 @@ impl Handoff {
     /// Nothing handed over yet; threads hand over `per_handoff` spans at a time.
     pub(super) fn new(per_handoff: usize) -> Self {
         Handoff {
-            threads: PerThread::new(move || Box::new(ThreadSpans::with_capacity(per_handoff))),
+            threads: PerThread::new(|| None),
             spare: Recycled::default(),
             batch_spans: per_handoff,
             wake_pending: AtomicBool::new(false),
@@ -92,10 +94,7 @@ impl Handoff {
     /// Stops taking spans and empties every thread's batch unexported, for a span thread
     /// that has ended; returns how many spans that dropped.
     pub(super) fn discard(&self) -> u64 {
-        self.threads.discard(|batch| {
-            let dropped = batch.len() as u64;
-            batch.clear();
-            dropped
-        })
+        self.threads
+            .discard(|batch| batch.take().map_or(0, |batch| batch.len() as u64))
     }
 }

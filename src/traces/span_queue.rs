@@ -4,7 +4,6 @@
 //! shutdown) are asked of the span thread and answered.
 
 use crossbeam_channel::{bounded, unbounded, RecvTimeoutError, SendTimeoutError, Sender};
-use std::mem;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -134,11 +133,12 @@ impl SpanQueue {
         let spans = &self.handoff;
         // A full batch is handed over under its thread's lock: once the span thread has closed
         // and collected the batches, none is still on its way.
-        let queued = spans.threads.with_mine(|mine| {
+        let queued = spans.threads.with_mine(|slot| {
+            let mine = slot.get_or_insert_with(|| spans.spare_batch());
             add(mine);
             match mine.len() {
                 1 => Queued::First,
-                n if n >= spans.batch_spans => self.hand_over(mem::replace(mine, spans.spare_batch())),
+                n if n >= spans.batch_spans => slot.take().map_or(Queued::More, |full| self.hand_over(full)),
                 _ => Queued::More,
             }
         });

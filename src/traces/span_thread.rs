@@ -336,14 +336,13 @@ impl SpanThread {
         }
     }
 
-    /// Takes every thread's batch of spans, each swapped for an empty one (the
-    /// threads' locks are held only for the swap); returns how many.
+    /// Takes every thread's batch of spans whole (the thread takes a spare one with its next
+    /// span; the threads' locks are held only for the take); returns how many.
     pub(super) fn collect(&mut self) -> usize {
         let mut collected = Vec::new();
-        let spans = &self.handoff;
-        spans.threads.visit(|batch| {
-            if !batch.is_empty() {
-                collected.push(mem::replace(batch, spans.spare_batch()));
+        self.handoff.threads.visit(|slot| {
+            if let Some(batch) = slot.take_if(|batch| !batch.is_empty()) {
+                collected.push(batch);
             }
         });
         // All of them, before any is taken: none is lost uncounted if taking one panics.
