@@ -513,22 +513,29 @@ fn a_callers_tracestate_counts_toward_the_span_queues_32_mib() {
 fn a_log_file_at_the_file_size_limit_drops_lines_and_never_ends_the_process() {
     use std::os::unix::process::ExitStatusExt;
     let work = tempfile::tempdir().unwrap();
-    // 16 blocks: a few kB, reached within the first second of lines.
-    let output = Command::new("sh")
-        .arg("-c")
-        .arg("ulimit -f 16 && exec \"$0\" --duration 1 --rate 2000")
-        .arg(support::example_binary())
-        .current_dir(work.path())
-        .env("AGENT_TELEMETRY_METRICS_ADDR", "off")
-        .env("OTEL_TRACES_EXPORTER", "none")
-        .stdout(Stdio::null())
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    // SIGXFSZ (25) would end it; the write fails with EFBIG instead, warned about.
-    assert_eq!(output.status.signal(), None, "{stderr}");
-    assert!(output.status.success(), "{stderr}");
-    assert!(stderr.contains("cannot write agent execution log lines"), "{stderr}");
+    // The first run leaves today's file at the limit, its last line cut; the restart finds it
+    // so, and its newline before the next line cannot be written either.
+    for run in ["first", "restart"] {
+        // 16 blocks: a few kB, reached within the first second of lines.
+        let output = Command::new("sh")
+            .arg("-c")
+            .arg("ulimit -f 16 && exec \"$0\" --duration 1 --rate 2000")
+            .arg(support::example_binary())
+            .current_dir(work.path())
+            .env("AGENT_TELEMETRY_METRICS_ADDR", "off")
+            .env("OTEL_TRACES_EXPORTER", "none")
+            .stdout(Stdio::null())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        // SIGXFSZ (25) would end it; the write fails with EFBIG instead, warned about.
+        assert_eq!(output.status.signal(), None, "{run}: {stderr}");
+        assert!(output.status.success(), "{run}: {stderr}");
+        assert!(
+            stderr.contains("cannot write agent execution log lines"),
+            "{run}: {stderr}"
+        );
+    }
 }
 
 #[cfg(unix)]

@@ -8,7 +8,9 @@
 //! - lines only go to a regular file: a FIFO or a device in its place is an error, a FIFO
 //!   found without waiting for a reader (`O_NONBLOCK`);
 //! - a line never runs into one cut short before: an existing file that does not end in `\n`
-//!   (its writer killed mid-write, or stopped while the disk was full) gets one first;
+//!   (its writer killed mid-write, or stopped while the disk was full) gets one before the
+//!   next line, written with it; a writer appending to the file as it is opened may make
+//!   that an empty line;
 //! - lines never go to a file that is no longer at its path: before each batch the file at
 //!   the path is compared (device and inode) with the one open, and reopened when they differ
 //!   or it is gone (a removed directory or file comes back);
@@ -32,6 +34,9 @@ pub(crate) struct DailyFiles {
 struct OpenFile {
     path: PathBuf,
     file: File,
+    /// It ended mid-line when opened: a `\n` goes before the next line, with the first write
+    /// (on the log thread, whose failures are counted), not at the open.
+    ends_mid_line: bool,
     identity: Identity,
 }
 
@@ -63,7 +68,7 @@ impl DailyFiles {
 
     /// The file to write to now: the open one while it is still today's and still at its
     /// path, else today's, opened anew.
-    fn current(&mut self) -> io::Result<&mut File> {
+    fn current(&mut self) -> io::Result<&mut OpenFile> {
         let path = self.todays_path();
         let still_open = self
             .open
@@ -76,14 +81,13 @@ impl DailyFiles {
         // Set just above when it was not.
         self.open
             .as_mut()
-            .map(|open| &mut open.file)
             .ok_or_else(|| io::Error::other("no log file is open"))
     }
 
     fn open_file(&self, path: PathBuf) -> io::Result<OpenFile> {
         create_dir(&self.dir, directory_mode(self.file_mode))?;
         let created = options(self.file_mode).create_new(true).open(&path);
-        let (mut file, existed) = match created {
+        let (file, existed) = match created {
             Ok(file) => {
                 set_mode(&file, self.file_mode)?;
                 (file, false)
@@ -102,17 +106,25 @@ impl DailyFiles {
                 path.display()
             )));
         }
-        if existed && ends_mid_line(&path) {
-            file.write_all(b"\n")?;
-        }
+        let ends_mid_line = existed && ends_mid_line(&path);
         let identity = Identity::of(&file)?;
-        Ok(OpenFile { path, file, identity })
+        Ok(OpenFile {
+            path,
+            file,
+            ends_mid_line,
+            identity,
+        })
     }
 }
 
 impl Write for DailyFiles {
     fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
-        self.current()?.write(bytes)
+        let open = self.current()?;
+        if open.ends_mid_line {
+            open.file.write_all(b"\n")?;
+            open.ends_mid_line = false;
+        }
+        open.file.write(bytes)
     }
 
     fn flush(&mut self) -> io::Result<()> {
