@@ -590,13 +590,20 @@ fn parse_env_filter(directives: &str) -> Result<EnvFilter> {
 }
 
 /// `directives` with every field filter's value (`[span{field=value}]`) that is not a number or
-/// a boolean escaped into a regular expression matching exactly its text.
+/// a boolean made a regular expression matching exactly its text: a string field's, or the
+/// `Debug` text of a field recorded with `?`. A value in quotes (`"alice"`, as tracing's
+/// literal form writes it) stands for the text between them.
 fn literal_field_values(directives: &str) -> String {
     let literal = |field: &str| match field.split_once('=') {
         Some((name, value))
             if value.parse::<bool>().is_err() && value.parse::<i64>().is_err() && value.parse::<f64>().is_err() =>
         {
-            format!("{name}={}", regex::escape(value))
+            let text = value
+                .strip_prefix('"')
+                .and_then(|inner| inner.strip_suffix('"'))
+                .unwrap_or(value);
+            let debug = regex::escape(&format!("{text:?}"));
+            format!("{name}=^(?:{}|{debug})$", regex::escape(text))
         }
         _ => field.to_owned(),
     };
@@ -777,9 +784,16 @@ mod tests {
         assert_eq!(literal_field_values("info,app=debug"), "info,app=debug");
         assert_eq!(
             literal_field_values("warn,app[request{user=a.b*,id=42,ok=true,ratio=0.5}]=debug"),
-            r"warn,app[request{user=a\.b\*,id=42,ok=true,ratio=0.5}]=debug"
+            r#"warn,app[request{user=^(?:a\.b\*|"a\.b\*")$,id=42,ok=true,ratio=0.5}]=debug"#
         );
-        assert_eq!(literal_field_values("[{x=[ab]*}]=info"), r"[{x=\[ab\]\*}]=info");
+        assert_eq!(
+            literal_field_values("[{x=[ab]*}]=info"),
+            r#"[{x=^(?:\[ab\]\*|"\[ab\]\*")$}]=info"#
+        );
+        assert_eq!(
+            literal_field_values(r#"[{user="alice"}]=info"#),
+            r#"[{user=^(?:alice|"alice")$}]=info"#
+        );
         assert_eq!(literal_field_values("[{present}]=info"), "[{present}]=info");
         assert_eq!(literal_field_values("[{unclosed=a.b"), "[{unclosed=a.b");
     }

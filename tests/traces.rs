@@ -481,13 +481,26 @@ fn agent_spans_link_the_spans_they_follow_from() {
 
 #[test]
 fn a_field_filter_selects_a_string_field_by_its_text_exactly() {
-    let harness = Harness::with(|b| b.with_env_filter("warn,[{user=alice}]=debug,[{path=a.b}]=debug"));
+    let directives = r#"warn,[{user=alice}]=debug,[{path=a.b}]=debug,[{team="core"}]=debug"#;
+    let harness = Harness::with(|b| b.with_env_filter(directives));
     harness.run(|| {
-        for (user, path) in [("alice", "x"), ("bob", "a.b"), ("bob", "axb")] {
-            tracing::info_span!(target: "app", "request", user, path).in_scope(|| {
+        let requests = [
+            ("alice", "x", "web"),
+            ("bob", "a.b", "web"),
+            ("bob", "y", "core"),
+            // Neither `a.b` as a pattern, nor any text that ends or starts with the value.
+            ("bob", "axb", "web"),
+            ("malice", "x", "web"),
+            ("alicex", "x", "web"),
+        ];
+        for (user, path, team) in requests {
+            tracing::info_span!(target: "app", "request", user, path, team).in_scope(|| {
                 tracing::debug!(target: "app", "looked up");
             });
         }
+        // Recorded with `?`, the text is the value's `Debug`: the same filter selects it.
+        tracing::info_span!(target: "app", "request", user = ?"alice", path = "z", team = "web")
+            .in_scope(|| tracing::debug!(target: "app", "looked up"));
     });
     let spans = harness.spans();
     let selected: Vec<String> = spans
@@ -501,6 +514,5 @@ fn a_field_filter_selects_a_string_field_by_its_text_exactly() {
             format!("{}/{}", value("user"), value("path"))
         })
         .collect();
-    // `a.b` is the text, not a pattern that `axb` matches.
-    assert_eq!(selected, ["alice/x", "bob/a.b"]);
+    assert_eq!(selected, ["alice/x", "bob/a.b", "bob/y", r#""alice"/z"#]);
 }
