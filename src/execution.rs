@@ -165,12 +165,13 @@ impl TextPolicy {
         }
     }
 
-    /// An error message the signals carry, from the text held: scrubbed and cut.
-    /// An explicit status as the signals carry it (a label: `error.type`), from the text held.
+    /// An explicit status as the signals carry it (a label: `error.type`), from the text held:
+    /// scrubbed and cut.
     pub(crate) fn status_text(&self, held: &str) -> String {
         self.scrubber.scrub_and_cut(held, MAX_LABEL_CHARS).into_owned()
     }
 
+    /// An error message the signals carry, from the text held: scrubbed and cut.
     pub(crate) fn error_text(&self, held: &str) -> String {
         self.scrubber.scrub_and_cut(held, self.task_chars).into_owned()
     }

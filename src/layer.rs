@@ -350,7 +350,8 @@ where
         exported: bool,
     ) {
         let (status, duration) = (execution.status, execution.duration);
-        let call = state.take_rollup().into_call(state.fields.usage());
+        let mut call = state.take_rollup().into_call(state.fields.usage());
+        call.names_mut().for_each(|name| self.text.scrub_name(name));
         let ended = EndedCall {
             model: call.model.clone(),
             status,

@@ -473,3 +473,41 @@ fn a_call_outside_any_execution_counts_as_it_ends_under_unknown() {
     assert_eq!(calls(&scrape, "unknown", "unknown", "success"), Some(1.0));
     assert!(harness.log_lines().is_empty(), "no execution, no line");
 }
+
+#[test]
+fn models_named_past_the_label_limit_take_one_model_slot_per_label() {
+    // 256 models whose names share their first 300 characters, so one label (cut at 256),
+    // then a priced model: the execution keeps 256 models apart.
+    #[tracing::instrument(name = "agent_execution")]
+    fn many_long_models(agent_name: &str, task: &str) {
+        let prefix = "m".repeat(300);
+        for n in 0..256 {
+            let model = format!("{prefix}{n}");
+            tracing::info_span!(
+                "chat",
+                gen_ai.request.model = model.as_str(),
+                gen_ai.usage.input_tokens = 1_u64
+            )
+            .in_scope(|| {});
+        }
+        tracing::info_span!(
+            "chat",
+            gen_ai.request.model = "gpt-4o",
+            gen_ai.usage.input_tokens = 1000_u64
+        )
+        .in_scope(|| {});
+    }
+    let harness = Harness::with(|b| b.with_model_prices(prices()).with_max_model_names(1000));
+    harness.run(|| many_long_models("planner", "t"));
+    let scrape = harness.scrape();
+    let tokens = |model: &str| {
+        scrape.value(
+            "agent_tokens_total",
+            &[("agent_name", "planner"), ("model", model), ("type", "input")],
+        )
+    };
+    let label = format!("{}…", "m".repeat(256));
+    assert_eq!(tokens(&label), Some(256.0));
+    assert_eq!(tokens("gpt-4o"), Some(1000.0));
+    assert_eq!(tokens("__overflow__"), None);
+}
