@@ -508,6 +508,21 @@ fn a_callers_tracestate_counts_toward_the_span_queues_32_mib() {
 // ---------------------------------------------------------------------------------------------
 // Log files
 
+/// The example for a second at `rate` executions a second in `dir`, without `/metrics` or
+/// traces, started by `sh` after `setup` (a `ulimit`, a `umask`).
+fn example_after(setup: &str, rate: u32, dir: &std::path::Path) -> Command {
+    let mut command = Command::new("sh");
+    command
+        .arg("-c")
+        .arg(format!("{setup} && exec \"$0\" --duration 1 --rate {rate}"))
+        .arg(support::example_binary())
+        .current_dir(dir)
+        .env("AGENT_TELEMETRY_METRICS_ADDR", "off")
+        .env("OTEL_TRACES_EXPORTER", "none")
+        .stdout(Stdio::null());
+    command
+}
+
 #[cfg(unix)]
 #[test]
 fn a_log_file_at_the_file_size_limit_drops_lines_and_never_ends_the_process() {
@@ -517,16 +532,7 @@ fn a_log_file_at_the_file_size_limit_drops_lines_and_never_ends_the_process() {
     // so, and its newline before the next line cannot be written either.
     for run in ["first", "restart"] {
         // 16 blocks: a few kB, reached within the first second of lines.
-        let output = Command::new("sh")
-            .arg("-c")
-            .arg("ulimit -f 16 && exec \"$0\" --duration 1 --rate 2000")
-            .arg(support::example_binary())
-            .current_dir(work.path())
-            .env("AGENT_TELEMETRY_METRICS_ADDR", "off")
-            .env("OTEL_TRACES_EXPORTER", "none")
-            .stdout(Stdio::null())
-            .output()
-            .unwrap();
+        let output = example_after("ulimit -f 16", 2000, work.path()).output().unwrap();
         let stderr = String::from_utf8_lossy(&output.stderr);
         // SIGXFSZ (25) would end it; the write fails with EFBIG instead, warned about.
         assert_eq!(output.status.signal(), None, "{run}: {stderr}");
@@ -543,15 +549,8 @@ fn a_log_file_at_the_file_size_limit_drops_lines_and_never_ends_the_process() {
 fn log_files_are_created_0640_and_directories_0750_whatever_the_umask() {
     use std::os::unix::fs::PermissionsExt;
     let work = tempfile::tempdir().unwrap();
-    let status = Command::new("sh")
-        .arg("-c")
-        .arg("umask 000 && exec \"$0\" --duration 1 --rate 20")
-        .arg(support::example_binary())
-        .current_dir(work.path())
-        .env("AGENT_TELEMETRY_METRICS_ADDR", "off")
-        .env("OTEL_TRACES_EXPORTER", "none")
+    let status = example_after("umask 000", 20, work.path())
         .env("AGENT_TELEMETRY_LOG_DIR", "logs/agents")
-        .stdout(Stdio::null())
         .status()
         .unwrap();
     assert!(status.success());
