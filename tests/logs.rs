@@ -170,3 +170,27 @@ fn a_line_cut_short_by_an_earlier_writer_never_swallows_the_next() {
     let survivor: serde_json::Value = serde_json::from_str(&lines[1]).unwrap();
     assert_eq!(survivor["agent_name"], "survivor", "{}", lines[1]);
 }
+
+#[test]
+fn two_writers_that_open_a_file_ending_mid_line_end_it_once() {
+    let first = Harness::new();
+    let dir = first.dir.path().to_owned();
+    first.run(|| execute_agent("earlier-run", "t", false).unwrap());
+    first.telemetry().flush().unwrap();
+    let path = support::log_file(&dir);
+    // Cut short, as a process killed mid-write leaves it.
+    let mut file = std::fs::OpenOptions::new().append(true).open(&path).unwrap();
+    std::io::Write::write_all(&mut file, br#"{"cut"#).unwrap();
+    // Two processes (here, instances) open it before either writes.
+    let open = |dir: std::path::PathBuf| Harness::with(move |builder| builder.with_log_dir(dir));
+    let (a, b) = (open(dir.clone()), open(dir.clone()));
+    a.run(|| execute_agent("process-a", "t", false).unwrap());
+    a.telemetry().flush().unwrap();
+    b.run(|| execute_agent("process-b", "t", false).unwrap());
+    b.telemetry().flush().unwrap();
+    let text = std::fs::read_to_string(&path).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 4, "{text}");
+    assert!(lines.iter().all(|line| !line.is_empty()), "{text}");
+    assert_eq!(lines[1], r#"{"cut"#);
+}

@@ -9,8 +9,8 @@
 //!   found without waiting for a reader (`O_NONBLOCK`);
 //! - a line never runs into one cut short before: an existing file that does not end in `\n`
 //!   (its writer killed mid-write, or stopped while the disk was full) gets one before the
-//!   next line, written with it; a writer appending to the file as it is opened may make
-//!   that an empty line;
+//!   next line, written with it if the file still ends so then; a writer appending to the file
+//!   at that moment may make it an empty line;
 //! - lines never go to a file that is no longer at its path: before each batch the file at
 //!   the path is compared (device and inode) with the one open, and reopened when they differ
 //!   or it is gone (a removed directory or file comes back);
@@ -35,7 +35,7 @@ struct OpenFile {
     path: PathBuf,
     file: File,
     /// It ended mid-line when opened: a `\n` goes before the next line, with the first write
-    /// (on the log thread, whose failures are counted), not at the open.
+    /// (on the log thread, whose failures are counted), not at the open, if it still does then.
     ends_mid_line: bool,
     identity: Identity,
 }
@@ -120,10 +120,11 @@ impl DailyFiles {
 impl Write for DailyFiles {
     fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
         let open = self.current()?;
-        if open.ends_mid_line {
+        // Asked again: another writer may have ended the line since the file was opened.
+        if open.ends_mid_line && ends_mid_line(&open.path) {
             open.file.write_all(b"\n")?;
-            open.ends_mid_line = false;
         }
+        open.ends_mid_line = false;
         open.file.write(bytes)
     }
 
