@@ -602,8 +602,12 @@ fn literal_field_values(directives: &str) -> String {
                 .strip_prefix('"')
                 .and_then(|inner| inner.strip_suffix('"'))
                 .unwrap_or(value);
-            let debug = regex::escape(&format!("{text:?}"));
-            format!("{name}=^(?:{}|{debug})$", regex::escape(text))
+            let text_pattern = regex::escape(text);
+            match regex::escape(&format!("{text:?}")) {
+                // A `}` (in `\u{…}`) would end the directive's field list: the text alone.
+                debug if debug.contains('}') => format!("{name}=^(?:{text_pattern})$"),
+                debug => format!("{name}=^(?:{text_pattern}|{debug})$"),
+            }
         }
         _ => field.to_owned(),
     };
@@ -793,6 +797,12 @@ mod tests {
         assert_eq!(
             literal_field_values(r#"[{user="alice"}]=info"#),
             r#"[{user=^(?:alice|"alice")$}]=info"#
+        );
+        // Its `Debug` text escapes the zero-width space as `\u{200b}`, whose `}` would end the
+        // field list.
+        assert_eq!(
+            literal_field_values("[{user=a\u{200b}b}]=info"),
+            "[{user=^(?:a\u{200b}b)$}]=info"
         );
         assert_eq!(literal_field_values("[{present}]=info"), "[{present}]=info");
         assert_eq!(literal_field_values("[{unclosed=a.b"), "[{unclosed=a.b");

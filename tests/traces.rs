@@ -516,3 +516,30 @@ fn a_field_filter_selects_a_string_field_by_its_text_exactly() {
         .collect();
     assert_eq!(selected, ["alice/x", "bob/a.b", "bob/y", r#""alice"/z"#]);
 }
+
+#[test]
+fn a_field_filter_value_whose_debug_text_escapes_with_braces_still_selects_its_field() {
+    // `Debug` writes a zero-width space as `\u{200b}`, and a `}` ends the directive's fields.
+    let harness = Harness::with(|b| b.with_env_filter("warn,[{user=a\u{200b}b}]=debug"));
+    harness.run(|| {
+        for user in ["a\u{200b}b", "ab"] {
+            tracing::info_span!(target: "app", "request", user)
+                .in_scope(|| tracing::debug!(target: "app", "looked up"));
+        }
+    });
+    let selected: Vec<String> = harness
+        .spans()
+        .iter()
+        .filter(|span| span.name == "request" && !span.events.events.is_empty())
+        .map(|span| {
+            span.attributes
+                .iter()
+                .find(|kv| kv.key.as_str() == "user")
+                .unwrap()
+                .value
+                .as_str()
+                .into_owned()
+        })
+        .collect();
+    assert_eq!(selected, ["a\u{200b}b"]);
+}
