@@ -133,18 +133,6 @@ impl TextPolicy {
         }
     }
 
-    /// Scrubs and cuts the names in `usage`, if any ([`scrub_name`](Self::scrub_name)): its
-    /// model and provider, and each model's it counts.
-    pub(crate) fn scrub_usage_names(&self, usage: Option<&mut Usage>) {
-        let Some(usage) = usage else { return };
-        let names = usage.model.iter_mut().chain(usage.provider.iter_mut());
-        let by_model = usage.by_model.iter_mut().map(|part| &mut part.model);
-        let calls = usage.calls.iter_mut().map(|call| &mut call.model);
-        for name in names.chain(by_model).chain(calls) {
-            self.scrub_name(name);
-        }
-    }
-
     /// How many characters of a task or error text to hold until the span closes: what is
     /// kept, and the margin scrubbing searches past it.
     pub(crate) fn held_chars(&self) -> usize {
@@ -260,6 +248,14 @@ impl ExecutionFields {
     /// The GenAI fields recorded so far.
     pub(crate) fn usage(&self) -> &UsageFields {
         self.usage.as_deref().unwrap_or(&UsageFields::NONE)
+    }
+
+    /// The GenAI names recorded (model, provider), for the layer to make labels of as the
+    /// span closes.
+    pub(crate) fn usage_names_mut(&mut self) -> impl Iterator<Item = &mut Arc<str>> {
+        self.usage
+            .iter_mut()
+            .flat_map(|usage| usage.model.iter_mut().chain(usage.provider.iter_mut()))
     }
 
     fn usage_mut(&mut self) -> &mut UsageFields {

@@ -275,14 +275,6 @@ pub(crate) struct CallUsage {
 }
 
 impl CallUsage {
-    /// Its names: the model and provider, and each model its tokens are kept under. They are
-    /// made labels (scrubbed and cut) before the call is rolled up, so that the models an
-    /// execution keeps apart are counted by label.
-    pub(crate) fn names_mut(&mut self) -> impl Iterator<Item = &mut Arc<str>> {
-        let parts = self.parts.iter_mut().filter_map(|(model, _)| model.as_mut());
-        self.model.iter_mut().chain(self.provider.iter_mut()).chain(parts)
-    }
-
     /// Whether the call recorded anything GenAI.
     fn is_empty(&self) -> bool {
         !self.has_tokens && self.model.is_none() && self.provider.is_none()

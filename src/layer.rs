@@ -350,8 +350,7 @@ where
         exported: bool,
     ) {
         let (status, duration) = (execution.status, execution.duration);
-        let mut call = state.take_rollup().into_call(state.fields.usage());
-        call.names_mut().for_each(|name| self.text.scrub_name(name));
+        let call = state.take_rollup().into_call(state.fields.usage());
         let ended = EndedCall {
             model: call.model.clone(),
             status,
@@ -362,27 +361,29 @@ where
         let metrics = &self.signals.metrics;
         match handed {
             HandedOver::Held | HandedOver::IntoCall => {}
+            // Under the execution's names as recorded so far, not labels yet (it is open).
             HandedOver::Full {
                 mut agent_name,
-                mut model,
+                model,
+                mut agent_model,
             } => {
                 self.text.scrub_name(&mut agent_name);
-                self.text.scrub_name(&mut model);
+                let model = model.unwrap_or_else(|| {
+                    self.text.scrub_name(&mut agent_model);
+                    agent_model
+                });
                 metrics.record_model_call(&agent_name, &model, status, duration, None);
             }
             // Outside any execution: counted now, under `unknown`, tokens and all.
             HandedOver::Nowhere => {
                 execution.usage = call.counted_usage(self.prices.as_ref());
-                self.text.scrub_usage_names(execution.usage.as_deref_mut());
-                let mut model = call.model.clone().unwrap_or_else(|| Arc::from(UNKNOWN_MODEL));
-                self.text.scrub_name(&mut model);
+                let model = call.model.as_deref().unwrap_or(UNKNOWN_MODEL);
                 let usage = execution.usage.as_deref();
-                metrics.record_model_call(UNKNOWN_AGENT, &model, status, duration, usage);
+                metrics.record_model_call(UNKNOWN_AGENT, model, status, duration, usage);
             }
         }
         if exported && execution.usage.is_none() {
             execution.usage = call.span_usage();
-            self.text.scrub_usage_names(execution.usage.as_deref_mut());
         }
     }
 
@@ -640,6 +641,12 @@ where
         if let Some(text) = &mut state.fields.status {
             *text = self.text.status_text(text);
         }
+        // Its own model and provider become labels (scrubbed, then cut) once, before they meet
+        // its calls', labels already since each closed.
+        state
+            .fields
+            .usage_names_mut()
+            .for_each(|name| self.text.scrub_name(name));
         let invalid = state.fields.usage().invalid;
         if invalid > 0 {
             self.signals.metrics.count_invalid_usage_fields(invalid);
@@ -673,7 +680,6 @@ where
                 drop(closing);
                 let rollup = state.take_rollup();
                 execution.usage = rollup.finish(state.fields.usage(), self.prices.as_ref());
-                self.text.scrub_usage_names(execution.usage.as_deref_mut());
                 self.signals.metrics.record(&execution);
                 self.signals.lines.write_line(&execution);
             }
@@ -684,7 +690,6 @@ where
                 if exported {
                     let own = state.take_rollup().into_call(state.fields.usage());
                     execution.usage = own.span_usage();
-                    self.text.scrub_usage_names(execution.usage.as_deref_mut());
                 }
             }
         }
@@ -858,7 +863,13 @@ enum HandedOver {
     IntoCall,
     /// To its execution, which holds [`MAX_HELD_CALLS`](crate::gen_ai::MAX_HELD_CALLS) already: the call is counted now, under
     /// the execution's name and model as recorded so far.
-    Full { agent_name: Arc<str>, model: Arc<str> },
+    Full {
+        agent_name: Arc<str>,
+        /// The call's model, a label already ...
+        model: Option<Arc<str>>,
+        /// ... else the execution's, as recorded.
+        agent_model: Arc<str>,
+    },
     /// Nowhere: it ended in no execution.
     Nowhere,
 }
@@ -894,9 +905,12 @@ where
                         .agent_name
                         .clone()
                         .unwrap_or_else(|| unknown(UNKNOWN_AGENT)),
-                    model: ended
+                    model: ended.model,
+                    agent_model: state
+                        .fields
+                        .usage()
                         .model
-                        .or_else(|| state.fields.usage().model.clone())
+                        .clone()
                         .unwrap_or_else(|| unknown(UNKNOWN_MODEL)),
                 };
             }

@@ -511,3 +511,40 @@ fn models_named_past_the_label_limit_take_one_model_slot_per_label() {
     assert_eq!(tokens("gpt-4o"), Some(1000.0));
     assert_eq!(tokens("__overflow__"), None);
 }
+
+#[test]
+fn an_agents_own_model_and_its_calls_same_model_are_one_label() {
+    // Long enough to be cut, with a key-shaped run that the cut would make look whole: a
+    // name scrubbed twice (cut, then scrubbed again) would read differently from once.
+    let model = format!("{}-AKIA1234567890ABCDEFGHIJKLMNOP", "m".repeat(235));
+    let harness = Harness::new();
+    harness.run(|| {
+        let agent = tracing::info_span!(
+            "agent_execution",
+            agent_name = "planner",
+            task = "t",
+            gen_ai.request.model = model.as_str(),
+            gen_ai.usage.input_tokens = 5_u64
+        );
+        agent.in_scope(|| {
+            tracing::info_span!(
+                "chat",
+                gen_ai.request.model = model.as_str(),
+                gen_ai.usage.input_tokens = 7_u64
+            )
+            .in_scope(|| {});
+        });
+    });
+    let scrape = harness.scrape();
+    let labels: std::collections::BTreeSet<&String> = scrape
+        .with_name("agent_tokens_total")
+        .filter(|sample| sample.labels.get("agent_name").is_some_and(|name| name == "planner"))
+        .filter_map(|sample| sample.labels.get("model"))
+        .collect();
+    let line = agent_line(&harness.log_lines(), "planner").to_owned();
+    assert_eq!(labels.len(), 1, "{labels:?}");
+    let label = labels.into_iter().next().unwrap();
+    assert!(line.contains(&format!(r#""model":"{label}""#)), "{label} in {line}");
+    let tokens = [("agent_name", "planner"), ("model", label.as_str()), ("type", "input")];
+    assert_eq!(scrape.value("agent_tokens_total", &tokens), Some(12.0));
+}
