@@ -602,12 +602,10 @@ fn literal_field_values(directives: &str) -> String {
                 .strip_prefix('"')
                 .and_then(|inner| inner.strip_suffix('"'))
                 .unwrap_or(value);
-            let text_pattern = regex::escape(text);
-            match regex::escape(&format!("{text:?}")) {
-                // A `}` (in `\u{…}`) would end the directive's field list: the text alone.
-                debug if debug.contains('}') => format!("{name}=^(?:{text_pattern})$"),
-                debug => format!("{name}=^(?:{text_pattern}|{debug})$"),
-            }
+            // A `}` (`Debug` writes some characters as `\u{…}`) would end the directive's
+            // field list: written as `\x7D`, which the pattern reads as the same character.
+            let debug = regex::escape(&format!("{text:?}")).replace(r"\}", r"\x7D");
+            format!("{name}=^(?:{}|{debug})$", regex::escape(text))
         }
         _ => field.to_owned(),
     };
@@ -802,7 +800,7 @@ mod tests {
         // field list.
         assert_eq!(
             literal_field_values("[{user=a\u{200b}b}]=info"),
-            "[{user=^(?:a\u{200b}b)$}]=info"
+            "[{user=^(?:a\u{200b}b|\"a\\\\u\\{200b\\x7Db\")$}]=info"
         );
         assert_eq!(literal_field_values("[{present}]=info"), "[{present}]=info");
         assert_eq!(literal_field_values("[{unclosed=a.b"), "[{unclosed=a.b");

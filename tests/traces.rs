@@ -526,6 +526,10 @@ fn a_field_filter_value_whose_debug_text_escapes_with_braces_still_selects_its_f
             tracing::info_span!(target: "app", "request", user)
                 .in_scope(|| tracing::debug!(target: "app", "looked up"));
         }
+        // Recorded with `?`: selected by its `Debug` text.
+        let user = "a\u{200b}b";
+        tracing::info_span!(target: "app", "request", user = ?user)
+            .in_scope(|| tracing::debug!(target: "app", "looked up"));
     });
     let selected: Vec<String> = harness
         .spans()
@@ -541,5 +545,5 @@ fn a_field_filter_value_whose_debug_text_escapes_with_braces_still_selects_its_f
                 .into_owned()
         })
         .collect();
-    assert_eq!(selected, ["a\u{200b}b"]);
+    assert_eq!(selected, ["a\u{200b}b", "\"a\\u{200b}b\""]);
 }
