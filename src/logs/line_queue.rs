@@ -119,7 +119,9 @@ impl LineQueue {
     ///
     /// # Errors
     ///
-    /// [`Error::Shutdown`] when the lines were still being written after `timeout`.
+    /// [`Error::Shutdown`] when the lines were still being written after `timeout`, or the log
+    /// thread has ended before a shutdown asked it to (its lines, and every one since, counted
+    /// as dropped).
     pub(crate) fn flush(&self, timeout: Duration) -> Result<()> {
         self.ask(timeout, false)
     }
@@ -141,21 +143,39 @@ impl LineQueue {
             self.stopping.store(true, Ordering::Relaxed);
         }
         let (ack, acknowledged) = bounded(1);
+        // A thread gone without a shutdown asked for has ended unexpectedly (a panic).
+        let gone = || {
+            if self.stopping.load(Ordering::Relaxed) {
+                Ok(())
+            } else {
+                Err(ended_unexpectedly())
+            }
+        };
         match self.sender.send_deadline(Message::Flush { ack, stop }, deadline) {
             Ok(()) => {}
-            // Already shut down.
-            Err(SendTimeoutError::Disconnected(_)) => return Ok(()),
+            Err(SendTimeoutError::Disconnected(_)) => return gone(),
             Err(SendTimeoutError::Timeout(_)) => return Err(timed_out(timeout)),
         }
         match acknowledged.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
             Ok(()) if !stop => Ok(()),
-            Ok(()) | Err(RecvTimeoutError::Disconnected) => {
+            Ok(()) => {
                 // The thread has acknowledged; joining only reaps it.
                 background::join_answered(&self.thread);
                 Ok(())
             }
+            Err(RecvTimeoutError::Disconnected) => {
+                background::join_answered(&self.thread);
+                gone()
+            }
             Err(RecvTimeoutError::Timeout) => Err(timed_out(timeout)),
         }
+    }
+}
+
+fn ended_unexpectedly() -> Error {
+    Error::Shutdown {
+        signal: "logs",
+        reason: "the log thread has ended unexpectedly; its lines and every one since are counted in agent_telemetry_log_lines_dropped_total".to_owned(),
     }
 }
 
