@@ -3,9 +3,9 @@
 //! fills, and a full queue drops (and counts) lines, never the agent's time. Flush and shutdown
 //! are asked of the log thread (`log_thread.rs`) and answered.
 
-use crossbeam_channel::{bounded, RecvTimeoutError, SendTimeoutError, Sender, TrySendError};
+use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, SendTimeoutError, Sender, TrySendError};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -156,7 +156,7 @@ impl LineQueue {
             Err(SendTimeoutError::Disconnected(_)) => return gone(),
             Err(SendTimeoutError::Timeout(_)) => return Err(timed_out(timeout)),
         }
-        match acknowledged.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+        match self.answer(&acknowledged, deadline) {
             Ok(()) if !stop => Ok(()),
             Ok(()) => {
                 // The thread has acknowledged; joining only reaps it.
@@ -171,6 +171,34 @@ impl LineQueue {
         }
     }
 }
+
+impl LineQueue {
+    /// The log thread's answer to a flush, by `deadline`. A thread that ended holding none
+    /// (a flush queued as it died stays in the channel with its sender) counts as having
+    /// dropped it: it is looked at between waits of [`ANSWER_POLL`].
+    fn answer(&self, acknowledged: &Receiver<()>, deadline: Instant) -> Result<(), RecvTimeoutError> {
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match acknowledged.recv_timeout(left.min(ANSWER_POLL)) {
+                Err(RecvTimeoutError::Timeout) if !left.is_zero() => {}
+                answer => return answer,
+            }
+            let ended = self
+                .thread
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .as_ref()
+                .is_some_and(JoinHandle::is_finished);
+            if ended {
+                // An answer sent just before it ended still counts.
+                return acknowledged.try_recv().map_err(|_| RecvTimeoutError::Disconnected);
+            }
+        }
+    }
+}
+
+/// How long a flush waits for its answer before it looks whether the log thread has ended.
+const ANSWER_POLL: Duration = Duration::from_millis(50);
 
 fn ended_unexpectedly() -> Error {
     Error::Shutdown {
