@@ -10,6 +10,8 @@ use std::sync::{Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crossbeam_channel::{Receiver, RecvTimeoutError};
+
 use crate::error::{Error, Result};
 
 /// Starts a background thread named `name`.
@@ -28,6 +30,46 @@ pub(crate) fn join_answered(thread: &Mutex<Option<JoinHandle<()>>>) {
         let _ = thread.join();
     }
 }
+
+/// Whether `thread` is gone without having been joined, which only an answered shutdown
+/// does: with its channel disconnected, it has ended unexpectedly (a panic), or is ending.
+pub(crate) fn ended_unexpectedly(thread: &Mutex<Option<JoinHandle<()>>>) -> bool {
+    thread.lock().unwrap_or_else(PoisonError::into_inner).is_some()
+}
+
+/// The answer to a message sent to `thread`, by `deadline`; `Disconnected` when the thread has
+/// finished without sending one. A message queued as the thread ended stays in its channel,
+/// with the answer's sender, so the answer's channel alone would wait until the deadline: the
+/// thread is looked at between waits of [`ANSWER_POLL`].
+pub(crate) fn answer<T>(
+    answered: &Receiver<T>,
+    deadline: Instant,
+    thread: &Mutex<Option<JoinHandle<()>>>,
+) -> Result<T, RecvTimeoutError> {
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match answered.recv_timeout(left.min(ANSWER_POLL)) {
+            Err(RecvTimeoutError::Timeout) if !left.is_zero() => {}
+            answer => return answer,
+        }
+        if has_finished(thread) {
+            // An answer sent just before it finished still counts.
+            return answered.try_recv().map_err(|_| RecvTimeoutError::Disconnected);
+        }
+    }
+}
+
+/// Whether `thread` has finished and was not joined: it ended unexpectedly.
+pub(crate) fn has_finished(thread: &Mutex<Option<JoinHandle<()>>>) -> bool {
+    thread
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .as_ref()
+        .is_some_and(JoinHandle::is_finished)
+}
+
+/// How long a wait for an answer lasts before it looks whether the thread has finished.
+const ANSWER_POLL: Duration = Duration::from_millis(50);
 
 /// The instant `timeout` from now; a timeout too long to represent (`Duration::MAX`) is a
 /// century, which no wait here outlives.

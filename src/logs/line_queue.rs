@@ -3,11 +3,11 @@
 //! fills, and a full queue drops (and counts) lines, never the agent's time. Flush and shutdown
 //! are asked of the log thread (`log_thread.rs`) and answered.
 
-use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, SendTimeoutError, Sender, TrySendError};
+use crossbeam_channel::{bounded, RecvTimeoutError, SendTimeoutError, Sender, TrySendError};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::handoff::{Appended, Handoff, Message, QUEUE_MESSAGES};
 use super::line::LineFormat;
@@ -131,7 +131,8 @@ impl LineQueue {
     ///
     /// # Errors
     ///
-    /// [`Error::Shutdown`] when the lines were still being written after `timeout`.
+    /// [`Error::Shutdown`] when the lines were still being written after `timeout`, or the log
+    /// thread had ended before it was asked to stop (its lines counted as dropped).
     pub(crate) fn shutdown(&self, timeout: Duration) -> Result<()> {
         self.ask(timeout, true)
     }
@@ -143,12 +144,12 @@ impl LineQueue {
             self.stopping.store(true, Ordering::Relaxed);
         }
         let (ack, acknowledged) = bounded(1);
-        // A thread gone without a shutdown asked for has ended unexpectedly (a panic).
+        // A thread gone before it answered a shutdown has ended unexpectedly (a panic).
         let gone = || {
-            if self.stopping.load(Ordering::Relaxed) {
-                Ok(())
-            } else {
+            if background::ended_unexpectedly(&self.thread) {
                 Err(ended_unexpectedly())
+            } else {
+                Ok(())
             }
         };
         match self.sender.send_deadline(Message::Flush { ack, stop }, deadline) {
@@ -156,49 +157,18 @@ impl LineQueue {
             Err(SendTimeoutError::Disconnected(_)) => return gone(),
             Err(SendTimeoutError::Timeout(_)) => return Err(timed_out(timeout)),
         }
-        match self.answer(&acknowledged, deadline) {
+        match background::answer(&acknowledged, deadline, &self.thread) {
             Ok(()) if !stop => Ok(()),
             Ok(()) => {
                 // The thread has acknowledged; joining only reaps it.
                 background::join_answered(&self.thread);
                 Ok(())
             }
-            Err(RecvTimeoutError::Disconnected) => {
-                background::join_answered(&self.thread);
-                gone()
-            }
+            Err(RecvTimeoutError::Disconnected) => gone(),
             Err(RecvTimeoutError::Timeout) => Err(timed_out(timeout)),
         }
     }
 }
-
-impl LineQueue {
-    /// The log thread's answer to a flush, by `deadline`. A thread that ended holding none
-    /// (a flush queued as it died stays in the channel with its sender) counts as having
-    /// dropped it: it is looked at between waits of [`ANSWER_POLL`].
-    fn answer(&self, acknowledged: &Receiver<()>, deadline: Instant) -> Result<(), RecvTimeoutError> {
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match acknowledged.recv_timeout(left.min(ANSWER_POLL)) {
-                Err(RecvTimeoutError::Timeout) if !left.is_zero() => {}
-                answer => return answer,
-            }
-            let ended = self
-                .thread
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .as_ref()
-                .is_some_and(JoinHandle::is_finished);
-            if ended {
-                // An answer sent just before it ended still counts.
-                return acknowledged.try_recv().map_err(|_| RecvTimeoutError::Disconnected);
-            }
-        }
-    }
-}
-
-/// How long a flush waits for its answer before it looks whether the log thread has ended.
-const ANSWER_POLL: Duration = Duration::from_millis(50);
 
 fn ended_unexpectedly() -> Error {
     Error::Shutdown {

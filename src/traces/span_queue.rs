@@ -7,7 +7,7 @@ use crossbeam_channel::{bounded, unbounded, RecvTimeoutError, SendTimeoutError, 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
 use opentelemetry_sdk::trace::SpanData;
@@ -241,6 +241,10 @@ impl SpanQueue {
     pub(super) fn ask(&self, message: fn(Sender<OTelSdkResult>) -> Message, timeout: Duration) -> OTelSdkResult {
         let deadline = background::deadline_after(timeout);
         let (permits, given_back) = &self.handoff.asks;
+        // A thread that ended unexpectedly never gives back the permits of the asks it left.
+        if background::has_finished(&self.thread) {
+            return Err(self.gone());
+        }
         if let Err(SendTimeoutError::Timeout(()) | SendTimeoutError::Disconnected(())) =
             permits.send_deadline((), deadline)
         {
@@ -249,14 +253,23 @@ impl SpanQueue {
         let (answer, answered) = bounded(1);
         if self.sender.send(message(answer)).is_err() {
             let _ = given_back.try_recv();
-            return Err(OTelSdkError::AlreadyShutdown);
+            return Err(self.gone());
         }
-        match answered.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+        match background::answer(&answered, deadline, &self.thread) {
             Ok(result) => result,
             Err(RecvTimeoutError::Timeout) => Err(OTelSdkError::Timeout(timeout)),
-            Err(RecvTimeoutError::Disconnected) => Err(OTelSdkError::InternalFailure(
-                "the span processor's thread has ended".into(),
-            )),
+            Err(RecvTimeoutError::Disconnected) => Err(self.gone()),
+        }
+    }
+
+    /// Why the span thread took no message: shut down, or ended before it was asked to.
+    fn gone(&self) -> OTelSdkError {
+        if background::ended_unexpectedly(&self.thread) {
+            OTelSdkError::InternalFailure(
+                "the span thread has ended unexpectedly; its spans and every one since are counted in agent_telemetry_spans_dropped_total".into(),
+            )
+        } else {
+            OTelSdkError::AlreadyShutdown
         }
     }
 
@@ -302,6 +315,7 @@ mod tests {
     use opentelemetry_sdk::trace::{SpanExporter, SpanProcessor};
     use std::sync::atomic::AtomicBool;
     use std::sync::mpsc::Receiver;
+    use std::time::Instant;
 
     fn span() -> SpanData {
         crate::test_support::span_data(Vec::new(), Vec::new())
