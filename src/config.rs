@@ -14,6 +14,7 @@ use std::time::Duration;
 use opentelemetry_sdk::trace::Sampler;
 
 use crate::error::{Error, Result};
+use crate::metrics::series_limits::{SeriesLimits, MAX_SERIES};
 
 pub(crate) mod file;
 mod otlp;
@@ -378,6 +379,17 @@ impl Config {
                 "with_max_agent_names",
                 "0",
                 "at least one agent_name label value must be allowed",
+            ));
+        }
+        let series = SeriesLimits::largest(self.max_agent_names, self.max_model_names);
+        if series > MAX_SERIES {
+            return Err(Error::invalid(
+                "with_max_agent_names",
+                self.max_agent_names.to_string(),
+                format!(
+                    "with {} model names, a metric could hold {series} series, past the {MAX_SERIES} its table is sized for up front: lower with_max_agent_names or with_max_model_names",
+                    self.max_model_names
+                ),
             ));
         }
         if self.batch.max_queue_size == 0 || self.batch.max_export_batch_size == 0 {

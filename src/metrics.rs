@@ -3,6 +3,7 @@
 
 mod capped_names;
 mod open_connections;
+pub(crate) mod series_limits;
 pub(crate) mod server;
 mod spend;
 mod thread_series;
@@ -26,6 +27,7 @@ use crate::stats::TelemetryStats;
 use crate::status::Status;
 use crate::text::{cut, MAX_LABEL_CHARS};
 use capped_names::CappedNames;
+use series_limits::SeriesLimits;
 use spend::SpendMetrics;
 use thread_series::{Holding, Instruments, ThreadSeries};
 
@@ -132,6 +134,7 @@ impl Metrics {
         let provider = SdkMeterProvider::builder()
             .with_reader(exporter)
             .with_resource(resource)
+            .with_view(SeriesLimits::new(config.max_agent_names, config.max_model_names).view())
             .build();
         let meter = provider.meter("agent_telemetry");
 

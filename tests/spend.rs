@@ -5,7 +5,7 @@ mod support;
 
 use std::collections::BTreeMap;
 
-use agent_telemetry::{Error, LogFormat, ModelPrice, ModelPrices};
+use agent_telemetry::{AgentTelemetry, Error, LogFormat, ModelPrice, ModelPrices};
 use opentelemetry::trace::Status as SpanStatus;
 use opentelemetry::Value;
 use opentelemetry_sdk::trace::SpanData;
@@ -266,6 +266,68 @@ fn model_labels_are_capped_and_the_overflow_counted() {
         scrape.value("agent_telemetry_model_names_overflowed_total", &[]),
         Some(2.0)
     );
+}
+
+#[test]
+fn every_pair_of_agent_and_model_within_the_caps_keeps_its_labels() {
+    // 40 agents and 20 models, well inside the caps (256 and 64): 2,400 token series and
+    // 800 model-call series, past the SDK's own 2,000 a metric; and 600 agents, past it in
+    // the execution metrics, under a cap raised to 1,000.
+    let harness = Harness::with(|b| b.with_max_agent_names(1000));
+    harness.run(|| {
+        for (agent, model) in (0..40).flat_map(|agent| (0..20).map(move |model| (agent, model))) {
+            tracing::info_span!("agent_execution", agent_name = format!("agent-{agent}"), task = "t").in_scope(|| {
+                tracing::info_span!(
+                    "chat",
+                    model = format!("model-{model}"),
+                    input_tokens = 10_u64,
+                    output_tokens = 1_u64,
+                    cache_read_tokens = 2_u64
+                )
+                .in_scope(|| {});
+            });
+        }
+        for agent in 40..600 {
+            tracing::info_span!("agent_execution", agent_name = format!("agent-{agent}"), task = "t").in_scope(|| {});
+        }
+    });
+    let scrape = harness.scrape();
+    for (agent, model) in (0..40).flat_map(|agent| (0..20).map(move |model| (agent, model))) {
+        let (agent, model) = (format!("agent-{agent}"), format!("model-{model}"));
+        let counted = ["input", "output", "cache_read"].map(|kind| tokens(&scrape, &agent, &model, kind));
+        assert_eq!(counted, [Some(10.0), Some(1.0), Some(2.0)], "{agent} on {model}");
+        assert_eq!(
+            calls(&scrape, &agent, &model, "success"),
+            Some(1.0),
+            "{agent} on {model}"
+        );
+    }
+    for agent in 0..600 {
+        let executions = scrape.value(
+            "agent_executions_total",
+            &[("agent_name", &format!("agent-{agent}")), ("status", "success")],
+        );
+        assert_eq!(executions, Some(if agent < 40 { 20.0 } else { 1.0 }), "agent-{agent}");
+    }
+    let folded: Vec<_> = scrape
+        .samples
+        .iter()
+        .filter(|s| s.labels.contains_key("otel_metric_overflow"))
+        .collect();
+    assert!(folded.is_empty(), "series folded by the SDK: {folded:?}");
+}
+
+#[test]
+fn caps_whose_series_a_metric_could_not_hold_are_an_error() {
+    let error = AgentTelemetry::builder()
+        .ignore_environment()
+        .with_max_agent_names(100_000)
+        .with_max_model_names(64)
+        .build::<tracing_subscriber::Registry>()
+        .map(|_| ())
+        .unwrap_err();
+    assert!(matches!(error, Error::InvalidSetting { .. }), "{error:?}");
+    assert!(error.to_string().contains("with_max_agent_names"), "{error}");
 }
 
 #[test]
