@@ -288,7 +288,8 @@ impl ExecutionFields {
     fn set(&mut self, field: &Field, value: &str) {
         match field.name() {
             "agent_name" | "agent.name" => {
-                self.agent_name = Some(shared_name(&cut(value, HELD_LABEL_CHARS)));
+                // An empty or blank name is none: `unknown`, as a missing one.
+                self.agent_name = (!value.trim().is_empty()).then(|| shared_name(&cut(value, HELD_LABEL_CHARS)));
             }
             "task" => self.task = Some(cut(value, self.task_chars).into_owned()),
             "status" | "result.status" => self.status = Some(cut(value, HELD_LABEL_CHARS).into_owned()),
@@ -322,6 +323,20 @@ impl Visit for ExecutionFields {
     fn record_i64(&mut self, field: &Field, value: i64) {
         if UsageFields::owns(field.name()) {
             return self.usage_mut().record_i64(field, value);
+        }
+        self.record_debug(field, &value);
+    }
+
+    fn record_u128(&mut self, field: &Field, value: u128) {
+        if UsageFields::owns(field.name()) {
+            return self.usage_mut().record_u128(field, value);
+        }
+        self.record_debug(field, &value);
+    }
+
+    fn record_i128(&mut self, field: &Field, value: i128) {
+        if UsageFields::owns(field.name()) {
+            return self.usage_mut().record_i128(field, value);
         }
         self.record_debug(field, &value);
     }

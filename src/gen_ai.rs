@@ -151,16 +151,12 @@ impl UsageFields {
         }
     }
 
-    /// A field's integer value; `None` for a negative one.
-    fn record_count(&mut self, field: &Field, value: Option<u64>) {
+    /// An integer field: a token count, or a model or provider name as its text.
+    fn record_integer<I: itoa::Integer + TryInto<u64>>(&mut self, field: &Field, value: I) {
         let Some(which) = Self::token_field(field) else {
-            // An integer model or provider name: kept as its text.
-            if let Some(value) = value {
-                self.record_text(field, itoa::Buffer::new().format(value));
-            }
-            return;
+            return self.record_text(field, itoa::Buffer::new().format(value));
         };
-        let Some(value) = value.filter(|value| *value <= MAX_TOKENS) else {
+        let Some(value) = value.try_into().ok().filter(|value| *value <= MAX_TOKENS) else {
             self.invalid = self.invalid.saturating_add(1);
             return;
         };
@@ -171,12 +167,12 @@ impl UsageFields {
         }
     }
 
-    /// A field's text value: a name, or an invalid token count.
+    /// A field's text value: a name (none when empty or blank), or an invalid token count.
     fn record_text(&mut self, field: &Field, text: &str) {
-        let label = || shared_name(&cut(text, HELD_LABEL_CHARS));
+        let label = || (!text.trim().is_empty()).then(|| shared_name(&cut(text, HELD_LABEL_CHARS)));
         match field.name() {
-            "model" | "gen_ai.request.model" => self.model = Some(label()),
-            "provider" | "gen_ai.provider.name" => self.provider = Some(label()),
+            "model" | "gen_ai.request.model" => self.model = label(),
+            "provider" | "gen_ai.provider.name" => self.provider = label(),
             OPERATION_FIELD => self.operation = Some(cut(text, MAX_LABEL_CHARS).into()),
             _ => self.invalid = self.invalid.saturating_add(1),
         }
@@ -185,11 +181,19 @@ impl UsageFields {
 
 impl Visit for UsageFields {
     fn record_u64(&mut self, field: &Field, value: u64) {
-        self.record_count(field, Some(value));
+        self.record_integer(field, value);
     }
 
     fn record_i64(&mut self, field: &Field, value: i64) {
-        self.record_count(field, u64::try_from(value).ok());
+        self.record_integer(field, value);
+    }
+
+    fn record_u128(&mut self, field: &Field, value: u128) {
+        self.record_integer(field, value);
+    }
+
+    fn record_i128(&mut self, field: &Field, value: i128) {
+        self.record_integer(field, value);
     }
 
     fn record_str(&mut self, field: &Field, value: &str) {
@@ -478,9 +482,9 @@ mod tests {
     #[test]
     fn both_forms_are_read_and_the_last_value_wins() {
         let mut fields = UsageFields::default();
-        fields.record_count(&field("input_tokens"), Some(10));
-        fields.record_count(&field("gen_ai.usage.input_tokens"), Some(12));
-        fields.record_count(&field("output_tokens"), Some(3));
+        fields.record_integer(&field("input_tokens"), 10_u64);
+        fields.record_integer(&field("gen_ai.usage.input_tokens"), 12_u64);
+        fields.record_integer(&field("output_tokens"), 3_u64);
         fields.record_text(&field("gen_ai.request.model"), "gpt-4o");
         assert_eq!(
             fields.tokens(),
@@ -512,9 +516,9 @@ mod tests {
         let call = |model: &str| {
             let mut fields = UsageFields::default();
             fields.record_text(&field("model"), model);
-            fields.record_count(&field("input_tokens"), Some(1_000_000));
-            fields.record_count(&field("output_tokens"), Some(10));
-            fields.record_count(&field("cache_read_tokens"), Some(400_000));
+            fields.record_integer(&field("input_tokens"), 1_000_000_u64);
+            fields.record_integer(&field("output_tokens"), 10_u64);
+            fields.record_integer(&field("cache_read_tokens"), 400_000_u64);
             Rollup::default().into_call(&fields)
         };
         let mut rollup = Rollup::default();
@@ -540,7 +544,7 @@ mod tests {
     fn a_call_inside_a_call_is_part_of_it_and_counted_once() {
         let tokens = |input| {
             let mut fields = UsageFields::default();
-            fields.record_count(&field("input_tokens"), Some(input));
+            fields.record_integer(&field("input_tokens"), input);
             fields
         };
         // The outer call recorded its tokens: the inner one's are the same request.
@@ -595,7 +599,7 @@ mod tests {
         let call = |model: String, input: u64| {
             let mut fields = UsageFields::default();
             fields.record_text(&field("model"), &model);
-            fields.record_count(&field("input_tokens"), Some(input));
+            fields.record_integer(&field("input_tokens"), input);
             Rollup::default().into_call(&fields)
         };
         let mut agent = Rollup::default();
@@ -607,7 +611,7 @@ mod tests {
         // Without a model, the agent's own: not counted among the kept models.
         agent.add(&Rollup::default().into_call(&{
             let mut fields = UsageFields::default();
-            fields.record_count(&field("input_tokens"), Some(1000));
+            fields.record_integer(&field("input_tokens"), 1000_u64);
             fields
         }));
         let prices = ModelPrices::new().with_model("model-0", ModelPrice::per_million_tokens(1.0, 1.0));
@@ -631,7 +635,7 @@ mod tests {
     #[test]
     fn an_execution_with_tokens_and_no_model_counts_under_unknown() {
         let mut own = UsageFields::default();
-        own.record_count(&field("input_tokens"), Some(5));
+        own.record_integer(&field("input_tokens"), 5_u64);
         let usage = Rollup::default().finish(&own, None).expect("tokens were recorded");
         assert_eq!(&*usage.by_model[0].model, UNKNOWN_MODEL);
         assert_eq!(usage.model, None);

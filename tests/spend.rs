@@ -248,6 +248,74 @@ fn token_fields_that_are_not_non_negative_integers_are_ignored_and_counted() {
 }
 
 #[test]
+fn tokens_as_any_integer_type_count_and_an_integer_name_is_its_text() {
+    let harness = Harness::new();
+    harness.run(|| {
+        tracing::info_span!(
+            "agent_execution",
+            agent_name = "wide",
+            input_tokens = 100_u128,
+            output_tokens = 7_i128,
+            cache_read_tokens = u128::MAX,
+            model = -5_i64
+        )
+        .in_scope(|| {});
+    });
+    let scrape = harness.scrape();
+    assert_eq!(tokens(&scrape, "wide", "-5", "input"), Some(100.0));
+    assert_eq!(tokens(&scrape, "wide", "-5", "output"), Some(7.0));
+    assert_eq!(
+        scrape.value("agent_telemetry_usage_fields_invalid_total", &[]),
+        Some(1.0),
+        "only the count past u64 is invalid"
+    );
+    let line = harness.log_lines().pop().unwrap();
+    assert!(
+        line.contains(r#""model":"-5","input_tokens":100,"output_tokens":7"#),
+        "{line}"
+    );
+}
+
+#[test]
+fn an_empty_or_blank_name_is_unknown_in_every_signal() {
+    let harness = Harness::new();
+    harness.run(|| {
+        for (agent_name, model) in [("", ""), (" ", "\t"), ("\t", " ")] {
+            tracing::info_span!("agent_execution", agent_name, task = "t", model, input_tokens = 5_u64).in_scope(
+                || {
+                    tracing::info_span!("chat", model, provider = " ", output_tokens = 1_u64).in_scope(|| {});
+                },
+            );
+        }
+    });
+    let scrape = harness.scrape();
+    assert_eq!(tokens(&scrape, "unknown", "unknown", "input"), Some(15.0));
+    assert_eq!(tokens(&scrape, "unknown", "unknown", "output"), Some(3.0));
+    assert_eq!(calls(&scrape, "unknown", "unknown", "success"), Some(3.0));
+    let names: Vec<&str> = scrape
+        .samples
+        .iter()
+        .flat_map(|s| ["agent_name", "model"].map(|label| s.labels.get(label)))
+        .flatten()
+        .map(String::as_str)
+        .collect();
+    assert!(names.iter().all(|name| *name == "unknown"), "{names:?}");
+    for line in harness.log_lines() {
+        assert!(line.contains(r#""agent_name":"unknown""#), "{line}");
+        assert!(
+            !line.contains(r#""model":"""#) && !line.contains(r#""model":" "#),
+            "{line}"
+        );
+    }
+    for span in harness.spans() {
+        for attribute in &span.attributes {
+            let value = attribute.value.as_str();
+            assert!(!value.trim().is_empty(), "{} is {value:?}", attribute.key);
+        }
+    }
+}
+
+#[test]
 fn model_labels_are_capped_and_the_overflow_counted() {
     let harness = Harness::with(|builder| builder.with_max_model_names(2));
     harness.run(|| {

@@ -72,6 +72,14 @@ impl<S: FieldSink> Visit for SplitFields<'_, S> {
         self.visitor(field).record_u64(field, value);
     }
 
+    fn record_i128(&mut self, field: &Field, value: i128) {
+        self.visitor(field).record_i128(field, value);
+    }
+
+    fn record_u128(&mut self, field: &Field, value: u128) {
+        self.visitor(field).record_u128(field, value);
+    }
+
     fn record_f64(&mut self, field: &Field, value: f64) {
         self.visitor(field).record_f64(field, value);
     }
