@@ -96,6 +96,48 @@ fn failing_future<'a>(
     }
 }
 
+/// An `async fn` an agent delegates to.
+async fn delegated(agent_name: String, task: String, work: Duration, fail: bool) -> Result<usize, String> {
+    tokio::time::sleep(work).await;
+    if fail {
+        Err(format!("{agent_name} could not {task}"))
+    } else {
+        Ok(task.len())
+    }
+}
+
+/// A hand-written, object-safe agent: a function returning a future it does not write as an
+/// `async` block, made from borrowed arguments.
+#[agent_telemetry::instrument(skip(work, fail))]
+fn delegating_agent(
+    agent_name: &str,
+    task: &str,
+    work: Duration,
+    fail: bool,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<usize, String>> + Send>> {
+    Box::pin(delegated(agent_name.to_owned(), task.to_owned(), work, fail))
+}
+
+/// The same as `impl Future`, its arguments moved into the future it returns.
+#[agent_telemetry::instrument]
+fn delegating_impl_agent(agent_name: String, task: String) -> impl std::future::Future<Output = Result<usize, String>> {
+    delegated(agent_name, task, Duration::from_millis(1), true)
+}
+
+/// Returns that coerce to the declared type, as in any `async fn`: a boxed error, a trait
+/// object.
+#[agent_telemetry::instrument]
+async fn coercing_agent(
+    agent_name: &str,
+    task: &str,
+    fail: bool,
+) -> Result<Box<dyn std::fmt::Display + Send>, Box<dyn std::error::Error + Send + Sync>> {
+    if fail {
+        return Err(Box::new(std::fmt::Error));
+    }
+    Ok(Box::new(task.len()))
+}
+
 /// A tool step, annotated with the crate's attribute for its `Err`: not an execution.
 #[agent_telemetry::instrument(name = "execute_tool", skip_all)]
 async fn slow_tool() -> Result<(), String> {
@@ -412,6 +454,47 @@ fn async_trait_agents_and_functions_returning_futures_tell_each_outcome_apart() 
         assert_eq!(failing.counted, ["failure"], "{agent}");
         assert_eq!(failing.line["error.type"], "error");
         assert_eq!(failing.line["error.message"], format!("{agent} could not Wait"));
+    }
+}
+
+#[test]
+fn functions_returning_a_future_they_do_not_write_tell_each_outcome_apart() {
+    let harness = Harness::new();
+    let runtime = harness.runtime(2);
+    harness.run(|| {
+        runtime.block_on(async {
+            let slow = delegating_agent("delegating-slow", "Wait", Duration::from_secs(30), false);
+            assert!(tokio::time::timeout(Duration::from_millis(50), slow).await.is_err());
+            let quick = delegating_agent("delegating-quick", "Wait", Duration::from_millis(5), false);
+            assert_eq!(quick.await, Ok(4));
+            let failing = delegating_agent("delegating-failing", "Wait", Duration::from_millis(5), true);
+            assert!(failing.await.is_err());
+            let failing = delegating_impl_agent("delegating-impl".to_owned(), "Wait".to_owned());
+            assert!(failing.await.is_err());
+            assert_eq!(
+                coercing_agent("coercing", "Wait", false).await.unwrap().to_string(),
+                "4"
+            );
+            assert!(coercing_agent("coercing-failing", "Wait", true).await.is_err());
+        })
+    });
+    drop(runtime);
+    // From the call, which made the future, to the drop.
+    assert_cancelled(&said(&harness, "delegating-slow"), Duration::from_millis(50));
+    for agent in ["delegating-quick", "coercing"] {
+        let quick = said(&harness, agent);
+        assert_eq!(quick.counted, ["success"], "{agent}");
+        assert_eq!(quick.line["status"], "success");
+        assert_eq!(attribute(&quick.span, "result.status").as_deref(), Some("success"));
+    }
+    for (agent, message) in [
+        ("delegating-failing", "delegating-failing could not Wait"),
+        ("delegating-impl", "delegating-impl could not Wait"),
+        ("coercing-failing", "an error occurred when formatting an argument"),
+    ] {
+        let failing = said(&harness, agent);
+        assert_eq!(failing.counted, ["failure"], "{agent}");
+        assert_eq!(failing.line["error.message"], message, "{agent}");
     }
 }
 

@@ -8,11 +8,13 @@ use proc_macro2::{TokenStream as TokenStream2, TokenTree};
 use quote::quote;
 
 /// Instruments a function as an agent execution: `tracing`'s `#[instrument]` with
-/// `name = "agent_execution"` and `err` (when the function returns a `Result`) unless given,
-/// and, on an `async fn`, a body that reports the execution as cancelled when its future is
-/// dropped before it completed. So does a function that returns an `async` block, as it is or
-/// in `Box::pin` (what `#[async_trait]` makes of an `async fn`, which runs before this
-/// attribute). Every argument `tracing::instrument` takes is passed on.
+/// `name = "agent_execution"` and `err` (when the function returns a `Result`, or a future of
+/// one) unless given, and, on an `async fn`, a body that reports the execution as cancelled
+/// when its future is dropped before it completed. So does a function that returns a future
+/// as `impl Future<..>` or `Pin<Box<dyn Future<..>>>`: an `async` block, as it is or in
+/// `Box::pin` (what `#[async_trait]` makes of an `async fn`, which runs before this
+/// attribute), or any other future, which is then awaited in one. Every argument
+/// `tracing::instrument` takes is passed on.
 #[proc_macro_attribute]
 pub fn instrument(args: TokenStream, item: TokenStream) -> TokenStream {
     let args = TokenStream2::from(args);
@@ -20,14 +22,61 @@ pub fn instrument(args: TokenStream, item: TokenStream) -> TokenStream {
         Ok(function) => function,
         Err(error) => return error.to_compile_error().into(),
     };
+    let returned = match &function.sig.output {
+        syn::ReturnType::Type(_, ty) => Some((**ty).clone()),
+        syn::ReturnType::Default => None,
+    };
     let (name, errs) = scan(&args);
     let mut added = Vec::new();
     let name = name.unwrap_or_else(|| {
         added.push(quote!(name = "agent_execution"));
         quote!("agent_execution")
     });
-    if !errs && returns_result(&function.sig.output) {
-        added.push(quote!(err));
+    let returned_async = function.sig.asyncness.is_none() && returned_async_block(&mut function.block).is_some();
+    let shape = match (&returned, returns_boxed_future(&function.sig.output)) {
+        _ if function.sig.asyncness.is_some() => Shape::Async,
+        _ if returned_async => Shape::ReturnedAsync,
+        (Some(_), Some(boxed)) => Shape::ReturnedFuture { boxed },
+        _ => Shape::Sync,
+    };
+    // What the function's future outputs, where its type says.
+    let output = match &shape {
+        Shape::Async => Some(returned.clone().unwrap_or_else(|| syn::parse_quote!(()))),
+        Shape::ReturnedAsync | Shape::ReturnedFuture { .. } => returned.as_ref().and_then(future_output).cloned(),
+        Shape::Sync => None,
+    };
+    if let (Shape::ReturnedFuture { boxed }, Some(returned)) = (&shape, &returned) {
+        if errs {
+            let message = "`err` on a function that returns a future it does not write as an `async` block: `tracing` would apply it to the future; the attribute reports the future's `Err` itself, so leave `err` out";
+            return syn::Error::new_spanned(&args, message).to_compile_error().into();
+        }
+        let reports_err = output.as_ref().is_some_and(is_result);
+        instrument_returned_future(
+            &mut function.block,
+            returned,
+            *boxed,
+            output.as_ref(),
+            reports_err,
+            &name,
+        );
+    } else {
+        let result = output.as_ref().or(returned.as_ref()).is_some_and(is_result);
+        if !errs && result {
+            added.push(quote!(err));
+        }
+        let body = match shape {
+            Shape::Async => Some(&mut *function.block),
+            Shape::ReturnedAsync => returned_async_block(&mut function.block).map(|body| &mut body.block),
+            Shape::ReturnedFuture { .. } | Shape::Sync => None,
+        };
+        if let Some(body) = body {
+            // Unknown behind an alias (`BoxFuture`): then inferred.
+            let fixed = output.as_ref().map(|output| fixed_output(&erase_impl_trait(output)));
+            let stmts = &body.stmts;
+            *body = syn::parse_quote!({
+                ::agent_telemetry::__private::ReportsCancellation::of_span_named(async move { #fixed #(#stmts)* }, #name).await
+            });
+        }
     }
     let args = if args.is_empty() {
         quote!(#(#added),*)
@@ -36,21 +85,70 @@ pub fn instrument(args: TokenStream, item: TokenStream) -> TokenStream {
     } else {
         quote!(#(#added,)* #args)
     };
-    let body = if function.sig.asyncness.is_some() {
-        Some(&mut *function.block)
-    } else {
-        returned_async_block(&mut function.block).map(|body| &mut body.block)
-    };
-    if let Some(body) = body {
-        *body = syn::parse_quote!({
-            ::agent_telemetry::__private::ReportsCancellation::of_span_named(async move #body, #name).await
-        });
-    }
     quote!(
         #[::tracing::instrument(#args)]
         #function
     )
     .into()
+}
+
+/// How a function runs its work, which decides how the attribute instruments it.
+enum Shape {
+    /// An `async fn`: its body is the execution's future.
+    Async,
+    /// A function that returns an `async` block (as `#[async_trait]` writes one), which
+    /// `tracing::instrument` instruments as an `async fn`'s body.
+    ReturnedAsync,
+    /// A function that returns another future, as `impl Future<..>` or `Pin<Box<..>>`
+    /// (`boxed`): its span begins with the call, and the future it returns runs in it.
+    ReturnedFuture { boxed: bool },
+    /// A synchronous function.
+    Sync,
+}
+
+/// Makes the body of a function that returns a future it does not write as an `async` block
+/// (it calls another function, or returns a future built earlier) return that future in the
+/// function's span, reporting its cancellation and, when `reports_err`, its `Err` as
+/// `tracing`'s `err` does. The body runs as the function is called, in the span
+/// `tracing::instrument` enters, as without the attribute.
+fn instrument_returned_future(
+    block: &mut syn::Block,
+    returned: &syn::Type,
+    boxed: bool,
+    output: Option<&syn::Type>,
+    reports_err: bool,
+    name: &TokenStream2,
+) {
+    let stmts = &block.stmts;
+    let returned = erase_impl_trait(returned);
+    let fixed = output.map(|output| fixed_output(&erase_impl_trait(output)));
+    let err = reports_err.then(|| {
+        quote!(
+            if let ::std::result::Result::Err(__agent_telemetry_error) = &__agent_telemetry_output {
+                ::tracing::error!(error = %__agent_telemetry_error);
+            }
+        )
+    });
+    let future = quote!(::tracing::Instrument::in_current_span(
+        ::agent_telemetry::__private::ReportsCancellation::of_span_named(
+            async move {
+                #fixed
+                let __agent_telemetry_output = __agent_telemetry_future.await;
+                #err
+                __agent_telemetry_output
+            },
+            #name,
+        )
+    ));
+    let future = if boxed {
+        quote!(::std::boxed::Box::pin(#future))
+    } else {
+        future
+    };
+    *block = syn::parse_quote!({
+        let __agent_telemetry_future: #returned = { #(#stmts)* };
+        #future
+    });
 }
 
 /// The `async` block a function that is not `async` returns as its last expression, as it
@@ -67,6 +165,117 @@ fn returned_async_block(block: &mut syn::Block) -> Option<&mut syn::ExprAsync> {
             syn::Expr::Async(body) => Some(body),
             _ => None,
         },
+        _ => None,
+    }
+}
+
+/// A statement that fixes the output type of the `async` block it opens to `output`, so that
+/// its `return`s and tail coerce to it (a `Box<dyn Trait>`, a `?` into a boxed error), as in
+/// the function `tracing::instrument` writes: an unreachable `return` of that type.
+fn fixed_output(output: &syn::Type) -> TokenStream2 {
+    quote::quote_spanned! {syn::spanned::Spanned::span(output)=>
+        #[allow(
+            unknown_lints,
+            unreachable_code,
+            clippy::diverging_sub_expression,
+            clippy::empty_loop,
+            clippy::let_unit_value,
+            clippy::let_with_type_underscore,
+            clippy::needless_return,
+            clippy::unreachable
+        )]
+        if false {
+            let __agent_telemetry_output: #output = loop {};
+            return __agent_telemetry_output;
+        }
+    }
+}
+
+/// `ty` with each `impl Trait` in it made `_`: a type a `let` can name.
+fn erase_impl_trait(ty: &syn::Type) -> syn::Type {
+    struct Eraser;
+    impl syn::visit_mut::VisitMut for Eraser {
+        fn visit_type_mut(&mut self, ty: &mut syn::Type) {
+            if let syn::Type::ImplTrait(bounds) = ty {
+                *ty = syn::Type::Infer(syn::TypeInfer {
+                    underscore_token: syn::Token![_](syn::spanned::Spanned::span(bounds)),
+                });
+            } else {
+                syn::visit_mut::visit_type_mut(self, ty);
+            }
+        }
+    }
+    let mut ty = ty.clone();
+    syn::visit_mut::VisitMut::visit_type_mut(&mut Eraser, &mut ty);
+    ty
+}
+
+/// The output of the future `ty` is (`impl Future<Output = T>`, `dyn Future<Output = T>`),
+/// through any number of `Pin<..>`, `Box<..>` and parentheses.
+fn future_output(ty: &syn::Type) -> Option<&syn::Type> {
+    match ty {
+        syn::Type::ImplTrait(bounds) => output_bound(&bounds.bounds),
+        syn::Type::TraitObject(bounds) => output_bound(&bounds.bounds),
+        syn::Type::Paren(inner) => future_output(&inner.elem),
+        syn::Type::Group(inner) => future_output(&inner.elem),
+        syn::Type::Path(path) => {
+            let last = path.path.segments.last()?;
+            let syn::PathArguments::AngleBracketed(arguments) = &last.arguments else {
+                return None;
+            };
+            if last.ident != "Pin" && last.ident != "Box" {
+                return None;
+            }
+            arguments.args.iter().find_map(|argument| match argument {
+                syn::GenericArgument::Type(inner) => future_output(inner),
+                _ => None,
+            })
+        }
+        _ => None,
+    }
+}
+
+/// The `Output` of a `Future<Output = ..>` among `bounds`.
+fn output_bound(bounds: &syn::punctuated::Punctuated<syn::TypeParamBound, syn::Token![+]>) -> Option<&syn::Type> {
+    bounds.iter().find_map(|bound| {
+        let syn::TypeParamBound::Trait(bound) = bound else {
+            return None;
+        };
+        let last = bound.path.segments.last()?;
+        let syn::PathArguments::AngleBracketed(arguments) = &last.arguments else {
+            return None;
+        };
+        if last.ident != "Future" {
+            return None;
+        }
+        arguments.args.iter().find_map(|argument| match argument {
+            syn::GenericArgument::AssocType(output) if output.ident == "Output" => Some(&output.ty),
+            _ => None,
+        })
+    })
+}
+
+/// How a function that returns a future spells it, when an `async` block can be made one:
+/// `impl Future<..>` (`Some(false)`) or `Pin<Box<..>>` (`Some(true)`, boxed).
+fn returns_boxed_future(output: &syn::ReturnType) -> Option<bool> {
+    let syn::ReturnType::Type(_, ty) = output else {
+        return None;
+    };
+    future_output(ty)?;
+    match &**ty {
+        syn::Type::ImplTrait(_) => Some(false),
+        syn::Type::Path(path) => {
+            let last = path.path.segments.last()?;
+            let syn::PathArguments::AngleBracketed(arguments) = &last.arguments else {
+                return None;
+            };
+            let boxed = matches!(
+                arguments.args.first(),
+                Some(syn::GenericArgument::Type(syn::Type::Path(inner)))
+                    if inner.path.segments.last().is_some_and(|segment| segment.ident == "Box")
+            );
+            (last.ident == "Pin" && boxed).then_some(true)
+        }
         _ => None,
     }
 }
@@ -116,62 +325,7 @@ fn scan(args: &TokenStream2) -> (Option<TokenStream2>, bool) {
     (name, errs)
 }
 
-/// Whether the function returns a `Result` (the last segment of its return type's path), or
-/// a future of one: `impl Future<Output = Result<..>>`, or `Pin<Box<dyn Future<Output =
-/// Result<..>> + ..>>` as `#[async_trait]` writes it.
-fn returns_result(output: &syn::ReturnType) -> bool {
-    let syn::ReturnType::Type(_, ty) = output else {
-        return false;
-    };
-    is_result(ty) || is_future_of_result(ty)
-}
-
 /// Whether `ty` is a `Result`, by the last segment of its path.
 fn is_result(ty: &syn::Type) -> bool {
     matches!(ty, syn::Type::Path(path) if path.path.segments.last().is_some_and(|last| last.ident == "Result"))
-}
-
-/// Whether `ty` is a future of a `Result`: `impl Future<..>` or `dyn Future<..>`, in any
-/// number of `Pin<..>` and `Box<..>`.
-fn is_future_of_result(ty: &syn::Type) -> bool {
-    match ty {
-        syn::Type::ImplTrait(bounds) => future_of_result(&bounds.bounds),
-        syn::Type::TraitObject(bounds) => future_of_result(&bounds.bounds),
-        syn::Type::Paren(inner) => is_future_of_result(&inner.elem),
-        syn::Type::Group(inner) => is_future_of_result(&inner.elem),
-        syn::Type::Path(path) => {
-            let Some(last) = path.path.segments.last() else {
-                return false;
-            };
-            let syn::PathArguments::AngleBracketed(arguments) = &last.arguments else {
-                return false;
-            };
-            (last.ident == "Pin" || last.ident == "Box")
-                && arguments.args.iter().any(|argument| match argument {
-                    syn::GenericArgument::Type(inner) => is_future_of_result(inner),
-                    _ => false,
-                })
-        }
-        _ => false,
-    }
-}
-
-/// Whether `bounds` has a `Future<Output = ..>` whose output is a `Result`.
-fn future_of_result(bounds: &syn::punctuated::Punctuated<syn::TypeParamBound, syn::Token![+]>) -> bool {
-    bounds.iter().any(|bound| {
-        let syn::TypeParamBound::Trait(bound) = bound else {
-            return false;
-        };
-        let Some(last) = bound.path.segments.last() else {
-            return false;
-        };
-        let syn::PathArguments::AngleBracketed(arguments) = &last.arguments else {
-            return false;
-        };
-        last.ident == "Future"
-            && arguments.args.iter().any(|argument| match argument {
-                syn::GenericArgument::AssocType(output) => output.ident == "Output" && is_result(&output.ty),
-                _ => false,
-            })
-    })
 }
