@@ -17,7 +17,7 @@ use std::task::{Context, Poll};
 
 use pin_project_lite::pin_project;
 use tracing::instrument::Instrumented;
-use tracing::{Instrument, Span};
+use tracing::{dispatcher, Dispatch, Instrument, Span};
 
 use crate::layer::{AgentSpanHook, Dropped};
 
@@ -35,6 +35,9 @@ pin_project! {
         inner: F,
         execution: Execution,
         progress: Progress,
+        // The dispatcher its span is current in: the default where it was first polled. It
+        // may be dropped where another is the default, or none.
+        dispatch: Option<Dispatch>,
     }
 
     impl<F> PinnedDrop for ReportsCancellation<F> {
@@ -42,7 +45,10 @@ pin_project! {
             let this = this.project();
             // `Polling` here: a panic unwound out of the inner future's poll.
             if *this.progress == Progress::Pending {
-                this.execution.report_cancelled();
+                match this.dispatch {
+                    Some(dispatch) => dispatcher::with_default(dispatch, || this.execution.report_cancelled()),
+                    None => this.execution.report_cancelled(),
+                }
             }
         }
     }
@@ -97,6 +103,7 @@ impl<F> ReportsCancellation<F> {
             inner,
             execution,
             progress: Progress::Pending,
+            dispatch: None,
         }
     }
 }
@@ -106,6 +113,9 @@ impl<F: Future> Future for ReportsCancellation<F> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = self.project();
+        if this.dispatch.is_none() {
+            *this.dispatch = Some(dispatcher::get_default(Dispatch::clone));
+        }
         *this.progress = Progress::Polling;
         let polled = this.inner.poll(cx);
         *this.progress = if polled.is_ready() {

@@ -499,6 +499,30 @@ fn functions_returning_a_future_they_do_not_write_tell_each_outcome_apart() {
 }
 
 #[test]
+fn an_agent_dropped_where_its_subscriber_is_not_the_default_is_cancelled() {
+    // Installed as the default of the test's thread only: the future is polled there, then
+    // dropped on a thread where no subscriber is the default.
+    let harness = Harness::new();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let polled = harness.run(|| {
+        let mut agent = Box::pin(execute_agent(
+            "dropped-elsewhere",
+            "Wait",
+            Duration::from_secs(30),
+            false,
+        ));
+        runtime.block_on(async { assert!(futures::poll!(agent.as_mut()).is_pending()) });
+        agent
+    });
+    std::thread::sleep(Duration::from_millis(20));
+    std::thread::spawn(move || drop(polled)).join().unwrap();
+    assert_cancelled(&said(&harness, "dropped-elsewhere"), Duration::from_millis(20));
+}
+
+#[test]
 fn a_timed_out_step_cancels_no_agent_that_goes_on() {
     let harness = Harness::new();
     let runtime = harness.runtime(2);
