@@ -316,6 +316,24 @@ fn an_empty_or_blank_name_is_unknown_in_every_signal() {
 }
 
 #[test]
+fn token_counters_never_go_backwards_past_what_a_u64_holds() {
+    // Model calls outside any execution, each with the most tokens a field takes (2^53):
+    // 2,048 of them pass 2^64, where a u64 sum wraps round to 0, a counter reset.
+    let harness = Harness::new();
+    let mut readings = Vec::new();
+    for _ in 0..3 {
+        harness.run(|| {
+            for _ in 0..1024 {
+                tracing::info_span!("chat", model = "m", input_tokens = 1_u64 << 53).in_scope(|| {});
+            }
+        });
+        readings.push(tokens(&harness.scrape(), "unknown", "m", "input").unwrap());
+    }
+    assert!(readings.windows(2).all(|pair| pair[1] > pair[0]), "{readings:?}");
+    assert_eq!(readings[0], 2f64.powi(63), "exact while it can be");
+}
+
+#[test]
 fn model_labels_are_capped_and_the_overflow_counted() {
     let harness = Harness::with(|builder| builder.with_max_model_names(2));
     harness.run(|| {

@@ -25,20 +25,22 @@ pub(crate) const MODEL_CALL_DURATION_BUCKETS: [f64; 14] = [
     0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92,
 ];
 
+/// Token counters count in `f64`, as Prometheus stores them: exact to 2^53, and past that
+/// they stop growing rather than wrap round to a reset, as a `u64` sum would past 2^64.
 struct SpendInstruments {
-    tokens: Counter<u64>,
+    tokens: Counter<f64>,
     calls: Counter<u64>,
     call_duration: Histogram<f64>,
     cost: Counter<f64>,
-    unpriced: Counter<u64>,
+    unpriced: Counter<f64>,
 }
 
 /// The series of one agent and one model, each bound on first use.
 struct ModelSeries {
     labels: [KeyValue; 2],
-    input: OnceLock<BoundCounter<u64>>,
-    output: OnceLock<BoundCounter<u64>>,
-    cache_read: OnceLock<BoundCounter<u64>>,
+    input: OnceLock<BoundCounter<f64>>,
+    output: OnceLock<BoundCounter<f64>>,
+    cache_read: OnceLock<BoundCounter<f64>>,
     cost: OnceLock<BoundCounter<f64>>,
     succeeded: OnceLock<BoundCounter<u64>>,
     failed: OnceLock<BoundCounter<u64>>,
@@ -61,16 +63,25 @@ impl ModelSeries {
         }
     }
 
-    fn add_tokens(&self, to: &Counter<u64>, slot: &OnceLock<BoundCounter<u64>>, kind: &'static str, tokens: u64) {
+    fn add_tokens(&self, to: &Counter<f64>, slot: &OnceLock<BoundCounter<f64>>, kind: &'static str, tokens: u64) {
         if tokens > 0 {
             slot.get_or_init(|| to.bind(&self.with(KeyValue::new("type", kind))))
-                .add(tokens);
+                .add(as_count(tokens));
         }
     }
 
     fn with(&self, third: KeyValue) -> [KeyValue; 3] {
         [self.labels[0].clone(), self.labels[1].clone(), third]
     }
+}
+
+/// `tokens` as a counter adds them: exact to 2^53, the most a token field carries.
+#[allow(
+    clippy::cast_precision_loss,
+    reason = "exact to 2^53; a sum past that is kept approximately"
+)]
+fn as_count(tokens: u64) -> f64 {
+    tokens as f64
 }
 
 /// One agent's series, by model.
@@ -107,7 +118,7 @@ impl SpendMetrics {
     pub(crate) fn new(meter: &Meter, max_models: usize, priced: bool, stats: Arc<TelemetryStats>) -> Self {
         let instruments = SpendInstruments {
             tokens: meter
-                .u64_counter("agent_tokens")
+                .f64_counter("agent_tokens")
                 .with_description(
                     "Tokens used by agent executions, by type: input (cache reads included), output, cache_read",
                 )
@@ -127,7 +138,7 @@ impl SpendMetrics {
                 .with_description("Spend of agent executions in USD, at the configured model prices")
                 .build(),
             unpriced: meter
-                .u64_counter("agent_telemetry_unpriced_tokens")
+                .f64_counter("agent_telemetry_unpriced_tokens")
                 .with_description("Tokens (input and output) of models without a configured price")
                 .build(),
         };
@@ -157,7 +168,7 @@ impl SpendMetrics {
             match cost_usd {
                 Some(cost) => series.cost.get_or_init(|| to.cost.bind(&series.labels)).add(*cost),
                 None if self.priced && tokens.total() > 0 => {
-                    to.unpriced.add(tokens.total(), &series.labels[1..]);
+                    to.unpriced.add(as_count(tokens.total()), &series.labels[1..]);
                 }
                 None => {}
             }
