@@ -104,6 +104,8 @@ pub(crate) struct Config {
     pub max_agent_names: usize,
     /// The most distinct `model` label values the metrics keep.
     pub max_model_names: usize,
+    /// The most distinct pairs of `agent_name` and `model` the metrics keep.
+    pub max_agent_models: usize,
     /// `None`: no spend is computed.
     pub model_prices: Option<crate::prices::ModelPrices>,
     pub traces_exporter: TracesExporter,
@@ -156,6 +158,7 @@ impl Default for Config {
             duration_buckets: DEFAULT_DURATION_BUCKETS.to_vec(),
             max_agent_names: 256,
             max_model_names: 64,
+            max_agent_models: 512,
             model_prices: None,
             traces_exporter: TracesExporter::Otlp,
             otlp: OtlpConfig::new(),
@@ -381,14 +384,13 @@ impl Config {
                 "at least one agent_name label value must be allowed",
             ));
         }
-        let series = SeriesLimits::largest(self.max_agent_names, self.max_model_names);
+        let series = SeriesLimits::new(self.max_agent_names, self.max_model_names, self.max_agent_models).largest();
         if series > MAX_SERIES {
             return Err(Error::invalid(
                 "with_max_agent_names",
                 self.max_agent_names.to_string(),
                 format!(
-                    "with {} model names, a metric could hold {series} series, past the {MAX_SERIES} its table is sized for up front: lower with_max_agent_names or with_max_model_names",
-                    self.max_model_names
+                    "the caps let a metric hold {series} series, past the {MAX_SERIES} its table is sized for up front: lower with_max_agent_names, with_max_model_names or with_max_agent_models"
                 ),
             ));
         }

@@ -378,6 +378,15 @@ impl AgentTelemetryBuilder {
         self
     }
 
+    /// How many distinct pairs of `agent_name` and `model` label values the GenAI metrics
+    /// keep; the model of a pair past it is folded into `__overflow__`, under its agent, and
+    /// counted. Default 512; no variable overrides it.
+    #[must_use]
+    pub fn with_max_agent_models(mut self, max: usize) -> Self {
+        self.config.max_agent_models = max;
+        self
+    }
+
     /// Prices per model, for `agent_cost_usd_total` and the log line's `cost_usd`. Default
     /// none (no spend is computed); `AGENT_TELEMETRY_PRICES` names a TOML file that replaces
     /// them (see [`ModelPrices`](crate::ModelPrices)).

@@ -134,7 +134,9 @@ impl Metrics {
         let provider = SdkMeterProvider::builder()
             .with_reader(exporter)
             .with_resource(resource)
-            .with_view(SeriesLimits::new(config.max_agent_names, config.max_model_names).view())
+            .with_view(
+                SeriesLimits::new(config.max_agent_names, config.max_model_names, config.max_agent_models).view(),
+            )
             .build();
         let meter = provider.meter("agent_telemetry");
 
@@ -179,6 +181,7 @@ impl Metrics {
         let spend = SpendMetrics::new(
             &meter,
             config.max_model_names,
+            config.max_agent_models,
             config.model_prices.is_some(),
             Arc::clone(&stats),
         );

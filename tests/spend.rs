@@ -356,10 +356,10 @@ fn model_labels_are_capped_and_the_overflow_counted() {
 
 #[test]
 fn every_pair_of_agent_and_model_within_the_caps_keeps_its_labels() {
-    // 40 agents and 20 models, well inside the caps (256 and 64): 2,400 token series and
-    // 800 model-call series, past the SDK's own 2,000 a metric; and 600 agents, past it in
-    // the execution metrics, under a cap raised to 1,000.
-    let harness = Harness::with(|b| b.with_max_agent_names(1000));
+    // 40 agents and 20 models, inside the caps (256, 64, and 1,000 pairs): 2,400 token series
+    // and 800 model-call series, past the SDK's own 2,000 a metric; and 600 agents, past it
+    // in the execution metrics, under a cap raised to 1,000.
+    let harness = Harness::with(|b| b.with_max_agent_names(1000).with_max_agent_models(1000));
     harness.run(|| {
         for (agent, model) in (0..40).flat_map(|agent| (0..20).map(move |model| (agent, model))) {
             tracing::info_span!("agent_execution", agent_name = format!("agent-{agent}"), task = "t").in_scope(|| {
@@ -404,11 +404,45 @@ fn every_pair_of_agent_and_model_within_the_caps_keeps_its_labels() {
 }
 
 #[test]
+fn pairs_of_agent_and_model_past_their_cap_fold_into_the_agents_overflow() {
+    let harness = Harness::with(|b| b.with_max_agent_models(4));
+    harness.run(|| {
+        for agent in ["a", "b", "c"] {
+            for model in ["m1", "m2"] {
+                tracing::info_span!("agent_execution", agent_name = agent, model, input_tokens = 10_u64)
+                    .in_scope(|| {});
+            }
+        }
+        // A pair kept is kept: b on m1 again.
+        tracing::info_span!("agent_execution", agent_name = "b", model = "m1", input_tokens = 1_u64).in_scope(|| {});
+    });
+    let scrape = harness.scrape();
+    let kept = [("a", "m1"), ("a", "m2"), ("b", "m1"), ("b", "m2")];
+    for (agent, model) in kept {
+        let expected = if (agent, model) == ("b", "m1") { 11.0 } else { 10.0 };
+        assert_eq!(
+            tokens(&scrape, agent, model, "input"),
+            Some(expected),
+            "{agent} on {model}"
+        );
+    }
+    assert_eq!(tokens(&scrape, "c", "m1", "input"), None);
+    assert_eq!(
+        tokens(&scrape, "c", "__overflow__", "input"),
+        Some(20.0),
+        "c's own overflow"
+    );
+    assert_eq!(
+        scrape.value("agent_telemetry_model_names_overflowed_total", &[]),
+        Some(2.0)
+    );
+}
+
+#[test]
 fn caps_whose_series_a_metric_could_not_hold_are_an_error() {
     let error = AgentTelemetry::builder()
         .ignore_environment()
-        .with_max_agent_names(100_000)
-        .with_max_model_names(64)
+        .with_max_agent_names(400_000)
         .build::<tracing_subscriber::Registry>()
         .map(|_| ())
         .unwrap_err();

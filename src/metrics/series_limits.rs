@@ -9,13 +9,15 @@ use opentelemetry_sdk::metrics::{Instrument, Stream};
 /// up front.
 pub(crate) const MAX_SERIES: usize = 1 << 20;
 
-/// The series limits of caps of `agents` agent names and `models` model names.
+/// The series limits of the caps on agent names, model names and their pairs.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct SeriesLimits {
     /// Label values of `agent_name`: the admitted names and `__overflow__`.
     agents: usize,
     /// Label values of `model`: the admitted names and `__overflow__`.
     models: usize,
+    /// Pairs of the two: the admitted pairs, and each agent's `__overflow__` model.
+    pairs: usize,
 }
 
 /// Values of `status`: `success`, `failure`, `cancelled`.
@@ -24,27 +26,31 @@ const STATUSES: usize = 3;
 const TOKEN_TYPES: usize = 3;
 
 impl SeriesLimits {
-    pub(super) fn new(max_agent_names: usize, max_model_names: usize) -> Self {
+    pub(crate) fn new(max_agent_names: usize, max_model_names: usize, max_agent_models: usize) -> Self {
+        let agents = max_agent_names.saturating_add(1);
+        let models = max_model_names.saturating_add(1);
         SeriesLimits {
-            agents: max_agent_names.saturating_add(1),
-            models: max_model_names.saturating_add(1),
+            agents,
+            models,
+            pairs: agents
+                .saturating_mul(models)
+                .min(max_agent_models.saturating_add(agents)),
         }
     }
 
     /// The most series any instrument needs, for the configuration to refuse caps past
     /// [`MAX_SERIES`].
-    pub(crate) fn largest(max_agent_names: usize, max_model_names: usize) -> usize {
-        let limits = SeriesLimits::new(max_agent_names, max_model_names);
+    pub(crate) fn largest(self) -> usize {
         ["agent_executions", "agent_tokens", "agent_model_calls"]
             .into_iter()
-            .filter_map(|name| limits.of(name))
+            .filter_map(|name| self.of(name))
             .max()
             .unwrap_or(0)
     }
 
     /// The series `instrument` may hold, `None` for an instrument with no capped label.
     fn of(self, instrument: &str) -> Option<usize> {
-        let pairs = self.agents.saturating_mul(self.models);
+        let pairs = self.pairs;
         match instrument {
             "agent_executions" => Some(self.agents.saturating_mul(STATUSES)),
             "agent_execution_duration" => Some(self.agents),
@@ -71,7 +77,7 @@ mod tests {
 
     #[test]
     fn each_instrument_holds_every_combination_of_its_capped_labels() {
-        let limits = SeriesLimits::new(256, 64);
+        let limits = SeriesLimits::new(256, 64, usize::MAX);
         assert_eq!(limits.of("agent_executions"), Some(257 * 3));
         assert_eq!(limits.of("agent_execution_duration"), Some(257));
         assert_eq!(limits.of("agent_tokens"), Some(257 * 65 * 3));
@@ -80,7 +86,15 @@ mod tests {
         assert_eq!(limits.of("agent_cost_usd"), Some(257 * 65));
         assert_eq!(limits.of("agent_telemetry_unpriced_tokens"), Some(65));
         assert_eq!(limits.of("framework_info"), None);
-        assert_eq!(SeriesLimits::largest(256, 64), 257 * 65 * 3);
-        assert_eq!(SeriesLimits::largest(usize::MAX, usize::MAX), usize::MAX, "saturates");
+        assert_eq!(limits.largest(), 257 * 65 * 3);
+        let paired = SeriesLimits::new(256, 64, 512);
+        assert_eq!(
+            paired.of("agent_tokens"),
+            Some((512 + 257) * 3),
+            "the pairs, and each agent's overflow"
+        );
+        assert_eq!(paired.of("agent_executions"), Some(257 * 3));
+        let all = SeriesLimits::new(usize::MAX, usize::MAX, usize::MAX);
+        assert_eq!(all.largest(), usize::MAX, "saturates");
     }
 }

@@ -109,13 +109,21 @@ pub(crate) struct SpendMetrics {
     series: RwLock<HashMap<Box<str>, ByModel>>,
     /// The model names admitted under the cap.
     models: CappedNames<()>,
+    /// The most pairs of an agent and a model (not `__overflow__`) kept apart.
+    max_pairs: usize,
     /// Whether prices are configured: only then are unpriced tokens counted.
     priced: bool,
     stats: Arc<TelemetryStats>,
 }
 
 impl SpendMetrics {
-    pub(crate) fn new(meter: &Meter, max_models: usize, priced: bool, stats: Arc<TelemetryStats>) -> Self {
+    pub(crate) fn new(
+        meter: &Meter,
+        max_models: usize,
+        max_pairs: usize,
+        priced: bool,
+        stats: Arc<TelemetryStats>,
+    ) -> Self {
         let instruments = SpendInstruments {
             tokens: meter
                 .f64_counter("agent_tokens")
@@ -147,6 +155,7 @@ impl SpendMetrics {
             recent: ThreadLocal::new(),
             series: RwLock::new(HashMap::new()),
             models: CappedNames::new(max_models),
+            max_pairs,
             priced,
             stats,
         }
@@ -230,8 +239,8 @@ impl SpendMetrics {
         series
     }
 
-    /// The series of `agent_name` (its label) and `model`; past the model cap, the model's
-    /// label is [`OVERFLOW_AGENT_NAME`].
+    /// The series of `agent_name` (its label) and `model`; past the model cap, or the cap on
+    /// pairs, the model's label is [`OVERFLOW_AGENT_NAME`].
     fn series(&self, agent_name: &KeyValue, model: &str) -> Arc<ModelSeries> {
         let model = self.model_label(model);
         let agent = agent_name.value.as_str();
@@ -245,7 +254,17 @@ impl SpendMetrics {
             .map(Arc::clone);
         found.unwrap_or_else(|| {
             let mut series = self.series.write().unwrap_or_else(PoisonError::into_inner);
+            let pairs: usize = series
+                .values()
+                .map(|models| models.keys().filter(|name| &***name != OVERFLOW_AGENT_NAME).count())
+                .sum();
             let models = series.entry(agent.as_ref().into()).or_default();
+            let model = if model != OVERFLOW_AGENT_NAME && !models.contains_key(model) && pairs >= self.max_pairs {
+                TelemetryStats::add(&self.stats.model_names_overflowed, 1);
+                OVERFLOW_AGENT_NAME
+            } else {
+                model
+            };
             Arc::clone(
                 models
                     .entry(model.into())
