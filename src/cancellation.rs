@@ -63,6 +63,8 @@ enum Execution {
     AtOrAboveCurrent,
     /// The span current when dropped, if it has this name and is an agent span or model call.
     CurrentNamed(&'static str),
+    /// This span, if it has this name and is an agent span or model call.
+    Named(Span, &'static str),
 }
 
 /// How far the inner future got.
@@ -96,6 +98,14 @@ impl<F> ReportsCancellation<F> {
     /// function's if it has the same name.
     pub fn of_span_named(inner: F, name: &'static str) -> Self {
         Self::reporting(inner, Execution::CurrentNamed(name))
+    }
+
+    /// Wraps the future a function `#[instrument]` instruments with a span named `name`
+    /// returns, `span` being the span current in its body: the function's span, or the one
+    /// around it when the function's is not enabled. That span is the execution when it has
+    /// the name and is an agent span or a model call.
+    pub fn of_named_span(inner: F, span: Span, name: &'static str) -> Self {
+        Self::reporting(inner, Execution::Named(span, name))
     }
 
     fn reporting(inner: F, execution: Execution) -> Self {
@@ -141,6 +151,11 @@ impl Execution {
                 let current = Span::current();
                 if current.metadata().is_some_and(|metadata| metadata.name() == *name) {
                     report_cancelled(&current, Dropped::Own);
+                }
+            }
+            Execution::Named(span, name) => {
+                if span.metadata().is_some_and(|metadata| metadata.name() == *name) {
+                    report_cancelled(span, Dropped::Own);
                 }
             }
         }

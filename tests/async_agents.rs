@@ -124,6 +124,19 @@ fn delegating_impl_agent(agent_name: String, task: String) -> impl std::future::
     delegated(agent_name, task, Duration::from_millis(1), true)
 }
 
+/// A delegating agent that returns early, from a guard clause.
+#[agent_telemetry::instrument(skip(work))]
+fn early_returning_agent(
+    agent_name: &str,
+    task: &str,
+    work: Duration,
+) -> impl std::future::Future<Output = Result<usize, String>> {
+    if task.is_empty() {
+        return delegated(agent_name.to_owned(), "nothing".to_owned(), Duration::ZERO, true);
+    }
+    delegated(agent_name.to_owned(), task.to_owned(), work, false)
+}
+
 /// Returns that coerce to the declared type, as in any `async fn`: a boxed error, a trait
 /// object.
 #[agent_telemetry::instrument]
@@ -465,6 +478,11 @@ fn functions_returning_a_future_they_do_not_write_tell_each_outcome_apart() {
         runtime.block_on(async {
             let slow = delegating_agent("delegating-slow", "Wait", Duration::from_secs(30), false);
             assert!(tokio::time::timeout(Duration::from_millis(50), slow).await.is_err());
+            let slow = early_returning_agent("early-slow", "Wait", Duration::from_secs(30));
+            assert!(tokio::time::timeout(Duration::from_millis(50), slow).await.is_err());
+            assert!(early_returning_agent("early-failing", "", Duration::ZERO)
+                .await
+                .is_err());
             let quick = delegating_agent("delegating-quick", "Wait", Duration::from_millis(5), false);
             assert_eq!(quick.await, Ok(4));
             let failing = delegating_agent("delegating-failing", "Wait", Duration::from_millis(5), true);
@@ -480,7 +498,9 @@ fn functions_returning_a_future_they_do_not_write_tell_each_outcome_apart() {
     });
     drop(runtime);
     // From the call, which made the future, to the drop.
-    assert_cancelled(&said(&harness, "delegating-slow"), Duration::from_millis(50));
+    for agent in ["delegating-slow", "early-slow"] {
+        assert_cancelled(&said(&harness, agent), Duration::from_millis(50));
+    }
     for agent in ["delegating-quick", "coercing"] {
         let quick = said(&harness, agent);
         assert_eq!(quick.counted, ["success"], "{agent}");
@@ -490,6 +510,7 @@ fn functions_returning_a_future_they_do_not_write_tell_each_outcome_apart() {
     for (agent, message) in [
         ("delegating-failing", "delegating-failing could not Wait"),
         ("delegating-impl", "delegating-impl could not Wait"),
+        ("early-failing", "early-failing could not nothing"),
         ("coercing-failing", "an error occurred when formatting an argument"),
     ] {
         let failing = said(&harness, agent);
@@ -517,9 +538,13 @@ fn an_agent_dropped_where_its_subscriber_is_not_the_default_is_cancelled() {
         runtime.block_on(async { assert!(futures::poll!(agent.as_mut()).is_pending()) });
         agent
     });
+    // A delegating agent opens its span as it is called: called there, polled here.
+    let mut called = harness.run(|| delegating_agent("called-there", "Wait", Duration::from_secs(30), false));
+    runtime.block_on(async { assert!(futures::poll!(called.as_mut()).is_pending()) });
     std::thread::sleep(Duration::from_millis(20));
-    std::thread::spawn(move || drop(polled)).join().unwrap();
+    std::thread::spawn(move || drop((polled, called))).join().unwrap();
     assert_cancelled(&said(&harness, "dropped-elsewhere"), Duration::from_millis(20));
+    assert_cancelled(&said(&harness, "called-there"), Duration::from_millis(20));
 }
 
 #[test]

@@ -110,7 +110,8 @@ enum Shape {
 /// (it calls another function, or returns a future built earlier) return that future in the
 /// function's span, reporting its cancellation and, when `reports_err`, its `Err` as
 /// `tracing`'s `err` does. The body runs as the function is called, in the span
-/// `tracing::instrument` enters, as without the attribute.
+/// `tracing::instrument` enters, as without the attribute; its cancellation is reported to
+/// that span, wherever the future is polled.
 fn instrument_returned_future(
     block: &mut syn::Block,
     returned: &syn::Type,
@@ -130,13 +131,14 @@ fn instrument_returned_future(
         )
     });
     let future = quote!(::tracing::Instrument::in_current_span(
-        ::agent_telemetry::__private::ReportsCancellation::of_span_named(
+        ::agent_telemetry::__private::ReportsCancellation::of_named_span(
             async move {
                 #fixed
                 let __agent_telemetry_output = __agent_telemetry_future.await;
                 #err
                 __agent_telemetry_output
             },
+            ::tracing::Span::current(),
             #name,
         )
     ));
@@ -145,8 +147,10 @@ fn instrument_returned_future(
     } else {
         future
     };
+    // In a closure, so that a `return` in the body returns the future to be wrapped.
     *block = syn::parse_quote!({
-        let __agent_telemetry_future: #returned = { #(#stmts)* };
+        #[allow(clippy::redundant_closure_call)]
+        let __agent_telemetry_future: #returned = (move || -> #returned { #(#stmts)* })();
         #future
     });
 }
