@@ -292,7 +292,9 @@ impl ExecutionFields {
                 self.agent_name = (!value.trim().is_empty()).then(|| shared_name(&cut(value, HELD_LABEL_CHARS)));
             }
             "task" => self.task = Some(cut(value, self.task_chars).into_owned()),
-            "status" | "result.status" => self.status = Some(cut(value, HELD_LABEL_CHARS).into_owned()),
+            "status" | "result.status" => {
+                self.status = (!value.trim().is_empty()).then(|| cut(value, HELD_LABEL_CHARS).into_owned());
+            }
             _ => {}
         }
     }

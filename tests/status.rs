@@ -91,11 +91,18 @@ fn explicit_status_field_wins() {
             tracing::error!("retried and recovered");
         });
         tracing::info_span!("agent_execution", agent.name = "dotted", status = ?"ok").in_scope(|| {});
+        // A blank status says nothing: the execution's own outcome stands.
+        tracing::info_span!("agent_execution", agent_name = "blank", status = " ").in_scope(|| {});
+        tracing::info_span!("agent_execution", agent_name = "blank-failing", status = "").in_scope(|| {
+            tracing::error!("failed");
+        });
     });
     assert_outcome(&harness, "timeout-agent", "failure", Some("timeout"));
     assert_outcome(&harness, "recorded-later", "failure", Some("failure"));
     assert_outcome(&harness, "recovered", "success", None);
     assert_outcome(&harness, "dotted", "success", None);
+    assert_outcome(&harness, "blank", "success", None);
+    assert_outcome(&harness, "blank-failing", "failure", Some("error"));
 }
 
 #[test]
