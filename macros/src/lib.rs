@@ -13,8 +13,9 @@ use quote::quote;
 /// when its future is dropped before it completed. So does a function that returns a future
 /// as `impl Future<..>` or `Pin<Box<dyn Future<..>>>`: an `async` block, as it is or in
 /// `Box::pin` (what `#[async_trait]` makes of an `async fn`, which runs before this
-/// attribute), or any other future, which is then awaited in one. Every argument
-/// `tracing::instrument` takes is passed on.
+/// attribute), or any other future, which then runs in the span the call opens (its `Err`
+/// reported by the attribute: `err` is refused there). Every argument `tracing::instrument`
+/// takes is passed on.
 #[proc_macro_attribute]
 pub fn instrument(args: TokenStream, item: TokenStream) -> TokenStream {
     let args = TokenStream2::from(args);
