@@ -223,7 +223,7 @@ fn tokens_and_spend_agree_in_metrics_log_lines_and_spans() {
 }
 
 #[test]
-fn token_fields_that_are_not_non_negative_integers_are_ignored_and_counted() {
+fn token_fields_count_as_any_integer_type_and_the_rest_are_ignored_and_counted() {
     let harness = Harness::new();
     harness.run(|| {
         tracing::info_span!(
@@ -235,22 +235,7 @@ fn token_fields_that_are_not_non_negative_integers_are_ignored_and_counted() {
             model = "m"
         )
         .in_scope(|| {});
-    });
-    let scrape = harness.scrape();
-    assert_eq!(
-        scrape.value("agent_telemetry_usage_fields_invalid_total", &[]),
-        Some(3.0)
-    );
-    assert_eq!(scrape.with_name("agent_tokens_total").count(), 0);
-    let line = harness.log_lines().pop().unwrap();
-    assert!(line.contains(r#""model":"m""#), "{line}");
-    assert!(!line.contains("input_tokens"), "{line}");
-}
-
-#[test]
-fn tokens_as_any_integer_type_count_and_an_integer_name_is_its_text() {
-    let harness = Harness::new();
-    harness.run(|| {
+        // Integers of any type count; an integer name is its text.
         tracing::info_span!(
             "agent_execution",
             agent_name = "wide",
@@ -262,17 +247,21 @@ fn tokens_as_any_integer_type_count_and_an_integer_name_is_its_text() {
         .in_scope(|| {});
     });
     let scrape = harness.scrape();
-    assert_eq!(tokens(&scrape, "wide", "-5", "input"), Some(100.0));
-    assert_eq!(tokens(&scrape, "wide", "-5", "output"), Some(7.0));
     assert_eq!(
         scrape.value("agent_telemetry_usage_fields_invalid_total", &[]),
-        Some(1.0),
-        "only the count past u64 is invalid"
+        Some(4.0),
+        "odd's three, and wide's count past u64"
     );
-    let line = harness.log_lines().pop().unwrap();
+    assert_eq!(tokens(&scrape, "odd", "m", "input"), None);
+    assert_eq!(tokens(&scrape, "wide", "-5", "input"), Some(100.0));
+    assert_eq!(tokens(&scrape, "wide", "-5", "output"), Some(7.0));
+    let lines = harness.log_lines();
+    let odd = agent_line(&lines, "odd");
+    assert!(odd.contains(r#""model":"m""#) && !odd.contains("input_tokens"), "{odd}");
+    let wide = agent_line(&lines, "wide");
     assert!(
-        line.contains(r#""model":"-5","input_tokens":100,"output_tokens":7"#),
-        "{line}"
+        wide.contains(r#""model":"-5","input_tokens":100,"output_tokens":7"#),
+        "{wide}"
     );
 }
 

@@ -66,9 +66,16 @@ impl SpanExporter for Refusing {
     }
 }
 
-/// Telemetry built by `setup` with a one-second timeout, its layer in a dispatch, whose
-/// `run(n)` makes `n` agent executions; the alerting hook is installed.
-fn telemetry(setup: impl FnOnce(AgentTelemetryBuilder) -> AgentTelemetryBuilder) -> (AgentTelemetry, impl Fn(usize)) {
+/// Builds telemetry with `setup` and a one-second timeout (the alerting hook installed),
+/// makes 10 agent executions, which kill `signal`'s thread, then 5 more, and returns the two
+/// `counters` as scraped. Every flush and the shutdown must say the thread ended
+/// unexpectedly, well before the timeout: whether a flush reaches the thread before it dies
+/// or after, a flush queued as the thread died is not waited out.
+fn executions_past_a_thread_death(
+    signal: &str,
+    setup: impl FnOnce(AgentTelemetryBuilder) -> AgentTelemetryBuilder,
+    counters: [&str; 2],
+) -> [f64; 2] {
     install_the_alerting_hook();
     let builder = AgentTelemetry::builder()
         .ignore_environment()
@@ -76,12 +83,22 @@ fn telemetry(setup: impl FnOnce(AgentTelemetryBuilder) -> AgentTelemetryBuilder)
         .with_shutdown_timeout(Duration::from_secs(1));
     let (layer, telemetry) = setup(builder).build::<tracing_subscriber::Registry>().unwrap();
     let dispatch = Dispatch::new(tracing_subscriber::registry().with(layer));
-    let run = move |count: usize| {
+    let run = |count: usize| {
         tracing::dispatcher::with_default(&dispatch, || {
             (0..count).for_each(|n| execute_agent("a", &format!("task {n}")));
         });
     };
-    (telemetry, run)
+    run(10);
+    for _ in 0..2 {
+        let asked = Instant::now();
+        assert_ended_unexpectedly(telemetry.flush(), signal, asked);
+    }
+    run(5);
+    let scrape = support::Scrape::parse(&telemetry.metrics().render().unwrap());
+    let counted = counters.map(|name| scrape.value(name, &[]).unwrap_or(0.0));
+    let asked = Instant::now();
+    assert_ended_unexpectedly(telemetry.shutdown(), signal, asked);
+    counted
 }
 
 /// Asserts that `result` says `signal`'s thread ended unexpectedly, and came well before the
@@ -102,40 +119,26 @@ fn assert_ended_unexpectedly(result: agent_telemetry::Result<()>, signal: &str, 
 
 #[test]
 fn a_log_thread_that_ends_unexpectedly_loses_no_count_and_flush_says_so() {
-    let (telemetry, run) = telemetry(|b| b.with_traces_exporter(TracesExporter::None).with_log_writer(Unwritable));
-    run(10);
-    // Whether the flush reaches the thread before it dies or after, it says so: a flush
-    // queued as the thread died is not waited out to a timeout.
-    for _ in 0..2 {
-        let asked = Instant::now();
-        assert_ended_unexpectedly(telemetry.flush(), "logs", asked);
-    }
-    run(5);
-    let scrape = support::Scrape::parse(&telemetry.metrics().render().unwrap());
-    let count = |name: &str| scrape.value(name, &[]).unwrap_or(0.0);
-    let (written, dropped) = (
-        count("agent_telemetry_log_lines_written_total"),
-        count("agent_telemetry_log_lines_dropped_total"),
+    let [written, dropped] = executions_past_a_thread_death(
+        "logs",
+        |b| b.with_traces_exporter(TracesExporter::None).with_log_writer(Unwritable),
+        [
+            "agent_telemetry_log_lines_written_total",
+            "agent_telemetry_log_lines_dropped_total",
+        ],
     );
     assert_eq!((written, dropped), (0.0, 15.0), "every line counted as dropped");
-    let asked = Instant::now();
-    assert_ended_unexpectedly(telemetry.shutdown(), "logs", asked);
 }
 
 #[test]
 fn a_span_thread_that_ends_unexpectedly_loses_no_count_and_flush_says_so() {
-    let (telemetry, run) = telemetry(|b| b.with_span_exporter(Refusing).with_log_writer(io::sink()));
-    run(10);
-    for _ in 0..2 {
-        let asked = Instant::now();
-        assert_ended_unexpectedly(telemetry.flush(), "traces", asked);
-    }
-    run(5);
-    let scrape = support::Scrape::parse(&telemetry.metrics().render().unwrap());
-    let count = |name: &str| scrape.value(name, &[]).unwrap_or(0.0);
-    let (failed, dropped) = (
-        count("agent_telemetry_spans_export_failed_total"),
-        count("agent_telemetry_spans_dropped_total"),
+    let [failed, dropped] = executions_past_a_thread_death(
+        "traces",
+        |b| b.with_span_exporter(Refusing).with_log_writer(io::sink()),
+        [
+            "agent_telemetry_spans_export_failed_total",
+            "agent_telemetry_spans_dropped_total",
+        ],
     );
     assert_eq!(
         failed + dropped,
@@ -143,6 +146,4 @@ fn a_span_thread_that_ends_unexpectedly_loses_no_count_and_flush_says_so() {
         "every span counted: {failed} failed, {dropped} dropped"
     );
     assert_eq!(dropped, 5.0, "the spans after the thread ended are dropped");
-    let asked = Instant::now();
-    assert_ended_unexpectedly(telemetry.shutdown(), "traces", asked);
 }
