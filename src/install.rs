@@ -24,7 +24,8 @@ use crate::logs::LineQueue;
 use crate::metrics::server::{BearerToken, MetricsServer, ServerLimits};
 use crate::metrics::{Metrics, MetricsHandle};
 use crate::panics;
-use crate::scrub::Scrubbing;
+use crate::printer::ScrubbedFields;
+use crate::scrub::{Scrubber, Scrubbing};
 use crate::stats::TelemetryStats;
 use crate::traces::BoxedSpanExporter;
 
@@ -533,13 +534,15 @@ impl AgentTelemetryBuilder {
             tracer_provider: traces.map(|traces| traces.provider),
             server,
             config: Arc::new(config),
+            scrubber,
             done: false,
         };
         Ok((layer, telemetry))
     }
 
     /// Builds the layer and installs it as the global default subscriber, with a formatter
-    /// that prints the other events `RUST_LOG` selects to stderr.
+    /// that prints the other events `RUST_LOG` selects to stderr, their fields and their
+    /// spans' scrubbed as every signal's are.
     ///
     /// # Errors
     ///
@@ -556,6 +559,7 @@ impl AgentTelemetryBuilder {
         let printer = tracing_subscriber::fmt::layer()
             .with_writer(std::io::stderr)
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .fmt_fields(ScrubbedFields::new(Arc::clone(&telemetry.scrubber)))
             .with_filter(print_filter);
         tracing_subscriber::registry()
             .with(layer)
@@ -671,6 +675,8 @@ pub struct AgentTelemetry {
     tracer_provider: Option<SdkTracerProvider>,
     server: Option<MetricsServer>,
     config: Arc<Config>,
+    /// The scrubber every signal uses, for the stderr printer `try_init` installs.
+    scrubber: Arc<Scrubber>,
     done: bool,
 }
 

@@ -77,6 +77,7 @@ mod outages;
 mod panics;
 mod per_thread;
 mod prices;
+mod printer;
 pub mod propagation;
 mod recorded;
 mod scrub;
