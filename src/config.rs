@@ -188,6 +188,16 @@ impl Config {
     /// whose value is not UTF-8 is an error naming it, never an unset one: a token file's
     /// path left unread would serve `/metrics` to anyone.
     pub(crate) fn apply_env(&mut self, env: &dyn Fn(&str) -> Option<OsString>) -> Result<()> {
+        // Set but blank, the token file would be unset, and `/metrics` served to anyone: an
+        // operator who set it meant a token (a secret missing from the deployment, say).
+        const TOKEN_FILE: &str = "AGENT_TELEMETRY_METRICS_TOKEN_FILE";
+        if env(TOKEN_FILE).is_some_and(|value| value.to_str().is_some_and(|v| v.trim().is_empty())) {
+            return Err(Error::invalid(
+                TOKEN_FILE,
+                "",
+                "set but empty: name the file holding the bearer token /metrics requires, or unset the variable to serve /metrics without one",
+            ));
+        }
         let not_unicode = RefCell::new(None);
         // An empty variable is an unset one, as the OpenTelemetry specification says.
         let var = |name: &str| {

@@ -207,6 +207,18 @@ fn a_file_the_environment_names_that_is_not_regular_stops_the_start_at_once() {
 
 #[cfg(unix)]
 #[test]
+fn a_blank_token_file_variable_stops_the_start_rather_than_open_metrics() {
+    for blank in ["", " "] {
+        let (success, stderr) = example_within_a_minute(&[("AGENT_TELEMETRY_METRICS_TOKEN_FILE", blank.into())]);
+        assert!(!success, "{blank:?} was taken for no token");
+        assert!(
+            stderr.contains("AGENT_TELEMETRY_METRICS_TOKEN_FILE") && stderr.contains("set but empty"),
+            "{stderr}"
+        );
+    }
+}
+
+#[test]
 fn a_value_that_is_not_utf8_stops_the_start_naming_the_variable() {
     use std::os::unix::ffi::{OsStrExt, OsStringExt};
     let work = tempfile::tempdir().unwrap();
