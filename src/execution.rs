@@ -49,7 +49,7 @@ impl Failure {
             Failure::Explicit(status) => status,
             Failure::ErrorEvent(message) => message,
             Failure::Panic => "the agent panicked",
-            Failure::Cancelled => "the execution was dropped before it completed: timed out, raced away or aborted",
+            Failure::Cancelled => "its future was dropped before it completed: timed out, raced away or aborted",
         }
     }
 }

@@ -14,8 +14,9 @@
 //! - one Filebeat-ready JSON log line carrying the span's `trace.id`.
 //!
 //! Beyond the guide, the model, provider and tokens an execution and its model calls record
-//! (in the OpenTelemetry GenAI conventions' names) become tokens, model calls and spend per
-//! agent and model in all three signals; spend needs [`ModelPrices`].
+//! (in the OpenTelemetry GenAI conventions' names) become tokens and model calls per agent
+//! and model in all three signals, and spend in the metrics and the log line; spend needs
+//! [`ModelPrices`].
 //!
 //! ```
 //! use agent_telemetry::{AgentTelemetry, TracesExporter};
@@ -88,6 +89,40 @@ mod test_support;
 mod text;
 mod traces;
 
+/// The function's `agent_name` and `task` arguments name the agent and the task, as with
+/// `tracing::instrument`; `skip` leaves out the others.
+///
+/// # Examples
+///
+/// ```
+/// use std::time::Duration;
+/// use tracing_subscriber::layer::SubscriberExt;
+///
+/// #[agent_telemetry::instrument(skip(work))]
+/// async fn execute_agent(agent_name: &str, task: &str, work: Duration) -> Result<String, std::io::Error> {
+///     tokio::time::sleep(work).await;
+///     Ok(format!("{agent_name} did {task}"))
+/// }
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let (layer, telemetry) = agent_telemetry::AgentTelemetry::builder()
+///     .ignore_environment()
+///     .without_metrics_server()
+///     .with_traces_exporter(agent_telemetry::TracesExporter::None)
+///     .with_log_writer(std::io::sink())
+///     .build()?;
+/// let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build()?;
+/// let _default = tracing::subscriber::set_default(tracing_subscriber::registry().with(layer));
+/// runtime.block_on(async {
+///     // Timed out: reported as cancelled, not as a fast success.
+///     let slow = execute_agent("researcher", "Survey", Duration::from_secs(30));
+///     assert!(tokio::time::timeout(Duration::from_millis(10), slow).await.is_err());
+/// });
+/// let metrics = telemetry.metrics().render()?;
+/// assert!(metrics.contains(r#"agent_executions_total{agent_name="researcher",status="cancelled"} 1"#));
+/// # Ok(())
+/// # }
+/// ```
 pub use agent_telemetry_macros::instrument;
 pub use cancellation::{AgentInstrument, ReportsCancellation};
 pub use config::{LogFormat, OtlpProtocol, TaskCapture, TracesExporter, DEFAULT_DURATION_BUCKETS};
