@@ -27,22 +27,21 @@ impl ScrubbedFields {
 }
 
 impl<'writer> FormatFields<'writer> for ScrubbedFields {
-    fn format_fields<R: RecordFields>(&self, mut writer: Writer<'writer>, fields: R) -> fmt::Result {
-        let mut text = String::new();
+    fn format_fields<R: RecordFields>(&self, writer: Writer<'writer>, fields: R) -> fmt::Result {
         let mut visitor = Redacting {
-            inner: DefaultVisitor::new(Writer::new(&mut text), true),
+            inner: DefaultVisitor::new(writer, true),
             scrubber: &self.scrubber,
         };
         fields.record(&mut visitor);
-        visitor.inner.finish()?;
-        writer.write_str(&self.scrubber.scrub(&text))
+        visitor.inner.finish()
     }
 }
 
-/// Hands each field to `tracing-subscriber`'s visitor, or [`REDACTED`] in place of the value
-/// of a field whose name looks sensitive.
-struct Redacting<'a, 'text> {
-    inner: DefaultVisitor<'text>,
+/// Hands each field to `tracing-subscriber`'s visitor scrubbed, value by value, as the
+/// layer scrubs each: [`REDACTED`] in place of the value of a field whose name looks
+/// sensitive, and the text of every other scrubbed before it is quoted or escaped.
+struct Redacting<'a, 'writer> {
+    inner: DefaultVisitor<'writer>,
     scrubber: &'a Scrubber,
 }
 
@@ -51,13 +50,16 @@ impl Visit for Redacting<'_, '_> {
         if self.scrubber.redacts_field(field.name()) {
             self.inner.record_debug(field, &format_args!("{REDACTED}"));
         } else {
-            self.inner.record_str(field, value);
+            self.inner.record_str(field, &self.scrubber.scrub(value));
         }
     }
 
     fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
         if self.scrubber.redacts_field(field.name()) {
             self.inner.record_debug(field, &format_args!("{REDACTED}"));
+        } else if self.scrubber.is_on() {
+            self.inner
+                .record_error(field, &ScrubbedError::of(value, self.scrubber, 0));
         } else {
             self.inner.record_error(field, value);
         }
@@ -66,9 +68,50 @@ impl Visit for Redacting<'_, '_> {
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
         if self.scrubber.redacts_field(field.name()) {
             self.inner.record_debug(field, &format_args!("{REDACTED}"));
+        } else if self.scrubber.is_on() {
+            let text = format!("{value:?}");
+            self.inner
+                .record_debug(field, &format_args!("{}", self.scrubber.scrub(&text)));
         } else {
             self.inner.record_debug(field, value);
         }
+    }
+}
+
+/// An error and its sources as their text scrubbed, for `tracing-subscriber` to print as it
+/// prints an error: its message, then `.sources=[..]`.
+#[derive(Debug)]
+struct ScrubbedError {
+    text: String,
+    source: Option<Box<ScrubbedError>>,
+}
+
+/// The most sources of an error printed.
+const MAX_SOURCES: usize = 32;
+
+impl ScrubbedError {
+    fn of(error: &(dyn std::error::Error + 'static), scrubber: &Scrubber, depth: usize) -> Self {
+        ScrubbedError {
+            text: scrubber.scrub(&error.to_string()).into_owned(),
+            source: error
+                .source()
+                .filter(|_| depth < MAX_SOURCES)
+                .map(|source| Box::new(ScrubbedError::of(source, scrubber, depth + 1))),
+        }
+    }
+}
+
+impl fmt::Display for ScrubbedError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+impl std::error::Error for ScrubbedError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source
+            .as_deref()
+            .map(|source| source as &(dyn std::error::Error + 'static))
     }
 }
 
@@ -105,6 +148,11 @@ mod tests {
             let task = "use password=hunter2 and key sk-proj-abcdefghijklmnopqrstuvwxyz0123456789ABCD";
             tracing::info_span!("agent_execution", agent_name = "a", task).in_scope(|| {
                 tracing::error!(api_key = "k-123", error = %format!("could not {task}"), "failed");
+                // Quoted: the text is scrubbed before its quotes are escaped.
+                tracing::info!(note = r#"log in with password="quoted secret" please"#);
+                let cause = std::io::Error::other("upstream said api_key=source-secret");
+                let error = std::io::Error::other(Wrapped(cause));
+                tracing::error!(error = &error as &(dyn std::error::Error + 'static));
             });
         });
         let bytes = captured.0.lock().unwrap().clone();
@@ -114,13 +162,33 @@ mod tests {
     #[test]
     fn span_and_event_fields_are_printed_scrubbed() {
         let line = printed(&Scrubbing::default());
-        for secret in ["hunter2", "sk-proj-", "k-123"] {
+        for secret in ["hunter2", "sk-proj-", "k-123", "quoted secret", "source-secret"] {
             assert!(!line.contains(secret), "{secret} in {line}");
         }
         assert!(line.contains("agent_name=\"a\""), "{line}");
         assert!(line.contains("api_key=[REDACTED]"), "{line}");
         assert!(line.contains("password=[REDACTED]"), "{line}");
         assert!(line.contains("failed"), "{line}");
+        assert!(
+            line.contains("error.sources=["),
+            "the sources are still printed: {line}"
+        );
+    }
+
+    /// An error with a source, as an application wraps one.
+    #[derive(Debug)]
+    struct Wrapped(std::io::Error);
+
+    impl fmt::Display for Wrapped {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("the call failed")
+        }
+    }
+
+    impl std::error::Error for Wrapped {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
     }
 
     #[test]

@@ -6,7 +6,7 @@
 use std::process::Command;
 
 const CHILD: &str = "AGENT_TELEMETRY_TEST_PRINTER_CHILD";
-const TASK: &str = "use password=hunter2 and key sk-proj-abcdefghijklmnopqrstuvwxyz0123456789ABCD";
+const TASK: &str = r#"use password="hunter2 quoted" and key sk-proj-abcdefghijklmnopqrstuvwxyz0123456789ABCD"#;
 
 #[tracing::instrument(name = "agent_execution", err)]
 fn execute_agent(agent_name: &str, task: &str, api_key: &str) -> Result<(), String> {
