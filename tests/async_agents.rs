@@ -137,6 +137,32 @@ fn early_returning_agent(
     delegated(agent_name.to_owned(), task.to_owned(), work, false)
 }
 
+/// A session an agent borrows mutably for the future it returns.
+struct Session {
+    calls: usize,
+}
+
+impl Session {
+    async fn call(&mut self, task: &str) -> Result<usize, String> {
+        self.calls += 1;
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        Ok(task.len())
+    }
+}
+
+/// A delegating agent that hands on a mutable borrow, or returns early.
+#[agent_telemetry::instrument(skip(session))]
+fn agent_with_a_session<'a>(
+    session: &'a mut Session,
+    agent_name: &str,
+    task: &'a str,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<usize, String>> + Send + 'a>> {
+    if task.is_empty() {
+        return Box::pin(async { Err("nothing to do".to_owned()) });
+    }
+    Box::pin(session.call(task))
+}
+
 /// Returns that coerce to the declared type, as in any `async fn`: a boxed error, a trait
 /// object.
 #[agent_telemetry::instrument]
@@ -483,6 +509,9 @@ fn functions_returning_a_future_they_do_not_write_tell_each_outcome_apart() {
             assert!(early_returning_agent("early-failing", "", Duration::ZERO)
                 .await
                 .is_err());
+            let mut session = Session { calls: 0 };
+            assert_eq!(agent_with_a_session(&mut session, "session", "Wait").await, Ok(4));
+            assert_eq!(session.calls, 1);
             let quick = delegating_agent("delegating-quick", "Wait", Duration::from_millis(5), false);
             assert_eq!(quick.await, Ok(4));
             let failing = delegating_agent("delegating-failing", "Wait", Duration::from_millis(5), true);
@@ -501,7 +530,7 @@ fn functions_returning_a_future_they_do_not_write_tell_each_outcome_apart() {
     for agent in ["delegating-slow", "early-slow"] {
         assert_cancelled(&said(&harness, agent), Duration::from_millis(50));
     }
-    for agent in ["delegating-quick", "coercing"] {
+    for agent in ["delegating-quick", "coercing", "session"] {
         let quick = said(&harness, agent);
         assert_eq!(quick.counted, ["success"], "{agent}");
         assert_eq!(quick.line["status"], "success");

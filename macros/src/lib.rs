@@ -148,12 +148,41 @@ fn instrument_returned_future(
     } else {
         future
     };
-    // In a closure, so that a `return` in the body returns the future to be wrapped.
+    // A labelled block whose `break`s are the body's `return`s: each returns the future to
+    // be wrapped, and borrows the body hands on keep the function's lifetimes.
+    let mut body = syn::Block {
+        brace_token: block.brace_token,
+        stmts: stmts.clone(),
+    };
+    syn::visit_mut::VisitMut::visit_block_mut(&mut ReturnsToBreaks, &mut body);
+    let stmts = &body.stmts;
     *block = syn::parse_quote!({
-        #[allow(clippy::redundant_closure_call)]
-        let __agent_telemetry_future: #returned = (move || -> #returned { #(#stmts)* })();
+        #[allow(unused_labels)]
+        let __agent_telemetry_future: #returned = '__agent_telemetry_body: { #(#stmts)* };
         #future
     });
+}
+
+/// Rewrites a function body's `return value` as `break '__agent_telemetry_body value`,
+/// leaving the `return`s of the closures, `async` blocks and items inside it theirs.
+struct ReturnsToBreaks;
+
+impl syn::visit_mut::VisitMut for ReturnsToBreaks {
+    fn visit_expr_mut(&mut self, expr: &mut syn::Expr) {
+        match expr {
+            syn::Expr::Closure(_) | syn::Expr::Async(_) | syn::Expr::Const(_) => {}
+            syn::Expr::Return(returned) => {
+                if let Some(value) = &mut returned.expr {
+                    self.visit_expr_mut(value);
+                }
+                let value = returned.expr.take();
+                *expr = syn::parse_quote!(break '__agent_telemetry_body #value);
+            }
+            _ => syn::visit_mut::visit_expr_mut(self, expr),
+        }
+    }
+
+    fn visit_item_mut(&mut self, _: &mut syn::Item) {}
 }
 
 /// The `async` block a function that is not `async` returns as its last expression, as it
