@@ -178,6 +178,20 @@ impl Default for Config {
     }
 }
 
+/// The variables whose blank value is an error rather than an unset variable, with what to
+/// set instead.
+const BLANK_IS_AN_ERROR: [(&str, &str); 3] = [
+    (
+        "AGENT_TELEMETRY_METRICS_TOKEN_FILE",
+        "name the file holding the bearer token /metrics requires",
+    ),
+    (
+        "AGENT_TELEMETRY_METRICS_ADDR",
+        "give the address to serve /metrics on, or off",
+    ),
+    ("AGENT_TELEMETRY_TASK_CAPTURE", "give full, hash or off"),
+];
+
 impl Config {
     /// The most characters of a span string attribute or event attribute.
     pub(crate) fn attribute_value_chars(&self) -> usize {
@@ -186,17 +200,20 @@ impl Config {
 
     /// Applies the environment over the builder's values, then checks the result. A variable
     /// whose value is not UTF-8 is an error naming it, never an unset one: a token file's
-    /// path left unread would serve `/metrics` to anyone.
+    /// path left unread would serve `/metrics` to anyone. So is a blank value of one of
+    /// [`BLANK_IS_AN_ERROR`]; any other blank variable is an unset one.
     pub(crate) fn apply_env(&mut self, env: &dyn Fn(&str) -> Option<OsString>) -> Result<()> {
-        // Set but blank, the token file would be unset, and `/metrics` served to anyone: an
-        // operator who set it meant a token (a secret missing from the deployment, say).
-        const TOKEN_FILE: &str = "AGENT_TELEMETRY_METRICS_TOKEN_FILE";
-        if env(TOKEN_FILE).is_some_and(|value| value.to_str().is_some_and(|v| v.trim().is_empty())) {
-            return Err(Error::invalid(
-                TOKEN_FILE,
-                "",
-                "set but empty: name the file holding the bearer token /metrics requires, or unset the variable to serve /metrics without one",
-            ));
+        // Set but blank, these would be unset, and their default is the less guarded one:
+        // `/metrics` served to anyone, on every interface, and tasks captured in full. An
+        // operator who set one meant something (a secret missing from the deployment, say).
+        for (name, meant) in BLANK_IS_AN_ERROR {
+            if env(name).is_some_and(|value| value.to_str().is_some_and(|v| v.trim().is_empty())) {
+                return Err(Error::invalid(
+                    name,
+                    "",
+                    format!("set but empty: {meant}, or unset the variable for the default"),
+                ));
+            }
         }
         let not_unicode = RefCell::new(None);
         // An empty variable is an unset one, as the OpenTelemetry specification says.

@@ -207,14 +207,18 @@ fn a_file_the_environment_names_that_is_not_regular_stops_the_start_at_once() {
 
 #[cfg(unix)]
 #[test]
-fn a_blank_token_file_variable_stops_the_start_rather_than_open_metrics() {
-    for blank in ["", " "] {
-        let (success, stderr) = example_within_a_minute(&[("AGENT_TELEMETRY_METRICS_TOKEN_FILE", blank.into())]);
-        assert!(!success, "{blank:?} was taken for no token");
-        assert!(
-            stderr.contains("AGENT_TELEMETRY_METRICS_TOKEN_FILE") && stderr.contains("set but empty"),
-            "{stderr}"
-        );
+fn a_blank_variable_whose_default_is_less_guarded_stops_the_start() {
+    // Taken for unset: /metrics open to anyone, on every interface, and tasks in full.
+    for name in [
+        "AGENT_TELEMETRY_METRICS_TOKEN_FILE",
+        "AGENT_TELEMETRY_METRICS_ADDR",
+        "AGENT_TELEMETRY_TASK_CAPTURE",
+    ] {
+        for blank in ["", " "] {
+            let (success, stderr) = example_within_a_minute(&[(name, blank.into())]);
+            assert!(!success, "{name}={blank:?} was taken for unset");
+            assert!(stderr.contains(name) && stderr.contains("set but empty"), "{stderr}");
+        }
     }
 }
 
