@@ -141,9 +141,10 @@ const SECRET_PATTERNS: [SecretPattern; 10] = [
         before_trigger: 0,
         keep: None,
     },
-    // `password=…`, `api_key: …`, `token=…`: the value.
+    // `password=…`, `api_key: …`, `token=…`, and as a JSON or `Debug` map writes them
+    // (`"password": "…"`): the value.
     SecretPattern {
-        pattern: r#"(?i-u)\b(?:password|passwd|pwd|passphrase|secret|client[_-]?secret|api[_-]?key|access[_-]?token|refresh[_-]?token|auth[_-]?token|token)\s*[=:]\s*(?u:"[^"]*"|'[^']*'|[^\s&,;"']+)"#,
+        pattern: r#"(?i-u)\b(?:password|passwd|pwd|passphrase|secret|client[_-]?secret|api[_-]?key|access[_-]?token|refresh[_-]?token|auth[_-]?token|token)["']?\s*[=:]\s*(?u:"[^"]*"|'[^']*'|[^\s&,;"']+)"#,
         triggers: &[
             "password",
             "passwd",
@@ -157,14 +158,14 @@ const SECRET_PATTERNS: [SecretPattern; 10] = [
         ],
         // `refresh_` before `token`; `client_`, `access_` and `auth_` are shorter.
         before_trigger: 8,
-        keep: Some(r"(?i-u)^[a-z_-]+\s*[=:]\s*"),
+        keep: Some(r#"(?i-u)^[a-z_-]+["']?\s*[=:]\s*"#),
     },
     // `Authorization: Basic …` and the like: the credentials.
     SecretPattern {
-        pattern: r"(?i-u)\bauthorization\s*[:=]\s*(?:(?:basic|bearer|digest|token)\s+)?(?u:[^\s,;]+)",
+        pattern: r#"(?i-u)\bauthorization["']?\s*[:=]\s*["']?(?:(?:basic|bearer|digest|token)\s+)?(?u:[^\s,;"']+)"#,
         triggers: &["authorization"],
         before_trigger: 0,
-        keep: Some(r"(?i-u)^authorization\s*[:=]\s*(?:(?:basic|bearer|digest|token)\s+)?"),
+        keep: Some(r#"(?i-u)^authorization["']?\s*[:=]\s*["']?(?:(?:basic|bearer|digest|token)\s+)?"#),
     },
 ];
 
@@ -723,6 +724,10 @@ mod tests {
                 "login with password=[REDACTED] then",
             ),
             ("PASSWORD: 'open sesame' ok", "PASSWORD: [REDACTED] ok"),
+            (
+                r#"{"password": "map-secret", "api_key":"k-1", "authorization": "Basic dXNlcjpwYXNz"}"#,
+                r#"{"password": [REDACTED], "api_key":[REDACTED], "authorization": "Basic [REDACTED]"}"#,
+            ),
             ("url?api_key=abc123&x=1", "url?api_key=[REDACTED]&x=1"),
             (
                 "-----BEGIN RSA PRIVATE KEY-----\nMIIEpAIBAAKCAQEA\n-----END RSA PRIVATE KEY----- after",
