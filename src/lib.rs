@@ -137,4 +137,14 @@ pub use status::Status;
 #[doc(hidden)]
 pub mod __private {
     pub use crate::cancellation::ReportsCancellation;
+
+    /// What the attribute's closure around a delegating body consumes, so that the closure
+    /// is `FnOnce` and the borrows the body hands on keep the function's lifetimes.
+    #[derive(Debug)]
+    pub struct CalledOnce;
+
+    impl CalledOnce {
+        /// Consumes the token.
+        pub fn called(self) {}
+    }
 }

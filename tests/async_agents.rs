@@ -137,6 +137,43 @@ fn early_returning_agent(
     delegated(agent_name.to_owned(), task.to_owned(), work, false)
 }
 
+/// A guard clause as a macro writes it: its `return` is not in the body's own syntax.
+macro_rules! guard {
+    ($refused:expr, $future:expr) => {
+        if $refused {
+            return $future;
+        }
+    };
+}
+
+/// A delegating agent whose returns are a compiled-out branch and a macro's, and which the
+/// caller polls by `&mut` (its future is `Unpin`).
+#[agent_telemetry::instrument]
+fn guarded_agent(agent_name: &str, task: &str) -> impl std::future::Future<Output = Result<usize, String>> + Unpin {
+    #[cfg(any())]
+    return Box::pin(delegated(
+        agent_name.to_owned(),
+        "a compiled-out branch".to_owned(),
+        Duration::ZERO,
+        true,
+    ));
+    guard!(
+        task.is_empty(),
+        Box::pin(delegated(
+            agent_name.to_owned(),
+            "nothing".to_owned(),
+            Duration::ZERO,
+            true
+        ))
+    );
+    Box::pin(delegated(
+        agent_name.to_owned(),
+        task.to_owned(),
+        Duration::from_millis(1),
+        false,
+    ))
+}
+
 /// A session an agent borrows mutably for the future it returns.
 struct Session {
     calls: usize,
@@ -509,6 +546,9 @@ fn functions_returning_a_future_they_do_not_write_tell_each_outcome_apart() {
             assert!(early_returning_agent("early-failing", "", Duration::ZERO)
                 .await
                 .is_err());
+            let mut guarded = guarded_agent("guarded", "Wait");
+            assert_eq!((&mut guarded).await, Ok(4));
+            assert!(guarded_agent("guarded-failing", "").await.is_err());
             let mut session = Session { calls: 0 };
             assert_eq!(agent_with_a_session(&mut session, "session", "Wait").await, Ok(4));
             assert_eq!(session.calls, 1);
@@ -530,7 +570,7 @@ fn functions_returning_a_future_they_do_not_write_tell_each_outcome_apart() {
     for agent in ["delegating-slow", "early-slow"] {
         assert_cancelled(&said(&harness, agent), Duration::from_millis(50));
     }
-    for agent in ["delegating-quick", "coercing", "session"] {
+    for agent in ["delegating-quick", "coercing", "session", "guarded"] {
         let quick = said(&harness, agent);
         assert_eq!(quick.counted, ["success"], "{agent}");
         assert_eq!(quick.line["status"], "success");
@@ -540,6 +580,7 @@ fn functions_returning_a_future_they_do_not_write_tell_each_outcome_apart() {
         ("delegating-failing", "delegating-failing could not Wait"),
         ("delegating-impl", "delegating-impl could not Wait"),
         ("early-failing", "early-failing could not nothing"),
+        ("guarded-failing", "guarded-failing could not nothing"),
         ("coercing-failing", "an error occurred when formatting an argument"),
     ] {
         let failing = said(&harness, agent);

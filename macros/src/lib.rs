@@ -34,10 +34,10 @@ pub fn instrument(args: TokenStream, item: TokenStream) -> TokenStream {
         quote!("agent_execution")
     });
     let returned_async = function.sig.asyncness.is_none() && returned_async_block(&mut function.block).is_some();
-    let shape = match (&returned, returns_boxed_future(&function.sig.output)) {
+    let shape = match (&returned, returned_future_boxes(&function.sig.output)) {
         _ if function.sig.asyncness.is_some() => Shape::Async,
         _ if returned_async => Shape::ReturnedAsync,
-        (Some(_), Some(boxed)) => Shape::ReturnedFuture { boxed },
+        (Some(_), Some(boxes)) => Shape::ReturnedFuture { boxes },
         _ => Shape::Sync,
     };
     // What the function's future outputs, where its type says.
@@ -46,7 +46,7 @@ pub fn instrument(args: TokenStream, item: TokenStream) -> TokenStream {
         Shape::ReturnedAsync | Shape::ReturnedFuture { .. } => returned.as_ref().and_then(future_output).cloned(),
         Shape::Sync => None,
     };
-    if let (Shape::ReturnedFuture { boxed }, Some(returned)) = (&shape, &returned) {
+    if let (Shape::ReturnedFuture { boxes }, Some(returned)) = (&shape, &returned) {
         if errs {
             let message = "`err` on a function that returns a future it does not write as an `async` block: `tracing` would apply it to the future; the attribute reports the future's `Err` itself, so leave `err` out";
             return syn::Error::new_spanned(&args, message).to_compile_error().into();
@@ -55,7 +55,7 @@ pub fn instrument(args: TokenStream, item: TokenStream) -> TokenStream {
         instrument_returned_future(
             &mut function.block,
             returned,
-            *boxed,
+            *boxes,
             output.as_ref(),
             reports_err,
             &name,
@@ -101,8 +101,9 @@ enum Shape {
     /// `tracing::instrument` instruments as an `async fn`'s body.
     ReturnedAsync,
     /// A function that returns another future, as `impl Future<..>` or `Pin<Box<..>>`
-    /// (`boxed`): its span begins with the call, and the future it returns runs in it.
-    ReturnedFuture { boxed: bool },
+    /// (wrapped in `boxes` `Box::pin`s): its span begins with the call, and the future it
+    /// returns runs in it.
+    ReturnedFuture { boxes: usize },
     /// A synchronous function.
     Sync,
 }
@@ -116,7 +117,7 @@ enum Shape {
 fn instrument_returned_future(
     block: &mut syn::Block,
     returned: &syn::Type,
-    boxed: bool,
+    boxes: usize,
     output: Option<&syn::Type>,
     reports_err: bool,
     name: &TokenStream2,
@@ -143,46 +144,19 @@ fn instrument_returned_future(
             #name,
         )
     ));
-    let future = if boxed {
-        quote!(::std::boxed::Box::pin(#future))
-    } else {
-        future
-    };
-    // A labelled block whose `break`s are the body's `return`s: each returns the future to
-    // be wrapped, and borrows the body hands on keep the function's lifetimes.
-    let mut body = syn::Block {
-        brace_token: block.brace_token,
-        stmts: stmts.clone(),
-    };
-    syn::visit_mut::VisitMut::visit_block_mut(&mut ReturnsToBreaks, &mut body);
-    let stmts = &body.stmts;
+    let future = (0..boxes).fold(future, |future, _| quote!(::std::boxed::Box::pin(#future)));
+    // In a closure, so that a `return` in the body (one a macro writes included) returns the
+    // future to be wrapped; made `FnOnce` by the token it consumes, so that borrows the body
+    // hands on (`&mut` ones too) keep the function's lifetimes.
     *block = syn::parse_quote!({
-        #[allow(unused_labels)]
-        let __agent_telemetry_future: #returned = '__agent_telemetry_body: { #(#stmts)* };
+        let __agent_telemetry_once = ::agent_telemetry::__private::CalledOnce;
+        #[allow(clippy::redundant_closure_call)]
+        let __agent_telemetry_future: #returned = (move || -> #returned {
+            __agent_telemetry_once.called();
+            #(#stmts)*
+        })();
         #future
     });
-}
-
-/// Rewrites a function body's `return value` as `break '__agent_telemetry_body value`,
-/// leaving the `return`s of the closures, `async` blocks and items inside it theirs.
-struct ReturnsToBreaks;
-
-impl syn::visit_mut::VisitMut for ReturnsToBreaks {
-    fn visit_expr_mut(&mut self, expr: &mut syn::Expr) {
-        match expr {
-            syn::Expr::Closure(_) | syn::Expr::Async(_) | syn::Expr::Const(_) => {}
-            syn::Expr::Return(returned) => {
-                if let Some(value) = &mut returned.expr {
-                    self.visit_expr_mut(value);
-                }
-                let value = returned.expr.take();
-                *expr = syn::parse_quote!(break '__agent_telemetry_body #value);
-            }
-            _ => syn::visit_mut::visit_expr_mut(self, expr),
-        }
-    }
-
-    fn visit_item_mut(&mut self, _: &mut syn::Item) {}
 }
 
 /// The `async` block a function that is not `async` returns as its last expression, as it
@@ -289,26 +263,42 @@ fn output_bound(bounds: &syn::punctuated::Punctuated<syn::TypeParamBound, syn::T
     })
 }
 
-/// How a function that returns a future spells it, when an `async` block can be made one:
-/// `impl Future<..>` (`Some(false)`) or `Pin<Box<..>>` (`Some(true)`, boxed).
-fn returns_boxed_future(output: &syn::ReturnType) -> Option<bool> {
+/// How many `Box::pin`s the future a function returns needs around the `async` block that
+/// wraps it, when its type is one that block can be made: `impl Future<..>` none,
+/// `Pin<Box<dyn Future<..>>>` one; and one more when the future must be `Unpin`, which an
+/// `async` block is not (a `Pin<Box<..>>` is).
+fn returned_future_boxes(output: &syn::ReturnType) -> Option<usize> {
     let syn::ReturnType::Type(_, ty) = output else {
         return None;
     };
     future_output(ty)?;
+    let unpin = |bounds: &syn::punctuated::Punctuated<syn::TypeParamBound, syn::Token![+]>| {
+        usize::from(bounds.iter().any(|bound| {
+            matches!(bound, syn::TypeParamBound::Trait(bound)
+                if bound.path.segments.last().is_some_and(|last| last.ident == "Unpin"))
+        }))
+    };
     match &**ty {
-        syn::Type::ImplTrait(_) => Some(false),
+        syn::Type::ImplTrait(bounds) => Some(unpin(&bounds.bounds)),
         syn::Type::Path(path) => {
             let last = path.path.segments.last()?;
             let syn::PathArguments::AngleBracketed(arguments) = &last.arguments else {
                 return None;
             };
-            let boxed = matches!(
-                arguments.args.first(),
-                Some(syn::GenericArgument::Type(syn::Type::Path(inner)))
-                    if inner.path.segments.last().is_some_and(|segment| segment.ident == "Box")
-            );
-            (last.ident == "Pin" && boxed).then_some(true)
+            let Some(syn::GenericArgument::Type(syn::Type::Path(boxed))) = arguments.args.first() else {
+                return None;
+            };
+            let inner = boxed.path.segments.last()?;
+            if last.ident != "Pin" || inner.ident != "Box" {
+                return None;
+            }
+            let syn::PathArguments::AngleBracketed(arguments) = &inner.arguments else {
+                return None;
+            };
+            match arguments.args.first() {
+                Some(syn::GenericArgument::Type(syn::Type::TraitObject(object))) => Some(1 + unpin(&object.bounds)),
+                _ => Some(1),
+            }
         }
         _ => None,
     }
