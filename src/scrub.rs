@@ -141,10 +141,10 @@ const SECRET_PATTERNS: [SecretPattern; 10] = [
         before_trigger: 0,
         keep: None,
     },
-    // `password=…`, `api_key: …`, `token=…`, and as a JSON or `Debug` map writes them
-    // (`"password": "…"`): the value.
+    // `password=…`, `api_key: …`, `token=…`: the value; and as a JSON or `Debug` map writes
+    // them (`"password": "…"`), a quoted value only (a number or `true` there is data).
     SecretPattern {
-        pattern: r#"(?i-u)\b(?:password|passwd|pwd|passphrase|secret|client[_-]?secret|api[_-]?key|access[_-]?token|refresh[_-]?token|auth[_-]?token|token)["']?\s*[=:]\s*(?u:"[^"]*"|'[^']*'|[^\s&,;"']+)"#,
+        pattern: r#"(?i-u)\b(?:password|passwd|pwd|passphrase|secret|client[_-]?secret|api[_-]?key|access[_-]?token|refresh[_-]?token|auth[_-]?token|token)(?:\s*[=:]\s*(?u:"[^"]*"|'[^']*'|[^\s&,;"']+)|["']\s*[=:]\s*(?u:"[^"]*"|'[^']*'))"#,
         triggers: &[
             "password",
             "passwd",
@@ -162,7 +162,7 @@ const SECRET_PATTERNS: [SecretPattern; 10] = [
     },
     // `Authorization: Basic …` and the like: the credentials.
     SecretPattern {
-        pattern: r#"(?i-u)\bauthorization["']?\s*[:=]\s*["']?(?:(?:basic|bearer|digest|token)\s+)?(?u:[^\s,;"']+)"#,
+        pattern: r#"(?i-u)\bauthorization(?:\s*[:=]\s*(?:(?:basic|bearer|digest|token)\s+)?(?u:[^\s,;]+)|["']\s*[:=]\s*["'](?:(?:basic|bearer|digest|token)\s+)?(?u:[^"']+))"#,
         triggers: &["authorization"],
         before_trigger: 0,
         keep: Some(r#"(?i-u)^authorization["']?\s*[:=]\s*["']?(?:(?:basic|bearer|digest|token)\s+)?"#),
@@ -727,6 +727,15 @@ mod tests {
             (
                 r#"{"password": "map-secret", "api_key":"k-1", "authorization": "Basic dXNlcjpwYXNz"}"#,
                 r#"{"password": [REDACTED], "api_key":[REDACTED], "authorization": "Basic [REDACTED]"}"#,
+            ),
+            // Data, not secrets: an unquoted value of a quoted key, and token counts.
+            (
+                r#"{"secret": true, "token": 5, "input_tokens": 5}"#,
+                r#"{"secret": true, "token": 5, "input_tokens": 5}"#,
+            ),
+            (
+                r#"Authorization: Basic dXNl"cjpwYXNz and Digest username="bob""#,
+                "Authorization: Basic [REDACTED] and Digest username=\"bob\"",
             ),
             ("url?api_key=abc123&x=1", "url?api_key=[REDACTED]&x=1"),
             (
