@@ -174,6 +174,15 @@ fn guarded_agent(agent_name: &str, task: &str) -> impl std::future::Future<Outpu
     ))
 }
 
+/// An `Unpin` future, boxed as `Pin<Box<impl Future + Unpin>>`.
+#[agent_telemetry::instrument]
+fn boxed_unpin_agent(
+    agent_name: &str,
+    task: &str,
+) -> std::pin::Pin<Box<impl std::future::Future<Output = Result<usize, String>> + Unpin>> {
+    Box::pin(std::future::ready(Ok(task.len())))
+}
+
 /// A session an agent borrows mutably for the future it returns.
 struct Session {
     calls: usize,
@@ -549,6 +558,7 @@ fn functions_returning_a_future_they_do_not_write_tell_each_outcome_apart() {
             let mut guarded = guarded_agent("guarded", "Wait");
             assert_eq!((&mut guarded).await, Ok(4));
             assert!(guarded_agent("guarded-failing", "").await.is_err());
+            assert_eq!(boxed_unpin_agent("boxed-unpin", "Wait").await, Ok(4));
             let mut session = Session { calls: 0 };
             assert_eq!(agent_with_a_session(&mut session, "session", "Wait").await, Ok(4));
             assert_eq!(session.calls, 1);
@@ -570,7 +580,7 @@ fn functions_returning_a_future_they_do_not_write_tell_each_outcome_apart() {
     for agent in ["delegating-slow", "early-slow"] {
         assert_cancelled(&said(&harness, agent), Duration::from_millis(50));
     }
-    for agent in ["delegating-quick", "coercing", "session", "guarded"] {
+    for agent in ["delegating-quick", "coercing", "session", "guarded", "boxed-unpin"] {
         let quick = said(&harness, agent);
         assert_eq!(quick.counted, ["success"], "{agent}");
         assert_eq!(quick.line["status"], "success");

@@ -297,6 +297,7 @@ fn returned_future_boxes(output: &syn::ReturnType) -> Option<usize> {
             };
             match arguments.args.first() {
                 Some(syn::GenericArgument::Type(syn::Type::TraitObject(object))) => Some(1 + unpin(&object.bounds)),
+                Some(syn::GenericArgument::Type(syn::Type::ImplTrait(bounds))) => Some(1 + unpin(&bounds.bounds)),
                 _ => Some(1),
             }
         }
