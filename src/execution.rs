@@ -14,7 +14,7 @@ use crate::config::{Config, TaskCapture};
 use crate::gen_ai::{Rollup, Usage, UsageFields};
 use crate::scrub::{Scrubber, HELD_LABEL_CHARS, SCRUB_MARGIN};
 use crate::status::Status;
-use crate::text::{cut, debug_text, shared_name, unquote_debug, MAX_LABEL_CHARS};
+use crate::text::{cut, debug_text, held_name, unquote_debug, MAX_LABEL_CHARS};
 
 /// The `agent_name` recorded when a span carries none: the execution is still counted.
 pub(crate) const UNKNOWN_AGENT: &str = "unknown";
@@ -287,10 +287,7 @@ impl ExecutionFields {
 
     fn set(&mut self, field: &Field, value: &str) {
         match field.name() {
-            "agent_name" | "agent.name" => {
-                // An empty or blank name is none: `unknown`, as a missing one.
-                self.agent_name = (!value.trim().is_empty()).then(|| shared_name(&cut(value, HELD_LABEL_CHARS)));
-            }
+            "agent_name" | "agent.name" => self.agent_name = held_name(value),
             "task" => self.task = Some(cut(value, self.task_chars).into_owned()),
             "status" | "result.status" => {
                 self.status = (!value.trim().is_empty()).then(|| cut(value, HELD_LABEL_CHARS).into_owned());

@@ -20,7 +20,7 @@ use tracing_core::Metadata;
 use crate::prices::{ModelPrices, Tokens};
 use crate::scrub::HELD_LABEL_CHARS;
 use crate::status::Status;
-use crate::text::{cut, debug_text, shared_name, unquote_debug, MAX_LABEL_CHARS, OVERFLOW_AGENT_NAME};
+use crate::text::{cut, debug_text, held_name, unquote_debug, MAX_LABEL_CHARS, OVERFLOW_AGENT_NAME};
 
 /// The largest token count a field may carry: past 2^53 a Prometheus sample (a float) is no
 /// longer exact. A larger one is ignored and counted, as any invalid value.
@@ -169,10 +169,9 @@ impl UsageFields {
 
     /// A field's text value: a name (none when empty or blank), or an invalid token count.
     fn record_text(&mut self, field: &Field, text: &str) {
-        let label = || (!text.trim().is_empty()).then(|| shared_name(&cut(text, HELD_LABEL_CHARS)));
         match field.name() {
-            "model" | "gen_ai.request.model" => self.model = label(),
-            "provider" | "gen_ai.provider.name" => self.provider = label(),
+            "model" | "gen_ai.request.model" => self.model = held_name(text),
+            "provider" | "gen_ai.provider.name" => self.provider = held_name(text),
             OPERATION_FIELD => self.operation = Some(cut(text, MAX_LABEL_CHARS).into()),
             _ => self.invalid = self.invalid.saturating_add(1),
         }

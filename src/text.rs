@@ -6,6 +6,8 @@ use std::cell::RefCell;
 use std::fmt;
 use std::sync::Arc;
 
+use crate::scrub::HELD_LABEL_CHARS;
+
 /// The `agent_name` label value that executions beyond the cardinality cap are folded into;
 /// `model` folds into it likewise.
 pub const OVERFLOW_AGENT_NAME: &str = "__overflow__";
@@ -67,6 +69,13 @@ pub(crate) fn debug_text(value: &dyn fmt::Debug, max: usize) -> String {
         bounded.text.push('…');
     }
     bounded.text
+}
+
+/// A name (an agent's, a model's, a provider's) as a span's fields hold it until it becomes a
+/// label: `None` when empty or blank, as a missing one; else held to [`HELD_LABEL_CHARS`] and
+/// shared ([`shared_name`]).
+pub(crate) fn held_name(text: &str) -> Option<Arc<str>> {
+    (!text.trim().is_empty()).then(|| shared_name(&cut(text, HELD_LABEL_CHARS)))
 }
 
 /// Names (agents', models', providers') are few and repeat: each thread keeps the ones it
