@@ -45,19 +45,29 @@ struct Redacting<'a, 'writer> {
     scrubber: &'a Scrubber,
 }
 
+impl Redacting<'_, '_> {
+    /// Hands on `field` as [`REDACTED`] if its name looks sensitive; whether it did.
+    fn redacted(&mut self, field: &Field) -> bool {
+        let redacts = self.scrubber.redacts_field(field.name());
+        if redacts {
+            self.inner.record_debug(field, &format_args!("{REDACTED}"));
+        }
+        redacts
+    }
+}
+
 impl Visit for Redacting<'_, '_> {
     fn record_str(&mut self, field: &Field, value: &str) {
-        if self.scrubber.redacts_field(field.name()) {
-            self.inner.record_debug(field, &format_args!("{REDACTED}"));
-        } else {
+        if !self.redacted(field) {
             self.inner.record_str(field, &self.scrubber.scrub(value));
         }
     }
 
     fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
-        if self.scrubber.redacts_field(field.name()) {
-            self.inner.record_debug(field, &format_args!("{REDACTED}"));
-        } else if self.scrubber.is_on() {
+        if self.redacted(field) {
+            return;
+        }
+        if self.scrubber.is_on() {
             self.inner
                 .record_error(field, &ScrubbedError::of(value, self.scrubber, 0));
         } else {
@@ -66,9 +76,10 @@ impl Visit for Redacting<'_, '_> {
     }
 
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-        if self.scrubber.redacts_field(field.name()) {
-            self.inner.record_debug(field, &format_args!("{REDACTED}"));
-        } else if self.scrubber.is_on() {
+        if self.redacted(field) {
+            return;
+        }
+        if self.scrubber.is_on() {
             let text = format!("{value:?}");
             self.inner
                 .record_debug(field, &format_args!("{}", self.scrubber.scrub(&text)));
