@@ -102,6 +102,17 @@ fn hostile_text_stays_one_bounded_json_line() {
     assert_eq!(json_pairs(&lines[1])[5].1, format!("{cut}…"));
 }
 
+/// Today's log file name with the default prefix, as Filebeat's glob expects it (UTC).
+fn todays_file_name() -> String {
+    let today = time::OffsetDateTime::now_utc().date();
+    format!(
+        "agents.{:04}-{:02}-{:02}.log",
+        today.year(),
+        u8::from(today.month()),
+        today.day()
+    )
+}
+
 #[test]
 fn daily_file_name_matches_filebeats_glob() {
     let harness = Harness::new();
@@ -109,14 +120,7 @@ fn daily_file_name_matches_filebeats_glob() {
     harness.log_lines();
     let file = support::log_file(harness.dir.path());
     let name = file.file_name().unwrap().to_str().unwrap();
-    let today = time::OffsetDateTime::now_utc().date();
-    let expected = format!(
-        "agents.{:04}-{:02}-{:02}.log",
-        today.year(),
-        u8::from(today.month()),
-        today.day()
-    );
-    assert_eq!(name, expected);
+    assert_eq!(name, todays_file_name());
 }
 
 #[test]
@@ -151,13 +155,7 @@ fn an_unwritable_log_dir_is_an_error_that_names_the_setting() {
 #[test]
 fn a_line_cut_short_by_an_earlier_writer_never_swallows_the_next() {
     let dir = tempfile::tempdir().unwrap();
-    let today = time::OffsetDateTime::now_utc().date();
-    let name = format!(
-        "agents.{:04}-{:02}-{:02}.log",
-        today.year(),
-        u8::from(today.month()),
-        today.day()
-    );
+    let name = todays_file_name();
     // A process killed mid-write, or stopped while the disk was full, leaves this behind.
     let cut = r#"{"@timestamp":"2026-12-07T10:00:00.000Z","task":"cut off by a full disk"#;
     std::fs::write(dir.path().join(&name), cut).unwrap();
