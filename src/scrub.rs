@@ -141,10 +141,20 @@ const SECRET_PATTERNS: [SecretPattern; 10] = [
         before_trigger: 0,
         keep: None,
     },
-    // `password=…`, `api_key: …`, `token=…`: the value; and as a JSON or `Debug` map writes
-    // them (`"password": "…"`), a quoted value only (a number or `true` there is data).
+    // `password=…`, `api_key: …`, `token=…`: the value; as a JSON or `Debug` map writes
+    // them (`"password": "…"`), a quoted value only (a number or `true` there is data); and
+    // as JSON reads inside a `Debug` string (`\"password\": \"…\"`), the value read in its
+    // escapes to its closing `\"` (`\\\"` is a quote inside it, `\\\\` a backslash); inside
+    // another `Debug` string (`\\\"password\\\": …`), to the first quote behind exactly three
+    // backslashes.
     SecretPattern {
-        pattern: r#"(?i-u)\b(?:password|passwd|pwd|passphrase|secret|client[_-]?secret|api[_-]?key|access[_-]?token|refresh[_-]?token|auth[_-]?token|token)(?:\s*[=:]\s*(?u:"[^"]*"|'[^']*'|[^\s&,;"']+)|["']\s*[=:]\s*(?u:"[^"]*"|'[^']*'))"#,
+        pattern: concat!(
+            r#"(?i-u)\b(?:password|passwd|pwd|passphrase|secret|client[_-]?secret|api[_-]?key|access[_-]?token|refresh[_-]?token|auth[_-]?token|token)"#,
+            r#"(?:\s*[=:]\s*(?u:"(?:[^"\\]|\\.)*"|'[^']*'|[^\s&,;"']+)"#,
+            r#"|["']\s*[=:]\s*(?u:"(?:[^"\\]|\\.)*"|'[^']*')"#,
+            r#"|\\"\s*[=:]\s*\\"(?:\\{4}|\\{3}"|\\{1,2}(?u:[^"\\])|(?u:[^"\\]))*\\""#,
+            r#"|\\{3}"\s*[=:]\s*\\{3}"(?:(?u:[^"\\])|\\+(?u:[^"\\])|(?:\\{1,2}|\\{4,})")*\\{3}")"#,
+        ),
         triggers: &[
             "password",
             "passwd",
@@ -158,14 +168,15 @@ const SECRET_PATTERNS: [SecretPattern; 10] = [
         ],
         // `refresh_` before `token`; `client_`, `access_` and `auth_` are shorter.
         before_trigger: 8,
-        keep: Some(r#"(?i-u)^[a-z_-]+["']?\s*[=:]\s*"#),
+        keep: Some(r#"(?i-u)^[a-z_-]+(?:\\*["'])?\s*[=:]\s*"#),
     },
-    // `Authorization: Basic …` and the like: the credentials.
+    // `Authorization: Basic …` and the like: the credentials, the key and value quoted as
+    // JSON or a `Debug` map writes them, or escaped as above.
     SecretPattern {
-        pattern: r#"(?i-u)\bauthorization(?:\s*[:=]\s*(?:(?:basic|bearer|digest|token)\s+)?(?u:[^\s,;]+)|["']\s*[:=]\s*["'](?:(?:basic|bearer|digest|token)\s+)?(?u:[^"']+))"#,
+        pattern: r#"(?i-u)\bauthorization(?:\s*[:=]\s*(?:(?:basic|bearer|digest|token)\s+)?(?u:[^\s,;]+)|["']\s*[:=]\s*["'](?:(?:basic|bearer|digest|token)\s+)?(?u:[^"']+)|(?:\\|\\{3})"\s*[:=]\s*(?:\\|\\{3})"(?:(?:basic|bearer|digest|token)\s+)?(?u:[^"\\]+))"#,
         triggers: &["authorization"],
         before_trigger: 0,
-        keep: Some(r#"(?i-u)^authorization["']?\s*[:=]\s*["']?(?:(?:basic|bearer|digest|token)\s+)?"#),
+        keep: Some(r#"(?i-u)^authorization(?:\\*["'])?\s*[:=]\s*(?:\\*["'])?(?:(?:basic|bearer|digest|token)\s+)?"#),
     },
 ];
 
@@ -727,6 +738,24 @@ mod tests {
             (
                 r#"{"password": "map-secret", "api_key":"k-1", "authorization": "Basic dXNlcjpwYXNz"}"#,
                 r#"{"password": [REDACTED], "api_key":[REDACTED], "authorization": "Basic [REDACTED]"}"#,
+            ),
+            // JSON inside a `Debug` string: escaped quotes, an escaped quote inside the value.
+            (
+                r#""{\"password\": \"a b\\\"c\\\\\", \"api_key\":\"k-1\", \"n\": 1}""#,
+                r#""{\"password\": [REDACTED], \"api_key\":[REDACTED], \"n\": 1}""#,
+            ),
+            (
+                r#"Err(Status { body: "{\"authorization\": \"Basic dXNlcjpwYXNz\"}" })"#,
+                r#"Err(Status { body: "{\"authorization\": \"Basic [REDACTED]\"}" })"#,
+            ),
+            (
+                r#"Some("{\\\"token\\\": \\\"a\\\\\\\"b\\\", \\\"authorization\\\": \\\"Bearer x\\\"}")"#,
+                r#"Some("{\\\"token\\\": [REDACTED], \\\"authorization\\\": \\\"Bearer [REDACTED]\\\"}")"#,
+            ),
+            (r#"{"password": "a\"b", "n": 1}"#, r#"{"password": [REDACTED], "n": 1}"#),
+            (
+                r#""{\"secret\": true, \"token\": 5, \"input_tokens\": 5}""#,
+                r#""{\"secret\": true, \"token\": 5, \"input_tokens\": 5}""#,
             ),
             // Data, not secrets: an unquoted value of a quoted key, and token counts.
             (

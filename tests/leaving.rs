@@ -899,6 +899,9 @@ fn secret() -> impl Strategy<Value = (String, String)> {
             (jwt.clone(), jwt)
         }),
         token.prop_map(|t| (format!("password={t}"), t)),
+        token.prop_map(|t| (format!(r#"{{"authorization": "Basic {t}"}}"#), t)),
+        // JSON as a `Debug` string shows it, its quotes escaped.
+        token.prop_map(|t| (format!("{:?}", format!(r#"{{"api_key": "{t}", "n": 1}}"#)), t)),
         "[A-Za-z0-9+/]{40,80}".prop_map(|t| (
             format!("-----BEGIN PRIVATE KEY-----\n{t}\n-----END PRIVATE KEY-----"),
             t
