@@ -2,6 +2,7 @@
 //! `opentelemetry-prometheus` on a [`prometheus::Registry`].
 
 mod capped_names;
+mod held_answers;
 mod open_connections;
 pub(crate) mod series_limits;
 pub(crate) mod server;

@@ -360,15 +360,17 @@ fn slowloris_clients_cannot_starve_scrapes() {
     assert!(process.alive(), "{}", process.stderr());
 }
 
-#[test]
-fn clients_that_never_read_a_large_answer_cannot_hold_every_slot() {
-    // Answers of about 6 MB, more than the kernel buffers for a client that does not read,
-    // and room for 4 connections: 8 such clients would hold every slot for 10 s.
+/// Telemetry in this process whose answers are about 6 MB (2,000 agents of 200-character
+/// names), more than the kernel buffers for a client that does not read.
+fn harness_with_large_answers(
+    configure: impl FnOnce(agent_telemetry::AgentTelemetryBuilder) -> agent_telemetry::AgentTelemetryBuilder,
+) -> support::Harness {
     let harness = support::Harness::with(|builder| {
-        builder
-            .with_max_agent_names(2_000)
-            .with_metrics_max_connections(4)
-            .with_traces_exporter(agent_telemetry::TracesExporter::None)
+        configure(
+            builder
+                .with_max_agent_names(2_000)
+                .with_traces_exporter(agent_telemetry::TracesExporter::None),
+        )
     });
     harness.run(|| {
         for n in 0..2_000 {
@@ -376,14 +378,26 @@ fn clients_that_never_read_a_large_answer_cannot_hold_every_slot() {
             tracing::info_span!("agent_execution", agent_name = name.as_str(), task = "t").in_scope(|| {});
         }
     });
-    let addr = harness.telemetry().metrics_addr().unwrap();
-    let deaf: Vec<TcpStream> = (0..8)
+    harness
+}
+
+/// `count` clients that send a scrape request to `addr` and never read the answer.
+fn deaf_clients(addr: SocketAddr, count: usize) -> Vec<TcpStream> {
+    (0..count)
         .map(|_| {
             let mut stream = TcpStream::connect(addr).unwrap();
             stream.write_all(scrape_request(addr).as_bytes()).unwrap();
             stream
         })
-        .collect();
+        .collect()
+}
+
+#[test]
+fn clients_that_never_read_a_large_answer_cannot_hold_every_slot() {
+    // Room for 4 connections: 8 clients that do not read would hold every slot for 10 s.
+    let harness = harness_with_large_answers(|builder| builder.with_metrics_max_connections(4));
+    let addr = harness.telemetry().metrics_addr().unwrap();
+    let deaf = deaf_clients(addr, 8);
     std::thread::sleep(Duration::from_millis(500));
     let scraper = Scraper::start(addr, Duration::from_millis(300));
     std::thread::sleep(Duration::from_secs(4));
@@ -394,6 +408,36 @@ fn clients_that_never_read_a_large_answer_cannot_hold_every_slot() {
     assert!(
         refused.unwrap() >= 4.0,
         "stalled answers closed to make room: {refused:?}"
+    );
+    drop(deaf);
+}
+
+#[test]
+fn clients_that_never_read_hold_at_most_64_mib_of_answers_at_once() {
+    // 24 clients that do not read, inside the connection limit: each answered, they would
+    // hold 24 answers (about 144 MB) for the exchange's 10 s.
+    let harness = harness_with_large_answers(|builder| builder);
+    let addr = harness.telemetry().metrics_addr().unwrap();
+    let answer_bytes = harness.scrape().text.len();
+    let deaf = deaf_clients(addr, 24);
+    std::thread::sleep(Duration::from_secs(3));
+    // Answered, or closed to make room: anything but nothing yet.
+    let reached = deaf
+        .iter()
+        .filter(|stream| {
+            stream.set_nonblocking(true).unwrap();
+            !matches!(stream.peek(&mut [0; 1]), Err(e) if e.kind() == ErrorKind::WouldBlock)
+        })
+        .count();
+    let closed = harness
+        .scrape()
+        .value("agent_telemetry_metrics_connections_refused_total", &[])
+        .unwrap();
+    let held_at_most = (64 << 20) / answer_bytes + 1;
+    assert!(reached > 0, "no client was answered");
+    assert!(
+        reached as f64 - closed <= held_at_most as f64,
+        "{reached} clients answered or closed, {closed} closed to make room: more than {held_at_most} answers of {answer_bytes} bytes held"
     );
     drop(deaf);
 }

@@ -16,6 +16,11 @@
 //!   [`EXCHANGE_TIMEOUT`] (a client that does not read its answer is dropped then), counted in
 //!   `agent_telemetry_metrics_connections_timed_out_total`.
 //! - **Bodies**: never read, whatever `Content-Length` or `Transfer-Encoding` say.
+//! - **Answers held**: at most
+//!   [`MAX_HELD_ANSWER_BYTES`](super::held_answers::MAX_HELD_ANSWER_BYTES) of answers being
+//!   sent at once, one always allowed (`held_answers.rs`); beyond it a request waits, holding
+//!   nothing, and room is made by closing a connection whose answer has not moved for 1 s,
+//!   counted in `agent_telemetry_metrics_connections_refused_total`.
 //! - **One request per connection**: every answer says `Connection: close`, so pipelined
 //!   requests queue no work. A client that half-closes after its request still gets its
 //!   answer.
@@ -47,6 +52,7 @@ use subtle::ConstantTimeEq;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{oneshot, Notify};
 
+use super::held_answers::HeldAnswers;
 use super::open_connections::{OpenConnections, Progress, Watched};
 use super::MetricsHandle;
 use crate::error::{Error, Result};
@@ -168,6 +174,7 @@ impl MetricsServer {
             stats,
             open: Mutex::default(),
             ended: Notify::new(),
+            answers: Arc::default(),
         });
         let thread = std::thread::Builder::new()
             .name(THREAD_NAME.into())
@@ -244,6 +251,8 @@ struct Server {
     open: Mutex<OpenConnections>,
     /// Notified when a connection ends: room for the next.
     ended: Notify,
+    /// The answers being sent, bounded in bytes.
+    answers: Arc<HeldAnswers>,
 }
 
 impl Server {
@@ -282,6 +291,26 @@ impl Server {
         }
     }
 
+    /// Waits until the next answer may be held (`held_answers.rs`), closing a connection whose
+    /// answer has not moved when that makes room, counting it. The exchange's own time limit
+    /// bounds the wait.
+    async fn room_for_an_answer(&self) {
+        while !self.answers.has_room() {
+            let until = match self.open().close_longest_stalled(Instant::now()) {
+                // Its answer is released as its task is dropped, on a later turn.
+                Ok(()) => {
+                    TelemetryStats::add(&self.stats.metrics_connections_refused, 1);
+                    Instant::now() + EXCHANGE_TIMEOUT
+                }
+                Err(stalled_at) => stalled_at.unwrap_or_else(|| Instant::now() + EXCHANGE_TIMEOUT),
+            };
+            tokio::select! {
+                () = self.answers.released() => {}
+                () = tokio::time::sleep_until(until.into()) => {}
+            }
+        }
+    }
+
     /// Waits until a connection ends or `until`; `false` if stopped meanwhile.
     async fn wait_for_an_end(&self, until: Instant, stopped: &mut oneshot::Receiver<()>) -> bool {
         tokio::select! {
@@ -306,9 +335,9 @@ impl Server {
         let head_received = Arc::clone(&progress);
         let service = hyper::service::service_fn(move |request: Request<Incoming>| {
             head_received.head_received();
+            let server = Arc::clone(&server);
             // The body is dropped unread with the request.
-            let response = server.answer(&request);
-            std::future::ready(Ok::<_, Infallible>(response))
+            async move { Ok::<_, Infallible>(server.answer(&request).await) }
         });
         let connection = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
@@ -333,7 +362,7 @@ impl Server {
     }
 
     /// The answer to one request.
-    fn answer(&self, request: &Request<Incoming>) -> Response<Full<Bytes>> {
+    async fn answer(&self, request: &Request<Incoming>) -> Response<Full<Bytes>> {
         if let Some(token) = &self.token {
             if !token.admits(request.headers().get(AUTHORIZATION)) {
                 TelemetryStats::add(&self.stats.metrics_requests_unauthorized, 1);
@@ -354,9 +383,10 @@ impl Server {
                 .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
             return response;
         }
+        self.room_for_an_answer().await;
         match self.metrics.render() {
             Ok(exposition) => {
-                let mut response = Response::new(Full::new(Bytes::from(exposition)));
+                let mut response = Response::new(Full::new(self.answers.hold(exposition)));
                 response
                     .headers_mut()
                     .insert(CONTENT_TYPE, HeaderValue::from_static(prometheus::TEXT_FORMAT));
