@@ -97,17 +97,27 @@ struct ScrubbedError {
     source: Option<Box<ScrubbedError>>,
 }
 
-/// The most sources of an error printed.
+/// The most sources of an error printed; past them, [`MORE_SOURCES`] says there were more.
 const MAX_SOURCES: usize = 32;
+
+/// What stands for the sources past [`MAX_SOURCES`].
+const MORE_SOURCES: &str = "(further sources not printed)";
 
 impl ScrubbedError {
     fn of(error: &(dyn std::error::Error + 'static), scrubber: &Scrubber, depth: usize) -> Self {
+        let source = error.source().map(|source| {
+            Box::new(if depth < MAX_SOURCES {
+                ScrubbedError::of(source, scrubber, depth + 1)
+            } else {
+                ScrubbedError {
+                    text: MORE_SOURCES.to_owned(),
+                    source: None,
+                }
+            })
+        });
         ScrubbedError {
             text: scrubber.scrub(&error.to_string()).into_owned(),
-            source: error
-                .source()
-                .filter(|_| depth < MAX_SOURCES)
-                .map(|source| Box::new(ScrubbedError::of(source, scrubber, depth + 1))),
+            source,
         }
     }
 }
@@ -200,6 +210,25 @@ mod tests {
         fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
             Some(&self.0)
         }
+    }
+
+    #[test]
+    fn sources_past_the_most_printed_are_said_to_be_there() {
+        let mut error = std::io::Error::other("source 40");
+        for _ in 0..40 {
+            error = std::io::Error::other(Wrapped(error));
+        }
+        let scrubbed = ScrubbedError::of(&error, &Scrubbing::default().build().unwrap(), 0);
+        let texts: Vec<String> = std::iter::successors(Some(&scrubbed as &dyn std::error::Error), |e| e.source())
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(texts.len(), 1 + MAX_SOURCES + 1, "{texts:?}");
+        assert_eq!(texts.last().map(String::as_str), Some(MORE_SOURCES));
+        let short = std::io::Error::other(Wrapped(std::io::Error::other("the cause")));
+        let scrubbed = ScrubbedError::of(&short, &Scrubbing::default().build().unwrap(), 0);
+        let cause = std::error::Error::source(&scrubbed).expect("its source");
+        assert_eq!(cause.to_string(), "the cause");
+        assert!(cause.source().is_none(), "no marker after the last source");
     }
 
     #[test]
