@@ -79,6 +79,29 @@ struct SecretPattern {
     keep: Option<&'static str>,
 }
 
+/// One character of a JSON string as JSON writes it: a character but `"` and `\`, or an
+/// escape (`\"`, `\\`, `\n`, `\u0041`'s first two).
+macro_rules! json_char {
+    () => {
+        r#"(?u:[^"\\]|\\(?s:.))"#
+    };
+}
+
+/// [`json_char!`] inside a `Debug` string, whose escapes double its backslashes and escape
+/// its quotes (`\\\"` is JSON's `\"`, `\\\\` JSON's `\\`), besides its own (`\n`).
+macro_rules! json_char_escaped_once {
+    () => {
+        r#"(?:\\{4}|\\{3}"|\\{1,3}(?u:[^"\\])|(?u:[^"\\]))"#
+    };
+}
+
+/// [`json_char_escaped_once!`] inside a `Debug` string in turn.
+macro_rules! json_char_escaped_twice {
+    () => {
+        r#"(?:\\{8}|\\{7}"|\\{1,7}(?u:[^"\\])|(?u:[^"\\]))"#
+    };
+}
+
 /// The built-in secret patterns. They are ASCII patterns (`(?-u)`), which the regex engine
 /// runs on its DFA; a text is searched only with the patterns whose triggers it contains.
 const SECRET_PATTERNS: [SecretPattern; 10] = [
@@ -141,19 +164,25 @@ const SECRET_PATTERNS: [SecretPattern; 10] = [
         before_trigger: 0,
         keep: None,
     },
-    // `password=…`, `api_key: …`, `token=…`: the value; as a JSON or `Debug` map writes
-    // them (`"password": "…"`), a quoted value only (a number or `true` there is data); and
-    // as JSON reads inside a `Debug` string (`\"password\": \"…\"`), the value read in its
-    // escapes to its closing `\"` (`\\\"` is a quote inside it, `\\\\` a backslash); inside
-    // another `Debug` string (`\\\"password\\\": …`), to the first quote behind exactly three
-    // backslashes.
+    // `password=…`, `api_key: …`, `token=…`: the value (a `Debug` string's escaped quotes
+    // and `Some("…")` included); as a JSON or `Debug` map writes them (`"password": "…"`), a
+    // quoted value only (a number or `true` there is data); and as JSON reads inside a
+    // `Debug` string, once or twice escaped (`\"password\": \"…\"`).
     SecretPattern {
         pattern: concat!(
             r#"(?i-u)\b(?:password|passwd|pwd|passphrase|secret|client[_-]?secret|api[_-]?key|access[_-]?token|refresh[_-]?token|auth[_-]?token|token)"#,
-            r#"(?:\s*[=:]\s*(?u:"(?:[^"\\]|\\.)*"|'[^']*'|[^\s&,;"']+)"#,
-            r#"|["']\s*[=:]\s*(?u:"(?:[^"\\]|\\.)*"|'[^']*')"#,
-            r#"|\\"\s*[=:]\s*\\"(?:\\{4}|\\{3}"|\\{1,2}(?u:[^"\\])|(?u:[^"\\]))*\\""#,
-            r#"|\\{3}"\s*[=:]\s*\\{3}"(?:(?u:[^"\\])|\\+(?u:[^"\\])|(?:\\{1,2}|\\{4,})")*\\{3}")"#,
+            r#"(?:\s*[=:]\s*(?:(?u:"[^"]*"|'[^']*')|\\""#,
+            json_char_escaped_once!(),
+            r#"*(?:\\"|\z)|Some\((?u:"[^"]*")\)|(?u:[^\s&,;"']+))"#,
+            r#"|["']\s*[=:]\s*(?:""#,
+            json_char!(),
+            r#"*(?:"|\z)|(?u:'[^']*'))"#,
+            r#"|\\"\s*[=:]\s*\\""#,
+            json_char_escaped_once!(),
+            r#"*(?:\\"|\z)"#,
+            r#"|\\{3}"\s*[=:]\s*\\{3}""#,
+            json_char_escaped_twice!(),
+            r#"*(?:\\{3}"|\z))"#,
         ),
         triggers: &[
             "password",
@@ -170,10 +199,20 @@ const SECRET_PATTERNS: [SecretPattern; 10] = [
         before_trigger: 8,
         keep: Some(r#"(?i-u)^[a-z_-]+(?:\\*["'])?\s*[=:]\s*"#),
     },
-    // `Authorization: Basic …` and the like: the credentials, the key and value quoted as
-    // JSON or a `Debug` map writes them, or escaped as above.
+    // `Authorization: Basic …` and the like: the credentials; quoted as JSON or a `Debug`
+    // map writes them, or escaped as above, to the value's closing quote, which stays.
     SecretPattern {
-        pattern: r#"(?i-u)\bauthorization(?:\s*[:=]\s*(?:(?:basic|bearer|digest|token)\s+)?(?u:[^\s,;]+)|["']\s*[:=]\s*["'](?:(?:basic|bearer|digest|token)\s+)?(?u:[^"']+)|(?:\\|\\{3})"\s*[:=]\s*(?:\\|\\{3})"(?:(?:basic|bearer|digest|token)\s+)?(?u:[^"\\]+))"#,
+        pattern: concat!(
+            r#"(?i-u)\bauthorization(?:\s*[:=]\s*(?:(?:basic|bearer|digest|token)\s+)?(?u:[^\s,;]+)"#,
+            r#"|["']\s*[:=]\s*(?:"(?:(?:basic|bearer|digest|token)\s+)?"#,
+            json_char!(),
+            r#"+|'(?:(?:basic|bearer|digest|token)\s+)?(?u:[^']+))"#,
+            r#"|\\"\s*[:=]\s*\\"(?:(?:basic|bearer|digest|token)\s+)?"#,
+            json_char_escaped_once!(),
+            r#"+|\\{3}"\s*[:=]\s*\\{3}"(?:(?:basic|bearer|digest|token)\s+)?"#,
+            json_char_escaped_twice!(),
+            r#"+)"#,
+        ),
         triggers: &["authorization"],
         before_trigger: 0,
         keep: Some(r#"(?i-u)^authorization(?:\\*["'])?\s*[:=]\s*(?:\\*["'])?(?:(?:basic|bearer|digest|token)\s+)?"#),
@@ -707,6 +746,51 @@ mod tests {
             assert!(added.redacts_field(name), "{name}");
         }
         assert!(!added.redacts_field("customer"));
+    }
+
+    #[test]
+    fn secrets_in_json_are_replaced_however_often_debug_escaped_it() {
+        let scrubber = on();
+        let json = [
+            r#"{"password": "hunter2tail7", "keep": "visible"}"#,
+            r#"{"keep": "visible", "api_key": "a \"quoted\" hunter2tail7\\"}"#,
+            r#"{"token": "hunter2tail7\\", "keep": "visible"}"#,
+            r#"{"authorization": "Digest username=\"bob\", response=\"hunter2tail7\"", "keep": "visible"}"#,
+            r#"{"keep": "visible", "authorization": "Basic hunter2tail7\\"}"#,
+        ];
+        for text in json {
+            let once = format!("{text:?}");
+            let twice = format!("{:?}", Some(&once));
+            for text in [text.to_owned(), once, twice] {
+                let out = scrubber.scrub(&text);
+                assert!(!out.contains("tail7"), "{text} became {out}");
+                assert!(out.contains("visible"), "{text} became {out}");
+            }
+        }
+        for (text, scrubbed) in [
+            // A value cut off before its closing quote, to the end.
+            (r#"{"password": "hunter2tail7"#, r#"{"password": [REDACTED]"#),
+            (
+                r#"body: "{\"password\": \"hunter2tail7"#,
+                r#"body: "{\"password\": [REDACTED]"#,
+            ),
+            // A bare key: its value as a `Debug` string or an `Option` shows it.
+            (
+                r#"Cfg { password: "hunter2tail7", api_key: Some("hunter3tail7") }"#,
+                "Cfg { password: [REDACTED], api_key: [REDACTED] }",
+            ),
+            (
+                r#""login password=\"hunter2tail7\" failed""#,
+                r#""login password=[REDACTED] failed""#,
+            ),
+            // Not JSON: a bare key's quoted value ends at the next quote.
+            (
+                r#"password: "C:\Temp\" and the file "notes.txt" is missing"#,
+                r#"password: [REDACTED] and the file "notes.txt" is missing"#,
+            ),
+        ] {
+            assert_eq!(scrubber.scrub(text), scrubbed, "{text}");
+        }
     }
 
     #[test]
