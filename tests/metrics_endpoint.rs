@@ -413,33 +413,51 @@ fn clients_that_never_read_a_large_answer_cannot_hold_every_slot() {
 }
 
 #[test]
-fn clients_that_never_read_hold_at_most_64_mib_of_answers_at_once() {
-    // 24 clients that do not read, inside the connection limit: each answered, they would
-    // hold 24 answers (about 144 MB) for the exchange's 10 s.
+fn past_64_mib_of_answers_held_a_scrape_is_sent_the_latest_one_shared() {
+    // 24 clients that do not read, inside the connection limit: each answered anew, they
+    // would hold 24 answers (about 150 MB) for the exchange's 10 s.
     let harness = harness_with_large_answers(|builder| builder);
     let addr = harness.telemetry().metrics_addr().unwrap();
-    let answer_bytes = harness.scrape().text.len();
     let deaf = deaf_clients(addr, 24);
-    std::thread::sleep(Duration::from_secs(3));
-    // Answered, or closed to make room: anything but nothing yet.
-    let reached = deaf
-        .iter()
-        .filter(|stream| {
-            stream.set_nonblocking(true).unwrap();
-            !matches!(stream.peek(&mut [0; 1]), Err(e) if e.kind() == ErrorKind::WouldBlock)
-        })
-        .count();
-    let closed = harness
-        .scrape()
-        .value("agent_telemetry_metrics_connections_refused_total", &[])
-        .unwrap();
-    let held_at_most = (64 << 20) / answer_bytes + 1;
-    assert!(reached > 0, "no client was answered");
-    assert!(
-        reached as f64 - closed <= held_at_most as f64,
-        "{reached} clients answered or closed, {closed} closed to make room: more than {held_at_most} answers of {answer_bytes} bytes held"
+    let deadline = Instant::now() + Duration::from_secs(8);
+    let answered = || {
+        deaf.iter()
+            .filter(|stream| {
+                stream.set_nonblocking(true).unwrap();
+                matches!(stream.peek(&mut [0; 1]), Ok(n) if n > 0)
+            })
+            .count()
+    };
+    while answered() < deaf.len() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(answered(), deaf.len(), "every client answered at once");
+    // One more execution of an agent the answers count once.
+    let agent = format!("{:0>200}", 0);
+    harness.run(|| {
+        tracing::info_span!("agent_execution", agent_name = agent.as_str(), task = "t").in_scope(|| {});
+    });
+    let executions = |scrape: &support::Scrape| {
+        scrape.value(
+            "agent_executions_total",
+            &[("agent_name", agent.as_str()), ("status", "success")],
+        )
+    };
+    let shared = harness.scrape();
+    assert_eq!(
+        executions(&shared),
+        Some(1.0),
+        "past the limit, the latest answer is shared, not rendered anew"
     );
     drop(deaf);
+    // The clients' answers are released as the server sees them gone.
+    let deadline = Instant::now() + EXCHANGE_TIMEOUT;
+    let mut fresh = harness.scrape();
+    while executions(&fresh) == Some(1.0) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        fresh = harness.scrape();
+    }
+    assert_eq!(executions(&fresh), Some(2.0), "rendered anew once there is room");
 }
 
 #[test]

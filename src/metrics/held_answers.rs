@@ -1,57 +1,101 @@
-//! The `/metrics` answers being sent, bounded in bytes.
+//! The `/metrics` answers being sent, bounded in bytes by sharing the latest.
 //!
-//! An answer is held from its render until hyper drops it: written out, or its connection
-//! closed. A client that does not read holds its answer until its connection is closed, so
-//! without a bound the answers held could reach the connection limit times the largest
-//! render. The server renders the next answer only when [`HeldAnswers::has_room`]: nothing
-//! is held, or what is held and the last answer's length are within
-//! [`MAX_HELD_ANSWER_BYTES`]. Until then the request waits, holding nothing, while room is
-//! made by closing a connection whose answer has not moved (`open_connections.rs`).
+//! An answer is held from its render until hyper drops every part of it: written out, or
+//! its connection closed. A client that does not read holds its answer until its connection
+//! ends, so if every request rendered its own, the answers held could reach the connection
+//! limit times the largest render. A request renders a new answer only when
+//! [`HeldAnswers::has_room`]: nothing is held, or what is held and the last answer's length
+//! are within [`MAX_HELD_ANSWER_BYTES`]. Otherwise it is sent the latest answer, shared, when
+//! that one is still held and at most [`MAX_SHARED_AGE`] old; no request ever waits.
 //!
-//! Invariant: what is held is at most [`MAX_HELD_ANSWER_BYTES`] plus one answer and what the
-//! metrics grew by since the last render; one answer is always served.
+//! Invariants:
+//! - what is held is at most [`MAX_HELD_ANSWER_BYTES`] and one answer, plus one more for each
+//!   [`MAX_SHARED_AGE`] that answers are held past the limit;
+//! - an answer is never older than one sent before it: the one shared is the latest.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tokio::sync::Notify;
 
-/// The most bytes of answers held at once, one answer always allowed: room for a few
+/// The most bytes of answers held at once before the latest is shared: room for a few
 /// concurrent scrapes of the largest metrics the default caps allow.
 pub(crate) const MAX_HELD_ANSWER_BYTES: usize = 64 << 20;
 
-/// The answers being sent: their bytes, and a notification each time one is released.
+/// The oldest answer shared; past it, a new one is rendered whatever is held.
+pub(crate) const MAX_SHARED_AGE: Duration = Duration::from_secs(10);
+
+/// The answers being sent: their bytes, and the latest, for sharing.
 #[derive(Debug, Default)]
 pub(super) struct HeldAnswers {
     held: AtomicUsize,
     /// The last answer's length: what the next one is expected to take.
     last: AtomicUsize,
-    released: Notify,
+    latest: Mutex<Option<Latest>>,
+}
+
+/// The answer rendered last, while any part of it is held.
+#[derive(Debug)]
+struct Latest {
+    rendered: Instant,
+    answer: Weak<HeldAnswer>,
 }
 
 impl HeldAnswers {
-    /// Whether the next answer may be rendered: nothing is held, or what is held and the
-    /// last answer's length are within [`MAX_HELD_ANSWER_BYTES`].
-    pub(super) fn has_room(&self) -> bool {
+    /// The body of the next answer: the latest shared when there is no room for a new one
+    /// and it is recent enough, else what `render` gives, held.
+    ///
+    /// # Errors
+    ///
+    /// What `render` returns.
+    pub(super) fn answer<E>(self: &Arc<Self>, render: impl FnOnce() -> Result<String, E>) -> Result<Bytes, E> {
+        if !self.has_room() {
+            if let Some(latest) = self.recent_latest() {
+                return Ok(Bytes::from_owner(SharedAnswer(latest)));
+            }
+        }
+        render().map(|answer| self.hold(answer))
+    }
+
+    /// Whether a new answer may be rendered: nothing is held, or what is held and the last
+    /// answer's length are within [`MAX_HELD_ANSWER_BYTES`].
+    fn has_room(&self) -> bool {
         let held = self.held.load(Ordering::Relaxed);
         held == 0 || held.saturating_add(self.last.load(Ordering::Relaxed)) <= MAX_HELD_ANSWER_BYTES
     }
 
-    /// `answer` as a body, held until the body and every part of it are dropped.
-    pub(super) fn hold(self: &Arc<Self>, answer: String) -> Bytes {
+    /// The latest answer, if any part of it is still held and it is at most
+    /// [`MAX_SHARED_AGE`] old.
+    fn recent_latest(&self) -> Option<Arc<HeldAnswer>> {
+        let latest = self.latest();
+        let latest = latest.as_ref()?;
+        if latest.rendered.elapsed() > MAX_SHARED_AGE {
+            return None;
+        }
+        latest.answer.upgrade()
+    }
+
+    /// `answer` as a body, held until every part of it, shared or not, is dropped.
+    fn hold(self: &Arc<Self>, answer: String) -> Bytes {
         let length = answer.len();
         self.held.fetch_add(length, Ordering::Relaxed);
         self.last.store(length, Ordering::Relaxed);
-        Bytes::from_owner(HeldAnswer {
+        let held = Arc::new(HeldAnswer {
             answer,
             answers: Arc::clone(self),
-        })
+        });
+        *self.latest() = Some(Latest {
+            rendered: Instant::now(),
+            answer: Arc::downgrade(&held),
+        });
+        Bytes::from_owner(SharedAnswer(held))
     }
 
-    /// Resolves when an answer is released after this is first polled.
-    pub(super) async fn released(&self) {
-        self.released.notified().await;
+    fn latest(&self) -> std::sync::MutexGuard<'_, Option<Latest>> {
+        // Taken by the server's thread alone, never while another lock is held: a poisoned
+        // one is intact.
+        self.latest.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     #[cfg(test)]
@@ -60,33 +104,43 @@ impl HeldAnswers {
     }
 }
 
-/// One answer's bytes, released from [`HeldAnswers`] when dropped.
+/// One rendered answer, released from [`HeldAnswers`] when the last body sharing it is
+/// dropped.
+#[derive(Debug)]
 struct HeldAnswer {
     answer: String,
     answers: Arc<HeldAnswers>,
 }
 
-impl AsRef<[u8]> for HeldAnswer {
-    fn as_ref(&self) -> &[u8] {
-        self.answer.as_bytes()
-    }
-}
-
 impl Drop for HeldAnswer {
     fn drop(&mut self) {
         self.answers.held.fetch_sub(self.answer.len(), Ordering::Relaxed);
-        self.answers.released.notify_waiters();
+    }
+}
+
+/// A body's share of a [`HeldAnswer`].
+struct SharedAnswer(Arc<HeldAnswer>);
+
+impl AsRef<[u8]> for SharedAnswer {
+    fn as_ref(&self) -> &[u8] {
+        self.0.answer.as_bytes()
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::convert::Infallible;
+
     use super::*;
+
+    fn rendered(text: &str) -> impl FnOnce() -> Result<String, Infallible> + '_ {
+        move || Ok(text.to_owned())
+    }
 
     #[test]
     fn an_answer_is_held_until_every_part_of_it_is_dropped() {
         let answers = Arc::new(HeldAnswers::default());
-        let body = answers.hold("x".repeat(1000));
+        let body = answers.answer(rendered(&"x".repeat(1000))).unwrap();
         let part = body.slice(10..20);
         drop(body);
         assert_eq!(answers.held(), 1000);
@@ -96,23 +150,46 @@ mod tests {
     }
 
     #[test]
-    fn one_answer_always_fits_and_the_next_only_within_the_limit() {
+    fn past_the_limit_the_latest_answer_is_shared_and_nothing_rendered() {
         let answers = Arc::new(HeldAnswers::default());
-        let half = MAX_HELD_ANSWER_BYTES / 2;
-        assert!(answers.has_room());
-        let larger_than_the_limit = answers.hold("x".repeat(MAX_HELD_ANSWER_BYTES + 1));
-        assert!(!answers.has_room());
-        drop(larger_than_the_limit);
-        assert!(
-            answers.has_room(),
-            "nothing held: the next is served whatever its length"
-        );
-        let first = answers.hold("x".repeat(half));
-        assert!(answers.has_room(), "two halves fit");
-        let second = answers.hold("x".repeat(half));
-        assert!(!answers.has_room());
+        let half = "a".repeat(MAX_HELD_ANSWER_BYTES / 2);
+        let first = answers.answer(rendered(&half)).unwrap();
+        let second = answers.answer(rendered(&"b".repeat(half.len()))).unwrap();
+        let never = || -> Result<String, Infallible> { panic!("rendered past the limit") };
+        let shared = answers.answer(never).unwrap();
+        assert_eq!(shared, second, "the latest, shared");
+        assert_eq!(answers.held(), 2 * half.len(), "sharing holds nothing more");
         drop(first);
-        assert!(answers.has_room());
-        drop(second);
+        let third = answers.answer(rendered("c")).unwrap();
+        assert_eq!(&third[..], b"c", "room again: rendered anew");
+        drop((second, shared, third));
+        assert_eq!(answers.held(), 0);
+    }
+
+    #[test]
+    fn one_answer_is_rendered_whatever_its_length_and_the_next_shares_it() {
+        let answers = Arc::new(HeldAnswers::default());
+        let huge = answers
+            .answer(rendered(&"x".repeat(MAX_HELD_ANSWER_BYTES + 1)))
+            .unwrap();
+        let shared = answers.answer(rendered("new")).unwrap();
+        assert_eq!(shared.len(), huge.len());
+        drop((huge, shared));
+        let next = answers.answer(rendered("new")).unwrap();
+        assert_eq!(&next[..], b"new", "nothing held: rendered anew");
+    }
+
+    #[test]
+    fn an_answer_no_longer_held_is_never_shared() {
+        let answers = Arc::new(HeldAnswers::default());
+        let half = "a".repeat(MAX_HELD_ANSWER_BYTES / 2);
+        let older = answers.answer(rendered(&half)).unwrap();
+        let small = answers.answer(rendered("b")).unwrap();
+        drop(answers.answer(rendered(&half)).unwrap());
+        // Past the limit (what is held and the last answer's length), the latest released.
+        let next = answers.answer(rendered("fresh")).unwrap();
+        assert_eq!(&next[..], b"fresh", "rendered anew");
+        drop((older, small, next));
+        assert_eq!(answers.held(), 0);
     }
 }

@@ -161,41 +161,19 @@ impl OpenConnections {
     /// Closes the connection that has held its slot for nothing the longest (see the module's
     /// doc). Without one, `Err` says when one will have, if any connection may.
     pub(super) fn close_idlest(&mut self, now: Instant) -> Result<(), Option<Instant>> {
+        let mut next = None;
         let slow_head = self
             .connections
             .iter()
             .position(|open| !open.progress.answering())
             .map(|at| (at, self.connections[at].accepted + STALE_HEAD_AFTER));
-        let stalled = self.longest_stalled();
-        self.close_first_idle(now, slow_head.into_iter().chain(stalled))
-    }
-
-    /// Closes the connection whose answer has not moved the longest, if for
-    /// [`STALLED_WRITE_AFTER`]: the one that holds an answer for nothing. Without one, `Err`
-    /// says when one will have, if any connection may.
-    pub(super) fn close_longest_stalled(&mut self, now: Instant) -> Result<(), Option<Instant>> {
-        let stalled = self.longest_stalled();
-        self.close_first_idle(now, stalled)
-    }
-
-    /// The connection whose answer has not moved the longest, and when it is stalled.
-    fn longest_stalled(&self) -> Option<(usize, Instant)> {
-        self.connections
+        let stalled = self
+            .connections
             .iter()
             .enumerate()
             .filter_map(|(at, open)| Some((at, open.progress.write_blocked_since()? + STALLED_WRITE_AFTER)))
-            .min_by_key(|&(_, stalled_at)| stalled_at)
-    }
-
-    /// Closes the first of `candidates` (a position and when it is idle) that is idle at
-    /// `now`; else `Err` with the earliest time one will be.
-    fn close_first_idle(
-        &mut self,
-        now: Instant,
-        candidates: impl IntoIterator<Item = (usize, Instant)>,
-    ) -> Result<(), Option<Instant>> {
-        let mut next = None;
-        for (at, idle_at) in candidates {
+            .min_by_key(|&(_, stalled_at)| stalled_at);
+        for (at, idle_at) in slow_head.into_iter().chain(stalled) {
             if idle_at <= now {
                 if let Some(open) = self.connections.remove(at) {
                     open.task.abort();

@@ -16,11 +16,11 @@
 //!   [`EXCHANGE_TIMEOUT`] (a client that does not read its answer is dropped then), counted in
 //!   `agent_telemetry_metrics_connections_timed_out_total`.
 //! - **Bodies**: never read, whatever `Content-Length` or `Transfer-Encoding` say.
-//! - **Answers held**: at most
+//! - **Answers held**: past
 //!   [`MAX_HELD_ANSWER_BYTES`](super::held_answers::MAX_HELD_ANSWER_BYTES) of answers being
-//!   sent at once, one always allowed (`held_answers.rs`); beyond it a request waits, holding
-//!   nothing, and room is made by closing a connection whose answer has not moved for 1 s,
-//!   counted in `agent_telemetry_metrics_connections_refused_total`.
+//!   sent at once (clients that do not read hold theirs), a request is sent the latest
+//!   answer, shared, rather than a new render, if it is at most 10 s old
+//!   (`held_answers.rs`).
 //! - **One request per connection**: every answer says `Connection: close`, so pipelined
 //!   requests queue no work. A client that half-closes after its request still gets its
 //!   answer.
@@ -291,26 +291,6 @@ impl Server {
         }
     }
 
-    /// Waits until the next answer may be held (`held_answers.rs`), closing a connection whose
-    /// answer has not moved when that makes room, counting it. The exchange's own time limit
-    /// bounds the wait.
-    async fn room_for_an_answer(&self) {
-        while !self.answers.has_room() {
-            let until = match self.open().close_longest_stalled(Instant::now()) {
-                // Its answer is released as its task is dropped, on a later turn.
-                Ok(()) => {
-                    TelemetryStats::add(&self.stats.metrics_connections_refused, 1);
-                    Instant::now() + EXCHANGE_TIMEOUT
-                }
-                Err(stalled_at) => stalled_at.unwrap_or_else(|| Instant::now() + EXCHANGE_TIMEOUT),
-            };
-            tokio::select! {
-                () = self.answers.released() => {}
-                () = tokio::time::sleep_until(until.into()) => {}
-            }
-        }
-    }
-
     /// Waits until a connection ends or `until`; `false` if stopped meanwhile.
     async fn wait_for_an_end(&self, until: Instant, stopped: &mut oneshot::Receiver<()>) -> bool {
         tokio::select! {
@@ -335,9 +315,9 @@ impl Server {
         let head_received = Arc::clone(&progress);
         let service = hyper::service::service_fn(move |request: Request<Incoming>| {
             head_received.head_received();
-            let server = Arc::clone(&server);
             // The body is dropped unread with the request.
-            async move { Ok::<_, Infallible>(server.answer(&request).await) }
+            let response = server.answer(&request);
+            std::future::ready(Ok::<_, Infallible>(response))
         });
         let connection = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
@@ -362,7 +342,7 @@ impl Server {
     }
 
     /// The answer to one request.
-    async fn answer(&self, request: &Request<Incoming>) -> Response<Full<Bytes>> {
+    fn answer(&self, request: &Request<Incoming>) -> Response<Full<Bytes>> {
         if let Some(token) = &self.token {
             if !token.admits(request.headers().get(AUTHORIZATION)) {
                 TelemetryStats::add(&self.stats.metrics_requests_unauthorized, 1);
@@ -383,10 +363,9 @@ impl Server {
                 .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
             return response;
         }
-        self.room_for_an_answer().await;
-        match self.metrics.render() {
+        match self.answers.answer(|| self.metrics.render()) {
             Ok(exposition) => {
-                let mut response = Response::new(Full::new(self.answers.hold(exposition)));
+                let mut response = Response::new(Full::new(exposition));
                 response
                     .headers_mut()
                     .insert(CONTENT_TYPE, HeaderValue::from_static(prometheus::TEXT_FORMAT));
