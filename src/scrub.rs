@@ -164,25 +164,30 @@ const SECRET_PATTERNS: [SecretPattern; 10] = [
         before_trigger: 0,
         keep: None,
     },
-    // `password=…`, `api_key: …`, `token=…`: the value (a `Debug` string's escaped quotes
-    // and `Some("…")` included); as a JSON or `Debug` map writes them (`"password": "…"`), a
-    // quoted value only (a number or `true` there is data); and as JSON reads inside a
-    // `Debug` string, once or twice escaped (`\"password\": \"…\"`).
+    // `password=…`, `api_key: …`, `token=…`: the value (quoted, to the next quote; as a
+    // `Debug` string escapes it; `Some("…")`); as a JSON or `Debug` map writes them
+    // (`"password": "…"`), a quoted value only (a number or `true` there is data); and as
+    // JSON reads inside a `Debug` string, once or twice escaped (`\"password\": \"…\"`). A
+    // JSON value is read in its escapes to its closing quote, or as far as it reads.
     SecretPattern {
         pattern: concat!(
             r#"(?i-u)\b(?:password|passwd|pwd|passphrase|secret|client[_-]?secret|api[_-]?key|access[_-]?token|refresh[_-]?token|auth[_-]?token|token)"#,
-            r#"(?:\s*[=:]\s*(?:(?u:"[^"]*"|'[^']*')|\\""#,
+            r#"(?:\s*[=:]\s*(?:(?u:"[^"]*"?|'[^']*')|\\""#,
             json_char_escaped_once!(),
-            r#"*(?:\\"|\z)|Some\((?u:"[^"]*")\)|(?u:[^\s&,;"']+))"#,
+            r#"*(?:\\")?|Some\(""#,
+            json_char!(),
+            r#"*(?:"\))?|(?u:[^\s&,;"']+))"#,
             r#"|["']\s*[=:]\s*(?:""#,
             json_char!(),
-            r#"*(?:"|\z)|(?u:'[^']*'))"#,
+            r#"*"?|Some\(""#,
+            json_char!(),
+            r#"*(?:"\))?|(?u:'[^']*'))"#,
             r#"|\\"\s*[=:]\s*\\""#,
             json_char_escaped_once!(),
-            r#"*(?:\\"|\z)"#,
+            r#"*(?:\\")?"#,
             r#"|\\{3}"\s*[=:]\s*\\{3}""#,
             json_char_escaped_twice!(),
-            r#"*(?:\\{3}"|\z))"#,
+            r#"*(?:\\{3}")?)"#,
         ),
         triggers: &[
             "password",
@@ -199,12 +204,19 @@ const SECRET_PATTERNS: [SecretPattern; 10] = [
         before_trigger: 8,
         keep: Some(r#"(?i-u)^[a-z_-]+(?:\\*["'])?\s*[=:]\s*"#),
     },
-    // `Authorization: Basic …` and the like: the credentials; quoted as JSON or a `Debug`
-    // map writes them, or escaped as above, to the value's closing quote, which stays.
+    // `Authorization: Basic …` and the like: the credentials; quoted (the value read as a
+    // JSON string), in `Some("…")`, as a JSON or `Debug` map writes them, or escaped as
+    // above, to the value's closing quote, which stays.
     SecretPattern {
         pattern: concat!(
-            r#"(?i-u)\bauthorization(?:\s*[:=]\s*(?:(?:basic|bearer|digest|token)\s+)?(?u:[^\s,;]+)"#,
+            r#"(?i-u)\bauthorization(?:\s*[:=]\s*(?:"(?:(?:basic|bearer|digest|token)\s+)?"#,
+            json_char!(),
+            r#"+|Some\("(?:(?:basic|bearer|digest|token)\s+)?"#,
+            json_char!(),
+            r#"+|(?:(?:basic|bearer|digest|token)\s+)?(?u:[^\s,;]+))"#,
             r#"|["']\s*[:=]\s*(?:"(?:(?:basic|bearer|digest|token)\s+)?"#,
+            json_char!(),
+            r#"+|Some\("(?:(?:basic|bearer|digest|token)\s+)?"#,
             json_char!(),
             r#"+|'(?:(?:basic|bearer|digest|token)\s+)?(?u:[^']+))"#,
             r#"|\\"\s*[:=]\s*\\"(?:(?:basic|bearer|digest|token)\s+)?"#,
@@ -215,7 +227,9 @@ const SECRET_PATTERNS: [SecretPattern; 10] = [
         ),
         triggers: &["authorization"],
         before_trigger: 0,
-        keep: Some(r#"(?i-u)^authorization(?:\\*["'])?\s*[:=]\s*(?:\\*["'])?(?:(?:basic|bearer|digest|token)\s+)?"#),
+        keep: Some(
+            r#"(?i-u)^authorization(?:\\*["'])?\s*[:=]\s*(?:\\*["']|Some\(")?(?:(?:basic|bearer|digest|token)\s+)?"#,
+        ),
     },
 ];
 
@@ -782,6 +796,23 @@ mod tests {
             (
                 r#""login password=\"hunter2tail7\" failed""#,
                 r#""login password=[REDACTED] failed""#,
+            ),
+            // Cut off: as far as the value reads.
+            (r#""{\"password\": \"hunter2""#, r#""{\"password\": [REDACTED]""#),
+            (r#"{"password": "hunter2\"#, r#"{"password": [REDACTED]\"#),
+            (r#"password: "hunter2 tail7"#, "password: [REDACTED]"),
+            // `Some` with a quote in it; Authorization quoted after a bare key.
+            (
+                r#"Cfg { password: Some("a\"b tail7"), n: 1 }"#,
+                "Cfg { password: [REDACTED], n: 1 }",
+            ),
+            (
+                r#"Headers { authorization: "Basic dXNlcjpwYXNz" }"#,
+                r#"Headers { authorization: "Basic [REDACTED]" }"#,
+            ),
+            (
+                r#"Proxy { authorization: Some("Basic dXNlcjpwYXNz") }"#,
+                r#"Proxy { authorization: Some("Basic [REDACTED]") }"#,
             ),
             // Not JSON: a bare key's quoted value ends at the next quote.
             (
