@@ -299,7 +299,7 @@ impl Metrics {
 
 /// Hands every thread's waiting executions to the SDK whenever it collects: it runs the
 /// callbacks of observable instruments before it reads any aggregation
-/// (`opentelemetry_sdk::metrics::pipeline`'s `produce`), so a scrape counts every execution
+/// (`opentelemetry_sdk::metrics::pipeline`'s `produce`), so a render counts every execution
 /// that ended before it. The instrument observes nothing and is never exported.
 fn hand_over_before_collection(meter: &Meter, threads: &Arc<PerThread<ThreadSeries>>, to: &Arc<Instruments>) {
     let (threads, to) = (Arc::clone(threads), Arc::clone(to));
@@ -316,7 +316,7 @@ fn hand_over_before_collection(meter: &Meter, threads: &Arc<PerThread<ThreadSeri
 
 fn register_self_metrics(meter: &Meter, stats: &Arc<TelemetryStats>) {
     type Read = fn(&TelemetryStats) -> &AtomicU64;
-    let counters: [(&'static str, &'static str, Read); 14] = [
+    let counters: [(&'static str, &'static str, Read); 15] = [
         (
             "agent_telemetry_log_lines_written",
             "JSON log lines written to their destination",
@@ -384,6 +384,11 @@ fn register_self_metrics(meter: &Meter, stats: &Arc<TelemetryStats>) {
             "agent_telemetry_metrics_accept_errors",
             "Failed accepts on the /metrics port, such as running out of file descriptors",
             |s| &s.metrics_accept_errors,
+        ),
+        (
+            "agent_telemetry_metrics_answers_shared",
+            "Requests to /metrics sent the latest answer, shared, because the answers being sent held their limit",
+            |s| &s.metrics_answers_shared,
         ),
     ];
     for (name, description, read) in counters {

@@ -449,6 +449,8 @@ fn past_64_mib_of_answers_held_a_scrape_is_sent_the_latest_one_shared() {
         Some(1.0),
         "past the limit, the latest answer is shared, not rendered anew"
     );
+    let counted = shared.value("agent_telemetry_metrics_answers_shared_total", &[]);
+    let deaf_count = deaf.len();
     drop(deaf);
     // The clients' answers are released as the server sees them gone.
     let deadline = Instant::now() + EXCHANGE_TIMEOUT;
@@ -458,6 +460,16 @@ fn past_64_mib_of_answers_held_a_scrape_is_sent_the_latest_one_shared() {
         fresh = harness.scrape();
     }
     assert_eq!(executions(&fresh), Some(2.0), "rendered anew once there is room");
+    // The shared answer was rendered before the requests it went to; a new one counts them
+    // all: the clients answered past the limit and the scrape.
+    let shared_count = fresh
+        .value("agent_telemetry_metrics_answers_shared_total", &[])
+        .unwrap();
+    let rendered = (64 << 20) / shared.text.len();
+    assert!(
+        shared_count >= (deaf_count - rendered + 1) as f64,
+        "{shared_count} answers counted as shared, {rendered} rendered (the shared answer said {counted:?})"
+    );
 }
 
 #[test]

@@ -26,6 +26,22 @@ pub(crate) const MAX_HELD_ANSWER_BYTES: usize = 64 << 20;
 /// The oldest answer shared; past it, a new one is rendered whatever is held.
 pub(crate) const MAX_SHARED_AGE: Duration = Duration::from_secs(10);
 
+/// The body of an answer, and whether it was rendered for it.
+#[derive(Debug)]
+pub(super) enum Answer {
+    Rendered(Bytes),
+    /// The latest answer, shared: there was no room for a new one.
+    Shared(Bytes),
+}
+
+impl Answer {
+    pub(super) fn into_body(self) -> Bytes {
+        match self {
+            Answer::Rendered(body) | Answer::Shared(body) => body,
+        }
+    }
+}
+
 /// The answers being sent: their bytes, and the latest, for sharing.
 #[derive(Debug, Default)]
 pub(super) struct HeldAnswers {
@@ -49,13 +65,13 @@ impl HeldAnswers {
     /// # Errors
     ///
     /// What `render` returns.
-    pub(super) fn answer<E>(self: &Arc<Self>, render: impl FnOnce() -> Result<String, E>) -> Result<Bytes, E> {
+    pub(super) fn answer<E>(self: &Arc<Self>, render: impl FnOnce() -> Result<String, E>) -> Result<Answer, E> {
         if !self.has_room() {
             if let Some(latest) = self.recent_latest() {
-                return Ok(Bytes::from_owner(SharedAnswer(latest)));
+                return Ok(Answer::Shared(Bytes::from_owner(SharedAnswer(latest))));
             }
         }
-        render().map(|answer| self.hold(answer))
+        render().map(|answer| Answer::Rendered(self.hold(answer)))
     }
 
     /// Whether a new answer may be rendered: nothing is held, or what is held and the last
@@ -137,10 +153,18 @@ mod tests {
         move || Ok(text.to_owned())
     }
 
+    /// The body of the next answer of `answers`, rendered by `render` if there is room.
+    fn body(answers: &Arc<HeldAnswers>, render: impl FnOnce() -> Result<String, Infallible>) -> Bytes {
+        match answers.answer(render) {
+            Ok(answer) => answer.into_body(),
+            Err(never) => match never {},
+        }
+    }
+
     #[test]
     fn an_answer_is_held_until_every_part_of_it_is_dropped() {
         let answers = Arc::new(HeldAnswers::default());
-        let body = answers.answer(rendered(&"x".repeat(1000))).unwrap();
+        let body = body(&answers, rendered(&"x".repeat(1000)));
         let part = body.slice(10..20);
         drop(body);
         assert_eq!(answers.held(), 1000);
@@ -153,14 +177,16 @@ mod tests {
     fn past_the_limit_the_latest_answer_is_shared_and_nothing_rendered() {
         let answers = Arc::new(HeldAnswers::default());
         let half = "a".repeat(MAX_HELD_ANSWER_BYTES / 2);
-        let first = answers.answer(rendered(&half)).unwrap();
-        let second = answers.answer(rendered(&"b".repeat(half.len()))).unwrap();
+        let first = body(&answers, rendered(&half));
+        let second = body(&answers, rendered(&"b".repeat(half.len())));
         let never = || -> Result<String, Infallible> { panic!("rendered past the limit") };
         let shared = answers.answer(never).unwrap();
+        assert!(matches!(shared, Answer::Shared(_)), "{shared:?}");
+        let shared = shared.into_body();
         assert_eq!(shared, second, "the latest, shared");
         assert_eq!(answers.held(), 2 * half.len(), "sharing holds nothing more");
         drop(first);
-        let third = answers.answer(rendered("c")).unwrap();
+        let third = body(&answers, rendered("c"));
         assert_eq!(&third[..], b"c", "room again: rendered anew");
         drop((second, shared, third));
         assert_eq!(answers.held(), 0);
@@ -169,13 +195,11 @@ mod tests {
     #[test]
     fn one_answer_is_rendered_whatever_its_length_and_the_next_shares_it() {
         let answers = Arc::new(HeldAnswers::default());
-        let huge = answers
-            .answer(rendered(&"x".repeat(MAX_HELD_ANSWER_BYTES + 1)))
-            .unwrap();
-        let shared = answers.answer(rendered("new")).unwrap();
+        let huge = body(&answers, rendered(&"x".repeat(MAX_HELD_ANSWER_BYTES + 1)));
+        let shared = body(&answers, rendered("new"));
         assert_eq!(shared.len(), huge.len());
         drop((huge, shared));
-        let next = answers.answer(rendered("new")).unwrap();
+        let next = body(&answers, rendered("new"));
         assert_eq!(&next[..], b"new", "nothing held: rendered anew");
     }
 
@@ -183,11 +207,11 @@ mod tests {
     fn an_answer_no_longer_held_is_never_shared() {
         let answers = Arc::new(HeldAnswers::default());
         let half = "a".repeat(MAX_HELD_ANSWER_BYTES / 2);
-        let older = answers.answer(rendered(&half)).unwrap();
-        let small = answers.answer(rendered("b")).unwrap();
-        drop(answers.answer(rendered(&half)).unwrap());
+        let older = body(&answers, rendered(&half));
+        let small = body(&answers, rendered("b"));
+        drop(body(&answers, rendered(&half)));
         // Past the limit (what is held and the last answer's length), the latest released.
-        let next = answers.answer(rendered("fresh")).unwrap();
+        let next = body(&answers, rendered("fresh"));
         assert_eq!(&next[..], b"fresh", "rendered anew");
         drop((older, small, next));
         assert_eq!(answers.held(), 0);

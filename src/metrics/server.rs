@@ -19,8 +19,8 @@
 //! - **Answers held**: past
 //!   [`MAX_HELD_ANSWER_BYTES`](super::held_answers::MAX_HELD_ANSWER_BYTES) of answers being
 //!   sent at once (clients that do not read hold theirs), a request is sent the latest
-//!   answer, shared, rather than a new render, if it is at most 10 s old
-//!   (`held_answers.rs`).
+//!   answer, shared, rather than a new render, if it is still held and at most 10 s old
+//!   (`held_answers.rs`), counted in `agent_telemetry_metrics_answers_shared_total`.
 //! - **One request per connection**: every answer says `Connection: close`, so pipelined
 //!   requests queue no work. A client that half-closes after its request still gets its
 //!   answer.
@@ -52,7 +52,7 @@ use subtle::ConstantTimeEq;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{oneshot, Notify};
 
-use super::held_answers::HeldAnswers;
+use super::held_answers::{Answer, HeldAnswers};
 use super::open_connections::{OpenConnections, Progress, Watched};
 use super::MetricsHandle;
 use crate::error::{Error, Result};
@@ -364,8 +364,11 @@ impl Server {
             return response;
         }
         match self.answers.answer(|| self.metrics.render()) {
-            Ok(exposition) => {
-                let mut response = Response::new(Full::new(exposition));
+            Ok(answer) => {
+                if matches!(answer, Answer::Shared(_)) {
+                    TelemetryStats::add(&self.stats.metrics_answers_shared, 1);
+                }
+                let mut response = Response::new(Full::new(answer.into_body()));
                 response
                     .headers_mut()
                     .insert(CONTENT_TYPE, HeaderValue::from_static(prometheus::TEXT_FORMAT));
