@@ -1,12 +1,13 @@
 //! The `/metrics` answers being sent, bounded in bytes by sharing the latest.
 //!
-//! An answer is held from its render until hyper drops every part of it: written out, or
-//! its connection closed. A client that does not read holds its answer until its connection
-//! ends, so if every request rendered its own, the answers held could reach the connection
-//! limit times the largest render. A request renders a new answer only when
-//! [`HeldAnswers::has_room`]: nothing is held, or what is held and the last answer's length
-//! are within [`MAX_HELD_ANSWER_BYTES`]. Otherwise it is sent the latest answer, shared, when
-//! that one is still held and at most [`MAX_SHARED_AGE`] old; no request ever waits.
+//! An answer is held, counted by the bytes its render allocated, from its render until hyper
+//! drops every part of it: written out, or its connection closed. A client that does not
+//! read holds its answer until its connection ends, so if every request rendered its own,
+//! the answers held could reach the connection limit times the largest render. A request
+//! renders a new answer only when [`HeldAnswers::has_room`]: nothing is held, or what is
+//! held and the last answer's length are within [`MAX_HELD_ANSWER_BYTES`]. Otherwise it is
+//! sent the latest answer, shared, when that one is still held and at most
+//! [`MAX_SHARED_AGE`] old; no request waits for room.
 //!
 //! Invariants:
 //! - what is held is at most [`MAX_HELD_ANSWER_BYTES`] and one answer, plus one more for each
@@ -94,7 +95,7 @@ impl HeldAnswers {
 
     /// `answer` as a body, held until every part of it, shared or not, is dropped.
     fn hold(self: &Arc<Self>, answer: String) -> Bytes {
-        let length = answer.len();
+        let length = answer.capacity();
         self.held.fetch_add(length, Ordering::Relaxed);
         self.last.store(length, Ordering::Relaxed);
         let held = Arc::new(HeldAnswer {
@@ -130,7 +131,7 @@ struct HeldAnswer {
 
 impl Drop for HeldAnswer {
     fn drop(&mut self) {
-        self.answers.held.fetch_sub(self.answer.len(), Ordering::Relaxed);
+        self.answers.held.fetch_sub(self.answer.capacity(), Ordering::Relaxed);
     }
 }
 
@@ -164,10 +165,12 @@ mod tests {
     #[test]
     fn an_answer_is_held_until_every_part_of_it_is_dropped() {
         let answers = Arc::new(HeldAnswers::default());
-        let body = body(&answers, rendered(&"x".repeat(1000)));
+        let mut allocated = String::with_capacity(1000);
+        allocated.push_str("xxxxxxxxxxxxxxxxxxxx");
+        let body = body(&answers, move || Ok(allocated));
         let part = body.slice(10..20);
         drop(body);
-        assert_eq!(answers.held(), 1000);
+        assert_eq!(answers.held(), 1000, "counted by what its render allocated");
         assert_eq!(&part[..], b"xxxxxxxxxx");
         drop(part);
         assert_eq!(answers.held(), 0);
