@@ -11,9 +11,9 @@
 //!   The attributes the crate sets itself are never scrubbed.
 //! - **Values**: in task text, error messages and every other string value, what matches a
 //!   secret pattern (bearer tokens, JWTs, `sk-`/`pk-` style API keys, AWS access key ids,
-//!   GitHub, Slack and Google keys, PEM private key blocks, `password=…` and the like) is
-//!   replaced. A text is scrubbed before it is cut to its limit, with a margin
-//!   ([`SCRUB_MARGIN`]), so a secret that straddles the cut is caught whole.
+//!   GitHub, Slack and Google keys, PEM private key blocks, `password=…` and the like, a
+//!   URL's password) is replaced. A text is scrubbed before it is cut to its limit, with a
+//!   margin ([`SCRUB_MARGIN`]), so a secret that straddles the cut is caught whole.
 //!
 //! Texts without any of the patterns' literal triggers (most tasks) are checked with one
 //! Aho-Corasick pass (vectorised, on a lowercase copy, for texts of 32 bytes or more) and no
@@ -77,6 +77,8 @@ struct SecretPattern {
     triggers: &'static [&'static str],
     before_trigger: usize,
     keep: Option<&'static str>,
+    /// How many bytes at the end of a match stay (the `@` after a URL's password).
+    kept_at_end: usize,
 }
 
 /// One character of a JSON string as JSON writes it: a character but `"` and `\`, or an
@@ -104,13 +106,14 @@ macro_rules! json_char_escaped_twice {
 
 /// The built-in secret patterns. They are ASCII patterns (`(?-u)`), which the regex engine
 /// runs on its DFA; a text is searched only with the patterns whose triggers it contains.
-const SECRET_PATTERNS: [SecretPattern; 10] = [
+const SECRET_PATTERNS: [SecretPattern; 11] = [
     // Bearer tokens: the token after the scheme.
     SecretPattern {
         pattern: r"(?i-u)\bbearer\s+[A-Za-z0-9\-._~+/]{16,}=*",
         triggers: &["bearer"],
         before_trigger: 0,
         keep: Some(r"(?i-u)^bearer\s+"),
+        kept_at_end: 0,
     },
     // JWTs: three base64url parts, the header's JSON starting `{"`.
     SecretPattern {
@@ -118,6 +121,7 @@ const SECRET_PATTERNS: [SecretPattern; 10] = [
         triggers: &["eyj"],
         before_trigger: 0,
         keep: None,
+        kept_at_end: 0,
     },
     // OpenAI, Anthropic, Stripe style keys: sk-…, sk-proj-…, sk-ant-…, pk_live_…, rk_test_….
     SecretPattern {
@@ -125,6 +129,7 @@ const SECRET_PATTERNS: [SecretPattern; 10] = [
         triggers: &["sk-", "sk_", "pk-", "pk_", "rk-", "rk_"],
         before_trigger: 0,
         keep: None,
+        kept_at_end: 0,
     },
     // AWS access key ids.
     SecretPattern {
@@ -134,6 +139,7 @@ const SECRET_PATTERNS: [SecretPattern; 10] = [
         ],
         before_trigger: 0,
         keep: None,
+        kept_at_end: 0,
     },
     // GitHub tokens.
     SecretPattern {
@@ -141,6 +147,7 @@ const SECRET_PATTERNS: [SecretPattern; 10] = [
         triggers: &["ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_"],
         before_trigger: 0,
         keep: None,
+        kept_at_end: 0,
     },
     // Slack tokens.
     SecretPattern {
@@ -148,6 +155,7 @@ const SECRET_PATTERNS: [SecretPattern; 10] = [
         triggers: &["xox"],
         before_trigger: 0,
         keep: None,
+        kept_at_end: 0,
     },
     // Google API keys.
     SecretPattern {
@@ -155,6 +163,7 @@ const SECRET_PATTERNS: [SecretPattern; 10] = [
         triggers: &["aiza"],
         before_trigger: 0,
         keep: None,
+        kept_at_end: 0,
     },
     // PEM private key blocks, to their end or the end of the text (a Unicode pattern, so
     // that `.` is any character).
@@ -163,15 +172,18 @@ const SECRET_PATTERNS: [SecretPattern; 10] = [
         triggers: &["-----begin"],
         before_trigger: 0,
         keep: None,
+        kept_at_end: 0,
     },
-    // `password=…`, `api_key: …`, `token=…`: the value (quoted, to the next quote; as a
+    // `password=…`, `api_key: …`, `token=…`, also inside a longer key and with `key` after
+    // it (`DB_PASSWORD=…`, `AWS_SECRET_ACCESS_KEY=…`, `session_token=…`, `secret_key: …`):
+    // the value (quoted, to the next quote; as a
     // `Debug` string escapes it; `Some("…")`); as a JSON or `Debug` map writes them
     // (`"password": "…"`), a quoted value only (a number or `true` there is data); and as
     // JSON reads inside a `Debug` string, once or twice escaped (`\"password\": \"…\"`). A
     // JSON value is read in its escapes to its closing quote, or as far as it reads.
     SecretPattern {
         pattern: concat!(
-            r#"(?i-u)\b(?:password|passwd|pwd|passphrase|secret|client[_-]?secret|api[_-]?key|access[_-]?token|refresh[_-]?token|auth[_-]?token|token)"#,
+            r#"(?i-u)(?:password|passwd|pwd|passphrase|secret|client[_-]?secret|api[_-]?key|access[_-]?token|refresh[_-]?token|auth[_-]?token|token)(?:[_.-](?:access[_.-])?key)?"#,
             r#"(?:\s*[=:]\s*(?:(?u:"[^"]*"?|'[^']*')|\\""#,
             json_char_escaped_once!(),
             r#"*(?:\\")?|Some\(""#,
@@ -202,7 +214,8 @@ const SECRET_PATTERNS: [SecretPattern; 10] = [
         ],
         // `refresh_` before `token`; `client_`, `access_` and `auth_` are shorter.
         before_trigger: 8,
-        keep: Some(r#"(?i-u)^[a-z_-]+(?:\\*["'])?\s*[=:]\s*"#),
+        keep: Some(r#"(?i-u)^[a-z0-9_.-]+(?:\\*["'])?\s*[=:]\s*"#),
+        kept_at_end: 0,
     },
     // `Authorization: Basic …` and the like: the credentials; quoted (the value read as a
     // JSON string), in `Some("…")`, as a JSON or `Debug` map writes them, or escaped as
@@ -230,6 +243,16 @@ const SECRET_PATTERNS: [SecretPattern; 10] = [
         keep: Some(
             r#"(?i-u)^authorization(?:\\*["'])?\s*[:=]\s*(?:\\*["']|Some\(")?(?:(?:basic|bearer|digest|token)\s+)?"#,
         ),
+        kept_at_end: 0,
+    },
+    // A URL's password: `postgres://user:password@host`, `redis://:password@host`.
+    SecretPattern {
+        pattern: r"(?i-u)\b(?:[a-z][a-z0-9+]{0,23})://(?u:[^\s:/?#@]*):(?u:[^\s/?#@]+)@",
+        triggers: &["://"],
+        // The scheme: `postgresql`, `mongodb+srv`, `postgresql+psycopg2`.
+        before_trigger: 24,
+        keep: Some(r"(?i-u)^[a-z][a-z0-9+]*://(?u:[^\s:/?#@]*):"),
+        kept_at_end: 1,
     },
 ];
 
@@ -320,6 +343,7 @@ impl Scrubbing {
                         .map_err(|e| Error::invalid("with_scrubbing", secret.pattern, e.to_string()))?,
                     keep: secret.keep.map(compile).transpose()?,
                     before_trigger: secret.before_trigger,
+                    kept_at_end: secret.kept_at_end,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -451,6 +475,7 @@ struct BuiltIn {
     regex: meta::Regex,
     keep: Option<Regex>,
     before_trigger: usize,
+    kept_at_end: usize,
 }
 
 impl BuiltIn {
@@ -481,9 +506,15 @@ impl BuiltIn {
                 let input = Input::new(text).range(at..).anchored(Anchored::Yes);
                 let found = self.regex.search(&input)?;
                 untried = found.end();
-                Some(found.range())
+                Some(self.redacted_part(found.range()))
             });
         redact(text, self.keep.as_ref(), matches)
+    }
+
+    /// What of a match is redacted: all but its last [`SecretPattern::kept_at_end`] bytes
+    /// (ASCII, as the patterns that keep any end in).
+    fn redacted_part(&self, found: Range<usize>) -> Range<usize> {
+        found.start..found.end.saturating_sub(self.kept_at_end).max(found.start)
     }
 
     /// `text` with this pattern's matches redacted, `None` when it has none, found by a
@@ -492,7 +523,9 @@ impl BuiltIn {
         redact(
             text,
             self.keep.as_ref(),
-            self.regex.find_iter(text).map(|found| found.range()),
+            self.regex
+                .find_iter(text)
+                .map(|found| self.redacted_part(found.range())),
         )
     }
 }
@@ -797,6 +830,24 @@ mod tests {
                 r#""login password=\"hunter2tail7\" failed""#,
                 r#""login password=[REDACTED] failed""#,
             ),
+            // Variables: words before the key, `key` after it; a URL's password.
+            (
+                "export POSTGRES_PASSWORD='hunter2' DB_PASSWORD=hunter3 MY_APP_API_KEY=abc123",
+                "export POSTGRES_PASSWORD=[REDACTED] DB_PASSWORD=[REDACTED] MY_APP_API_KEY=[REDACTED]",
+            ),
+            (
+                "AWS_SECRET_ACCESS_KEY=wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY secret_key: abc session_token=def",
+                "AWS_SECRET_ACCESS_KEY=[REDACTED] secret_key: [REDACTED] session_token=[REDACTED]",
+            ),
+            (
+                "DATABASE_URL=postgres://admin:hunter2@db:5432/app and redis://:hunter3@cache:6379/0",
+                "DATABASE_URL=postgres://admin:[REDACTED]@db:5432/app and redis://:[REDACTED]@cache:6379/0",
+            ),
+            // Data: a URL without a password, a port, counts of tokens.
+            (
+                "https://db:5432/app ssh://git@github.com:22/x max_tokens=5 num_tokens: 7",
+                "https://db:5432/app ssh://git@github.com:22/x max_tokens=5 num_tokens: 7",
+            ),
             // Cut off: as far as the value reads.
             (r#""{\"password\": \"hunter2""#, r#""{\"password\": [REDACTED]""#),
             (r#"{"password": "hunter2\"#, r#"{"password": [REDACTED]\"#),
@@ -999,16 +1050,15 @@ mod tests {
         assert_eq!(scrubber.scrub(&few), format!("{}password=[REDACTED]", "pwd ".repeat(3)));
     }
 
-    /// A match may start before its trigger only where an ASCII word begins: the search
-    /// tries no other place there.
+    /// A match may start before its trigger only where an ASCII word begins (the search
+    /// tries no other place there), or it is a key's, which may start anywhere: a match
+    /// from its trigger on keeps the same key and redacts the same value.
     #[test]
     fn patterns_that_start_before_their_triggers_start_at_a_word() {
         for secret in &SECRET_PATTERNS {
-            assert!(
-                secret.before_trigger == 0 || secret.pattern.starts_with(r"(?i-u)\b(?:"),
-                "{}",
-                secret.pattern
-            );
+            let at_a_word = secret.pattern.starts_with(r"(?i-u)\b(?:");
+            let a_key = secret.pattern.starts_with("(?i-u)(?:password|") && secret.keep.is_some();
+            assert!(secret.before_trigger == 0 || at_a_word || a_key, "{}", secret.pattern);
         }
     }
 
@@ -1081,14 +1131,15 @@ mod tests {
         use super::super::{Scrubber, Scrubbing, REDACTED, SECRET_PATTERNS};
         use super::flip_ascii_case;
 
-        /// Every built-in pattern, compiled, with its kept start.
-        static PATTERNS: LazyLock<Vec<(Regex, Option<Regex>)>> = LazyLock::new(|| {
+        /// Every built-in pattern, compiled, with its kept start and how much of its end stays.
+        static PATTERNS: LazyLock<Vec<(Regex, Option<Regex>, usize)>> = LazyLock::new(|| {
             SECRET_PATTERNS
                 .iter()
                 .map(|secret| {
                     (
                         Regex::new(secret.pattern).unwrap(),
                         secret.keep.map(|keep| Regex::new(keep).unwrap()),
+                        secret.kept_at_end,
                     )
                 })
                 .collect()
@@ -1099,7 +1150,7 @@ mod tests {
         /// What scrubbing must give: every pattern in turn, searched in the whole text.
         fn whole_text_scrubbed(text: &str) -> String {
             let mut text = text.to_owned();
-            for (regex, keep) in PATTERNS.iter() {
+            for (regex, keep, kept_at_end) in PATTERNS.iter() {
                 let mut out = String::new();
                 let mut copied = 0;
                 for found in regex.find_iter(&text) {
@@ -1109,7 +1160,7 @@ mod tests {
                         .map_or(0, |kept| kept.end());
                     out.push_str(&text[copied..found.start() + kept]);
                     out.push_str(REDACTED);
-                    copied = found.end();
+                    copied = found.end() - kept_at_end;
                 }
                 out.push_str(&text[copied..]);
                 text = out;
@@ -1144,6 +1195,13 @@ mod tests {
                 "clientsecret=abc",
                 "refresh-token = abc.def",
                 "access_token=xyz",
+                "DB_PASSWORD=x",
+                "secret_access_key: k",
+                "postgres://u:p@h",
+                "redis://:p@",
+                "://",
+                "@",
+                ":",
                 "auth_token:\"q w\"",
                 "api-key: k1",
                 "apikey=K",
@@ -1169,6 +1227,8 @@ mod tests {
                 proptest::sample::select(vec![
                     "Bearer abcdefghijklmnop0123",
                     "client_secret: 's3cr3t'",
+                    "AWS_SECRET_ACCESS_KEY=wJalrXUtnFEMI",
+                    "mysql://root:hunter2@db:3306",
                     "refresh-token = abc.def",
                     "-----BEGIN RSA PRIVATE KEY-----\nMIIEabc\n-----END RSA PRIVATE KEY-----",
                     "sk-proj-abcdefghijklmnop1234",
