@@ -174,8 +174,9 @@ const SECRET_PATTERNS: [SecretPattern; 11] = [
         keep: None,
         kept_at_end: 0,
     },
-    // `password=…`, `api_key: …`, `token=…`, also inside a longer key and with `key` after
-    // it (`DB_PASSWORD=…`, `AWS_SECRET_ACCESS_KEY=…`, `session_token=…`, `secret_key: …`):
+    // `password=…`, `api_key: …`, `token=…`, a password, secret or API key also inside a
+    // longer key (`DB_PASSWORD=…`, `MY_APP_API_KEY=…`; a token is data there: `max_token`,
+    // `eos_token`), all with `key` after them (`AWS_SECRET_ACCESS_KEY=…`, `secret_key: …`):
     // the value (quoted, to the next quote; as a
     // `Debug` string escapes it; `Some("…")`); as a JSON or `Debug` map writes them
     // (`"password": "…"`), a quoted value only (a number or `true` there is data); and as
@@ -183,7 +184,7 @@ const SECRET_PATTERNS: [SecretPattern; 11] = [
     // JSON value is read in its escapes to its closing quote, or as far as it reads.
     SecretPattern {
         pattern: concat!(
-            r#"(?i-u)(?:password|passwd|pwd|passphrase|secret|client[_-]?secret|api[_-]?key|access[_-]?token|refresh[_-]?token|auth[_-]?token|token)(?:[_.-](?:access[_.-])?key)?"#,
+            r#"(?i-u)(?:(?:password|passwd|passphrase|secret|client[_-]?secret|api[_-]?key)|\b(?:pwd|access[_-]?token|refresh[_-]?token|auth[_-]?token|token))(?:[_.-](?:access[_.-])?key)?"#,
             r#"(?:\s*[=:]\s*(?:(?u:"[^"]*"?|'[^']*')|\\""#,
             json_char_escaped_once!(),
             r#"*(?:\\")?|Some\(""#,
@@ -245,13 +246,14 @@ const SECRET_PATTERNS: [SecretPattern; 11] = [
         ),
         kept_at_end: 0,
     },
-    // A URL's password: `postgres://user:password@host`, `redis://:password@host`.
+    // A URL's password: `postgres://user:password@host`, `redis://:password@host`; neither
+    // part runs through a quote, a comma or a bracket (JSON, CSV, `<…>` lists).
     SecretPattern {
-        pattern: r"(?i-u)\b(?:[a-z][a-z0-9+]{0,23})://(?u:[^\s:/?#@]*):(?u:[^\s/?#@]+)@",
+        pattern: r#"(?i-u)\b(?:[a-z][a-z0-9+]{0,23})://(?u:[^\s:/?#@"'<>{},;`]*):(?u:[^\s/?#@"'<>{},;`]+)@"#,
         triggers: &["://"],
         // The scheme: `postgresql`, `mongodb+srv`, `postgresql+psycopg2`.
         before_trigger: 24,
-        keep: Some(r"(?i-u)^[a-z][a-z0-9+]*://(?u:[^\s:/?#@]*):"),
+        keep: Some(r#"(?i-u)^[a-z][a-z0-9+]*://(?u:[^\s:/?#@"'<>{},;`]*):"#),
         kept_at_end: 1,
     },
 ];
@@ -836,17 +838,26 @@ mod tests {
                 "export POSTGRES_PASSWORD=[REDACTED] DB_PASSWORD=[REDACTED] MY_APP_API_KEY=[REDACTED]",
             ),
             (
-                "AWS_SECRET_ACCESS_KEY=wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY secret_key: abc session_token=def",
-                "AWS_SECRET_ACCESS_KEY=[REDACTED] secret_key: [REDACTED] session_token=[REDACTED]",
+                "AWS_SECRET_ACCESS_KEY=wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY secret_key: abc",
+                "AWS_SECRET_ACCESS_KEY=[REDACTED] secret_key: [REDACTED]",
             ),
             (
                 "DATABASE_URL=postgres://admin:hunter2@db:5432/app and redis://:hunter3@cache:6379/0",
                 "DATABASE_URL=postgres://admin:[REDACTED]@db:5432/app and redis://:[REDACTED]@cache:6379/0",
             ),
-            // Data: a URL without a password, a port, counts of tokens.
+            // Data: a URL without a password, a port, counts and names of tokens, a URL and
+            // an address in JSON, CSV and a list.
             (
                 "https://db:5432/app ssh://git@github.com:22/x max_tokens=5 num_tokens: 7",
                 "https://db:5432/app ssh://git@github.com:22/x max_tokens=5 num_tokens: 7",
+            ),
+            (
+                r#"max_token: 512 eos_token: "</s>" OLDPWD=/home/x next_page_token=abc"#,
+                r#"max_token: 512 eos_token: "</s>" OLDPWD=/home/x next_page_token=abc"#,
+            ),
+            (
+                r#"{"base_url":"http://localhost:11434","user":"bob@example.com"} url,http://db:5432,admin@example.com <http://h:8080>;rel=next,<mailto:me@x.com>"#,
+                r#"{"base_url":"http://localhost:11434","user":"bob@example.com"} url,http://db:5432,admin@example.com <http://h:8080>;rel=next,<mailto:me@x.com>"#,
             ),
             // Cut off: as far as the value reads.
             (r#""{\"password\": \"hunter2""#, r#""{\"password\": [REDACTED]""#),
@@ -1057,7 +1068,7 @@ mod tests {
     fn patterns_that_start_before_their_triggers_start_at_a_word() {
         for secret in &SECRET_PATTERNS {
             let at_a_word = secret.pattern.starts_with(r"(?i-u)\b(?:");
-            let a_key = secret.pattern.starts_with("(?i-u)(?:password|") && secret.keep.is_some();
+            let a_key = secret.pattern.starts_with("(?i-u)(?:(?:password|") && secret.keep.is_some();
             assert!(secret.before_trigger == 0 || at_a_word || a_key, "{}", secret.pattern);
         }
     }
