@@ -11,9 +11,10 @@
 //!   The attributes the crate sets itself are never scrubbed.
 //! - **Values**: in task text, error messages and every other string value, what matches a
 //!   secret pattern (bearer tokens, JWTs, `sk-`/`pk-` style API keys, AWS access key ids,
-//!   GitHub, Slack and Google keys, PEM private key blocks, `password=…` and the like, a
-//!   URL's password) is replaced. A text is scrubbed before it is cut to its limit, with a
-//!   margin ([`SCRUB_MARGIN`]), so a secret that straddles the cut is caught whole.
+//!   GitHub, Slack, Google, Hugging Face, Groq, Replicate, Perplexity, GitLab and npm
+//!   tokens, PEM private key blocks, `password=…` and the like, a URL's password) is
+//!   replaced. A text is scrubbed before it is cut to its limit, with a margin
+//!   ([`SCRUB_MARGIN`]), so a secret that straddles the cut is caught whole.
 //!
 //! Texts without any of the patterns' literal triggers (most tasks) are checked with one
 //! Aho-Corasick pass (vectorised, on a lowercase copy, for texts of 32 bytes or more) and no
@@ -106,7 +107,7 @@ macro_rules! json_char_escaped_twice {
 
 /// The built-in secret patterns. They are ASCII patterns (`(?-u)`), which the regex engine
 /// runs on its DFA; a text is searched only with the patterns whose triggers it contains.
-const SECRET_PATTERNS: [SecretPattern; 11] = [
+const SECRET_PATTERNS: [SecretPattern; 12] = [
     // Bearer tokens: the token after the scheme.
     SecretPattern {
         pattern: r"(?i-u)\bbearer\s+[A-Za-z0-9\-._~+/]{16,}=*",
@@ -153,6 +154,14 @@ const SECRET_PATTERNS: [SecretPattern; 11] = [
     SecretPattern {
         pattern: r"(?-u)\bxox[abposr]-[A-Za-z0-9-]{10,}",
         triggers: &["xox"],
+        before_trigger: 0,
+        keep: None,
+        kept_at_end: 0,
+    },
+    // Hugging Face, Groq, Replicate, Perplexity, GitLab and npm tokens.
+    SecretPattern {
+        pattern: r"(?-u)\b(?:hf_[A-Za-z0-9]{30,}|gsk_[A-Za-z0-9]{40,}|r8_[A-Za-z0-9]{30,}|pplx-[A-Za-z0-9]{40,}|glpat-[A-Za-z0-9_-]{20,}|npm_[A-Za-z0-9]{36,})",
+        triggers: &["hf_", "gsk_", "r8_", "pplx-", "glpat-", "npm_"],
         before_trigger: 0,
         keep: None,
         kept_at_end: 0,
@@ -951,6 +960,15 @@ mod tests {
             ("cut -----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBg", "cut [REDACTED]"),
             ("gh ghp_abcdefghijklmnopqrstuvwxyz0123456789", "gh [REDACTED]"),
             (
+                "HF_TOKEN=hf_AbCdEfGhIjKlMnOpQrStUvWxYz01234567 GROQ_API_KEY=gsk_AbCdEfGhIjKlMnOpQrStUvWxYz0123456789AbCdEfGhIjKlMnOp",
+                "HF_TOKEN=[REDACTED] GROQ_API_KEY=[REDACTED]",
+            ),
+            (
+                "r8_AbCdEfGhIjKlMnOpQrStUvWxYz0123456 pplx-AbCdEfGhIjKlMnOpQrStUvWxYz0123456789AbCdEfGh glpat-AbCdEfGhIjKlMnOpQrSt npm_AbCdEfGhIjKlMnOpQrStUvWxYz0123456789",
+                "[REDACTED] [REDACTED] [REDACTED] [REDACTED]",
+            ),
+            ("shf_x, gsk_short, npm_ci and r8_y are words", "shf_x, gsk_short, npm_ci and r8_y are words"),
+            (
                 "sklearn is not a key, nor is sk-short",
                 "sklearn is not a key, nor is sk-short",
             ),
@@ -1096,12 +1114,14 @@ mod tests {
         let triggers = Triggers::built_in().unwrap();
         let filler = "x".repeat(Triggers::COPY_FROM_LEN);
         for (text, pattern) in [
-            ("Authorization: Basic", 9),
+            ("Authorization: Basic", 10),
             ("BEARER", 0),
             ("eYj", 1),
-            ("-----Begin", 7),
-            ("PassPhrase", 8),
+            ("-----Begin", 8),
+            ("PassPhrase", 9),
             ("GITHUB_PAT_", 4),
+            ("GLPAT-", 6),
+            ("HTTPS://", 11),
         ] {
             let expected: Vec<bool> = (0..SECRET_PATTERNS.len()).map(|index| index == pattern).collect();
             // Inside the text, and in its last bytes, which are too few for the vectorised
@@ -1206,6 +1226,8 @@ mod tests {
                 "clientsecret=abc",
                 "refresh-token = abc.def",
                 "access_token=xyz",
+                "hf_AbCdEfGhIjKlMnOpQrStUvWxYz01234567",
+                "gsk_",
                 "DB_PASSWORD=x",
                 "secret_access_key: k",
                 "postgres://u:p@h",
