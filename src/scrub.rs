@@ -183,17 +183,17 @@ const SECRET_PATTERNS: [SecretPattern; 12] = [
         keep: None,
         kept_at_end: 0,
     },
-    // `password=…`, `api_key: …`, `token=…`, a password, secret or API key also inside a
-    // longer key (`DB_PASSWORD=…`, `MY_APP_API_KEY=…`; a token is data there: `max_token`,
-    // `eos_token`), all with `key` after them (`AWS_SECRET_ACCESS_KEY=…`, `secret_key: …`):
-    // the value (quoted, to the next quote; as a
-    // `Debug` string escapes it; `Some("…")`); as a JSON or `Debug` map writes them
+    // `password=…`, `api_key: …`, `token=…`; a password, secret, API key, private key or
+    // credential also inside a longer key (`DB_PASSWORD=…`, `WALLET_PRIVATE_KEY=…`; a token
+    // is data there: `max_token`, `eos_token`), all with `key` after them
+    // (`AWS_SECRET_ACCESS_KEY=…`, `secret_key: …`): the value (quoted, to the next quote; as
+    // a `Debug` string escapes it; `Some("…")`); as a JSON or `Debug` map writes them
     // (`"password": "…"`), a quoted value only (a number or `true` there is data); and as
     // JSON reads inside a `Debug` string, once or twice escaped (`\"password\": \"…\"`). A
     // JSON value is read in its escapes to its closing quote, or as far as it reads.
     SecretPattern {
         pattern: concat!(
-            r#"(?i-u)(?:(?:password|passwd|passphrase|secret|client[_-]?secret|api[_-]?key)|\b(?:pwd|access[_-]?token|refresh[_-]?token|auth[_-]?token|token))(?:[_.-](?:access[_.-])?key)?"#,
+            r#"(?i-u)(?:(?:password|passwd|passphrase|secret|client[_-]?secret|api[_-]?key|private[_-]?key|credentials?)|\b(?:pwd|access[_-]?token|refresh[_-]?token|auth[_-]?token|token))(?:[_.-](?:access[_.-])?key)?"#,
             r#"(?:\s*[=:]\s*(?:(?u:"[^"]*"?|'[^']*')|\\""#,
             json_char_escaped_once!(),
             r#"*(?:\\")?|Some\(""#,
@@ -220,6 +220,10 @@ const SECRET_PATTERNS: [SecretPattern; 12] = [
             "api_key",
             "api-key",
             "apikey",
+            "private_key",
+            "private-key",
+            "privatekey",
+            "credential",
             "token",
         ],
         // `refresh_` before `token`; `client_`, `access_` and `auth_` are shorter.
@@ -851,6 +855,14 @@ mod tests {
                 "AWS_SECRET_ACCESS_KEY=[REDACTED] secret_key: [REDACTED]",
             ),
             (
+                r#"WALLET_PRIVATE_KEY=0x4c0883a6 {"private_key": "k1", "credentials": "c1"} credential=c2"#,
+                r#"WALLET_PRIVATE_KEY=[REDACTED] {"private_key": [REDACTED], "credentials": [REDACTED]} credential=[REDACTED]"#,
+            ),
+            (
+                "private_keys_count: 3 credentials_path=/etc/app/creds.json",
+                "private_keys_count: 3 credentials_path=/etc/app/creds.json",
+            ),
+            (
                 "DATABASE_URL=postgres://admin:hunter2@db:5432/app and redis://:hunter3@cache:6379/0",
                 "DATABASE_URL=postgres://admin:[REDACTED]@db:5432/app and redis://:[REDACTED]@cache:6379/0",
             ),
@@ -1229,6 +1241,8 @@ mod tests {
                 "hf_AbCdEfGhIjKlMnOpQrStUvWxYz01234567",
                 "gsk_",
                 "DB_PASSWORD=x",
+                "WALLET_PRIVATE_KEY=0xab",
+                "credentials: c",
                 "secret_access_key: k",
                 "postgres://u:p@h",
                 "redis://:p@",
