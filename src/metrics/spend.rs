@@ -87,6 +87,14 @@ fn as_count(tokens: u64) -> f64 {
 /// One agent's series, by model.
 type ByModel = HashMap<Box<str>, Arc<ModelSeries>>;
 
+/// Every agent's series, and how many pairs of an agent and a model (not `__overflow__`)
+/// they hold.
+#[derive(Default)]
+struct ByAgent {
+    agents: HashMap<Box<str>, ByModel>,
+    pairs: usize,
+}
+
 /// A series a thread used lately, by the agent name and model it was asked for.
 struct Recent {
     agent: Box<str>,
@@ -106,7 +114,7 @@ pub(crate) struct SpendMetrics {
     /// Agents and models are few and repeat: each thread finds its series here without a lock.
     recent: ThreadLocal<RefCell<Vec<Recent>>>,
     /// By agent name, then model.
-    series: RwLock<HashMap<Box<str>, ByModel>>,
+    series: RwLock<ByAgent>,
     /// The model names admitted under the cap.
     models: CappedNames<()>,
     /// The most pairs of an agent and a model (not `__overflow__`) kept apart.
@@ -153,7 +161,7 @@ impl SpendMetrics {
         SpendMetrics {
             instruments,
             recent: ThreadLocal::new(),
-            series: RwLock::new(HashMap::new()),
+            series: RwLock::default(),
             models: CappedNames::new(max_models),
             max_pairs,
             priced,
@@ -249,27 +257,26 @@ impl SpendMetrics {
             .series
             .read()
             .unwrap_or_else(PoisonError::into_inner)
+            .agents
             .get(agent.as_ref())
             .and_then(|models| models.get(model))
             .map(Arc::clone);
         found.unwrap_or_else(|| {
             let mut series = self.series.write().unwrap_or_else(PoisonError::into_inner);
-            let pairs: usize = series
-                .values()
-                .map(|models| models.keys().filter(|name| &***name != OVERFLOW_AGENT_NAME).count())
-                .sum();
-            let models = series.entry(agent.as_ref().into()).or_default();
-            let model = if model != OVERFLOW_AGENT_NAME && !models.contains_key(model) && pairs >= self.max_pairs {
+            let ByAgent { agents, pairs } = &mut *series;
+            let models = agents.entry(agent.as_ref().into()).or_default();
+            let model = if model != OVERFLOW_AGENT_NAME && !models.contains_key(model) && *pairs >= self.max_pairs {
                 TelemetryStats::add(&self.stats.model_names_overflowed, 1);
                 OVERFLOW_AGENT_NAME
             } else {
                 model
             };
-            Arc::clone(
-                models
-                    .entry(model.into())
-                    .or_insert_with(|| Arc::new(ModelSeries::new(agent_name.clone(), model))),
-            )
+            Arc::clone(models.entry(model.into()).or_insert_with(|| {
+                if model != OVERFLOW_AGENT_NAME {
+                    *pairs += 1;
+                }
+                Arc::new(ModelSeries::new(agent_name.clone(), model))
+            }))
         })
     }
 
