@@ -187,7 +187,8 @@ const SECRET_PATTERNS: [SecretPattern; 12] = [
     // credential also inside a longer key (`DB_PASSWORD=…`, `WALLET_PRIVATE_KEY=…`; a token
     // is data there: `max_token`, `eos_token`), all with `key` after them
     // (`AWS_SECRET_ACCESS_KEY=…`, `secret_key: …`): the value (quoted, to the next quote; as
-    // a `Debug` string escapes it; `Some("…")`); as a JSON or `Debug` map writes them
+    // a `Debug` string escapes it; `Some("…")`; a key and its value in turn, with that value:
+    // `credentials:\n  password: …`, `Credentials(password='…'`); as a JSON or `Debug` map writes them
     // (`"password": "…"`), a quoted value only (a number or `true` there is data); and as
     // JSON reads inside a `Debug` string, once or twice escaped (`\"password\": \"…\"`). A
     // JSON value is read in its escapes to its closing quote, or as far as it reads.
@@ -198,7 +199,7 @@ const SECRET_PATTERNS: [SecretPattern; 12] = [
             json_char_escaped_once!(),
             r#"*(?:\\")?|Some\(""#,
             json_char!(),
-            r#"*(?:"\))?|(?u:[^\s&,;"']+))"#,
+            r#"*(?:"\))?|(?u:[^\s&,;"']*[=:][ \t]*(?:"[^"]*"?|'[^']*'|[^\s&,;"']+)|[^\s&,;"']+))"#,
             r#"|["']\s*[=:]\s*(?:""#,
             json_char!(),
             r#"*"?|Some\(""#,
@@ -980,6 +981,24 @@ mod tests {
                 "[REDACTED] [REDACTED] [REDACTED] [REDACTED]",
             ),
             ("shf_x, gsk_short, npm_ci and r8_y are words", "shf_x, gsk_short, npm_ci and r8_y are words"),
+            // A value that is itself a key and its value: the inner value goes too.
+            (
+                "registry:\n  credentials:\n    password: hunter2tail7\n  url: r",
+                "registry:\n  credentials:\n    [REDACTED]\n  url: r",
+            ),
+            (
+                "signer:\n  private_key:\n    passphrase: \"open sesame\"\n",
+                "signer:\n  private_key:\n    [REDACTED]\n",
+            ),
+            (
+                "Settings(credentials=Credentials(password='hunter2 tail7')) and credentials=dict(token=\"abc tail7\")",
+                "Settings(credentials=[REDACTED])) and credentials=[REDACTED])",
+            ),
+            (
+                "Invalid credentials: password='hunter2 tail7'",
+                "Invalid credentials: [REDACTED]",
+            ),
+            ("token=abc:def&x=1", "token=[REDACTED]&x=1"),
             (
                 "sklearn is not a key, nor is sk-short",
                 "sklearn is not a key, nor is sk-short",
@@ -1243,6 +1262,8 @@ mod tests {
                 "DB_PASSWORD=x",
                 "WALLET_PRIVATE_KEY=0xab",
                 "credentials: c",
+                "Credentials(password=",
+                "credentials:\n  token: t",
                 "secret_access_key: k",
                 "postgres://u:p@h",
                 "redis://:p@",
