@@ -183,18 +183,20 @@ const SECRET_PATTERNS: [SecretPattern; 12] = [
         keep: None,
         kept_at_end: 0,
     },
-    // `password=…`, `api_key: …`, `token=…`; a password, secret, API key, private key or
-    // credential also inside a longer key (`DB_PASSWORD=…`, `WALLET_PRIVATE_KEY=…`; a token
-    // is data there: `max_token`, `eos_token`), all with `key` after them
-    // (`AWS_SECRET_ACCESS_KEY=…`, `secret_key: …`): the value (quoted, to the next quote; as
-    // a `Debug` string escapes it; `Some("…")`; a key and its value in turn, with that value:
-    // `credentials:\n  password: …`, `Credentials(password='…'`); as a JSON or `Debug` map writes them
-    // (`"password": "…"`), a quoted value only (a number or `true` there is data); and as
-    // JSON reads inside a `Debug` string, once or twice escaped (`\"password\": \"…\"`). A
-    // JSON value is read in its escapes to its closing quote, or as far as it reads.
+    // `password=…`, `api_key: …`, `token=…`; a password, secret, API key, private key,
+    // credential or session token also inside a longer key (`DB_PASSWORD=…`,
+    // `WALLET_PRIVATE_KEY=…`, `AWS_SESSION_TOKEN=…`; another token is data there: `max_token`,
+    // `eos_token`), all with `key` after them (`AWS_SECRET_ACCESS_KEY=…`, `secret_key: …`,
+    // `SecretAccessKey`); a kubeconfig's `client-key-data`: the value (quoted, to the next
+    // quote; as a `Debug` string escapes it; `Some("…")`; a key and its value in turn, with
+    // that value: `credentials:\n  password: …`, `Credentials(password='…'`); as a JSON or
+    // `Debug` map writes them (`"password": "…"`), a quoted value only (a number or `true`
+    // there is data); and as JSON reads inside a `Debug` string, once or twice escaped
+    // (`\"password\": \"…\"`). A JSON value is read in its escapes to its closing quote, or as
+    // far as it reads.
     SecretPattern {
         pattern: concat!(
-            r#"(?i-u)(?:(?:password|passwd|passphrase|secret|client[_-]?secret|api[_-]?key|private[_-]?key|credentials?)|\b(?:pwd|access[_-]?token|refresh[_-]?token|auth[_-]?token|token))(?:[_.-](?:access[_.-])?key)?"#,
+            r#"(?i-u)(?:(?:password|passwd|passphrase|secret|client[_-]?secret|api[_-]?key|private[_-]?key|credentials?|session[_-]?token|client-key-data|client_key_data)|\b(?:pwd|access[_-]?token|refresh[_-]?token|auth[_-]?token|token))(?:[_.-]?(?:access[_.-]?)?key)?"#,
             r#"(?:\s*[=:]\s*(?:(?u:"[^"]*"?|'[^']*')|\\""#,
             json_char_escaped_once!(),
             r#"*(?:\\")?|Some\(""#,
@@ -225,6 +227,9 @@ const SECRET_PATTERNS: [SecretPattern; 12] = [
             "private-key",
             "privatekey",
             "credential",
+            "session",
+            "client-key-data",
+            "client_key_data",
             "token",
         ],
         // `refresh_` before `token`; `client_`, `access_` and `auth_` are shorter.
@@ -999,6 +1004,20 @@ mod tests {
                 "Invalid credentials: [REDACTED]",
             ),
             ("token=abc:def&x=1", "token=[REDACTED]&x=1"),
+            // AWS's temporary credentials as its CLI and SDKs print them, and a kubeconfig's
+            // client key.
+            (
+                r#"{"Credentials": {"AccessKeyId": "ASIAIOSFODNN7EXAMPLE", "SecretAccessKey": "wJalrXUtnFEMI", "SessionToken": "FwoGZXIvYXdz"}}"#,
+                r#"{"Credentials": {"AccessKeyId": "[REDACTED]", "SecretAccessKey": [REDACTED], "SessionToken": [REDACTED]}}"#,
+            ),
+            (
+                "secretAccessKey: 'wJalrXUtnFEMI', AWS_SESSION_TOKEN=FwoGZXIvYXdz client-key-data: LS0tLS1CRUdJTi",
+                "secretAccessKey: [REDACTED], AWS_SESSION_TOKEN=[REDACTED] client-key-data: [REDACTED]",
+            ),
+            (
+                "session_count=3 sessions: 4 client-key-data-path=/k",
+                "session_count=3 sessions: 4 client-key-data-path=/k",
+            ),
             (
                 "sklearn is not a key, nor is sk-short",
                 "sklearn is not a key, nor is sk-short",
@@ -1264,6 +1283,10 @@ mod tests {
                 "credentials: c",
                 "Credentials(password=",
                 "credentials:\n  token: t",
+                "SessionToken\": \"",
+                "AWS_SESSION_TOKEN=",
+                "secretAccessKey: '",
+                "client-key-data: ",
                 "secret_access_key: k",
                 "postgres://u:p@h",
                 "redis://:p@",
