@@ -71,8 +71,8 @@ pub(crate) const SENSITIVE_PAIRS: [&str; 4] = ["apikey", "privatekey", "accesske
 
 /// A secret pattern: what it matches, the literals every match contains (compared ASCII
 /// case-insensitively), how many bytes before its trigger a match may start (where a word
-/// begins), and the start of a match that is kept (`Bearer `, `password=`), an anchored
-/// pattern; the rest of the match is replaced.
+/// or a `Debug` string's escape begins), and the start of a match that is kept (`Bearer `,
+/// `password=`), an anchored pattern; the rest of the match is replaced.
 struct SecretPattern {
     pattern: &'static str,
     triggers: &'static [&'static str],
@@ -105,73 +105,97 @@ macro_rules! json_char_escaped_twice {
     };
 }
 
+/// Where a token starts: where a word begins, or right after a `Debug` string's escape of a
+/// line break or tab (`\n`), whose letter `\b` takes for a word's.
+macro_rules! token_start {
+    () => {
+        r"(?:(?-i:\\[nrt])|\b)"
+    };
+}
+
 /// The built-in secret patterns. They are ASCII patterns (`(?-u)`), which the regex engine
 /// runs on its DFA; a text is searched only with the patterns whose triggers it contains.
 const SECRET_PATTERNS: [SecretPattern; 12] = [
     // Bearer tokens: the token after the scheme.
     SecretPattern {
-        pattern: r"(?i-u)\bbearer\s+[A-Za-z0-9\-._~+/]{16,}=*",
+        pattern: concat!("(?i-u)", token_start!(), r"bearer\s+[A-Za-z0-9\-._~+/]{16,}=*"),
         triggers: &["bearer"],
-        before_trigger: 0,
-        keep: Some(r"(?i-u)^bearer\s+"),
+        before_trigger: 2,
+        keep: Some(r"(?i-u)^(?:(?-i:\\[nrt]))?bearer\s+"),
         kept_at_end: 0,
     },
     // JWTs: three base64url parts, the header's JSON starting `{"`.
     SecretPattern {
-        pattern: r"(?-u)\beyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*",
+        pattern: concat!(
+            "(?-u)",
+            token_start!(),
+            r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*"
+        ),
         triggers: &["eyj"],
-        before_trigger: 0,
-        keep: None,
+        before_trigger: 2,
+        keep: Some(r"^\\[nrt]"),
         kept_at_end: 0,
     },
     // OpenAI, Anthropic, Stripe style keys: sk-…, sk-proj-…, sk-ant-…, pk_live_…, rk_test_….
     SecretPattern {
-        pattern: r"(?-u)\b(?:sk|pk|rk)[-_][A-Za-z0-9_-]{16,}",
+        pattern: concat!("(?-u)", token_start!(), r"(?:sk|pk|rk)[-_][A-Za-z0-9_-]{16,}"),
         triggers: &["sk-", "sk_", "pk-", "pk_", "rk-", "rk_"],
-        before_trigger: 0,
-        keep: None,
+        before_trigger: 2,
+        keep: Some(r"^\\[nrt]"),
         kept_at_end: 0,
     },
     // AWS access key ids.
     SecretPattern {
-        pattern: r"(?-u)\b(?:AKIA|ASIA|ABIA|ACCA|AGPA|AIDA|AIPA|ANPA|ANVA|APKA|AROA|ASCA)[A-Z0-9]{16}\b",
+        pattern: concat!(
+            "(?-u)",
+            token_start!(),
+            r"(?:AKIA|ASIA|ABIA|ACCA|AGPA|AIDA|AIPA|ANPA|ANVA|APKA|AROA|ASCA)[A-Z0-9]{16}\b"
+        ),
         triggers: &[
             "akia", "asia", "abia", "acca", "agpa", "aida", "aipa", "anpa", "anva", "apka", "aroa", "asca",
         ],
-        before_trigger: 0,
-        keep: None,
+        before_trigger: 2,
+        keep: Some(r"^\\[nrt]"),
         kept_at_end: 0,
     },
     // GitHub tokens.
     SecretPattern {
-        pattern: r"(?-u)\b(?:gh[pousr]_[A-Za-z0-9]{30,}|github_pat_[A-Za-z0-9_]{30,})",
+        pattern: concat!(
+            "(?-u)",
+            token_start!(),
+            r"(?:gh[pousr]_[A-Za-z0-9]{30,}|github_pat_[A-Za-z0-9_]{30,})"
+        ),
         triggers: &["ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_"],
-        before_trigger: 0,
-        keep: None,
+        before_trigger: 2,
+        keep: Some(r"^\\[nrt]"),
         kept_at_end: 0,
     },
     // Slack tokens.
     SecretPattern {
-        pattern: r"(?-u)\bxox[abposr]-[A-Za-z0-9-]{10,}",
+        pattern: concat!("(?-u)", token_start!(), r"xox[abposr]-[A-Za-z0-9-]{10,}"),
         triggers: &["xox"],
-        before_trigger: 0,
-        keep: None,
+        before_trigger: 2,
+        keep: Some(r"^\\[nrt]"),
         kept_at_end: 0,
     },
     // Hugging Face, Groq, Replicate, Perplexity, GitLab and npm tokens.
     SecretPattern {
-        pattern: r"(?-u)\b(?:hf_[A-Za-z0-9]{30,}|gsk_[A-Za-z0-9]{40,}|r8_[A-Za-z0-9]{30,}|pplx-[A-Za-z0-9]{40,}|glpat-[A-Za-z0-9_-]{20,}|npm_[A-Za-z0-9]{36,})",
+        pattern: concat!(
+            "(?-u)",
+            token_start!(),
+            r"(?:hf_[A-Za-z0-9]{30,}|gsk_[A-Za-z0-9]{40,}|r8_[A-Za-z0-9]{30,}|pplx-[A-Za-z0-9]{40,}|glpat-[A-Za-z0-9_-]{20,}|npm_[A-Za-z0-9]{36,})"
+        ),
         triggers: &["hf_", "gsk_", "r8_", "pplx-", "glpat-", "npm_"],
-        before_trigger: 0,
-        keep: None,
+        before_trigger: 2,
+        keep: Some(r"^\\[nrt]"),
         kept_at_end: 0,
     },
     // Google API keys.
     SecretPattern {
-        pattern: r"(?-u)\bAIza[0-9A-Za-z_-]{35}",
+        pattern: concat!("(?-u)", token_start!(), r"AIza[0-9A-Za-z_-]{35}"),
         triggers: &["aiza"],
-        before_trigger: 0,
-        keep: None,
+        before_trigger: 2,
+        keep: Some(r"^\\[nrt]"),
         kept_at_end: 0,
     },
     // PEM private key blocks, to their end or the end of the text (a Unicode pattern, so
@@ -506,9 +530,9 @@ impl BuiltIn {
 
     /// `text` with this pattern's matches redacted, `None` when it has none, found by
     /// trying the pattern only where a match can start: at each of its triggers' `starts`
-    /// (ascending), and where a word begins up to [`SecretPattern::before_trigger`] bytes
-    /// before. Every match contains a trigger, so these are all the matches a search of the
-    /// whole text finds.
+    /// (ascending), and where a word or an escape begins up to
+    /// [`SecretPattern::before_trigger`] bytes before. Every match contains a trigger, so these
+    /// are all the matches a search of the whole text finds.
     fn redact_at(&self, text: &str, starts: impl Iterator<Item = usize>) -> Option<String> {
         let bytes = text.as_bytes();
         // Positions below this were tried already, or are inside the last match.
@@ -516,7 +540,7 @@ impl BuiltIn {
         let matches = starts
             .flat_map(|start| {
                 (start.saturating_sub(self.before_trigger)..=start)
-                    .filter(move |&at| at == start || begins_ascii_word(bytes, at))
+                    .filter(move |&at| at == start || begins_ascii_word(bytes, at) || begins_escape(bytes, at))
             })
             .filter_map(|at| {
                 if at < untried || !text.is_char_boundary(at) {
@@ -632,6 +656,12 @@ impl Scrubber {
 fn begins_ascii_word(bytes: &[u8], at: usize) -> bool {
     let word = |byte: &u8| byte.is_ascii_alphanumeric() || *byte == b'_';
     bytes.get(at).is_some_and(word) && !at.checked_sub(1).and_then(|before| bytes.get(before)).is_some_and(word)
+}
+
+/// Whether a `Debug` string's escape of a line break or tab (`\n`, `\r`, `\t`) begins at
+/// `at`: a token may start there ([`token_start!`]).
+fn begins_escape(bytes: &[u8], at: usize) -> bool {
+    bytes.get(at) == Some(&b'\\') && matches!(bytes.get(at + 1), Some(b'n' | b'r' | b't'))
 }
 
 /// `text` with each of `matches` (ascending, apart) replaced by [`REDACTED`] but the start
@@ -986,6 +1016,12 @@ mod tests {
                 "[REDACTED] [REDACTED] [REDACTED] [REDACTED]",
             ),
             ("shf_x, gsk_short, npm_ci and r8_y are words", "shf_x, gsk_short, npm_ci and r8_y are words"),
+            // A token at the start of a line of a `Debug` string, after `\n`.
+            (
+                r#"Output { stdout: "tokens:\nhf_AbCdEfGhIjKlMnOpQrStUvWxYz01234567\r\nsk-proj-AbCdEf0123456789XyZ\tghp_abcdefghijklmnopqrstuvwxyz0123456789\nBearer abcdef0123456789abcdef" }"#,
+                r#"Output { stdout: "tokens:\n[REDACTED]\r\n[REDACTED]\t[REDACTED]\nBearer [REDACTED]" }"#,
+            ),
+            ("C:\\new\\tasks and \\nskills", "C:\\new\\tasks and \\nskills"),
             // A value that is itself a key and its value: the inner value goes too.
             (
                 "registry:\n  credentials:\n    password: hunter2tail7\n  url: r",
@@ -1129,13 +1165,14 @@ mod tests {
         assert_eq!(scrubber.scrub(&few), format!("{}password=[REDACTED]", "pwd ".repeat(3)));
     }
 
-    /// A match may start before its trigger only where an ASCII word begins (the search
-    /// tries no other place there), or it is a key's, which may start anywhere: a match
-    /// from its trigger on keeps the same key and redacts the same value.
+    /// A match may start before its trigger only where an ASCII word or an escape begins
+    /// (the search tries no other place there), or it is a key's, which may start anywhere: a
+    /// match from its trigger on keeps the same key and redacts the same value.
     #[test]
     fn patterns_that_start_before_their_triggers_start_at_a_word() {
         for secret in &SECRET_PATTERNS {
-            let at_a_word = secret.pattern.starts_with(r"(?i-u)\b(?:");
+            let after_flags = secret.pattern.split_once(')').map_or("", |(_, rest)| rest);
+            let at_a_word = after_flags.starts_with(r"\b(?:") || after_flags.starts_with(token_start!());
             let a_key = secret.pattern.starts_with("(?i-u)(?:(?:password|") && secret.keep.is_some();
             assert!(secret.before_trigger == 0 || at_a_word || a_key, "{}", secret.pattern);
         }
@@ -1287,6 +1324,8 @@ mod tests {
                 "AWS_SESSION_TOKEN=",
                 "secretAccessKey: '",
                 "client-key-data: ",
+                "\\n",
+                "\\t",
                 "secret_access_key: k",
                 "postgres://u:p@h",
                 "redis://:p@",
