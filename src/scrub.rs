@@ -178,14 +178,18 @@ const SECRET_PATTERNS: [SecretPattern; 12] = [
         keep: Some(r"^\\[nrt]"),
         kept_at_end: 0,
     },
-    // Hugging Face, Groq, Replicate, Perplexity, GitLab and npm tokens.
+    // Hugging Face, Groq, Replicate, Perplexity, GitLab (every kind, routable ones with their
+    // suffix) and npm tokens.
     SecretPattern {
         pattern: concat!(
             "(?-u)",
             token_start!(),
-            r"(?:hf_[A-Za-z0-9]{30,}|gsk_[A-Za-z0-9]{40,}|r8_[A-Za-z0-9]{30,}|pplx-[A-Za-z0-9]{40,}|glpat-[A-Za-z0-9_-]{20,}|npm_[A-Za-z0-9]{36,})"
+            r"(?:hf_[A-Za-z0-9]{30,}|gsk_[A-Za-z0-9]{40,}|r8_[A-Za-z0-9]{30,}|pplx-[A-Za-z0-9]{40,}|gl(?:pat|ptt|dt|rt|cbt|ft|imt|agent|oas|soat|ffct)-[A-Za-z0-9_.-]{20,}|npm_[A-Za-z0-9]{36,})"
         ),
-        triggers: &["hf_", "gsk_", "r8_", "pplx-", "glpat-", "npm_"],
+        triggers: &[
+            "hf_", "gsk_", "r8_", "pplx-", "glpat-", "glptt-", "gldt-", "glrt-", "glcbt-", "glft-", "glimt-",
+            "glagent-", "gloas-", "glsoat-", "glffct-", "npm_",
+        ],
         before_trigger: 2,
         keep: Some(r"^\\[nrt]"),
         kept_at_end: 0,
@@ -1016,6 +1020,10 @@ mod tests {
                 "[REDACTED] [REDACTED] [REDACTED] [REDACTED]",
             ),
             ("shf_x, gsk_short, npm_ci and r8_y are words", "shf_x, gsk_short, npm_ci and r8_y are words"),
+            (
+                "CI_JOB_TOKEN=glcbt-64_AbCdEfGhIjKlMnOpQrSt gldt-AbCdEfGhIjKlMnOpQrSt glpat-AbCdEfGhIjKlMnOpQrStUvWxYz0.01.0w1234567 end",
+                "CI_JOB_TOKEN=[REDACTED] [REDACTED] [REDACTED] end",
+            ),
             // A token at the start of a line of a `Debug` string, after `\n`.
             (
                 r#"Output { stdout: "tokens:\nhf_AbCdEfGhIjKlMnOpQrStUvWxYz01234567\r\nsk-proj-AbCdEf0123456789XyZ\tghp_abcdefghijklmnopqrstuvwxyz0123456789\nBearer abcdef0123456789abcdef" }"#,
@@ -1324,6 +1332,7 @@ mod tests {
                 "AWS_SESSION_TOKEN=",
                 "secretAccessKey: '",
                 "client-key-data: ",
+                "glcbt-64_AbCdEfGhIjKlMnOpQrSt",
                 "\\n",
                 "\\t",
                 "secret_access_key: k",
