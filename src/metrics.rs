@@ -2,6 +2,7 @@
 //! `opentelemetry-prometheus` on a [`prometheus::Registry`].
 
 mod capped_names;
+mod coalesced_renders;
 mod held_answers;
 mod open_connections;
 pub(crate) mod series_limits;
@@ -387,7 +388,7 @@ fn register_self_metrics(meter: &Meter, stats: &Arc<TelemetryStats>) {
         ),
         (
             "agent_telemetry_metrics_answers_shared",
-            "Requests to /metrics sent the latest answer, shared, because the answers being sent held their limit",
+            "Requests to /metrics sent an answer rendered for another: a render the requests waiting together share, or the latest answer when the answers being sent held their limit",
             |s| &s.metrics_answers_shared,
         ),
     ];

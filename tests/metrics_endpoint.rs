@@ -392,6 +392,19 @@ fn deaf_clients(addr: SocketAddr, count: usize) -> Vec<TcpStream> {
         .collect()
 }
 
+/// `count` clients that send a scrape request to `addr` and never read the answer, each
+/// sending its request once the one before has its answer: a render each.
+fn deaf_clients_one_by_one(addr: SocketAddr, count: usize) -> Vec<TcpStream> {
+    (0..count)
+        .map(|_| {
+            let client = deaf_clients(addr, 1).remove(0);
+            client.set_read_timeout(Some(HEAD_TIMEOUT)).unwrap();
+            assert!(matches!(client.peek(&mut [0; 1]), Ok(1)), "answered");
+            client
+        })
+        .collect()
+}
+
 #[test]
 fn clients_that_never_read_a_large_answer_cannot_hold_every_slot() {
     // Room for 4 connections: 8 clients that do not read would hold every slot for 10 s.
@@ -413,12 +426,57 @@ fn clients_that_never_read_a_large_answer_cannot_hold_every_slot() {
 }
 
 #[test]
-fn past_64_mib_of_answers_held_a_scrape_is_sent_the_latest_one_shared() {
-    // 24 clients that do not read, inside the connection limit: each answered anew, they
-    // would hold 24 answers (about 150 MB) for the exchange's 10 s.
+fn clients_hammering_requests_share_renders_and_scrapes_are_still_answered() {
+    // Rendered anew for each request, 60 clients asking for a 6 MB answer again as soon as
+    // they have its first byte queue each scrape behind 60 renders.
     let harness = harness_with_large_answers(|builder| builder);
     let addr = harness.telemetry().metrics_addr().unwrap();
-    let deaf = deaf_clients(addr, 24);
+    let stop = Arc::new(AtomicBool::new(false));
+    let requests = Arc::new(AtomicUsize::new(0));
+    let hammers: Vec<JoinHandle<()>> = (0..60)
+        .map(|_| {
+            let (stop, requests) = (Arc::clone(&stop), Arc::clone(&requests));
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let Ok(mut stream) = TcpStream::connect(addr) else {
+                        continue;
+                    };
+                    let _ = stream.set_read_timeout(Some(EXCHANGE_TIMEOUT));
+                    if stream.write_all(scrape_request(addr).as_bytes()).is_ok() && stream.read(&mut [0; 1]).is_ok() {
+                        requests.fetch_add(1, Ordering::Relaxed);
+                    }
+                    // Dropped unread: the connection is reset.
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let scraper = Scraper::start(addr, Duration::from_millis(300));
+    std::thread::sleep(Duration::from_secs(4));
+    scraper.every_scrape_answered(5);
+    stop.store(true, Ordering::Relaxed);
+    for hammer in hammers {
+        hammer.join().unwrap();
+    }
+    let requests = requests.load(Ordering::Relaxed) as f64;
+    let shared = harness
+        .scrape()
+        .value("agent_telemetry_metrics_answers_shared_total", &[])
+        .unwrap();
+    assert!(
+        requests >= 60.0 && shared >= requests / 2.0,
+        "{shared} of {requests} answers shared a render"
+    );
+}
+
+#[test]
+fn past_64_mib_of_answers_held_a_scrape_is_sent_the_latest_one_shared() {
+    // 24 clients that do not read, inside the connection limit, one after another (requests
+    // at once would share renders): each answered anew, they would hold 24 answers (about
+    // 150 MB) for the exchange's 10 s.
+    let harness = harness_with_large_answers(|builder| builder);
+    let addr = harness.telemetry().metrics_addr().unwrap();
+    let deaf = deaf_clients_one_by_one(addr, 24);
     let deadline = Instant::now() + Duration::from_secs(8);
     let answered = || {
         deaf.iter()

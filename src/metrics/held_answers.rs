@@ -28,10 +28,11 @@ pub(crate) const MAX_HELD_ANSWER_BYTES: usize = 64 << 20;
 pub(crate) const MAX_SHARED_AGE: Duration = Duration::from_secs(10);
 
 /// The body of an answer, and whether it was rendered for it.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(super) enum Answer {
     Rendered(Bytes),
-    /// The latest answer, shared: there was no room for a new one.
+    /// Rendered for another request: the latest answer when there was no room for a new one,
+    /// or the render another request led (`coalesced_renders.rs`).
     Shared(Bytes),
 }
 
@@ -40,6 +41,11 @@ impl Answer {
         match self {
             Answer::Rendered(body) | Answer::Shared(body) => body,
         }
+    }
+
+    /// The same body, as sent to a request it was not rendered for.
+    pub(super) fn into_shared(self) -> Self {
+        Answer::Shared(self.into_body())
     }
 }
 

@@ -21,6 +21,12 @@
 //!   sent at once (clients that do not read hold theirs), a request is sent the latest
 //!   answer, shared, rather than a new render, if it is still held and at most 10 s old
 //!   (`held_answers.rs`), counted in `agent_telemetry_metrics_answers_shared_total`.
+//! - **Renders**: a request waits for the next render, which every request waiting when it
+//!   starts is sent, and a render starts no sooner after the last than that one took
+//!   (`coalesced_renders.rs`): however fast requests come, rendering takes at most half the
+//!   thread, and a scrape waits for a render or two, not for every request before it. The
+//!   requests sent a render another led count in
+//!   `agent_telemetry_metrics_answers_shared_total`.
 //! - **One request per connection**: every answer says `Connection: close`, so pipelined
 //!   requests queue no work. A client that half-closes after its request still gets its
 //!   answer.
@@ -52,6 +58,7 @@ use subtle::ConstantTimeEq;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{oneshot, Notify};
 
+use super::coalesced_renders::CoalescedRenders;
 use super::held_answers::{Answer, HeldAnswers};
 use super::open_connections::{OpenConnections, Progress, Watched};
 use super::MetricsHandle;
@@ -175,6 +182,7 @@ impl MetricsServer {
             open: Mutex::default(),
             ended: Notify::new(),
             answers: Arc::default(),
+            renders: CoalescedRenders::default(),
         });
         let thread = std::thread::Builder::new()
             .name(THREAD_NAME.into())
@@ -253,6 +261,8 @@ struct Server {
     ended: Notify,
     /// The answers being sent, bounded in bytes.
     answers: Arc<HeldAnswers>,
+    /// The renders, each sent to the requests waiting when it started.
+    renders: CoalescedRenders,
 }
 
 impl Server {
@@ -315,9 +325,9 @@ impl Server {
         let head_received = Arc::clone(&progress);
         let service = hyper::service::service_fn(move |request: Request<Incoming>| {
             head_received.head_received();
+            let server = Arc::clone(&server);
             // The body is dropped unread with the request.
-            let response = server.answer(&request);
-            std::future::ready(Ok::<_, Infallible>(response))
+            async move { Ok::<_, Infallible>(server.answer(&request).await) }
         });
         let connection = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
@@ -342,7 +352,7 @@ impl Server {
     }
 
     /// The answer to one request.
-    fn answer(&self, request: &Request<Incoming>) -> Response<Full<Bytes>> {
+    async fn answer(&self, request: &Request<Incoming>) -> Response<Full<Bytes>> {
         if let Some(token) = &self.token {
             if !token.admits(request.headers().get(AUTHORIZATION)) {
                 TelemetryStats::add(&self.stats.metrics_requests_unauthorized, 1);
@@ -363,22 +373,24 @@ impl Server {
                 .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
             return response;
         }
-        match self.answers.answer(|| self.metrics.render()) {
-            Ok(answer) => {
-                if matches!(answer, Answer::Shared(_)) {
-                    TelemetryStats::add(&self.stats.metrics_answers_shared, 1);
-                }
-                let mut response = Response::new(Full::new(answer.into_body()));
-                response
-                    .headers_mut()
-                    .insert(CONTENT_TYPE, HeaderValue::from_static(prometheus::TEXT_FORMAT));
-                response
-            }
+        let render = || match self.answers.answer(|| self.metrics.render()) {
+            Ok(answer) => Some(answer),
             Err(error) => {
                 tracing::warn!(target: "agent_telemetry::metrics", %error, "cannot render /metrics");
-                text(StatusCode::INTERNAL_SERVER_ERROR, "cannot render metrics\n")
+                None
             }
+        };
+        let Some(answer) = self.renders.answer(render).await else {
+            return text(StatusCode::INTERNAL_SERVER_ERROR, "cannot render metrics\n");
+        };
+        if matches!(answer, Answer::Shared(_)) {
+            TelemetryStats::add(&self.stats.metrics_answers_shared, 1);
         }
+        let mut response = Response::new(Full::new(answer.into_body()));
+        response
+            .headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static(prometheus::TEXT_FORMAT));
+        response
     }
 }
 
