@@ -27,9 +27,9 @@
 //!   thread, and a scrape waits for a render or two, not for every request before it. The
 //!   requests sent a render another led count in
 //!   `agent_telemetry_metrics_answers_shared_total`.
-//! - **One request per connection**: every answer says `Connection: close`, so pipelined
-//!   requests queue no work. A client that half-closes after its request still gets its
-//!   answer.
+//! - **One request per connection**: every HTTP/1.1 answer says `Connection: close` (an
+//!   HTTP/1.0 one closes without saying so), so pipelined requests queue no work. A client
+//!   that half-closes after its request still gets its answer.
 //! - **Accept errors** (out of file descriptors and the like): a connection that holds its
 //!   slot for nothing is closed to free a descriptor, else accepting backs off from
 //!   [`ACCEPT_BACKOFF_MIN`] to [`ACCEPT_BACKOFF_MAX`] (or until one does); one warning per
