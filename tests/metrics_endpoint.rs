@@ -675,6 +675,52 @@ fn a_client_that_does_not_read_a_large_answer_is_dropped_after_the_exchange_time
     assert!(received.len() < 30 << 20, "{} bytes", received.len());
 }
 
+/// An application's collector that panics while `panics` is set.
+struct PanickingCollector {
+    panics: Arc<AtomicBool>,
+    desc: prometheus::core::Desc,
+}
+
+impl prometheus::core::Collector for PanickingCollector {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        vec![&self.desc]
+    }
+
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        assert!(!self.panics.load(Ordering::Relaxed), "the collector panics");
+        Vec::new()
+    }
+}
+
+#[test]
+fn a_collector_that_panics_gets_500_and_frees_its_slot() {
+    // Two slots: each panic used to take one with it for good, and the endpoint went silent.
+    let harness = support::Harness::with(|builder| {
+        builder
+            .with_metrics_max_connections(2)
+            .with_traces_exporter(agent_telemetry::TracesExporter::None)
+    });
+    let panics = Arc::new(AtomicBool::new(true));
+    let desc = prometheus::core::Desc::new("app_panicky".into(), "panics".into(), vec![], Default::default()).unwrap();
+    let collector = PanickingCollector {
+        panics: Arc::clone(&panics),
+        desc,
+    };
+    let telemetry = harness.telemetry();
+    telemetry.metrics().registry().register(Box::new(collector)).unwrap();
+    let addr = telemetry.metrics_addr().unwrap();
+    for _ in 0..4 {
+        let answer = try_http(addr, &scrape_request(addr), Duration::from_secs(5));
+        assert!(matches!(answer, Ok((500, _))), "{answer:?}");
+    }
+    panics.store(false, Ordering::Relaxed);
+    let answer = try_http(addr, &scrape_request(addr), Duration::from_secs(5));
+    assert!(
+        matches!(&answer, Ok((200, body)) if body.contains("agent_telemetry_log_lines_written_total")),
+        "{answer:?}"
+    );
+}
+
 #[test]
 fn a_bearer_token_guards_metrics_and_is_never_printed() {
     let work = tempfile::tempdir().unwrap();

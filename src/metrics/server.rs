@@ -27,6 +27,8 @@
 //!   thread, and a scrape waits for a render or two, not for every request before it. The
 //!   requests sent a render another led count in
 //!   `agent_telemetry_metrics_answers_shared_total`.
+//! - **Panics**: a render that panics (in a collector the application registered) gets its
+//!   requests `500`, and a connection's slot is freed however its task ends.
 //! - **One request per connection**: every HTTP/1.1 answer says `Connection: close` (an
 //!   HTTP/1.0 one closes without saying so), so pipelined requests queue no work. A client
 //!   that half-closes after its request still gets its answer.
@@ -42,6 +44,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
@@ -321,6 +324,7 @@ impl Server {
 
     /// Serves one request on `stream`, within the time limits, and counts how it ended.
     async fn serve(self: Arc<Self>, stream: TcpStream, id: u64, progress: Arc<Progress>) {
+        let _slot = Slot { server: &self, id };
         let server = Arc::clone(&self);
         let head_received = Arc::clone(&progress);
         let service = hyper::service::service_fn(move |request: Request<Incoming>| {
@@ -347,8 +351,6 @@ impl Server {
             // A client that went away before its answer was written: nothing to count.
             Ok(Err(_) | Ok(())) => {}
         }
-        self.open().remove(id);
-        self.ended.notify_one();
     }
 
     /// The answer to one request.
@@ -373,10 +375,14 @@ impl Server {
                 .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
             return response;
         }
-        let render = || match self.answers.answer(|| self.metrics.render()) {
-            Ok(answer) => Some(answer),
-            Err(error) => {
+        let render = || match catch_unwind(AssertUnwindSafe(|| self.answers.answer(|| self.metrics.render()))) {
+            Ok(Ok(answer)) => Some(answer),
+            Ok(Err(error)) => {
                 tracing::warn!(target: "agent_telemetry::metrics", %error, "cannot render /metrics");
+                None
+            }
+            Err(_panic) => {
+                tracing::warn!(target: "agent_telemetry::metrics", "a collector panicked rendering /metrics");
                 None
             }
         };
@@ -391,6 +397,20 @@ impl Server {
             .headers_mut()
             .insert(CONTENT_TYPE, HeaderValue::from_static(prometheus::TEXT_FORMAT));
         response
+    }
+}
+
+/// A connection's slot, freed however its task ends: answered, aborted, or unwound by a
+/// panic.
+struct Slot<'a> {
+    server: &'a Server,
+    id: u64,
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        self.server.open().remove(self.id);
+        self.server.ended.notify_one();
     }
 }
 
