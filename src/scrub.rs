@@ -80,6 +80,10 @@ struct SecretPattern {
     keep: Option<&'static str>,
     /// How many bytes at the end of a match stay (the `@` after a URL's password).
     kept_at_end: usize,
+    /// Where a key starts that an unquoted value after `keep` never hides: the value ends
+    /// before it (`credentials: password: …`, `Credentials(password='…')`), and the key is
+    /// matched on its own.
+    inner_keys: Option<&'static str>,
 }
 
 /// One character of a JSON string as JSON writes it: a character but `"` and `\`, or an
@@ -113,6 +117,15 @@ macro_rules! token_start {
     };
 }
 
+/// The keys of the key rule: a password, secret, API key, private key, credential or session
+/// token anywhere in a longer key, a kubeconfig's client key; `pwd` and the token keys where
+/// a word begins; all with `key` after them.
+macro_rules! secret_key {
+    () => {
+        r#"(?:(?:password|passwd|passphrase|secret|client[_-]?secret|api[_-]?key|private[_-]?key|credentials?|session[_-]?token|client-key-data|client_key_data)|\b(?:pwd|access[_-]?token|refresh[_-]?token|auth[_-]?token|token))(?:[_.-]?(?:access[_.-]?)?key)?"#
+    };
+}
+
 /// The built-in secret patterns. They are ASCII patterns (`(?-u)`), which the regex engine
 /// runs on its DFA; a text is searched only with the patterns whose triggers it contains.
 const SECRET_PATTERNS: [SecretPattern; 12] = [
@@ -123,6 +136,7 @@ const SECRET_PATTERNS: [SecretPattern; 12] = [
         before_trigger: 2,
         keep: Some(r"(?i-u)^(?:(?-i:\\[nrt]))?bearer\s+"),
         kept_at_end: 0,
+        inner_keys: None,
     },
     // JWTs: three base64url parts, the header's JSON starting `{"`.
     SecretPattern {
@@ -135,6 +149,7 @@ const SECRET_PATTERNS: [SecretPattern; 12] = [
         before_trigger: 2,
         keep: Some(r"^\\[nrt]"),
         kept_at_end: 0,
+        inner_keys: None,
     },
     // OpenAI, Anthropic, Stripe style keys: sk-…, sk-proj-…, sk-ant-…, pk_live_…, rk_test_….
     SecretPattern {
@@ -143,6 +158,7 @@ const SECRET_PATTERNS: [SecretPattern; 12] = [
         before_trigger: 2,
         keep: Some(r"^\\[nrt]"),
         kept_at_end: 0,
+        inner_keys: None,
     },
     // AWS access key ids.
     SecretPattern {
@@ -157,6 +173,7 @@ const SECRET_PATTERNS: [SecretPattern; 12] = [
         before_trigger: 2,
         keep: Some(r"^\\[nrt]"),
         kept_at_end: 0,
+        inner_keys: None,
     },
     // GitHub tokens.
     SecretPattern {
@@ -169,6 +186,7 @@ const SECRET_PATTERNS: [SecretPattern; 12] = [
         before_trigger: 2,
         keep: Some(r"^\\[nrt]"),
         kept_at_end: 0,
+        inner_keys: None,
     },
     // Slack tokens.
     SecretPattern {
@@ -177,6 +195,7 @@ const SECRET_PATTERNS: [SecretPattern; 12] = [
         before_trigger: 2,
         keep: Some(r"^\\[nrt]"),
         kept_at_end: 0,
+        inner_keys: None,
     },
     // Hugging Face, Groq, Replicate, Perplexity, GitLab (every kind, routable ones with their
     // suffix) and npm tokens.
@@ -193,6 +212,7 @@ const SECRET_PATTERNS: [SecretPattern; 12] = [
         before_trigger: 2,
         keep: Some(r"^\\[nrt]"),
         kept_at_end: 0,
+        inner_keys: None,
     },
     // Google API keys.
     SecretPattern {
@@ -201,6 +221,7 @@ const SECRET_PATTERNS: [SecretPattern; 12] = [
         before_trigger: 2,
         keep: Some(r"^\\[nrt]"),
         kept_at_end: 0,
+        inner_keys: None,
     },
     // PEM private key blocks, to their end or the end of the text (a Unicode pattern, so
     // that `.` is any character).
@@ -210,26 +231,27 @@ const SECRET_PATTERNS: [SecretPattern; 12] = [
         before_trigger: 0,
         keep: None,
         kept_at_end: 0,
+        inner_keys: None,
     },
     // `password=…`, `api_key: …`, `token=…`; a password, secret, API key, private key,
     // credential or session token also inside a longer key (`DB_PASSWORD=…`,
     // `WALLET_PRIVATE_KEY=…`, `AWS_SESSION_TOKEN=…`; another token is data there: `max_token`,
     // `eos_token`), all with `key` after them (`AWS_SECRET_ACCESS_KEY=…`, `secret_key: …`,
     // `SecretAccessKey`); a kubeconfig's `client-key-data`: the value (quoted, to the next
-    // quote; as a `Debug` string escapes it; `Some("…")`; a key and its value in turn, with
-    // that value: `credentials:\n  password: …`, `Credentials(password='…'`); as a JSON or
-    // `Debug` map writes them (`"password": "…"`), a quoted value only (a number or `true`
-    // there is data); and as JSON reads inside a `Debug` string, once or twice escaped
-    // (`\"password\": \"…\"`). A JSON value is read in its escapes to its closing quote, or as
-    // far as it reads.
+    // quote; as a `Debug` string escapes it; `Some("…")`; unquoted, up to where a key inside
+    // it starts, `inner_keys`); as a JSON or `Debug` map writes them (`"password": "…"`), a
+    // quoted value only (a number or `true` there is data); and as JSON reads inside a `Debug`
+    // string, once or twice escaped (`\"password\": \"…\"`). A JSON value is read in its
+    // escapes to its closing quote, or as far as it reads.
     SecretPattern {
         pattern: concat!(
-            r#"(?i-u)(?:(?:password|passwd|passphrase|secret|client[_-]?secret|api[_-]?key|private[_-]?key|credentials?|session[_-]?token|client-key-data|client_key_data)|\b(?:pwd|access[_-]?token|refresh[_-]?token|auth[_-]?token|token))(?:[_.-]?(?:access[_.-]?)?key)?"#,
+            "(?i-u)",
+            secret_key!(),
             r#"(?:\s*[=:]\s*(?:(?u:"[^"]*"?|'[^']*')|\\""#,
             json_char_escaped_once!(),
             r#"*(?:\\")?|Some\(""#,
             json_char!(),
-            r#"*(?:"\))?|(?u:[^\s&,;"']*[=:][ \t]*(?:"[^"]*"?|'[^']*'|[^\s&,;"']+)|[^\s&,;"']+))"#,
+            r#"*(?:"\))?|(?u:[^\s&,;"']+))"#,
             r#"|["']\s*[=:]\s*(?:""#,
             json_char!(),
             r#"*"?|Some\(""#,
@@ -264,6 +286,7 @@ const SECRET_PATTERNS: [SecretPattern; 12] = [
         before_trigger: 8,
         keep: Some(r#"(?i-u)^[a-z0-9_.-]+(?:\\*["'])?\s*[=:]\s*"#),
         kept_at_end: 0,
+        inner_keys: Some(concat!("(?i-u)", secret_key!(), r#"(?:\\*["'])?[ \t]{0,16}[=:]"#)),
     },
     // `Authorization: Basic …` and the like: the credentials; quoted (the value read as a
     // JSON string), in `Some("…")`, as a JSON or `Debug` map writes them, or escaped as
@@ -292,6 +315,7 @@ const SECRET_PATTERNS: [SecretPattern; 12] = [
             r#"(?i-u)^authorization(?:\\*["'])?\s*[:=]\s*(?:\\*["']|Some\(")?(?:(?:basic|bearer|digest|token)\s+)?"#,
         ),
         kept_at_end: 0,
+        inner_keys: None,
     },
     // A URL's password: `postgres://user:password@host`, `redis://:password@host`; neither
     // part runs through a quote, a comma or a bracket (JSON, CSV, `<…>` lists).
@@ -302,6 +326,7 @@ const SECRET_PATTERNS: [SecretPattern; 12] = [
         before_trigger: 24,
         keep: Some(r#"(?i-u)^[a-z][a-z0-9+]*://(?u:[^\s:/?#@"'<>{},;`]*):"#),
         kept_at_end: 1,
+        inner_keys: None,
     },
 ];
 
@@ -393,6 +418,13 @@ impl Scrubbing {
                     keep: secret.keep.map(compile).transpose()?,
                     before_trigger: secret.before_trigger,
                     kept_at_end: secret.kept_at_end,
+                    inner_keys: secret
+                        .inner_keys
+                        .map(|pattern| {
+                            meta::Regex::new(pattern)
+                                .map_err(|e| Error::invalid("with_scrubbing", pattern, e.to_string()))
+                        })
+                        .transpose()?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -525,12 +557,17 @@ struct BuiltIn {
     keep: Option<Regex>,
     before_trigger: usize,
     kept_at_end: usize,
+    inner_keys: Option<meta::Regex>,
 }
 
 impl BuiltIn {
     /// Above this many of its triggers in a text, a pattern searches the whole text rather
     /// than try where each trigger is.
     const MAX_TRIED_TRIGGERS: usize = 16;
+
+    /// How far past a match's end a key inside its value may end: its separator may lie
+    /// beyond (`…\naws_session_token = …`).
+    const INNER_KEY_REACH: usize = 64;
 
     /// `text` with this pattern's matches redacted, `None` when it has none, found by
     /// trying the pattern only where a match can start: at each of its triggers' `starts`
@@ -554,28 +591,71 @@ impl BuiltIn {
                 // Anchored at `at`, the text before it still seen by `\b`.
                 let input = Input::new(text).range(at..).anchored(Anchored::Yes);
                 let found = self.regex.search(&input)?;
-                untried = found.end();
-                Some(self.redacted_part(found.range()))
-            });
+                let (parts, next) = self.redacted_parts(text, found.range());
+                untried = next;
+                Some(parts)
+            })
+            .flatten();
         redact(text, self.keep.as_ref(), matches)
     }
 
-    /// What of a match is redacted: all but its last [`SecretPattern::kept_at_end`] bytes
-    /// (ASCII, as the patterns that keep any end in).
-    fn redacted_part(&self, found: Range<usize>) -> Range<usize> {
-        found.start..found.end.saturating_sub(self.kept_at_end).max(found.start)
+    /// The parts of a match redacted, each from a key (which `keep` keeps) to the end of its
+    /// value, and where the search goes on. All but the match's last
+    /// [`SecretPattern::kept_at_end`] bytes (ASCII, as the patterns that keep any end in),
+    /// the search going on at its end; but an unquoted value ends where a key inside it
+    /// starts ([`SecretPattern::inner_keys`]), trailing whitespace kept, and so on for that
+    /// key's value inside the match; the search goes on at the first key whose value is
+    /// quoted or runs past the match.
+    fn redacted_parts(&self, text: &str, found: Range<usize>) -> (Parts, usize) {
+        let whole = found.start..found.end.saturating_sub(self.kept_at_end).max(found.start);
+        let Some(inner_keys) = &self.inner_keys else {
+            return (Parts::One(Some(whole)), found.end);
+        };
+        let kept = self
+            .keep
+            .as_ref()
+            .and_then(|keep| keep.find(&text[found.clone()]))
+            .map_or(0, |kept| kept.end());
+        let (mut key, mut value) = (found.start, found.start + kept);
+        if is_quoted(&text[value..]) {
+            return (Parts::One(Some(whole)), found.end);
+        }
+        let mut reach = found.end.saturating_add(Self::INNER_KEY_REACH).min(text.len());
+        while !text.is_char_boundary(reach) {
+            reach -= 1;
+        }
+        let mut parts = Vec::new();
+        while let Some(inner) = inner_keys
+            .search(&Input::new(text).range(value..reach))
+            .filter(|inner| inner.start() < found.end)
+        {
+            let cut = value + text[value..inner.start()].trim_end().len();
+            if cut > value {
+                parts.push(key..cut);
+            }
+            let after = &text[inner.end()..];
+            let inner_value = inner.end() + (after.len() - after.trim_start().len());
+            if inner_value >= found.end || is_quoted(&text[inner_value..]) {
+                return (Parts::Many(parts.into_iter()), inner.start());
+            }
+            (key, value) = (inner.start(), inner_value);
+        }
+        parts.push(key..whole.end);
+        (Parts::Many(parts.into_iter()), found.end)
     }
 
     /// `text` with this pattern's matches redacted, `None` when it has none, found by a
     /// search of the whole text.
     fn redact_all(&self, text: &str) -> Option<String> {
-        redact(
-            text,
-            self.keep.as_ref(),
-            self.regex
-                .find_iter(text)
-                .map(|found| self.redacted_part(found.range())),
-        )
+        let mut from = 0;
+        let matches = std::iter::from_fn(|| {
+            let found = self.regex.search(&Input::new(text).range(from..))?;
+            let (parts, next) = self.redacted_parts(text, found.range());
+            from = next;
+            Some(parts)
+        })
+        .flatten();
+        redact(text, self.keep.as_ref(), matches)
     }
 }
 
@@ -660,6 +740,29 @@ impl Scrubber {
 fn begins_ascii_word(bytes: &[u8], at: usize) -> bool {
     let word = |byte: &u8| byte.is_ascii_alphanumeric() || *byte == b'_';
     bytes.get(at).is_some_and(word) && !at.checked_sub(1).and_then(|before| bytes.get(before)).is_some_and(word)
+}
+
+/// The parts of a match redacted ([`BuiltIn::redacted_parts`]): nearly always one.
+enum Parts {
+    One(Option<Range<usize>>),
+    Many(std::vec::IntoIter<Range<usize>>),
+}
+
+impl Iterator for Parts {
+    type Item = Range<usize>;
+
+    fn next(&mut self) -> Option<Range<usize>> {
+        match self {
+            Parts::One(part) => part.take(),
+            Parts::Many(parts) => parts.next(),
+        }
+    }
+}
+
+/// Whether a value starts quoted (`"…"`, `'…'`, escaped `\"…\"`, `Some("…")`): it is read to
+/// its closing quote, keys and all.
+fn is_quoted(value: &str) -> bool {
+    value.starts_with(['"', '\'', '\\']) || value.starts_with("Some(")
 }
 
 /// Whether a `Debug` string's escape of a line break or tab (`\n`, `\r`, `\t`) begins at
@@ -1050,24 +1153,41 @@ mod tests {
     fn values_under_keys_are_replaced_wherever_the_key_is() {
         let scrubber = on();
         for (text, scrubbed) in [
-            // A value that is itself a key and its value: the inner value goes too.
+            // An unquoted value ends where a key inside it starts, which is matched on its own.
             (
                 "registry:\n  credentials:\n    password: hunter2tail7\n  url: r",
-                "registry:\n  credentials:\n    [REDACTED]\n  url: r",
+                "registry:\n  credentials:\n    password: [REDACTED]\n  url: r",
             ),
             (
                 "signer:\n  private_key:\n    passphrase: \"open sesame\"\n",
-                "signer:\n  private_key:\n    [REDACTED]\n",
+                "signer:\n  private_key:\n    passphrase: [REDACTED]\n",
             ),
             (
                 "Settings(credentials=Credentials(password='hunter2 tail7')) and credentials=dict(token=\"abc tail7\")",
-                "Settings(credentials=[REDACTED])) and credentials=[REDACTED])",
+                "Settings(credentials=[REDACTED]password=[REDACTED])) and credentials=[REDACTED]token=[REDACTED])",
             ),
             (
                 "Invalid credentials: password='hunter2 tail7'",
-                "Invalid credentials: [REDACTED]",
+                "Invalid credentials: password=[REDACTED]",
+            ),
+            (
+                r#""[default]\naws_secret_access_key = wJalrXUt\naws_session_token = FwoGZXIvYXdzEJr""#,
+                r#""[default]\naws_secret_access_key = [REDACTED]session_token = [REDACTED]""#,
             ),
             ("token=abc:def&x=1", "token=[REDACTED]&x=1"),
+            // A value ending in `=` or `:` before another key or a quote takes neither.
+            (
+                "echo \"TOKEN=YWJjZA==\" && mysql -u root --password=\"hunter 2\" db",
+                "echo \"TOKEN=[REDACTED]\" && mysql -u root --password=[REDACTED] db",
+            ),
+            (
+                "token=abc: password='hunter2 tail' api_key=c2VjcmV0== status=401",
+                "token=[REDACTED] password=[REDACTED] api_key=[REDACTED] status=401",
+            ),
+            (
+                r#"{"cmd": "export API_KEY=YWJj==", "exit_code": 0}"#,
+                r#"{"cmd": "export API_KEY=[REDACTED]", "exit_code": 0}"#,
+            ),
             // AWS's temporary credentials as its CLI and SDKs print them, and a kubeconfig's
             // client key.
             (
@@ -1263,46 +1383,18 @@ mod tests {
         use std::sync::LazyLock;
 
         use proptest::prelude::*;
-        use regex::Regex;
 
-        use super::super::{Scrubber, Scrubbing, REDACTED, SECRET_PATTERNS};
+        use super::super::{Scrubber, Scrubbing};
         use super::flip_ascii_case;
-
-        /// Every built-in pattern, compiled, with its kept start and how much of its end stays.
-        static PATTERNS: LazyLock<Vec<(Regex, Option<Regex>, usize)>> = LazyLock::new(|| {
-            SECRET_PATTERNS
-                .iter()
-                .map(|secret| {
-                    (
-                        Regex::new(secret.pattern).unwrap(),
-                        secret.keep.map(|keep| Regex::new(keep).unwrap()),
-                        secret.kept_at_end,
-                    )
-                })
-                .collect()
-        });
 
         static SCRUBBER: LazyLock<Scrubber> = LazyLock::new(|| Scrubbing::default().build().unwrap());
 
         /// What scrubbing must give: every pattern in turn, searched in the whole text.
         fn whole_text_scrubbed(text: &str) -> String {
-            let mut text = text.to_owned();
-            for (regex, keep, kept_at_end) in PATTERNS.iter() {
-                let mut out = String::new();
-                let mut copied = 0;
-                for found in regex.find_iter(&text) {
-                    let kept = keep
-                        .as_ref()
-                        .and_then(|keep| keep.find(found.as_str()))
-                        .map_or(0, |kept| kept.end());
-                    out.push_str(&text[copied..found.start() + kept]);
-                    out.push_str(REDACTED);
-                    copied = found.end() - kept_at_end;
-                }
-                out.push_str(&text[copied..]);
-                text = out;
-            }
-            text
+            let rules = SCRUBBER.rules.as_ref().unwrap();
+            rules.built_in.iter().fold(text.to_owned(), |text, pattern| {
+                pattern.redact_all(&text).unwrap_or(text)
+            })
         }
 
         /// Secrets of every kind, near misses, triggers alone, and what may stand before a
@@ -1339,6 +1431,9 @@ mod tests {
                 "credentials: c",
                 "Credentials(password=",
                 "credentials:\n  token: t",
+                "TOKEN=YWJj==\"",
+                "password=password=",
+                "api_key: pwd:\\\"",
                 "SessionToken\": \"",
                 "AWS_SESSION_TOKEN=",
                 "secretAccessKey: '",
