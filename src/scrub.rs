@@ -119,10 +119,14 @@ macro_rules! token_start {
 
 /// The keys of the key rule: a password, secret, API key, private key, credential or session
 /// token anywhere in a longer key, a kubeconfig's client key; `pwd` and the token keys where
-/// a word begins; all with `key` after them.
+/// a token may start ([`token_start!`]); all with `key` after them.
 macro_rules! secret_key {
     () => {
-        r#"(?:(?:password|passwd|passphrase|secret|client[_-]?secret|api[_-]?key|private[_-]?key|credentials?|session[_-]?token|client-key-data|client_key_data)|\b(?:pwd|access[_-]?token|refresh[_-]?token|auth[_-]?token|token))(?:[_.-]?(?:access[_.-]?)?key)?"#
+        concat!(
+            r"(?:(?:password|passwd|passphrase|secret|client[_-]?secret|api[_-]?key|private[_-]?key|credentials?|session[_-]?token|client-key-data|client_key_data)|",
+            token_start!(),
+            r"(?:pwd|access[_-]?token|refresh[_-]?token|auth[_-]?token|token))(?:[_.-]?(?:access[_.-]?)?key)?"
+        )
     };
 }
 
@@ -282,9 +286,10 @@ const SECRET_PATTERNS: [SecretPattern; 12] = [
             "client_key_data",
             "token",
         ],
-        // `refresh_` before `token`; `client_`, `access_` and `auth_` are shorter.
-        before_trigger: 8,
-        keep: Some(r#"(?i-u)^[a-z0-9_.-]+(?:\\*["'])?\s*[=:]\s*"#),
+        // `refresh_` and an escape before `token`; `client_`, `access_` and `auth_` are
+        // shorter.
+        before_trigger: 10,
+        keep: Some(r#"(?i-u)^(?:(?-i:\\[nrt]))?[a-z0-9_.-]+(?:\\*["'])?\s*[=:]\s*"#),
         kept_at_end: 0,
         inner_keys: Some(concat!("(?i-u)", secret_key!(), r#"(?:\\*["'])?[ \t]{0,16}[=:]"#)),
     },
@@ -293,11 +298,13 @@ const SECRET_PATTERNS: [SecretPattern; 12] = [
     // above, to the value's closing quote, which stays.
     SecretPattern {
         pattern: concat!(
-            r#"(?i-u)\bauthorization(?:\s*[:=]\s*(?:"(?:(?:basic|bearer|digest|token)\s+)?"#,
+            "(?i-u)",
+            token_start!(),
+            r#"authorization(?:\s*[:=]\s*(?:"(?:(?:basic|bearer|digest|token)\s+)?"#,
             json_char!(),
             r#"+|Some\("(?:(?:basic|bearer|digest|token)\s+)?"#,
             json_char!(),
-            r#"+|(?:(?:basic|bearer|digest|token)\s+)?(?u:[^\s,;]+))"#,
+            r#"+|(?:(?:basic|bearer|digest|token)\s+)?(?u:[^\s,;\\]+))"#,
             r#"|["']\s*[:=]\s*(?:"(?:(?:basic|bearer|digest|token)\s+)?"#,
             json_char!(),
             r#"+|Some\("(?:(?:basic|bearer|digest|token)\s+)?"#,
@@ -310,9 +317,10 @@ const SECRET_PATTERNS: [SecretPattern; 12] = [
             r#"+)"#,
         ),
         triggers: &["authorization"],
-        before_trigger: 0,
+        // A `Debug` string's escape before it.
+        before_trigger: 2,
         keep: Some(
-            r#"(?i-u)^authorization(?:\\*["'])?\s*[:=]\s*(?:\\*["']|Some\(")?(?:(?:basic|bearer|digest|token)\s+)?"#,
+            r#"(?i-u)^(?:(?-i:\\[nrt]))?authorization(?:\\*["'])?\s*[:=]\s*(?:\\*["']|Some\(")?(?:(?:basic|bearer|digest|token)\s+)?"#,
         ),
         kept_at_end: 0,
         inner_keys: None,
@@ -603,9 +611,9 @@ impl BuiltIn {
     /// value, and where the search goes on. All but the match's last
     /// [`SecretPattern::kept_at_end`] bytes (ASCII, as the patterns that keep any end in),
     /// the search going on at its end; but an unquoted value ends where a key inside it
-    /// starts ([`SecretPattern::inner_keys`]), trailing whitespace kept, and so on for that
-    /// key's value inside the match; the search goes on at the first key whose value is
-    /// quoted or runs past the match.
+    /// starts ([`SecretPattern::inner_keys`]), the whitespace and line-break escapes before
+    /// that key kept, and so on for that key's value inside the match; the search goes on at
+    /// the first key whose value is quoted or runs past the match.
     fn redacted_parts(&self, text: &str, found: Range<usize>) -> (Parts, usize) {
         let whole = found.start..found.end.saturating_sub(self.kept_at_end).max(found.start);
         let Some(inner_keys) = &self.inner_keys else {
@@ -629,7 +637,7 @@ impl BuiltIn {
             .search(&Input::new(text).range(value..reach))
             .filter(|inner| inner.start() < found.end)
         {
-            let cut = value + text[value..inner.start()].trim_end().len();
+            let cut = value + trim_line_ends(&text[value..inner.start()]).len();
             if cut > value {
                 parts.push(key..cut);
             }
@@ -755,6 +763,21 @@ impl Iterator for Parts {
         match self {
             Parts::One(part) => part.take(),
             Parts::Many(parts) => parts.next(),
+        }
+    }
+}
+
+/// `value` without the whitespace and the `Debug` string's escapes of line breaks and tabs
+/// (`\n`) at its end: what separates it from the key after it.
+fn trim_line_ends(mut value: &str) -> &str {
+    loop {
+        value = value.trim_end();
+        match value
+            .strip_suffix(['n', 'r', 't'])
+            .and_then(|rest| rest.strip_suffix('\\'))
+        {
+            Some(rest) => value = rest,
+            None => return value,
         }
     }
 }
@@ -1175,6 +1198,19 @@ mod tests {
                 r#""[default]\naws_secret_access_key = [REDACTED]session_token = [REDACTED]""#,
             ),
             ("token=abc:def&x=1", "token=[REDACTED]&x=1"),
+            // Keys at the start of a line of a `Debug` string, after its `\n`.
+            (
+                r#""GET / HTTP/1.1\r\nAuthorization: Basic dXNlcjpwYXNz\r\nHost: x\r\n""#,
+                r#""GET / HTTP/1.1\r\nAuthorization: Basic [REDACTED]\r\nHost: x\r\n""#,
+            ),
+            (
+                r#""HOME=/root\naccess_token=xyz\nrefresh_token=abc\ntoken=t\npassword=p\tpwd=w""#,
+                r#""HOME=/root\naccess_token=[REDACTED]\nrefresh_token=[REDACTED]\ntoken=[REDACTED]\npassword=[REDACTED]\tpwd=[REDACTED]""#,
+            ),
+            (
+                r"C:\new\tokens and \ttoken_count=5 \nauthorization_url=x",
+                r"C:\new\tokens and \ttoken_count=5 \nauthorization_url=x",
+            ),
             // A value ending in `=` or `:` before another key or a quote takes neither.
             (
                 "echo \"TOKEN=YWJjZA==\" && mysql -u root --password=\"hunter 2\" db",
@@ -1433,6 +1469,8 @@ mod tests {
                 "credentials:\n  token: t",
                 "TOKEN=YWJj==\"",
                 "password=password=",
+                "\\ntoken=t\\n",
+                "\\r\\nAuthorization: Basic dXNl\\r\\n",
                 "api_key: pwd:\\\"",
                 "SessionToken\": \"",
                 "AWS_SESSION_TOKEN=",

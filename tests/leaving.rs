@@ -903,8 +903,9 @@ fn secret() -> impl Strategy<Value = (String, String)> {
         token.prop_map(|t| (format!("AWS_SECRET_ACCESS_KEY={t}"), t)),
         token.prop_map(|t| (format!("WALLET_PRIVATE_KEY={t}"), t)),
         token.prop_map(|t| (format!("credentials:\n  password: {t}"), t)),
-        // A token starting a line of a `Debug` string, after its `\n`.
+        // A token, and a token's key, starting a line of a `Debug` string, after its `\n`.
         "[A-Za-z0-9]{34}".prop_map(|t| (format!("{:?}", format!("out:\nhf_{t}")), t)),
+        token.prop_map(|t| (format!("{:?}", format!("HOME=/root\naccess_token={t}")), t)),
         token.prop_map(|t| (format!("postgres://admin:{t}@db:5432/app"), t)),
         "[A-Za-z0-9]{34}".prop_map(|t| (format!("HF_TOKEN=hf_{t}"), t)),
         // JSON as a `Debug` string shows it, its quotes escaped.
