@@ -201,13 +201,13 @@ const SECRET_PATTERNS: [SecretPattern; 12] = [
         kept_at_end: 0,
         inner_keys: None,
     },
-    // Hugging Face, Groq, Replicate, Perplexity, GitLab (every kind, routable ones with their
-    // suffix) and npm tokens.
+    // Hugging Face, Groq, Replicate, Perplexity, GitLab (every kind, a routable one with its
+    // version and check suffix) and npm tokens.
     SecretPattern {
         pattern: concat!(
             "(?-u)",
             token_start!(),
-            r"(?:hf_[A-Za-z0-9]{30,}|gsk_[A-Za-z0-9]{40,}|r8_[A-Za-z0-9]{30,}|pplx-[A-Za-z0-9]{40,}|gl(?:pat|ptt|dt|rt|cbt|ft|imt|agent|oas|soat|ffct)-[A-Za-z0-9_.-]{20,}|npm_[A-Za-z0-9]{36,})"
+            r"(?:hf_[A-Za-z0-9]{30,}|gsk_[A-Za-z0-9]{40,}|r8_[A-Za-z0-9]{30,}|pplx-[A-Za-z0-9]{40,}|gl(?:pat|ptt|dt|rt|cbt|ft|imt|agent|oas|soat|ffct)-[A-Za-z0-9_-]{20,}(?:\.[A-Za-z0-9]{2}\.[A-Za-z0-9]+)?|npm_[A-Za-z0-9]{36,})"
         ),
         triggers: &[
             "hf_", "gsk_", "r8_", "pplx-", "glpat-", "glptt-", "gldt-", "glrt-", "glcbt-", "glft-", "glimt-",
@@ -1149,6 +1149,10 @@ mod tests {
             (
                 "CI_JOB_TOKEN=glcbt-64_AbCdEfGhIjKlMnOpQrSt gldt-AbCdEfGhIjKlMnOpQrSt glpat-AbCdEfGhIjKlMnOpQrStUvWxYz0.01.0w1234567 end",
                 "CI_JOB_TOKEN=[REDACTED] [REDACTED] [REDACTED] end",
+            ),
+            (
+                "see glpat-AbCdEfGhIjKlMnOpQrSt. A global glance at English, toast-oas-x",
+                "see [REDACTED]. A global glance at English, toast-oas-x",
             ),
             // A token at the start of a line of a `Debug` string, after `\n`.
             (
