@@ -123,7 +123,7 @@ macro_rules! token_start {
 macro_rules! secret_key {
     () => {
         concat!(
-            r"(?:(?:password|passwd|passphrase|secret|client[_-]?secret|api[_-]?key|private[_-]?key|credentials?|session[_-]?token|client-key-data|client_key_data)|",
+            r"(?:(?:password|passwd|passphrase|secret|client[_-]?secret|api[_-]?key|private[_-]?key|credentials?|session[_-]?token|client-key-data)|",
             token_start!(),
             r"(?:pwd|access[_-]?token|refresh[_-]?token|auth[_-]?token|token))(?:[_.-]?(?:access[_.-]?)?key)?"
         )
@@ -201,19 +201,22 @@ const SECRET_PATTERNS: [SecretPattern; 12] = [
         kept_at_end: 0,
         inner_keys: None,
     },
-    // Hugging Face, Groq, Replicate, Perplexity, GitLab (every kind, a routable one with its
-    // version and check suffix) and npm tokens.
+    // Hugging Face, Groq, Replicate, Perplexity, GitLab (personal, project and group access,
+    // CI job, deploy, runner, pipeline trigger tokens and OAuth application secrets; a routable
+    // token with its version and check suffix) and npm tokens.
     SecretPattern {
         pattern: concat!(
             "(?-u)",
             token_start!(),
-            r"(?:hf_[A-Za-z0-9]{30,}|gsk_[A-Za-z0-9]{40,}|r8_[A-Za-z0-9]{30,}|pplx-[A-Za-z0-9]{40,}|gl(?:pat|ptt|dt|rt|cbt|ft|imt|agent|oas|soat|ffct)-[A-Za-z0-9_-]{20,}(?:\.[A-Za-z0-9]{2}\.[A-Za-z0-9]+)?|npm_[A-Za-z0-9]{36,})"
+            r"(?:hf_[A-Za-z0-9]{30,}|gsk_[A-Za-z0-9]{40,}|r8_[A-Za-z0-9]{30,}|pplx-[A-Za-z0-9]{40,}|gl(?:pat|ptt|dt|rt|cbt|oas)-[A-Za-z0-9_-]{20,}(?:\.[A-Za-z0-9]{2}\.[A-Za-z0-9]+)?|npm_[A-Za-z0-9]{36,})"
         ),
+        // `gloas-` is found by its end: `glo` begins English words (`global`), which would
+        // cost prose the trigger search's checks.
         triggers: &[
-            "hf_", "gsk_", "r8_", "pplx-", "glpat-", "glptt-", "gldt-", "glrt-", "glcbt-", "glft-", "glimt-",
-            "glagent-", "gloas-", "glsoat-", "glffct-", "npm_",
+            "hf_", "gsk_", "r8_", "pplx-", "glpat-", "glptt-", "gldt-", "glrt-", "glcbt-", "oas-", "npm_",
         ],
-        before_trigger: 2,
+        // An escape and `gl` before `oas-`.
+        before_trigger: 4,
         keep: Some(r"^\\[nrt]"),
         kept_at_end: 0,
         inner_keys: None,
@@ -281,9 +284,10 @@ const SECRET_PATTERNS: [SecretPattern; 12] = [
             "private-key",
             "privatekey",
             "credential",
-            "session",
+            "session_token",
+            "session-token",
+            "sessiontoken",
             "client-key-data",
-            "client_key_data",
             "token",
         ],
         // `refresh_` and an escape before `token`; `client_`, `access_` and `auth_` are
@@ -1151,6 +1155,10 @@ mod tests {
                 "CI_JOB_TOKEN=[REDACTED] [REDACTED] [REDACTED] end",
             ),
             (
+                r"gloas-AbCdEfGhIjKlMnOpQrSt glrt-AbCdEfGhIjKlMnOpQrSt.\nglptt-AbCdEfGhIjKlMnOpQrSt",
+                r"[REDACTED] [REDACTED].\n[REDACTED]",
+            ),
+            (
                 "see glpat-AbCdEfGhIjKlMnOpQrSt. A global glance at English, toast-oas-x",
                 "see [REDACTED]. A global glance at English, toast-oas-x",
             ),
@@ -1481,6 +1489,8 @@ mod tests {
                 "secretAccessKey: '",
                 "client-key-data: ",
                 "glcbt-64_AbCdEfGhIjKlMnOpQrSt",
+                "gloas-AbCdEfGhIjKlMnOpQrSt",
+                "xgloas-AbCdEfGhIjKlMnOpQrSt",
                 "\\n",
                 "\\t",
                 "secret_access_key: k",
