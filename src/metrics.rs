@@ -317,7 +317,7 @@ fn hand_over_before_collection(meter: &Meter, threads: &Arc<PerThread<ThreadSeri
 
 fn register_self_metrics(meter: &Meter, stats: &Arc<TelemetryStats>) {
     type Read = fn(&TelemetryStats) -> &AtomicU64;
-    let counters: [(&'static str, &'static str, Read); 15] = [
+    let counters: [(&'static str, &'static str, Read); 16] = [
         (
             "agent_telemetry_log_lines_written",
             "JSON log lines written to their destination",
@@ -388,8 +388,13 @@ fn register_self_metrics(meter: &Meter, stats: &Arc<TelemetryStats>) {
         ),
         (
             "agent_telemetry_metrics_answers_shared",
-            "Requests to /metrics sent an answer rendered for another: a render the requests waiting together share, or the latest answer when the answers being sent held their limit",
+            "Requests to /metrics sent the latest answer, shared, because the answers being sent held their limit",
             |s| &s.metrics_answers_shared,
+        ),
+        (
+            "agent_telemetry_metrics_requests_coalesced",
+            "Requests to /metrics sent the render of a request that waited with them, as fresh as their own",
+            |s| &s.metrics_requests_coalesced,
         ),
     ];
     for (name, description, read) in counters {

@@ -20,6 +20,7 @@ pub(crate) struct TelemetryStats {
     pub metrics_requests_unauthorized: AtomicU64,
     pub metrics_accept_errors: AtomicU64,
     pub metrics_answers_shared: AtomicU64,
+    pub metrics_requests_coalesced: AtomicU64,
 }
 
 impl TelemetryStats {

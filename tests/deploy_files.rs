@@ -81,7 +81,7 @@ fn the_glob_matcher_is_a_glob() {
 // ------------------------------------------------------------------------------------------
 
 /// Every series name the crate exposes (README, "What each signal looks like").
-const METRICS: [&str; 28] = [
+const METRICS: [&str; 29] = [
     "agent_executions_total",
     "agent_execution_duration_seconds_bucket",
     "agent_execution_duration_seconds_sum",
@@ -101,6 +101,7 @@ const METRICS: [&str; 28] = [
     "agent_telemetry_metrics_requests_unauthorized_total",
     "agent_telemetry_metrics_accept_errors_total",
     "agent_telemetry_metrics_answers_shared_total",
+    "agent_telemetry_metrics_requests_coalesced_total",
     "agent_tokens_total",
     "agent_model_calls_total",
     "agent_model_call_duration_seconds_bucket",

@@ -459,14 +459,16 @@ fn clients_hammering_requests_share_renders_and_scrapes_are_still_answered() {
         hammer.join().unwrap();
     }
     let requests = requests.load(Ordering::Relaxed) as f64;
-    let shared = harness
-        .scrape()
-        .value("agent_telemetry_metrics_answers_shared_total", &[])
+    let scrape = harness.scrape();
+    let coalesced = scrape
+        .value("agent_telemetry_metrics_requests_coalesced_total", &[])
         .unwrap();
     assert!(
-        requests >= 60.0 && shared >= requests / 2.0,
-        "{shared} of {requests} answers shared a render"
+        requests >= 60.0 && coalesced >= requests / 2.0,
+        "{coalesced} of {requests} requests sent a render another led"
     );
+    let stale = scrape.value("agent_telemetry_metrics_answers_shared_total", &[]);
+    assert_eq!(stale, Some(0.0), "every answer as fresh as its request");
 }
 
 #[test]

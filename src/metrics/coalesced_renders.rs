@@ -4,9 +4,9 @@
 //! A request joins the next render. The first of its requests to find no render running
 //! leads it: it waits until the last render's duration has passed since that render ended
 //! (at most [`MAX_PAUSE`]), then renders, and every request that joined before the render
-//! started is sent its answer. However fast requests come, renders take at most half the
-//! server's thread, and a scrape waits for at most the render running, a pause and its own
-//! render, not for every request queued before it.
+//! started is sent its answer. However fast requests come, renders of up to [`MAX_PAUSE`]
+//! take at most half the server's thread, and a scrape waits for at most the render running,
+//! a pause and its own render, not for every request queued before it.
 //!
 //! Invariants:
 //! - one render at a time; the requests waiting are at most the connections open;
@@ -64,16 +64,16 @@ impl Default for CoalescedRenders {
 }
 
 impl CoalescedRenders {
-    /// The answer of the next render to start: rendered by `render` when this request leads
-    /// it, else the leader's, [`Answer::Shared`]. `None`: the render failed.
-    pub(super) async fn answer(&self, render: impl FnOnce() -> Option<Answer>) -> Option<Answer> {
+    /// The answer of the next render to start, and whether another request led it: rendered
+    /// by `render` when this request leads it. `None`: the render failed.
+    pub(super) async fn answer(&self, render: impl FnOnce() -> Option<Answer>) -> Option<(Answer, bool)> {
         let joined = Arc::clone(&self.state().next);
         loop {
             let changed = joined.changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
             if let Some(answer) = joined.answer.get() {
-                return answer.clone().map(Answer::into_shared);
+                return answer.clone().map(|answer| (answer, true));
             }
             if let Some(not_before) = self.lead(&joined) {
                 let mut lead = Lead {
@@ -88,7 +88,7 @@ impl CoalescedRenders {
                 let started = Instant::now();
                 let answer = render();
                 lead.finish(answer.clone(), started.elapsed());
-                return answer;
+                return answer.map(|answer| (answer, false));
             }
             changed.await;
         }
@@ -185,8 +185,14 @@ mod tests {
         }
     }
 
-    fn body(answer: Option<Answer>) -> Option<Bytes> {
-        answer.map(Answer::into_body)
+    /// What a request was sent: the body, and whether another request led its render.
+    fn sent(answer: Option<(Answer, bool)>) -> Option<(Bytes, bool)> {
+        answer.map(|(answer, joined)| (answer.into_body(), joined))
+    }
+
+    /// A render of its own, `text`.
+    fn own(text: &'static str) -> (Bytes, bool) {
+        (Bytes::from_static(text.as_bytes()), false)
     }
 
     #[test]
@@ -194,8 +200,7 @@ mod tests {
         let renders = CoalescedRenders::default();
         let count = Cell::new(0);
         runtime().block_on(async {
-            let first = renders.answer(rendered("1", &count)).await;
-            assert!(matches!(first, Some(Answer::Rendered(_))), "{first:?}");
+            assert_eq!(sent(renders.answer(rendered("1", &count)).await), Some(own("1")));
             // The next render pauses after the first: three requests join it.
             let (a, b, c) = tokio::join!(
                 renders.answer(rendered("2", &count)),
@@ -203,12 +208,9 @@ mod tests {
                 renders.answer(rendered("never", &count)),
             );
             assert_eq!(count.get(), 2, "one render for the three");
-            assert!(matches!(&a, Some(Answer::Rendered(body)) if body == "2"), "{a:?}");
-            for shared in [b, c] {
-                assert!(
-                    matches!(&shared, Some(Answer::Shared(body)) if body == "2"),
-                    "{shared:?}"
-                );
+            assert_eq!(sent(a), Some(own("2")));
+            for joined in [b, c] {
+                assert_eq!(sent(joined), Some((Bytes::from_static(b"2"), true)));
             }
         });
     }
@@ -226,10 +228,12 @@ mod tests {
             assert!(first.await.is_some());
             let joined = late.take().unwrap();
             assert!(joined.answer.get().is_none(), "not sent the render it missed");
-            let second = renders.answer(rendered("second", &count)).await;
-            assert_eq!(body(second).unwrap(), "second");
-            let answered = joined.answer.get().cloned().flatten();
-            assert_eq!(body(answered).unwrap(), "second", "sent the next");
+            assert_eq!(
+                sent(renders.answer(rendered("second", &count)).await),
+                Some(own("second"))
+            );
+            let answered = joined.answer.get().cloned().flatten().map(Answer::into_body);
+            assert_eq!(answered.unwrap(), "second", "sent the next");
         });
     }
 
@@ -244,11 +248,7 @@ mod tests {
             assert!(futures::poll!(&mut leader).is_pending(), "leading, pausing");
             assert!(futures::poll!(&mut follower).is_pending(), "waiting for it");
             drop(leader);
-            let answer = follower.await;
-            assert!(
-                matches!(&answer, Some(Answer::Rendered(body)) if body == "2"),
-                "{answer:?}"
-            );
+            assert_eq!(sent(follower.await), Some(own("2")), "it led the render");
             assert_eq!(count.get(), 2);
         });
     }
@@ -262,12 +262,8 @@ mod tests {
             let leader = std::panic::AssertUnwindSafe(renders.answer(|| panic!("render"))).catch_unwind();
             let (leader, follower) = tokio::join!(leader, renders.answer(rendered("never", &count)));
             assert!(leader.is_err(), "the leader's render panicked");
-            assert_eq!(body(follower), None, "its request gets an error");
-            let next = renders.answer(rendered("next", &count)).await;
-            assert!(
-                matches!(&next, Some(Answer::Rendered(body)) if body == "next"),
-                "{next:?}"
-            );
+            assert_eq!(sent(follower), None, "its request gets an error");
+            assert_eq!(sent(renders.answer(rendered("next", &count)).await), Some(own("next")));
         });
     }
 }

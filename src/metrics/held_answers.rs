@@ -31,8 +31,7 @@ pub(crate) const MAX_SHARED_AGE: Duration = Duration::from_secs(10);
 #[derive(Debug, Clone)]
 pub(super) enum Answer {
     Rendered(Bytes),
-    /// Rendered for another request: the latest answer when there was no room for a new one,
-    /// or the render another request led (`coalesced_renders.rs`).
+    /// The latest answer, shared: there was no room for a new one.
     Shared(Bytes),
 }
 
@@ -41,11 +40,6 @@ impl Answer {
         match self {
             Answer::Rendered(body) | Answer::Shared(body) => body,
         }
-    }
-
-    /// The same body, as sent to a request it was not rendered for.
-    pub(super) fn into_shared(self) -> Self {
-        Answer::Shared(self.into_body())
     }
 }
 

@@ -23,10 +23,10 @@
 //!   (`held_answers.rs`), counted in `agent_telemetry_metrics_answers_shared_total`.
 //! - **Renders**: a request waits for the next render, which every request waiting when it
 //!   starts is sent, and a render starts no sooner after the last than that one took
-//!   (`coalesced_renders.rs`): however fast requests come, rendering takes at most half the
-//!   thread, and a scrape waits for a render or two, not for every request before it. The
-//!   requests sent a render another led count in
-//!   `agent_telemetry_metrics_answers_shared_total`.
+//!   (`coalesced_renders.rs`): however fast requests come, renders of up to 1 s take at most
+//!   half the thread, and a scrape waits for a render or two, not for every request before
+//!   it. The requests sent a render another led count in
+//!   `agent_telemetry_metrics_requests_coalesced_total`.
 //! - **Panics**: a render that panics (in a collector the application registered) gets its
 //!   requests `500`, and a connection's slot is freed however its task ends.
 //! - **One request per connection**: every HTTP/1.1 answer says `Connection: close` (an
@@ -386,11 +386,13 @@ impl Server {
                 None
             }
         };
-        let Some(answer) = self.renders.answer(render).await else {
+        let Some((answer, joined)) = self.renders.answer(render).await else {
             return text(StatusCode::INTERNAL_SERVER_ERROR, "cannot render metrics\n");
         };
         if matches!(answer, Answer::Shared(_)) {
             TelemetryStats::add(&self.stats.metrics_answers_shared, 1);
+        } else if joined {
+            TelemetryStats::add(&self.stats.metrics_requests_coalesced, 1);
         }
         let mut response = Response::new(Full::new(answer.into_body()));
         response
