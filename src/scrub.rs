@@ -80,9 +80,9 @@ struct SecretPattern {
     keep: Option<&'static str>,
     /// How many bytes at the end of a match stay (the `@` after a URL's password).
     kept_at_end: usize,
-    /// Where a key starts that an unquoted value after `keep` never hides: the value ends
-    /// before it (`credentials: password: …`, `Credentials(password='…')`), and the key is
-    /// matched on its own.
+    /// Where a key starts that an unquoted value after `keep` never hides (this rule's, or
+    /// `Authorization`, another rule's): the value ends before it (`credentials: password: …`,
+    /// `Credentials(password='…')`), and the key is matched on its own.
     inner_keys: Option<&'static str>,
 }
 
@@ -295,7 +295,13 @@ const SECRET_PATTERNS: [SecretPattern; 12] = [
         before_trigger: 10,
         keep: Some(r#"(?i-u)^(?:(?-i:\\[nrt]))?[a-z0-9_.-]+(?:\\*["'])?\s*[=:]\s*"#),
         kept_at_end: 0,
-        inner_keys: Some(concat!("(?i-u)", secret_key!(), r#"(?:\\*["'])?[ \t]{0,16}[=:]"#)),
+        inner_keys: Some(concat!(
+            "(?i-u)(?:",
+            secret_key!(),
+            "|",
+            token_start!(),
+            r#"authorization)(?:\\*["'])?[ \t]{0,16}[=:]"#
+        )),
     },
     // `Authorization: Basic …` and the like: the credentials; quoted (the value read as a
     // JSON string), in `Some("…")`, as a JSON or `Debug` map writes them, or escaped as
@@ -308,7 +314,7 @@ const SECRET_PATTERNS: [SecretPattern; 12] = [
             json_char!(),
             r#"+|Some\("(?:(?:basic|bearer|digest|token)\s+)?"#,
             json_char!(),
-            r#"+|(?:(?:basic|bearer|digest|token)\s+)?(?u:[^\s,;\\]+))"#,
+            r#"+|(?:(?:basic|bearer|digest|token)\s+)?(?u:(?:[^\s,;\\]|(?-i:\\[^nrt"]))+))"#,
             r#"|["']\s*[:=]\s*(?:"(?:(?:basic|bearer|digest|token)\s+)?"#,
             json_char!(),
             r#"+|Some\("(?:(?:basic|bearer|digest|token)\s+)?"#,
@@ -1210,6 +1216,16 @@ mod tests {
                 r#""[default]\naws_secret_access_key = [REDACTED]session_token = [REDACTED]""#,
             ),
             ("token=abc:def&x=1", "token=[REDACTED]&x=1"),
+            // An Authorization header ends a value.
+            (
+                r#""GET / HTTP/1.1\r\nX-Api-Key: k1\r\nAuthorization: Basic dXNlcjpwYXNz\r\nHost: x\r\n""#,
+                r#""GET / HTTP/1.1\r\nX-Api-Key: [REDACTED]\r\nAuthorization: Basic [REDACTED]\r\nHost: x\r\n""#,
+            ),
+            // An Authorization value runs through a backslash that is not a line break's.
+            (
+                r"authorization=CORP\jdoe:Passw0rd and Authorization: Bearer abc\/def0123456789abcdef",
+                r"authorization=[REDACTED] and Authorization: Bearer [REDACTED]",
+            ),
             // Keys at the start of a line of a `Debug` string, after its `\n`.
             (
                 r#""GET / HTTP/1.1\r\nAuthorization: Basic dXNlcjpwYXNz\r\nHost: x\r\n""#,
@@ -1481,6 +1497,8 @@ mod tests {
                 "credentials:\n  token: t",
                 "TOKEN=YWJj==\"",
                 "password=password=",
+                "\\r\\nX-Api-Key: k\\r\\n",
+                "Basic ab\\/cd",
                 "\\ntoken=t\\n",
                 "\\r\\nAuthorization: Basic dXNl\\r\\n",
                 "api_key: pwd:\\\"",

@@ -906,6 +906,10 @@ fn secret() -> impl Strategy<Value = (String, String)> {
         // A token, and a token's key, starting a line of a `Debug` string, after its `\n`.
         "[A-Za-z0-9]{34}".prop_map(|t| (format!("{:?}", format!("out:\nhf_{t}")), t)),
         token.prop_map(|t| (format!("{:?}", format!("HOME=/root\naccess_token={t}")), t)),
+        token.prop_map(|t| {
+            let request = format!("GET / HTTP/1.1\r\nX-Api-Key: k1\r\nAuthorization: Basic {t}\r\n");
+            (format!("{request:?}"), t)
+        }),
         token.prop_map(|t| (format!("postgres://admin:{t}@db:5432/app"), t)),
         "[A-Za-z0-9]{34}".prop_map(|t| (format!("HF_TOKEN=hf_{t}"), t)),
         // JSON as a `Debug` string shows it, its quotes escaped.
