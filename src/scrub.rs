@@ -643,10 +643,15 @@ impl BuiltIn {
             reach -= 1;
         }
         let mut parts = Vec::new();
+        let mut from = value;
         while let Some(inner) = inner_keys
-            .search(&Input::new(text).range(value..reach))
+            .search(&Input::new(text).range(from..reach))
             .filter(|inner| inner.start() < found.end)
         {
+            if inside_a_word(text, inner.start()) {
+                from = inner.start() + 1;
+                continue;
+            }
             let cut = value + trim_line_ends(&text[value..inner.start()]).len();
             if cut > value {
                 parts.push(key..cut);
@@ -656,7 +661,7 @@ impl BuiltIn {
             if inner_value >= found.end || is_quoted(&text[inner_value..]) {
                 return (Parts::Many(parts.into_iter()), inner.start());
             }
-            (key, value) = (inner.start(), inner_value);
+            (key, value, from) = (inner.start(), inner_value, inner_value);
         }
         parts.push(key..whole.end);
         (Parts::Many(parts.into_iter()), found.end)
@@ -790,6 +795,19 @@ fn trim_line_ends(mut value: &str) -> &str {
             None => return value,
         }
     }
+}
+
+/// Whether a key starting at `at` is inside a word, part of a value (`SuperSecret:123`): it
+/// starts with a letter right after a letter or digit that is not a `Debug` string's escape's
+/// (`\n`). A key that starts with an escape never is.
+fn inside_a_word(text: &str, at: usize) -> bool {
+    let bytes = text.as_bytes();
+    let after_alphanumeric = at
+        .checked_sub(1)
+        .is_some_and(|before| bytes[before].is_ascii_alphanumeric());
+    !begins_escape(bytes, at)
+        && after_alphanumeric
+        && !at.checked_sub(2).is_some_and(|escape| begins_escape(bytes, escape))
 }
 
 /// Whether a value starts quoted (`"…"`, `'…'`, escaped `\"…\"`, `Some("…")`): it is read to
@@ -1216,7 +1234,11 @@ mod tests {
                 r#""[default]\naws_secret_access_key = [REDACTED]session_token = [REDACTED]""#,
             ),
             ("token=abc:def&x=1", "token=[REDACTED]&x=1"),
-            // An Authorization header ends a value.
+            // A key inside a word is the value's, and an Authorization header ends a value.
+            (
+                "DB_PASSWORD=SuperSecret:123 password=MyPassword:2024!",
+                "DB_PASSWORD=[REDACTED] password=[REDACTED]",
+            ),
             (
                 r#""GET / HTTP/1.1\r\nX-Api-Key: k1\r\nAuthorization: Basic dXNlcjpwYXNz\r\nHost: x\r\n""#,
                 r#""GET / HTTP/1.1\r\nX-Api-Key: [REDACTED]\r\nAuthorization: Basic [REDACTED]\r\nHost: x\r\n""#,
@@ -1497,6 +1519,7 @@ mod tests {
                 "credentials:\n  token: t",
                 "TOKEN=YWJj==\"",
                 "password=password=",
+                "SuperSecret:",
                 "\\r\\nX-Api-Key: k\\r\\n",
                 "Basic ab\\/cd",
                 "\\ntoken=t\\n",
