@@ -80,10 +80,18 @@ struct SecretPattern {
     keep: Option<&'static str>,
     /// How many bytes at the end of a match stay (the `@` after a URL's password).
     kept_at_end: usize,
-    /// Where a key starts that an unquoted value after `keep` never hides (this rule's, or
-    /// `Authorization`, another rule's): the value ends before it (`credentials: password: …`,
-    /// `Credentials(password='…')`), and the key is matched on its own.
-    inner_keys: Option<&'static str>,
+    /// Where an unquoted value after `keep` ends: at a key inside it.
+    inner_keys: Option<InnerKeys>,
+}
+
+/// The keys an unquoted value never hides: the value ends before one (`credentials:
+/// password: …`, `Credentials(password='…')`), and a key of the rule's own is matched in turn.
+struct InnerKeys {
+    /// A key and its separator: the rule's own, `Authorization` (another rule's), or any name
+    /// at the start of a line of a `Debug` string (`\nHOME=`).
+    ends_value: &'static str,
+    /// Of those, the rule's own keys, whose values it redacts.
+    own: &'static str,
 }
 
 /// One character of a JSON string as JSON writes it: a character but `"` and `\`, or an
@@ -295,13 +303,16 @@ const SECRET_PATTERNS: [SecretPattern; 12] = [
         before_trigger: 10,
         keep: Some(r#"(?i-u)^(?:(?-i:\\[nrt]))?[a-z0-9_.-]+(?:\\*["'])?\s*[=:]\s*"#),
         kept_at_end: 0,
-        inner_keys: Some(concat!(
-            "(?i-u)(?:",
-            secret_key!(),
-            "|",
-            token_start!(),
-            r#"authorization)(?:\\*["'])?[ \t]{0,16}[=:]"#
-        )),
+        inner_keys: Some(InnerKeys {
+            ends_value: concat!(
+                "(?i-u)(?:",
+                secret_key!(),
+                "|",
+                token_start!(),
+                r#"authorization|(?-i:\\[nrt])[a-z_][a-z0-9_.-]*)(?:\\*["'])?[ \t]{0,16}[=:]"#
+            ),
+            own: concat!("(?i-u)", secret_key!(), r#"(?:\\*["'])?[ \t]{0,16}[=:]"#),
+        }),
     },
     // `Authorization: Basic …` and the like: the credentials; quoted (the value read as a
     // JSON string), in `Some("…")`, as a JSON or `Debug` map writes them, or escaped as
@@ -438,9 +449,13 @@ impl Scrubbing {
                     kept_at_end: secret.kept_at_end,
                     inner_keys: secret
                         .inner_keys
-                        .map(|pattern| {
-                            meta::Regex::new(pattern)
-                                .map_err(|e| Error::invalid("with_scrubbing", pattern, e.to_string()))
+                        .as_ref()
+                        .map(|inner| -> Result<_> {
+                            let compile = |pattern: &str| {
+                                meta::Regex::new(pattern)
+                                    .map_err(|e| Error::invalid("with_scrubbing", pattern, e.to_string()))
+                            };
+                            Ok((compile(inner.ends_value)?, compile(inner.own)?))
                         })
                         .transpose()?,
                 })
@@ -575,7 +590,8 @@ struct BuiltIn {
     keep: Option<Regex>,
     before_trigger: usize,
     kept_at_end: usize,
-    inner_keys: Option<meta::Regex>,
+    /// [`InnerKeys`]: where a value ends, and which of those keys are the rule's own.
+    inner_keys: Option<(meta::Regex, meta::Regex)>,
 }
 
 impl BuiltIn {
@@ -626,7 +642,7 @@ impl BuiltIn {
     /// the first key whose value is quoted or runs past the match.
     fn redacted_parts(&self, text: &str, found: Range<usize>) -> (Parts, usize) {
         let whole = found.start..found.end.saturating_sub(self.kept_at_end).max(found.start);
-        let Some(inner_keys) = &self.inner_keys else {
+        let Some((ends_value, own_keys)) = &self.inner_keys else {
             return (Parts::One(Some(whole)), found.end);
         };
         let kept = self
@@ -634,7 +650,8 @@ impl BuiltIn {
             .as_ref()
             .and_then(|keep| keep.find(&text[found.clone()]))
             .map_or(0, |kept| kept.end());
-        let (mut key, mut value) = (found.start, found.start + kept);
+        // The key whose value is being redacted: none after a key not the rule's own.
+        let (mut key, mut value) = (Some(found.start), found.start + kept);
         if is_quoted(&text[value..]) {
             return (Parts::One(Some(whole)), found.end);
         }
@@ -644,7 +661,7 @@ impl BuiltIn {
         }
         let mut parts = Vec::new();
         let mut from = value;
-        while let Some(inner) = inner_keys
+        while let Some(inner) = ends_value
             .search(&Input::new(text).range(from..reach))
             .filter(|inner| inner.start() < found.end)
         {
@@ -652,18 +669,29 @@ impl BuiltIn {
                 from = inner.start() + 1;
                 continue;
             }
-            let cut = value + trim_line_ends(&text[value..inner.start()]).len();
-            if cut > value {
-                parts.push(key..cut);
+            if let Some(key) = key {
+                let cut = value + trim_line_ends(&text[value..inner.start()]).len();
+                if cut > value {
+                    parts.push(key..cut);
+                }
+            }
+            let own = own_keys
+                .search(&Input::new(text).range(inner.range()))
+                .is_some_and(|own| own.end() == inner.end());
+            if !own {
+                (key, from) = (None, inner.end());
+                continue;
             }
             let after = &text[inner.end()..];
             let inner_value = inner.end() + (after.len() - after.trim_start().len());
             if inner_value >= found.end || is_quoted(&text[inner_value..]) {
                 return (Parts::Many(parts.into_iter()), inner.start());
             }
-            (key, value, from) = (inner.start(), inner_value, inner_value);
+            (key, value, from) = (Some(inner.start()), inner_value, inner_value);
         }
-        parts.push(key..whole.end);
+        if let Some(key) = key {
+            parts.push(key..whole.end);
+        }
         (Parts::Many(parts.into_iter()), found.end)
     }
 
@@ -813,7 +841,7 @@ fn inside_a_word(text: &str, at: usize) -> bool {
 /// Whether a value starts quoted (`"…"`, `'…'`, escaped `\"…\"`, `Some("…")`): it is read to
 /// its closing quote, keys and all.
 fn is_quoted(value: &str) -> bool {
-    value.starts_with(['"', '\'', '\\']) || value.starts_with("Some(")
+    value.trim_start_matches('\\').starts_with(['"', '\'']) || value.starts_with("Some(")
 }
 
 /// Whether a `Debug` string's escape of a line break or tab (`\n`, `\r`, `\t`) begins at
@@ -1231,9 +1259,14 @@ mod tests {
             ),
             (
                 r#""[default]\naws_secret_access_key = wJalrXUt\naws_session_token = FwoGZXIvYXdzEJr""#,
-                r#""[default]\naws_secret_access_key = [REDACTED]session_token = [REDACTED]""#,
+                r#""[default]\naws_secret_access_key = [REDACTED]\naws_session_token = [REDACTED]""#,
             ),
             ("token=abc:def&x=1", "token=[REDACTED]&x=1"),
+            // Any name at the start of a line of a `Debug` string ends a value, its own kept.
+            (
+                r#""PATH=/usr/bin\naccess_token=abc\nHOME=/root\nPGPASSWORD=\nUSER=bob\tSHELL=/bin/sh""#,
+                r#""PATH=/usr/bin\naccess_token=[REDACTED]\nHOME=/root\nPGPASSWORD=\nUSER=bob\tSHELL=/bin/sh""#,
+            ),
             // A key inside a word is the value's, and an Authorization header ends a value.
             (
                 "DB_PASSWORD=SuperSecret:123 password=MyPassword:2024!",
@@ -1520,6 +1553,8 @@ mod tests {
                 "TOKEN=YWJj==\"",
                 "password=password=",
                 "SuperSecret:",
+                "\\nHOME=/root",
+                "PGPASSWORD=\\n",
                 "\\r\\nX-Api-Key: k\\r\\n",
                 "Basic ab\\/cd",
                 "\\ntoken=t\\n",
