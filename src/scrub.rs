@@ -218,13 +218,10 @@ const SECRET_PATTERNS: [SecretPattern; 12] = [
             token_start!(),
             r"(?:hf_[A-Za-z0-9]{30,}|gsk_[A-Za-z0-9]{40,}|r8_[A-Za-z0-9]{30,}|pplx-[A-Za-z0-9]{40,}|gl(?:pat|ptt|dt|rt|cbt|oas)-[A-Za-z0-9_-]{20,}(?:\.[A-Za-z0-9]{2}\.[A-Za-z0-9]+)?|npm_[A-Za-z0-9]{36,})"
         ),
-        // `gloas-` is found by its end: `glo` begins English words (`global`), which would
-        // cost prose the trigger search's checks.
         triggers: &[
-            "hf_", "gsk_", "r8_", "pplx-", "glpat-", "glptt-", "gldt-", "glrt-", "glcbt-", "oas-", "npm_",
+            "hf_", "gsk_", "r8_", "pplx-", "glpat-", "glptt-", "gldt-", "glrt-", "glcbt-", "gloas-", "npm_",
         ],
-        // An escape and `gl` before `oas-`.
-        before_trigger: 4,
+        before_trigger: 2,
         keep: Some(r"^\\[nrt]"),
         kept_at_end: 0,
         inner_keys: None,
@@ -292,14 +289,11 @@ const SECRET_PATTERNS: [SecretPattern; 12] = [
             "private-key",
             "privatekey",
             "credential",
-            "session_token",
-            "session-token",
-            "sessiontoken",
             "client-key-data",
             "token",
         ],
-        // `refresh_` and an escape before `token`; `client_`, `access_` and `auth_` are
-        // shorter.
+        // `refresh_` and an escape, or `session_`, before `token`; `client_`, `access_` and
+        // `auth_` are shorter.
         before_trigger: 10,
         keep: Some(r#"(?i-u)^(?:(?-i:\\[nrt]))?[a-z0-9_.-]+(?:\\*["'])?\s*[=:]\s*"#),
         kept_at_end: 0,
@@ -606,16 +600,20 @@ impl BuiltIn {
     /// `text` with this pattern's matches redacted, `None` when it has none, found by
     /// trying the pattern only where a match can start: at each of its triggers' `starts`
     /// (ascending), and where a word or an escape begins up to
-    /// [`SecretPattern::before_trigger`] bytes before. Every match contains a trigger, so these
-    /// are all the matches a search of the whole text finds.
+    /// [`SecretPattern::before_trigger`] bytes before (anywhere there, for a key rule). Every
+    /// match contains a trigger, so these are all the matches a search of the whole text
+    /// finds.
     fn redact_at(&self, text: &str, starts: impl Iterator<Item = usize>) -> Option<String> {
         let bytes = text.as_bytes();
         // Positions below this were tried already, or are inside the last match.
         let mut untried = 0;
+        // A key rule's keys start anywhere, `SESSION_TOKEN` inside `AWS_SESSION_TOKEN`.
+        let anywhere = self.inner_keys.is_some();
         let matches = starts
             .flat_map(|start| {
-                (start.saturating_sub(self.before_trigger)..=start)
-                    .filter(move |&at| at == start || begins_ascii_word(bytes, at) || begins_escape(bytes, at))
+                (start.saturating_sub(self.before_trigger)..=start).filter(move |&at| {
+                    at == start || anywhere || begins_ascii_word(bytes, at) || begins_escape(bytes, at)
+                })
             })
             .filter_map(|at| {
                 if at < untried || !text.is_char_boundary(at) {
