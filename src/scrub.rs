@@ -432,12 +432,14 @@ impl Scrubbing {
         }
         let compile =
             |pattern: &str| Regex::new(pattern).map_err(|e| Error::invalid("with_scrubbing", pattern, e.to_string()));
+        let compile_built_in = |pattern: &str| {
+            meta::Regex::new(pattern).map_err(|e| Error::invalid("with_scrubbing", pattern, e.to_string()))
+        };
         let built_in = SECRET_PATTERNS
             .iter()
             .map(|secret| {
                 Ok(BuiltIn {
-                    regex: meta::Regex::new(secret.pattern)
-                        .map_err(|e| Error::invalid("with_scrubbing", secret.pattern, e.to_string()))?,
+                    regex: compile_built_in(secret.pattern)?,
                     keep: secret.keep.map(compile).transpose()?,
                     before_trigger: secret.before_trigger,
                     kept_at_end: secret.kept_at_end,
@@ -445,11 +447,7 @@ impl Scrubbing {
                         .inner_keys
                         .as_ref()
                         .map(|inner| -> Result<_> {
-                            let compile = |pattern: &str| {
-                                meta::Regex::new(pattern)
-                                    .map_err(|e| Error::invalid("with_scrubbing", pattern, e.to_string()))
-                            };
-                            Ok((compile(inner.ends_value)?, compile(inner.own)?))
+                            Ok((compile_built_in(inner.ends_value)?, compile_built_in(inner.own)?))
                         })
                         .transpose()?,
                 })
