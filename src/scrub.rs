@@ -125,6 +125,21 @@ macro_rules! token_start {
     };
 }
 
+/// A token's pattern: `$pattern` (ASCII) where a token may start ([`token_start!`]), tried
+/// from up to the two bytes of an escape before its `$triggers`, the escape kept.
+macro_rules! token_pattern {
+    ($pattern:literal, $triggers:expr) => {
+        SecretPattern {
+            pattern: concat!("(?-u)", token_start!(), $pattern),
+            triggers: $triggers,
+            before_trigger: 2,
+            keep: Some(r"^\\[nrt]"),
+            kept_at_end: 0,
+            inner_keys: None,
+        }
+    };
+}
+
 /// The keys of the key rule: a password, secret, API key, private key, credential or session
 /// token anywhere in a longer key, a kubeconfig's client key; `pwd` and the token keys where
 /// a token may start ([`token_start!`]); all with `key` after them.
@@ -151,90 +166,33 @@ const SECRET_PATTERNS: [SecretPattern; 12] = [
         inner_keys: None,
     },
     // JWTs: three base64url parts, the header's JSON starting `{"`.
-    SecretPattern {
-        pattern: concat!(
-            "(?-u)",
-            token_start!(),
-            r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*"
-        ),
-        triggers: &["eyj"],
-        before_trigger: 2,
-        keep: Some(r"^\\[nrt]"),
-        kept_at_end: 0,
-        inner_keys: None,
-    },
+    token_pattern!(r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*", &["eyj"]),
     // OpenAI, Anthropic, Stripe style keys: sk-…, sk-proj-…, sk-ant-…, pk_live_…, rk_test_….
-    SecretPattern {
-        pattern: concat!("(?-u)", token_start!(), r"(?:sk|pk|rk)[-_][A-Za-z0-9_-]{16,}"),
-        triggers: &["sk-", "sk_", "pk-", "pk_", "rk-", "rk_"],
-        before_trigger: 2,
-        keep: Some(r"^\\[nrt]"),
-        kept_at_end: 0,
-        inner_keys: None,
-    },
+    token_pattern!(
+        r"(?:sk|pk|rk)[-_][A-Za-z0-9_-]{16,}",
+        &["sk-", "sk_", "pk-", "pk_", "rk-", "rk_"]
+    ),
     // AWS access key ids.
-    SecretPattern {
-        pattern: concat!(
-            "(?-u)",
-            token_start!(),
-            r"(?:AKIA|ASIA|ABIA|ACCA|AGPA|AIDA|AIPA|ANPA|ANVA|APKA|AROA|ASCA)[A-Z0-9]{16}\b"
-        ),
-        triggers: &[
-            "akia", "asia", "abia", "acca", "agpa", "aida", "aipa", "anpa", "anva", "apka", "aroa", "asca",
-        ],
-        before_trigger: 2,
-        keep: Some(r"^\\[nrt]"),
-        kept_at_end: 0,
-        inner_keys: None,
-    },
+    token_pattern!(
+        r"(?:AKIA|ASIA|ABIA|ACCA|AGPA|AIDA|AIPA|ANPA|ANVA|APKA|AROA|ASCA)[A-Z0-9]{16}\b",
+        &["akia", "asia", "abia", "acca", "agpa", "aida", "aipa", "anpa", "anva", "apka", "aroa", "asca"]
+    ),
     // GitHub tokens.
-    SecretPattern {
-        pattern: concat!(
-            "(?-u)",
-            token_start!(),
-            r"(?:gh[pousr]_[A-Za-z0-9]{30,}|github_pat_[A-Za-z0-9_]{30,})"
-        ),
-        triggers: &["ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_"],
-        before_trigger: 2,
-        keep: Some(r"^\\[nrt]"),
-        kept_at_end: 0,
-        inner_keys: None,
-    },
+    token_pattern!(
+        r"(?:gh[pousr]_[A-Za-z0-9]{30,}|github_pat_[A-Za-z0-9_]{30,})",
+        &["ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_"]
+    ),
     // Slack tokens.
-    SecretPattern {
-        pattern: concat!("(?-u)", token_start!(), r"xox[abposr]-[A-Za-z0-9-]{10,}"),
-        triggers: &["xox"],
-        before_trigger: 2,
-        keep: Some(r"^\\[nrt]"),
-        kept_at_end: 0,
-        inner_keys: None,
-    },
+    token_pattern!(r"xox[abposr]-[A-Za-z0-9-]{10,}", &["xox"]),
     // Hugging Face, Groq, Replicate, Perplexity, GitLab (personal, project and group access,
     // CI job, deploy, runner, pipeline trigger tokens and OAuth application secrets; a routable
     // token with its version and check suffix) and npm tokens.
-    SecretPattern {
-        pattern: concat!(
-            "(?-u)",
-            token_start!(),
-            r"(?:hf_[A-Za-z0-9]{30,}|gsk_[A-Za-z0-9]{40,}|r8_[A-Za-z0-9]{30,}|pplx-[A-Za-z0-9]{40,}|gl(?:pat|ptt|dt|rt|cbt|oas)-[A-Za-z0-9_-]{20,}(?:\.[A-Za-z0-9]{2}\.[A-Za-z0-9]+)?|npm_[A-Za-z0-9]{36,})"
-        ),
-        triggers: &[
-            "hf_", "gsk_", "r8_", "pplx-", "glpat-", "glptt-", "gldt-", "glrt-", "glcbt-", "gloas-", "npm_",
-        ],
-        before_trigger: 2,
-        keep: Some(r"^\\[nrt]"),
-        kept_at_end: 0,
-        inner_keys: None,
-    },
+    token_pattern!(
+        r"(?:hf_[A-Za-z0-9]{30,}|gsk_[A-Za-z0-9]{40,}|r8_[A-Za-z0-9]{30,}|pplx-[A-Za-z0-9]{40,}|gl(?:pat|ptt|dt|rt|cbt|oas)-[A-Za-z0-9_-]{20,}(?:\.[A-Za-z0-9]{2}\.[A-Za-z0-9]+)?|npm_[A-Za-z0-9]{36,})",
+        &["hf_", "gsk_", "r8_", "pplx-", "glpat-", "glptt-", "gldt-", "glrt-", "glcbt-", "gloas-", "npm_"]
+    ),
     // Google API keys.
-    SecretPattern {
-        pattern: concat!("(?-u)", token_start!(), r"AIza[0-9A-Za-z_-]{35}"),
-        triggers: &["aiza"],
-        before_trigger: 2,
-        keep: Some(r"^\\[nrt]"),
-        kept_at_end: 0,
-        inner_keys: None,
-    },
+    token_pattern!(r"AIza[0-9A-Za-z_-]{35}", &["aiza"]),
     // PEM private key blocks, to their end or the end of the text (a Unicode pattern, so
     // that `.` is any character).
     SecretPattern {
